@@ -1,0 +1,43 @@
+# eftmesh: every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
+GEN_DIR := services
+
+.PHONY: help install protos check-protos test run models bench eval clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: this pin resolves to the CPU wheel on disk here.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install eftmesh with its pinned dependencies
+
+protos: $(STAMP) ## regenerate the Python stubs (and .pyi type stubs) from protos/
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
+	  --grpc_python_out=$(GEN_DIR) --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  --mypy_grpc_out=$(GEN_DIR) $(PROTO_SRC)
+
+check-protos: $(STAMP) ## fail if the committed stubs differ from what protos/ generates
+	rm -rf build/protos-check && mkdir -p build/protos-check
+	$(PY) -m grpc_tools.protoc -I protos --python_out=build/protos-check --pyi_out=build/protos-check \
+	  --grpc_python_out=build/protos-check --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  --mypy_grpc_out=build/protos-check $(PROTO_SRC)
+	diff -r -x __init__.py -x __pycache__ build/protos-check/eftmesh/v1 services/eftmesh/v1 \
+	  || { echo "generated stubs are stale: run 'make protos' and commit"; exit 1; }
+
+test: $(STAMP) check-protos ## run the whole test suite
+	$(PY) -m pytest -q
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache

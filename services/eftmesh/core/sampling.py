@@ -1,0 +1,105 @@
+"""Temperature, top-k and top-p processing, and seeded sampling.
+
+The same functions process the combined EFT distribution in the combiner and the draft
+model's distribution in a logit service, so a speculative draft's q is exactly the
+distribution the draft token was drawn from.
+
+Pure tensor code: no grpc, no transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to turn a next-token distribution into a token.
+
+    temperature == 0 is greedy decoding; top_k == 0 and top_p == 1 disable those filters.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Apply temperature, then top-k, then top-p, and renormalise.
+
+    Args:
+        logprobs: [rows, vocab] log-probabilities (or logits).
+        cfg: the sampling configuration. Greedy configurations return the input
+            renormalised: the argmax is taken by `sample`, and filters cannot change it.
+
+    Returns:
+        [rows, vocab] float32 log-probabilities of the processed distribution; filtered
+        tokens are -inf.
+    """
+    assert logprobs.dim() == 2, f"expected [rows, vocab], got {tuple(logprobs.shape)}"
+    x = logprobs.float()
+    if cfg.greedy:
+        return torch.log_softmax(x, dim=-1)
+    if cfg.temperature != 1.0:
+        x = x / cfg.temperature
+    if 0 < cfg.top_k < x.shape[-1]:
+        # Ties with the k-th value are kept: which of equal tokens to drop is arbitrary.
+        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]  # [rows, 1]
+        x = x.masked_fill(x < kth, -math.inf)
+    if cfg.top_p < 1.0:
+        x = _top_p(x, cfg.top_p)
+    return torch.log_softmax(x, dim=-1)
+
+
+def _top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest prefix of tokens, by falling probability, whose mass reaches top_p."""
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [rows, vocab]
+    probs = torch.softmax(sorted_x, dim=-1)
+    # Mass strictly before each token: a token is kept while that mass is still below top_p,
+    # so the first token is always kept and the kept set is the smallest that reaches top_p.
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return x.masked_fill(drop, -math.inf)
+
+
+def sample(
+    processed: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one token per row from processed log-probabilities.
+
+    Args:
+        processed: [rows, vocab] output of `process`.
+        cfg: the same configuration given to `process`.
+        generator: seeded torch generator (on the tensor's device); unused when greedy.
+
+    Returns:
+        [rows] int64 token ids.
+    """
+    assert processed.dim() == 2, f"expected [rows, vocab], got {tuple(processed.shape)}"
+    if cfg.greedy:
+        return torch.argmax(processed, dim=-1)
+    probs = torch.exp(processed)  # [rows, vocab]
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded for one request: the same seed gives the same samples."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return g

@@ -1,0 +1,91 @@
+"""The EFT formula on hand-built tensors."""
+
+import math
+
+import pytest
+import torch
+
+from eftmesh.core.mixing import Composition, Delta, mix
+
+V = 6
+
+
+def _lp(*rows: list[float]) -> torch.Tensor:
+    return torch.log_softmax(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+@pytest.fixture
+def rows() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {r: torch.log_softmax(torch.randn(3, V, generator=g), -1) for r in ("big", "small", "ft")}
+
+
+def test_zero_weight_gives_the_base_exactly(rows):
+    comp = Composition("big", (Delta("ft", "small", 0.0),))
+    out = mix(rows, comp.coefficients(), V)
+    assert torch.equal(out, torch.log_softmax(rows["big"], -1))
+
+
+def test_delta_of_a_model_with_itself_gives_the_base(rows):
+    comp = Composition("big", (Delta("ft", "ft", 2.5),))
+    out = mix(rows, comp.coefficients(), V)
+    torch.testing.assert_close(out, rows["big"], atol=1e-6, rtol=0)
+
+
+def test_upscaling_matches_the_formula(rows):
+    comp = Composition("big", (Delta("ft", "small", 1.0),))
+    out = mix(rows, comp.coefficients(), V)
+    expected = torch.log_softmax(rows["big"] + rows["ft"] - rows["small"], -1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("w", [-1.0, 0.3, 1.0, 1.5, 2.0])
+def test_every_result_is_normalised(rows, w):
+    comp = Composition("small", (Delta("ft", "big", w), Delta("big", "small", 1 - w)))
+    out = mix(rows, comp.coefficients(), V)
+    torch.testing.assert_close(torch.logsumexp(out, -1), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_amplified_scale_delta_collects_like_terms():
+    # ft-small + beta * (base-large - base-small): base and delta may be any roles.
+    comp = Composition("ft", (Delta("big", "small", 1.5),))
+    assert comp.coefficients() == {"ft": 1.0, "big": 1.5, "small": -1.5}
+    assert comp.roles == ("ft", "big", "small")
+
+
+def test_interpolation_of_two_deltas_sharing_a_reference():
+    comp = Composition("big", (Delta("a", "small", 0.25), Delta("b", "small", 0.75)))
+    assert comp.coefficients() == {"big": 1.0, "a": 0.25, "small": -1.0, "b": 0.75}
+
+
+def test_padding_columns_are_dropped_before_normalising():
+    base = _lp([1.0, 2.0, 3.0, 50.0])  # the last column is a padding row of the output layer
+    out = mix({"b": base}, {"b": 1.0}, 3)
+    assert out.shape == (1, 3)
+    torch.testing.assert_close(out, _lp([1.0, 2.0, 3.0]), atol=1e-6, rtol=0)
+
+
+def test_minus_infinity_inputs_do_not_make_nan():
+    big = torch.tensor([[0.0, -math.inf, -1.0]])
+    ft = torch.tensor([[-1.0, -math.inf, 0.0]])
+    small = torch.tensor([[-0.5, -math.inf, -0.5]])
+    out = mix({"big": big, "ft": ft, "small": small}, {"big": 1.0, "ft": 1.0, "small": -1.0}, 3)
+    assert torch.isfinite(out[:, [0, 2]]).all()
+    assert not torch.isnan(out).any()
+
+
+def test_composition_rejects_bad_weights_and_roles():
+    with pytest.raises(ValueError, match="finite"):
+        Composition("big", (Delta("ft", "small", math.nan),))
+    with pytest.raises(ValueError, match="finite"):
+        Composition("big", (Delta("ft", "small", math.inf),))
+    with pytest.raises(ValueError, match="base"):
+        Composition("")
+    with pytest.raises(ValueError, match="reference"):
+        Composition("big", (Delta("ft", "", 1.0),))
+
+
+def test_mismatched_rows_are_refused(rows):
+    bad = dict(rows, small=rows["small"][:2])
+    with pytest.raises(AssertionError, match="rows"):
+        mix(bad, {"big": 1.0, "ft": 1.0, "small": -1.0}, V)

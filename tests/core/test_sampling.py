@@ -1,0 +1,95 @@
+"""Temperature, top-k, top-p and seeded sampling on hand-built tensors."""
+
+import math
+
+import pytest
+import torch
+
+from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
+
+PROBS = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15]])
+LP = PROBS.log()
+
+
+def kept(out: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(out[0])).flatten().tolist())
+
+
+def test_no_filter_keeps_the_distribution():
+    out = process(LP, SamplingConfig(temperature=1.0))
+    torch.testing.assert_close(out.exp(), PROBS, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k,expected", [(1, {1}), (2, {1, 3}), (3, {1, 3, 4}), (5, {0, 1, 2, 3, 4})])
+def test_top_k_keeps_exactly_the_k_most_likely(k, expected):
+    out = process(LP, SamplingConfig(top_k=k))
+    assert kept(out) == expected
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "p,expected",
+    [
+        (0.40, {1}),  # the first token alone reaches 0.40
+        (0.41, {1, 3}),
+        (0.69, {1, 3}),
+        (0.71, {1, 3, 4}),
+        (0.94, {1, 2, 3, 4}),
+        (0.96, {0, 1, 2, 3, 4}),
+        (1.0, {0, 1, 2, 3, 4}),
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    out = process(LP, SamplingConfig(top_p=p))
+    assert kept(out) == expected
+    renorm = PROBS[0, sorted(expected)] / PROBS[0, sorted(expected)].sum()
+    torch.testing.assert_close(out.exp()[0, sorted(expected)], renorm, atol=1e-5, rtol=0)
+
+
+def test_top_k_then_top_p():
+    out = process(LP, SamplingConfig(top_k=3, top_p=0.8))
+    # after top-k: {1: .40, 3: .30, 4: .15} renormalised to .47/.35/.18; 0.47+0.35 >= 0.8
+    assert kept(out) == {1, 3}
+
+
+def test_temperature_sharpens_and_flattens():
+    hot = process(LP, SamplingConfig(temperature=2.0)).exp()
+    cold = process(LP, SamplingConfig(temperature=0.5)).exp()
+    torch.testing.assert_close(hot, torch.softmax(LP / 2.0, -1), atol=1e-6, rtol=0)
+    assert cold[0, 1] > PROBS[0, 1] > hot[0, 1]
+
+
+def test_greedy_takes_the_argmax():
+    cfg = SamplingConfig(temperature=0.0)
+    assert sample(process(LP, cfg), cfg, None).tolist() == [1]
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
+    cfg = SamplingConfig()
+    rows = process(LP.expand(20000, -1), cfg)
+    a = sample(rows, cfg, make_generator(7))
+    b = sample(rows, cfg, make_generator(7))
+    assert torch.equal(a, b)
+    freq = torch.bincount(a, minlength=5).float() / a.numel()
+    torch.testing.assert_close(freq, PROBS[0], atol=0.015, rtol=0)
+
+
+def test_filtered_tokens_are_never_sampled():
+    cfg = SamplingConfig(top_k=2)
+    rows = process(LP.expand(5000, -1), cfg)
+    assert set(sample(rows, cfg, make_generator(1)).tolist()) <= {1, 3}
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_configurations_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
