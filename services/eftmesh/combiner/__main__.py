@@ -1,0 +1,3 @@
+from eftmesh.combiner.server import main
+
+main()

@@ -1,0 +1,102 @@
+"""The combiner's view of the logit services: score calls fanned out to roles.
+
+`Scorer` is what the decoding loop needs; `GrpcScorer` (in `upstream.py`) implements it over
+the network and `LocalScorer` (here) over in-process engines, so the benchmark and the tests
+run the very same loop with and without the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from eftmesh.common.errors import DeadlineExceeded, NotFound
+from eftmesh.logit.engine import ModelEngine
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """One role's share of a step: bring the session up to `tokens` and score the last rows.
+
+    `start` is how many of `tokens` the caller believes the session's cache holds; only
+    `tokens[start:]` is sent. If the cache is gone, the scorer re-sends from 0.
+    """
+
+    role: str
+    session_id: str
+    tokens: Sequence[int]
+    start: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the combiner needs to know of one role's model."""
+
+    role: str
+    address: str
+    model_id: str
+    vocab_size: int
+    tokenizer_vocab_size: int
+    tokenizer_fingerprint: str
+    max_context: int
+    dtype: str
+    device: str
+    eos_token_id: int
+
+
+class Scorer(Protocol):
+    """Scores several roles for one decoding step, concurrently where it can."""
+
+    models: Mapping[str, ModelSpec]
+
+    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
+        """[rows, vocab_r] float32 log-probs per call, in order. `deadline` is monotonic time."""
+        ...
+
+    def release(self, sessions: Mapping[str, str]) -> None:
+        """Drop role -> session_id caches; best effort, never raises."""
+        ...
+
+
+class LocalScorer:
+    """In-process scorer over `ModelEngine`s: the same loop, no network, one call at a time."""
+
+    def __init__(self, engines: Mapping[str, ModelEngine]) -> None:
+        self.engines = dict(engines)
+        self.models = {
+            role: ModelSpec(
+                role=role,
+                address="in-process",
+                model_id=e.info.model_id,
+                vocab_size=e.info.vocab_size,
+                tokenizer_vocab_size=e.info.tokenizer_vocab_size,
+                tokenizer_fingerprint=e.info.tokenizer_fingerprint,
+                max_context=e.info.max_context,
+                dtype=e.info.dtype,
+                device=e.info.device,
+                eos_token_id=e.info.eos_token_id,
+            )
+            for role, e in self.engines.items()
+        }
+
+    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
+        out = []
+        for c in calls:
+            engine = self.engines[c.role]
+            try:
+                lp, _ = engine.score(c.session_id, c.start, c.tokens[c.start :], c.rows)
+            except NotFound:
+                lp, _ = engine.score(c.session_id, 0, c.tokens, c.rows)
+            out.append(lp)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded("deadline passed while scoring")
+        return out
+
+    def release(self, sessions: Mapping[str, str]) -> None:
+        for role, sid in sessions.items():
+            self.engines[role].release(sid)

@@ -1,0 +1,170 @@
+"""Entry point of the combiner: `python -m eftmesh.combiner --upstream ROLE=HOST:PORT ...`.
+
+Flags are parsed once into a frozen `CombinerConfig`. At start the combiner waits for every
+upstream, checks that all share its tokenizer (fingerprint) and cover its vocabulary, and
+refuses to start otherwise, naming the models that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from eftmesh.combiner.decoding import Decoder
+from eftmesh.combiner.servicer import Defaults, GeneratorServicer
+from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
+from eftmesh.common import tracing
+from eftmesh.common.errors import EftMeshError
+from eftmesh.common.serving import Server, ServerConfig
+from eftmesh.common.tokenizer import fingerprint
+from eftmesh.core.mixing import Composition, Delta
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+log = logging.getLogger("eftmesh.combiner")
+
+SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+DEFAULT_COMPOSITION = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
+
+
+@dataclass(frozen=True)
+class CombinerConfig:
+    """Everything the combiner needs, fixed at start-up."""
+
+    upstreams: dict[str, str]
+    tokenizer: str
+    defaults: Defaults
+    server: ServerConfig
+    policy: UpstreamPolicy = UpstreamPolicy()
+    max_concurrent_generations: int = 32
+    otlp: bool = False
+
+
+def _upstream(text: str) -> tuple[str, str]:
+    role, sep, addr = text.partition("=")
+    if not sep or not role or ":" not in addr:
+        raise argparse.ArgumentTypeError(f"expected ROLE=HOST:PORT, got {text!r}")
+    return role, addr
+
+
+def _delta(text: str) -> Delta:
+    parts = text.split(",")
+    try:
+        tuned, ref, weight = parts[0], parts[1], float(parts[2]) if len(parts) > 2 else 1.0
+        return Delta(tuned, ref, weight)
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected TUNED,REFERENCE[,WEIGHT], got {text!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> CombinerConfig:
+    p = argparse.ArgumentParser(
+        prog="eftmesh-combiner",
+        description="Mix logit services by the EFT formula and serve generations (eftmesh.v1.Generator).",
+    )
+    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id shared by every model (e.g. one model's checkpoint directory)")
+    p.add_argument("--default-base", default=DEFAULT_COMPOSITION.base, help="base role of the default composition (default: %(default)s)")
+    p.add_argument("--default-delta", type=_delta, action="append", metavar="TUNED,REFERENCE[,WEIGHT]", help="a delta of the default composition; repeatable (default: ft-small,base-small,1.0)")
+    p.add_argument("--no-default-delta", action="store_true", help="the default composition is plain decoding of --default-base")
+    p.add_argument("--temperature", type=float, default=1.0, help="default sampling temperature; 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="default top-k; 0 disables (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default top-p; the EFT paper found 0.9-0.95 stabilises up-scaling (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default max_new_tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--max-concurrent-generations", type=int, default=32, help="generations in flight before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait at start for every upstream to answer (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=64, help="gRPC worker threads (default: %(default)s)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight generations (default: %(default)s)")
+    a = p.parse_args(argv)
+    upstreams = dict(a.upstream)
+    if len(upstreams) != len(a.upstream):
+        p.error("each role may be given once in --upstream")
+    deltas = () if a.no_default_delta else tuple(a.default_delta or DEFAULT_COMPOSITION.deltas)
+    try:
+        composition = Composition(a.default_base, deltas)
+        sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    except ValueError as e:
+        p.error(str(e))
+    missing = [r for r in composition.roles if r not in upstreams]
+    if missing:
+        p.error(f"the default composition ({composition.describe()}) needs roles with no --upstream: {', '.join(missing)}")
+    if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
+        p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
+    env = os.environ if environ is None else environ
+    return CombinerConfig(
+        upstreams=upstreams,
+        tokenizer=a.tokenizer,
+        defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap),
+        server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
+        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout),
+        max_concurrent_generations=a.max_concurrent_generations,
+        otlp=tracing.otlp_requested(env),
+    )
+
+
+@dataclass
+class CombinerServer:
+    """A built combiner: the gRPC server, the decoder, and its upstream connections."""
+
+    server: Server
+    decoder: Decoder
+    scorer: GrpcScorer
+
+    def start(self) -> None:
+        self.server.start()
+        self.server.set_serving()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.server.stop(grace_s).wait()
+        self.scorer.close()
+
+
+def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) -> CombinerServer:
+    """Connect to the upstreams, check compatibility, and build the server (not started)."""
+    from transformers import AutoTokenizer
+
+    if tracer_provider is None:
+        tracer_provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=cfg.otlp)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    fp, vocab = fingerprint(tokenizer), len(tokenizer)
+    scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider)
+    try:
+        check_compatible(scorer.connect(), fp, vocab)
+    except BaseException:
+        scorer.close()
+        raise
+    decoder = Decoder(scorer, tokenizer, vocab)
+    servicer = GeneratorServicer(
+        decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracing.tracer(tracer_provider, "eftmesh.combiner")
+    )
+    server = Server(
+        cfg.server,
+        [lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        tracer_provider,
+    )
+    return CombinerServer(server, decoder, scorer)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    try:
+        cs = build(cfg)
+    except EftMeshError as e:  # a refusal to start is a message, not a traceback
+        log.error("refusing to start: %s", e)
+        raise SystemExit(2) from None
+    cs.start()
+    log.info("combiner serving on port %d; roles %s; default %s", cs.server.port, ", ".join(cfg.upstreams), cfg.defaults.composition.describe())
+    cs.server.wait_for_signal()
+    cs.scorer.close()

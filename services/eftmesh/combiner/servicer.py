@@ -1,0 +1,217 @@
+"""Generator servicer: protobuf <-> domain at the edge, one span per generation."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+
+from eftmesh.combiner.decoding import (
+    Chunk,
+    Decoder,
+    FinishReason,
+    GenerationRequest,
+    TokenSink,
+    deadline_from,
+    new_seed,
+)
+from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from eftmesh.core.mixing import Composition, Delta
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+
+_FINISH_TO_PB = {
+    FinishReason.LENGTH: generator_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generator_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: generator_pb2.FINISH_REASON_STOP,
+    FinishReason.CONTEXT: generator_pb2.FINISH_REASON_CONTEXT,
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request gets for the fields it leaves unset, and the limits it must keep."""
+
+    composition: Composition
+    sampling: SamplingConfig
+    max_new_tokens: int = 64
+    max_new_tokens_cap: int = 1024
+
+
+def composition_from_pb(msg: generator_pb2.Composition, default: Composition, roles: Mapping[str, object]) -> Composition:
+    if not msg.base and not msg.deltas:
+        return default
+    if not msg.base:
+        raise InvalidArgument("composition.base is empty but deltas are set: name the base role")
+    deltas = []
+    for i, d in enumerate(msg.deltas):
+        if not d.tuned or not d.reference:
+            raise InvalidArgument(f"composition.deltas[{i}] needs both tuned and reference roles")
+        if not math.isfinite(d.weight):
+            raise InvalidArgument(f"composition.deltas[{i}].weight must be finite, got {d.weight}")
+        deltas.append(Delta(d.tuned, d.reference, d.weight))
+    comp = Composition(msg.base, tuple(deltas))
+    unknown = [r for r in comp.roles if r not in roles]
+    if unknown:
+        raise NotFound(f"unknown role(s) {', '.join(map(repr, unknown))}; this combiner serves {', '.join(sorted(roles))}")
+    return comp
+
+
+def sampling_from_pb(msg: tensor_pb2.SamplingParams, default: SamplingConfig) -> SamplingConfig:
+    t = msg.temperature if msg.HasField("temperature") else default.temperature
+    p = msg.top_p if msg.HasField("top_p") else default.top_p
+    k = msg.top_k if msg.top_k else default.top_k
+    if not math.isfinite(t) or t < 0:
+        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {t}")
+    if not (0.0 < p <= 1.0):
+        raise InvalidArgument(f"sampling.top_p must be in (0, 1] (1 disables it), got {p}")
+    if k < 0:
+        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {k}")
+    return SamplingConfig(temperature=t, top_k=k, top_p=p)
+
+
+def request_from_pb(
+    msg: generator_pb2.GenerateRequest | generator_pb2.CompleteRequest,
+    defaults: Defaults,
+    roles: Mapping[str, object],
+) -> GenerationRequest:
+    """Validate and convert a Generate or Complete request; a caller's mistake raises."""
+    if not msg.prompt:
+        raise InvalidArgument("prompt is empty: send the text to continue")
+    n = msg.max_new_tokens if msg.HasField("max_new_tokens") else defaults.max_new_tokens
+    if n < 1 or n > defaults.max_new_tokens_cap:
+        raise InvalidArgument(f"max_new_tokens must be in [1, {defaults.max_new_tokens_cap}], got {n}")
+    return GenerationRequest(
+        prompt=msg.prompt,
+        composition=composition_from_pb(msg.composition, defaults.composition, roles),
+        sampling=sampling_from_pb(msg.sampling, defaults.sampling),
+        seed=msg.seed if msg.HasField("seed") else new_seed(),
+        max_new_tokens=n,
+        stop=tuple(s for s in msg.stop if s),
+        logprobs=msg.logprobs,
+    )
+
+
+def composition_to_pb(c: Composition) -> generator_pb2.Composition:
+    return generator_pb2.Composition(
+        base=c.base,
+        deltas=[generator_pb2.Delta(tuned=d.tuned, reference=d.reference, weight=d.weight) for d in c.deltas],
+    )
+
+
+def chunk_to_pb(c: Chunk) -> generator_pb2.GenerateResponse:
+    msg = generator_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text, logprobs=c.logprobs)
+    if c.finish_reason is not None:
+        msg.finish_reason = _FINISH_TO_PB[c.finish_reason]
+    if c.usage is not None:
+        msg.usage.prompt_tokens = c.usage.prompt_tokens
+        msg.usage.completion_tokens = c.usage.completion_tokens
+    return msg
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
+    def __init__(
+        self,
+        decoder: Decoder,
+        defaults: Defaults,
+        fingerprint: str,
+        max_concurrent_generations: int,
+        tracer: trace.Tracer,
+    ) -> None:
+        self.decoder = decoder
+        self.defaults = defaults
+        self.fingerprint = fingerprint
+        self.tracer = tracer
+        self._slots = threading.BoundedSemaphore(max_concurrent_generations)
+        self._limit = max_concurrent_generations
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        # Overload is refused at once: a queue here would only turn into client time-outs.
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"the combiner is running its limit of {self._limit} generations; retry with back-off"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _run(self, req: GenerationRequest, context: grpc.ServicerContext) -> Iterator[Chunk]:
+        attrs = {
+            "gen_ai.operation.name": "text_completion",
+            "gen_ai.system": "eftmesh",
+            "gen_ai.request.model": req.composition.describe(),
+            "gen_ai.request.temperature": req.sampling.temperature,
+            "gen_ai.request.top_p": req.sampling.top_p,
+            "gen_ai.request.top_k": req.sampling.top_k,
+            "gen_ai.request.max_tokens": req.max_new_tokens,
+            "gen_ai.request.seed": req.seed,
+            "eftmesh.roles": list(req.composition.roles),
+        }
+        with self._slot(), self.tracer.start_as_current_span("eftmesh.generate", attributes=attrs) as span:
+
+            def on_finish(sink: TokenSink) -> None:
+                span.set_attribute("gen_ai.usage.input_tokens", sink.usage.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", sink.usage.completion_tokens)
+                if sink.finish_reason is not None:
+                    span.set_attribute("gen_ai.response.finish_reasons", [sink.finish_reason.value])
+
+            yield from self.decoder.generate(
+                req,
+                deadline=deadline_from(context.time_remaining()),
+                is_cancelled=lambda: not context.is_active(),
+                on_finish=on_finish,
+            )
+
+    def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[generator_pb2.GenerateResponse]:
+        req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
+        for chunk in self._run(req, context):
+            yield chunk_to_pb(chunk)
+
+    def Complete(
+        self, request: generator_pb2.CompleteRequest, context: grpc.ServicerContext
+    ) -> generator_pb2.CompleteResponse:
+        req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
+        resp = generator_pb2.CompleteResponse()
+        text = []
+        for chunk in self._run(req, context):
+            resp.token_ids.extend(chunk.token_ids)
+            resp.logprobs.extend(chunk.logprobs)
+            text.append(chunk.text)
+            if chunk.finish_reason is not None:
+                resp.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
+            if chunk.usage is not None:
+                resp.usage.prompt_tokens = chunk.usage.prompt_tokens
+                resp.usage.completion_tokens = chunk.usage.completion_tokens
+        resp.text = "".join(text)
+        return resp
+
+    def Info(
+        self, request: generator_pb2.GeneratorInfoRequest, context: grpc.ServicerContext
+    ) -> generator_pb2.GeneratorInfoResponse:
+        d = self.defaults
+        return generator_pb2.GeneratorInfoResponse(
+            upstreams=[
+                generator_pb2.Upstream(
+                    role=m.role, address=m.address, model_id=m.model_id, vocab_size=m.vocab_size,
+                    max_context=m.max_context, dtype=m.dtype, device=m.device,
+                )
+                for m in self.decoder.scorer.models.values()
+            ],
+            default_composition=composition_to_pb(d.composition),
+            default_sampling=tensor_pb2.SamplingParams(
+                temperature=d.sampling.temperature, top_k=d.sampling.top_k, top_p=d.sampling.top_p
+            ),
+            default_max_new_tokens=d.max_new_tokens,
+            max_new_tokens_cap=d.max_new_tokens_cap,
+            tokenizer_fingerprint=self.fingerprint,
+            vocab_size=self.decoder.vocab_size,
+        )

@@ -1,0 +1,188 @@
+"""The logit services over gRPC: connection, compatibility check, and the per-step fan-out.
+
+Each step issues every role's Score as a gRPC future, so the calls run concurrently on the
+channels' own threads, then collects them. A role whose cache is gone (NOT_FOUND: evicted,
+expired, or a replica that restarted) is re-sent its whole prefix; an unreachable role
+(UNAVAILABLE) is retried with back-off within the caller's deadline, then re-prefilled.
+Losing a logit replica mid-generation therefore costs a re-prefill, not the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+from opentelemetry.sdk.trace import TracerProvider
+
+from eftmesh.combiner.scoring import ModelSpec, ScoreCall
+from eftmesh.common import tensors, tracing
+from eftmesh.common.errors import (
+    DeadlineExceeded,
+    EftMeshError,
+    FailedPrecondition,
+    Unavailable,
+)
+from eftmesh.common.serving import CHANNEL_OPTIONS
+from eftmesh.v1 import logit_pb2, logit_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Codes that mean "this replica (or its cache) is gone; try again with the whole prefix".
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    """Timeouts and retries for calls to logit services."""
+
+    # Per-call timeout when the client set no deadline.
+    call_timeout_s: float = 30.0
+    # Retries of one role's call after UNAVAILABLE, with exponential back-off.
+    retries: int = 3
+    backoff_s: float = 0.1
+    # How long start-up waits for every upstream to answer Info.
+    connect_timeout_s: float = 120.0
+
+
+class UpstreamError(EftMeshError):
+    """An upstream logit service refused a call; keeps its status code, names the role."""
+
+    def __init__(self, role: str, err: grpc.RpcError) -> None:
+        self.code = err.code()
+        super().__init__(f"upstream {role}: {err.details()}")
+
+
+def _remaining(deadline: float | None, cap: float) -> float:
+    """Timeout for the next upstream call: what is left of the deadline, at most `cap`."""
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the request's deadline passed while waiting for the logit services")
+    return min(left, cap)
+
+
+class GrpcScorer:
+    """`Scorer` over logit services reached by gRPC, one channel per role."""
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        policy: UpstreamPolicy = UpstreamPolicy(),
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.policy = policy
+        self.addresses = dict(addresses)
+        self._channels = {
+            role: tracing.traced_channel(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS), tracer_provider)
+            for role, addr in self.addresses.items()
+        }
+        self._stubs = {role: logit_pb2_grpc.LogitServiceStub(ch) for role, ch in self._channels.items()}
+        self.models: dict[str, ModelSpec] = {}
+
+    def connect(self) -> dict[str, ModelSpec]:
+        """Wait until every upstream answers Info (within the connect timeout); fill `models`."""
+        deadline = time.monotonic() + self.policy.connect_timeout_s
+        for role, stub in self._stubs.items():
+            while True:
+                try:
+                    i = stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=5.0, wait_for_ready=True)
+                    break
+                except grpc.RpcError as e:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(
+                            f"upstream {role} at {self.addresses[role]} did not answer within "
+                            f"{self.policy.connect_timeout_s:.0f} s: {e.details()}"
+                        ) from None
+                    log.info("waiting for %s at %s (%s)", role, self.addresses[role], e.code().name)
+                    time.sleep(1.0)
+            self.models[role] = ModelSpec(
+                role=role,
+                address=self.addresses[role],
+                model_id=i.model_id,
+                vocab_size=i.vocab_size,
+                tokenizer_vocab_size=i.tokenizer_vocab_size,
+                tokenizer_fingerprint=i.tokenizer_fingerprint,
+                max_context=i.max_context,
+                dtype=i.dtype,
+                device=i.device,
+                eos_token_id=i.eos_token_id,
+            )
+        return self.models
+
+    def _request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
+        return logit_pb2.ScoreRequest(
+            session_id=c.session_id, start=start, tokens=c.tokens[start:], rows=c.rows
+        )
+
+    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
+        futures = [
+            self._stubs[c.role].Score.future(
+                self._request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
+            )
+            for c in calls
+        ]
+        out = []
+        for c, fut in zip(calls, futures):
+            try:
+                resp = fut.result()
+            except grpc.RpcError as e:
+                resp = self._recover(c, e, deadline)
+            out.append(tensors.from_pb(resp.logprobs))
+        return out
+
+    def _recover(self, c: ScoreCall, err: grpc.RpcError, deadline: float | None) -> logit_pb2.ScoreResponse:
+        """Retry one role's call after a lost cache or replica, re-sending the whole prefix."""
+        stub = self._stubs[c.role]
+        for attempt in range(self.policy.retries + 1):
+            code = err.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"upstream {c.role} did not answer before the deadline")
+            if code == grpc.StatusCode.NOT_FOUND:
+                log.info("re-prefilling %s for %s (%d tokens)", c.role, c.session_id, len(c.tokens))
+            elif code in _RETRYABLE and attempt < self.policy.retries:
+                time.sleep(min(self.policy.backoff_s * 2**attempt, max(0.0, _remaining(deadline, 1e9) / 2)))
+                log.warning("retrying %s after %s (attempt %d)", c.role, code.name, attempt + 1)
+            elif code in _RETRYABLE:
+                raise Unavailable(f"upstream {c.role} at {self.addresses[c.role]} is unavailable: {err.details()}")
+            else:
+                raise UpstreamError(c.role, err)
+            try:
+                return stub.Score(self._request(c, 0), timeout=_remaining(deadline, self.policy.call_timeout_s))
+            except grpc.RpcError as e:
+                err = e
+        raise Unavailable(f"upstream {c.role} failed after {self.policy.retries} retries: {err.details()}")
+
+    def release(self, sessions: Mapping[str, str]) -> None:
+        for role, sid in sessions.items():
+            fut = self._stubs[role].Release.future(logit_pb2.ReleaseRequest(session_id=sid), timeout=5.0)
+            # Best effort: a replica that is gone has nothing to release.
+            fut.add_done_callback(lambda f: f.exception())
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+
+def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int) -> None:
+    """Refuse to mix models whose tokenizers differ or whose vocabularies cannot be aligned.
+
+    Output layers may be wider than the tokenizer (padding rows, dropped before mixing);
+    narrower ones, or a different token-to-id map, are a real mismatch.
+    """
+    differ = {r: m for r, m in models.items() if m.tokenizer_fingerprint != fingerprint}
+    if differ:
+        lines = [f"{r} ({m.model_id}): tokenizer {m.tokenizer_fingerprint}" for r, m in differ.items()]
+        raise FailedPrecondition(
+            f"every model must share the combiner's tokenizer {fingerprint}; these differ: " + "; ".join(lines)
+        )
+    narrow = {r: m for r, m in models.items() if m.vocab_size < vocab_size}
+    if narrow:
+        lines = [f"{r} ({m.model_id}): {m.vocab_size} rows" for r, m in narrow.items()]
+        raise FailedPrecondition(
+            f"output layers must cover the tokenizer's {vocab_size} tokens; these are narrower: " + "; ".join(lines)
+        )

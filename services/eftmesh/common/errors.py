@@ -1,0 +1,64 @@
+"""The exception hierarchy of eftmesh: each class carries the gRPC status it maps to.
+
+Domain code raises these; one server interceptor (`eftmesh.common.interceptor`) turns them
+into statuses. A caller's mistake is never INTERNAL: anything that is not an `EftMeshError`
+is a server fault, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EftMeshError(Exception):
+    """Base class. `code` is the gRPC status the error maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(EftMeshError):
+    """The request itself is malformed: fix the request."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(EftMeshError):
+    """A named thing (a session, a role) does not exist here."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(EftMeshError):
+    """The request is well-formed but the server's state does not allow it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfRange(EftMeshError):
+    """A position or length beyond a limit, e.g. the model's context."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ResourceExhausted(EftMeshError):
+    """The server is at capacity: retry later or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(EftMeshError):
+    """A dependency (an upstream logit service) cannot be reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(EftMeshError):
+    """The caller's deadline passed before the work finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(EftMeshError):
+    """The caller went away."""
+
+    code = grpc.StatusCode.CANCELLED

@@ -1,0 +1,3 @@
+from eftmesh.logit.server import main
+
+main()

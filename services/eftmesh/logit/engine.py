@@ -1,0 +1,185 @@
+"""A hosted causal LM that scores tokens against per-session KV caches.
+
+No gRPC here: the servicer converts messages at the edge and calls `ModelEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eftmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from eftmesh.common.tokenizer import fingerprint
+from eftmesh.logit.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What `LogitService.Info` reports."""
+
+    model_id: str
+    role: str
+    vocab_size: int
+    tokenizer_vocab_size: int
+    tokenizer_fingerprint: str
+    max_context: int
+    dtype: str
+    device: str
+    max_sessions: int
+    session_idle_timeout_s: float
+    eos_token_id: int
+
+
+def model_max_context(config: Any) -> int:
+    """The longest sequence a transformers config admits (positions it can embed)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError("cannot tell the model's context length from its config; pass --max-context")
+
+
+class ModelEngine:
+    """One model, its tokenizer identity, and its sessions' KV caches.
+
+    Forward passes run one at a time under `self._lock` (which also guards the session
+    store): a model on one device gains nothing from interleaving, and memory stays bounded.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        role: str,
+        max_sessions: int = 256,
+        session_idle_timeout_s: float = 300.0,
+        max_context: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        ctx = model_max_context(model.config)
+        self.max_context = min(ctx, max_context) if max_context else ctx
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+        self.info = EngineInfo(
+            model_id=model_id,
+            role=role,
+            vocab_size=self.vocab_size,
+            tokenizer_vocab_size=len(tokenizer),
+            tokenizer_fingerprint=fingerprint(tokenizer),
+            max_context=self.max_context,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_sessions=max_sessions,
+            session_idle_timeout_s=session_idle_timeout_s,
+            eos_token_id=-1 if eos is None else int(eos),
+        )
+        self.sessions = SessionStore(max_sessions, session_idle_timeout_s)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        *,
+        role: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> ModelEngine:
+        """Load a causal LM and its tokenizer from a local directory or a hub id."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        ).to(device)
+        return cls(model, tokenizer, model_id=model_id, role=role, **kwargs)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def warmup(self) -> None:
+        """One real forward pass: readiness means the device answers, not just that weights loaded."""
+        with self._lock, torch.inference_mode():
+            self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
+
+    def score(
+        self, session_id: str, start: int, tokens: Sequence[int], rows: int
+    ) -> tuple[torch.Tensor, int]:
+        """Append `tokens` at `start` and return next-token log-probs for the last `rows`.
+
+        Returns:
+            ([rows, vocab_size] float32 log-probabilities on the CPU, new cache length).
+        """
+        if not session_id:
+            raise InvalidArgument("session_id must be non-empty")
+        n = len(tokens)
+        if n == 0:
+            raise InvalidArgument("tokens must be non-empty: send at least the last token")
+        if rows > n:
+            raise InvalidArgument(f"rows={rows} exceeds the {n} tokens sent")
+        if start + n > self.max_context:
+            raise OutOfRange(
+                f"start {start} + {n} tokens exceeds the model's max context {self.max_context}"
+            )
+        ids = torch.tensor(tokens, dtype=torch.long)  # [n]
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            first = int(ids[bad][0])
+            raise InvalidArgument(
+                f"token id {first} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        with self._lock, torch.inference_mode():
+            session = self.sessions.get(session_id)
+            if session is None:
+                if start > 0:
+                    raise NotFound(
+                        f"unknown session {session_id!r} (evicted, expired or never created): "
+                        "re-send the whole sequence with start=0"
+                    )
+                session = self.sessions.create(session_id, self._new_cache())
+            if start > session.length:
+                raise FailedPrecondition(
+                    f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
+                    "tokens; start must be <= the cached length"
+                )
+            if start < session.length:
+                session.cache.crop(start - session.length)  # a negative count drops tokens
+                session.length = start
+            try:
+                out = self.model(
+                    input_ids=ids.to(self.device).unsqueeze(0),
+                    cache=session.cache,
+                    use_cache=True,
+                    logits_to_keep=max(rows, 1),
+                )
+            except BaseException:
+                # The cache may hold part of this call: drop the session rather than trust it.
+                self.sessions.release(session_id)
+                raise
+            session.length = start + n
+            logits = out.logits[0, -rows:] if rows else out.logits[0, :0]  # [rows, vocab]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return logprobs, session.length
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            return self.sessions.release(session_id)

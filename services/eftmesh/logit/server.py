@@ -1,0 +1,132 @@
+"""Entry point of a logit service: `python -m eftmesh.logit --model PATH --role ROLE`.
+
+Flags are parsed once into a frozen `LogitConfig` here; nothing reads the environment at
+import time (OTLP export is the one exception, by the OpenTelemetry convention: it turns on
+when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opentelemetry.sdk.trace import TracerProvider
+
+from eftmesh.common import tracing
+from eftmesh.common.serving import Server, ServerConfig
+from eftmesh.logit.engine import DTYPES, ModelEngine
+from eftmesh.logit.servicer import LogitServicer
+from eftmesh.v1 import logit_pb2, logit_pb2_grpc
+
+log = logging.getLogger("eftmesh.logit")
+
+SERVICE_NAME = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+
+
+@dataclass(frozen=True)
+class LogitConfig:
+    """Everything one logit service needs, fixed at start-up."""
+
+    model: str
+    role: str
+    server: ServerConfig
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_sessions: int = 256
+    session_idle_timeout_s: float = 300.0
+    max_context: int | None = None
+    threads: int | None = None
+    trust_remote_code: bool = False
+    otlp: bool = False
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> LogitConfig:
+    p = argparse.ArgumentParser(
+        prog="eftmesh-logit",
+        description="Serve one causal LM's next-token log-probabilities over gRPC (eftmesh.v1.LogitService).",
+    )
+    p.add_argument("--model", required=True, help="local checkpoint directory or hub id, loaded with AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--role", required=True, help="role name this model plays in the mesh, e.g. base-large")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of the weights (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=256, help="KV caches held at once; the least recently used is evicted beyond this (default: %(default)s)")
+    p.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an unused session's cache is dropped (default: %(default)s)")
+    p.add_argument("--max-context", type=int, default=None, help="cap on tokens per session (default: the model's own limit)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=20.0, help="seconds SIGTERM waits for in-flight calls (default: %(default)s)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
+    a = p.parse_args(argv)
+    env = os.environ if environ is None else environ
+    return LogitConfig(
+        model=a.model,
+        role=a.role,
+        server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
+        device=a.device,
+        dtype=a.dtype,
+        max_sessions=a.max_sessions,
+        session_idle_timeout_s=a.session_idle_timeout,
+        max_context=a.max_context,
+        threads=a.threads,
+        trust_remote_code=a.trust_remote_code,
+        otlp=tracing.otlp_requested(env),
+    )
+
+
+@dataclass
+class LogitServer:
+    """A built logit service: the gRPC server and the engine behind it."""
+
+    server: Server
+    engine: ModelEngine
+
+    def start(self) -> None:
+        """Bind, warm the model up with a real forward pass, then report SERVING."""
+        self.server.start()
+        self.engine.warmup()
+        self.server.set_serving()
+
+
+def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: TracerProvider | None = None) -> LogitServer:
+    """Load the model (unless given), build the server, warm up; health turns SERVING after."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if engine is None:
+        engine = ModelEngine.from_pretrained(
+            cfg.model,
+            role=cfg.role,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            max_sessions=cfg.max_sessions,
+            session_idle_timeout_s=cfg.session_idle_timeout_s,
+            max_context=cfg.max_context,
+        )
+    if tracer_provider is None:
+        tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)
+    servicer = LogitServicer(engine)
+    server = Server(
+        cfg.server,
+        [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        tracer_provider,
+    )
+    return LogitServer(server, engine)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    log.info("loading %s as %s on %s (%s)", cfg.model, cfg.role, cfg.device, cfg.dtype)
+    ls = build(cfg)
+    ls.start()
+    i = ls.engine.info
+    log.info("%s serving on port %d: vocab %d, context %d, tokenizer %s", cfg.role, ls.server.port, i.vocab_size, i.max_context, i.tokenizer_fingerprint)
+    ls.server.wait_for_signal()

@@ -1,0 +1,52 @@
+"""LogitService servicer: validate, convert, call the engine, convert back."""
+
+from __future__ import annotations
+
+import grpc
+
+from eftmesh.common import tensors
+from eftmesh.common.errors import InvalidArgument
+from eftmesh.logit.engine import ModelEngine
+from eftmesh.v1 import logit_pb2, logit_pb2_grpc
+
+
+class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
+    def __init__(self, engine: ModelEngine) -> None:
+        self.engine = engine
+
+    def Info(
+        self, request: logit_pb2.LogitServiceInfoRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.LogitServiceInfoResponse:
+        i = self.engine.info
+        return logit_pb2.LogitServiceInfoResponse(
+            model_id=i.model_id,
+            role=i.role,
+            vocab_size=i.vocab_size,
+            tokenizer_vocab_size=i.tokenizer_vocab_size,
+            tokenizer_fingerprint=i.tokenizer_fingerprint,
+            max_context=i.max_context,
+            dtype=i.dtype,
+            device=i.device,
+            max_sessions=i.max_sessions,
+            session_idle_timeout_s=i.session_idle_timeout_s,
+            eos_token_id=i.eos_token_id,
+        )
+
+    def Score(
+        self, request: logit_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.ScoreResponse:
+        try:
+            out_dtype = tensors.torch_dtype(request.dtype)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        logprobs, length = self.engine.score(
+            request.session_id, request.start, request.tokens, request.rows
+        )
+        return logit_pb2.ScoreResponse(
+            logprobs=tensors.to_pb(logprobs, out_dtype), cache_length=length
+        )
+
+    def Release(
+        self, request: logit_pb2.ReleaseRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.ReleaseResponse:
+        return logit_pb2.ReleaseResponse(released=self.engine.release(request.session_id))

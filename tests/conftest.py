@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models made in the test, and a real mesh over loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from eftmesh.combiner.server import CombinerConfig, CombinerServer
+from eftmesh.combiner.server import build as build_combiner
+from eftmesh.combiner.servicer import Defaults
+from eftmesh.combiner.server import DEFAULT_COMPOSITION
+from eftmesh.common.serving import ServerConfig
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.demo.tiny import make_tiny_family
+from eftmesh.logit.server import LogitConfig, LogitServer
+from eftmesh.logit.server import build as build_logit
+from eftmesh.v1 import generator_pb2_grpc, logit_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three tiny random GPT-2 checkpoints (base-large, base-small, ft-small), one tokenizer."""
+    return make_tiny_family(tmp_path_factory.mktemp("tiny"))
+
+
+def start_logit(path: Path, role: str, **kwargs) -> LogitServer:
+    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0), **kwargs)
+    ls = build_logit(cfg)
+    ls.start()
+    return ls
+
+
+@dataclass
+class Mesh:
+    logits: dict[str, LogitServer]
+    combiner: CombinerServer
+    channel: grpc.Channel
+
+    @property
+    def generator(self) -> generator_pb2_grpc.GeneratorStub:
+        return generator_pb2_grpc.GeneratorStub(self.channel)
+
+    def logit_stub(self, role: str) -> logit_pb2_grpc.LogitServiceStub:
+        ch = grpc.insecure_channel(f"127.0.0.1:{self.logits[role].server.port}")
+        return logit_pb2_grpc.LogitServiceStub(ch)
+
+
+def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None, **kwargs) -> CombinerServer:
+    cfg = CombinerConfig(
+        upstreams={r: f"127.0.0.1:{p}" for r, p in ports.items()},
+        tokenizer=str(tokenizer),
+        defaults=Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 64),
+        server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0),
+        **kwargs,
+    )
+    cs = build_combiner(cfg, tracer_provider=tracer_provider)
+    cs.start()
+    return cs
+
+
+@pytest.fixture(scope="session")
+def mesh(tiny_family: dict[str, Path]) -> Iterator[Mesh]:
+    """Three logit services and a combiner on loopback, shared by the tests that only read."""
+    logits = {role: start_logit(path, role) for role, path in tiny_family.items()}
+    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
+    channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
+    yield Mesh(logits, cs, channel)
+    channel.close()
+    cs.stop(0)
+    for ls in logits.values():
+        ls.server.stop(0).wait()
