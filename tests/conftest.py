@@ -27,8 +27,9 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_tiny_family(tmp_path_factory.mktemp("tiny"))
 
 
-def start_logit(path: Path, role: str, **kwargs) -> LogitServer:
-    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0), **kwargs)
+def start_logit(path: Path, role: str, port: int = 0, **kwargs) -> LogitServer:
+    """A started logit service on loopback (port 0 picks a free port)."""
+    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=port, grace_s=1.0), **kwargs)
     ls = build_logit(cfg)
     ls.start()
     return ls

@@ -31,8 +31,13 @@ from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Codes that mean "this replica (or its cache) is gone; try again with the whole prefix".
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# Reconnect quickly after a replica goes away: gRPC's default first back-off is 1 s.
+_UPSTREAM_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,8 @@ class UpstreamPolicy:
 
     # Per-call timeout when the client set no deadline.
     call_timeout_s: float = 30.0
-    # Retries of one role's call after UNAVAILABLE, with exponential back-off.
+    # Retries of one role's call after UNAVAILABLE; each waits for the channel to be ready.
     retries: int = 3
-    backoff_s: float = 0.1
     # How long start-up waits for every upstream to answer Info.
     connect_timeout_s: float = 120.0
 
@@ -78,7 +82,7 @@ class GrpcScorer:
         self.policy = policy
         self.addresses = dict(addresses)
         self._channels = {
-            role: tracing.traced_channel(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS), tracer_provider)
+            role: tracing.traced_channel(grpc.insecure_channel(addr, options=_UPSTREAM_OPTIONS), tracer_provider)
             for role, addr in self.addresses.items()
         }
         self._stubs = {role: logit_pb2_grpc.LogitServiceStub(ch) for role, ch in self._channels.items()}
@@ -136,26 +140,36 @@ class GrpcScorer:
         return out
 
     def _recover(self, c: ScoreCall, err: grpc.RpcError, deadline: float | None) -> logit_pb2.ScoreResponse:
-        """Retry one role's call after a lost cache or replica, re-sending the whole prefix."""
+        """Retry one role's call after a lost cache or replica, re-sending the whole prefix.
+
+        Retries wait for the channel to be ready (a replica restarting, or the address
+        resolving to another replica), bounded by the caller's deadline and the call timeout.
+        """
         stub = self._stubs[c.role]
         for attempt in range(self.policy.retries + 1):
             code = err.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"upstream {c.role} did not answer before the deadline")
-            if code == grpc.StatusCode.NOT_FOUND:
+            if code == grpc.StatusCode.UNAVAILABLE:
+                if attempt == self.policy.retries:
+                    break
+                log.warning("%s unavailable (%s); retry %d with the whole prefix", c.role, err.details(), attempt + 1)
+            elif code == grpc.StatusCode.NOT_FOUND:
                 log.info("re-prefilling %s for %s (%d tokens)", c.role, c.session_id, len(c.tokens))
-            elif code in _RETRYABLE and attempt < self.policy.retries:
-                time.sleep(min(self.policy.backoff_s * 2**attempt, max(0.0, _remaining(deadline, 1e9) / 2)))
-                log.warning("retrying %s after %s (attempt %d)", c.role, code.name, attempt + 1)
-            elif code in _RETRYABLE:
-                raise Unavailable(f"upstream {c.role} at {self.addresses[c.role]} is unavailable: {err.details()}")
             else:
                 raise UpstreamError(c.role, err)
             try:
-                return stub.Score(self._request(c, 0), timeout=_remaining(deadline, self.policy.call_timeout_s))
+                return stub.Score(
+                    self._request(c, 0),
+                    timeout=_remaining(deadline, self.policy.call_timeout_s),
+                    wait_for_ready=True,
+                )
             except grpc.RpcError as e:
                 err = e
-        raise Unavailable(f"upstream {c.role} failed after {self.policy.retries} retries: {err.details()}")
+        raise Unavailable(
+            f"upstream {c.role} at {self.addresses[c.role]} is unavailable after "
+            f"{self.policy.retries} retries: {err.details()}"
+        )
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, intercept_channel, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
@@ -56,7 +56,8 @@ def traced_channel(channel: grpc.Channel, provider: TracerProvider | None) -> gr
     """Wrap a client channel so that calls are traced and carry the trace context."""
     if provider is None:
         return channel
-    return grpc.intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    # OpenTelemetry's own channel wrapper: unlike grpc.intercept_channel it traces .future() calls.
+    return intercept_channel(channel, client_interceptor(tracer_provider=provider))
 
 
 def tracer(provider: TracerProvider | None, name: str) -> trace.Tracer:

@@ -1,0 +1,74 @@
+"""OpenTelemetry: every RPC traced on both sides, context propagated to the logit services,
+one generation span with gen_ai.* attributes; nothing installed when tracing is off."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from conftest import start_combiner
+from eftmesh.common import tracing
+from eftmesh.common.serving import ServerConfig
+from eftmesh.logit.server import LogitConfig
+from eftmesh.logit.server import build as build_logit
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+
+@pytest.fixture
+def traced_mesh(tiny_family):
+    exporter = InMemorySpanExporter()
+    logits = []
+    for role, path in tiny_family.items():
+        provider = tracing.make_tracer_provider(f"eftmesh-logit-{role}", otlp=False, exporter=exporter)
+        ls = build_logit(LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=0)), tracer_provider=provider)
+        ls.start()
+        logits.append(ls)
+    provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=False, exporter=exporter)
+    cs = start_combiner(tiny_family["base-small"], {ls.engine.info.role: ls.server.port for ls in logits}, tracer_provider=provider)
+    yield cs, exporter
+    cs.stop(0)
+    for ls in logits:
+        ls.server.stop(0).wait()
+
+
+def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
+    cs, exporter = traced_mesh
+    exporter.clear()  # start-up Info calls
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
+    resp = stub.Complete(generator_pb2.CompleteRequest(prompt="The quick brown fox", sampling={"temperature": 0.7, "top_p": 0.9}, seed=1, max_new_tokens=4))
+    spans = exporter.get_finished_spans()
+
+    gen = [s for s in spans if s.name == "eftmesh.generate"]
+    assert len(gen) == 1
+    g = gen[0]
+    assert g.attributes["gen_ai.request.temperature"] == pytest.approx(0.7)
+    assert g.attributes["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert g.attributes["gen_ai.request.max_tokens"] == 4
+    assert g.attributes["gen_ai.request.seed"] == 1
+    assert g.attributes["gen_ai.usage.output_tokens"] == len(resp.token_ids)
+    assert g.attributes["gen_ai.usage.input_tokens"] == resp.usage.prompt_tokens
+    assert set(g.attributes["eftmesh.roles"]) == {"base-large", "ft-small", "base-small"}
+    assert "ft-small" in g.attributes["gen_ai.request.model"]
+
+    trace_id = g.context.trace_id
+    server_complete = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("Generator/Complete")]
+    assert len(server_complete) == 1 and server_complete[0].context.trace_id == trace_id
+    assert g.parent.span_id == server_complete[0].context.span_id
+
+    client_scores = [s for s in spans if s.kind == SpanKind.CLIENT and s.name.endswith("LogitService/Score")]
+    server_scores = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/Score")]
+    # one Score per role per generated token, except the last token which is never scored
+    assert len(client_scores) == len(server_scores) == 3 * len(resp.token_ids)
+    assert all(s.context.trace_id == trace_id for s in client_scores + server_scores)
+    client_ids = {s.context.span_id for s in client_scores}
+    assert all(s.parent.span_id in client_ids for s in server_scores), "context not propagated"
+    assert all(s.parent.span_id == g.context.span_id for s in client_scores)
+
+
+def test_tracing_is_off_without_an_endpoint():
+    assert tracing.make_tracer_provider("x", otlp=False) is None
+    assert tracing.server_interceptors(None) == []
+    assert not tracing.otlp_requested({})
+    assert tracing.otlp_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
