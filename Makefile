@@ -41,3 +41,6 @@ test: $(STAMP) check-protos ## run the whole test suite
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache
+
+run: $(STAMP) ## run the mesh on the demo models on loopback and stream a generation (ARGS=--once to exit after it)
+	$(VENV)/bin/eftmesh up $(ARGS)

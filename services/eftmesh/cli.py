@@ -1,0 +1,140 @@
+"""The `eftmesh` command: call a combiner, or run the services.
+
+    eftmesh generate "The quick brown fox" --stream          # call a combiner
+    eftmesh info                                             # what a combiner serves
+    eftmesh up                                               # the whole mesh on loopback
+    eftmesh logit --model DIR --role base-large --port 50051 # one logit service
+    eftmesh combiner --upstream base-large=HOST:PORT ...     # the combiner
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50050"
+
+
+def _delta(text: str) -> generator_pb2.Delta:
+    parts = text.split(",")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected TUNED,REFERENCE[,WEIGHT], got {text!r}")
+    try:
+        weight = float(parts[2]) if len(parts) == 3 else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weight must be a number, got {parts[2]!r}") from None
+    return generator_pb2.Delta(tuned=parts[0], reference=parts[1], weight=weight)
+
+
+def add_request_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per GenerateRequest field (unset flags leave the server's defaults)."""
+    p.add_argument("--base", default="", help="base role (default: the combiner's default composition)")
+    p.add_argument("--delta", type=_delta, action="append", default=[], metavar="TUNED,REFERENCE[,WEIGHT]", help="a behaviour delta; repeatable (needs --base)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: the server's)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default: the server's)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default: the server's)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string; repeatable")
+    p.add_argument("--logprobs", action="store_true", help="print each token's log-probability under the EFT distribution")
+
+
+def build_request(a: argparse.Namespace, prompt: str) -> dict:
+    sampling = {"top_k": a.top_k}
+    if a.temperature is not None:
+        sampling["temperature"] = a.temperature
+    if a.top_p is not None:
+        sampling["top_p"] = a.top_p
+    req = dict(
+        prompt=prompt,
+        composition=generator_pb2.Composition(base=a.base, deltas=a.delta),
+        sampling=sampling,
+        stop=a.stop,
+        logprobs=a.logprobs,
+    )
+    if a.seed is not None:
+        req["seed"] = a.seed
+    if a.max_new_tokens is not None:
+        req["max_new_tokens"] = a.max_new_tokens
+    return req
+
+
+def _finish(code: int) -> str:
+    return generator_pb2.FinishReason.Name(code).removeprefix("FINISH_REASON_").lower()
+
+
+def generate(a: argparse.Namespace) -> int:
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(a.address))
+    req = build_request(a, a.prompt)
+    try:
+        if a.stream:
+            lps: list[float] = []
+            for chunk in stub.Generate(generator_pb2.GenerateRequest(**req), timeout=a.timeout):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                lps.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    sys.stdout.write("\n")
+                    print(f"[{_finish(chunk.finish_reason)}; {chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} generated tokens]", file=sys.stderr)
+            if a.logprobs:
+                print("logprobs:", " ".join(f"{x:.3f}" for x in lps), file=sys.stderr)
+        else:
+            r = stub.Complete(generator_pb2.CompleteRequest(**req), timeout=a.timeout)
+            print(r.text)
+            print(f"[{_finish(r.finish_reason)}; {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} generated tokens]", file=sys.stderr)
+            if a.logprobs:
+                print("logprobs:", " ".join(f"{x:.3f}" for x in r.logprobs), file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def info(a: argparse.Namespace) -> int:
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(a.address))
+    try:
+        print(stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=a.timeout))
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The service entry points own their flags; hand them the rest of the line untouched.
+    if argv and argv[0] in ("logit", "combiner", "up"):
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "logit":
+            from eftmesh.logit.server import main as run
+        elif cmd == "combiner":
+            from eftmesh.combiner.server import main as run
+        else:
+            from eftmesh.launcher import main as run
+        run(rest)
+        return
+    p = argparse.ArgumentParser(prog="eftmesh", description="Emulated fine-tuning over a gRPC mesh. Subcommands logit, combiner and up take --help too.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text from a combiner")
+    g.add_argument("prompt", help="text to continue")
+    g.add_argument("--address", default=DEFAULT_ADDRESS, help="combiner host:port (default: %(default)s)")
+    g.add_argument("--stream", action="store_true", help="stream tokens as they are generated (Generate) instead of one response (Complete)")
+    g.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
+    add_request_flags(g)
+    i = sub.add_parser("info", help="show a combiner's roles, upstream models and defaults")
+    i.add_argument("--address", default=DEFAULT_ADDRESS, help="combiner host:port (default: %(default)s)")
+    i.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
+    sub.add_parser("logit", help="run one logit service (see: eftmesh logit --help)")
+    sub.add_parser("combiner", help="run the combiner (see: eftmesh combiner --help)")
+    sub.add_parser("up", help="run the whole mesh on loopback and stream a generation (see: eftmesh up --help)")
+    a = p.parse_args(argv)
+    sys.exit({"generate": generate, "info": info}[a.cmd](a))
+
+
+if __name__ == "__main__":
+    main()

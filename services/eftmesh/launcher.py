@@ -1,0 +1,193 @@
+"""`eftmesh up`: the whole mesh on loopback, from checkpoint directories, in one command.
+
+Starts one logit service per role found under --models (each its own process, as on its own
+pod), then the combiner, waits for every health check to report SERVING, streams one
+generation to the terminal, and keeps the mesh up until Ctrl-C (or exits with --once).
+Service logs go to --log-dir. `LocalMesh` is also what the benchmark starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+ROLE_ORDER = ("base-large", "base-small", "ft-small", "ft-large", "ft-small-alt")
+CORE_ROLES = {"base-large", "base-small", "ft-small"}
+DEFAULT_PROMPT = "The quick brown fox"
+
+
+def find_roles(models: Path) -> dict[str, Path]:
+    """Role -> checkpoint directory, for every known role with a config.json under `models`."""
+    return {r: models / r for r in ROLE_ORDER if (models / r / "config.json").is_file()}
+
+
+def resolve_models(models: Path) -> dict[str, Path]:
+    """The roles under `models`; tiny random stand-ins (build/tiny) when the family is absent."""
+    roles = find_roles(models)
+    if CORE_ROLES <= set(roles):
+        return roles
+    from eftmesh.demo.tiny import make_tiny_family
+
+    print(f"no demo family under {models}: making tiny random models in build/tiny (they speak noise)", flush=True)
+    return make_tiny_family(Path("build/tiny"))
+
+
+def wait_serving(address: str, name: str, timeout_s: float, proc: subprocess.Popen) -> None:
+    """Poll grpc.health.v1 until SERVING; fail early if the process dies."""
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see its log")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} at {address} not SERVING after {timeout_s:.0f} s")
+    finally:
+        channel.close()
+
+
+class LocalMesh:
+    """Logit services and a combiner as child processes on loopback; a context manager."""
+
+    def __init__(
+        self,
+        roles: dict[str, Path],
+        port: int = 50050,
+        threads: int = 1,
+        device: str | None = None,
+        dtype: str | None = None,
+        log_dir: Path = Path("build/run"),
+        combiner_args: Sequence[str] = (),
+        verbose: bool = True,
+    ) -> None:
+        self.roles = roles
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.ports = {r: port + i for i, r in enumerate(roles, start=1)}
+        self._threads, self._device, self._dtype = threads, device, dtype
+        self._log_dir = log_dir
+        self._combiner_args = list(combiner_args)
+        self._verbose = verbose
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def _say(self, msg: str) -> None:
+        if self._verbose:
+            print(msg, flush=True)
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self._log_dir / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc))
+        return proc
+
+    def start(self) -> LocalMesh:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        for role, path in self.roles.items():
+            args = ["eftmesh.logit", "--model", str(path), "--role", role, "--host", "127.0.0.1",
+                    "--port", str(self.ports[role]), "--threads", str(self._threads)]
+            if self._device:
+                args += ["--device", self._device]
+            if self._dtype:
+                args += ["--dtype", self._dtype]
+            self._spawn(role, args)
+            self._say(f"starting {role:13s} {path} on 127.0.0.1:{self.ports[role]}")
+        for role, proc in list(self.procs):
+            wait_serving(f"127.0.0.1:{self.ports[role]}", role, 300.0, proc)
+            self._say(f"  {role} SERVING")
+        upstreams = [f"--upstream={r}=127.0.0.1:{p}" for r, p in self.ports.items()]
+        tokenizer = self.roles.get("base-small", next(iter(self.roles.values())))
+        comb = self._spawn("combiner", ["eftmesh.combiner", *upstreams, "--tokenizer", str(tokenizer),
+                                        "--host", "127.0.0.1", "--port", str(self.port), *self._combiner_args])
+        wait_serving(self.address, "combiner", 120.0, comb)
+        self._say(f"combiner SERVING on {self.address} (logs in {self._log_dir}/)")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM everything (services drain), then wait; kill what does not stop."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """Stream one generation to the terminal with its speed."""
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
+    print("\nEFT up-scaling: base-large + 1.0 * (ft-small - base-small)")
+    print(f"prompt: {prompt!r}\n---")
+    sys.stdout.write(prompt)
+    t0 = time.perf_counter()
+    req = generator_pb2.GenerateRequest(prompt=prompt, sampling={"temperature": temperature}, seed=0, max_new_tokens=max_new_tokens)
+    for chunk in stub.Generate(req, timeout=300):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.finish_reason:
+            dt = time.perf_counter() - t0
+            n = chunk.usage.completion_tokens
+            reason = generator_pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+            print(f"\n---\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), finish: {reason}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="eftmesh up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="models/demo", help="directory with one checkpoint per role (default: %(default)s); when it holds none, tiny random models are made in build/tiny")
+    p.add_argument("--port", type=int, default=50050, help="combiner port; logit services take the next ones (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device for the logit services (default: theirs)")
+    p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: %r)" % DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the demo generation (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="temperature of the demo generation (default: %(default)s, greedy)")
+    p.add_argument("--once", action="store_true", help="exit after the demo generation instead of serving until Ctrl-C")
+    p.add_argument("--log-dir", default="build/run", help="where service logs go (default: %(default)s)")
+    a = p.parse_args(argv)
+
+    roles = resolve_models(Path(a.models))
+    mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir))
+    try:
+        mesh.start()
+        prompt = a.prompt or DEFAULT_PROMPT
+        stream_demo(mesh.address, prompt, a.max_new_tokens, a.temperature)
+        if not a.once:
+            print(f"\nthe mesh is up: eftmesh generate \"...\" --stream --address {mesh.address}")
+            print("Ctrl-C stops it.", flush=True)
+            stop = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # sigwait needs them blocked
+            signal.sigwait(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mesh.stop()
+        print("mesh stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()
