@@ -66,6 +66,8 @@ class SessionStore:
         return s
 
     def release(self, session_id: str) -> bool:
+        """Drop a session; True when a live one was held."""
+        self.expire()
         return self._sessions.pop(session_id, None) is not None
 
     def expire(self) -> None:
