@@ -37,7 +37,10 @@ def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     cs, exporter = traced_mesh
     exporter.clear()  # start-up Info calls
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
-    resp = stub.Complete(generator_pb2.CompleteRequest(prompt="The quick brown fox", sampling={"temperature": 0.7, "top_p": 0.9}, seed=1, max_new_tokens=4))
+    resp = stub.Complete(generator_pb2.CompleteRequest(
+        prompt="The quick brown fox", sampling={"temperature": 0.7, "top_p": 0.9}, seed=1, max_new_tokens=4,
+        speculation={"mode": generator_pb2.SPECULATION_MODE_OFF},
+    ))
     spans = exporter.get_finished_spans()
 
     gen = [s for s in spans if s.name == "eftmesh.generate"]
@@ -65,6 +68,26 @@ def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     client_ids = {s.context.span_id for s in client_scores}
     assert all(s.parent.span_id in client_ids for s in server_scores), "context not propagated"
     assert all(s.parent.span_id == g.context.span_id for s in client_scores)
+
+
+def test_the_generation_span_carries_speculation_figures(traced_mesh):
+    cs, exporter = traced_mesh
+    exporter.clear()
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
+    resp = stub.Complete(generator_pb2.CompleteRequest(
+        prompt="The quick brown fox", sampling={"temperature": 0.0}, max_new_tokens=12,
+        speculation={"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 3},
+    ))
+    spans = exporter.get_finished_spans()
+    (g,) = [s for s in spans if s.name == "eftmesh.generate"]
+    assert g.attributes["eftmesh.speculation.mode"] == "fixed"
+    assert g.attributes["eftmesh.speculation.draft_role"] == "ft-small"
+    assert g.attributes["eftmesh.speculation.drafted_tokens"] == resp.speculation.drafted_tokens > 0
+    assert g.attributes["eftmesh.speculation.accepted_tokens"] == resp.speculation.accepted_tokens
+    assert g.attributes["eftmesh.speculation.blocks"] == resp.speculation.blocks
+    assert g.attributes["eftmesh.base_calls_per_token"] == pytest.approx(resp.speculation.base_calls_per_token)
+    drafts = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/Draft")]
+    assert len(drafts) == resp.speculation.blocks
 
 
 def test_tracing_is_off_without_an_endpoint():

@@ -307,7 +307,7 @@ def test_reflection_lists_and_describes_the_logit_service(channel):
     assert "eftmesh.v1.LogitService" in db.get_services()
     pool = descriptor_pool.DescriptorPool(db)
     svc = pool.FindServiceByName("eftmesh.v1.LogitService")
-    assert {m.name for m in svc.methods} == {"Info", "Score", "Release"}
+    assert {m.name for m in svc.methods} == {"Info", "Score", "Draft", "Release"}
     assert svc.FindMethodByName("Score").input_type.full_name == "eftmesh.v1.ScoreRequest"
 
 

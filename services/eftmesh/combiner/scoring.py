@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from eftmesh.common.errors import DeadlineExceeded, NotFound
+from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import ModelEngine
 
 
@@ -31,6 +32,26 @@ class ScoreCall:
     tokens: Sequence[int]
     start: int
     rows: int
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """The draft role's share of a speculative block: catch up to `tokens`, draft k more."""
+
+    role: str
+    session_id: str
+    tokens: Sequence[int]
+    start: int
+    k: int
+    sampling: SamplingConfig
+    seed: int
+    vocab_limit: int
+
+
+@dataclass(frozen=True)
+class DraftResult:
+    tokens: list[int]  # the k drafts
+    logprobs: torch.Tensor  # [k + 1, vocab_r] float32 raw log-probs
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,10 @@ class Scorer(Protocol):
 
     def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
         """[rows, vocab_r] float32 log-probs per call, in order. `deadline` is monotonic time."""
+        ...
+
+    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
+        """Run one Draft call (re-sending the whole prefix if the cache is gone)."""
         ...
 
     def release(self, sessions: Mapping[str, str]) -> None:
@@ -96,6 +121,15 @@ class LocalScorer:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded("deadline passed while scoring")
         return out
+
+    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
+        engine = self.engines[call.role]
+        c = call
+        try:
+            toks, rows, _ = engine.draft(c.session_id, c.start, c.tokens[c.start :], c.k, c.sampling, c.seed, c.vocab_limit)
+        except NotFound:
+            toks, rows, _ = engine.draft(c.session_id, 0, c.tokens, c.k, c.sampling, c.seed, c.vocab_limit)
+        return DraftResult(toks, rows)
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.decoding import Decoder
-from eftmesh.combiner.servicer import Defaults, GeneratorServicer
+from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
 from eftmesh.common import tracing
 from eftmesh.common.errors import EftMeshError
@@ -76,6 +76,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--top-p", type=float, default=0.95, help="default top-p; the EFT paper found 0.9-0.95 stabilises up-scaling (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default max_new_tokens (default: %(default)s)")
     p.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--speculation", default="adaptive", choices=["off", "fixed", "adaptive"], help="default speculative mode: draft with the first delta's tuned model and verify with the rest (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=4, help="drafts per block in fixed mode (default: %(default)s)")
+    p.add_argument("--max-block", type=int, default=16, help="largest block a request may ask for, and adaptive mode's cap (default: %(default)s)")
+    p.add_argument("--draft-cost-ratio", type=float, default=0.1, help="adaptive mode's c: one draft token's cost over one verify step; make bench measures it (default: %(default)s)")
     p.add_argument("--max-concurrent-generations", type=int, default=32, help="generations in flight before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
@@ -93,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     try:
         composition = Composition(a.default_base, deltas)
         sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        speculation = SpeculationDefaults(a.speculation, a.block_size, a.max_block, a.draft_cost_ratio)
     except ValueError as e:
         p.error(str(e))
     missing = [r for r in composition.roles if r not in upstreams]
@@ -104,7 +109,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     return CombinerConfig(
         upstreams=upstreams,
         tokenizer=a.tokenizer,
-        defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap),
+        defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
         server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout),
         max_concurrent_generations=a.max_concurrent_generations,

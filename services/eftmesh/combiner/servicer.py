@@ -16,14 +16,17 @@ from eftmesh.combiner.decoding import (
     Decoder,
     FinishReason,
     GenerationRequest,
+    SpeculationConfig,
     TokenSink,
+    Usage,
     deadline_from,
     new_seed,
 )
+from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
 from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 _FINISH_TO_PB = {
     FinishReason.LENGTH: generator_pb2.FINISH_REASON_LENGTH,
@@ -31,6 +34,29 @@ _FINISH_TO_PB = {
     FinishReason.STOP: generator_pb2.FINISH_REASON_STOP,
     FinishReason.CONTEXT: generator_pb2.FINISH_REASON_CONTEXT,
 }
+
+
+_MODE_NAMES = {"off": generator_pb2.SPECULATION_MODE_OFF, "fixed": generator_pb2.SPECULATION_MODE_FIXED,
+               "adaptive": generator_pb2.SPECULATION_MODE_ADAPTIVE}
+
+
+@dataclass(frozen=True)
+class SpeculationDefaults:
+    """The combiner's speculation settings (flags --speculation, --block-size, --max-block,
+    --draft-cost-ratio)."""
+
+    mode: str = "adaptive"  # off | fixed | adaptive
+    block_size: int = 4  # k of fixed mode
+    max_block: int = 16  # the largest k any request may use; adaptive's default cap
+    cost_ratio: float = 0.1  # adaptive's c: one draft token's cost over one verify step
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODE_NAMES:
+            raise ValueError(f"speculation mode must be one of {sorted(_MODE_NAMES)}, got {self.mode!r}")
+        if not 1 <= self.block_size <= self.max_block:
+            raise ValueError("block size must be in [1, max block]")
+        if not self.cost_ratio > 0:
+            raise ValueError("draft cost ratio must be > 0")
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,7 @@ class Defaults:
     sampling: SamplingConfig
     max_new_tokens: int = 64
     max_new_tokens_cap: int = 1024
+    speculation: SpeculationDefaults = SpeculationDefaults()
 
 
 def composition_from_pb(msg: generator_pb2.Composition, default: Composition, roles: Mapping[str, object]) -> Composition:
@@ -62,17 +89,43 @@ def composition_from_pb(msg: generator_pb2.Composition, default: Composition, ro
     return comp
 
 
-def sampling_from_pb(msg: tensor_pb2.SamplingParams, default: SamplingConfig) -> SamplingConfig:
-    t = msg.temperature if msg.HasField("temperature") else default.temperature
-    p = msg.top_p if msg.HasField("top_p") else default.top_p
-    k = msg.top_k if msg.top_k else default.top_k
-    if not math.isfinite(t) or t < 0:
-        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {t}")
-    if not (0.0 < p <= 1.0):
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1] (1 disables it), got {p}")
-    if k < 0:
-        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {k}")
-    return SamplingConfig(temperature=t, top_k=k, top_p=p)
+def speculation_from_pb(
+    msg: generator_pb2.Speculation, comp: Composition, d: SpeculationDefaults, roles: Mapping[str, object]
+) -> SpeculationConfig | None:
+    """The request's speculation, or None for plain decoding."""
+    mode = msg.mode or _MODE_NAMES[d.mode]
+    if mode == generator_pb2.SPECULATION_MODE_OFF:
+        return None
+    if mode not in (generator_pb2.SPECULATION_MODE_FIXED, generator_pb2.SPECULATION_MODE_ADAPTIVE):
+        raise InvalidArgument(f"speculation.mode {mode} is not a known SpeculationMode")
+    draft = msg.draft_role or (comp.deltas[0].tuned if comp.deltas else "")
+    if not draft:
+        if msg.mode:  # asked for explicitly, but there is nothing to draft with
+            raise InvalidArgument("speculation needs a draft role: set speculation.draft_role or add a delta")
+        return None
+    if draft not in roles:
+        raise NotFound(f"unknown draft role {draft!r}; this combiner serves {', '.join(sorted(roles))}")
+    adaptive = mode == generator_pb2.SPECULATION_MODE_ADAPTIVE
+    k = msg.block_size or (d.max_block if adaptive else d.block_size)
+    if k > d.max_block:
+        raise InvalidArgument(f"speculation.block_size must be in [1, {d.max_block}], got {k}")
+    return SpeculationConfig(draft_role=draft, block_size=k, adaptive=adaptive, cost_ratio=d.cost_ratio)
+
+
+def speculation_to_pb(d: SpeculationDefaults) -> generator_pb2.Speculation:
+    return generator_pb2.Speculation(mode=_MODE_NAMES[d.mode], block_size=d.block_size)
+
+
+def stats_to_pb(u: Usage) -> generator_pb2.SpeculationStats:
+    s = u.speculation
+    return generator_pb2.SpeculationStats(
+        drafted_tokens=s.drafted,
+        accepted_tokens=s.accepted,
+        acceptance_rate=s.acceptance_rate,
+        base_calls_per_token=u.base_calls_per_token,
+        blocks=s.blocks,
+        draft_role=s.draft_role,
+    )
 
 
 def request_from_pb(
@@ -86,9 +139,11 @@ def request_from_pb(
     n = msg.max_new_tokens if msg.HasField("max_new_tokens") else defaults.max_new_tokens
     if n < 1 or n > defaults.max_new_tokens_cap:
         raise InvalidArgument(f"max_new_tokens must be in [1, {defaults.max_new_tokens_cap}], got {n}")
+    composition = composition_from_pb(msg.composition, defaults.composition, roles)
     return GenerationRequest(
         prompt=msg.prompt,
-        composition=composition_from_pb(msg.composition, defaults.composition, roles),
+        composition=composition,
+        speculation=speculation_from_pb(msg.speculation, composition, defaults.speculation, roles),
         sampling=sampling_from_pb(msg.sampling, defaults.sampling),
         seed=msg.seed if msg.HasField("seed") else new_seed(),
         max_new_tokens=n,
@@ -111,6 +166,7 @@ def chunk_to_pb(c: Chunk) -> generator_pb2.GenerateResponse:
     if c.usage is not None:
         msg.usage.prompt_tokens = c.usage.prompt_tokens
         msg.usage.completion_tokens = c.usage.completion_tokens
+        msg.speculation.CopyFrom(stats_to_pb(c.usage))
     return msg
 
 
@@ -153,7 +209,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             "gen_ai.request.max_tokens": req.max_new_tokens,
             "gen_ai.request.seed": req.seed,
             "eftmesh.roles": list(req.composition.roles),
+            "eftmesh.speculation.mode": "off" if req.speculation is None else ("adaptive" if req.speculation.adaptive else "fixed"),
         }
+        if req.speculation is not None:
+            attrs["eftmesh.speculation.draft_role"] = req.speculation.draft_role
+            attrs["eftmesh.speculation.block_size"] = req.speculation.block_size
         with self._slot(), self.tracer.start_as_current_span("eftmesh.generate", attributes=attrs) as span:
 
             def on_finish(sink: TokenSink) -> None:
@@ -161,6 +221,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 span.set_attribute("gen_ai.usage.output_tokens", sink.usage.completion_tokens)
                 if sink.finish_reason is not None:
                     span.set_attribute("gen_ai.response.finish_reasons", [sink.finish_reason.value])
+                u = sink.usage
+                span.set_attribute("eftmesh.speculation.drafted_tokens", u.speculation.drafted)
+                span.set_attribute("eftmesh.speculation.accepted_tokens", u.speculation.accepted)
+                span.set_attribute("eftmesh.speculation.acceptance_rate", u.speculation.acceptance_rate)
+                span.set_attribute("eftmesh.speculation.blocks", u.speculation.blocks)
+                span.set_attribute("eftmesh.base_calls_per_token", u.base_calls_per_token)
 
             yield from self.decoder.generate(
                 req,
@@ -191,6 +257,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             if chunk.usage is not None:
                 resp.usage.prompt_tokens = chunk.usage.prompt_tokens
                 resp.usage.completion_tokens = chunk.usage.completion_tokens
+                resp.speculation.CopyFrom(stats_to_pb(chunk.usage))
         resp.text = "".join(text)
         return resp
 
@@ -207,11 +274,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 for m in self.decoder.scorer.models.values()
             ],
             default_composition=composition_to_pb(d.composition),
-            default_sampling=tensor_pb2.SamplingParams(
-                temperature=d.sampling.temperature, top_k=d.sampling.top_k, top_p=d.sampling.top_p
-            ),
+            default_sampling=sampling_to_pb(d.sampling),
             default_max_new_tokens=d.max_new_tokens,
             max_new_tokens_cap=d.max_new_tokens_cap,
             tokenizer_fingerprint=self.fingerprint,
             vocab_size=self.decoder.vocab_size,
+            default_speculation=speculation_to_pb(d.speculation),
         )

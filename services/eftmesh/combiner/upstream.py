@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.combiner.scoring import ModelSpec, ScoreCall
+from eftmesh.combiner.scoring import DraftCall, DraftResult, ModelSpec, ScoreCall
 from eftmesh.common import tensors, tracing
+from eftmesh.common.convert import sampling_to_pb
 from eftmesh.common.errors import (
     DeadlineExceeded,
     EftMeshError,
@@ -30,6 +32,8 @@ from eftmesh.common.serving import CHANNEL_OPTIONS
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # Reconnect quickly after a replica goes away: gRPC's default first back-off is 1 s.
 _UPSTREAM_OPTIONS = [
@@ -118,15 +122,21 @@ class GrpcScorer:
             )
         return self.models
 
-    def _request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
+    def _score_request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
         return logit_pb2.ScoreRequest(
             session_id=c.session_id, start=start, tokens=c.tokens[start:], rows=c.rows
+        )
+
+    def _draft_request(self, c: DraftCall, start: int) -> logit_pb2.DraftRequest:
+        return logit_pb2.DraftRequest(
+            session_id=c.session_id, start=start, tokens=c.tokens[start:], k=c.k,
+            sampling=sampling_to_pb(c.sampling), seed=c.seed, vocab_limit=c.vocab_limit,
         )
 
     def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
         futures = [
             self._stubs[c.role].Score.future(
-                self._request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
+                self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
             )
             for c in calls
         ]
@@ -135,39 +145,62 @@ class GrpcScorer:
             try:
                 resp = fut.result()
             except grpc.RpcError as e:
-                resp = self._recover(c, e, deadline)
+                stub = self._stubs[c.role]
+                resp = self._recover(
+                    c.role, c.session_id, len(c.tokens), e, deadline,
+                    lambda t, c=c, stub=stub: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
+                )
             out.append(tensors.from_pb(resp.logprobs))
         return out
 
-    def _recover(self, c: ScoreCall, err: grpc.RpcError, deadline: float | None) -> logit_pb2.ScoreResponse:
+    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
+        stub = self._stubs[call.role]
+        try:
+            resp = stub.Draft(
+                self._draft_request(call, call.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
+            )
+        except grpc.RpcError as e:
+            resp = self._recover(
+                call.role, call.session_id, len(call.tokens), e, deadline,
+                lambda t: stub.Draft(self._draft_request(call, 0), timeout=t, wait_for_ready=True),
+            )
+        return DraftResult(list(resp.tokens), tensors.from_pb(resp.logprobs))
+
+    def _recover(
+        self,
+        role: str,
+        session_id: str,
+        n_tokens: int,
+        err: grpc.RpcError,
+        deadline: float | None,
+        resend: Callable[[float], R],
+    ) -> R:
         """Retry one role's call after a lost cache or replica, re-sending the whole prefix.
 
-        Retries wait for the channel to be ready (a replica restarting, or the address
-        resolving to another replica), bounded by the caller's deadline and the call timeout.
+        `resend(timeout)` repeats the call from start 0 and waits for the channel to be ready
+        (a replica restarting, or the address resolving to another replica), bounded by the
+        caller's deadline and the call timeout.
         """
-        stub = self._stubs[c.role]
         for attempt in range(self.policy.retries + 1):
             code = err.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"upstream {c.role} did not answer before the deadline")
-            if code == grpc.StatusCode.UNAVAILABLE:
+                raise DeadlineExceeded(f"upstream {role} did not answer before the deadline")
+            # CANCELLED here is the server's doing (a replica shutting down mid-call): our own
+            # calls are never cancelled by the client's cancellation.
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 if attempt == self.policy.retries:
                     break
-                log.warning("%s unavailable (%s); retry %d with the whole prefix", c.role, err.details(), attempt + 1)
+                log.warning("%s unavailable (%s); retry %d with the whole prefix", role, err.details(), attempt + 1)
             elif code == grpc.StatusCode.NOT_FOUND:
-                log.info("re-prefilling %s for %s (%d tokens)", c.role, c.session_id, len(c.tokens))
+                log.info("re-prefilling %s for %s (%d tokens)", role, session_id, n_tokens)
             else:
-                raise UpstreamError(c.role, err)
+                raise UpstreamError(role, err)
             try:
-                return stub.Score(
-                    self._request(c, 0),
-                    timeout=_remaining(deadline, self.policy.call_timeout_s),
-                    wait_for_ready=True,
-                )
+                return resend(_remaining(deadline, self.policy.call_timeout_s))
             except grpc.RpcError as e:
                 err = e
         raise Unavailable(
-            f"upstream {c.role} at {self.addresses[c.role]} is unavailable after "
+            f"upstream {role} at {self.addresses[role]} is unavailable after "
             f"{self.policy.retries} retries: {err.details()}"
         )
 

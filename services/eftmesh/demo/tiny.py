@@ -58,6 +58,7 @@ def make_model(
     seed: int,
     vocab_padding: int = 0,
     n_positions: int = 128,
+    logit_std: float = 2.0,
 ) -> None:
     """A random GPT-2 checkpoint (float32 safetensors) with the tokenizer's files beside it."""
     import torch
@@ -79,7 +80,7 @@ def make_model(
     # GPT-2's init gives near-uniform rows; logits with a standard deviation near 2 make the
     # models peaked and different from each other, which an EFT test needs to see anything.
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 2.0 / width**0.5)
+        model.lm_head.weight.normal_(0.0, logit_std / width**0.5)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
 

@@ -15,7 +15,8 @@ import torch
 
 from eftmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.logit.sessions import SessionStore
+from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
+from eftmesh.logit.sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class EngineInfo:
     max_sessions: int
     session_idle_timeout_s: float
     eos_token_id: int
+    max_draft: int
 
 
 def model_max_context(config: Any) -> int:
@@ -65,8 +67,10 @@ class ModelEngine:
         max_sessions: int = 256,
         session_idle_timeout_s: float = 300.0,
         max_context: int | None = None,
+        max_draft: int = 32,
     ) -> None:
         self.model = model.eval()
+        self.max_draft = max_draft
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -85,6 +89,7 @@ class ModelEngine:
             max_sessions=max_sessions,
             session_idle_timeout_s=session_idle_timeout_s,
             eos_token_id=-1 if eos is None else int(eos),
+            max_draft=max_draft,
         )
         self.sessions = SessionStore(max_sessions, session_idle_timeout_s)
         self._lock = threading.Lock()
@@ -121,6 +126,59 @@ class ModelEngine:
         with self._lock, torch.inference_mode():
             self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
 
+    def _check_tokens(self, session_id: str, start: int, tokens: Sequence[int], extra: int) -> torch.Tensor:
+        """Validate a call that appends `tokens` (then `extra` more) at `start`; [n] ids."""
+        if not session_id:
+            raise InvalidArgument("session_id must be non-empty")
+        n = len(tokens)
+        if n == 0:
+            raise InvalidArgument("tokens must be non-empty: send at least the last token")
+        if start + n + extra > self.max_context:
+            raise OutOfRange(
+                f"start {start} + {n} tokens" + (f" + {extra} drafts" if extra else "")
+                + f" exceeds the model's max context {self.max_context}"
+            )
+        ids = torch.tensor(tokens, dtype=torch.long)  # [n]
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            first = int(ids[bad][0])
+            raise InvalidArgument(f"token id {first} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _session_at(self, session_id: str, start: int) -> Session:
+        """The session cut back to `start` tokens (a new one when start == 0). Holds the lock."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            if start > 0:
+                raise NotFound(
+                    f"unknown session {session_id!r} (evicted, expired or never created): "
+                    "re-send the whole sequence with start=0"
+                )
+            session = self.sessions.create(session_id, self._new_cache())
+        if start > session.length:
+            raise FailedPrecondition(
+                f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
+                "tokens; start must be <= the cached length"
+            )
+        if start < session.length:
+            session.cache.crop(start - session.length)  # a negative count drops tokens
+            session.length = start
+        return session
+
+    def _forward(self, session_id: str, session: Session, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """Append ids [n] to the session's cache; [keep, vocab] float32 log-probs of the last rows."""
+        try:
+            out = self.model(
+                input_ids=ids.view(1, -1), cache=session.cache, use_cache=True, logits_to_keep=max(keep, 1)
+            )
+        except BaseException:
+            # The cache may hold part of this call: drop the session rather than trust it.
+            self.sessions.release(session_id)
+            raise
+        session.length += ids.shape[0]
+        logits = out.logits[0, -keep:] if keep else out.logits[0, :0]  # [keep, vocab]
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def score(
         self, session_id: str, start: int, tokens: Sequence[int], rows: int
     ) -> tuple[torch.Tensor, int]:
@@ -129,56 +187,52 @@ class ModelEngine:
         Returns:
             ([rows, vocab_size] float32 log-probabilities on the CPU, new cache length).
         """
-        if not session_id:
-            raise InvalidArgument("session_id must be non-empty")
-        n = len(tokens)
-        if n == 0:
-            raise InvalidArgument("tokens must be non-empty: send at least the last token")
-        if rows > n:
-            raise InvalidArgument(f"rows={rows} exceeds the {n} tokens sent")
-        if start + n > self.max_context:
-            raise OutOfRange(
-                f"start {start} + {n} tokens exceeds the model's max context {self.max_context}"
-            )
-        ids = torch.tensor(tokens, dtype=torch.long)  # [n]
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bool(bad.any()):
-            first = int(ids[bad][0])
-            raise InvalidArgument(
-                f"token id {first} is outside the vocabulary [0, {self.vocab_size})"
-            )
+        ids = self._check_tokens(session_id, start, tokens, 0)
+        if rows > len(tokens):
+            raise InvalidArgument(f"rows={rows} exceeds the {len(tokens)} tokens sent")
         with self._lock, torch.inference_mode():
-            session = self.sessions.get(session_id)
-            if session is None:
-                if start > 0:
-                    raise NotFound(
-                        f"unknown session {session_id!r} (evicted, expired or never created): "
-                        "re-send the whole sequence with start=0"
-                    )
-                session = self.sessions.create(session_id, self._new_cache())
-            if start > session.length:
-                raise FailedPrecondition(
-                    f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
-                    "tokens; start must be <= the cached length"
-                )
-            if start < session.length:
-                session.cache.crop(start - session.length)  # a negative count drops tokens
-                session.length = start
-            try:
-                out = self.model(
-                    input_ids=ids.to(self.device).unsqueeze(0),
-                    cache=session.cache,
-                    use_cache=True,
-                    logits_to_keep=max(rows, 1),
-                )
-            except BaseException:
-                # The cache may hold part of this call: drop the session rather than trust it.
-                self.sessions.release(session_id)
-                raise
-            session.length = start + n
-            logits = out.logits[0, -rows:] if rows else out.logits[0, :0]  # [rows, vocab]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        return logprobs, session.length
+            session = self._session_at(session_id, start)
+            logprobs = self._forward(session_id, session, ids.to(self.device), rows).cpu()
+            return logprobs, session.length
+
+    def draft(
+        self,
+        session_id: str,
+        start: int,
+        tokens: Sequence[int],
+        k: int,
+        sampling: SamplingConfig,
+        seed: int,
+        vocab_limit: int = 0,
+    ) -> tuple[list[int], torch.Tensor, int]:
+        """Append `tokens`, then decode k tokens next to the model.
+
+        Each draft is drawn from `core.sampling.process(row, sampling)`, the same processing
+        the combiner applies, over the first `vocab_limit` columns (0: all), so the combiner
+        recomputes from the returned raw rows exactly the q each draft was drawn from. The last draft is fed too, so the cache holds it and
+        its row (the bonus row of verification) comes back in this same call.
+
+        Returns:
+            (k draft ids, [k + 1, vocab_size] float32 raw log-probs on the CPU, cache length).
+        """
+        if not 1 <= k <= self.max_draft:
+            raise InvalidArgument(f"k must be in [1, {self.max_draft}], got {k}")
+        if vocab_limit < 0 or vocab_limit > self.vocab_size:
+            raise InvalidArgument(f"vocab_limit must be in [0, {self.vocab_size}], got {vocab_limit}")
+        limit = vocab_limit or self.vocab_size
+        ids = self._check_tokens(session_id, start, tokens, k)
+        gen = make_generator(seed, self.device)
+        with self._lock, torch.inference_mode():
+            session = self._session_at(session_id, start)
+            row = self._forward(session_id, session, ids.to(self.device), 1)  # [1, vocab]
+            rows, drafts = [row], []
+            for _ in range(k):
+                x = sample(process(row[:, :limit], sampling), sampling, gen)  # [1], on the device
+                drafts.append(x)
+                row = self._forward(session_id, session, x, 1)
+                rows.append(row)
+            out = torch.cat(rows).cpu()  # [k + 1, vocab]
+            return torch.cat(drafts).tolist(), out, session.length
 
     def release(self, session_id: str) -> bool:
         with self._lock:

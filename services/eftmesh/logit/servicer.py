@@ -5,7 +5,9 @@ from __future__ import annotations
 import grpc
 
 from eftmesh.common import tensors
+from eftmesh.common.convert import sampling_from_pb
 from eftmesh.common.errors import InvalidArgument
+from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -30,6 +32,7 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
             max_sessions=i.max_sessions,
             session_idle_timeout_s=i.session_idle_timeout_s,
             eos_token_id=i.eos_token_id,
+            max_draft=i.max_draft,
         )
 
     def Score(
@@ -45,6 +48,17 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
         return logit_pb2.ScoreResponse(
             logprobs=tensors.to_pb(logprobs, out_dtype), cache_length=length
         )
+
+    def Draft(
+        self, request: logit_pb2.DraftRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.DraftResponse:
+        # Unset fields mean plain sampling; the combiner always sends the request's values.
+        sampling = sampling_from_pb(request.sampling, SamplingConfig())
+        drafts, rows, length = self.engine.draft(
+            request.session_id, request.start, request.tokens, request.k, sampling, request.seed,
+            request.vocab_limit,
+        )
+        return logit_pb2.DraftResponse(tokens=drafts, logprobs=tensors.to_pb(rows), cache_length=length)
 
     def Release(
         self, request: logit_pb2.ReleaseRequest, context: grpc.ServicerContext

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from eftmesh.v1 import tensor_pb2 as eftmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x66tmesh/v1/logit.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"\x19\n\x17LogitServiceInfoRequest\"\x8b\x02\n\x18LogitServiceInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tokenizer_vocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\n \x01(\x01\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\x05\"q\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.eftmesh.v1.DType\"K\n\rScoreResponse\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xe3\x01\n\x0cLogitService\x12Q\n\x04Info\x12#.eftmesh.v1.LogitServiceInfoRequest\x1a$.eftmesh.v1.LogitServiceInfoResponse\x12<\n\x05Score\x12\x18.eftmesh.v1.ScoreRequest\x1a\x19.eftmesh.v1.ScoreResponse\x12\x42\n\x07Release\x12\x1a.eftmesh.v1.ReleaseRequest\x1a\x1b.eftmesh.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x66tmesh/v1/logit.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"\x19\n\x17LogitServiceInfoRequest\"\x9e\x02\n\x18LogitServiceInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tokenizer_vocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\n \x01(\x01\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\x05\x12\x11\n\tmax_draft\x18\x0c \x01(\r\"q\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.eftmesh.v1.DType\"K\n\rScoreResponse\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r\"\x9d\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\r\"[\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xa1\x02\n\x0cLogitService\x12Q\n\x04Info\x12#.eftmesh.v1.LogitServiceInfoRequest\x1a$.eftmesh.v1.LogitServiceInfoResponse\x12<\n\x05Score\x12\x18.eftmesh.v1.ScoreRequest\x1a\x19.eftmesh.v1.ScoreResponse\x12<\n\x05\x44raft\x12\x18.eftmesh.v1.DraftRequest\x1a\x19.eftmesh.v1.DraftResponse\x12\x42\n\x07Release\x12\x1a.eftmesh.v1.ReleaseRequest\x1a\x1b.eftmesh.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGITSERVICEINFOREQUEST']._serialized_start=63
   _globals['_LOGITSERVICEINFOREQUEST']._serialized_end=88
   _globals['_LOGITSERVICEINFORESPONSE']._serialized_start=91
-  _globals['_LOGITSERVICEINFORESPONSE']._serialized_end=358
-  _globals['_SCOREREQUEST']._serialized_start=360
-  _globals['_SCOREREQUEST']._serialized_end=473
-  _globals['_SCORERESPONSE']._serialized_start=475
-  _globals['_SCORERESPONSE']._serialized_end=550
-  _globals['_RELEASEREQUEST']._serialized_start=552
-  _globals['_RELEASEREQUEST']._serialized_end=588
-  _globals['_RELEASERESPONSE']._serialized_start=590
-  _globals['_RELEASERESPONSE']._serialized_end=625
-  _globals['_LOGITSERVICE']._serialized_start=628
-  _globals['_LOGITSERVICE']._serialized_end=855
+  _globals['_LOGITSERVICEINFORESPONSE']._serialized_end=377
+  _globals['_SCOREREQUEST']._serialized_start=379
+  _globals['_SCOREREQUEST']._serialized_end=492
+  _globals['_SCORERESPONSE']._serialized_start=494
+  _globals['_SCORERESPONSE']._serialized_end=569
+  _globals['_DRAFTREQUEST']._serialized_start=572
+  _globals['_DRAFTREQUEST']._serialized_end=729
+  _globals['_DRAFTRESPONSE']._serialized_start=731
+  _globals['_DRAFTRESPONSE']._serialized_end=822
+  _globals['_RELEASEREQUEST']._serialized_start=824
+  _globals['_RELEASEREQUEST']._serialized_end=860
+  _globals['_RELEASERESPONSE']._serialized_start=862
+  _globals['_RELEASERESPONSE']._serialized_end=897
+  _globals['_LOGITSERVICE']._serialized_start=900
+  _globals['_LOGITSERVICE']._serialized_end=1189
 # @@protoc_insertion_point(module_scope)

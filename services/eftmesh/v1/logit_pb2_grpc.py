@@ -44,6 +44,11 @@ class LogitServiceStub:
                 request_serializer=eftmesh_dot_v1_dot_logit__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=eftmesh_dot_v1_dot_logit__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Draft = channel.unary_unary(
+                '/eftmesh.v1.LogitService/Draft',
+                request_serializer=eftmesh_dot_v1_dot_logit__pb2.DraftRequest.SerializeToString,
+                response_deserializer=eftmesh_dot_v1_dot_logit__pb2.DraftResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/eftmesh.v1.LogitService/Release',
                 request_serializer=eftmesh_dot_v1_dot_logit__pb2.ReleaseRequest.SerializeToString,
@@ -77,6 +82,18 @@ class LogitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Draft(self, request, context):
+        """Speculative drafting next to the model, in one round trip: appends
+        `tokens` at `start` (same rules as Score), then decodes k tokens, each
+        sampled from this model's distribution after temperature, top-k and top-p
+        (the same processing the combiner applies), and returns them with the raw
+        log-prob rows they were drawn from plus the row after the last draft. The
+        session's cache then holds start + len(tokens) + k tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Drops a session's KV cache. Releasing an unknown session is not an error.
         """
@@ -96,6 +113,11 @@ def add_LogitServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=eftmesh_dot_v1_dot_logit__pb2.ScoreRequest.FromString,
                     response_serializer=eftmesh_dot_v1_dot_logit__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Draft': grpc.unary_unary_rpc_method_handler(
+                    servicer.Draft,
+                    request_deserializer=eftmesh_dot_v1_dot_logit__pb2.DraftRequest.FromString,
+                    response_serializer=eftmesh_dot_v1_dot_logit__pb2.DraftResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -157,6 +179,33 @@ class LogitService:
             '/eftmesh.v1.LogitService/Score',
             eftmesh_dot_v1_dot_logit__pb2.ScoreRequest.SerializeToString,
             eftmesh_dot_v1_dot_logit__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Draft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eftmesh.v1.LogitService/Draft',
+            eftmesh_dot_v1_dot_logit__pb2.DraftRequest.SerializeToString,
+            eftmesh_dot_v1_dot_logit__pb2.DraftResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,14 @@ class LogitServiceStub:
       start + len(tokens) > max context: OUT_OF_RANGE.
       a token id outside the vocabulary: INVALID_ARGUMENT.
     """
+    Draft: _grpc.UnaryUnaryMultiCallable[_logit_pb2.DraftRequest, _logit_pb2.DraftResponse]
+    """Speculative drafting next to the model, in one round trip: appends
+    `tokens` at `start` (same rules as Score), then decodes k tokens, each
+    sampled from this model's distribution after temperature, top-k and top-p
+    (the same processing the combiner applies), and returns them with the raw
+    log-prob rows they were drawn from plus the row after the last draft. The
+    session's cache then holds start + len(tokens) + k tokens.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_logit_pb2.ReleaseRequest, _logit_pb2.ReleaseResponse]
     """Drops a session's KV cache. Releasing an unknown session is not an error."""
 
@@ -73,6 +81,14 @@ class LogitServiceAsyncStub(LogitServiceStub):
       unknown session, start > 0: NOT_FOUND; re-send from start = 0.
       start + len(tokens) > max context: OUT_OF_RANGE.
       a token id outside the vocabulary: INVALID_ARGUMENT.
+    """
+    Draft: _aio.UnaryUnaryMultiCallable[_logit_pb2.DraftRequest, _logit_pb2.DraftResponse]  # type: ignore[assignment]
+    """Speculative drafting next to the model, in one round trip: appends
+    `tokens` at `start` (same rules as Score), then decodes k tokens, each
+    sampled from this model's distribution after temperature, top-k and top-p
+    (the same processing the combiner applies), and returns them with the raw
+    log-prob rows they were drawn from plus the row after the last draft. The
+    session's cache then holds start + len(tokens) + k tokens.
     """
     Release: _aio.UnaryUnaryMultiCallable[_logit_pb2.ReleaseRequest, _logit_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Drops a session's KV cache. Releasing an unknown session is not an error."""
@@ -103,6 +119,20 @@ class LogitServiceServicer(metaclass=_abc_1.ABCMeta):
           unknown session, start > 0: NOT_FOUND; re-send from start = 0.
           start + len(tokens) > max context: OUT_OF_RANGE.
           a token id outside the vocabulary: INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def Draft(
+        self,
+        request: _logit_pb2.DraftRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_logit_pb2.DraftResponse, _abc.Awaitable[_logit_pb2.DraftResponse]]:
+        """Speculative drafting next to the model, in one round trip: appends
+        `tokens` at `start` (same rules as Score), then decodes k tokens, each
+        sampled from this model's distribution after temperature, top-k and top-p
+        (the same processing the combiner applies), and returns them with the raw
+        log-prob rows they were drawn from plus the row after the last draft. The
+        session's cache then holds start + len(tokens) + k tokens.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,117 @@
+"""The speculative acceptance rule on hand-built tensors, with a statistical test that can fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eftmesh.core.speculative import (
+    AdaptiveBlockSize,
+    expected_tokens_per_block,
+    ideal_speedup,
+    verify_greedy,
+    verify_sampled,
+)
+
+# Chi-square critical values at significance 0.001 (from standard tables).
+CHI2_CRIT_001 = {3: 16.266, 4: 18.467, 15: 37.697}
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_greedy_keeps_the_matching_prefix_then_corrects():
+    p = torch.log_softmax(torch.tensor([[0.0, 5, 0, 0], [0, 0, 5, 0], [0, 0, 0, 5], [5, 0, 0, 0]]), -1)
+    assert verify_greedy(torch.tensor([1, 2, 0]), p).__dict__ == {"accepted": 2, "next_token": 3}
+    assert verify_greedy(torch.tensor([0, 2, 3]), p).__dict__ == {"accepted": 0, "next_token": 1}
+
+
+def test_greedy_takes_a_bonus_token_when_every_draft_matches():
+    p = torch.log_softmax(torch.tensor([[0.0, 5, 0], [0, 0, 5], [5, 0, 0]]), -1)
+    assert verify_greedy(torch.tensor([1, 2]), p).__dict__ == {"accepted": 2, "next_token": 0}
+
+
+def test_identical_draft_and_target_accept_everything():
+    lp = torch.log_softmax(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), -1)
+    g = torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(lp[:3].exp(), 1, generator=g).squeeze(1)
+    assert verify_sampled(drafts, lp[:3], lp, g).accepted == 3
+
+
+def test_a_token_the_target_forbids_is_always_rejected():
+    p = torch.log(torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    q = torch.log(torch.tensor([[0.1, 0.1, 0.8]]))
+    for seed in range(20):
+        v = verify_sampled(torch.tensor([2]), q, p, torch.Generator().manual_seed(seed))
+        assert v.accepted == 0 and v.next_token in (0, 1)
+
+
+P = torch.tensor([0.1, 0.2, 0.3, 0.4])
+Q = torch.tensor([0.4, 0.3, 0.2, 0.1])
+
+
+def _first_tokens(q_claimed: torch.Tensor, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run n blocks where drafts come from Q but verification is told q_claimed; return the
+    counts of the first and second emitted tokens."""
+    g = torch.Generator().manual_seed(seed)
+    p = P.log().expand(k + 1, -1)
+    first = torch.zeros(4)
+    second = torch.zeros(4)
+    for _ in range(n):
+        drafts = torch.multinomial(Q, k, replacement=True, generator=g)
+        v = verify_sampled(drafts, q_claimed.log().expand(k, -1), p, g)
+        emitted = drafts[: v.accepted].tolist() + [v.next_token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+    return first, second
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_sampling_reproduces_the_target_distribution(k):
+    first, second = _first_tokens(Q, k, 6000, seed=k)
+    assert chi2(first, P) < CHI2_CRIT_001[3]
+    if k > 1:  # the second token follows an accepted draft: also distributed as p
+        assert second.sum() > 500
+        assert chi2(second, P) < CHI2_CRIT_001[3]
+
+
+def test_the_same_test_rejects_a_sampler_told_the_wrong_q():
+    wrong = torch.tensor([0.25, 0.25, 0.25, 0.25])  # drafts really come from Q
+    first, _ = _first_tokens(wrong, 1, 6000, seed=7)
+    assert chi2(first, P) > CHI2_CRIT_001[3]
+
+
+def test_seeded_verification_is_deterministic():
+    lp = torch.log_softmax(torch.randn(5, 9, generator=torch.Generator().manual_seed(3)), -1)
+    q = torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(4)), -1)
+    drafts = torch.tensor([1, 2, 3, 4])
+    a = [verify_sampled(drafts, q, lp, torch.Generator().manual_seed(s)) for s in range(10)]
+    b = [verify_sampled(drafts, q, lp, torch.Generator().manual_seed(s)) for s in range(10)]
+    assert a == b
+
+
+def test_the_ceiling_formula():
+    assert expected_tokens_per_block(0.0, 4) == pytest.approx(1.0)
+    assert expected_tokens_per_block(1.0, 4) == pytest.approx(5.0)
+    assert expected_tokens_per_block(0.5, 2) == pytest.approx(1.75)
+    assert ideal_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8**5) / 0.2 / 1.4)
+
+
+def test_adaptive_block_size_grows_with_acceptance_and_shrinks_without():
+    a = AdaptiveBlockSize(max_k=16, cost_ratio=0.1, initial_acceptance=0.5)
+    k0 = a.k
+    for _ in range(20):
+        a.update(a.k, a.k)  # everything accepted
+    assert a.k > k0 and a.k <= 16
+    for _ in range(20):
+        a.update(0, a.k)  # nothing accepted
+    assert a.k == 1
+
+
+def test_adaptive_block_size_picks_the_best_k_for_its_estimate():
+    a = AdaptiveBlockSize(max_k=16, cost_ratio=0.2, initial_acceptance=0.8)
+    best = max(range(1, 17), key=lambda k: ideal_speedup(0.8, k, 0.2))
+    assert a.k == best
