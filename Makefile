@@ -44,3 +44,6 @@ clean: ## remove build outputs (keeps .venv)
 
 run: $(STAMP) ## run the mesh on the demo models on loopback and stream a generation (ARGS=--once to exit after it)
 	$(VENV)/bin/eftmesh up $(ARGS)
+
+bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
+	$(PY) -m eftmesh.bench $(ARGS)

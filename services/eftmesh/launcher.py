@@ -25,6 +25,11 @@ from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 ROLE_ORDER = ("base-large", "base-small", "ft-small", "ft-large", "ft-small-alt")
 CORE_ROLES = {"base-large", "base-small", "ft-small"}
 DEFAULT_PROMPT = "The quick brown fox"
+_POLL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 def find_roles(models: Path) -> dict[str, Path]:
@@ -45,7 +50,9 @@ def resolve_models(models: Path) -> dict[str, Path]:
 
 def wait_serving(address: str, name: str, timeout_s: float, proc: subprocess.Popen) -> None:
     """Poll grpc.health.v1 until SERVING; fail early if the process dies."""
-    channel = grpc.insecure_channel(address)
+    # While the service loads, every connection attempt is refused; gRPC's default reconnect
+    # back-off then grows to many seconds, and SERVING would be seen that much later.
+    channel = grpc.insecure_channel(address, options=_POLL_OPTIONS)
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     try:
