@@ -47,3 +47,9 @@ run: $(STAMP) ## run the mesh on the demo models on loopback and stream a genera
 
 bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
 	$(PY) -m eftmesh.bench $(ARGS)
+
+models: $(STAMP) ## train the demo family from scratch into models/demo (resumable; an hour or more on a CPU)
+	$(PY) -m eftmesh.demo.build_family --out models/demo --work build/demo $(ARGS)
+
+eval: $(STAMP) ## evaluate the demo family through the mesh: eval/results.json, eval/results.png
+	$(PY) -m eftmesh.demo.evaluate $(ARGS)

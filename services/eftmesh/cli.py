@@ -36,16 +36,21 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="", help="base role (default: the combiner's default composition)")
     p.add_argument("--delta", type=_delta, action="append", default=[], metavar="TUNED,REFERENCE[,WEIGHT]", help="a behaviour delta; repeatable (needs --base)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: the server's)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off (default: the server's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default: the server's)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default: the server's)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string; repeatable")
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability under the EFT distribution")
+    p.add_argument("--speculation", choices=["off", "fixed", "adaptive"], default=None, help="speculative draft-then-verify mode (default: the server's)")
+    p.add_argument("--block-size", type=int, default=0, help="drafts per block (fixed), or the largest block (adaptive); 0 = the server's")
+    p.add_argument("--draft-role", default="", help="role that drafts (default: the first delta's tuned role)")
 
 
 def build_request(a: argparse.Namespace, prompt: str) -> dict:
-    sampling = {"top_k": a.top_k}
+    sampling = {}
+    if a.top_k is not None:
+        sampling["top_k"] = a.top_k
     if a.temperature is not None:
         sampling["temperature"] = a.temperature
     if a.top_p is not None:
@@ -57,6 +62,9 @@ def build_request(a: argparse.Namespace, prompt: str) -> dict:
         stop=a.stop,
         logprobs=a.logprobs,
     )
+    if a.speculation or a.block_size or a.draft_role:
+        mode = {"off": "SPECULATION_MODE_OFF", "fixed": "SPECULATION_MODE_FIXED", "adaptive": "SPECULATION_MODE_ADAPTIVE", None: "SPECULATION_MODE_UNSPECIFIED"}[a.speculation]
+        req["speculation"] = generator_pb2.Speculation(mode=mode, block_size=a.block_size, draft_role=a.draft_role)
     if a.seed is not None:
         req["seed"] = a.seed
     if a.max_new_tokens is not None:
@@ -66,6 +74,14 @@ def build_request(a: argparse.Namespace, prompt: str) -> dict:
 
 def _finish(code: int) -> str:
     return generator_pb2.FinishReason.Name(code).removeprefix("FINISH_REASON_").lower()
+
+
+def _summary(finish: int, usage: generator_pb2.Usage, spec: generator_pb2.SpeculationStats) -> str:
+    line = f"[{_finish(finish)}; {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens"
+    if spec.blocks:
+        line += (f"; speculation by {spec.draft_role}: {spec.accepted_tokens}/{spec.drafted_tokens} drafts accepted "
+                 f"({spec.acceptance_rate:.0%}), {spec.base_calls_per_token:.2f} base calls per token")
+    return line + "]"
 
 
 def generate(a: argparse.Namespace) -> int:
@@ -80,13 +96,13 @@ def generate(a: argparse.Namespace) -> int:
                 lps.extend(chunk.logprobs)
                 if chunk.finish_reason:
                     sys.stdout.write("\n")
-                    print(f"[{_finish(chunk.finish_reason)}; {chunk.usage.prompt_tokens} prompt + {chunk.usage.completion_tokens} generated tokens]", file=sys.stderr)
+                    print(_summary(chunk.finish_reason, chunk.usage, chunk.speculation), file=sys.stderr)
             if a.logprobs:
                 print("logprobs:", " ".join(f"{x:.3f}" for x in lps), file=sys.stderr)
         else:
             r = stub.Complete(generator_pb2.CompleteRequest(**req), timeout=a.timeout)
             print(r.text)
-            print(f"[{_finish(r.finish_reason)}; {r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} generated tokens]", file=sys.stderr)
+            print(_summary(r.finish_reason, r.usage, r.speculation), file=sys.stderr)
             if a.logprobs:
                 print("logprobs:", " ".join(f"{x:.3f}" for x in r.logprobs), file=sys.stderr)
     except grpc.RpcError as e:

@@ -60,8 +60,9 @@ def test_greedy_speculative_equals_greedy_plain(mesh, comp, mode):
     assert s.draft_role == ("ft-small" if comp != "amplified" else "base-large")
     assert s.blocks > 0 and s.drafted_tokens >= s.accepted_tokens
     assert s.acceptance_rate == pytest.approx(s.accepted_tokens / s.drafted_tokens)
-    # each block costs one call of the base role and yields accepted + 1 tokens
-    assert s.base_calls_per_token == pytest.approx(s.blocks / len(spec.token_ids), abs=0.05) or mode == "k1"
+    # one base-role call per block, plus at most one plain step when a single token is left
+    base_calls = round(s.base_calls_per_token * len(spec.token_ids))
+    assert base_calls in (s.blocks, s.blocks + 1)
 
 
 def test_plain_decoding_reports_one_base_call_per_token(mesh):

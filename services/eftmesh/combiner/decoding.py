@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,12 +181,11 @@ class Decoder:
         self.vocab_size = vocab_size
         self.eos_token_id = tokenizer.eos_token_id
 
-    def encode_prompt(self, req: GenerationRequest) -> tuple[list[int], int]:
-        """Prompt ids and the room left for new tokens in the smallest context used."""
+    def encode_prompt(self, req: GenerationRequest, roles: Sequence[str]) -> tuple[list[int], int]:
+        """Prompt ids and the room left for new tokens in the smallest context of `roles`."""
         ids = self.tokenizer.encode(req.prompt)
         if not ids:
             raise InvalidArgument("prompt tokenises to nothing: send some text")
-        roles = req.composition.roles
         ctx = min(self.scorer.models[r].max_context for r in roles)
         if len(ids) >= ctx:
             raise InvalidArgument(
@@ -203,14 +202,14 @@ class Decoder:
         on_finish: Callable[[TokenSink], None] | None = None,
     ) -> Iterator[Chunk]:
         """Yields a chunk per plain step or speculative block; the last one finishes."""
-        ids, room = self.encode_prompt(req)
-        usage = Usage(prompt_tokens=len(ids))
-        sink = TokenSink(self.tokenizer, self.eos_token_id, req.stop, req.max_new_tokens, room, usage)
         coef = {r: c for r, c in req.composition.coefficients().items() if c != 0.0}
         if not coef:  # e.g. base X with delta (X - X), weight -1: nothing left to mix
             coef = {req.composition.base: 1.0}
         spec = req.speculation
         roles = list(coef) + ([spec.draft_role] if spec and spec.draft_role not in coef else [])
+        ids, room = self.encode_prompt(req, roles)
+        usage = Usage(prompt_tokens=len(ids))
+        sink = TokenSink(self.tokenizer, self.eos_token_id, req.stop, req.max_new_tokens, room, usage)
         rid = uuid.uuid4().hex
         run = _Run(
             req=req,

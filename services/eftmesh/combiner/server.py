@@ -20,7 +20,7 @@ from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDe
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
 from eftmesh.common import tracing
 from eftmesh.common.errors import EftMeshError
-from eftmesh.common.serving import Server, ServerConfig
+from eftmesh.common.serving import Server, ServerConfig, exit_now
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
@@ -124,6 +124,7 @@ class CombinerServer:
     server: Server
     decoder: Decoder
     scorer: GrpcScorer
+    tracer_provider: TracerProvider | None = None
 
     def start(self) -> None:
         self.server.start()
@@ -158,7 +159,7 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) ->
         [SERVICE_NAME],
         tracer_provider,
     )
-    return CombinerServer(server, decoder, scorer)
+    return CombinerServer(server, decoder, scorer, tracer_provider)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -169,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except EftMeshError as e:  # a refusal to start is a message, not a traceback
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None
+    cs.server.install_signal_handlers()
     cs.start()
     log.info("combiner serving on port %d; roles %s; default %s", cs.server.port, ", ".join(cfg.upstreams), cfg.defaults.composition.describe())
     cs.server.wait_for_signal()
     cs.scorer.close()
+    exit_now(cs.tracer_provider)

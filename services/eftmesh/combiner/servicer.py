@@ -113,7 +113,9 @@ def speculation_from_pb(
 
 
 def speculation_to_pb(d: SpeculationDefaults) -> generator_pb2.Speculation:
-    return generator_pb2.Speculation(mode=_MODE_NAMES[d.mode], block_size=d.block_size)
+    """The defaults as a request would spell them (adaptive's block_size is its cap)."""
+    k = d.max_block if d.mode == "adaptive" else d.block_size
+    return generator_pb2.Speculation(mode=_MODE_NAMES[d.mode], block_size=k)
 
 
 def stats_to_pb(u: Usage) -> generator_pb2.SpeculationStats:

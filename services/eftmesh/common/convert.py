@@ -13,7 +13,7 @@ def sampling_from_pb(msg: tensor_pb2.SamplingParams, default: SamplingConfig) ->
     """Validate SamplingParams; unset fields take `default`'s values."""
     t = msg.temperature if msg.HasField("temperature") else default.temperature
     p = msg.top_p if msg.HasField("top_p") else default.top_p
-    k = msg.top_k if msg.top_k else default.top_k
+    k = msg.top_k if msg.HasField("top_k") else default.top_k
     if not math.isfinite(t) or t < 0:
         raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {t}")
     if not (0.0 < p <= 1.0):

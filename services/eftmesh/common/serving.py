@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -53,6 +54,7 @@ class Server:
     ) -> None:
         self.cfg = cfg
         self._names = list(service_names)
+        self._signalled = threading.Event()
         interceptors = [*tracing.server_interceptors(tracer_provider), ErrorMappingInterceptor()]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
@@ -89,16 +91,31 @@ class Server:
         self.health.enter_graceful_shutdown()
         return self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
 
-    def wait_for_signal(self) -> None:
-        """Block until SIGTERM or SIGINT, then drain and stop."""
-        done = threading.Event()
+    def install_signal_handlers(self) -> None:
+        """Route SIGTERM and SIGINT to a graceful stop. Call before `start`, so that a signal
+        that arrives while the model warms up still drains instead of killing the process."""
 
         def on_signal(signum: int, _frame: object) -> None:
             log.info("signal %d: draining for up to %.0f s", signum, self.cfg.grace_s)
-            done.set()
+            self._signalled.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        done.wait()
+
+    def wait_for_signal(self) -> None:
+        """Block until SIGTERM or SIGINT, then drain and stop."""
+        self._signalled.wait()
         self.stop().wait()
         log.info("stopped")
+
+
+def exit_now(tracer_provider: TracerProvider | None) -> None:
+    """Flush spans and logs, then leave without interpreter teardown.
+
+    After the drain there is nothing left to clean up, and tearing down an interpreter with
+    torch loaded takes seconds: a pod's termination should not wait for that.
+    """
+    if tracer_provider is not None:
+        tracer_provider.shutdown()
+    logging.shutdown()
+    os._exit(0)

@@ -17,7 +17,7 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import tracing
-from eftmesh.common.serving import Server, ServerConfig
+from eftmesh.common.serving import Server, ServerConfig, exit_now
 from eftmesh.logit.engine import DTYPES, ModelEngine
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
@@ -89,6 +89,7 @@ class LogitServer:
 
     server: Server
     engine: ModelEngine
+    tracer_provider: TracerProvider | None = None
 
     def start(self) -> None:
         """Bind, warm the model up with a real forward pass, then report SERVING."""
@@ -122,7 +123,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
         [SERVICE_NAME],
         tracer_provider,
     )
-    return LogitServer(server, engine)
+    return LogitServer(server, engine, tracer_provider)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
     log.info("loading %s as %s on %s (%s)", cfg.model, cfg.role, cfg.device, cfg.dtype)
     ls = build(cfg)
+    ls.server.install_signal_handlers()
     ls.start()
     i = ls.engine.info
     log.info("%s serving on port %d: vocab %d, context %d, tokenizer %s", cfg.role, ls.server.port, i.vocab_size, i.max_context, i.tokenizer_fingerprint)
     ls.server.wait_for_signal()
+    exit_now(ls.tracer_provider)

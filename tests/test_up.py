@@ -1,0 +1,88 @@
+"""The README's first command path, as a newcomer runs it: `eftmesh up --once` starts three
+logit services and a combiner as processes, streams one generation, stops them all and exits 0.
+
+Runs over the tiny random family (the trained demo family is too slow to load here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROLES = ("base-large", "base-small", "ft-small")
+TIMEOUT_S = 240  # a hard cap; on an idle 2-core machine the run takes well under a minute
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free: the combiner takes p, the logit services the next."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports on loopback")
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if text in cmdline:
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find leftover processes")
+def test_up_once_serves_a_generation_and_stops_every_process(tiny_family, tmp_path):
+    models = tiny_family["base-large"].parent
+    assert {p.parent for p in tiny_family.values()} == {models}
+    port = free_port_block(1 + len(ROLES))
+    log_dir = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "eftmesh.cli", "up", "--once", "--models", str(models),
+           "--port", str(port), "--log-dir", str(log_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"eftmesh up --once still running after {TIMEOUT_S} s:\n{out}")
+    finally:
+        leftovers = processes_mentioning(str(models))
+        for pid, _ in leftovers:
+            os.kill(pid, signal.SIGKILL)
+
+    assert proc.returncode == 0, out
+    for role in ROLES:
+        assert f"{role} SERVING" in out, out
+    assert f"combiner SERVING on 127.0.0.1:{port}" in out, out
+    assert "tokens in" in out and "tokens/s" in out, out
+    assert out.rstrip().endswith("mesh stopped"), out
+    assert leftovers == [], f"processes left running after eftmesh up exited: {leftovers}"
+    assert {p.name for p in log_dir.iterdir()} == {f"{r}.log" for r in (*ROLES, "combiner")}
