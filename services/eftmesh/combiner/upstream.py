@@ -9,8 +9,10 @@ Losing a logit replica mid-generation therefore costs a re-prefill, not the requ
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -82,6 +84,7 @@ class GrpcScorer:
         addresses: Mapping[str, str],
         policy: UpstreamPolicy = UpstreamPolicy(),
         tracer_provider: TracerProvider | None = None,
+        fanout_threads_per_role: int = 16,
     ) -> None:
         self.policy = policy
         self.addresses = dict(addresses)
@@ -90,6 +93,7 @@ class GrpcScorer:
             for role, addr in self.addresses.items()
         }
         self._stubs = {role: logit_pb2_grpc.LogitServiceStub(ch) for role, ch in self._channels.items()}
+        self._pool = ThreadPoolExecutor(max_workers=max(4, len(self._stubs) * fanout_threads_per_role), thread_name_prefix="upstream")
         self.models: dict[str, ModelSpec] = {}
 
     def connect(self) -> dict[str, ModelSpec]:
@@ -133,25 +137,27 @@ class GrpcScorer:
             sampling=sampling_to_pb(c.sampling), seed=c.seed, vocab_limit=c.vocab_limit,
         )
 
-    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
-        futures = [
-            self._stubs[c.role].Score.future(
-                self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
+    def _score_one(self, c: ScoreCall, deadline: float | None) -> torch.Tensor:
+        stub = self._stubs[c.role]
+        try:
+            resp = stub.Score(self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s))
+        except grpc.RpcError as e:
+            resp = self._recover(
+                c.role, c.session_id, len(c.tokens), e, deadline,
+                lambda t: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
             )
-            for c in calls
+        return tensors.from_pb(resp.logprobs)
+
+    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
+        # Blocking calls on pool threads, the first one on this thread: grpcio's blocking path
+        # polls its completion queue directly, and measured here it fans out in about half
+        # the time of `.future()` (whose results arrive through an extra thread hand-off).
+        # Each call runs in a copy of this context, so trace context reaches every call.
+        pending = [
+            self._pool.submit(contextvars.copy_context().run, self._score_one, c, deadline) for c in calls[1:]
         ]
-        out = []
-        for c, fut in zip(calls, futures):
-            try:
-                resp = fut.result()
-            except grpc.RpcError as e:
-                stub = self._stubs[c.role]
-                resp = self._recover(
-                    c.role, c.session_id, len(c.tokens), e, deadline,
-                    lambda t, c=c, stub=stub: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
-                )
-            out.append(tensors.from_pb(resp.logprobs))
-        return out
+        out = [self._score_one(calls[0], deadline)] if calls else []
+        return out + [f.result() for f in pending]
 
     def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
         stub = self._stubs[call.role]
@@ -211,6 +217,7 @@ class GrpcScorer:
             fut.add_done_callback(lambda f: f.exception())
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for ch in self._channels.values():
             ch.close()
 
