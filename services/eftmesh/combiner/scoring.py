@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -69,6 +69,18 @@ class ModelSpec:
     device: str
     eos_token_id: int
 
+    @classmethod
+    def from_info(cls, role: str, address: str, info: Any) -> ModelSpec:
+        """From a LogitService Info response or an `EngineInfo` (they share field names)."""
+        return cls(
+            role=role,
+            address=address,
+            **{f: getattr(info, f) for f in (
+                "model_id", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint",
+                "max_context", "dtype", "device", "eos_token_id",
+            )},
+        )
+
 
 class Scorer(Protocol):
     """Scores several roles for one decoding step, concurrently where it can."""
@@ -93,21 +105,7 @@ class LocalScorer:
 
     def __init__(self, engines: Mapping[str, ModelEngine]) -> None:
         self.engines = dict(engines)
-        self.models = {
-            role: ModelSpec(
-                role=role,
-                address="in-process",
-                model_id=e.info.model_id,
-                vocab_size=e.info.vocab_size,
-                tokenizer_vocab_size=e.info.tokenizer_vocab_size,
-                tokenizer_fingerprint=e.info.tokenizer_fingerprint,
-                max_context=e.info.max_context,
-                dtype=e.info.dtype,
-                device=e.info.device,
-                eos_token_id=e.info.eos_token_id,
-            )
-            for role, e in self.engines.items()
-        }
+        self.models = {role: ModelSpec.from_info(role, "in-process", e.info) for role, e in self.engines.items()}
 
     def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
         out = []
@@ -123,8 +121,7 @@ class LocalScorer:
         return out
 
     def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
-        engine = self.engines[call.role]
-        c = call
+        engine, c = self.engines[call.role], call
         try:
             toks, rows, _ = engine.draft(c.session_id, c.start, c.tokens[c.start :], c.k, c.sampling, c.seed, c.vocab_limit)
         except NotFound:

@@ -112,18 +112,7 @@ class GrpcScorer:
                         ) from None
                     log.info("waiting for %s at %s (%s)", role, self.addresses[role], e.code().name)
                     time.sleep(1.0)
-            self.models[role] = ModelSpec(
-                role=role,
-                address=self.addresses[role],
-                model_id=i.model_id,
-                vocab_size=i.vocab_size,
-                tokenizer_vocab_size=i.tokenizer_vocab_size,
-                tokenizer_fingerprint=i.tokenizer_fingerprint,
-                max_context=i.max_context,
-                dtype=i.dtype,
-                device=i.device,
-                eos_token_id=i.eos_token_id,
-            )
+            self.models[role] = ModelSpec.from_info(role, self.addresses[role], i)
         return self.models
 
     def _score_request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
