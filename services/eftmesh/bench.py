@@ -82,7 +82,7 @@ class Mesh:
         k + 1 tokens, concurrently.
         """
         n = len(prompt_ids)
-        for r, stub in self.logit.items():
+        for stub in self.logit.values():
             stub.Score(logit_pb2.ScoreRequest(session_id="cost", start=0, tokens=prompt_ids, rows=1))
 
         def fanout(roles: Sequence[str], tokens: list[int]) -> float:
