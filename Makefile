@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos test run models bench eval clean
+.PHONY: help install protos check-protos lint test run models bench eval clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,7 +36,10 @@ check-protos: $(STAMP) ## fail if the committed stubs differ from what protos/ g
 	diff -r -x __init__.py -x __pycache__ build/protos-check/eftmesh/v1 services/eftmesh/v1 \
 	  || { echo "generated stubs are stale: run 'make protos' and commit"; exit 1; }
 
-test: $(STAMP) check-protos ## run the whole test suite
+lint: $(STAMP) ## static checks (ruff: pyflakes and bugbear rules)
+	$(VENV)/bin/ruff check services tests
+
+test: $(STAMP) check-protos lint ## run the whole test suite
 	$(PY) -m pytest -q
 
 clean: ## remove build outputs (keeps .venv)
