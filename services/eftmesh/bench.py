@@ -43,8 +43,9 @@ FALLBACK_PROMPTS = ("The quick brown fox", "It is a truth universally acknowledg
 def workload_prompts(models: Path, workload: str, n: int) -> list[str]:
     """Prompts of the demo family's evaluation files, or plain prose when there are none.
 
-    prose: cloze probes of the synthetic world (continuing pre-training-style prose);
-    qa: held-out questions in the tuned chat format (short answers).
+    qa: held-out questions in the tuned chat format; every system generates a fixed length
+    (EOS ignored), so after the answer the models go on with further turns of the chat;
+    prose: cloze probes of the synthetic world (continuing pre-training-style prose).
     """
     name = {"prose": "cloze.jsonl", "qa": "questions.jsonl"}[workload]
     path = models / "eval" / name
@@ -69,7 +70,7 @@ class Mesh:
         return self.gen.Complete(
             generator_pb2.CompleteRequest(
                 prompt=prompt, sampling={"temperature": temperature, "top_p": 1.0}, seed=0,
-                max_new_tokens=max_new, speculation=speculation,
+                max_new_tokens=max_new, speculation=speculation, ignore_eos=True,
             ),
             timeout=600,
         )
@@ -112,7 +113,7 @@ class Mesh:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eftmesh-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/demo", help="checkpoint per role (default: %(default)s; tiny random models when absent)")
-    p.add_argument("--workload", default="prose", choices=["prose", "qa"], help="prompts: world prose to continue, or held-out questions (default: %(default)s)")
+    p.add_argument("--workload", default="qa", choices=["prose", "qa"], help="prompts: held-out questions, or world prose to continue (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=3, help="prompts per repetition (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per system (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default: %(default)s)")
@@ -145,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for prompt in prompts:
             ids = torch.tensor([tokenizer.encode(prompt)], device=large.device)
             with torch.inference_mode():
-                out = large.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
+                out = large.generate(ids, max_new_tokens=a.max_new_tokens, min_new_tokens=a.max_new_tokens,
+                                     do_sample=a.temperature > 0,
                                      temperature=a.temperature or None, top_p=None, top_k=None,
                                      pad_token_id=tokenizer.eos_token_id)
             n += out.shape[1] - ids.shape[1]
@@ -154,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def in_process() -> tuple[int, dict]:
         n = 0
         for prompt in prompts:
-            req = GenerationRequest(prompt, UPSCALE, sampling, seed=0, max_new_tokens=a.max_new_tokens)
+            req = GenerationRequest(prompt, UPSCALE, sampling, seed=0, max_new_tokens=a.max_new_tokens, ignore_eos=True)
             n += sum(len(c.token_ids) for c in decoder.generate(req))
         return n, {}
 

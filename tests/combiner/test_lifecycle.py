@@ -41,3 +41,14 @@ def test_the_client_deadline_bounds_the_generation(mesh):
     assert _wait_empty(mesh) == {r: 0 for r in mesh.logits}
     ok = mesh.generator.Complete(generator_pb2.CompleteRequest(prompt="The quick brown fox", max_new_tokens=2))
     assert len(ok.token_ids) == 2
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(tiny_family):
+    from transformers import AutoTokenizer
+
+    from eftmesh.combiner.decoding import TokenSink, Usage
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
+    sink = TokenSink(tok, None, (), 3, 100, Usage())  # what ignore_eos passes: no EOS id
+    assert [sink.add(tok.eos_token_id, None) for _ in range(3)] == [False, False, True]
+    assert sink.take().finish_reason.value == "length"

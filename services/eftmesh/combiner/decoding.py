@@ -68,6 +68,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     speculation: SpeculationConfig | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -209,7 +210,8 @@ class Decoder:
         roles = list(coef) + ([spec.draft_role] if spec and spec.draft_role not in coef else [])
         ids, room = self.encode_prompt(req, roles)
         usage = Usage(prompt_tokens=len(ids))
-        sink = TokenSink(self.tokenizer, self.eos_token_id, req.stop, req.max_new_tokens, room, usage)
+        eos = None if req.ignore_eos else self.eos_token_id
+        sink = TokenSink(self.tokenizer, eos, req.stop, req.max_new_tokens, room, usage)
         rid = uuid.uuid4().hex
         run = _Run(
             req=req,

@@ -151,6 +151,7 @@ def request_from_pb(
         max_new_tokens=n,
         stop=tuple(s for s in msg.stop if s),
         logprobs=msg.logprobs,
+        ignore_eos=msg.ignore_eos,
     )
 
 
