@@ -9,6 +9,7 @@ from eftmesh.core.speculative import (
     AdaptiveBlockSize,
     expected_tokens_per_block,
     ideal_speedup,
+    per_draft_acceptance,
     verify_greedy,
     verify_sampled,
 )
@@ -115,3 +116,17 @@ def test_adaptive_block_size_picks_the_best_k_for_its_estimate():
     a = AdaptiveBlockSize(max_k=16, cost_ratio=0.2, initial_acceptance=0.8)
     best = max(range(1, 17), key=lambda k: ideal_speedup(0.8, k, 0.2))
     assert a.k == best
+
+
+@pytest.mark.parametrize("a,k", [(0.3, 4), (0.56, 4), (0.9, 8), (0.5, 1)])
+def test_per_draft_acceptance_inverts_the_expected_block(a, k):
+    mean_kept = expected_tokens_per_block(a, k) - 1.0
+    assert per_draft_acceptance(mean_kept, k) == pytest.approx(a, abs=1e-6)
+
+
+def test_adaptive_estimate_counts_only_tested_drafts():
+    a = AdaptiveBlockSize(max_k=8, cost_ratio=0.1, initial_acceptance=0.5, smoothing=1.0)
+    a.update(accepted=1, drafted=4)  # kept 1, tested 2 (the rejected one), never tested 2
+    assert a.acceptance == pytest.approx(0.5)
+    a.update(accepted=4, drafted=4)  # all 4 tested and kept
+    assert a.acceptance == pytest.approx(1.0)

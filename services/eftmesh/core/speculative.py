@@ -90,6 +90,23 @@ def expected_tokens_per_block(acceptance: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
+def per_draft_acceptance(mean_accepted: float, k: int) -> float:
+    """The per-draft acceptance probability a that gives `mean_accepted` drafts kept per
+    block of k: E[accepted] = a (1 - a^k) / (1 - a), solved by bisection.
+
+    accepted / drafted understates a: drafts after the first rejection are never tested.
+    """
+    target = min(max(mean_accepted, 0.0), float(k))
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expected_tokens_per_block(mid, k) - 1.0 < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def ideal_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
     """Ceiling over plain decoding: tokens per block over block cost, k * c + 1 verify steps."""
     return expected_tokens_per_block(acceptance, k) / (k * cost_ratio + 1.0)
@@ -98,8 +115,9 @@ def ideal_speedup(acceptance: float, k: int, cost_ratio: float) -> float:
 class AdaptiveBlockSize:
     """Chooses k per block from the running acceptance rate.
 
-    Rule: keep an exponential moving average `a` of the per-draft acceptance (each block
-    contributes accepted / drafted, weighted by `smoothing`), then pick the k in
+    Rule: estimate the per-draft acceptance probability a as kept drafts over tested drafts
+    (a block of k that keeps m tested m + 1 drafts, or k when all passed), both as
+    exponential moving averages with weight `smoothing` per block; then pick the k in
     [1, max_k] that maximises the ideal speed-up (1 - a^(k+1)) / ((1 - a)(k c + 1)), where
     c is the configured cost of one draft token relative to one verify step. High
     acceptance grows the block; low acceptance shrinks it to 1. The choice depends only on
@@ -113,9 +131,14 @@ class AdaptiveBlockSize:
             raise ValueError("cost_ratio must be > 0")
         self.max_k = max_k
         self.cost_ratio = cost_ratio
-        self.acceptance = initial_acceptance
         self.smoothing = smoothing
+        self._kept = initial_acceptance  # moving averages; their ratio estimates a
+        self._tested = 1.0
         self.k = self._best()
+
+    @property
+    def acceptance(self) -> float:
+        return self._kept / self._tested
 
     def _best(self) -> int:
         return max(range(1, self.max_k + 1), key=lambda k: ideal_speedup(self.acceptance, k, self.cost_ratio))
@@ -123,7 +146,8 @@ class AdaptiveBlockSize:
     def update(self, accepted: int, drafted: int) -> int:
         """Record a block's outcome; return the block size for the next block."""
         if drafted > 0:
-            rate = accepted / drafted
-            self.acceptance += self.smoothing * (rate - self.acceptance)
+            tested = accepted + (1 if accepted < drafted else 0)
+            self._kept += self.smoothing * (accepted - self._kept)
+            self._tested += self.smoothing * (tested - self._tested)
             self.k = self._best()
         return self.k
