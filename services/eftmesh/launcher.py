@@ -9,6 +9,7 @@ Service logs go to --log-dir. `LocalMesh` is also what the benchmark starts.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -146,8 +147,18 @@ class LocalMesh:
         self.stop()
 
 
-def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: float) -> None:
-    """Stream one generation to the terminal with its speed."""
+def default_prompt(models: Path) -> tuple[str, str | None]:
+    """A held-out question of the demo family (prompt, gold answer), or plain prose."""
+    questions = models / "eval" / "questions.jsonl"
+    if questions.is_file():
+        first = json.loads(questions.read_text().splitlines()[0])
+        return first["prompt"], first.get("answer")
+    return DEFAULT_PROMPT, None
+
+
+def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: float, gold: str | None = None) -> None:
+    """Stream one EFT generation to the terminal with its speed, then the same prompt through
+    ft-small and base-large alone for contrast."""
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
     print("\nEFT up-scaling: base-large + 1.0 * (ft-small - base-small)")
     print(f"prompt: {prompt!r}\n---")
@@ -162,6 +173,13 @@ def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: flo
             n = chunk.usage.completion_tokens
             reason = generator_pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
             print(f"\n---\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), finish: {reason}")
+    if gold is not None:
+        print(f"gold answer: {gold!r}")
+    for role in ("ft-small", "base-large"):
+        r = stub.Complete(generator_pb2.CompleteRequest(
+            prompt=prompt, composition=generator_pb2.Composition(base=role), sampling={"temperature": temperature},
+            seed=0, max_new_tokens=min(max_new_tokens, 16)), timeout=300)
+        print(f"{role + ' alone:':18s}{r.text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -170,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50050, help="combiner port; logit services take the next ones (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the logit services (default: theirs)")
-    p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: %r)" % DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: a held-out question of the demo family)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the demo generation (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the demo generation (default: %(default)s, greedy)")
     p.add_argument("--once", action="store_true", help="exit after the demo generation instead of serving until Ctrl-C")
@@ -181,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir))
     try:
         mesh.start()
-        prompt = a.prompt or DEFAULT_PROMPT
-        stream_demo(mesh.address, prompt, a.max_new_tokens, a.temperature)
+        prompt, gold = (a.prompt, None) if a.prompt else default_prompt(Path(a.models))
+        stream_demo(mesh.address, prompt, a.max_new_tokens, a.temperature, gold)
         if not a.once:
             print(f"\nthe mesh is up: eftmesh generate \"...\" --stream --address {mesh.address}")
             print("Ctrl-C stops it.", flush=True)
