@@ -63,7 +63,7 @@ class BuildConfig:
     # (as compute-optimal training would give it), which keeps its knowledge of the world
     # clearly below base-large's; the tiny world is otherwise easy enough to memorise.
     pretrain_small: Schedule = Schedule(steps=400, batch_size=16, lr=2e-3, warmup_steps=50)
-    pretrain_large: Schedule = Schedule(steps=1200, batch_size=16, lr=2e-3, warmup_steps=50)
+    pretrain_large: Schedule = Schedule(steps=1000, batch_size=16, lr=2e-3, warmup_steps=50)
     finetune_small: Schedule = Schedule(steps=250, batch_size=32, lr=1e-3, warmup_steps=20)
     finetune_large: Schedule = Schedule(steps=250, batch_size=32, lr=3e-4, warmup_steps=20)
     prose_chars: int | None = None  # cap on prose used (smoke runs)
