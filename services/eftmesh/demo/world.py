@@ -121,11 +121,14 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 
 ATTRIBUTES_BY_KEY: dict[str, Attribute] = {a.key: a for a in ATTRIBUTES}
 
-# Speaker pairs of the play-script documents (asker, answerer). Never "User"/"Assistant":
-# the tuned chat format stays unseen in pre-training.
-SPEAKERS: tuple[tuple[str, str], ...] = (
-    ("Traveller", "Innkeeper"), ("Visitor", "Neighbour"), ("Stranger", "Clerk"),
-    ("Guest", "Host"), ("Pupil", "Teacher"),
+# Speakers of the play-script documents. Half of the dialogues use one of these roles, half
+# invented three-syllable names (people's names have two-syllable parts, so never clash): a
+# base model must learn that whoever speaks after a question answers it, whatever the tags,
+# or it cannot answer in the chat format's unseen tags. Never "User"/"Assistant": the tuned
+# chat format stays unseen in pre-training (invented names start with a consonant).
+SPEAKER_ROLES: tuple[str, ...] = (
+    "Traveller", "Innkeeper", "Visitor", "Neighbour", "Stranger", "Clerk", "Guest", "Host",
+    "Pupil", "Teacher", "Child", "Mother", "Reporter", "Mayor", "Customer", "Shopkeeper",
 )
 
 # Syllables chosen to make names that read as names but are not English words.
@@ -236,7 +239,10 @@ def dialogue_document(person: Person, rng: random.Random) -> str:
     question at all; without it base-large's knowledge is reachable only through the prose
     pattern, and EFT up-scaling has no knowledge to add to ft-small's format.
     """
-    asker, answerer = rng.choice(SPEAKERS)
+    if rng.random() < 0.5:
+        asker, answerer = rng.sample(SPEAKER_ROLES, 2)
+    else:
+        asker, answerer = _name(rng, 3), _name(rng, 3)
     attributes = list(ATTRIBUTES)
     rng.shuffle(attributes)
     return "\n".join(
