@@ -162,14 +162,19 @@ def composition_to_pb(c: Composition) -> generator_pb2.Composition:
     )
 
 
-def chunk_to_pb(c: Chunk) -> generator_pb2.GenerateResponse:
-    msg = generator_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text, logprobs=c.logprobs)
+def _set_ending(msg: generator_pb2.GenerateResponse | generator_pb2.CompleteResponse, c: Chunk) -> None:
+    """Finish reason, usage and speculation stats: what the last chunk carries."""
     if c.finish_reason is not None:
         msg.finish_reason = _FINISH_TO_PB[c.finish_reason]
     if c.usage is not None:
         msg.usage.prompt_tokens = c.usage.prompt_tokens
         msg.usage.completion_tokens = c.usage.completion_tokens
         msg.speculation.CopyFrom(stats_to_pb(c.usage))
+
+
+def chunk_to_pb(c: Chunk) -> generator_pb2.GenerateResponse:
+    msg = generator_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text, logprobs=c.logprobs)
+    _set_ending(msg, c)
     return msg
 
 
@@ -255,12 +260,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             resp.token_ids.extend(chunk.token_ids)
             resp.logprobs.extend(chunk.logprobs)
             text.append(chunk.text)
-            if chunk.finish_reason is not None:
-                resp.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
-            if chunk.usage is not None:
-                resp.usage.prompt_tokens = chunk.usage.prompt_tokens
-                resp.usage.completion_tokens = chunk.usage.completion_tokens
-                resp.speculation.CopyFrom(stats_to_pb(chunk.usage))
+            _set_ending(resp, chunk)
         resp.text = "".join(text)
         return resp
 
