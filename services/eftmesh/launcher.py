@@ -158,7 +158,7 @@ def default_prompt(models: Path) -> tuple[str, str | None]:
 
 def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: float, gold: str | None = None) -> None:
     """Stream one EFT generation to the terminal with its speed, then the same prompt through
-    ft-small and base-large alone for contrast."""
+    ft-small alone, base-large alone and EFT down-scaling (where served) for contrast."""
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
     print("\nEFT up-scaling: base-large + 1.0 * (ft-small - base-small)")
     print(f"prompt: {prompt!r}\n---")
@@ -175,11 +175,20 @@ def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: flo
             print(f"\n---\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), finish: {reason}")
     if gold is not None:
         print(f"gold answer: {gold!r}")
-    for role in ("ft-small", "base-large"):
+    contrasts = {
+        "ft-small alone": generator_pb2.Composition(base="ft-small"),
+        "base-large alone": generator_pb2.Composition(base="base-large"),
+        "EFT down-scaling": generator_pb2.Composition(
+            base="base-small", deltas=[generator_pb2.Delta(tuned="ft-large", reference="base-large", weight=1.0)]),
+    }
+    served = {u.role for u in stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=30).upstreams}
+    for name, comp in contrasts.items():
+        if not {comp.base, *(d.tuned for d in comp.deltas), *(d.reference for d in comp.deltas)} <= served:
+            continue
         r = stub.Complete(generator_pb2.CompleteRequest(
-            prompt=prompt, composition=generator_pb2.Composition(base=role), sampling={"temperature": temperature},
+            prompt=prompt, composition=comp, sampling={"temperature": temperature},
             seed=0, max_new_tokens=min(max_new_tokens, 16)), timeout=300)
-        print(f"{role + ' alone:':18s}{r.text!r}")
+        print(f"{name + ':':18s}{r.text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
