@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench eval clean
+.PHONY: help install protos check-protos lint test run models bench eval load clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,6 +50,9 @@ run: $(STAMP) ## run the mesh on the demo models on loopback and stream a genera
 
 bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
 	$(PY) -m eftmesh.bench $(ARGS)
+
+load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results.json
+	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results.json --markdown $(ARGS)
 
 models: $(STAMP) ## train the demo family from scratch into models/demo (resumable; an hour or more on a CPU)
 	$(PY) -m eftmesh.demo.build_family --out models/demo --work build/demo $(ARGS)

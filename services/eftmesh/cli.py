@@ -5,6 +5,7 @@
     eftmesh up                                               # the whole mesh on loopback
     eftmesh logit --model DIR --role base-large --port 50051 # one logit service
     eftmesh combiner --upstream base-large=HOST:PORT ...     # the combiner
+    eftmesh load load_tests/*.json --address HOST:PORT       # ghz scenarios, without ghz
 """
 
 from __future__ import annotations
@@ -124,17 +125,19 @@ def info(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The service entry points own their flags; hand them the rest of the line untouched.
-    if argv and argv[0] in ("logit", "combiner", "up"):
+    if argv and argv[0] in ("logit", "combiner", "up", "load"):
         cmd, rest = argv[0], argv[1:]
         if cmd == "logit":
             from eftmesh.logit.server import main as run
         elif cmd == "combiner":
             from eftmesh.combiner.server import main as run
+        elif cmd == "load":
+            from eftmesh.loadtest import main as run
         else:
             from eftmesh.launcher import main as run
         run(rest)
         return
-    p = argparse.ArgumentParser(prog="eftmesh", description="Emulated fine-tuning over a gRPC mesh. Subcommands logit, combiner and up take --help too.")
+    p = argparse.ArgumentParser(prog="eftmesh", description="Emulated fine-tuning over a gRPC mesh. Subcommands logit, combiner, up and load take --help too.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text from a combiner")
     g.add_argument("prompt", help="text to continue")
@@ -148,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("logit", help="run one logit service (see: eftmesh logit --help)")
     sub.add_parser("combiner", help="run the combiner (see: eftmesh combiner --help)")
     sub.add_parser("up", help="run the whole mesh on loopback and stream a generation (see: eftmesh up --help)")
+    sub.add_parser("load", help="run ghz load-test scenario files against a combiner (see: eftmesh load --help)")
     a = p.parse_args(argv)
     sys.exit({"generate": generate, "info": info}[a.cmd](a))
 

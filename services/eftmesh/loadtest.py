@@ -1,0 +1,406 @@
+"""Load tests: run ghz scenario files against a mesh, with ghz or without it.
+
+The scenarios in load_tests/*.json are ghz configuration files (https://ghz.sh/docs/config):
+people who have ghz run them as they are,
+
+    ghz --config load_tests/complete-greedy.json --host combiner:50050
+
+and this runner plays the same files where ghz cannot be had (it is in no package registry
+here): same call, data, concurrency, total or duration, rps and timeout, same summary
+(latency percentiles, requests/s, status code distribution), plus what ghz cannot see in an
+LLM service: completion tokens/s and, for the streaming Generate call, time to first token.
+
+    eftmesh load load_tests/*.json --address HOST:PORT      # against a running combiner
+    make load                                               # starts the demo mesh, runs all
+
+What it reads from a ghz file: call, host, data (one message, or an array used round-robin
+across requests, as ghz does for unary calls), metadata, concurrency, total, duration, rps
+(or older ghz's "qps"), timeout, name. In string values of data, {{.RequestNumber}} and
+{{.WorkerID}} are replaced as ghz's call templates do. ghz-only keys (proto, format, output, ...) are ignored; anything
+else is an error, so a typo cannot silently change a scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf.message import Message
+
+from eftmesh.v1 import generator_pb2, logit_pb2  # noqa: F401 - registers eftmesh.v1 in the pool
+
+# ghz keys this runner reads, and ghz keys it accepts but has no use for.
+_READ = {"name", "call", "host", "data", "metadata", "concurrency", "total", "duration", "rps", "qps", "timeout",
+         "insecure"}
+_IGNORED = {"proto", "protoset", "import-paths", "format", "output", "cpus", "connections", "skipTLS", "skipFirst",
+            "reflect-metadata", "cacert", "cert", "key", "cname", "authority", "tags", "debug", "keepalive",
+            "connect-timeout", "max-duration", "duration-stop", "stream-interval", "enable-compression",
+            "load-schedule", "concurrency-schedule", "async", "count-errors", "lb-strategy"}
+_TEMPLATE = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot run as written; the message says what to fix."""
+
+
+def parse_duration(text: str | int | float, key: str) -> float:
+    """Seconds in a Go duration string ("20s", "1m30s", "500ms") or a bare number of seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise ScenarioError(f"{key}: {text!r} is not a duration like '20s', '1m30s' or '500ms'")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One ghz configuration, as this runner reads it."""
+
+    name: str
+    service: str  # e.g. eftmesh.v1.Generator
+    method: str  # e.g. Complete
+    data: tuple[dict, ...]  # round-robin over requests
+    metadata: tuple[tuple[str, str], ...] = ()
+    concurrency: int = 50  # ghz's defaults
+    total: int | None = 200
+    duration_s: float | None = None
+    rps: float | None = None
+    timeout_s: float = 20.0
+    host: str | None = None
+
+    @staticmethod
+    def load(path: Path) -> Scenario:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ScenarioError(f"{path}: cannot read a JSON ghz config: {e}") from None
+        return Scenario.from_dict(raw, default_name=path.stem, where=str(path))
+
+    @staticmethod
+    def from_dict(raw: dict, default_name: str = "scenario", where: str = "scenario") -> Scenario:
+        unknown = set(raw) - _READ - _IGNORED
+        if unknown:
+            raise ScenarioError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_READ)}")
+        call = raw.get("call")
+        if not isinstance(call, str) or not re.fullmatch(r"[\w.]+[./]\w+", call):
+            raise ScenarioError(f"{where}: 'call' must be 'package.Service.Method' or 'package.Service/Method', got {call!r}")
+        service, method = re.split(r"[./](?=\w+$)", call)
+        data = raw.get("data", {})
+        data = tuple(data) if isinstance(data, list) else (data,)
+        if not data or not all(isinstance(d, dict) for d in data):
+            raise ScenarioError(f"{where}: 'data' must be a JSON object or a non-empty array of objects")
+        duration = parse_duration(raw["duration"], "duration") if raw.get("duration") else None
+        total = raw.get("total", None if duration else 200)
+        concurrency = int(raw.get("concurrency", 50))
+        if concurrency < 1 or (total is not None and int(total) < 1):
+            raise ScenarioError(f"{where}: concurrency and total must be at least 1")
+        return Scenario(
+            name=str(raw.get("name", default_name)), service=service, method=method, data=data,
+            metadata=tuple((str(k).lower(), str(v)) for k, v in raw.get("metadata", {}).items()),
+            concurrency=concurrency, total=int(total) if total is not None else None, duration_s=duration,
+            rps=float(raw.get("rps") or raw.get("qps") or 0) or None,
+            timeout_s=parse_duration(raw.get("timeout", "20s"), "timeout"), host=raw.get("host"),
+        )
+
+
+@dataclass
+class Call:
+    """A scenario's method, resolved against the eftmesh.v1 protos."""
+
+    path: str
+    request_class: type[Message]
+    response_class: type[Message]
+    server_streaming: bool
+
+    @staticmethod
+    def resolve(s: Scenario) -> Call:
+        pool = descriptor_pool.Default()
+        try:
+            service = pool.FindServiceByName(s.service)
+        except KeyError:
+            raise ScenarioError(f"{s.name}: no service {s.service!r} (known: eftmesh.v1.Generator, eftmesh.v1.LogitService)") from None
+        method = service.methods_by_name.get(s.method)
+        if method is None:
+            raise ScenarioError(f"{s.name}: {s.service} has no method {s.method!r} (it has {sorted(service.methods_by_name)})")
+        if method.client_streaming:
+            raise ScenarioError(f"{s.name}: client-streaming calls are not supported")
+        return Call(f"/{s.service}/{s.method}", message_factory.GetMessageClass(method.input_type),
+                    message_factory.GetMessageClass(method.output_type), method.server_streaming)
+
+    def request(self, template: dict, request_number: int, worker_id: int, where: str) -> Message:
+        values = {"RequestNumber": str(request_number), "WorkerID": str(worker_id)}
+
+        def fill(v: Any) -> Any:
+            if isinstance(v, str):
+                def sub(m: re.Match) -> str:
+                    if m.group(1) not in values:
+                        raise ScenarioError(f"{where}: template {m.group(0)} is not supported (only {{{{.RequestNumber}}}} and {{{{.WorkerID}}}})")
+                    return values[m.group(1)]
+                return _TEMPLATE.sub(sub, v)
+            if isinstance(v, dict):
+                return {k: fill(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [fill(x) for x in v]
+            return v
+
+        try:
+            return json_format.ParseDict(fill(template), self.request_class())
+        except json_format.ParseError as e:
+            raise ScenarioError(f"{where}: data does not fit {self.request_class.DESCRIPTOR.full_name}: {e}") from None
+
+
+@dataclass
+class Result:
+    """What one request did."""
+
+    code: grpc.StatusCode
+    latency_s: float
+    first_s: float | None = None  # streaming: time to the first response carrying tokens
+    completion_tokens: int = 0
+    error: str = ""
+
+
+def _tokens(response: Message) -> int:
+    if response.DESCRIPTOR.fields_by_name.get("usage") is not None and response.HasField("usage"):
+        return response.usage.completion_tokens
+    return 0
+
+
+def _one(channel: grpc.Channel, call: Call, request: Message, s: Scenario) -> Result:
+    start = time.perf_counter()
+    kwargs = {"timeout": s.timeout_s, "metadata": s.metadata or None}
+    serializer, deserializer = type(request).SerializeToString, call.response_class.FromString
+    try:
+        if call.server_streaming:
+            stub = channel.unary_stream(call.path, request_serializer=serializer, response_deserializer=deserializer)
+            first, tokens = None, 0
+            for response in stub(request, **kwargs):
+                if first is None and getattr(response, "token_ids", None):
+                    first = time.perf_counter() - start
+                tokens = max(tokens, _tokens(response))
+            return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens)
+        stub = channel.unary_unary(call.path, request_serializer=serializer, response_deserializer=deserializer)
+        response = stub(request, **kwargs)
+        return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response))
+    except grpc.RpcError as e:
+        return Result(e.code(), time.perf_counter() - start, error=f"{e.code().name}: {e.details()}")
+
+
+@dataclass
+class Report:
+    """A ghz-style summary of one scenario run."""
+
+    name: str
+    call: str
+    concurrency: int
+    results: list[Result] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        ok = [r for r in self.results if r.code == grpc.StatusCode.OK]
+        codes = Counter(r.code.name for r in self.results)
+        errors = Counter(r.error for r in self.results if r.error)
+        tokens = sum(r.completion_tokens for r in ok)
+        out = {
+            "name": self.name, "call": self.call, "concurrency": self.concurrency,
+            "count": len(self.results), "ok": len(ok), "total_s": round(self.wall_s, 3),
+            "requests_per_s": round(len(self.results) / self.wall_s, 3) if self.wall_s else 0.0,
+            "completion_tokens": tokens,
+            "tokens_per_s": round(tokens / self.wall_s, 2) if self.wall_s else 0.0,
+            "latency_ms": _distribution([r.latency_s for r in ok]),
+            "status": dict(codes.most_common()),
+            "errors": dict(errors.most_common(10)),
+        }
+        firsts = [r.first_s for r in ok if r.first_s is not None]
+        if firsts:
+            out["time_to_first_token_ms"] = _distribution(firsts)
+        return out
+
+
+def _distribution(seconds: Sequence[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    ms = sorted(s * 1000.0 for s in seconds)
+
+    def pct(p: float) -> float:
+        return round(ms[min(len(ms) - 1, int(p / 100.0 * len(ms)))], 2)
+
+    return {"fastest": round(ms[0], 2), "average": round(statistics.fmean(ms), 2), "p50": pct(50), "p90": pct(90),
+            "p95": pct(95), "p99": pct(99), "slowest": round(ms[-1], 2)}
+
+
+def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None) -> Report:
+    """Run a scenario against `address` with `s.concurrency` workers sharing one channel, as
+    ghz does by default (one connection)."""
+    call = Call.resolve(s)
+    # Build every distinct request once up front, so bad data fails before any load is sent.
+    for i, template in enumerate(s.data):
+        call.request(template, i, 0, s.name)
+    report = Report(s.name, f"{s.service}.{s.method}", s.concurrency)
+    lock = threading.Lock()
+    counter = iter(range(sys.maxsize))
+    start = time.perf_counter()
+    deadline = start + s.duration_s if s.duration_s else None
+
+    def next_number() -> int | None:
+        with lock:
+            n = next(counter)
+        if s.total is not None and n >= s.total:
+            return None
+        if s.rps:  # ghz's constant schedule: request n is due at n / rps
+            due = start + n / s.rps
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        if deadline is not None and time.perf_counter() >= deadline:
+            return None
+        return n
+
+    def worker(worker_id: int, channel: grpc.Channel) -> None:
+        while (n := next_number()) is not None:
+            request = call.request(s.data[n % len(s.data)], n, worker_id, s.name)
+            result = _one(channel, call, request, s)
+            with lock:
+                report.results.append(result)
+                done = len(report.results)
+            if progress:
+                progress(done)
+
+    with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(s.concurrency) as pool:
+        for f in [pool.submit(worker, w, channel) for w in range(s.concurrency)]:
+            f.result()
+    report.wall_s = time.perf_counter() - start
+    return report
+
+
+def summary(d: dict) -> str:
+    """The report in ghz's own summary layout, with the LLM figures appended."""
+    lat = d["latency_ms"]
+    lines = [
+        f"Summary: {d['name']} ({d['call']}, concurrency {d['concurrency']})",
+        f"  Count:        {d['count']}",
+        f"  Total:        {d['total_s'] * 1000:.2f} ms",
+    ]
+    if lat:
+        lines += [f"  Slowest:      {lat['slowest']:.2f} ms", f"  Fastest:      {lat['fastest']:.2f} ms",
+                  f"  Average:      {lat['average']:.2f} ms"]
+    lines += [f"  Requests/sec: {d['requests_per_s']:.2f}",
+              f"  Tokens/sec:   {d['tokens_per_s']:.2f} ({d['completion_tokens']} completion tokens)"]
+    if lat:
+        lines += ["", "Latency distribution:"] + [f"  {p} % in {lat[f'p{p}']:.2f} ms" for p in (50, 90, 95, 99)]
+    if "time_to_first_token_ms" in d:
+        t = d["time_to_first_token_ms"]
+        lines += [f"  time to first token: p50 {t['p50']:.2f} ms, p99 {t['p99']:.2f} ms"]
+    lines += ["", "Status code distribution:"] + [f"  [{c}] {n} responses" for c, n in d["status"].items()]
+    if d["errors"]:
+        lines += ["", "Error distribution:"] + [f"  [{n}] {e}" for e, n in d["errors"].items()]
+    return "\n".join(lines)
+
+
+def markdown(reports: Sequence[dict]) -> str:
+    """One README table row per scenario."""
+    rows = ["| scenario | call | concurrency | requests | OK | req/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms | other statuses |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in reports:
+        lat, ttft = d["latency_ms"], d.get("time_to_first_token_ms", {})
+        other = ", ".join(f"{c} {n}" for c, n in d["status"].items() if c != "OK") or "-"
+        rows.append(f"| {d['name']} | {d['call'].rsplit('.', 1)[1]} | {d['concurrency']} | {d['count']} | {d['ok']} | "
+                    f"{d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | {lat.get('p50', float('nan')):.0f} | "
+                    f"{lat.get('p99', float('nan')):.0f} | {ttft.get('p50', float('nan')):.0f} | {other} |")
+    return "\n".join(rows)
+
+
+def _progress(name: str, total: int | None) -> Callable[[int], None]:
+    last = [0.0]
+
+    def show(done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            print(f"\r  {name}: {done}{f'/{total}' if total else ''} requests", end="", file=sys.stderr, flush=True)
+            if done == total:
+                print(file=sys.stderr)
+
+    return show
+
+
+def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Path | None,
+            quiet: bool = False) -> list[dict]:
+    scenarios = []
+    for path in paths:
+        s = Scenario.load(path)
+        s = Scenario(**{**s.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        Call.resolve(s)  # fail on a bad call before running anything
+        scenarios.append(s)
+    reports = []
+    for s in scenarios:
+        target = address or s.host
+        if not target:
+            raise ScenarioError(f"{s.name}: no address: give --address or set 'host' in the file")
+        d = run(s, target, None if quiet else _progress(s.name, s.total)).as_dict()
+        reports.append(d)
+        if not quiet:
+            print(summary(d) + "\n", flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"scenarios": reports}, indent=2) + "\n")
+    return reports
+
+
+@contextmanager
+def _local_mesh(models: Path, port: int, combiner_args: Sequence[str]) -> Iterator[str]:
+    from eftmesh.launcher import LocalMesh, resolve_models
+
+    roles = {r: p for r, p in resolve_models(models).items() if r in ("base-large", "base-small", "ft-small")}
+    with LocalMesh(roles, port=port, log_dir=Path("build/load"), combiner_args=combiner_args) as mesh:
+        yield mesh.address
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="eftmesh load", description=__doc__.splitlines()[0],
+                                epilog="Scenario files are ghz configs; see load_tests/README.md.")
+    p.add_argument("scenarios", nargs="+", type=Path, help="ghz JSON config files")
+    p.add_argument("--address", default=None, help="combiner host:port (default: each file's 'host')")
+    p.add_argument("--local-mesh", type=Path, default=None, metavar="MODELS",
+                   help="start a mesh on loopback over this model family first (as `eftmesh up` does) and test it")
+    p.add_argument("--port", type=int, default=50450, help="first port of the --local-mesh mesh (default: %(default)s)")
+    p.add_argument("--combiner-arg", action="append", default=[], help="extra flag for the --local-mesh combiner; repeatable")
+    p.add_argument("--concurrency", type=int, default=None, help="override every scenario's concurrency")
+    p.add_argument("--total", type=int, default=None, help="override every scenario's total")
+    p.add_argument("--out", type=Path, default=None, help="write the reports as JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print a README table of the runs")
+    a = p.parse_args(argv)
+    overrides = {"concurrency": a.concurrency, "total": a.total}
+    try:
+        if a.local_mesh:
+            with _local_mesh(a.local_mesh, a.port, a.combiner_arg) as address:
+                reports = run_all(a.scenarios, address, overrides, a.out)
+        else:
+            reports = run_all(a.scenarios, a.address, overrides, a.out)
+    except ScenarioError as e:
+        p.error(str(e))
+    if a.markdown:
+        print(markdown(reports))
+    if a.out:
+        print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
