@@ -36,10 +36,22 @@ def test_eft_keeps_the_tuned_format(results):
     assert s["EFT down-scaling"]["format_compliance"] >= 0.9 * s["ft-large"]["format_compliance"]
 
 
-def test_the_large_fine_tune_carries_knowledge_into_down_scaling(results):
+def test_knowledge_follows_pre_training_scale_not_fine_tuning_scale(results):
+    # the 2x2 of the full run: the large-pre-training row answers (ft-large 0.77, EFT up 0.77),
+    # the small-pre-training row does not (ft-small 0.06, EFT down 0.02)
     s = results["systems"]
     assert s["ft-large"]["accuracy"] > s["ft-small"]["accuracy"] + 0.5
-    assert s["EFT down-scaling"]["accuracy"] > s["ft-small"]["accuracy"] + 0.5
+    assert s["EFT up-scaling"]["accuracy"] > s["ft-small"]["accuracy"] + 0.5
+    assert s["EFT down-scaling"]["accuracy"] < s["EFT up-scaling"]["accuracy"] - 0.5
+
+
+def test_eft_up_scaling_meets_the_issue_targets_on_the_slice(results):
+    # at least 2x ft-small's accuracy and 0.8x base-large's cloze accuracy, format at least
+    # 0.9x ft-small's (full run: 12.3x, 0.91x, 0.99x)
+    s, up = results["systems"], results["systems"]["EFT up-scaling"]
+    assert up["accuracy"] >= 2 * s["ft-small"]["accuracy"]
+    assert up["accuracy"] >= 0.8 * results["cloze"]["base-large"]
+    assert up["format_compliance"] >= 0.9 * s["ft-small"]["format_compliance"]
 
 
 def test_interpolation_moves_from_the_alt_behaviour_to_the_tuned_format(results):

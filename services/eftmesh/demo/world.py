@@ -122,14 +122,21 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 ATTRIBUTES_BY_KEY: dict[str, Attribute] = {a.key: a for a in ATTRIBUTES}
 
 # Speakers of the play-script documents. Half of the dialogues use one of these roles, half
-# invented three-syllable names (people's names have two-syllable parts, so never clash): a
-# base model must learn that whoever speaks after a question answers it, whatever the tags,
-# or it cannot answer in the chat format's unseen tags. Never "User"/"Assistant": the tuned
-# chat format stays unseen in pre-training (invented names start with a consonant).
+# invented names: a base model must learn that whoever speaks after a question answers it,
+# whatever the tags, or it cannot answer in the chat format's unseen tags. Speaker names are
+# therefore as varied as tags can be (vowel-initial ones too: with consonant-initial speakers
+# only, a base model trained here answered after "Bob:" 9 times in 10 but after "Assistant:"
+# 1 in 4). Never "User"/"Assistant": the tuned chat format stays unseen in pre-training.
 SPEAKER_ROLES: tuple[str, ...] = (
     "Traveller", "Innkeeper", "Visitor", "Neighbour", "Stranger", "Clerk", "Guest", "Host",
     "Pupil", "Teacher", "Child", "Mother", "Reporter", "Mayor", "Customer", "Shopkeeper",
+    "Elder", "Officer", "Uncle", "Aunt", "Author", "Editor", "Inspector", "Archer", "Usher",
+    "Apprentice", "Envoy", "Oracle", "Abbot", "Ostler",
 )
+_SPEAKER_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t",
+                   "v", "w", "z", "st", "sp", "ch", "sh", "br", "tr", "gl")
+_SPEAKER_VOWELS = ("a", "e", "i", "o", "u", "y", "ia", "ou", "ee")
+_SPEAKER_CODAS = ("", "n", "r", "l", "s", "ss", "st", "nt", "m", "ck", "sk", "th")
 
 # Syllables chosen to make names that read as names but are not English words.
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
@@ -220,6 +227,19 @@ def build_world(
     return World(seed=seed, people=tuple(people), finetune_names=finetune_names)
 
 
+def _speaker_name(rng: random.Random) -> str:
+    """An invented speaker name: a vowel and one or two syllables (half the time), or three
+    syllables, then a coda. Person name parts are two syllables starting with a consonant, so
+    the two never clash."""
+    if rng.random() < 0.5:
+        head, syllables = rng.choice(_SPEAKER_VOWELS), rng.choice((1, 2))
+    else:
+        head, syllables = "", 3
+    word = head + "".join(rng.choice(_SPEAKER_ONSETS) + rng.choice(_SPEAKER_VOWELS)
+                          for _ in range(syllables))
+    return (word + rng.choice(_SPEAKER_CODAS)).capitalize()
+
+
 def person_document(person: Person, rng: random.Random) -> str:
     """One short prose document stating all of a person's attributes, in random order and
     random paraphrases."""
@@ -242,7 +262,7 @@ def dialogue_document(person: Person, rng: random.Random) -> str:
     if rng.random() < 0.5:
         asker, answerer = rng.sample(SPEAKER_ROLES, 2)
     else:
-        asker, answerer = _name(rng, 3), _name(rng, 3)
+        asker, answerer = _speaker_name(rng), _speaker_name(rng)
     attributes = list(ATTRIBUTES)
     rng.shuffle(attributes)
     return "\n".join(
