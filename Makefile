@@ -51,8 +51,8 @@ run: $(STAMP) ## run the mesh on the demo models on loopback and stream a genera
 bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
 	$(PY) -m eftmesh.bench $(ARGS)
 
-load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results.json
-	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results.json --markdown $(ARGS)
+load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results/demo-cpu.json
+	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)
 
 models: $(STAMP) ## train the demo family from scratch into models/demo (resumable; an hour or more on a CPU)
 	$(PY) -m eftmesh.demo.build_family --out models/demo --work build/demo $(ARGS)

@@ -76,6 +76,7 @@ def test_overload_is_counted_as_resource_exhausted(mesh, tiny_family):
     assert d["ok"] + d["status"]["RESOURCE_EXHAUSTED"] == 12
     assert any(e.startswith("RESOURCE_EXHAUSTED: ") for e in d["errors"])
     assert d["completion_tokens"] == d["ok"] * 24  # only successful requests' tokens count
+    assert d["failed_latency_ms"]["p50"] < d["latency_ms"]["p50"]  # shed at once, not after queueing
 
 
 def test_bad_data_fails_before_any_load_is_sent(mesh):
@@ -125,7 +126,7 @@ def test_cli_prints_a_ghz_style_summary_and_writes_json(mesh, tmp_path, capsys):
                    "--markdown"])
     text = capsys.readouterr().out
     assert "Summary: tiny" in text and "Status code distribution:" in text and "[OK] 2 responses" in text
-    assert "| tiny | Complete | 1 | 2 | 2 |" in text
+    assert "| tiny | Complete | 1 | 2 | 2 |" in text and "| - | - |" in text  # no TTFT, no failures
     assert json.loads(out.read_text())["scenarios"][0]["ok"] == 2
 
 

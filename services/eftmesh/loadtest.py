@@ -228,6 +228,9 @@ class Report:
             "status": dict(codes.most_common()),
             "errors": dict(errors.most_common(10)),
         }
+        failed = [r.latency_s for r in self.results if r.code != grpc.StatusCode.OK]
+        if failed:
+            out["failed_latency_ms"] = _distribution(failed)  # how fast errors come back (load shedding)
         firsts = [r.first_s for r in ok if r.first_s is not None]
         if firsts:
             out["time_to_first_token_ms"] = _distribution(firsts)
@@ -310,20 +313,28 @@ def summary(d: dict) -> str:
         lines += [f"  time to first token: p50 {t['p50']:.2f} ms, p99 {t['p99']:.2f} ms"]
     lines += ["", "Status code distribution:"] + [f"  [{c}] {n} responses" for c, n in d["status"].items()]
     if d["errors"]:
+        f = d["failed_latency_ms"]
         lines += ["", "Error distribution:"] + [f"  [{n}] {e}" for e, n in d["errors"].items()]
+        lines += [f"  failed calls returned in: p50 {f['p50']:.2f} ms, p99 {f['p99']:.2f} ms"]
     return "\n".join(lines)
 
 
 def markdown(reports: Sequence[dict]) -> str:
     """One README table row per scenario."""
-    rows = ["| scenario | call | concurrency | requests | OK | req/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms | other statuses |",
+    rows = ["| scenario | call | concurrency | requests | OK | req/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms "
+            "| other statuses (p50 ms) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(dist: dict, key: str) -> str:
+        return f"{dist[key]:.0f}" if key in dist else "-"
+
     for d in reports:
         lat, ttft = d["latency_ms"], d.get("time_to_first_token_ms", {})
-        other = ", ".join(f"{c} {n}" for c, n in d["status"].items() if c != "OK") or "-"
+        other = ", ".join(f"{c} {n}" for c, n in d["status"].items() if c != "OK")
+        other = f"{other} ({ms(d['failed_latency_ms'], 'p50')})" if other else "-"
         rows.append(f"| {d['name']} | {d['call'].rsplit('.', 1)[1]} | {d['concurrency']} | {d['count']} | {d['ok']} | "
-                    f"{d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | {lat.get('p50', float('nan')):.0f} | "
-                    f"{lat.get('p99', float('nan')):.0f} | {ttft.get('p50', float('nan')):.0f} | {other} |")
+                    f"{d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | {ms(lat, 'p50')} | {ms(lat, 'p99')} | "
+                    f"{ms(ttft, 'p50')} | {other} |")
     return "\n".join(rows)
 
 
