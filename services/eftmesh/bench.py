@@ -280,7 +280,7 @@ def plot(out: dict, ks: Sequence[int], path: str) -> None:
 
     med = out["median_tokens_per_s"]
     plain = med["mesh plain EFT"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(9.0, 4.0))
     ax.plot(ks, [med[f"mesh spec k={k}"] for k in ks], "o-", label="speculative EFT (mesh), fixed k")
     ax.plot(ks, [out["ceilings"][k]["ideal_speedup"] * plain for k in ks], "o:", color="grey", label="ceiling from measured acceptance and costs")
     ax.axhline(med["mesh spec adaptive"], color="C1", ls="--", label="speculative EFT (mesh), adaptive k")
@@ -292,7 +292,7 @@ def plot(out: dict, ks: Sequence[int], path: str) -> None:
     ax.set_xlabel("block size k")
     ax.set_ylabel("tokens / s (median)")
     ax.set_title(f"EFT up-scaling, {out['workload']} workload, {out['device']}")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
