@@ -121,3 +121,24 @@ def test_cloze_correct_needs_the_gold_as_a_whole_word() -> None:
     assert not world.cloze_correct(" Dunmeres", "Dunmere")
     assert not world.cloze_correct(" the town of Dunmere", "Dunmere")
     assert world.cloze_correct(" cat<|endoftext|>", "cat")
+
+
+class _ScriptedRandom:
+    """A stand-in for random.Random that returns scripted draws, to force a given name."""
+
+    def __init__(self, randoms: list[float], choices: list[object]) -> None:
+        self._randoms, self._choices = list(randoms), list(choices)
+
+    def random(self) -> float:
+        return self._randoms.pop(0)
+
+    def choice(self, options):
+        value = self._choices.pop(0)
+        assert value in options
+        return value
+
+
+def test_an_invented_speaker_is_never_a_chat_format_tag() -> None:
+    # first draw spells "User" (vowel head "u", one syllable "se", coda "r"): it is drawn again
+    rng = _ScriptedRandom([0.1, 0.9], ["u", 1, "s", "e", "r", "t", "a", "l", "o", "m", "i", "n"])
+    assert world._speaker_name(rng) == "Talomin"

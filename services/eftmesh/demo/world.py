@@ -136,6 +136,7 @@ SPEAKER_ROLES: tuple[str, ...] = (
 _SPEAKER_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t",
                    "v", "w", "z", "st", "sp", "ch", "sh", "br", "tr", "gl")
 _SPEAKER_VOWELS = ("a", "e", "i", "o", "u", "y", "ia", "ou", "ee")
+_RESERVED_SPEAKERS = frozenset({"User", "Assistant"})  # the tuned chat format's tags
 _SPEAKER_CODAS = ("", "n", "r", "l", "s", "ss", "st", "nt", "m", "ck", "sk", "th")
 
 # Syllables chosen to make names that read as names but are not English words.
@@ -230,14 +231,17 @@ def build_world(
 def _speaker_name(rng: random.Random) -> str:
     """An invented speaker name: a vowel and one or two syllables (half the time), or three
     syllables, then a coda. Person name parts are two syllables starting with a consonant, so
-    the two never clash."""
-    if rng.random() < 0.5:
-        head, syllables = rng.choice(_SPEAKER_VOWELS), rng.choice((1, 2))
-    else:
-        head, syllables = "", 3
-    word = head + "".join(rng.choice(_SPEAKER_ONSETS) + rng.choice(_SPEAKER_VOWELS)
-                          for _ in range(syllables))
-    return (word + rng.choice(_SPEAKER_CODAS)).capitalize()
+    the two never clash; the chat format's own tags ("User" can be spelled) are drawn again."""
+    while True:
+        if rng.random() < 0.5:
+            head, syllables = rng.choice(_SPEAKER_VOWELS), rng.choice((1, 2))
+        else:
+            head, syllables = "", 3
+        word = head + "".join(rng.choice(_SPEAKER_ONSETS) + rng.choice(_SPEAKER_VOWELS)
+                              for _ in range(syllables))
+        name = (word + rng.choice(_SPEAKER_CODAS)).capitalize()
+        if name not in _RESERVED_SPEAKERS:
+            return name
 
 
 def person_document(person: Person, rng: random.Random) -> str:
