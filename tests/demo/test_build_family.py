@@ -5,6 +5,7 @@ It needs the Debian prose packages (see corpus.py) and is skipped, saying so, wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,3 +61,20 @@ def test_a_rerun_resumes_from_the_finished_stages(smoke_family) -> None:
     stamp = (work / "stages" / "base-large" / "stage.json").stat().st_mtime_ns
     build_family.build(build_family.SMOKE, out, work, threads=1, device=torch.device("cpu"))
     assert (work / "stages" / "base-large" / "stage.json").stat().st_mtime_ns == stamp
+
+
+def test_a_work_dir_from_another_build_is_refused_or_deleted_with_fresh(smoke_family, tmp_path) -> None:
+    out, work, _ = smoke_family
+    other = dataclasses.replace(build_family.SMOKE, seed=1)
+    stamp = (work / "BUILD_KEY.json").read_text()
+    with pytest.raises(SystemExit, match="config differ.*--fresh"):
+        build_family.check_work_dir(other, work, fresh=False)
+    assert (work / "BUILD_KEY.json").read_text() == stamp  # refused: nothing touched
+    # a work dir from before build keys existed is refused too
+    old = tmp_path / "old"
+    (old / "stages").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="records no build key"):
+        build_family.check_work_dir(build_family.SMOKE, old, fresh=False)
+    build_family.check_work_dir(build_family.SMOKE, old, fresh=True)
+    assert not (old / "stages").exists()
+    assert json.loads((old / "BUILD_KEY.json").read_text()) == build_family.build_key(build_family.SMOKE)

@@ -4,7 +4,9 @@
         [--device cpu|cuda] [--smoke]
 
 Stages run in order and each is skipped when its output exists under --work; training stages
-checkpoint every few minutes and resume, so re-running after an interruption is cheap. The end
+checkpoint every few minutes and resume, so re-running after an interruption is cheap. --work
+records what it was built from (BUILD_KEY.json: config, shapes, a digest of the data and
+training code); a work dir from another build is refused, or deleted with --fresh. The end
 writes the shipped checkpoints (float16 safetensors, tokenizer copied into each), FAMILY.json,
 the training loss log, the evaluation files, and prints an in-process sanity check.
 """
@@ -12,6 +14,7 @@ the training loss log, the evaluation files, and prints an in-process sanity che
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -28,7 +31,7 @@ import transformers
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from eftmesh.demo import chat_format, corpus, world
+from eftmesh.demo import chat_format, corpus, training, world
 from eftmesh.demo.inference import greedy_complete, ms_per_forward
 from eftmesh.demo.training import (
     BatchFn, LossLog, ModelSpec, Schedule, StageResult, count_parameters, new_model, pair_batches,
@@ -82,6 +85,40 @@ SMOKE = BuildConfig(
 
 def _log(message: str) -> None:
     print(f"[build_family] {message}", file=sys.stderr, flush=True)
+
+
+# Modules whose code decides what the stages produce: a work dir built by other code is stale.
+_STAGE_SOURCES = (world, chat_format, corpus, training)
+
+
+def build_key(cfg: BuildConfig) -> dict:
+    """What a work dir's stages were built from: the config, the model shapes, and a digest of
+    the code that writes the data and trains."""
+    digest = hashlib.sha256()
+    for module in _STAGE_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    return {"config": json.loads(json.dumps(asdict(cfg))), "shapes": {"small": asdict(SMALL), "large": asdict(LARGE)},
+            "code_sha256": digest.hexdigest()}
+
+
+def check_work_dir(cfg: BuildConfig, work: Path, fresh: bool) -> None:
+    """Make `work` safe to resume from: stages are skipped when their output exists, so a work
+    dir left by a different config or different data code would silently yield an old family.
+    Refuse it (or, with `fresh`, delete it) unless its recorded build key matches."""
+    key, path = build_key(cfg), work / "BUILD_KEY.json"
+    if work.exists() and any(work.iterdir()):
+        recorded = json.loads(path.read_text()) if path.exists() else None
+        if recorded != key:
+            if not fresh:
+                what = ("it records no build key" if recorded is None else
+                        ", ".join(k for k in key if recorded.get(k) != key[k]) + " differ")
+                raise SystemExit(f"{work} holds stages of another build ({what}); resuming would mix them "
+                                 f"into this one. Delete it, pass --fresh to let the build delete it, or "
+                                 f"pass another --work.")
+            _log(f"--fresh: deleting {work}, built from another configuration or code")
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(key, indent=2) + "\n")
 
 
 def stage_corpus(cfg: BuildConfig, the_world: world.World, work: Path) -> Path:
@@ -274,11 +311,12 @@ def measure(out: Path, rounds: int) -> dict[str, dict[str, float]]:
             for n, s in samples.items()}
 
 
-def build(cfg: BuildConfig, out: Path, work: Path, threads: int, device: torch.device) -> dict:
+def build(cfg: BuildConfig, out: Path, work: Path, threads: int, device: torch.device,
+          fresh: bool = False) -> dict:
     """Run every stage and write the family; returns the FAMILY.json content."""
     started = time.monotonic()
     torch.set_num_threads(threads)
-    work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(cfg, work, fresh)
     the_world = world.build_world(cfg.seed, cfg.num_people, cfg.finetune_fraction)
     log = LossLog(work / "losses.jsonl")
     corpus_dir = stage_corpus(cfg, the_world, work)
@@ -346,11 +384,13 @@ def main(argv: list[str] | None = None) -> None:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny step counts and corpus: checks the pipeline in a minute")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete --work first if it was built from another configuration or code")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
     family = build(SMOKE if args.smoke else BuildConfig(), args.out, args.work, args.threads,
-                   torch.device(args.device))
+                   torch.device(args.device), fresh=args.fresh)
     print(json.dumps({"cost_ratio_large_to_small": family["cost_ratio_large_to_small"],
                       "sanity_check": family["sanity_check"]}, indent=2))
 
