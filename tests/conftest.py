@@ -50,9 +50,12 @@ class Mesh:
         return logit_pb2_grpc.LogitServiceStub(ch)
 
 
-def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None, **kwargs) -> CombinerServer:
+def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None,
+                   upstream_targets: dict[str, str] | None = None, **kwargs) -> CombinerServer:
+    """A started combiner over loopback logit services; `upstream_targets` overrides a role's
+    target (a replica list, a dns:/// name)."""
     cfg = CombinerConfig(
-        upstreams={r: f"127.0.0.1:{p}" for r, p in ports.items()},
+        upstreams={r: f"127.0.0.1:{p}" for r, p in ports.items()} | (upstream_targets or {}),
         tokenizer=str(tokenizer),
         defaults=Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 64),
         server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0),

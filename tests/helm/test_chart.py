@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.server import parse_args as combiner_args
 from eftmesh.logit.server import parse_args as logit_args
 
@@ -72,7 +73,7 @@ def test_default_release_has_one_logit_service_per_role_and_an_autoscaled_combin
     deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
     roles = {"base-large", "base-small", "ft-small"}
     assert set(deployments) == {f"eft-eftmesh-logit-{r}" for r in roles} | {"eft-eftmesh-combiner"}
-    assert set(services) == set(deployments)
+    assert set(services) == set(deployments) | {f"eft-eftmesh-logit-{r}-replicas" for r in roles}
     for role in roles:
         dep = deployments[f"eft-eftmesh-logit-{role}"]
         cfg = logit_args(container(dep)["args"][1:], environ={})
@@ -81,6 +82,7 @@ def test_default_release_has_one_logit_service_per_role_and_an_autoscaled_combin
         assert container(dep)["resources"]["limits"]["nvidia.com/gpu"] == 1
         # the Service selects exactly this role's pods
         selector = services[f"eft-eftmesh-logit-{role}"]["spec"]["selector"]
+        assert "clusterIP" not in services[f"eft-eftmesh-logit-{role}"]["spec"]  # the ClusterIP one, for other clients
         assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
         assert selector["eftmesh.io/role"] == role
     combiner = deployments["eft-eftmesh-combiner"]
@@ -90,16 +92,22 @@ def test_default_release_has_one_logit_service_per_role_and_an_autoscaled_combin
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
 
 
-def test_combiner_flags_parse_and_point_at_the_logit_services():
+def test_combiner_flags_parse_and_resolve_each_role_s_pods_through_a_headless_service():
     docs = render()
     services = by_kind(docs, "Service")
-    c = container(by_kind(docs, "Deployment")["eft-eftmesh-combiner"])
+    deployments = by_kind(docs, "Deployment")
+    c = container(deployments["eft-eftmesh-combiner"])
     assert c["args"][0] == "combiner"
     cfg = combiner_args(c["args"][1:], environ={})
-    for role, address in cfg.upstreams.items():
-        host, port = address.split(":")
-        assert host in services and services[host]["metadata"]["labels"]["eftmesh.io/role"] == role
-        assert int(port) == services[host]["spec"]["ports"][0]["port"]
+    for role, target in cfg.upstreams.items():
+        kind, (entry,) = parse_target(target)
+        host, port = entry.split(":")
+        assert kind == "dns" and host in services
+        svc = services[host]["spec"]
+        assert svc["clusterIP"] == "None"  # DNS answers with every ready pod, not a virtual IP
+        pods = deployments[f"eft-eftmesh-logit-{role}"]["spec"]["template"]["metadata"]["labels"]
+        assert svc["selector"].items() <= pods.items() and svc["selector"]["eftmesh.io/role"] == role
+        assert int(port) == svc["ports"][0]["port"] == container(deployments[f"eft-eftmesh-logit-{role}"])["ports"][0]["containerPort"]
     assert set(cfg.upstreams) == {"base-large", "base-small", "ft-small"}
     assert cfg.tokenizer == "/app/models/demo/ft-small"
 

@@ -17,6 +17,11 @@
 {{- printf "%s-logit-%s" (include "eftmesh.fullname" .root) .role | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Headless Service of one logit role: DNS lists every ready pod, so the combiner can pin each session to one. */}}
+{{- define "eftmesh.logitReplicasName" -}}
+{{- printf "%s-replicas" (include "eftmesh.logitName" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "eftmesh.combinerName" -}}
 {{- printf "%s-combiner" (include "eftmesh.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.decoding import Decoder
 from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
+from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
 from eftmesh.common import tracing
 from eftmesh.common.errors import EftMeshError
@@ -49,6 +50,10 @@ def _upstream(text: str) -> tuple[str, str]:
     role, sep, addr = text.partition("=")
     if not sep or not role or ":" not in addr:
         raise argparse.ArgumentTypeError(f"expected ROLE=HOST:PORT, got {text!r}")
+    try:
+        parse_target(addr)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{role}: {e}") from None
     return role, addr
 
 
@@ -66,7 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         prog="eftmesh-combiner",
         description="Mix logit services by the EFT formula and serve generations (eftmesh.v1.Generator).",
     )
-    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role")
+    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service): each session then stays on one replica")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id shared by every model (e.g. one model's checkpoint directory)")
     p.add_argument("--default-base", default=DEFAULT_COMPOSITION.base, help="base role of the default composition (default: %(default)s)")
     p.add_argument("--default-delta", type=_delta, action="append", metavar="TUNED,REFERENCE[,WEIGHT]", help="a delta of the default composition; repeatable (default: ft-small,base-small,1.0)")
@@ -83,6 +88,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-concurrent-generations", type=int, default=32, help="generations in flight before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
+    p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait at start for every upstream to answer (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
@@ -111,7 +117,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         tokenizer=a.tokenizer,
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
         server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
-        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout),
+        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
+                              resolve_interval_s=a.resolve_interval),
         max_concurrent_generations=a.max_concurrent_generations,
         otlp=tracing.otlp_requested(env),
     )

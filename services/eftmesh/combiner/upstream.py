@@ -1,26 +1,29 @@
 """The logit services over gRPC: connection, compatibility check, and the per-step fan-out.
 
-Each step issues every role's Score as a gRPC future, so the calls run concurrently on the
-channels' own threads, then collects them. A role whose cache is gone (NOT_FOUND: evicted,
-expired, or a replica that restarted) is re-sent its whole prefix; an unreachable role
-(UNAVAILABLE) is retried with back-off within the caller's deadline, then re-prefilled.
-Losing a logit replica mid-generation therefore costs a re-prefill, not the request.
+Each step issues every role's call concurrently (blocking calls on a thread pool), each to the
+replica that holds the session's cache (replicas.py). A role whose cache is gone (NOT_FOUND:
+evicted, expired, or a replica that restarted) is re-sent its whole prefix; an unreachable
+replica (UNAVAILABLE) loses the session to another replica of the role, or is retried with
+back-off within the caller's deadline when it is the only one. Losing a logit replica
+mid-generation therefore costs a re-prefill, not the request.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 
+from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
 from eftmesh.combiner.scoring import DraftCall, DraftResult, ModelSpec, ScoreCall
 from eftmesh.common import tensors, tracing
 from eftmesh.common.convert import sampling_to_pb
@@ -56,6 +59,10 @@ class UpstreamPolicy:
     retries: int = 3
     # How long start-up waits for every upstream to answer Info.
     connect_timeout_s: float = 120.0
+    # How often replica targets are resolved again (dns:///...) and new replicas verified.
+    resolve_interval_s: float = 5.0
+    # How long a replica that failed a call gets no new sessions.
+    replica_cooldown_s: float = 5.0
 
 
 class UpstreamError(EftMeshError):
@@ -77,7 +84,8 @@ def _remaining(deadline: float | None, cap: float) -> float:
 
 
 class GrpcScorer:
-    """`Scorer` over logit services reached by gRPC, one channel per role."""
+    """`Scorer` over logit services reached by gRPC: a `ReplicaSet` per role, each session
+    pinned to the replica that holds its KV cache."""
 
     def __init__(
         self,
@@ -85,35 +93,85 @@ class GrpcScorer:
         policy: UpstreamPolicy = UpstreamPolicy(),
         tracer_provider: TracerProvider | None = None,
         fanout_threads_per_role: int = 16,
+        resolver: Resolver = resolve_dns,
     ) -> None:
         self.policy = policy
         self.addresses = dict(addresses)
-        self._channels = {
-            role: tracing.traced_channel(grpc.insecure_channel(addr, options=_UPSTREAM_OPTIONS), tracer_provider)
-            for role, addr in self.addresses.items()
+        self._tracer_provider = tracer_provider
+
+        def make_stub(address: str) -> tuple[grpc.Channel, logit_pb2_grpc.LogitServiceStub]:
+            channel = tracing.traced_channel(grpc.insecure_channel(address, options=_UPSTREAM_OPTIONS), tracer_provider)
+            return channel, logit_pb2_grpc.LogitServiceStub(channel)
+
+        self.replicas = {
+            role: ReplicaSet(role, target, make_stub, resolver=resolver, cooldown_s=policy.replica_cooldown_s)
+            for role, target in self.addresses.items()
         }
-        self._stubs = {role: logit_pb2_grpc.LogitServiceStub(ch) for role, ch in self._channels.items()}
-        self._pool = ThreadPoolExecutor(max_workers=max(4, len(self._stubs) * fanout_threads_per_role), thread_name_prefix="upstream")
+        self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
         self.models: dict[str, ModelSpec] = {}
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def connect(self) -> dict[str, ModelSpec]:
-        """Wait until every upstream answers Info (within the connect timeout); fill `models`."""
+        """Wait until a replica of every role answers Info (within the connect timeout); fill
+        `models`, verify every other replica that answers against it, and start re-resolving
+        the targets in the background."""
         deadline = time.monotonic() + self.policy.connect_timeout_s
-        for role, stub in self._stubs.items():
+        for role, rs in self.replicas.items():
             while True:
-                try:
-                    i = stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=5.0, wait_for_ready=True)
+                for r in rs.replicas():
+                    try:
+                        i = r.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=2.0, wait_for_ready=True)
+                    except grpc.RpcError as e:
+                        last = e
+                        continue
+                    spec = ModelSpec.from_info(role, self.addresses[role], i)
+                    if role not in self.models:
+                        self.models[role] = spec
+                    if self._matches(role, spec, r.address):
+                        rs.mark_verified(r.address)
+                if role in self.models:
                     break
-                except grpc.RpcError as e:
-                    if time.monotonic() > deadline:
-                        raise Unavailable(
-                            f"upstream {role} at {self.addresses[role]} did not answer within "
-                            f"{self.policy.connect_timeout_s:.0f} s: {e.details()}"
-                        ) from None
-                    log.info("waiting for %s at %s (%s)", role, self.addresses[role], e.code().name)
-                    time.sleep(1.0)
-            self.models[role] = ModelSpec.from_info(role, self.addresses[role], i)
+                if time.monotonic() > deadline:
+                    detail = last.details() if rs.replicas() else "the name resolves to no address"
+                    raise Unavailable(
+                        f"upstream {role} at {self.addresses[role]} did not answer within "
+                        f"{self.policy.connect_timeout_s:.0f} s: {detail}"
+                    ) from None
+                log.info("waiting for %s at %s", role, self.addresses[role])
+                time.sleep(1.0)
+                rs.refresh()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="upstream-refresh", daemon=True)
+        self._refresher.start()
         return self.models
+
+    def _matches(self, role: str, spec: ModelSpec, address: str) -> bool:
+        want = self.models[role]
+        same = (spec.tokenizer_fingerprint, spec.vocab_size) == (want.tokenizer_fingerprint, want.vocab_size)
+        if not same:
+            log.error("%s replica %s serves %s (tokenizer %s, %d rows), unlike the role's %s (%s, %d): not used",
+                      role, address, spec.model_id, spec.tokenizer_fingerprint, spec.vocab_size,
+                      want.model_id, want.tokenizer_fingerprint, want.vocab_size)
+        return same
+
+    def refresh(self) -> None:
+        """Re-resolve every role's target and verify replicas not yet verified (Info)."""
+        for role, rs in self.replicas.items():
+            rs.refresh()
+            for r in rs.unverified():
+                try:
+                    i = r.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=1.0)
+                except grpc.RpcError:
+                    continue  # not up yet: tried again next time
+                if self._matches(role, ModelSpec.from_info(role, self.addresses[role], i), r.address):
+                    rs.mark_verified(r.address)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.policy.resolve_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # a resolver bug must not kill the loop that heals the mesh
+                log.exception("refreshing upstream replicas failed")
 
     def _score_request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
         return logit_pb2.ScoreRequest(
@@ -127,13 +185,13 @@ class GrpcScorer:
         )
 
     def _score_one(self, c: ScoreCall, deadline: float | None) -> torch.Tensor:
-        stub = self._stubs[c.role]
+        replica = self.replicas[c.role].route(c.session_id)
         try:
-            resp = stub.Score(self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s))
+            resp = replica.stub.Score(self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s))
         except grpc.RpcError as e:
             resp = self._recover(
-                c.role, c.session_id, len(c.tokens), e, deadline,
-                lambda t: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
+                c.role, c.session_id, len(c.tokens), replica, e, deadline,
+                lambda stub, t: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
             )
         return tensors.from_pb(resp.logprobs)
 
@@ -149,15 +207,15 @@ class GrpcScorer:
         return out + [f.result() for f in pending]
 
     def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
-        stub = self._stubs[call.role]
+        replica = self.replicas[call.role].route(call.session_id)
         try:
-            resp = stub.Draft(
+            resp = replica.stub.Draft(
                 self._draft_request(call, call.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
             )
         except grpc.RpcError as e:
             resp = self._recover(
-                call.role, call.session_id, len(call.tokens), e, deadline,
-                lambda t: stub.Draft(self._draft_request(call, 0), timeout=t, wait_for_ready=True),
+                call.role, call.session_id, len(call.tokens), replica, e, deadline,
+                lambda stub, t: stub.Draft(self._draft_request(call, 0), timeout=t, wait_for_ready=True),
             )
         return DraftResult(list(resp.tokens), tensors.from_pb(resp.logprobs))
 
@@ -166,16 +224,20 @@ class GrpcScorer:
         role: str,
         session_id: str,
         n_tokens: int,
+        replica: Replica,
         err: grpc.RpcError,
         deadline: float | None,
-        resend: Callable[[float], R],
+        resend: Callable[[Any, float], R],
     ) -> R:
         """Retry one role's call after a lost cache or replica, re-sending the whole prefix.
 
-        `resend(timeout)` repeats the call from start 0 and waits for the channel to be ready
-        (a replica restarting, or the address resolving to another replica), bounded by the
-        caller's deadline and the call timeout.
+        A lost cache (NOT_FOUND) is rebuilt on the same replica. A replica that does not
+        answer (UNAVAILABLE, or CANCELLED by its shutdown) loses the session to another
+        replica of the role when there is one; with one replica, `resend(stub, timeout)`
+        waits for it to come back. Both are bounded by the caller's deadline and the call
+        timeout.
         """
+        rs = self.replicas[role]
         for attempt in range(self.policy.retries + 1):
             code = err.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -185,13 +247,15 @@ class GrpcScorer:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 if attempt == self.policy.retries:
                     break
-                log.warning("%s unavailable (%s); retry %d with the whole prefix", role, err.details(), attempt + 1)
+                log.warning("%s at %s unavailable (%s); retry %d with the whole prefix",
+                            role, replica.address, err.details(), attempt + 1)
+                replica = rs.repin(session_id, replica)
             elif code == grpc.StatusCode.NOT_FOUND:
-                log.info("re-prefilling %s for %s (%d tokens)", role, session_id, n_tokens)
+                log.info("re-prefilling %s for %s (%d tokens) on %s", role, session_id, n_tokens, replica.address)
             else:
                 raise UpstreamError(role, err)
             try:
-                return resend(_remaining(deadline, self.policy.call_timeout_s))
+                return resend(replica.stub, _remaining(deadline, self.policy.call_timeout_s))
             except grpc.RpcError as e:
                 err = e
         raise Unavailable(
@@ -201,14 +265,21 @@ class GrpcScorer:
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():
-            fut = self._stubs[role].Release.future(logit_pb2.ReleaseRequest(session_id=sid), timeout=5.0)
+            replica = self.replicas[role].unpin(sid)
+            if replica is None:
+                continue
+            try:
+                fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=sid), timeout=5.0)
+            except ValueError:  # its channel was closed meanwhile: nothing to release
+                continue
             # Best effort: a replica that is gone has nothing to release.
             fut.add_done_callback(lambda f: f.exception())
 
     def close(self) -> None:
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for ch in self._channels.values():
-            ch.close()
+        for rs in self.replicas.values():
+            rs.close()
 
 
 def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int) -> None:

@@ -1,0 +1,221 @@
+"""Several replicas of one role: each session stays on the replica that holds its KV cache,
+new sessions go to the least-loaded replica, a failed replica loses its sessions to another
+(one re-prefill, same output), and dns:/// targets find replicas as they come and go.
+
+The unit tests use fake channels; the mesh tests run real logit services on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import start_combiner, start_logit
+from eftmesh.combiner.replicas import ReplicaSet, parse_target, resolve_dns
+from eftmesh.combiner.scoring import ModelSpec
+from eftmesh.combiner.server import parse_args
+from eftmesh.combiner.upstream import GrpcScorer
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_stub(address: str) -> tuple[FakeChannel, str]:
+    return FakeChannel(), f"stub:{address}"
+
+
+def verified_set(target: str, resolver=resolve_dns) -> ReplicaSet:
+    rs = ReplicaSet("base-large", target, fake_stub, resolver=resolver, cooldown_s=60.0)
+    for r in rs.replicas():
+        rs.mark_verified(r.address)
+    return rs
+
+
+# --- targets and routing, no network ---------------------------------------------------------
+
+@pytest.mark.parametrize("target, kind, entries", [
+    ("h:1", "static", ["h:1"]),
+    ("a:1,b:2", "static", ["a:1", "b:2"]),
+    ("dns:///svc.ns:50051", "dns", ["svc.ns:50051"]),
+])
+def test_targets_parse(target, kind, entries):
+    assert parse_target(target) == (kind, entries)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("a:1,b", "expected HOST:PORT"), ("dns:///svc", "expected dns:///NAME:PORT"), ("a:1,a:1", "listed twice"),
+])
+def test_bad_targets_say_what_to_write(target, message):
+    with pytest.raises(ValueError, match=message):
+        parse_target(target)
+    with pytest.raises(SystemExit):
+        parse_args(["--upstream", f"base-large={target}", "--tokenizer", "x", "--no-default-delta"], environ={})
+
+
+def test_sessions_stick_and_spread_to_the_least_loaded_replica():
+    rs = verified_set("a:1,b:2")
+    first = {s: rs.route(s).address for s in ("s1", "s2", "s3", "s4")}
+    assert sorted(rs.load().values()) == [2, 2]
+    assert all(rs.route(s).address == a for s, a in first.items())  # pinned
+    rs.unpin("s1"), rs.unpin("s3")
+    light = min(rs.load(), key=rs.load().get)
+    assert rs.route("s5").address == light
+
+
+def test_unverified_replicas_get_no_sessions():
+    rs = ReplicaSet("base-large", "a:1,b:2", fake_stub)
+    rs.mark_verified("b:2")
+    assert {rs.route(f"s{i}").address for i in range(4)} == {"b:2"}
+
+
+def test_a_failed_replica_loses_the_session_and_new_ones_for_the_cooldown():
+    rs = verified_set("a:1,b:2")
+    a = next(r for r in rs.replicas() if r.address == "a:1")
+    assert rs.route("s1") is a or rs.route("s2") is a
+    sid = "s1" if rs.route("s1") is a else "s2"
+    moved = rs.repin(sid, a)
+    assert moved.address == "b:2" and rs.route(sid) is moved
+    assert {rs.route(f"new{i}").address for i in range(3)} == {"b:2"}  # a is cooling down
+
+
+def test_with_one_replica_a_failure_keeps_the_session_there():
+    rs = verified_set("a:1")
+    r = rs.route("s")
+    assert rs.repin("s", r) is r
+
+
+def test_dns_targets_follow_the_resolution():
+    answers = {"now": ["10.0.0.1:50051", "10.0.0.2:50051"]}
+    rs = verified_set("dns:///svc:50051", resolver=lambda host, port: list(answers["now"]))
+    assert sorted(r.address for r in rs.replicas()) == answers["now"]
+    held = rs.route("s1")
+    answers["now"] = [a for a in answers["now"] if a != held.address] + ["10.0.0.3:50051"]
+    added, closed = rs.refresh()
+    assert [r.address for r in added] == ["10.0.0.3:50051"] and closed == []
+    assert held.draining and rs.route("s1") is held  # the session keeps its cache's replica
+    rs.mark_verified("10.0.0.3:50051")
+    assert held.address not in {rs.route(f"n{i}").address for i in range(4)}  # none new on a gone replica
+    rs.unpin("s1")
+    _, closed = rs.refresh()
+    assert closed == [held.address] and held.channel.closed
+    answers["now"] = []  # a resolver hiccup keeps what there is
+    rs.refresh()
+    assert len(rs.replicas()) == 2
+
+
+def test_a_replica_serving_another_model_is_not_used():
+    scorer = GrpcScorer({"base-large": "a:1,b:2"})
+    try:
+        spec = ModelSpec("base-large", "a:1,b:2", "m", 384, 384, "fp-1", 256, "float32", "cpu", 0)
+        scorer.models["base-large"] = spec
+        other = ModelSpec("base-large", "a:1,b:2", "other", 384, 384, "fp-2", 256, "float32", "cpu", 0)
+        assert scorer._matches("base-large", spec, "a:1")
+        assert not scorer._matches("base-large", other, "b:2")
+    finally:
+        scorer.close()
+
+
+# --- real replicas on loopback ---------------------------------------------------------------
+
+def count_sessions(ls) -> dict[str, int]:
+    """Wrap a logit service's engine so every Score/Draft records its session id."""
+    seen: dict[str, int] = defaultdict(int)
+    lock = threading.Lock()
+    for name in ("score", "draft"):
+        original = getattr(ls.engine, name)
+
+        def wrapped(session_id, *args, _original=original, **kwargs):
+            with lock:
+                seen[session_id] += 1
+            return _original(session_id, *args, **kwargs)
+
+        setattr(ls.engine, name, wrapped)
+    return seen
+
+
+def complete(address: str, prompt: str) -> generator_pb2.CompleteResponse:
+    import grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return generator_pb2_grpc.GeneratorStub(ch).Complete(generator_pb2.CompleteRequest(
+            prompt=prompt, max_new_tokens=12, ignore_eos=True,
+            sampling=tensor_pb2.SamplingParams(temperature=0.0)), timeout=60)
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night"]
+
+
+@pytest.fixture(scope="module")
+def two_large(tiny_family):
+    """base-large twice, base-small and ft-small once, and a combiner over them."""
+    replicas = [start_logit(tiny_family["base-large"], "base-large") for _ in range(2)]
+    others = {r: start_logit(tiny_family[r], r) for r in ("base-small", "ft-small")}
+    ports = {r: ls.server.port for r, ls in others.items()}
+    yield replicas, others, ports
+    for ls in (*replicas, *others.values()):
+        ls.server.stop(0).wait()
+
+
+def test_sessions_spread_over_replicas_and_each_stays_on_one(mesh, tiny_family, two_large):
+    replicas, _, ports = two_large
+    expected = {p: complete(f"127.0.0.1:{mesh.combiner.server.port}", p).text for p in PROMPTS}
+    seen = [count_sessions(ls) for ls in replicas]
+    target = ",".join(f"127.0.0.1:{ls.server.port}" for ls in replicas)
+    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **ports},
+                        upstream_targets={"base-large": target})
+    try:
+        address = f"127.0.0.1:{cs.server.port}"
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(PROMPTS, pool.map(lambda p: complete(address, p).text, PROMPTS)))
+    finally:
+        cs.stop(0)
+    assert got == expected  # the same greedy text as with one replica
+    assert all(len(s) >= 1 for s in seen), [dict(s) for s in seen]  # both replicas served sessions
+    assert not set(seen[0]) & set(seen[1])  # no session touched both replicas
+
+
+def test_a_replica_down_costs_a_re_prefill_on_the_other_not_the_request(mesh, tiny_family, two_large):
+    _, others, ports = two_large
+    expected = complete(f"127.0.0.1:{mesh.combiner.server.port}", PROMPTS[0]).text
+    doomed = start_logit(tiny_family["base-large"], "base-large")
+    survivor = start_logit(tiny_family["base-large"], "base-large")
+    seen = count_sessions(survivor)
+    target = f"127.0.0.1:{doomed.server.port},127.0.0.1:{survivor.server.port}"
+    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **ports},
+                        upstream_targets={"base-large": target})
+    try:
+        doomed.server.stop(0).wait()  # verified at start, gone now: the first session is sent there
+        started = time.monotonic()
+        got = complete(f"127.0.0.1:{cs.server.port}", PROMPTS[0]).text
+        rs = cs.scorer.replicas["base-large"]
+        down = {r.address: r.down_until > started for r in rs.replicas()}
+    finally:
+        cs.stop(0)
+        survivor.server.stop(0).wait()
+    assert got == expected
+    assert down == {f"127.0.0.1:{doomed.server.port}": True, f"127.0.0.1:{survivor.server.port}": False}
+    assert len(seen) == 1 and sum(seen.values()) >= 6  # the survivor served the session, every step
+
+
+def test_a_dns_target_finds_the_replica(mesh, tiny_family, two_large):
+    replicas, _, ports = two_large
+    port = replicas[0].server.port
+    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **ports},
+                        upstream_targets={"base-large": f"dns:///localhost:{port}"})
+    try:
+        got = complete(f"127.0.0.1:{cs.server.port}", PROMPTS[1]).text
+        rs = cs.scorer.replicas["base-large"]
+        usable = [r.address for r in rs.replicas() if r.verified]
+    finally:
+        cs.stop(0)
+    assert got == complete(f"127.0.0.1:{mesh.combiner.server.port}", PROMPTS[1]).text
+    assert usable == [f"127.0.0.1:{port}"]  # localhost's ::1, if any, has no server: never verified
