@@ -51,7 +51,7 @@ class Mesh:
 
 
 def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None,
-                   upstream_targets: dict[str, str] | None = None, **kwargs) -> CombinerServer:
+                   upstream_targets: dict[str, str] | None = None, meter_provider=None, **kwargs) -> CombinerServer:
     """A started combiner over loopback logit services; `upstream_targets` overrides a role's
     target (a replica list, a dns:/// name)."""
     cfg = CombinerConfig(
@@ -61,7 +61,7 @@ def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None,
         server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0),
         **kwargs,
     )
-    cs = build_combiner(cfg, tracer_provider=tracer_provider)
+    cs = build_combiner(cfg, tracer_provider=tracer_provider, meter_provider=meter_provider)
     cs.start()
     return cs
 

@@ -85,6 +85,7 @@ class LocalMesh:
         log_dir: Path = Path("build/run"),
         combiner_args: Sequence[str] = (),
         verbose: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         self.roles = roles
         self.port = port
@@ -94,6 +95,7 @@ class LocalMesh:
         self._log_dir = log_dir
         self._combiner_args = list(combiner_args)
         self._verbose = verbose
+        self.metrics_port = metrics_port
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def _say(self, msg: str) -> None:
@@ -115,6 +117,8 @@ class LocalMesh:
                 args += ["--device", self._device]
             if self._dtype:
                 args += ["--dtype", self._dtype]
+            if self.metrics_port is not None:
+                args += ["--metrics-port", str(self.metrics_port + 1 + list(self.roles).index(role))]
             self._spawn(role, args)
             self._say(f"starting {role:13s} {path} on 127.0.0.1:{self.ports[role]}")
         for role, proc in list(self.procs):
@@ -123,9 +127,13 @@ class LocalMesh:
         upstreams = [f"--upstream={r}=127.0.0.1:{p}" for r, p in self.ports.items()]
         tokenizer = self.roles.get("base-small", next(iter(self.roles.values())))
         comb = self._spawn("combiner", ["eftmesh.combiner", *upstreams, "--tokenizer", str(tokenizer),
-                                        "--host", "127.0.0.1", "--port", str(self.port), *self._combiner_args])
+                                        "--host", "127.0.0.1", "--port", str(self.port), *self._combiner_args,
+                                        *(["--metrics-port", str(self.metrics_port)] if self.metrics_port is not None else [])])
         wait_serving(self.address, "combiner", 120.0, comb)
         self._say(f"combiner SERVING on {self.address} (logs in {self._log_dir}/)")
+        if self.metrics_port is not None:
+            self._say(f"metrics: http://127.0.0.1:{self.metrics_port}/metrics (combiner), "
+                      f"ports {self.metrics_port + 1}-{self.metrics_port + len(self.roles)} (logit services)")
         return self
 
     def stop(self) -> None:
@@ -202,10 +210,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the demo generation (default: %(default)s, greedy)")
     p.add_argument("--once", action="store_true", help="exit after the demo generation instead of serving until Ctrl-C")
     p.add_argument("--log-dir", default="build/run", help="where service logs go (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics of the combiner on this port, of the logit services on the next ones (default: off)")
     a = p.parse_args(argv)
 
     roles = resolve_models(Path(a.models))
-    mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir))
+    mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir), metrics_port=a.metrics_port)
     try:
         mesh.start()
         prompt, gold = (a.prompt, None) if a.prompt else default_prompt(Path(a.models))

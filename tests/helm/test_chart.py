@@ -194,3 +194,27 @@ def test_helm_test_hook_runs_a_generation_against_the_combiner_service():
     args = pod["spec"]["containers"][0]["args"]
     assert args[0] == "generate" and "--address=eft-eftmesh-combiner:50050" in args
     kubernetes_validate.validate(pod, "1.32", strict=True)
+
+
+def test_every_pod_serves_prometheus_metrics_and_says_so():
+    for name, dep in by_kind(render(), "Deployment").items():
+        c = container(dep)
+        parse = combiner_args if name.endswith("-combiner") else logit_args
+        assert parse(c["args"][1:], environ={}).metrics_port == 9464
+        assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in c["ports"]
+        annotations = dep["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9464"
+    off = by_kind(render({"metrics": {"enabled": False}, "podAnnotations": {"team": "llm"}}), "Deployment")
+    for dep in off.values():
+        assert dep["spec"]["template"]["metadata"]["annotations"] == {"team": "llm"}
+        assert not any(a.startswith("--metrics-port") for a in container(dep)["args"])
+
+
+def test_the_combiner_can_also_scale_on_generations_in_flight():
+    (hpa,) = by_kind(render({"combiner": {"autoscaling": {"targetActiveGenerations": 8}}}),
+                     "HorizontalPodAutoscaler").values()
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert pods == [{"metric": {"name": "eftmesh_generations_active"},
+                     "target": {"type": "AverageValue", "averageValue": "8"}}]
+    (default,) = by_kind(render(), "HorizontalPodAutoscaler").values()
+    assert [m["type"] for m in default["spec"]["metrics"]] == ["Resource"]

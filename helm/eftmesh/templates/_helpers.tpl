@@ -93,3 +93,32 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   readOnly: true
 {{- end }}
 {{- end }}
+
+{{/* Pod annotations: the user's, and Prometheus scrape hints when metrics are on. */}}
+{{- define "eftmesh.podAnnotations" -}}
+{{- $a := deepCopy (default dict .Values.podAnnotations) }}
+{{- if .Values.metrics.enabled }}
+{{- $_ := set $a "prometheus.io/scrape" "true" }}
+{{- $_ := set $a "prometheus.io/port" (toString .Values.metrics.port) }}
+{{- $_ := set $a "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- with $a }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics flag and container port, when metrics are on. */}}
+{{- define "eftmesh.metricsArgs" -}}
+{{- if .Values.metrics.enabled }}
+- --metrics-port={{ .Values.metrics.port }}
+{{- end }}
+{{- end }}
+
+{{- define "eftmesh.metricsPort" -}}
+{{- if .Values.metrics.enabled }}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end }}
+{{- end }}

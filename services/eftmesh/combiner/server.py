@@ -13,13 +13,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.decoding import Decoder
 from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
-from eftmesh.common import tracing
+from eftmesh.common import metrics, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import Server, ServerConfig, exit_now
 from eftmesh.common.tokenizer import fingerprint
@@ -44,6 +45,8 @@ class CombinerConfig:
     policy: UpstreamPolicy = UpstreamPolicy()
     max_concurrent_generations: int = 32
     otlp: bool = False
+    otlp_metrics: bool = False
+    metrics_port: int | None = None
 
 
 def _upstream(text: str) -> tuple[str, str]:
@@ -88,6 +91,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-concurrent-generations", type=int, default=32, help="generations in flight before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait at start for every upstream to answer (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
@@ -121,6 +125,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                               resolve_interval_s=a.resolve_interval),
         max_concurrent_generations=a.max_concurrent_generations,
         otlp=tracing.otlp_requested(env),
+        otlp_metrics=metrics.otlp_requested(env),
+        metrics_port=a.metrics_port,
     )
 
 
@@ -132,6 +138,7 @@ class CombinerServer:
     decoder: Decoder
     scorer: GrpcScorer
     tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
 
     def start(self) -> None:
         self.server.start()
@@ -142,7 +149,8 @@ class CombinerServer:
         self.scorer.close()
 
 
-def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) -> CombinerServer:
+def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
+          meter_provider: MeterProvider | None = None) -> CombinerServer:
     """Connect to the upstreams, check compatibility, and build the server (not started)."""
     from transformers import AutoTokenizer
 
@@ -150,7 +158,11 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) ->
         tracer_provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=cfg.otlp)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     fp, vocab = fingerprint(tokenizer), len(tokenizer)
-    scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider)
+    if meter_provider is None:
+        meter_provider = metrics.make_meter_provider("eftmesh-combiner", otlp=cfg.otlp_metrics,
+                                                     prometheus_port=cfg.metrics_port, prometheus_host=cfg.server.host)
+    measures = metrics.CombinerMetrics(metrics.meter(meter_provider, "eftmesh.combiner"))
+    scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider, metrics=measures)
     try:
         check_compatible(scorer.connect(), fp, vocab)
     except BaseException:
@@ -158,7 +170,8 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) ->
         raise
     decoder = Decoder(scorer, tokenizer, vocab)
     servicer = GeneratorServicer(
-        decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracing.tracer(tracer_provider, "eftmesh.combiner")
+        decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracing.tracer(tracer_provider, "eftmesh.combiner"),
+        measures,
     )
     server = Server(
         cfg.server,
@@ -166,7 +179,7 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None) ->
         [SERVICE_NAME],
         tracer_provider,
     )
-    return CombinerServer(server, decoder, scorer, tracer_provider)
+    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -182,4 +195,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("combiner serving on port %d; roles %s; default %s", cs.server.port, ", ".join(cfg.upstreams), cfg.defaults.composition.describe())
     cs.server.wait_for_signal()
     cs.scorer.close()
-    exit_now(cs.tracer_provider)
+    exit_now(cs.tracer_provider, cs.meter_provider)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from eftmesh.combiner.decoding import (
     new_seed,
 )
 from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
-from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from eftmesh.common.errors import EftMeshError, InvalidArgument, NotFound, ResourceExhausted
+from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
@@ -186,11 +188,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         fingerprint: str,
         max_concurrent_generations: int,
         tracer: trace.Tracer,
+        metrics: CombinerMetrics | None = None,
     ) -> None:
         self.decoder = decoder
         self.defaults = defaults
         self.fingerprint = fingerprint
         self.tracer = tracer
+        self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self._slots = threading.BoundedSemaphore(max_concurrent_generations)
         self._limit = max_concurrent_generations
 
@@ -198,6 +202,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def _slot(self) -> Iterator[None]:
         # Overload is refused at once: a queue here would only turn into client time-outs.
         if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.add(1)
             raise ResourceExhausted(
                 f"the combiner is running its limit of {self._limit} generations; retry with back-off"
             )
@@ -206,7 +211,47 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             self._slots.release()
 
-    def _run(self, req: GenerationRequest, context: grpc.ServicerContext) -> Iterator[Chunk]:
+    def _run(self, req: GenerationRequest, context: grpc.ServicerContext, rpc: str) -> Iterator[Chunk]:
+        with self._slot():
+            yield from self._measured(req, context, rpc)
+
+    def _measured(self, req: GenerationRequest, context: grpc.ServicerContext, rpc: str) -> Iterator[Chunk]:
+        """The generation, with its metrics: duration by outcome, time to first token, time
+        per output token, tokens, speculation acceptance, generations in flight."""
+        m, start, first, outcome = self.metrics, time.perf_counter(), None, "OK"
+        tokens = 0
+        m.active.add(1)
+        try:
+            for chunk in self._traced(req, context):
+                if chunk.token_ids:
+                    if first is None:
+                        first = time.perf_counter() - start
+                        m.time_to_first_token.record(first, {"rpc.method": rpc})
+                    tokens += len(chunk.token_ids)
+                if chunk.usage is not None:
+                    u = chunk.usage
+                    m.tokens.add(u.prompt_tokens, {"gen_ai.token.type": "input"})
+                    m.tokens.add(u.completion_tokens, {"gen_ai.token.type": "output"})
+                    if u.speculation.drafted:
+                        m.acceptance.record(u.speculation.acceptance_rate, {"eftmesh.draft_role": req.speculation.draft_role})
+                yield chunk
+        except EftMeshError as e:
+            outcome = e.code.name
+            raise
+        except GeneratorExit:  # the client went away mid-stream
+            outcome = "CANCELLED"
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            m.active.add(-1)
+            m.request_duration.record(elapsed, {"rpc.method": rpc, "rpc.grpc.status_code": outcome})
+            if first is not None and tokens > 1:
+                m.time_per_output_token.record((elapsed - first) / (tokens - 1), {"rpc.method": rpc})
+
+    def _traced(self, req: GenerationRequest, context: grpc.ServicerContext) -> Iterator[Chunk]:
         attrs = {
             "gen_ai.operation.name": "text_completion",
             "gen_ai.system": "eftmesh",
@@ -222,7 +267,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         if req.speculation is not None:
             attrs["eftmesh.speculation.draft_role"] = req.speculation.draft_role
             attrs["eftmesh.speculation.block_size"] = req.speculation.block_size
-        with self._slot(), self.tracer.start_as_current_span("eftmesh.generate", attributes=attrs) as span:
+        with self.tracer.start_as_current_span("eftmesh.generate", attributes=attrs) as span:
 
             def on_finish(sink: TokenSink) -> None:
                 span.set_attribute("gen_ai.usage.input_tokens", sink.usage.prompt_tokens)
@@ -247,7 +292,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[generator_pb2.GenerateResponse]:
         req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
-        for chunk in self._run(req, context):
+        for chunk in self._run(req, context, "Generate"):
             yield chunk_to_pb(chunk)
 
     def Complete(
@@ -256,7 +301,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
         resp = generator_pb2.CompleteResponse()
         text = []
-        for chunk in self._run(req, context):
+        for chunk in self._run(req, context, "Complete"):
             resp.token_ids.extend(chunk.token_ids)
             resp.logprobs.extend(chunk.logprobs)
             text.append(chunk.text)

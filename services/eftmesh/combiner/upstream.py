@@ -33,6 +33,7 @@ from eftmesh.common.errors import (
     FailedPrecondition,
     Unavailable,
 )
+from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.common.serving import CHANNEL_OPTIONS
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -94,8 +95,10 @@ class GrpcScorer:
         tracer_provider: TracerProvider | None = None,
         fanout_threads_per_role: int = 16,
         resolver: Resolver = resolve_dns,
+        metrics: CombinerMetrics | None = None,
     ) -> None:
         self.policy = policy
+        self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self.addresses = dict(addresses)
         self._tracer_provider = tracer_provider
 
@@ -186,6 +189,7 @@ class GrpcScorer:
 
     def _score_one(self, c: ScoreCall, deadline: float | None) -> torch.Tensor:
         replica = self.replicas[c.role].route(c.session_id)
+        started = time.perf_counter()
         try:
             resp = replica.stub.Score(self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s))
         except grpc.RpcError as e:
@@ -193,6 +197,7 @@ class GrpcScorer:
                 c.role, c.session_id, len(c.tokens), replica, e, deadline,
                 lambda stub, t: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
             )
+        self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": c.role, "rpc.method": "Score"})
         return tensors.from_pb(resp.logprobs)
 
     def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
@@ -208,6 +213,7 @@ class GrpcScorer:
 
     def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
         replica = self.replicas[call.role].route(call.session_id)
+        started = time.perf_counter()
         try:
             resp = replica.stub.Draft(
                 self._draft_request(call, call.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
@@ -217,6 +223,7 @@ class GrpcScorer:
                 call.role, call.session_id, len(call.tokens), replica, e, deadline,
                 lambda stub, t: stub.Draft(self._draft_request(call, 0), timeout=t, wait_for_ready=True),
             )
+        self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": call.role, "rpc.method": "Draft"})
         return DraftResult(list(resp.tokens), tensors.from_pb(resp.logprobs))
 
     def _recover(
@@ -250,7 +257,9 @@ class GrpcScorer:
                 log.warning("%s at %s unavailable (%s); retry %d with the whole prefix",
                             role, replica.address, err.details(), attempt + 1)
                 replica = rs.repin(session_id, replica)
+                self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
             elif code == grpc.StatusCode.NOT_FOUND:
+                self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
                 log.info("re-prefilling %s for %s (%d tokens) on %s", role, session_id, n_tokens, replica.address)
             else:
                 raise UpstreamError(role, err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import logging
 import os
 import signal
@@ -109,13 +111,15 @@ class Server:
         log.info("stopped")
 
 
-def exit_now(tracer_provider: TracerProvider | None) -> None:
-    """Flush spans and logs, then leave without interpreter teardown.
+def exit_now(tracer_provider: TracerProvider | None, meter_provider: Any = None) -> None:
+    """Flush spans, metrics and logs, then leave without interpreter teardown.
 
     After the drain there is nothing left to clean up, and tearing down an interpreter with
     torch loaded takes seconds: a pod's termination should not wait for that.
     """
     if tracer_provider is not None:
         tracer_provider.shutdown()
+    if meter_provider is not None:
+        meter_provider.shutdown(timeout_millis=5000)
     logging.shutdown()
     os._exit(0)

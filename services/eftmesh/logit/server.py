@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.common import tracing
+from eftmesh.common import metrics, tracing
 from eftmesh.common.serving import Server, ServerConfig, exit_now
 from eftmesh.logit.engine import DTYPES, ModelEngine
 from eftmesh.logit.servicer import LogitServicer
@@ -43,6 +44,8 @@ class LogitConfig:
     threads: int | None = None
     trust_remote_code: bool = False
     otlp: bool = False
+    otlp_metrics: bool = False
+    metrics_port: int | None = None
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> LogitConfig:
@@ -64,6 +67,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=20.0, help="seconds SIGTERM waits for in-flight calls (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
@@ -80,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,
         otlp=tracing.otlp_requested(env),
+        otlp_metrics=metrics.otlp_requested(env),
+        metrics_port=a.metrics_port,
     )
 
 
@@ -90,6 +96,7 @@ class LogitServer:
     server: Server
     engine: ModelEngine
     tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
 
     def start(self) -> None:
         """Bind, warm the model up with a real forward pass, then report SERVING."""
@@ -98,7 +105,8 @@ class LogitServer:
         self.server.set_serving()
 
 
-def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: TracerProvider | None = None) -> LogitServer:
+def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: TracerProvider | None = None,
+          meter_provider: MeterProvider | None = None) -> LogitServer:
     """Load the model (unless given), build the server, warm up; health turns SERVING after."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -116,14 +124,19 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
         )
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)
-    servicer = LogitServicer(engine)
+    if meter_provider is None:
+        meter_provider = metrics.make_meter_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp_metrics,
+                                                     prometheus_port=cfg.metrics_port, prometheus_host=cfg.server.host)
+    store = engine.sessions
+    servicer = LogitServicer(engine, metrics.LogitMetrics(
+        metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions))
     server = Server(
         cfg.server,
         [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         tracer_provider,
     )
-    return LogitServer(server, engine, tracer_provider)
+    return LogitServer(server, engine, tracer_provider, meter_provider)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,4 +149,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     i = ls.engine.info
     log.info("%s serving on port %d: vocab %d, context %d, tokenizer %s", cfg.role, ls.server.port, i.vocab_size, i.max_context, i.tokenizer_fingerprint)
     ls.server.wait_for_signal()
-    exit_now(ls.tracer_provider)
+    exit_now(ls.tracer_provider, ls.meter_provider)

@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 
 from eftmesh.common import tensors
 from eftmesh.common.convert import sampling_from_pb
-from eftmesh.common.errors import InvalidArgument
+from eftmesh.common.errors import EftMeshError, InvalidArgument
+from eftmesh.common.metrics import LogitMetrics, meter
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 
 class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
-    def __init__(self, engine: ModelEngine) -> None:
+    def __init__(self, engine: ModelEngine, metrics: LogitMetrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics or LogitMetrics(meter(None, "eftmesh.logit"), engine.info.role, lambda: 0, lambda: 0)
+
+    @contextmanager
+    def _measured(self, method: str, tokens: int) -> Iterator[None]:
+        """Duration of one call by method and outcome, and the tokens it ran."""
+        start, outcome = time.perf_counter(), "OK"
+        try:
+            yield
+        except EftMeshError as e:
+            outcome = e.code.name
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            attrs = {"eftmesh.role": self.metrics.role, "rpc.method": method}
+            self.metrics.duration.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": outcome})
+            if outcome == "OK":
+                self.metrics.tokens.add(tokens, attrs)
 
     def Info(
         self, request: logit_pb2.LogitServiceInfoRequest, context: grpc.ServicerContext
@@ -42,9 +66,10 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
             out_dtype = tensors.torch_dtype(request.dtype)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        logprobs, length = self.engine.score(
-            request.session_id, request.start, request.tokens, request.rows
-        )
+        with self._measured("Score", len(request.tokens)):
+            logprobs, length = self.engine.score(
+                request.session_id, request.start, request.tokens, request.rows
+            )
         return logit_pb2.ScoreResponse(
             logprobs=tensors.to_pb(logprobs, out_dtype), cache_length=length
         )
@@ -54,10 +79,12 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     ) -> logit_pb2.DraftResponse:
         # Unset fields mean plain sampling; the combiner always sends the request's values.
         sampling = sampling_from_pb(request.sampling, SamplingConfig())
-        drafts, rows, length = self.engine.draft(
-            request.session_id, request.start, request.tokens, request.k, sampling, request.seed,
-            request.vocab_limit,
-        )
+        # tokens run: the catch-up tokens, then each of the k drafts fed back (k + 1 rows)
+        with self._measured("Draft", len(request.tokens) + request.k):
+            drafts, rows, length = self.engine.draft(
+                request.session_id, request.start, request.tokens, request.k, sampling, request.seed,
+                request.vocab_limit,
+            )
         return logit_pb2.DraftResponse(tokens=drafts, logprobs=tensors.to_pb(rows), cache_length=length)
 
     def Release(

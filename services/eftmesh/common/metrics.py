@@ -1,0 +1,141 @@
+"""OpenTelemetry metrics, set up once at a service's entry point, and the instruments of each
+service.
+
+Two ways out, either or both:
+- OTLP, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the metrics-specific variable) is set, exported
+  every `OTEL_METRIC_EXPORT_INTERVAL` ms (the SDK reads the variables itself);
+- Prometheus, when a service is given `--metrics-port`: GET http://HOST:PORT/metrics, for a
+  Prometheus scrape (the Helm chart annotates the pods for it) or an HPA on custom metrics
+  through a Prometheus adapter.
+
+With neither, no meter provider is built and the instruments are the API's no-ops: metrics then
+cost nothing on the hot path.
+
+Names follow the OpenTelemetry GenAI semantic conventions where they define one
+(`gen_ai.server.*`); the rest are `eftmesh.*`. Prometheus shows dots as underscores, with the
+unit appended (`gen_ai_server_time_to_first_token_seconds`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+log = logging.getLogger(__name__)
+
+OTLP_METRICS_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+
+# Latency buckets in seconds, from a small model's forward on a GPU to a long generation.
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+            7.5, 10.0, 30.0, 60.0, 120.0)
+_RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def otlp_requested(environ: Mapping[str, str]) -> bool:
+    """Whether the environment asks for OTLP metrics export."""
+    return any(environ.get(k) for k in OTLP_METRICS_ENV)
+
+
+def make_meter_provider(
+    service_name: str,
+    *,
+    otlp: bool,
+    prometheus_port: int | None = None,
+    prometheus_host: str = "0.0.0.0",
+    readers: Sequence[MetricReader] = (),
+) -> MeterProvider | None:
+    """A provider for one service, or None when metrics are off.
+
+    Args:
+        service_name: the `service.name` resource attribute.
+        otlp: export over OTLP/gRPC (endpoint, headers, interval from the OTEL_* variables).
+        prometheus_port: serve /metrics on this port (0 picks a free one; None: no endpoint).
+        readers: extra readers (tests use an in-memory one).
+    """
+    all_readers = list(readers)
+    if otlp:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        all_readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    if prometheus_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        all_readers.append(PrometheusMetricReader())
+        start_http_server(prometheus_port, addr=prometheus_host)
+        log.info("metrics on http://%s:%d/metrics", prometheus_host, prometheus_port)
+    if not all_readers:
+        return None
+    views = [
+        View(instrument_name="*duration*", aggregation=ExplicitBucketHistogramAggregation(_SECONDS)),
+        View(instrument_name="gen_ai.server.time_*", aggregation=ExplicitBucketHistogramAggregation(_SECONDS)),
+        View(instrument_name="eftmesh.speculation.acceptance", aggregation=ExplicitBucketHistogramAggregation(_RATIO)),
+    ]
+    return MeterProvider(metric_readers=all_readers, resource=Resource.create({"service.name": service_name}),
+                         views=views)
+
+
+def meter(provider: MeterProvider | None, name: str) -> Meter:
+    """A meter from `provider`, or the API's no-op meter when metrics are off."""
+    return (provider or metrics.NoOpMeterProvider()).get_meter(name)
+
+
+def gauge_callback(read: Callable[[], float | int], **attributes: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """An observable instrument's callback that reports `read()` at each collection."""
+
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(read(), attributes)
+
+    return callback
+
+
+class CombinerMetrics:
+    """What the combiner measures per generation and per upstream call."""
+
+    def __init__(self, m: Meter) -> None:
+        self.request_duration = m.create_histogram(
+            "gen_ai.server.request.duration", unit="s",
+            description="Generation time, from the request to its last token, by RPC and outcome")
+        self.time_to_first_token = m.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s", description="Time from the request to the first token")
+        self.time_per_output_token = m.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Time per output token after the first, per generation")
+        self.tokens = m.create_counter(
+            "eftmesh.tokens", unit="{token}", description="Prompt (input) and generated (output) tokens")
+        self.active = m.create_up_down_counter(
+            "eftmesh.generations.active", unit="{generation}", description="Generations in flight")
+        self.rejected = m.create_counter(
+            "eftmesh.generations.rejected", unit="{generation}",
+            description="Generations refused with RESOURCE_EXHAUSTED (the concurrency limit)")
+        self.acceptance = m.create_histogram(
+            "eftmesh.speculation.acceptance", unit="1",
+            description="Share of drafted tokens kept, per speculative generation")
+        self.upstream_duration = m.create_histogram(
+            "eftmesh.upstream.duration", unit="s", description="One call to a logit service, by role and method")
+        self.upstream_failovers = m.create_counter(
+            "eftmesh.upstream.failovers", unit="{call}",
+            description="Calls re-sent after a lost cache (NOT_FOUND) or replica (UNAVAILABLE), by role and code")
+
+
+class LogitMetrics:
+    """What a logit service measures per call; its session store is observed at collection."""
+
+    def __init__(self, m: Meter, role: str, sessions: Callable[[], int], evictions: Callable[[], int]) -> None:
+        self.role = role
+        self.duration = m.create_histogram(
+            "eftmesh.logit.duration", unit="s", description="Score and Draft calls, forward passes included")
+        self.tokens = m.create_counter(
+            "eftmesh.logit.tokens", unit="{token}", description="Tokens run through the model (prefill and decode)")
+        m.create_observable_gauge("eftmesh.logit.sessions", [gauge_callback(sessions, **{"eftmesh.role": role})],
+                                  unit="{session}", description="KV caches held")
+        m.create_observable_counter("eftmesh.logit.evictions", [gauge_callback(evictions, **{"eftmesh.role": role})],
+                                    unit="{session}", description="KV caches evicted to stay under --max-sessions")
