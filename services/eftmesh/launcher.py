@@ -86,6 +86,7 @@ class LocalMesh:
         combiner_args: Sequence[str] = (),
         verbose: bool = True,
         metrics_port: int | None = None,
+        logit_args: Sequence[str] = (),
     ) -> None:
         self.roles = roles
         self.port = port
@@ -96,6 +97,7 @@ class LocalMesh:
         self._combiner_args = list(combiner_args)
         self._verbose = verbose
         self.metrics_port = metrics_port
+        self._logit_args = list(logit_args)
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def _say(self, msg: str) -> None:
@@ -119,7 +121,7 @@ class LocalMesh:
                 args += ["--dtype", self._dtype]
             if self.metrics_port is not None:
                 args += ["--metrics-port", str(self.metrics_port + 1 + list(self.roles).index(role))]
-            self._spawn(role, args)
+            self._spawn(role, [*args, *self._logit_args])
             self._say(f"starting {role:13s} {path} on 127.0.0.1:{self.ports[role]}")
         for role, proc in list(self.procs):
             wait_serving(f"127.0.0.1:{self.ports[role]}", role, 300.0, proc)

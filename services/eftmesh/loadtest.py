@@ -376,11 +376,12 @@ def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Pa
 
 
 @contextmanager
-def _local_mesh(models: Path, port: int, combiner_args: Sequence[str]) -> Iterator[str]:
+def _local_mesh(models: Path, port: int, combiner_args: Sequence[str], logit_args: Sequence[str]) -> Iterator[str]:
     from eftmesh.launcher import LocalMesh, resolve_models
 
     roles = {r: p for r, p in resolve_models(models).items() if r in ("base-large", "base-small", "ft-small")}
-    with LocalMesh(roles, port=port, log_dir=Path("build/load"), combiner_args=combiner_args) as mesh:
+    with LocalMesh(roles, port=port, log_dir=Path("build/load"), combiner_args=combiner_args,
+                   logit_args=logit_args) as mesh:
         yield mesh.address
 
 
@@ -393,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="start a mesh on loopback over this model family first (as `eftmesh up` does) and test it")
     p.add_argument("--port", type=int, default=50450, help="first port of the --local-mesh mesh (default: %(default)s)")
     p.add_argument("--combiner-arg", action="append", default=[], help="extra flag for the --local-mesh combiner; repeatable")
+    p.add_argument("--logit-arg", action="append", default=[], help="extra flag for every --local-mesh logit service; repeatable")
     p.add_argument("--concurrency", type=int, default=None, help="override every scenario's concurrency")
     p.add_argument("--total", type=int, default=None, help="override every scenario's total")
     p.add_argument("--out", type=Path, default=None, help="write the reports as JSON here")
@@ -401,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = {"concurrency": a.concurrency, "total": a.total}
     try:
         if a.local_mesh:
-            with _local_mesh(a.local_mesh, a.port, a.combiner_arg) as address:
+            with _local_mesh(a.local_mesh, a.port, a.combiner_arg, a.logit_arg) as address:
                 reports = run_all(a.scenarios, address, overrides, a.out)
         else:
             reports = run_all(a.scenarios, a.address, overrides, a.out)

@@ -23,6 +23,31 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class _Step:
+    """One queued decode step: a session's next token, and where its answer goes."""
+
+    __slots__ = ("session_id", "start", "token", "logprobs", "length", "error", "done")
+
+    def __init__(self, session_id: str, start: int, token: int) -> None:
+        self.session_id, self.start, self.token = session_id, start, token
+        self.logprobs: torch.Tensor | None = None
+        self.length = 0
+        self.error: BaseException | None = None
+        self.done = False
+
+    def finish(self, logprobs: torch.Tensor | None = None, length: int = 0, error: BaseException | None = None) -> None:
+        self.logprobs, self.length, self.error, self.done = logprobs, length, error, True
+
+
+def _batchable(cache: Any) -> bool:
+    """Whether a session's cache is plain per-layer keys and values that can be padded and
+    stacked (not sliding windows, not recurrent state)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """What `LogitService.Info` reports."""
@@ -55,6 +80,9 @@ class ModelEngine:
 
     Forward passes run one at a time under `self._lock` (which also guards the session
     store): a model on one device gains nothing from interleaving, and memory stays bounded.
+    One-token decode steps of different sessions that queue while the model is busy run
+    together as one batched forward (`max_batch`), which is where a busy service's throughput
+    comes from.
     """
 
     def __init__(
@@ -68,9 +96,15 @@ class ModelEngine:
         session_idle_timeout_s: float = 300.0,
         max_context: int | None = None,
         max_draft: int = 32,
+        max_batch: int = 1,
     ) -> None:
         self.model = model.eval()
         self.max_draft = max_draft
+        # Decode steps of different sessions that arrive while a forward pass runs are run
+        # together as one batched forward (up to max_batch rows); 1 runs every call alone.
+        self.max_batch = max(1, max_batch)
+        self._pending: list[_Step] = []
+        self._pending_cv = threading.Condition()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -190,6 +224,8 @@ class ModelEngine:
         ids = self._check_tokens(session_id, start, tokens, 0)
         if rows > len(tokens):
             raise InvalidArgument(f"rows={rows} exceeds the {len(tokens)} tokens sent")
+        if self.max_batch > 1 and len(tokens) == 1 and rows == 1 and start > 0:
+            return self._score_step(_Step(session_id, start, int(ids[0])))
         with self._lock, torch.inference_mode():
             session = self._session_at(session_id, start)
             logprobs = self._forward(session_id, session, ids.to(self.device), rows).cpu()
@@ -237,3 +273,99 @@ class ModelEngine:
     def release(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.release(session_id)
+
+    # --- batched decode steps -----------------------------------------------------------------
+
+    def _score_step(self, step: _Step) -> tuple[torch.Tensor, int]:
+        """Queue one decode step; whichever waiting thread takes the model next runs every
+        queued step (up to max_batch) as one forward pass. No wait is added: a step that
+        finds the model free runs at once, alone or with what queued meanwhile."""
+        with self._pending_cv:
+            self._pending.append(step)
+        while True:
+            if self._lock.acquire(blocking=False):
+                try:
+                    with self._pending_cv:
+                        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                    if batch:
+                        self._run_steps(batch)
+                finally:
+                    self._lock.release()
+                with self._pending_cv:
+                    self._pending_cv.notify_all()
+            with self._pending_cv:
+                if step.done:
+                    break
+                self._pending_cv.wait(timeout=0.002)
+        if step.error is not None:
+            raise step.error
+        return step.logprobs, step.length
+
+    def _run_steps(self, batch: list[_Step]) -> None:
+        """Run decode steps (one token each, distinct sessions) as one forward. Holds the lock."""
+        try:
+            with torch.inference_mode():
+                ready: list[tuple[_Step, Session]] = []
+                seen: set[str] = set()
+                for st in batch:
+                    if st.session_id in seen:  # a second step of one session waits for the next batch
+                        with self._pending_cv:
+                            self._pending.insert(0, st)
+                        continue
+                    seen.add(st.session_id)
+                    try:
+                        ready.append((st, self._session_at(st.session_id, st.start)))
+                    except Exception as e:  # this step's own error (NOT_FOUND, a gap): the rest go on
+                        st.finish(error=e)
+                if len(ready) == 1 or not all(_batchable(s.cache) for _, s in ready):
+                    for st, session in ready:
+                        try:
+                            row = self._forward(st.session_id, session, torch.tensor([st.token], device=self.device), 1)
+                            st.finish(row.cpu(), session.length)
+                        except Exception as e:
+                            st.finish(error=e)
+                elif ready:
+                    self._forward_batch(ready)
+        except BaseException as e:
+            for st in batch:
+                if not st.done:
+                    st.finish(error=e)
+            raise
+
+    def _forward_batch(self, ready: list[tuple[_Step, Session]]) -> None:
+        """One forward over several sessions' next tokens: their caches left-padded to one
+        length (padding masked out), each row at its own position; each session's cache then
+        gets its own new keys and values."""
+        from transformers import DynamicCache
+
+        sessions = [s for _, s in ready]
+        lengths = [s.length for s in sessions]
+        longest, rows = max(lengths), len(ready)
+        batched = DynamicCache(config=self.model.config)
+        for i in range(len(sessions[0].cache.layers)):
+            parts = [(s.cache.layers[i].keys, s.cache.layers[i].values) for s in sessions]
+            k0 = parts[0][0]
+            keys = k0.new_zeros((rows, k0.shape[1], longest, k0.shape[3]))  # [rows, heads, longest, dim]
+            values = keys.clone()
+            for b, (k, v) in enumerate(parts):
+                keys[b, :, longest - k.shape[2]:] = k[0]
+                values[b, :, longest - v.shape[2]:] = v[0]
+            batched.update(keys, values, i)
+        mask = torch.zeros((rows, longest + 1), dtype=torch.long, device=self.device)  # [rows, longest + 1]
+        for b, n in enumerate(lengths):
+            mask[b, longest - n:] = 1
+        ids = torch.tensor([[st.token] for st, _ in ready], device=self.device)  # [rows, 1]
+        positions = torch.tensor([[n] for n in lengths], device=self.device)  # [rows, 1]
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batched,
+                             use_cache=True, logits_to_keep=1)
+        except Exception as e:
+            for st, _ in ready:
+                st.finish(error=e)
+            return
+        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [rows, vocab]
+        for b, (st, session) in enumerate(ready):
+            for i, layer in enumerate(batched.layers):
+                session.cache.update(layer.keys[b:b + 1, :, -1:], layer.values[b:b + 1, :, -1:], i)
+            session.length += 1
+            st.finish(logprobs[b:b + 1], session.length)

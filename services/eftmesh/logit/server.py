@@ -41,6 +41,7 @@ class LogitConfig:
     session_idle_timeout_s: float = 300.0
     max_context: int | None = None
     max_draft: int = 32
+    max_batch: int = 8
     threads: int | None = None
     trust_remote_code: bool = False
     otlp: bool = False
@@ -63,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an unused session's cache is dropped (default: %(default)s)")
     p.add_argument("--max-context", type=int, default=None, help="cap on tokens per session (default: the model's own limit)")
     p.add_argument("--max-draft", type=int, default=32, help="largest k one Draft call may ask for (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8, help="decode steps of different sessions that meet at the model run as one batched forward, up to this many; 1 runs each alone (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
@@ -81,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         session_idle_timeout_s=a.session_idle_timeout,
         max_context=a.max_context,
         max_draft=a.max_draft,
+        max_batch=a.max_batch,
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,
         otlp=tracing.otlp_requested(env),
@@ -121,6 +124,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             session_idle_timeout_s=cfg.session_idle_timeout_s,
             max_context=cfg.max_context,
             max_draft=cfg.max_draft,
+            max_batch=cfg.max_batch,
         )
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)
