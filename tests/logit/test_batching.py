@@ -36,18 +36,19 @@ def count_batches(engine: ModelEngine) -> list[int]:
     return sizes
 
 
-def concurrent_steps(engine: ModelEngine, steps: dict[str, tuple[int, int]]) -> dict[str, tuple]:
-    """Run one decode step per session from its own thread, all queued while the model is
-    busy, so that they meet."""
+def concurrent_steps(engine: ModelEngine, steps: dict[str, tuple]) -> dict[str, tuple]:
+    """Run one step per session (start, token) or (start, tokens, rows) from its own thread,
+    all queued while the model is busy, so that they meet."""
     results: dict[str, tuple] = {}
 
-    def run(sid, start, token):
+    def run(sid, start, tokens, rows=1):
+        tokens = tokens if isinstance(tokens, list) else [tokens]
         try:
-            results[sid] = engine.score(sid, start, [token], 1)
+            results[sid] = engine.score(sid, start, tokens, rows)
         except Exception as e:  # noqa: BLE001 - the test inspects it
             results[sid] = (e,)
 
-    threads = [threading.Thread(target=run, args=(sid, start, tok)) for sid, (start, tok) in steps.items()]
+    threads = [threading.Thread(target=run, args=(sid, *step)) for sid, step in steps.items()]
     with engine._lock:  # the model is busy: every step queues
         for t in threads:
             t.start()
@@ -96,3 +97,28 @@ def test_prefill_and_a_step_alone_take_the_plain_path(engines):
     rows, length = batched.score("p", 4, [5], 1)  # a lone decode step: no batch of one
     assert rows.shape[0] == 1 and length == 5
     assert sizes == []
+
+
+def test_verify_sized_steps_batch_by_length_and_equal_steps_run_alone(engines):
+    alone, batched = engines
+    sizes = count_batches(batched)
+    prefixes = {"v1": [3, 4, 5, 6, 7], "v2": [9, 8], "v3": [1, 1, 2, 3, 5, 8, 13, 21], "v4": [30, 31, 32]}
+    for engine in engines:
+        for sid, prefix in prefixes.items():
+            engine.score(sid, 0, prefix, 1)
+    # three verifies of 2 drafts (3 tokens, 3 rows; one asks fewer rows) and one decode step
+    steps = {"v1": (5, [10, 11, 12], 3), "v2": (2, [13, 14, 15], 3), "v3": (8, [16, 17, 18], 2),
+             "v4": (3, [19], 1)}
+    got = concurrent_steps(batched, steps)
+    for sid, (start, tokens, rows) in steps.items():
+        want, want_len = alone.score(sid, start, tokens, rows)
+        got_rows, got_len = got[sid]
+        assert got_len == want_len == start + len(tokens) and got_rows.shape == want.shape == (rows, want.shape[1])
+        torch.testing.assert_close(got_rows, want, atol=1e-5, rtol=0)
+    assert sizes == [3]  # the 3-token steps as one forward; the lone decode step alone
+    # the caches a verify batch wrote go on agreeing, after a rollback too
+    for sid, (start, _, _) in steps.items():  # keep one of the sent tokens, then one more
+        want, _ = alone.score(sid, start + 1, [42], 1)
+        got_rows, length = batched.score(sid, start + 1, [42], 1)
+        torch.testing.assert_close(got_rows, want, atol=1e-5, rtol=0)
+        assert length == start + 2

@@ -23,13 +23,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# Steps that send at most this many tokens (a decode step, a verify of up to 15 drafts) queue
+# for batching; longer ones (a prefill) run alone at once.
+_MAX_STEP_TOKENS = 16
+
+
 class _Step:
-    """One queued decode step: a session's next token, and where its answer goes."""
+    """One queued step: a session's next tokens, the rows it wants back, and its answer."""
 
-    __slots__ = ("session_id", "start", "token", "logprobs", "length", "error", "done")
+    __slots__ = ("session_id", "start", "tokens", "rows", "logprobs", "length", "error", "done")
 
-    def __init__(self, session_id: str, start: int, token: int) -> None:
-        self.session_id, self.start, self.token = session_id, start, token
+    def __init__(self, session_id: str, start: int, tokens: list[int], rows: int) -> None:
+        self.session_id, self.start, self.tokens, self.rows = session_id, start, tokens, rows
         self.logprobs: torch.Tensor | None = None
         self.length = 0
         self.error: BaseException | None = None
@@ -80,9 +85,9 @@ class ModelEngine:
 
     Forward passes run one at a time under `self._lock` (which also guards the session
     store): a model on one device gains nothing from interleaving, and memory stays bounded.
-    One-token decode steps of different sessions that queue while the model is busy run
-    together as one batched forward (`max_batch`), which is where a busy service's throughput
-    comes from.
+    Steps of different sessions that queue while the model is busy and send the same number of
+    tokens (decode steps; verifies of k drafts) run together as one batched forward
+    (`max_batch`), which is where a busy service's throughput comes from.
     """
 
     def __init__(
@@ -224,8 +229,8 @@ class ModelEngine:
         ids = self._check_tokens(session_id, start, tokens, 0)
         if rows > len(tokens):
             raise InvalidArgument(f"rows={rows} exceeds the {len(tokens)} tokens sent")
-        if self.max_batch > 1 and len(tokens) == 1 and rows == 1 and start > 0:
-            return self._score_step(_Step(session_id, start, int(ids[0])))
+        if self.max_batch > 1 and start > 0 and len(tokens) <= _MAX_STEP_TOKENS:
+            return self._score_step(_Step(session_id, start, ids.tolist(), rows))
         with self._lock, torch.inference_mode():
             session = self._session_at(session_id, start)
             logprobs = self._forward(session_id, session, ids.to(self.device), rows).cpu()
@@ -277,7 +282,7 @@ class ModelEngine:
     # --- batched decode steps -----------------------------------------------------------------
 
     def _score_step(self, step: _Step) -> tuple[torch.Tensor, int]:
-        """Queue one decode step; whichever waiting thread takes the model next runs every
+        """Queue one step; whichever waiting thread takes the model next runs every
         queued step (up to max_batch) as one forward pass. No wait is added: a step that
         finds the model free runs at once, alone or with what queued meanwhile."""
         with self._pending_cv:
@@ -302,7 +307,8 @@ class ModelEngine:
         return step.logprobs, step.length
 
     def _run_steps(self, batch: list[_Step]) -> None:
-        """Run decode steps (one token each, distinct sessions) as one forward. Holds the lock."""
+        """Run queued steps of distinct sessions, one forward per group of steps that send
+        the same number of tokens (a decode step, or a verify of k drafts). Holds the lock."""
         try:
             with torch.inference_mode():
                 ready: list[tuple[_Step, Session]] = []
@@ -317,15 +323,19 @@ class ModelEngine:
                         ready.append((st, self._session_at(st.session_id, st.start)))
                     except Exception as e:  # this step's own error (NOT_FOUND, a gap): the rest go on
                         st.finish(error=e)
-                if len(ready) == 1 or not all(_batchable(s.cache) for _, s in ready):
-                    for st, session in ready:
+                groups: dict[int, list[tuple[_Step, Session]]] = {}
+                for st, session in ready:
+                    groups.setdefault(len(st.tokens), []).append((st, session))
+                for group in groups.values():
+                    if len(group) > 1 and all(_batchable(s.cache) for _, s in group):
+                        self._forward_batch(group)
+                        continue
+                    for st, session in group:
                         try:
-                            row = self._forward(st.session_id, session, torch.tensor([st.token], device=self.device), 1)
-                            st.finish(row.cpu(), session.length)
+                            ids = torch.tensor(st.tokens, device=self.device)
+                            st.finish(self._forward(st.session_id, session, ids, st.rows).cpu(), session.length)
                         except Exception as e:
                             st.finish(error=e)
-                elif ready:
-                    self._forward_batch(ready)
         except BaseException as e:
             for st in batch:
                 if not st.done:
@@ -333,14 +343,14 @@ class ModelEngine:
             raise
 
     def _forward_batch(self, ready: list[tuple[_Step, Session]]) -> None:
-        """One forward over several sessions' next tokens: their caches left-padded to one
-        length (padding masked out), each row at its own position; each session's cache then
-        gets its own new keys and values."""
+        """One forward over several sessions' next n tokens each: their caches left-padded to
+        one length (padding masked out), each row at its own positions; each session's cache
+        then gets its own new keys and values."""
         from transformers import DynamicCache
 
         sessions = [s for _, s in ready]
         lengths = [s.length for s in sessions]
-        longest, rows = max(lengths), len(ready)
+        longest, rows, n = max(lengths), len(ready), len(ready[0][0].tokens)
         batched = DynamicCache(config=self.model.config)
         for i in range(len(sessions[0].cache.layers)):
             parts = [(s.cache.layers[i].keys, s.cache.layers[i].values) for s in sessions]
@@ -351,21 +361,23 @@ class ModelEngine:
                 keys[b, :, longest - k.shape[2]:] = k[0]
                 values[b, :, longest - v.shape[2]:] = v[0]
             batched.update(keys, values, i)
-        mask = torch.zeros((rows, longest + 1), dtype=torch.long, device=self.device)  # [rows, longest + 1]
-        for b, n in enumerate(lengths):
-            mask[b, longest - n:] = 1
-        ids = torch.tensor([[st.token] for st, _ in ready], device=self.device)  # [rows, 1]
-        positions = torch.tensor([[n] for n in lengths], device=self.device)  # [rows, 1]
+        mask = torch.zeros((rows, longest + n), dtype=torch.long, device=self.device)  # [rows, longest + n]
+        for b, length in enumerate(lengths):
+            mask[b, longest - length:] = 1
+        ids = torch.tensor([st.tokens for st, _ in ready], device=self.device)  # [rows, n]
+        offsets = torch.arange(n, device=self.device)
+        positions = torch.stack([length + offsets for length in lengths])  # [rows, n]
+        keep = max(st.rows for st, _ in ready)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batched,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=max(keep, 1))
         except Exception as e:
             for st, _ in ready:
                 st.finish(error=e)
             return
-        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # [rows, vocab]
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [rows, keep, vocab]
         for b, (st, session) in enumerate(ready):
             for i, layer in enumerate(batched.layers):
-                session.cache.update(layer.keys[b:b + 1, :, -1:], layer.values[b:b + 1, :, -1:], i)
-            session.length += 1
-            st.finish(logprobs[b:b + 1], session.length)
+                session.cache.update(layer.keys[b:b + 1, :, -n:], layer.values[b:b + 1, :, -n:], i)
+            session.length += n
+            st.finish(logprobs[b, logprobs.shape[1] - st.rows:], session.length)  # its last rows (none for 0)
