@@ -23,6 +23,7 @@ else is an error, so a typo cannot silently change a scenario.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -183,21 +184,18 @@ def _tokens(response: Message) -> int:
     return 0
 
 
-def _one(channel: grpc.Channel, call: Call, request: Message, s: Scenario) -> Result:
+def _one(invoke: Callable, streaming: bool, request: Message, s: Scenario) -> Result:
+    """One request through `invoke` (the channel's callable for the method)."""
     start = time.perf_counter()
-    kwargs = {"timeout": s.timeout_s, "metadata": s.metadata or None}
-    serializer, deserializer = type(request).SerializeToString, call.response_class.FromString
     try:
-        if call.server_streaming:
-            stub = channel.unary_stream(call.path, request_serializer=serializer, response_deserializer=deserializer)
+        if streaming:
             first, tokens = None, 0
-            for response in stub(request, **kwargs):
+            for response in invoke(request, timeout=s.timeout_s, metadata=s.metadata or None):
                 if first is None and getattr(response, "token_ids", None):
                     first = time.perf_counter() - start
                 tokens = max(tokens, _tokens(response))
             return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens)
-        stub = channel.unary_unary(call.path, request_serializer=serializer, response_deserializer=deserializer)
-        response = stub(request, **kwargs)
+        response = invoke(request, timeout=s.timeout_s, metadata=s.metadata or None)
         return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response))
     except grpc.RpcError as e:
         return Result(e.code(), time.perf_counter() - start, error=f"{e.code().name}: {e.details()}")
@@ -276,10 +274,10 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
             return None
         return n
 
-    def worker(worker_id: int, channel: grpc.Channel) -> None:
+    def worker(worker_id: int, invoke: Callable) -> None:
         while (n := next_number()) is not None:
             request = call.request(s.data[n % len(s.data)], n, worker_id, s.name)
-            result = _one(channel, call, request, s)
+            result = _one(invoke, call.server_streaming, request, s)
             with lock:
                 report.results.append(result)
                 done = len(report.results)
@@ -287,7 +285,10 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
                 progress(done)
 
     with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(s.concurrency) as pool:
-        for f in [pool.submit(worker, w, channel) for w in range(s.concurrency)]:
+        kind = channel.unary_stream if call.server_streaming else channel.unary_unary
+        invoke = kind(call.path, request_serializer=call.request_class.SerializeToString,
+                      response_deserializer=call.response_class.FromString)
+        for f in [pool.submit(worker, w, invoke) for w in range(s.concurrency)]:
             f.result()
     report.wall_s = time.perf_counter() - start
     return report
@@ -357,7 +358,7 @@ def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Pa
     scenarios = []
     for path in paths:
         s = Scenario.load(path)
-        s = Scenario(**{**s.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+        s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
         Call.resolve(s)  # fail on a bad call before running anything
         scenarios.append(s)
     reports = []

@@ -24,8 +24,8 @@ from eftmesh.combiner.decoding import (
     new_seed,
 )
 from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
-from eftmesh.common.errors import EftMeshError, InvalidArgument, NotFound, ResourceExhausted
-from eftmesh.common.metrics import CombinerMetrics, meter
+from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from eftmesh.common.metrics import CombinerMetrics, meter, outcome
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
@@ -218,8 +218,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def _measured(self, req: GenerationRequest, context: grpc.ServicerContext, rpc: str) -> Iterator[Chunk]:
         """The generation, with its metrics: duration by outcome, time to first token, time
         per output token, tokens, speculation acceptance, generations in flight."""
-        m, start, first, outcome = self.metrics, time.perf_counter(), None, "OK"
-        tokens = 0
+        m, start, first, tokens, error = self.metrics, time.perf_counter(), None, 0, None
         m.active.add(1)
         try:
             for chunk in self._traced(req, context):
@@ -235,19 +234,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     if u.speculation.drafted:
                         m.acceptance.record(u.speculation.acceptance_rate, {"eftmesh.draft_role": req.speculation.draft_role})
                 yield chunk
-        except EftMeshError as e:
-            outcome = e.code.name
-            raise
-        except GeneratorExit:  # the client went away mid-stream
-            outcome = "CANCELLED"
-            raise
-        except Exception:
-            outcome = "INTERNAL"
+        except BaseException as e:  # GeneratorExit too: the client went away mid-stream
+            error = e
             raise
         finally:
             elapsed = time.perf_counter() - start
             m.active.add(-1)
-            m.request_duration.record(elapsed, {"rpc.method": rpc, "rpc.grpc.status_code": outcome})
+            m.request_duration.record(elapsed, {"rpc.method": rpc, "rpc.grpc.status_code": outcome(error)})
             if first is not None and tokens > 1:
                 m.time_per_output_token.record((elapsed - first) / (tokens - 1), {"rpc.method": rpc})
 

@@ -100,7 +100,6 @@ class GrpcScorer:
         self.policy = policy
         self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self.addresses = dict(addresses)
-        self._tracer_provider = tracer_provider
 
         def make_stub(address: str) -> tuple[grpc.Channel, logit_pb2_grpc.LogitServiceStub]:
             channel = tracing.traced_channel(grpc.insecure_channel(address, options=_UPSTREAM_OPTIONS), tracer_provider)
@@ -122,21 +121,11 @@ class GrpcScorer:
         deadline = time.monotonic() + self.policy.connect_timeout_s
         for role, rs in self.replicas.items():
             while True:
-                for r in rs.replicas():
-                    try:
-                        i = r.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=2.0, wait_for_ready=True)
-                    except grpc.RpcError as e:
-                        last = e
-                        continue
-                    spec = ModelSpec.from_info(role, self.addresses[role], i)
-                    if role not in self.models:
-                        self.models[role] = spec
-                    if self._matches(role, spec, r.address):
-                        rs.mark_verified(r.address)
+                errors = [e for r in rs.replicas() if (e := self._verify(role, r, 2.0, wait_for_ready=True))]
                 if role in self.models:
                     break
                 if time.monotonic() > deadline:
-                    detail = last.details() if rs.replicas() else "the name resolves to no address"
+                    detail = errors[-1].details() if errors else "the name resolves to no address"
                     raise Unavailable(
                         f"upstream {role} at {self.addresses[role]} did not answer within "
                         f"{self.policy.connect_timeout_s:.0f} s: {detail}"
@@ -148,6 +137,19 @@ class GrpcScorer:
         self._refresher.start()
         return self.models
 
+    def _verify(self, role: str, replica: Replica, timeout: float, wait_for_ready: bool = False) -> grpc.RpcError | None:
+        """Ask a replica for Info; the first answer of a role defines its model, and a replica
+        is used only once it serves the same tokenizer and vocabulary. Returns the call's error."""
+        try:
+            info = replica.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as e:
+            return e
+        spec = ModelSpec.from_info(role, self.addresses[role], info)
+        self.models.setdefault(role, spec)
+        if self._matches(role, spec, replica.address):
+            self.replicas[role].mark_verified(replica.address)
+        return None
+
     def _matches(self, role: str, spec: ModelSpec, address: str) -> bool:
         want = self.models[role]
         same = (spec.tokenizer_fingerprint, spec.vocab_size) == (want.tokenizer_fingerprint, want.vocab_size)
@@ -158,16 +160,12 @@ class GrpcScorer:
         return same
 
     def refresh(self) -> None:
-        """Re-resolve every role's target and verify replicas not yet verified (Info)."""
+        """Re-resolve every role's target and verify replicas not yet verified (Info); one
+        that does not answer is tried again next time."""
         for role, rs in self.replicas.items():
             rs.refresh()
             for r in rs.unverified():
-                try:
-                    i = r.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=1.0)
-                except grpc.RpcError:
-                    continue  # not up yet: tried again next time
-                if self._matches(role, ModelSpec.from_info(role, self.addresses[role], i), r.address):
-                    rs.mark_verified(r.address)
+                self._verify(role, r, 1.0)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.policy.resolve_interval_s):
@@ -257,12 +255,11 @@ class GrpcScorer:
                 log.warning("%s at %s unavailable (%s); retry %d with the whole prefix",
                             role, replica.address, err.details(), attempt + 1)
                 replica = rs.repin(session_id, replica)
-                self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
             elif code == grpc.StatusCode.NOT_FOUND:
-                self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
                 log.info("re-prefilling %s for %s (%d tokens) on %s", role, session_id, n_tokens, replica.address)
             else:
                 raise UpstreamError(role, err)
+            self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
             try:
                 return resend(replica.stub, _remaining(deadline, self.policy.call_timeout_s))
             except grpc.RpcError as e:

@@ -28,6 +28,8 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
+from eftmesh.common.errors import EftMeshError
+
 log = logging.getLogger(__name__)
 
 OTLP_METRICS_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
@@ -81,6 +83,17 @@ def make_meter_provider(
     ]
     return MeterProvider(metric_readers=all_readers, resource=Resource.create({"service.name": service_name}),
                          views=views)
+
+
+def outcome(error: BaseException | None) -> str:
+    """The gRPC status name a call ended with, for the `rpc.grpc.status_code` attribute."""
+    if error is None:
+        return "OK"
+    if isinstance(error, EftMeshError):
+        return error.code.name
+    if isinstance(error, GeneratorExit):  # a stream whose client went away
+        return "CANCELLED"
+    return "INTERNAL"
 
 
 def meter(provider: MeterProvider | None, name: str) -> Meter:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
 import os
 import signal
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import tracing
@@ -111,7 +110,7 @@ class Server:
         log.info("stopped")
 
 
-def exit_now(tracer_provider: TracerProvider | None, meter_provider: Any = None) -> None:
+def exit_now(tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None = None) -> None:
     """Flush spans, metrics and logs, then leave without interpreter teardown.
 
     After the drain there is nothing left to clean up, and tearing down an interpreter with

@@ -10,8 +10,8 @@ import grpc
 
 from eftmesh.common import tensors
 from eftmesh.common.convert import sampling_from_pb
-from eftmesh.common.errors import EftMeshError, InvalidArgument
-from eftmesh.common.metrics import LogitMetrics, meter
+from eftmesh.common.errors import InvalidArgument
+from eftmesh.common.metrics import LogitMetrics, meter, outcome
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
@@ -25,19 +25,16 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     @contextmanager
     def _measured(self, method: str, tokens: int) -> Iterator[None]:
         """Duration of one call by method and outcome, and the tokens it ran."""
-        start, outcome = time.perf_counter(), "OK"
+        start, error = time.perf_counter(), None
         try:
             yield
-        except EftMeshError as e:
-            outcome = e.code.name
-            raise
-        except Exception:
-            outcome = "INTERNAL"
+        except BaseException as e:
+            error = e
             raise
         finally:
             attrs = {"eftmesh.role": self.metrics.role, "rpc.method": method}
-            self.metrics.duration.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": outcome})
-            if outcome == "OK":
+            self.metrics.duration.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": outcome(error)})
+            if error is None:
                 self.metrics.tokens.add(tokens, attrs)
 
     def Info(
