@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench eval load clean
+.PHONY: help install protos check-protos lint test run models bench bench-load eval load clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,6 +50,9 @@ run: $(STAMP) ## run the mesh on the demo models on loopback and stream a genera
 
 bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
 	$(PY) -m eftmesh.bench $(ARGS)
+
+bench-load: $(STAMP) ## concurrency benchmark: tokens/s against N concurrent generations, mesh vs lockstep ceiling, Poisson latencies: bench/load.json, bench/load.png
+	$(PY) -m eftmesh.bench_load $(ARGS)
 
 load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results/demo-cpu.json
 	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)

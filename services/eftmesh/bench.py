@@ -27,7 +27,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from eftmesh.combiner.decoding import Decoder, GenerationRequest
+from eftmesh.combiner.decoding import GenerationRequest
+from eftmesh.combiner.scheduler import Decoder
 from eftmesh.combiner.scoring import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig

@@ -127,16 +127,17 @@ def test_a_replica_serving_another_model_is_not_used():
 # --- real replicas on loopback ---------------------------------------------------------------
 
 def count_sessions(ls) -> dict[str, int]:
-    """Wrap a logit service's engine so every Score/Draft records its session id."""
+    """Wrap a logit service's engine so every batched call records the session ids of its items."""
     seen: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-    for name in ("score", "draft"):
+    for name in ("score_batch", "draft_batch"):
         original = getattr(ls.engine, name)
 
-        def wrapped(session_id, *args, _original=original, **kwargs):
+        def wrapped(items, *args, _original=original, **kwargs):
             with lock:
-                seen[session_id] += 1
-            return _original(session_id, *args, **kwargs)
+                for it in items:
+                    seen[it.session_id] += 1
+            return _original(items, *args, **kwargs)
 
         setattr(ls.engine, name, wrapped)
     return seen

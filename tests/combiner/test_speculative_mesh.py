@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eftmesh.combiner.decoding import Decoder, GenerationRequest, SpeculationConfig
+from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig
+from eftmesh.combiner.scheduler import Decoder
 from eftmesh.combiner.scoring import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
@@ -60,9 +61,13 @@ def test_greedy_speculative_equals_greedy_plain(mesh, comp, mode):
     assert s.draft_role == ("ft-small" if comp != "amplified" else "base-large")
     assert s.blocks > 0 and s.drafted_tokens >= s.accepted_tokens
     assert s.acceptance_rate == pytest.approx(s.accepted_tokens / s.drafted_tokens)
-    # one base-role call per block, plus at most one plain step when a single token is left
+    # one base-role call per block, plus at most one plain step when a single token is left;
+    # adaptive mode may also take plain steps when the load controller caps k at 0
     base_calls = round(s.base_calls_per_token * len(spec.token_ids))
-    assert base_calls in (s.blocks, s.blocks + 1)
+    if mode == "adaptive":
+        assert base_calls >= s.blocks
+    else:
+        assert base_calls in (s.blocks, s.blocks + 1)
 
 
 def test_plain_decoding_reports_one_base_call_per_token(mesh):

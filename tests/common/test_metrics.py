@@ -87,7 +87,7 @@ def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh)
 
     logit = collect(*logit_readers)
     ok = [p for p in logit["eftmesh.logit.duration"] if p.attributes["rpc.grpc.status_code"] == "OK"]
-    assert {p.attributes["rpc.method"] for p in ok} == {"Score", "Draft"}
+    assert {p.attributes["rpc.method"] for p in ok} == {"ScoreBatch", "DraftBatch"}
     assert sum(p.value for p in logit["eftmesh.logit.tokens"]) > 15
     assert {p.attributes["eftmesh.role"] for p in logit["eftmesh.logit.sessions"]} == {"base-large", "base-small", "ft-small"}
 

@@ -60,14 +60,22 @@ def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     assert len(server_complete) == 1 and server_complete[0].context.trace_id == trace_id
     assert g.parent.span_id == server_complete[0].context.span_id
 
-    client_scores = [s for s in spans if s.kind == SpanKind.CLIENT and s.name.endswith("LogitService/Score")]
-    server_scores = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/Score")]
-    # one Score per role per generated token, except the last token which is never scored
-    assert len(client_scores) == len(server_scores) == 3 * len(resp.token_ids)
-    assert all(s.context.trace_id == trace_id for s in client_scores + server_scores)
+    # Continuous batching: each scheduler step is its own span, linked to every generation it
+    # advanced (OpenTelemetry's shape for batch work); its upstream calls are its children.
+    steps = [s for s in spans if s.name == "eftmesh.step"]
+    assert len(steps) == len(resp.token_ids)  # one token per plain step
+    assert all(any(link.context.span_id == g.context.span_id for link in s.links) for s in steps)
+    assert all(s.attributes["eftmesh.batch.size"] == 1 for s in steps)
+    client_scores = [s for s in spans if s.kind == SpanKind.CLIENT and s.name.endswith("LogitService/ScoreBatch")]
+    server_scores = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/ScoreBatch")]
+    # one ScoreBatch per role per step
+    assert len(client_scores) == len(server_scores) == 3 * len(steps)
+    step_ids = {s.context.span_id for s in steps}
+    assert all(s.parent.span_id in step_ids for s in client_scores)
     client_ids = {s.context.span_id for s in client_scores}
     assert all(s.parent.span_id in client_ids for s in server_scores), "context not propagated"
-    assert all(s.parent.span_id == g.context.span_id for s in client_scores)
+    by_id = {s.context.span_id: s for s in client_scores}
+    assert all(s.context.trace_id == by_id[s.parent.span_id].context.trace_id for s in server_scores)
 
 
 def test_the_generation_span_carries_speculation_figures(traced_mesh):
@@ -86,7 +94,7 @@ def test_the_generation_span_carries_speculation_figures(traced_mesh):
     assert g.attributes["eftmesh.speculation.accepted_tokens"] == resp.speculation.accepted_tokens
     assert g.attributes["eftmesh.speculation.blocks"] == resp.speculation.blocks
     assert g.attributes["eftmesh.base_calls_per_token"] == pytest.approx(resp.speculation.base_calls_per_token)
-    drafts = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/Draft")]
+    drafts = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/DraftBatch")]
     assert len(drafts) == resp.speculation.blocks
 
 

@@ -1,124 +1,462 @@
-"""Decode steps of different sessions that meet at the model run as one batched forward pass
-(caches left-padded and masked, each row at its own position), and give what running them one
-at a time gives: the same log-probabilities (float32, 1e-5) and caches that go on agreeing."""
+"""The batched engine over the paged KV cache, on tiny random models made here (GPT-2, and a
+Llama with grouped-query attention): every item of a batch, at its own position, gets what a
+plain full forward of its sequence gives; rollback, drafting, bad items and the KV budget are
+per item, and never disturb the other items of the batch."""
 
 from __future__ import annotations
 
-import threading
-import time
+from collections.abc import Sequence
 
+import grpc
 import pytest
 import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from eftmesh.common.errors import NotFound
-from eftmesh.logit.engine import ModelEngine
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
 
-PREFIXES = {"a": [5, 17, 3, 99, 41, 8, 250], "b": [7, 7], "c": [300, 12, 45, 61]}  # vocab 384
+ATOL = 1e-4  # batched (padded, paged) rows against a plain forward
+SAME = 1e-5  # batched against the same item alone
+N_POSITIONS = 64
+SAMPLED = SamplingConfig(temperature=1.0)
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_family):
-    path = str(tiny_family["base-large"])
-    alone = ModelEngine.from_pretrained(path, role="base-large")
-    batched = ModelEngine.from_pretrained(path, role="base-large", max_batch=8)
-    return alone, batched
+def tokenizer(tiny_family):
+    return AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
 
 
-def count_batches(engine: ModelEngine) -> list[int]:
+@pytest.fixture(scope="module")
+def models(tokenizer) -> dict[str, torch.nn.Module]:
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_positions=N_POSITIONS, n_embd=32, n_layer=2, n_head=2,
+        initializer_range=0.2, tie_word_embeddings=False,
+    ))
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_POSITIONS,
+        initializer_range=0.2, tie_word_embeddings=False,
+    ))
+    return {"gpt2": gpt2.eval(), "llama": llama.eval()}
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request, models):
+    return models[request.param]
+
+
+def engine_for(model, tokenizer, **kwargs) -> ModelEngine:
+    kwargs = {"kv_cache_tokens": 1024, "kv_block_size": 8, **kwargs}
+    return ModelEngine(model, tokenizer, model_id="test", role="test", **kwargs)
+
+
+def seq(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def full_logprobs(model, tokens: Sequence[int]) -> torch.Tensor:
+    """[len(tokens), vocab] log-probs of one plain forward, no eftmesh code involved."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(tokens)])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def logprobs(rows: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(rows.float(), dim=-1)
+
+
+def assert_exact(result: ItemResult, model, tokens: Sequence[int], rows: int) -> None:
+    """The item succeeded, holds all of `tokens`, and its rows are the last `rows` of a full forward."""
+    assert result.error is None, result.error
+    assert result.cache_length == len(tokens)
+    assert result.rows.shape == (rows, model.config.vocab_size)
+    assert result.rows.dtype == next(model.parameters()).dtype
+    if rows:
+        want = full_logprobs(model, tokens)[len(tokens) - rows:]
+        assert (logprobs(result.rows) - want).abs().max().item() <= ATOL
+
+
+def code(result: ItemResult) -> grpc.StatusCode:
+    assert result.error is not None, "the item was expected to fail"
+    return result.error.code
+
+
+def release_all(engine: ModelEngine, session_ids) -> None:
+    for sid in session_ids:
+        engine.release(sid)
+    assert len(engine.sessions) == 0
+    assert engine.pool.free_blocks == engine.pool.num_blocks  # every block came back
+
+
+# --- score_batch: exactness -----------------------------------------------------------------------
+
+
+def test_score_batch_at_different_lengths_steps_and_verifies_equals_a_full_forward(model, tokenizer):
+    vocab = len(tokenizer)
+    engine = engine_for(model, tokenizer, max_batch=3)  # five sessions: short items in groups of 3 and 2
+    # prefixes of 1 to 40 tokens; 40 is past the short-item limit, so it runs as a prefill of its own
+    prefix = {"a": 1, "b": 6, "c": 13, "d": 40, "e": 3}
+    want_rows = {"a": 1, "b": 6, "c": 2, "d": 40, "e": 0}
+    seqs = {sid: seq(i, n, vocab) for i, (sid, n) in enumerate(prefix.items())}
+    results = engine.score_batch([ScoreItem(sid, 0, s, want_rows[sid]) for sid, s in seqs.items()])
+    for (sid, s), r in zip(seqs.items(), results):
+        assert_exact(r, model, s, want_rows[sid])
+
+    # steps of one token each, several rounds: the caches each batch wrote must stay right
+    for step in range(3):
+        new = {sid: seq(100 + 10 * step + i, 1, vocab) for i, sid in enumerate(seqs)}
+        results = engine.score_batch([ScoreItem(sid, len(s), new[sid], 1) for sid, s in seqs.items()])
+        for (sid, s), r in zip(seqs.items(), results):
+            s.extend(new[sid])
+            assert_exact(r, model, s, 1)
+
+    # verify-sized items of different lengths (and rows) in one batch, then a plain step again
+    verify = {"a": (2, 2), "b": (5, 5), "c": (3, 1), "d": (1, 1), "e": (4, 4)}  # sid: (tokens, rows)
+    new = {sid: seq(200 + i, verify[sid][0], vocab) for i, sid in enumerate(seqs)}
+    results = engine.score_batch([ScoreItem(sid, len(s), new[sid], verify[sid][1]) for sid, s in seqs.items()])
+    for (sid, s), r in zip(seqs.items(), results):
+        s.extend(new[sid])
+        assert_exact(r, model, s, verify[sid][1])
+    results = engine.score_batch([ScoreItem(sid, len(s), [7], 1) for sid, s in seqs.items()])
+    for s, r in zip(seqs.values(), results):
+        s.append(7)
+        assert_exact(r, model, s, 1)
+    release_all(engine, seqs)
+
+
+def test_short_items_share_forwards_up_to_max_batch_and_prefills_run_apart(models, tokenizer):
+    engine = engine_for(models["gpt2"], tokenizer, max_batch=3)
     sizes: list[int] = []
-    original = engine._forward_batch
+    forward = engine._forward
 
-    def wrapped(ready):
-        sizes.append(len(ready))
-        return original(ready)
+    def recording_forward(rows, results):
+        sizes.append(len(rows))
+        return forward(rows, results)
 
-    engine._forward_batch = wrapped
-    return sizes
-
-
-def concurrent_steps(engine: ModelEngine, steps: dict[str, tuple]) -> dict[str, tuple]:
-    """Run one step per session (start, token) or (start, tokens, rows) from its own thread,
-    all queued while the model is busy, so that they meet."""
-    results: dict[str, tuple] = {}
-
-    def run(sid, start, tokens, rows=1):
-        tokens = tokens if isinstance(tokens, list) else [tokens]
-        try:
-            results[sid] = engine.score(sid, start, tokens, rows)
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            results[sid] = (e,)
-
-    threads = [threading.Thread(target=run, args=(sid, *step)) for sid, step in steps.items()]
-    with engine._lock:  # the model is busy: every step queues
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 5
-        while len(engine._pending) < len(steps) and time.monotonic() < deadline:
-            time.sleep(0.001)
-    for t in threads:
-        t.join(10)
-    return results
+    engine._forward = recording_forward
+    lengths = [2, 5, 34, 3, 9, 40]  # 34 and 40 are prefills
+    engine.score_batch([ScoreItem(str(i), 0, seq(i, n, len(tokenizer)), 1) for i, n in enumerate(lengths)])
+    assert sizes == [3, 1, 2]  # four short items in groups of 3 and 1, then both prefills together
+    sizes.clear()
+    engine.score_batch([ScoreItem(str(i), n, [5], 1) for i, n in enumerate(lengths)])
+    assert sizes == [3, 3]  # six decode steps, max_batch at a time
 
 
-def test_batched_decode_steps_equal_steps_run_alone(engines):
-    alone, batched = engines
-    sizes = count_batches(batched)
-    for engine in engines:
-        for sid, prefix in PREFIXES.items():
-            engine.score(sid, 0, prefix, 1)
-    next_tokens = {"a": 11, "b": 300, "c": 2}
-    for round_ in range(3):  # several rounds: the caches written by a batch must stay right
-        steps = {sid: (len(prefix) + round_, next_tokens[sid] + round_) for sid, prefix in PREFIXES.items()}
-        got = concurrent_steps(batched, steps)
-        for sid, (start, token) in steps.items():
-            want, want_len = alone.score(sid, start, [token], 1)
-            rows, length = got[sid]
-            assert length == want_len == start + 1
-            torch.testing.assert_close(rows, want, atol=1e-5, rtol=0)
-            assert int(rows.argmax()) == int(want.argmax())
-    assert sizes == [3, 3, 3]  # each round ran as one forward of three rows
+def test_single_session_score_and_draft_are_a_batch_of_one_in_log_softmax_float32(model, tokenizer):
+    engine = engine_for(model, tokenizer)
+    s = seq(3, 9, len(tokenizer))
+    lp, length = engine.score("one", 0, s, 4)
+    assert length == 9 and lp.dtype == torch.float32 and lp.shape == (4, len(tokenizer))
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4))
+    assert (lp - full_logprobs(model, s)[-4:]).abs().max().item() <= ATOL
+    drafts, rows, length = engine.draft("one", 9, [11], 3, GREEDY, seed=0)
+    assert length == 13 and len(drafts) == 3 and rows.dtype == torch.float32
+    full = full_logprobs(model, s + [11] + drafts)
+    assert (rows - full[-4:]).abs().max().item() <= ATOL
+    assert drafts == [int(r.argmax()) for r in rows[:3]]
 
 
-def test_a_bad_step_fails_alone_and_the_rest_of_its_batch_goes_on(engines):
-    _, batched = engines
-    sizes = count_batches(batched)
-    batched.score("x", 0, [1, 2, 3], 1)
-    batched.score("y", 0, [4, 5], 1)
-    got = concurrent_steps(batched, {"x": (3, 9), "y": (2, 9), "ghost": (4, 9)})
-    assert isinstance(got["ghost"][0], NotFound)
-    assert got["x"][1] == 4 and got["y"][1] == 3
-    assert sizes == [2]
+# --- rollback inside a batch ------------------------------------------------------------------------
 
 
-def test_prefill_and_a_step_alone_take_the_plain_path(engines):
-    _, batched = engines
-    sizes = count_batches(batched)
-    batched.score("p", 0, [1, 2, 3, 4], 2)  # prefill, two rows
-    rows, length = batched.score("p", 4, [5], 1)  # a lone decode step: no batch of one
-    assert rows.shape[0] == 1 and length == 5
-    assert sizes == []
+def test_rollback_inside_a_batch_is_exact_per_item(model, tokenizer):
+    vocab = len(tokenizer)
+    engine = engine_for(model, tokenizer)
+    cached = {"a": seq(1, 10, vocab), "b": seq(2, 6, vocab), "c": seq(3, 8, vocab), "d": seq(4, 12, vocab),
+              "e": seq(5, 17, vocab)}
+    for r in engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in cached.items()]):
+        assert r.error is None
+    # each item cuts its own session back by a different amount (c does not: a plain append)
+    plan = {"a": (7, seq(11, 3, vocab)), "b": (2, seq(12, 1, vocab)), "c": (8, seq(13, 2, vocab)),
+            "d": (0, seq(14, 5, vocab)), "e": (9, seq(15, 4, vocab))}
+    results = engine.score_batch([ScoreItem(sid, start, new, len(new)) for sid, (start, new) in plan.items()])
+    seqs = {}
+    for (sid, (start, new)), r in zip(plan.items(), results):
+        seqs[sid] = cached[sid][:start] + new
+        assert_exact(r, model, seqs[sid], len(new))
+    # rolled-back sessions hold only the blocks their new lengths need
+    assert engine.pool.used_blocks == sum(engine.pool.blocks_for(len(s)) for s in seqs.values())
+    # the stale slots past each new end never leak into later steps
+    for step in range(2):
+        results = engine.score_batch([ScoreItem(sid, len(s), [40 + step], 1) for sid, s in seqs.items()])
+        for s, r in zip(seqs.values(), results):
+            s.append(40 + step)
+            assert_exact(r, model, s, 1)
+    release_all(engine, seqs)
 
 
-def test_verify_sized_steps_batch_by_length_and_equal_steps_run_alone(engines):
-    alone, batched = engines
-    sizes = count_batches(batched)
-    prefixes = {"v1": [3, 4, 5, 6, 7], "v2": [9, 8], "v3": [1, 1, 2, 3, 5, 8, 13, 21], "v4": [30, 31, 32]}
-    for engine in engines:
-        for sid, prefix in prefixes.items():
-            engine.score(sid, 0, prefix, 1)
-    # three verifies of 2 drafts (3 tokens, 3 rows; one asks fewer rows) and one decode step
-    steps = {"v1": (5, [10, 11, 12], 3), "v2": (2, [13, 14, 15], 3), "v3": (8, [16, 17, 18], 2),
-             "v4": (3, [19], 1)}
-    got = concurrent_steps(batched, steps)
-    for sid, (start, tokens, rows) in steps.items():
-        want, want_len = alone.score(sid, start, tokens, rows)
-        got_rows, got_len = got[sid]
-        assert got_len == want_len == start + len(tokens) and got_rows.shape == want.shape == (rows, want.shape[1])
-        torch.testing.assert_close(got_rows, want, atol=1e-5, rtol=0)
-    assert sizes == [3]  # the 3-token steps as one forward; the lone decode step alone
-    # the caches a verify batch wrote go on agreeing, after a rollback too
-    for sid, (start, _, _) in steps.items():  # keep one of the sent tokens, then one more
-        want, _ = alone.score(sid, start + 1, [42], 1)
-        got_rows, length = batched.score(sid, start + 1, [42], 1)
-        torch.testing.assert_close(got_rows, want, atol=1e-5, rtol=0)
-        assert length == start + 2
+# --- draft_batch ------------------------------------------------------------------------------------
+
+
+def draft_items(vocab: int) -> list[DraftItem]:
+    return [
+        DraftItem("a", 0, seq(21, 5, vocab), 1, SAMPLED, seed=1),
+        DraftItem("b", 0, seq(22, 9, vocab), 3, GREEDY, seed=0),
+        DraftItem("c", 0, seq(23, 40, vocab), 5, SAMPLED, seed=7, vocab_limit=100),  # a prefill first
+        DraftItem("d", 4, seq(24, 2, vocab), 4, SamplingConfig(temperature=0.8, top_p=0.9), seed=3),  # rollback
+        DraftItem("e", 3, seq(25, 1, vocab), 2, GREEDY, seed=0, vocab_limit=200),
+    ]
+
+
+def prepare_draft_sessions(engine: ModelEngine, vocab: int) -> dict[str, list[int]]:
+    """Sessions d and e hold a cached prefix that their draft items start inside or at the end of."""
+    held = {"d": seq(30, 6, vocab), "e": seq(31, 3, vocab)}
+    for r in engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in held.items()]):
+        assert r.error is None
+    return held
+
+
+def test_draft_batch_equals_each_item_alone_and_a_full_forward(model, tokenizer):
+    vocab = len(tokenizer)
+    items = draft_items(vocab)
+    batched, alone = engine_for(model, tokenizer), engine_for(model, tokenizer)
+    held = prepare_draft_sessions(batched, vocab)
+    prepare_draft_sessions(alone, vocab)
+    results = batched.draft_batch(items)
+    singles = [alone.draft_batch([it])[0] for it in items]
+    seqs = {}
+    for it, r, one in zip(items, results, singles):
+        assert r.error is None and one.error is None, (r.error, one.error)
+        assert len(r.drafts) == it.k
+        assert r.drafts == one.drafts
+        assert r.rows.shape == (it.k + 1, vocab)
+        assert (r.rows.float() - one.rows.float()).abs().max().item() <= SAME
+        assert r.cache_length == one.cache_length == it.start + len(it.tokens) + it.k
+        if it.vocab_limit:
+            assert all(0 <= x < it.vocab_limit for x in r.drafts)
+        if it.sampling.greedy:
+            limit = it.vocab_limit or vocab
+            assert r.drafts == [int(row[:limit].argmax()) for row in r.rows[:-1]]
+        s = held.get(it.session_id, [])[: it.start] + list(it.tokens) + r.drafts
+        full = full_logprobs(model, s)[-(it.k + 1):]  # each draft's row and the bonus row
+        assert (logprobs(r.rows) - full).abs().max().item() <= ATOL
+        seqs[it.session_id] = s
+    assert len({tuple(r.drafts) for r in results if len(r.drafts) > 1}) > 1  # the items drafted differently
+    # the caches hold every draft: the next step of each session goes on exactly
+    results = batched.score_batch([ScoreItem(sid, len(s), [9], 1) for sid, s in seqs.items()])
+    for s, r in zip(seqs.values(), results):
+        assert_exact(r, model, s + [9], 1)
+
+
+def test_seeded_draft_batch_is_reproducible_and_accepts_a_partial_rollback(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer)
+    first = engine.draft_batch([DraftItem("x", 0, seq(40, 6, vocab), 4, SAMPLED, seed=99),
+                                DraftItem("y", 0, seq(41, 3, vocab), 2, SAMPLED, seed=98)])
+    again = engine.draft_batch([DraftItem("x2", 0, seq(40, 6, vocab), 4, SAMPLED, seed=99)])
+    assert again[0].drafts == first[0].drafts
+    # speculation keeps two of x's drafts, rejects the rest, and drafts again from there
+    kept = seq(40, 6, vocab) + first[0].drafts[:2]
+    nxt = engine.draft_batch([DraftItem("x", 8, [17], 3, SAMPLED, seed=5),
+                              DraftItem("y", 5, [18], 1, GREEDY, seed=0)])
+    assert nxt[0].cache_length == 12 and nxt[1].cache_length == 7
+    full = full_logprobs(model, kept + [17] + nxt[0].drafts)[-4:]
+    assert (logprobs(nxt[0].rows) - full).abs().max().item() <= ATOL
+
+
+# --- a bad item fails alone -------------------------------------------------------------------------
+
+
+def test_a_bad_score_item_fails_only_itself(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer, max_context=32)
+    held = {"a": seq(50, 5, vocab), "b": seq(51, 4, vocab), "c": seq(52, 6, vocab)}
+    engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in held.items()])
+    fresh, late = seq(53, 5, vocab), seq(54, 3, vocab)
+    items = [
+        ScoreItem("a", 5, [8], 1),  # ok
+        ScoreItem("ghost", 3, [1], 1),  # unknown session, start > 0
+        ScoreItem("b", 7, [1], 1),  # a gap: b holds 4
+        ScoreItem("c", 6, [1, vocab, 2], 1),  # token out of range
+        ScoreItem("n", 0, fresh, 5),  # ok, new
+        ScoreItem("a", 6, [9], 1),  # a again in the same batch
+        ScoreItem("long", 0, [3] * 33, 1),  # over max_context 32
+        ScoreItem("m", 0, late, 2),  # ok, new
+        ScoreItem("rows", 0, [1, 2], 3),  # more rows than tokens
+        ScoreItem("", 0, [1], 1),  # no session id
+        ScoreItem("empty", 0, [], 0),  # no tokens
+        ScoreItem("neg", 0, [4, -1], 1),  # negative token
+    ]
+    r = engine.score_batch(items)
+    assert code(r[1]) == grpc.StatusCode.NOT_FOUND
+    assert code(r[2]) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(r[3]) == grpc.StatusCode.INVALID_ARGUMENT and str(vocab) in str(r[3].error)
+    assert code(r[5]) == grpc.StatusCode.INVALID_ARGUMENT and "twice" in str(r[5].error)
+    assert code(r[6]) == grpc.StatusCode.OUT_OF_RANGE
+    assert [code(x) for x in r[8:]] == [grpc.StatusCode.INVALID_ARGUMENT] * 4
+    assert all(x.rows is None and x.drafts == [] for i, x in enumerate(r) if i not in (0, 4, 7))
+    held["a"].append(8)
+    assert_exact(r[0], model, held["a"], 1)  # the first item of a, not the duplicate
+    assert_exact(r[4], model, fresh, 5)
+    assert_exact(r[7], model, late, 2)
+    # failed items left their sessions as they were, and created none
+    r = engine.score_batch([ScoreItem("b", 4, [6], 1), ScoreItem("c", 6, [6], 1), ScoreItem("long", 1, [6], 1)])
+    assert_exact(r[0], model, held["b"] + [6], 1)
+    assert_exact(r[1], model, held["c"] + [6], 1)
+    assert code(r[2]) == grpc.StatusCode.NOT_FOUND
+    release_all(engine, ["a", "b", "c", "n", "m"])
+
+
+def test_a_bad_draft_item_fails_only_itself(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    batched = engine_for(model, tokenizer, max_context=32, max_draft=4)
+    alone = engine_for(model, tokenizer, max_context=32, max_draft=4)
+    good = [DraftItem("g1", 0, seq(60, 4, vocab), 2, SAMPLED, seed=1),
+            DraftItem("g2", 0, seq(61, 7, vocab), 4, GREEDY, seed=0)]
+    items = [
+        good[0],
+        DraftItem("k0", 0, [1, 2], 0, SAMPLED, seed=1),  # k below 1
+        DraftItem("k5", 0, [1, 2], 5, SAMPLED, seed=1),  # k above max_draft
+        DraftItem("ghost", 2, [1], 2, SAMPLED, seed=1),  # unknown session
+        DraftItem("lim", 0, [1, 2], 2, SAMPLED, seed=1, vocab_limit=vocab + 1),  # limit past the vocabulary
+        DraftItem("ctx", 0, [3] * 30, 3, SAMPLED, seed=1),  # 30 + 3 drafts past max_context 32
+        DraftItem("tok", 0, [vocab], 1, SAMPLED, seed=1),  # token out of range
+        good[1],
+    ]
+    r = batched.draft_batch(items)
+    assert [code(x) for x in r[1:7]] == [
+        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
+    ]
+    for it, got in zip(good, (r[0], r[7])):
+        one = alone.draft_batch([it])[0]
+        assert got.error is None
+        assert got.drafts == one.drafts and got.cache_length == it.start + len(it.tokens) + it.k
+        assert (got.rows.float() - one.rows.float()).abs().max().item() <= SAME
+    assert len(batched.sessions) == 2  # the failed items created no session
+
+
+# --- the KV budget ----------------------------------------------------------------------------------
+
+
+def test_a_new_session_at_the_kv_budget_evicts_the_least_recently_used_idle_one(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer, kv_cache_tokens=64, kv_block_size=8)  # 8 blocks
+    assert engine.pool.num_blocks == 8 and engine.info.kv_cache_tokens == 64
+    seqs = {f"s{i}": seq(70 + i, 15, vocab) for i in range(4)}  # 2 blocks each: the pool is full
+    for sid, s in seqs.items():
+        assert engine.score(sid, 0, s, 1)[1] == 15
+    assert engine.pool.free_blocks == 0 and engine.kv_tokens_used == 64
+    r = engine.score_batch([ScoreItem("s0", 15, [4], 1)])[0]  # 16 tokens: still 2 blocks; s0 is now fresh
+    seqs["s0"].append(4)
+    assert_exact(r, model, seqs["s0"], 1)
+    assert engine.sessions.evictions == 0
+    newcomer = seq(79, 10, vocab)
+    assert_exact(engine.score_batch([ScoreItem("new", 0, newcomer, 1)])[0], model, newcomer, 1)
+    assert engine.sessions.evictions == 1  # s1, the least recently used, made room
+    assert code(engine.score_batch([ScoreItem("s1", 15, [4], 1)])[0]) == grpc.StatusCode.NOT_FOUND
+    results = engine.score_batch([ScoreItem(sid, 15 if sid != "s0" else 16, [5], 1) for sid in ("s0", "s2", "s3")])
+    for sid, r in zip(("s0", "s2", "s3"), results):
+        assert_exact(r, model, seqs[sid] + [5], 1)
+    release_all(engine, ["s0", "s2", "s3", "new"])
+
+
+def test_a_batch_larger_than_the_pool_fails_only_the_items_that_do_not_fit(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer, kv_cache_tokens=64, kv_block_size=8)  # 8 blocks
+    y = seq(80, 8, vocab)
+    assert engine.score("y", 0, y, 1)[1] == 8  # 1 block, in this batch below
+    a, b, c = seq(81, 20, vocab), seq(82, 20, vocab), seq(83, 20, vocab)  # 3 blocks each
+    r = engine.score_batch([ScoreItem("a", 0, a, 2), ScoreItem("y", 8, [6], 1),
+                            ScoreItem("b", 0, b, 1), ScoreItem("c", 0, c, 1)])
+    assert_exact(r[0], model, a, 2)
+    assert_exact(r[1], model, y + [6], 1)
+    assert_exact(r[2], model, b, 1)
+    assert code(r[3]) == grpc.StatusCode.RESOURCE_EXHAUSTED and r[3].rows is None
+    assert engine.pool.free_blocks == 0 and engine.sessions.evictions == 0  # nothing outside the batch to evict
+    # c got no cache; the survivors go on exactly
+    assert code(engine.score_batch([ScoreItem("c", 20, [1], 1)])[0]) == grpc.StatusCode.NOT_FOUND
+    y.append(6)
+    # y wants 3 blocks now, a and b hold the rest: y fails and keeps its 9 tokens, a and b go on
+    r = engine.score_batch([ScoreItem("a", 20, [7], 1), ScoreItem("y", 9, seq(84, 10, vocab), 1),
+                            ScoreItem("b", 20, [8, 9], 2)])
+    assert_exact(r[0], model, a + [7], 1)
+    assert code(r[1]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_exact(r[2], model, b + [8, 9], 2)
+    r = engine.score_batch([ScoreItem("y", 9, [3], 1), ScoreItem("a", 21, [2], 1)])
+    assert_exact(r[0], model, y + [3], 1)
+    assert_exact(r[1], model, a + [7, 2], 1)
+    release_all(engine, ["a", "b", "y"])
+    # with the pool free again, c's full prefix fits
+    assert_exact(engine.score_batch([ScoreItem("c", 0, c, 1)])[0], model, c, 1)
+
+
+def test_a_draft_batch_larger_than_the_pool_fails_only_the_items_that_do_not_fit(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    batched = engine_for(model, tokenizer, kv_cache_tokens=32, kv_block_size=8)  # 4 blocks
+    alone = engine_for(model, tokenizer)
+    items = [DraftItem("a", 0, seq(90, 10, vocab), 4, SAMPLED, seed=1),  # 14 tokens: 2 blocks
+             DraftItem("b", 0, seq(91, 13, vocab), 4, SAMPLED, seed=2),  # 17 tokens: 3 blocks
+             DraftItem("c", 0, seq(92, 3, vocab), 3, GREEDY, seed=0)]  # 6 tokens: 1 block
+    r = batched.draft_batch(items)
+    assert code(r[1]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for i in (0, 2):
+        one = alone.draft_batch([items[i]])[0]
+        assert r[i].error is None and r[i].drafts == one.drafts
+        assert (r[i].rows.float() - one.rows.float()).abs().max().item() <= SAME
+    release_all(batched, ["a", "c"])
+
+
+def test_the_session_cap_never_evicts_a_session_of_the_same_batch(models, tokenizer):
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer, max_sessions=2)
+    a, b = seq(95, 5, vocab), seq(96, 5, vocab)
+    engine.score_batch([ScoreItem("a", 0, a, 1), ScoreItem("b", 0, b, 1)])
+    r = engine.score_batch([ScoreItem("a", 5, [3], 1), ScoreItem("b", 5, [4], 1), ScoreItem("c", 0, [5, 6], 1)])
+    assert_exact(r[0], model, a + [3], 1)
+    assert_exact(r[1], model, b + [4], 1)
+    if r[2].error is not None:
+        assert code(r[2]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for sid in ("a", "b", "c"):
+        engine.release(sid)
+    assert engine.pool.free_blocks == engine.pool.num_blocks  # no block left behind by a dropped session
+
+
+# --- bytes per cached token ---------------------------------------------------------------------------
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) from a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, kv_heads, config.hidden_size // heads
+
+
+def test_kv_bytes_per_token_are_close_to_theoretical_after_warmup(model, tokenizer):
+    engine = engine_for(model, tokenizer, kv_cache_tokens=256, kv_block_size=16)
+    assert engine.pool.bytes_per_token() == 0.0  # nothing allocated before the first forward
+    engine.warmup()
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    theoretical = 2 * layers * kv_heads * head_dim * 4  # float32
+    assert (engine.pool.kv_heads, engine.pool.head_dim) == (kv_heads, head_dim)
+    assert engine.pool.theoretical_bytes_per_token() == theoretical
+    assert theoretical <= engine.pool.bytes_per_token() <= 1.25 * theoretical
+    assert engine.pool.free_blocks == engine.pool.num_blocks and len(engine.sessions) == 0  # warmup released
+
+
+def test_a_bfloat16_model_caches_and_returns_rows_in_bfloat16(models, tokenizer):
+    model = GPT2LMHeadModel(models["gpt2"].config).eval()
+    model.load_state_dict(models["gpt2"].state_dict())
+    model = model.to(torch.bfloat16)
+    engine = engine_for(model, tokenizer, kv_cache_tokens=256, kv_block_size=16)
+    engine.warmup()
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    assert engine.pool.theoretical_bytes_per_token() == 2 * layers * kv_heads * head_dim * 2
+    assert engine.pool.bytes_per_token() <= 1.25 * engine.pool.theoretical_bytes_per_token()
+    s = seq(97, 6, len(tokenizer))
+    r = engine.score_batch([ScoreItem("bf", 0, s, 2)])[0]
+    assert r.rows.dtype == torch.bfloat16 and r.rows.shape == (2, len(tokenizer))
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([s])).logits[0, -2:]
+    assert (r.rows.float() - want.float()).abs().max().item() <= 0.05  # bf16 arithmetic, same model

@@ -117,6 +117,12 @@ def test_info_describes_the_hosted_model(stub, model_dir):
     assert info.max_sessions == MAX_SESSIONS
     assert info.session_idle_timeout_s > 0
     assert info.eos_token_id == tok.eos_token_id
+    # the paged KV cache: the defaults, allocated at start (warmup), close to theoretical bytes per token
+    assert info.kv_cache_tokens == 16384
+    assert info.kv_block_size == 16
+    assert info.max_batch == 64
+    assert info.kv_bytes_per_token_theoretical > 0
+    assert info.kv_bytes_per_token_theoretical <= info.kv_bytes_per_token <= 1.25 * info.kv_bytes_per_token_theoretical
 
 
 # --- Score: values ----------------------------------------------------------------------------
@@ -292,6 +298,158 @@ def test_release_of_an_unknown_session_is_not_an_error(stub):
     assert stub.Release(logit_pb2.ReleaseRequest(session_id=new_session()), timeout=10).released is False
 
 
+# --- ScoreBatch / DraftBatch ------------------------------------------------------------------
+
+BATCH_KV_TOKENS, BATCH_BLOCK = 64, 8  # 8 blocks: four sessions of MAX_CONTEXT tokens fill the pool twice over
+OK = grpc.StatusCode.OK.value[0]
+
+
+@pytest.fixture(scope="module")
+def batch_stub(model_dir: Path) -> Iterator[logit_pb2_grpc.LogitServiceStub]:
+    """A service of its own for batched calls: more sessions than a batch holds, a small KV pool."""
+    ls = start_logit(model_dir, ROLE, max_sessions=64, max_context=MAX_CONTEXT,
+                     kv_cache_tokens=BATCH_KV_TOKENS, kv_block_size=BATCH_BLOCK, max_batch=4)
+    ch = grpc.insecure_channel(f"127.0.0.1:{ls.server.port}")
+    yield logit_pb2_grpc.LogitServiceStub(ch)
+    ch.close()
+    ls.server.stop(0).wait()
+
+
+def score_item(session_id: str, start: int, tokens: Sequence[int], rows: int) -> logit_pb2.ScoreItem:
+    return logit_pb2.ScoreItem(session_id=session_id, start=start, tokens=tokens, rows=rows)
+
+
+def draft_item(session_id: str, start: int, tokens: Sequence[int], k: int, seed: int,
+               temperature: float = 1.0, top_p: float = 1.0) -> logit_pb2.DraftItem:
+    sampling = tensor_pb2.SamplingParams(temperature=temperature, top_p=top_p)
+    return logit_pb2.DraftItem(session_id=session_id, start=start, tokens=tokens, k=k, sampling=sampling, seed=seed)
+
+
+def split_rows(logits: torch.Tensor, results) -> list[torch.Tensor | None]:
+    """Each item's rows of the concatenated block (None for a failed item), checking they add up."""
+    out, at = [], 0
+    for r in results:
+        if r.code != OK:
+            assert r.rows == 0
+            out.append(None)
+            continue
+        out.append(logits[at:at + r.rows])
+        at += r.rows
+    assert at == logits.shape[0]
+    return out
+
+
+def log_softmax(rows: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(rows.float(), dim=-1)
+
+
+def test_score_batch_returns_per_item_results_and_one_block_of_raw_logits(batch_stub, reference_logprobs):
+    a, b, c = new_session(), new_session(), new_session()
+    resp = batch_stub.ScoreBatch(logit_pb2.ScoreBatchRequest(items=[
+        score_item(a, 0, TOKENS, len(TOKENS)),
+        score_item(new_session(), 3, [1], 1),  # unknown session
+        score_item(b, 0, TOKENS[:4], 2),
+        score_item(c, 0, [1, VOCAB, 2], 1),  # token out of range
+        score_item(new_session(), 0, TOKENS[:3], 0),  # fills the cache, no rows
+    ]), timeout=30)
+    assert [r.code for r in resp.results] == [
+        OK, grpc.StatusCode.NOT_FOUND.value[0], OK, grpc.StatusCode.INVALID_ARGUMENT.value[0], OK]
+    assert "start=0" in resp.results[1].message and resp.results[0].message == ""
+    assert [r.rows for r in resp.results] == [len(TOKENS), 0, 2, 0, 0]
+    assert [r.cache_length for r in resp.results] == [len(TOKENS), 0, 4, 0, 3]
+    assert resp.logits.dtype == tensor_pb2.DTYPE_FLOAT32  # the model's own dtype
+    assert list(resp.logits.shape) == [len(TOKENS) + 2, VOCAB]
+    logits = from_pb(resp.logits)
+    assert logits.dtype == torch.float32 and logits.shape == (len(TOKENS) + 2, VOCAB)
+    rows = split_rows(logits, resp.results)
+    # raw logits, not log-probs: their log-softmax is the model's distribution
+    assert not torch.allclose(rows[0].exp().sum(-1), torch.ones(len(TOKENS)), atol=1e-3)
+    torch.testing.assert_close(log_softmax(rows[0]), reference_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_softmax(rows[2]), reference_logprobs[2:4], atol=1e-5, rtol=0)
+
+
+def test_score_batch_steps_equal_the_single_score_rpc(batch_stub, stub):
+    # three sessions stepped together, one of them through a 3-token verify, against Score alone
+    seqs = {new_session(): TOKENS[:2], new_session(): TOKENS[:5], new_session(): TOKENS[:7]}
+    steps = [[1], [2], [3, 4, 5], [6]]
+    starts = {sid: 0 for sid in seqs}
+    sends = dict(seqs)
+    for step in steps:
+        ids = list(seqs)
+        resp = batch_stub.ScoreBatch(logit_pb2.ScoreBatchRequest(
+            items=[score_item(sid, starts[sid], sends[sid], len(sends[sid])) for sid in ids]), timeout=30)
+        rows = split_rows(from_pb(resp.logits), resp.results)
+        for sid, r, got in zip(ids, resp.results, rows):
+            full = seqs[sid]
+            assert r.code == OK and r.cache_length == len(full)
+            single = from_pb(score(stub, new_session(), 0, full, len(sends[sid])).logprobs)
+            torch.testing.assert_close(log_softmax(got), single, atol=1e-5, rtol=0)
+            starts[sid], sends[sid] = len(full), step
+            seqs[sid] = full + step
+    for sid in seqs:
+        batch_stub.Release(logit_pb2.ReleaseRequest(session_id=sid), timeout=10)
+
+
+def test_draft_batch_equals_the_single_draft_rpc_per_item(batch_stub, stub):
+    items = [draft_item(new_session(), 0, TOKENS[:5], 2, seed=11),
+             draft_item(new_session(), 2, [1], 1, seed=5),  # unknown session
+             draft_item(new_session(), 0, TOKENS[:3], 3, seed=0, temperature=0.0),
+             draft_item(new_session(), 0, TOKENS[:4], 4, seed=12, top_p=0.8)]
+    resp = batch_stub.DraftBatch(logit_pb2.DraftBatchRequest(items=items), timeout=30)
+    assert [r.code for r in resp.results] == [OK, grpc.StatusCode.NOT_FOUND.value[0], OK, OK]
+    assert [len(r.drafts) for r in resp.results] == [2, 0, 3, 4]
+    assert [r.rows for r in resp.results] == [3, 0, 4, 5]
+    assert [r.cache_length for r in resp.results] == [7, 0, 6, 8]
+    assert list(resp.logits.shape) == [12, VOCAB] and resp.logits.dtype == tensor_pb2.DTYPE_FLOAT32
+    rows = split_rows(from_pb(resp.logits), resp.results)
+    for it, r, got in zip(items, resp.results, rows):
+        if r.code != OK:
+            continue
+        one = stub.Draft(logit_pb2.DraftRequest(session_id=new_session(), start=0, tokens=it.tokens, k=it.k,
+                                                sampling=it.sampling, seed=it.seed), timeout=30)
+        assert list(r.drafts) == list(one.tokens)
+        torch.testing.assert_close(log_softmax(got), from_pb(one.logprobs), atol=1e-5, rtol=0)
+
+
+def test_a_malformed_draft_item_fails_alone(batch_stub):
+    good = new_session()
+    resp = batch_stub.DraftBatch(logit_pb2.DraftBatchRequest(items=[
+        draft_item(new_session(), 0, TOKENS[:3], 2, seed=1, top_p=2.0),  # top_p outside (0, 1]
+        draft_item(new_session(), 0, TOKENS[:3], 0, seed=1),  # k = 0
+        draft_item(good, 0, TOKENS[:3], 2, seed=1),
+    ]), timeout=30)
+    assert [r.code for r in resp.results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2 + [OK]
+    assert "top_p" in resp.results[0].message and "k must be" in resp.results[1].message
+    assert resp.results[2].cache_length == 5 and list(resp.logits.shape) == [3, VOCAB]
+
+
+def test_score_batch_past_the_kv_pool_is_resource_exhausted_for_the_items_that_do_not_fit(batch_stub, stub):
+    ids = [new_session() for _ in range(3)]  # three sessions of 32 tokens: 12 blocks, the pool has 8
+    seq = [7] * MAX_CONTEXT
+    resp = batch_stub.ScoreBatch(logit_pb2.ScoreBatchRequest(items=[score_item(s, 0, seq, 1) for s in ids]),
+                                 timeout=30)
+    assert [r.code for r in resp.results] == [OK, OK, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    assert "KV cache" in resp.results[2].message
+    want = from_pb(score(stub, new_session(), 0, seq, 1).logprobs)
+    for got in split_rows(from_pb(resp.logits), resp.results)[:2]:
+        torch.testing.assert_close(log_softmax(got), want, atol=1e-5, rtol=0)
+    for s in ids:
+        batch_stub.Release(logit_pb2.ReleaseRequest(session_id=s), timeout=10)
+
+
+def test_an_empty_batch_is_answered_with_no_results(batch_stub):
+    assert len(batch_stub.ScoreBatch(logit_pb2.ScoreBatchRequest(), timeout=10).results) == 0
+    assert len(batch_stub.DraftBatch(logit_pb2.DraftBatchRequest(), timeout=10).results) == 0
+
+
+def test_a_batch_whose_items_all_fail_still_returns_a_0_by_vocab_block(batch_stub):
+    resp = batch_stub.ScoreBatch(logit_pb2.ScoreBatchRequest(items=[score_item(new_session(), 3, [1], 1)]),
+                                 timeout=10)
+    assert resp.results[0].code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert from_pb(resp.logits).shape == (0, VOCAB)
+
+
+
 # --- Health, reflection, graceful stop --------------------------------------------------------
 
 
@@ -307,7 +465,9 @@ def test_reflection_lists_and_describes_the_logit_service(channel):
     assert "eftmesh.v1.LogitService" in db.get_services()
     pool = descriptor_pool.DescriptorPool(db)
     svc = pool.FindServiceByName("eftmesh.v1.LogitService")
-    assert {m.name for m in svc.methods} == {"Info", "Score", "Draft", "Release"}
+    assert {m.name for m in svc.methods} == {"Info", "Score", "Draft", "Release", "ScoreBatch", "DraftBatch"}
+    assert svc.FindMethodByName("ScoreBatch").output_type.full_name == "eftmesh.v1.ScoreBatchResponse"
+    assert svc.FindMethodByName("DraftBatch").input_type.full_name == "eftmesh.v1.DraftBatchRequest"
     assert svc.FindMethodByName("Score").input_type.full_name == "eftmesh.v1.ScoreRequest"
 
 

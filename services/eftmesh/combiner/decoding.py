@@ -1,16 +1,18 @@
-"""The combiner's decoding loops: plain EFT steps and speculative EFT blocks.
+"""One generation's decoding: its state, what it asks of each role per step, and what it
+does with the answers. The scheduler (scheduler.py) steps every running generation together;
+this module is the per-generation half, free of threads and of the network.
 
 Plain step (Mitchell et al. 2024, eq. 4, per-timestep normalisation):
-  1. every role with a non-zero coefficient scores the newest token (concurrently, via the
-     scorer; only tokens a role's cache lacks are sent),
-  2. `core.mixing.mix` forms log p = sum_r c_r * log pi_r - log Z,
+  1. every role with a non-zero coefficient scores the newest token (only tokens a role's
+     cache lacks are sent),
+  2. `core.mixing.mix_batch` forms log p = sum_r c_r * log pi_r - log Z for every generation,
   3. `core.sampling` applies temperature, top-k, top-p and draws the token,
   4. `TokenSink` detokenises, checks stop strings, EOS, and the length limits.
 
 Speculative block (the paper's section 4.3; `core.speculative` holds the rule):
-  1. one Draft call: the draft role appends what its cache lacks and samples k tokens next
-     to its model, returning them with their raw rows (k + 1 of them),
-  2. one Score call per other role, concurrently, over the same k drafts (k + 1 rows),
+  1. the draft role appends what its cache lacks and samples k tokens next to its model,
+     returning them with their raw rows (k + 1 of them),
+  2. every other role scores the same k drafts (k + 1 rows),
   3. p = process(mix(rows)) for all k + 1 positions, q = process(draft rows),
   4. accept a prefix of the drafts plus one token; every cache rolls back to the accepted
      length through the next call's `start`.
@@ -19,18 +21,19 @@ Speculative block (the paper's section 4.3; `core.speculative` holds the rule):
 from __future__ import annotations
 
 import enum
+import queue
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from eftmesh.combiner.scoring import DraftCall, ScoreCall, Scorer
+from eftmesh.combiner.scoring import DraftCall, ScoreCall
 from eftmesh.combiner.text import IncrementalDetokenizer, StopStrings
-from eftmesh.common.errors import Cancelled, InvalidArgument
-from eftmesh.core.mixing import Composition, mix
+from eftmesh.common.errors import InvalidArgument
+from eftmesh.core.mixing import Composition
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
 from eftmesh.core.speculative import AdaptiveBlockSize, verify_greedy, verify_sampled
 
@@ -69,6 +72,9 @@ class GenerationRequest:
     logprobs: bool = False
     speculation: SpeculationConfig | None = None
     ignore_eos: bool = False
+    # The client chose the seed: its sampled output must not depend on load, so the
+    # load-aware speculation controller leaves its block size alone.
+    seeded: bool = False
 
 
 @dataclass
@@ -173,153 +179,153 @@ class TokenSink:
         return chunk
 
 
-class Decoder:
-    """Runs generations against a `Scorer` with one shared tokenizer."""
+class Generation:
+    """The mutable state of one request inside the scheduler, and its per-step logic.
 
-    def __init__(self, scorer: Scorer, tokenizer: Any, vocab_size: int) -> None:
-        self.scorer = scorer
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_token_id = tokenizer.eos_token_id
+    The scheduler asks it for its calls (`draft_call`, `score_calls`), hands back the rows, and
+    the generation turns the mixed distribution into tokens (`finish`). Its own seeded
+    generator is consumed in the same order whatever else shares the batch, so a seeded
+    request gives the same output alone or batched.
+    """
 
-    def encode_prompt(self, req: GenerationRequest, roles: Sequence[str]) -> tuple[list[int], int]:
-        """Prompt ids and the room left for new tokens in the smallest context of `roles`."""
-        ids = self.tokenizer.encode(req.prompt)
-        if not ids:
-            raise InvalidArgument("prompt tokenises to nothing: send some text")
-        ctx = min(self.scorer.models[r].max_context for r in roles)
-        if len(ids) >= ctx:
-            raise InvalidArgument(
-                f"prompt is {len(ids)} tokens; the models of this composition accept at most "
-                f"{ctx} in all (prompt plus output): shorten the prompt"
-            )
-        return ids, ctx - len(ids)
-
-    def generate(
+    def __init__(
         self,
         req: GenerationRequest,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-        on_finish: Callable[[TokenSink], None] | None = None,
-    ) -> Iterator[Chunk]:
-        """Yields a chunk per plain step or speculative block; the last one finishes."""
+        ids: list[int],
+        room: int,
+        tokenizer: Any,
+        eos_token_id: int | None,
+        deadline: float | None,
+        is_cancelled: Callable[[], bool],
+    ) -> None:
         coef = {r: c for r, c in req.composition.coefficients().items() if c != 0.0}
         if not coef:  # e.g. base X with delta (X - X), weight -1: nothing left to mix
             coef = {req.composition.base: 1.0}
         spec = req.speculation
         roles = list(coef) + ([spec.draft_role] if spec and spec.draft_role not in coef else [])
-        ids, room = self.encode_prompt(req, roles)
-        usage = Usage(prompt_tokens=len(ids))
-        eos = None if req.ignore_eos else self.eos_token_id
-        sink = TokenSink(self.tokenizer, eos, req.stop, req.max_new_tokens, room, usage)
+        self.req = req
+        self.ids = ids  # prompt + generated tokens
+        self.coef = coef  # role -> EFT coefficient (non-zero)
         rid = uuid.uuid4().hex
-        run = _Run(
-            req=req,
-            ids=ids,
-            coef=coef,
-            sessions={r: f"{rid}:{r}" for r in roles},
-            cached=dict.fromkeys(roles, 0),
-            ctx=len(ids) + room,
-            gen=make_generator(req.seed),
-            sink=sink,
-            deadline=deadline,
-        )
-        adaptive = AdaptiveBlockSize(spec.block_size, spec.cost_ratio) if spec and spec.adaptive else None
+        self.sessions = {r: f"{rid}:{r}" for r in roles}  # role -> session id at its logit service
+        self.cached = dict.fromkeys(roles, 0)  # role -> tokens of `ids` its cache is known to hold
+        self.ctx = len(ids) + room  # smallest max context of the roles used
+        self.room = room
+        self.gen = make_generator(req.seed)
+        usage = Usage(prompt_tokens=len(ids))
         if spec:
             usage.speculation.draft_role = spec.draft_role
-        try:
-            while True:
-                if is_cancelled():
-                    raise Cancelled("the client cancelled the generation")
-                k = 0
-                if spec:
-                    left = min(req.max_new_tokens, room) - usage.completion_tokens
-                    want = adaptive.k if adaptive else spec.block_size
-                    # A block yields up to k + 1 tokens, and verifying k drafts needs k more
-                    # positions in every model's context.
-                    k = min(want, left - 1, run.ctx - len(ids))
-                if k >= 1:
-                    drafted, accepted = self._block(run, spec.draft_role, k)
-                    if adaptive:
-                        adaptive.update(accepted, drafted)
-                else:
-                    self._step(run)
-                yield sink.take()
-                if sink.finish_reason is not None:
-                    break
-        finally:
-            self.scorer.release(run.sessions)
-            if on_finish is not None:
-                on_finish(sink)
+        eos = None if req.ignore_eos else eos_token_id
+        self.sink = TokenSink(tokenizer, eos, req.stop, req.max_new_tokens, room, usage)
+        self.adaptive = AdaptiveBlockSize(spec.block_size, spec.cost_ratio) if spec and spec.adaptive else None
+        self.deadline = deadline
+        self.is_cancelled = is_cancelled
+        self.cancelled = False  # set by the consumer when it stops reading
+        self.enqueued = time.monotonic()
+        self.parked_since: float | None = None  # when a full KV cache first sent it back to the queue
+        self.span_context: Any = None  # the generation's span, linked from the steps it shares
+        self.out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()  # to the consumer
+        self.touched = False  # some role may hold a cache of it
+        # This step's block: k drafts and the draft role's rows ([k + 1, vocab_d]).
+        self.k = 0
+        self.drafts: list[int] = []
+        self.draft_rows: torch.Tensor | None = None
 
-    def _emit(self, run: _Run, tokens: list[int], lp: torch.Tensor) -> None:
-        """Feed tokens (row j of lp is token j's EFT distribution) to the sink until it stops."""
-        for j, tok in enumerate(tokens):
-            run.ids.append(tok)
-            if run.sink.add(tok, float(lp[j, tok]) if run.req.logprobs else None):
-                return
+    @property
+    def load_aware(self) -> bool:
+        """Whether the scheduler may cap this generation's block size by measured load: adaptive
+        speculation whose output cannot depend on it (greedy), or whose seed nobody chose."""
+        return self.adaptive is not None and (self.req.sampling.greedy or not self.req.seeded)
 
-    def _step(self, run: _Run) -> None:
-        """One plain EFT step: every role scores the newest token."""
-        n = len(run.ids)
-        calls = [ScoreCall(r, run.sessions[r], run.ids, run.cached[r], 1) for r in run.coef]
-        rows = self.scorer.score(calls, run.deadline)
-        for r in run.coef:
-            run.cached[r] = n
-        run.sink.usage.base_calls += 1
-        lp = mix(dict(zip(run.coef, rows)), run.coef, self.vocab_size)  # [1, vocab]
-        tok = int(sample(process(lp, run.req.sampling), run.req.sampling, run.gen)[0])
-        self._emit(run, [tok], lp)
+    def wanted_k(self) -> int:
+        """Drafts this generation would like in its next block; 0 means a plain step."""
+        spec = self.req.speculation
+        if spec is None:
+            return 0
+        left = min(self.req.max_new_tokens, self.room) - self.sink.usage.completion_tokens
+        want = self.adaptive.k if self.adaptive else spec.block_size
+        # A block yields up to k + 1 tokens, and verifying k drafts needs k more positions in
+        # every model's context.
+        return max(0, min(want, left - 1, self.ctx - len(self.ids)))
 
-    def _block(self, run: _Run, d: str, k: int) -> tuple[int, int]:
-        """One speculative block of k drafts; returns (drafted, accepted)."""
-        req, n, V = run.req, len(run.ids), self.vocab_size
-        seed = int(torch.randint(0, 2**62, (1,), generator=run.gen))
-        dr = self.scorer.draft(
-            DraftCall(d, run.sessions[d], run.ids, run.cached[d], k, req.sampling, seed, V), run.deadline
-        )
-        drafts = dr.tokens  # k ids; dr.logprobs: [k + 1, vocab_d]
-        seq = run.ids + drafts
-        others = [r for r in run.coef if r != d]
-        rows = self.scorer.score([ScoreCall(r, run.sessions[r], seq, run.cached[r], k + 1) for r in others], run.deadline)
-        block = dict(zip(others, rows))  # role -> [k + 1, vocab_r]
-        if d in run.coef:
-            block[d] = dr.logprobs
-        run.sink.usage.base_calls += 1
-        lp = mix(block, run.coef, V)  # [k + 1, vocab]
-        p = process(lp, req.sampling)  # [k + 1, vocab]
-        x = torch.tensor(drafts, dtype=torch.int64)  # [k]
-        if req.sampling.greedy:
-            verdict = verify_greedy(x, p)
+    def draft_call(self, k: int, vocab_size: int) -> DraftCall:
+        """The draft role's share of a block of k (draws the draft seed from this request's generator)."""
+        self.k = k
+        d = self.req.speculation.draft_role
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
+        return DraftCall(d, self.sessions[d], self.ids, self.cached[d], k, self.req.sampling, seed, vocab_size)
+
+    def score_calls(self) -> list[ScoreCall]:
+        """Every role's share of this step: the newest token (plain), or the k drafts (a block)."""
+        if self.k == 0:
+            return [ScoreCall(r, self.sessions[r], self.ids, self.cached[r], 1) for r in self.coef]
+        d = self.req.speculation.draft_role
+        seq = self.ids + self.drafts
+        return [ScoreCall(r, self.sessions[r], seq, self.cached[r], self.k + 1) for r in self.coef if r != d]
+
+    def rows_per_role(self) -> int:
+        return self.k + 1
+
+    def finish(self, lp: torch.Tensor, p: torch.Tensor | None) -> None:
+        """Turn this step's mixed distribution into tokens.
+
+        Args:
+            lp: [k + 1, vocab] EFT log-probabilities (one row for a plain step).
+            p: the same rows after temperature / top-k / top-p, or None when greedy.
+        """
+        usage = self.sink.usage
+        usage.base_calls += 1
+        n = len(self.ids)
+        if self.k == 0:
+            tok = int(torch.argmax(lp[0])) if p is None else int(sample(p, self.req.sampling, self.gen)[0])
+            for r in self.coef:
+                self.cached[r] = n
+            self._emit([tok], lp)
+            return
+        k, x = self.k, torch.tensor(self.drafts, dtype=torch.int64)  # [k]
+        if p is None:
+            verdict = verify_greedy(x, lp)
         else:
-            q = process(dr.logprobs[:k, :V], req.sampling)  # [k, vocab]: what the drafts came from
-            verdict = verify_sampled(x, q, p, run.gen)
+            V = lp.shape[1]
+            q = process(self.draft_rows[:k, :V], self.req.sampling)  # [k, vocab]: what the drafts came from
+            verdict = verify_sampled(x, q, p, self.gen)
         m = verdict.accepted
         # Every cache holds n + k tokens; the first n + m are right. The next call's start
         # rolls each back (the token after them, verdict.next_token, is not in any cache).
-        for r in run.cached:
-            run.cached[r] = n + m
-        stats = run.sink.usage.speculation
+        for r in self.cached:
+            self.cached[r] = n + m
+        stats = usage.speculation
         stats.drafted += k
         stats.accepted += m
         stats.blocks += 1
-        self._emit(run, drafts[:m] + [verdict.next_token], lp)
-        return k, m
+        if self.adaptive:
+            self.adaptive.update(m, k)
+        self._emit(self.drafts[:m] + [verdict.next_token], lp)
+
+    def _emit(self, tokens: list[int], lp: torch.Tensor) -> None:
+        """Feed tokens (row j of lp is token j's EFT distribution) to the sink until it stops."""
+        for j, tok in enumerate(tokens):
+            self.ids.append(tok)
+            if self.sink.add(tok, float(lp[j, tok]) if self.req.logprobs else None):
+                return
+
+    def restart(self) -> None:
+        """Forget every cache (they were released): the next step re-sends the whole sequence."""
+        self.cached = dict.fromkeys(self.cached, 0)
+        self.k = 0
 
 
-@dataclass
-class _Run:
-    """The mutable state of one generation, shared by its steps and blocks."""
-
-    req: GenerationRequest
-    ids: list[int]  # prompt + generated tokens
-    coef: dict[str, float]  # role -> EFT coefficient (non-zero)
-    sessions: dict[str, str]  # role -> session id at its logit service
-    cached: dict[str, int]  # role -> tokens of `ids` its cache is known to hold
-    ctx: int  # smallest max context of the roles used
-    gen: torch.Generator
-    sink: TokenSink
-    deadline: float | None
+def encode_prompt(tokenizer: Any, prompt: str, max_context: int) -> tuple[list[int], int]:
+    """Prompt ids and the room left for new tokens in a context of `max_context`."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise InvalidArgument("prompt tokenises to nothing: send some text")
+    if len(ids) >= max_context:
+        raise InvalidArgument(
+            f"prompt is {len(ids)} tokens; the models of this composition accept at most "
+            f"{max_context} in all (prompt plus output): shorten the prompt"
+        )
+    return ids, max_context - len(ids)
 
 
 def new_seed() -> int:

@@ -1,22 +1,23 @@
-"""The combiner's view of the logit services: score calls fanned out to roles.
+"""The combiner's view of the logit services: one batched call per role per step.
 
-`Scorer` is what the decoding loop needs; `GrpcScorer` (in `upstream.py`) implements it over
-the network and `LocalScorer` (here) over in-process engines, so the benchmark and the tests
-run the very same loop with and without the network.
+`Scorer` is what the scheduler needs; `GrpcScorer` (in `upstream.py`) implements it over the
+network (ScoreBatch / DraftBatch) and `LocalScorer` (here) over in-process engines, so the
+benchmark and the tests run the very same scheduler with and without the network.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from eftmesh.common.errors import DeadlineExceeded, NotFound
+from eftmesh.common.errors import EftMeshError, NotFound
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.logit.engine import ModelEngine
+from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
+
+C = TypeVar("C", "ScoreCall", "DraftCall")
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,13 @@ class DraftCall:
     vocab_limit: int
 
 
-@dataclass(frozen=True)
-class DraftResult:
-    tokens: list[int]  # the k drafts
-    logprobs: torch.Tensor  # [k + 1, vocab_r] float32 raw log-probs
+@dataclass
+class Outcome:
+    """One call's answer in a batched round: its rows, or its own error."""
+
+    rows: torch.Tensor | None = None  # [rows, vocab_r] logits (any per-row shift), the model's dtype
+    drafts: list[int] = field(default_factory=list)  # DraftCall only: the k drafts
+    error: EftMeshError | None = None
 
 
 @dataclass(frozen=True)
@@ -83,16 +87,16 @@ class ModelSpec:
 
 
 class Scorer(Protocol):
-    """Scores several roles for one decoding step, concurrently where it can."""
+    """One batched call per role per step: every generation's share of a step in one request."""
 
     models: Mapping[str, ModelSpec]
 
-    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
-        """[rows, vocab_r] float32 log-probs per call, in order. `deadline` is monotonic time."""
+    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+        """Score every call (all of `role`); a call whose cache is gone is re-sent from 0."""
         ...
 
-    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
-        """Run one Draft call (re-sending the whole prefix if the cache is gone)."""
+    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+        """Draft for every call (all of `role`); a call whose cache is gone is re-sent from 0."""
         ...
 
     def release(self, sessions: Mapping[str, str]) -> None:
@@ -100,33 +104,41 @@ class Scorer(Protocol):
         ...
 
 
+def with_resend(
+    calls: Sequence[C], send: Callable[[Sequence[C], bool], list[Outcome]]
+) -> list[Outcome]:
+    """`send(calls, from_zero)`, then once more from position 0 for the calls whose session
+    was NOT_FOUND (evicted, expired, or a restarted replica): caches are only caches."""
+    out = send(calls, False)
+    lost = [i for i, o in enumerate(out) if isinstance(o.error, NotFound)]
+    if lost:
+        for i, o in zip(lost, send([calls[i] for i in lost], True)):
+            out[i] = o
+    return out
+
+
 class LocalScorer:
-    """In-process scorer over `ModelEngine`s: the same loop, no network, one call at a time."""
+    """In-process scorer over `ModelEngine`s: the same scheduler, no network."""
 
     def __init__(self, engines: Mapping[str, ModelEngine]) -> None:
         self.engines = dict(engines)
         self.models = {role: ModelSpec.from_info(role, "in-process", e.info) for role, e in self.engines.items()}
 
-    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
-        out = []
-        for c in calls:
-            engine = self.engines[c.role]
-            try:
-                lp, _ = engine.score(c.session_id, c.start, c.tokens[c.start :], c.rows)
-            except NotFound:
-                lp, _ = engine.score(c.session_id, 0, c.tokens, c.rows)
-            out.append(lp)
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded("deadline passed while scoring")
-        return out
+    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+        def send(cs: Sequence[ScoreCall], from_zero: bool) -> list[Outcome]:
+            items = [ScoreItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.rows)
+                     for c in cs]
+            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].score_batch(items)]
 
-    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
-        engine, c = self.engines[call.role], call
-        try:
-            toks, rows, _ = engine.draft(c.session_id, c.start, c.tokens[c.start :], c.k, c.sampling, c.seed, c.vocab_limit)
-        except NotFound:
-            toks, rows, _ = engine.draft(c.session_id, 0, c.tokens, c.k, c.sampling, c.seed, c.vocab_limit)
-        return DraftResult(toks, rows)
+        return with_resend(calls, send)
+
+    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+        def send(cs: Sequence[DraftCall], from_zero: bool) -> list[Outcome]:
+            items = [DraftItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.k,
+                               c.sampling, c.seed, c.vocab_limit) for c in cs]
+            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].draft_batch(items)]
+
+        return with_resend(calls, send)
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():

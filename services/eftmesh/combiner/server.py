@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.combiner.decoding import Decoder
+from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
 from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
@@ -43,7 +43,8 @@ class CombinerConfig:
     defaults: Defaults
     server: ServerConfig
     policy: UpstreamPolicy = UpstreamPolicy()
-    max_concurrent_generations: int = 32
+    max_concurrent_generations: int = 64
+    scheduler: SchedulerConfig = SchedulerConfig()
     otlp: bool = False
     otlp_metrics: bool = False
     metrics_port: int | None = None
@@ -88,7 +89,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--block-size", type=int, default=4, help="drafts per block in fixed mode (default: %(default)s)")
     p.add_argument("--max-block", type=int, default=16, help="largest block a request may ask for, and adaptive mode's cap (default: %(default)s)")
     p.add_argument("--draft-cost-ratio", type=float, default=0.1, help="adaptive mode's c: one draft token's cost over one verify step; make bench measures it (default: %(default)s)")
-    p.add_argument("--max-concurrent-generations", type=int, default=32, help="generations in flight before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-concurrent-generations", type=int, default=64, help="generations accepted at once, running or queued; more get RESOURCE_EXHAUSTED at once (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, help="generations stepped together (continuous batching); the rest of --max-concurrent-generations wait in the queue (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens admitted into the batch per step, so a joining prompt stalls the running generations little (default: %(default)s)")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a generation may wait for a batch slot or KV cache room before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
@@ -113,6 +117,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     missing = [r for r in composition.roles if r not in upstreams]
     if missing:
         p.error(f"the default composition ({composition.describe()}) needs roles with no --upstream: {', '.join(missing)}")
+    if a.max_batch < 1 or a.prefill_tokens < 1 or not a.queue_timeout > 0:
+        p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
         p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
     env = os.environ if environ is None else environ
@@ -124,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
                               resolve_interval_s=a.resolve_interval),
         max_concurrent_generations=a.max_concurrent_generations,
+        scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),
         otlp=tracing.otlp_requested(env),
         otlp_metrics=metrics.otlp_requested(env),
         metrics_port=a.metrics_port,
@@ -146,6 +153,7 @@ class CombinerServer:
 
     def stop(self, grace_s: float | None = None) -> None:
         self.server.stop(grace_s).wait()
+        self.decoder.close()
         self.scorer.close()
 
 
@@ -168,11 +176,9 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     except BaseException:
         scorer.close()
         raise
-    decoder = Decoder(scorer, tokenizer, vocab)
-    servicer = GeneratorServicer(
-        decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracing.tracer(tracer_provider, "eftmesh.combiner"),
-        measures,
-    )
+    tracer = tracing.tracer(tracer_provider, "eftmesh.combiner")
+    decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_block, tracer, measures)
+    servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
     server = Server(
         cfg.server,
         [lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)],
@@ -194,5 +200,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     cs.start()
     log.info("combiner serving on port %d; roles %s; default %s", cs.server.port, ", ".join(cfg.upstreams), cfg.defaults.composition.describe())
     cs.server.wait_for_signal()
+    cs.decoder.close()
     cs.scorer.close()
     exit_now(cs.tracer_provider, cs.meter_provider)

@@ -14,7 +14,6 @@ from opentelemetry import trace
 
 from eftmesh.combiner.decoding import (
     Chunk,
-    Decoder,
     FinishReason,
     GenerationRequest,
     SpeculationConfig,
@@ -23,6 +22,7 @@ from eftmesh.combiner.decoding import (
     deadline_from,
     new_seed,
 )
+from eftmesh.combiner.scheduler import Decoder
 from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
 from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from eftmesh.common.metrics import CombinerMetrics, meter, outcome
@@ -150,6 +150,7 @@ def request_from_pb(
         speculation=speculation_from_pb(msg.speculation, composition, defaults.speculation, roles),
         sampling=sampling_from_pb(msg.sampling, defaults.sampling),
         seed=msg.seed if msg.HasField("seed") else new_seed(),
+        seeded=msg.HasField("seed"),
         max_new_tokens=n,
         stop=tuple(s for s in msg.stop if s),
         logprobs=msg.logprobs,

@@ -1,11 +1,11 @@
-"""The logit services over gRPC: connection, compatibility check, and the per-step fan-out.
+"""The logit services over gRPC: connection, compatibility check, and the batched calls.
 
-Each step issues every role's call concurrently (blocking calls on a thread pool), each to the
-replica that holds the session's cache (replicas.py). A role whose cache is gone (NOT_FOUND:
-evicted, expired, or a replica that restarted) is re-sent its whole prefix; an unreachable
-replica (UNAVAILABLE) loses the session to another replica of the role, or is retried with
-back-off within the caller's deadline when it is the only one. Losing a logit replica
-mid-generation therefore costs a re-prefill, not the request.
+Each scheduler step sends a role one ScoreBatch (or DraftBatch) per replica that holds some of
+the step's sessions (replicas.py pins each session to the replica with its cache). An item
+whose cache is gone (NOT_FOUND: evicted, expired, or a replica that restarted) is re-sent its
+whole prefix; an unreachable replica (UNAVAILABLE) loses its sessions to another replica of
+the role, or is waited for when it is the only one. Losing a logit replica mid-generation
+therefore costs a re-prefill, not the request.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
-from eftmesh.combiner.scoring import DraftCall, DraftResult, ModelSpec, ScoreCall
+from eftmesh.combiner.scoring import C, DraftCall, ModelSpec, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors, tracing
 from eftmesh.common.convert import sampling_to_pb
 from eftmesh.common.errors import (
     DeadlineExceeded,
     EftMeshError,
     FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
@@ -38,8 +39,6 @@ from eftmesh.common.serving import CHANNEL_OPTIONS
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R")
 
 # Reconnect quickly after a replica goes away: gRPC's default first back-off is 1 s.
 _UPSTREAM_OPTIONS = [
@@ -72,16 +71,6 @@ class UpstreamError(EftMeshError):
     def __init__(self, role: str, err: grpc.RpcError) -> None:
         self.code = err.code()
         super().__init__(f"upstream {role}: {err.details()}")
-
-
-def _remaining(deadline: float | None, cap: float) -> float:
-    """Timeout for the next upstream call: what is left of the deadline, at most `cap`."""
-    if deadline is None:
-        return cap
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceeded("the request's deadline passed while waiting for the logit services")
-    return min(left, cap)
 
 
 class GrpcScorer:
@@ -174,100 +163,77 @@ class GrpcScorer:
             except Exception:  # a resolver bug must not kill the loop that heals the mesh
                 log.exception("refreshing upstream replicas failed")
 
-    def _score_request(self, c: ScoreCall, start: int) -> logit_pb2.ScoreRequest:
-        return logit_pb2.ScoreRequest(
-            session_id=c.session_id, start=start, tokens=c.tokens[start:], rows=c.rows
-        )
+    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+        def build(cs: Sequence[ScoreCall], zero: bool) -> logit_pb2.ScoreBatchRequest:
+            return logit_pb2.ScoreBatchRequest(items=[
+                logit_pb2.ScoreItem(session_id=c.session_id, start=s, tokens=c.tokens[s:], rows=c.rows)
+                for c in cs for s in [0 if zero else c.start]
+            ])
 
-    def _draft_request(self, c: DraftCall, start: int) -> logit_pb2.DraftRequest:
-        return logit_pb2.DraftRequest(
-            session_id=c.session_id, start=start, tokens=c.tokens[start:], k=c.k,
-            sampling=sampling_to_pb(c.sampling), seed=c.seed, vocab_limit=c.vocab_limit,
-        )
+        return with_resend(calls, lambda cs, zero: self._batched(role, "ScoreBatch", cs, build, zero))
 
-    def _score_one(self, c: ScoreCall, deadline: float | None) -> torch.Tensor:
-        replica = self.replicas[c.role].route(c.session_id)
-        started = time.perf_counter()
-        try:
-            resp = replica.stub.Score(self._score_request(c, c.start), timeout=_remaining(deadline, self.policy.call_timeout_s))
-        except grpc.RpcError as e:
-            resp = self._recover(
-                c.role, c.session_id, len(c.tokens), replica, e, deadline,
-                lambda stub, t: stub.Score(self._score_request(c, 0), timeout=t, wait_for_ready=True),
-            )
-        self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": c.role, "rpc.method": "Score"})
-        return tensors.from_pb(resp.logprobs)
+    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+        def build(cs: Sequence[DraftCall], zero: bool) -> logit_pb2.DraftBatchRequest:
+            return logit_pb2.DraftBatchRequest(items=[
+                logit_pb2.DraftItem(session_id=c.session_id, start=s, tokens=c.tokens[s:], k=c.k,
+                                    sampling=sampling_to_pb(c.sampling), seed=c.seed, vocab_limit=c.vocab_limit)
+                for c in cs for s in [0 if zero else c.start]
+            ])
 
-    def score(self, calls: Sequence[ScoreCall], deadline: float | None) -> list[torch.Tensor]:
-        # Blocking calls on pool threads, the first one on this thread: grpcio's blocking path
-        # polls its completion queue directly, and measured here it fans out in about half
-        # the time of `.future()` (whose results arrive through an extra thread hand-off).
-        # Each call runs in a copy of this context, so trace context reaches every call.
-        pending = [
-            self._pool.submit(contextvars.copy_context().run, self._score_one, c, deadline) for c in calls[1:]
-        ]
-        out = [self._score_one(calls[0], deadline)] if calls else []
-        return out + [f.result() for f in pending]
+        return with_resend(calls, lambda cs, zero: self._batched(role, "DraftBatch", cs, build, zero))
 
-    def draft(self, call: DraftCall, deadline: float | None) -> DraftResult:
-        replica = self.replicas[call.role].route(call.session_id)
-        started = time.perf_counter()
-        try:
-            resp = replica.stub.Draft(
-                self._draft_request(call, call.start), timeout=_remaining(deadline, self.policy.call_timeout_s)
-            )
-        except grpc.RpcError as e:
-            resp = self._recover(
-                call.role, call.session_id, len(call.tokens), replica, e, deadline,
-                lambda stub, t: stub.Draft(self._draft_request(call, 0), timeout=t, wait_for_ready=True),
-            )
-        self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": call.role, "rpc.method": "Draft"})
-        return DraftResult(list(resp.tokens), tensors.from_pb(resp.logprobs))
-
-    def _recover(
+    def _batched(
         self,
         role: str,
-        session_id: str,
-        n_tokens: int,
-        replica: Replica,
-        err: grpc.RpcError,
-        deadline: float | None,
-        resend: Callable[[Any, float], R],
-    ) -> R:
-        """Retry one role's call after a lost cache or replica, re-sending the whole prefix.
-
-        A lost cache (NOT_FOUND) is rebuilt on the same replica. A replica that does not
-        answer (UNAVAILABLE, or CANCELLED by its shutdown) loses the session to another
-        replica of the role when there is one; with one replica, `resend(stub, timeout)`
-        waits for it to come back. Both are bounded by the caller's deadline and the call
-        timeout.
-        """
+        method: str,
+        calls: Sequence[C],
+        build: Callable[[Sequence[C], bool], Any],
+        zero: bool,
+        attempt: int = 0,
+    ) -> list[Outcome]:
+        """One `method` call per replica holding some of `calls`' sessions (concurrently when
+        there are several). A replica that does not answer (UNAVAILABLE, or CANCELLED by its
+        shutdown) loses its sessions to another replica of the role, re-sent from position 0
+        (with one replica, the re-send waits for it to come back), up to `retries` times."""
         rs = self.replicas[role]
-        for attempt in range(self.policy.retries + 1):
-            code = err.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"upstream {role} did not answer before the deadline")
-            # CANCELLED here is the server's doing (a replica shutting down mid-call): our own
-            # calls are never cancelled by the client's cancellation.
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                if attempt == self.policy.retries:
-                    break
-                log.warning("%s at %s unavailable (%s); retry %d with the whole prefix",
-                            role, replica.address, err.details(), attempt + 1)
-                replica = rs.repin(session_id, replica)
-            elif code == grpc.StatusCode.NOT_FOUND:
-                log.info("re-prefilling %s for %s (%d tokens) on %s", role, session_id, n_tokens, replica.address)
-            else:
-                raise UpstreamError(role, err)
-            self.metrics.upstream_failovers.add(1, {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
+        groups: dict[str, tuple[Replica, list[int]]] = {}
+        for i, c in enumerate(calls):
+            r = rs.route(c.session_id)
+            groups.setdefault(r.address, (r, []))[1].append(i)
+        out: list[Outcome] = [Outcome() for _ in calls]
+
+        def one(replica: Replica, idx: list[int]) -> None:
+            part = [calls[i] for i in idx]
+            started = time.perf_counter()
             try:
-                return resend(replica.stub, _remaining(deadline, self.policy.call_timeout_s))
+                resp = getattr(replica.stub, method)(
+                    build(part, zero), timeout=self.policy.call_timeout_s, wait_for_ready=attempt > 0
+                )
             except grpc.RpcError as e:
-                err = e
-        raise Unavailable(
-            f"upstream {role} at {self.addresses[role]} is unavailable after "
-            f"{self.policy.retries} retries: {err.details()}"
-        )
+                code = e.code()
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and attempt < self.policy.retries:
+                    log.warning("%s at %s unavailable (%s); re-sending %d sessions from position 0 (retry %d)",
+                                role, replica.address, e.details(), len(part), attempt + 1)
+                    self.metrics.upstream_failovers.add(len(part), {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
+                    for c in part:
+                        rs.repin(c.session_id, replica)
+                    got = self._batched(role, method, part, build, True, attempt + 1)
+                else:
+                    got = [Outcome(error=_call_error(role, replica, e, attempt)) for _ in part]
+            else:
+                self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": role, "rpc.method": method})
+                self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
+                got = _outcomes(role, resp)
+            for i, o in zip(idx, got):
+                out[i] = o
+
+        jobs = list(groups.values())
+        pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
+        if jobs:
+            one(*jobs[0])
+        for f in pending:
+            f.result()
+        return out
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():
@@ -286,6 +252,47 @@ class GrpcScorer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for rs in self.replicas.values():
             rs.close()
+
+
+_ITEM_ERRORS: dict[int, type[EftMeshError]] = {
+    grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: ResourceExhausted,
+}
+
+
+class UpstreamItemError(EftMeshError):
+    """An upstream refused one item of a batched call; keeps its status code, names the role."""
+
+    def __init__(self, role: str, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        super().__init__(f"upstream {role}: {message}")
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _outcomes(role: str, resp: Any) -> list[Outcome]:
+    """Per-item outcomes of a ScoreBatch / DraftBatch response; rows sliced from its one tensor."""
+    block = tensors.from_pb(resp.logits) if resp.logits.shape else None  # [sum rows, vocab]
+    out, at = [], 0
+    for r in resp.results:
+        if r.code:
+            kind = _ITEM_ERRORS.get(r.code)
+            err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[r.code], r.message)
+            out.append(Outcome(error=err))
+        else:
+            out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts)))
+            at += r.rows
+    return out
+
+
+def _call_error(role: str, replica: Replica, err: grpc.RpcError, attempt: int) -> EftMeshError:
+    code = err.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"upstream {role} at {replica.address} did not answer in time")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"upstream {role} is unavailable after {attempt} retries: {err.details()}")
+    return UpstreamError(role, err)
 
 
 def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int) -> None:

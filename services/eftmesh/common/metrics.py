@@ -137,12 +137,19 @@ class CombinerMetrics:
         self.upstream_failovers = m.create_counter(
             "eftmesh.upstream.failovers", unit="{call}",
             description="Calls re-sent after a lost cache (NOT_FOUND) or replica (UNAVAILABLE), by role and code")
+        self.upstream_bytes = m.create_counter(
+            "eftmesh.upstream.received", unit="By", description="Row bytes received from logit services, by role")
+        self.batch_size = m.create_histogram(
+            "eftmesh.batch.size", unit="{generation}", description="Generations stepped together per scheduler step")
+        self.queue_wait = m.create_histogram(
+            "eftmesh.queue.duration", unit="s", description="Time a generation waited before its first step")
 
 
 class LogitMetrics:
     """What a logit service measures per call; its session store is observed at collection."""
 
-    def __init__(self, m: Meter, role: str, sessions: Callable[[], int], evictions: Callable[[], int]) -> None:
+    def __init__(self, m: Meter, role: str, sessions: Callable[[], int], evictions: Callable[[], int],
+                 kv_tokens_used: Callable[[], int] = lambda: 0) -> None:
         self.role = role
         self.duration = m.create_histogram(
             "eftmesh.logit.duration", unit="s", description="Score and Draft calls, forward passes included")
@@ -151,4 +158,6 @@ class LogitMetrics:
         m.create_observable_gauge("eftmesh.logit.sessions", [gauge_callback(sessions, **{"eftmesh.role": role})],
                                   unit="{session}", description="KV caches held")
         m.create_observable_counter("eftmesh.logit.evictions", [gauge_callback(evictions, **{"eftmesh.role": role})],
-                                    unit="{session}", description="KV caches evicted to stay under --max-sessions")
+                                    unit="{session}", description="KV caches evicted for room (--max-sessions, --kv-cache-tokens)")
+        m.create_observable_gauge("eftmesh.logit.kv_tokens_used", [gauge_callback(kv_tokens_used, **{"eftmesh.role": role})],
+                                  unit="{token}", description="KV cache tokens held by sessions (whole blocks), of --kv-cache-tokens")

@@ -19,14 +19,15 @@ Pure tensor code: no grpc, no transformers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-# Log-probabilities below this are clamped before mixing. A model in float16 may return -inf
-# for a token it deems impossible; with a negative weight, -inf would become +inf and the sum
-# NaN. exp(-1e4) is zero in every float format, so the clamp changes no probability.
+# Log-probabilities more than this below the row's best are clamped before mixing. A model in
+# float16 may return -inf for a token it deems impossible; with a negative weight, -inf would
+# become +inf and the sum NaN. exp(-1e4) is zero in every float format, so the clamp changes no
+# probability.
 LOGPROB_FLOOR = -1.0e4
 
 
@@ -87,7 +88,7 @@ def mix(
     coefficients: Mapping[str, float],
     vocab_size: int,
 ) -> torch.Tensor:
-    """Combine per-role log-probabilities into the normalised EFT distribution.
+    """Combine one request's per-role log-probabilities into the normalised EFT distribution.
 
     Args:
         logprobs: role -> [rows, vocab_r] log-probabilities (or logits: any per-row constant
@@ -98,25 +99,52 @@ def mix(
 
     Returns:
         [rows, vocab_size] float32 log-probabilities, each row normalised (logsumexp == 0).
-
-    Truncating before the sum needs no per-term renormalisation: each term's missing mass is
-    a per-row constant, and constants cancel in the final log-softmax.
     """
     if not coefficients:
         raise ValueError("no coefficients to mix")
-    acc: torch.Tensor | None = None
-    rows: int | None = None
+    rows = logprobs[next(iter(coefficients))].shape[0]
+    index = torch.arange(rows)
+    terms = []
     for role, weight in coefficients.items():
         lp = logprobs[role]
-        assert lp.dim() == 2, f"{role}: expected [rows, vocab], got {tuple(lp.shape)}"
-        assert lp.shape[1] >= vocab_size, f"{role}: {lp.shape[1]} columns < vocab {vocab_size}"
-        if rows is None:
-            rows = lp.shape[0]
-        assert lp.shape[0] == rows, f"{role}: {lp.shape[0]} rows, expected {rows}"
-        if weight == 0.0:
-            continue
-        term = lp[:, :vocab_size].float().clamp_min(LOGPROB_FLOOR)  # [rows, vocab]
-        acc = term * weight if acc is None else acc.add_(term, alpha=weight)
-    if acc is None:
-        raise ValueError("every coefficient is zero: nothing to mix")
+        assert lp.dim() == 2 and lp.shape[0] == rows, f"{role}: expected [{rows} rows, vocab], got {tuple(lp.shape)}"
+        if weight != 0.0:
+            terms.append(Term(index, lp, torch.full((rows,), weight)))
+    return mix_batch(terms, rows, vocab_size)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One role's rows in a batched mix: row i of `rows` adds weight[i] * rows[i] to output row index[i]."""
+
+    index: torch.Tensor  # [n] int64 output rows
+    rows: torch.Tensor  # [n, vocab_r] log-probabilities or logits, any float dtype
+    weight: torch.Tensor  # [n] float32 EFT coefficient of this role for each row's request
+
+
+def mix_batch(terms: Sequence[Term], rows: int, vocab_size: int) -> torch.Tensor:
+    """The EFT mixture for many requests at once, each with its own roles and weights.
+
+    Every output row is one request's position; each role contributes its rows, shifted so
+    that the row's maximum is 0 and floored at `LOGPROB_FLOOR` below it, times that request's
+    coefficient. Shifts are per-row constants and cancel in the final log-softmax, so raw
+    logits and log-probabilities mix alike; columns past `vocab_size` (padding rows of an
+    output layer) are dropped, and their missing mass is a per-row constant too.
+
+    Returns:
+        [rows, vocab_size] float32 log-probabilities, each row normalised.
+    """
+    acc = torch.zeros((rows, vocab_size), dtype=torch.float32)  # [rows, vocab]
+    touched = torch.zeros(rows, dtype=torch.bool)
+    for t in terms:
+        assert t.rows.dim() == 2 and t.rows.shape[1] >= vocab_size, (
+            f"expected [n, >= {vocab_size}] rows, got {tuple(t.rows.shape)}"
+        )
+        assert t.index.shape == t.weight.shape == (t.rows.shape[0],), "index, rows and weight must agree"
+        x = t.rows[:, :vocab_size].float()  # [n, vocab]
+        x = (x - x.amax(dim=-1, keepdim=True)).clamp_min_(LOGPROB_FLOOR)
+        acc.index_add_(0, t.index, x.mul_(t.weight[:, None]))
+        touched[t.index] = True
+    if not bool(touched.all()):
+        raise ValueError("every coefficient of some row is zero: nothing to mix")
     return torch.log_softmax(acc, dim=-1)  # [rows, vocab]

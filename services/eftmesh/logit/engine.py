@@ -1,56 +1,94 @@
-"""A hosted causal LM that scores tokens against per-session KV caches.
+"""A hosted causal LM that scores batches of sessions against a paged KV cache.
 
 No gRPC here: the servicer converts messages at the edge and calls `ModelEngine`.
+
+Every call is a batch of items, one per session (TGI's shard, vLLM's model runner): items that
+append few tokens (a decode step, a verify of k drafts) run together as one forward; longer
+ones (prefills) run in forwards of their own, packed up to a token budget. Each item's rows
+come back as the model's own logits in its own dtype: mixing and sampling downstream are
+invariant to a per-row constant, so this loses nothing against the model's output and spares
+a log-softmax here. A bad item fails alone; the others go on.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from eftmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from eftmesh.common.errors import (
+    EftMeshError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
-from eftmesh.logit.sessions import Session, SessionStore
+from eftmesh.logit.kvcache import BatchView, PagedKVPool, PoolExhausted
+from eftmesh.logit.sessions import Session, SessionCapReached, SessionStore
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-# Steps that send at most this many tokens (a decode step, a verify of up to 15 drafts) queue
-# for batching; longer ones (a prefill) run alone at once.
-_MAX_STEP_TOKENS = 16
-
-
-class _Step:
-    """One queued step: a session's next tokens, the rows it wants back, and its answer."""
-
-    __slots__ = ("session_id", "start", "tokens", "rows", "logprobs", "length", "error", "done")
-
-    def __init__(self, session_id: str, start: int, tokens: list[int], rows: int) -> None:
-        self.session_id, self.start, self.tokens, self.rows = session_id, start, tokens, rows
-        self.logprobs: torch.Tensor | None = None
-        self.length = 0
-        self.error: BaseException | None = None
-        self.done = False
-
-    def finish(self, logprobs: torch.Tensor | None = None, length: int = 0, error: BaseException | None = None) -> None:
-        self.logprobs, self.length, self.error, self.done = logprobs, length, error, True
+# Items appending at most this many tokens share one forward (decode steps, verifies);
+# longer ones are prefills, packed into forwards of at most `prefill_tokens` padded tokens.
+SHORT_ITEM_TOKENS = 33
 
 
-def _batchable(cache: Any) -> bool:
-    """Whether a session's cache is plain per-layer keys and values that can be padded and
-    stacked (not sliding windows, not recurrent state)."""
-    from transformers.cache_utils import DynamicLayer
+class EngineFault(EftMeshError):
+    """The model failed on a batch (a server fault, not the caller's): INTERNAL."""
 
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One session's share of a batched Score: append `tokens` at `start`, return the last `rows` rows."""
+
+    session_id: str
+    start: int
+    tokens: Sequence[int]
+    rows: int
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    """One session's share of a batched Draft: append `tokens` at `start`, then draft k tokens."""
+
+    session_id: str
+    start: int
+    tokens: Sequence[int]
+    k: int
+    sampling: SamplingConfig
+    seed: int
+    vocab_limit: int = 0
+
+
+@dataclass
+class ItemResult:
+    """What one item got back: its rows, or its own error."""
+
+    rows: torch.Tensor | None = None  # [rows, vocab_size] logits in the model's dtype, on the CPU
+    cache_length: int = 0
+    drafts: list[int] = field(default_factory=list)
+    error: EftMeshError | None = None
+
+
+@dataclass
+class _Row:
+    """An admitted item inside the engine: its session, ids and the rows it wants."""
+
+    index: int
+    session_id: str
+    session: Session
+    ids: list[int]
+    rows: int
+    k: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,9 @@ class EngineInfo:
     session_idle_timeout_s: float
     eos_token_id: int
     max_draft: int
+    kv_cache_tokens: int
+    kv_block_size: int
+    max_batch: int
 
 
 def model_max_context(config: Any) -> int:
@@ -80,14 +121,22 @@ def model_max_context(config: Any) -> int:
     raise ValueError("cannot tell the model's context length from its config; pass --max-context")
 
 
-class ModelEngine:
-    """One model, its tokenizer identity, and its sessions' KV caches.
+def _check_full_attention(config: Any) -> None:
+    """The paged cache serves full-attention decoders; sliding windows would need their own layout."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        raise ValueError(
+            f"{getattr(config, 'model_type', 'this model')} uses sliding-window or non-attention layers "
+            f"({sorted(kinds)}); eftmesh's paged KV cache serves full-attention models only"
+        )
 
-    Forward passes run one at a time under `self._lock` (which also guards the session
-    store): a model on one device gains nothing from interleaving, and memory stays bounded.
-    Steps of different sessions that queue while the model is busy and send the same number of
-    tokens (decode steps; verifies of k drafts) run together as one batched forward
-    (`max_batch`), which is where a busy service's throughput comes from.
+
+class ModelEngine:
+    """One model, its tokenizer identity, its sessions and their paged KV cache.
+
+    Calls run one at a time under `self._lock` (which also guards sessions and the pool): a
+    model on one device gains nothing from interleaving, and a caller batches its sessions
+    into one call instead.
     """
 
     def __init__(
@@ -101,20 +150,22 @@ class ModelEngine:
         session_idle_timeout_s: float = 300.0,
         max_context: int | None = None,
         max_draft: int = 32,
-        max_batch: int = 1,
+        max_batch: int = 64,
+        kv_cache_tokens: int = 16384,
+        kv_block_size: int = 16,
+        prefill_tokens: int = 2048,
     ) -> None:
         self.model = model.eval()
+        _check_full_attention(model.config)
         self.max_draft = max_draft
-        # Decode steps of different sessions that arrive while a forward pass runs are run
-        # together as one batched forward (up to max_batch rows); 1 runs every call alone.
         self.max_batch = max(1, max_batch)
-        self._pending: list[_Step] = []
-        self._pending_cv = threading.Condition()
+        self.prefill_tokens = max(1, prefill_tokens)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         ctx = model_max_context(model.config)
         self.max_context = min(ctx, max_context) if max_context else ctx
+        self.pool = PagedKVPool(kv_cache_tokens, kv_block_size, model.config.num_hidden_layers, self.device, self.dtype)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.info = EngineInfo(
             model_id=model_id,
@@ -129,8 +180,11 @@ class ModelEngine:
             session_idle_timeout_s=session_idle_timeout_s,
             eos_token_id=-1 if eos is None else int(eos),
             max_draft=max_draft,
+            kv_cache_tokens=self.pool.capacity_tokens,
+            kv_block_size=kv_block_size,
+            max_batch=self.max_batch,
         )
-        self.sessions = SessionStore(max_sessions, session_idle_timeout_s)
+        self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table))
         self._lock = threading.Lock()
 
     @classmethod
@@ -155,86 +209,34 @@ class ModelEngine:
         ).to(device)
         return cls(model, tokenizer, model_id=model_id, role=role, **kwargs)
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
     def warmup(self) -> None:
-        """One real forward pass: readiness means the device answers, not just that weights loaded."""
-        with self._lock, torch.inference_mode():
-            self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))
-
-    def _check_tokens(self, session_id: str, start: int, tokens: Sequence[int], extra: int) -> torch.Tensor:
-        """Validate a call that appends `tokens` (then `extra` more) at `start`; [n] ids."""
-        if not session_id:
-            raise InvalidArgument("session_id must be non-empty")
-        n = len(tokens)
-        if n == 0:
-            raise InvalidArgument("tokens must be non-empty: send at least the last token")
-        if start + n + extra > self.max_context:
-            raise OutOfRange(
-                f"start {start} + {n} tokens" + (f" + {extra} drafts" if extra else "")
-                + f" exceeds the model's max context {self.max_context}"
-            )
-        ids = torch.tensor(tokens, dtype=torch.long)  # [n]
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bool(bad.any()):
-            first = int(ids[bad][0])
-            raise InvalidArgument(f"token id {first} is outside the vocabulary [0, {self.vocab_size})")
-        return ids
-
-    def _session_at(self, session_id: str, start: int) -> Session:
-        """The session cut back to `start` tokens (a new one when start == 0). Holds the lock."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            if start > 0:
-                raise NotFound(
-                    f"unknown session {session_id!r} (evicted, expired or never created): "
-                    "re-send the whole sequence with start=0"
-                )
-            session = self.sessions.create(session_id, self._new_cache())
-        if start > session.length:
-            raise FailedPrecondition(
-                f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
-                "tokens; start must be <= the cached length"
-            )
-        if start < session.length:
-            session.cache.crop(start - session.length)  # a negative count drops tokens
-            session.length = start
-        return session
-
-    def _forward(self, session_id: str, session: Session, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """Append ids [n] to the session's cache; [keep, vocab] float32 log-probs of the last rows."""
+        """One real forward through the paged cache: readiness means the device answers and the
+        KV pool is allocated, not just that the weights loaded."""
+        sid = "\x00warmup"
         try:
-            out = self.model(
-                input_ids=ids.view(1, -1), cache=session.cache, use_cache=True, logits_to_keep=max(keep, 1)
-            )
-        except BaseException:
-            # The cache may hold part of this call: drop the session rather than trust it.
-            self.sessions.release(session_id)
-            raise
-        session.length += ids.shape[0]
-        logits = out.logits[0, -keep:] if keep else out.logits[0, :0]  # [keep, vocab]
-        return torch.log_softmax(logits.float(), dim=-1)
+            result = self.score_batch([ScoreItem(sid, 0, [0], 1)])[0]
+            if result.error is not None:
+                raise result.error
+        finally:
+            self.release(sid)
 
-    def score(
-        self, session_id: str, start: int, tokens: Sequence[int], rows: int
-    ) -> tuple[torch.Tensor, int]:
+    @property
+    def kv_tokens_used(self) -> int:
+        """Tokens the pool's allocated blocks can hold (what sessions occupy, rounded up to blocks)."""
+        return self.pool.used_blocks * self.pool.block_size
+
+    # --- single-session calls (LogitService.Score / Draft): a batch of one -----------------------
+
+    def score(self, session_id: str, start: int, tokens: Sequence[int], rows: int) -> tuple[torch.Tensor, int]:
         """Append `tokens` at `start` and return next-token log-probs for the last `rows`.
 
         Returns:
             ([rows, vocab_size] float32 log-probabilities on the CPU, new cache length).
         """
-        ids = self._check_tokens(session_id, start, tokens, 0)
-        if rows > len(tokens):
-            raise InvalidArgument(f"rows={rows} exceeds the {len(tokens)} tokens sent")
-        if self.max_batch > 1 and start > 0 and len(tokens) <= _MAX_STEP_TOKENS:
-            return self._score_step(_Step(session_id, start, ids.tolist(), rows))
-        with self._lock, torch.inference_mode():
-            session = self._session_at(session_id, start)
-            logprobs = self._forward(session_id, session, ids.to(self.device), rows).cpu()
-            return logprobs, session.length
+        r = self.score_batch([ScoreItem(session_id, start, tokens, rows)])[0]
+        if r.error is not None:
+            raise r.error
+        return torch.log_softmax(r.rows.float(), dim=-1), r.cache_length
 
     def draft(
         self,
@@ -248,136 +250,213 @@ class ModelEngine:
     ) -> tuple[list[int], torch.Tensor, int]:
         """Append `tokens`, then decode k tokens next to the model.
 
-        Each draft is drawn from `core.sampling.process(row, sampling)`, the same processing
-        the combiner applies, over the first `vocab_limit` columns (0: all), so the combiner
-        recomputes from the returned raw rows exactly the q each draft was drawn from. The last draft is fed too, so the cache holds it and
-        its row (the bonus row of verification) comes back in this same call.
-
         Returns:
             (k draft ids, [k + 1, vocab_size] float32 raw log-probs on the CPU, cache length).
         """
-        if not 1 <= k <= self.max_draft:
-            raise InvalidArgument(f"k must be in [1, {self.max_draft}], got {k}")
-        if vocab_limit < 0 or vocab_limit > self.vocab_size:
-            raise InvalidArgument(f"vocab_limit must be in [0, {self.vocab_size}], got {vocab_limit}")
-        limit = vocab_limit or self.vocab_size
-        ids = self._check_tokens(session_id, start, tokens, k)
-        gen = make_generator(seed, self.device)
-        with self._lock, torch.inference_mode():
-            session = self._session_at(session_id, start)
-            row = self._forward(session_id, session, ids.to(self.device), 1)  # [1, vocab]
-            rows, drafts = [row], []
-            for _ in range(k):
-                x = sample(process(row[:, :limit], sampling), sampling, gen)  # [1], on the device
-                drafts.append(x)
-                row = self._forward(session_id, session, x, 1)
-                rows.append(row)
-            out = torch.cat(rows).cpu()  # [k + 1, vocab]
-            return torch.cat(drafts).tolist(), out, session.length
+        r = self.draft_batch([DraftItem(session_id, start, tokens, k, sampling, seed, vocab_limit)])[0]
+        if r.error is not None:
+            raise r.error
+        return r.drafts, torch.log_softmax(r.rows.float(), dim=-1), r.cache_length
 
     def release(self, session_id: str) -> bool:
         with self._lock:
             return self.sessions.release(session_id)
 
-    # --- batched decode steps -----------------------------------------------------------------
+    # --- batched calls ----------------------------------------------------------------------------
 
-    def _score_step(self, step: _Step) -> tuple[torch.Tensor, int]:
-        """Queue one step; whichever waiting thread takes the model next runs every
-        queued step (up to max_batch) as one forward pass. No wait is added: a step that
-        finds the model free runs at once, alone or with what queued meanwhile."""
-        with self._pending_cv:
-            self._pending.append(step)
+    def score_batch(self, items: Sequence[ScoreItem]) -> list[ItemResult]:
+        """Run every item; each gets its last `rows` rows of logits, or its own error."""
+        results = [ItemResult() for _ in items]
+        with self._lock, torch.inference_mode():
+            admitted = self._admit(
+                [(it.session_id, it.start, it.tokens, it.rows, 0) for it in items], results
+            )
+            self._run(admitted, results)
+        return results
+
+    def draft_batch(self, items: Sequence[DraftItem]) -> list[ItemResult]:
+        """Append each item's tokens, then draft its k tokens, all items stepping together.
+
+        Draft i of an item is drawn from `core.sampling.process(row_i[:vocab_limit].float(), sampling)`
+        with the item's own seeded generator, where row_i is exactly the row returned, so the
+        combiner recomputes the q each draft came from. The last draft is fed too, so its row
+        (the bonus row of verification) comes back and every cache holds start + n + k tokens.
+        Each item gets k + 1 rows; batching changes no item's drafts.
+        """
+        results = [ItemResult() for _ in items]
+        with self._lock, torch.inference_mode():
+            for it, res in zip(items, results):
+                if not 1 <= it.k <= self.max_draft:
+                    res.error = InvalidArgument(f"k must be in [1, {self.max_draft}], got {it.k}")
+                elif not 0 <= it.vocab_limit <= self.vocab_size:
+                    res.error = InvalidArgument(f"vocab_limit must be in [0, {self.vocab_size}], got {it.vocab_limit}")
+            todo = [(it.session_id, it.start, it.tokens, 1, it.k) if res.error is None else None
+                    for it, res in zip(items, results)]
+            admitted = self._admit(todo, results)
+            self._run(admitted, results)  # the row after each item's last sent token
+            live = [r for r in admitted if results[r.index].error is None]
+            gens = {r.index: make_generator(items[r.index].seed, self.device) for r in live}
+            chunks = {r.index: [results[r.index].rows] for r in live}
+            for step in range(max((r.k for r in live), default=0)):
+                active = [r for r in live if r.k > step and results[r.index].error is None]
+                for r in active:
+                    it = items[r.index]
+                    row = chunks[r.index][-1][-1:]  # [1, vocab]
+                    limit = it.vocab_limit or self.vocab_size
+                    x = int(sample(process(row[:, :limit].float(), it.sampling), it.sampling, gens[r.index])[0])
+                    results[r.index].drafts.append(x)
+                    r.ids, r.rows = [x], 1
+                self._run(active, results)
+                for r in active:
+                    if results[r.index].error is None:
+                        chunks[r.index].append(results[r.index].rows)
+            for r in live:
+                res = results[r.index]
+                if res.error is None:
+                    res.rows = torch.cat(chunks[r.index])  # [k + 1, vocab]
+        return results
+
+    def _admit(
+        self, todo: Sequence[tuple[str, int, Sequence[int], int, int] | None], results: list[ItemResult]
+    ) -> list[_Row]:
+        """Validate items (session_id, start, tokens, rows, k) and give each its session cut back
+        to `start` with blocks for start + len(tokens) + k tokens. Holds the lock."""
+        rows: list[_Row] = []
+        seen: set[str] = set()
+        batch = {item[0] for item in todo if item is not None}  # never evicted for one another
+        for i, item in enumerate(todo):
+            if item is None:
+                continue
+            sid, start, tokens, want, k = item
+            try:
+                ids = self._check(sid, start, tokens, want, k)
+                if sid in seen:
+                    raise InvalidArgument(f"session {sid!r} appears twice in one batch")
+                seen.add(sid)
+                rows.append(_Row(i, sid, self._session_at(sid, start, batch), ids, want, k))
+            except EftMeshError as e:
+                results[i].error = e
+        admitted = []
+        for r in rows:
+            try:
+                self._reserve(r.session, r.session.length + len(r.ids) + r.k, batch)
+                admitted.append(r)
+            except ResourceExhausted as e:
+                results[r.index].error = e
+                if r.session.length == 0:
+                    self.sessions.release(r.session_id)
+        return admitted
+
+    def _check(self, session_id: str, start: int, tokens: Sequence[int], rows: int, extra: int) -> list[int]:
+        if not session_id:
+            raise InvalidArgument("session_id must be non-empty")
+        n = len(tokens)
+        if n == 0:
+            raise InvalidArgument("tokens must be non-empty: send at least the last token")
+        if rows > n:
+            raise InvalidArgument(f"rows={rows} exceeds the {n} tokens sent")
+        if start + n + extra > self.max_context:
+            raise OutOfRange(
+                f"start {start} + {n} tokens" + (f" + {extra} drafts" if extra else "")
+                + f" exceeds the model's max context {self.max_context}"
+            )
+        ids = list(tokens)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def _session_at(self, session_id: str, start: int, batch: Collection[str] = ()) -> Session:
+        """The session cut back to `start` tokens (a new one when start == 0, evicting the least
+        recently used session outside `batch` at the session cap). Holds the lock."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            if start > 0:
+                raise NotFound(
+                    f"unknown session {session_id!r} (evicted, expired or never created): "
+                    "re-send the whole sequence with start=0"
+                )
+            try:
+                session = self.sessions.create(session_id, keep=batch)
+            except SessionCapReached as e:
+                raise ResourceExhausted(f"{e} (--max-sessions): retry when sessions finish") from None
+        if start > session.length:
+            raise FailedPrecondition(
+                f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
+                "tokens; start must be <= the cached length"
+            )
+        self.pool.truncate(session.table, start)
+        return session
+
+    def _reserve(self, session: Session, length: int, keep: Collection[str]) -> None:
+        """Blocks for `length` tokens, evicting idle sessions (least recently used first, never
+        one of this batch) while the pool is short; evicts nothing when that could not suffice."""
+        need = self.pool.blocks_for(length) - len(session.table.blocks)
+        if need > self.pool.free_blocks + self.sessions.evictable_blocks(keep):
+            raise ResourceExhausted(
+                f"KV cache full: {need} blocks of {self.pool.block_size} tokens needed, "
+                f"{self.pool.free_blocks} free of {self.pool.num_blocks} and the rest held by this batch; "
+                "retry when sessions finish, or raise --kv-cache-tokens"
+            )
         while True:
-            if self._lock.acquire(blocking=False):
-                try:
-                    with self._pending_cv:
-                        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-                    if batch:
-                        self._run_steps(batch)
-                finally:
-                    self._lock.release()
-                with self._pending_cv:
-                    self._pending_cv.notify_all()
-            with self._pending_cv:
-                if step.done:
-                    break
-                self._pending_cv.wait(timeout=0.002)
-        if step.error is not None:
-            raise step.error
-        return step.logprobs, step.length
+            try:
+                self.pool.reserve(session.table, length)
+                return
+            except PoolExhausted as e:
+                if not self.sessions.evict_lru(keep):
+                    raise ResourceExhausted(
+                        f"KV cache full ({self.pool.capacity_tokens} tokens, every block held by this batch): {e}; "
+                        "retry when sessions finish, or raise --kv-cache-tokens"
+                    ) from None
 
-    def _run_steps(self, batch: list[_Step]) -> None:
-        """Run queued steps of distinct sessions, one forward per group of steps that send
-        the same number of tokens (a decode step, or a verify of k drafts). Holds the lock."""
+    def _run(self, rows: list[_Row], results: list[ItemResult]) -> None:
+        """Forward every row; short rows together (up to max_batch), prefills packed by length."""
+        short = [r for r in rows if len(r.ids) <= SHORT_ITEM_TOKENS]
+        groups = [short[i:i + self.max_batch] for i in range(0, len(short), self.max_batch)]
+        group: list[_Row] = []
+        for r in sorted((r for r in rows if len(r.ids) > SHORT_ITEM_TOKENS), key=lambda r: len(r.ids)):
+            if group and (len(group) + 1) * len(r.ids) > self.prefill_tokens:
+                groups.append(group)
+                group = []
+            group.append(r)
+        if group:
+            groups.append(group)
+        for g in groups:
+            self._forward(g, results)
+
+    def _forward(self, rows: list[_Row], results: list[ItemResult]) -> None:
+        """One forward over rows that each append their ids at their own position; each row's
+        result gets its last `rows` logits. A model failure fails these rows and drops their
+        sessions (their caches may hold part of the call)."""
+        tables = [r.session.table for r in rows]
+        past = [r.session.length for r in rows]
+        new = [len(r.ids) for r in rows]
+        n, keep = max(new), max(max(r.rows for r in rows), 1)
+        view = BatchView(self.pool, tables, past, new, n)
+        ids = torch.zeros((len(rows), n), dtype=torch.long)  # [rows, n]; padding id 0
+        for b, r in enumerate(rows):
+            ids[b, : new[b]] = torch.tensor(r.ids, dtype=torch.long)
+        # Each row keeps its last `keep` real query columns (rows asking fewer take a prefix of
+        # them, dropped below); the model projects only those onto the vocabulary.
+        cols = torch.tensor(new)[:, None] - keep + torch.arange(keep)[None, :]  # [rows, keep]
         try:
-            with torch.inference_mode():
-                ready: list[tuple[_Step, Session]] = []
-                seen: set[str] = set()
-                for st in batch:
-                    if st.session_id in seen:  # a second step of one session waits for the next batch
-                        with self._pending_cv:
-                            self._pending.insert(0, st)
-                        continue
-                    seen.add(st.session_id)
-                    try:
-                        ready.append((st, self._session_at(st.session_id, st.start)))
-                    except Exception as e:  # this step's own error (NOT_FOUND, a gap): the rest go on
-                        st.finish(error=e)
-                groups: dict[int, list[tuple[_Step, Session]]] = {}
-                for st, session in ready:
-                    groups.setdefault(len(st.tokens), []).append((st, session))
-                for group in groups.values():
-                    if len(group) > 1 and all(_batchable(s.cache) for _, s in group):
-                        self._forward_batch(group)
-                        continue
-                    for st, session in group:
-                        try:
-                            ids = torch.tensor(st.tokens, device=self.device)
-                            st.finish(self._forward(st.session_id, session, ids, st.rows).cpu(), session.length)
-                        except Exception as e:
-                            st.finish(error=e)
-        except BaseException as e:
-            for st in batch:
-                if not st.done:
-                    st.finish(error=e)
-            raise
-
-    def _forward_batch(self, ready: list[tuple[_Step, Session]]) -> None:
-        """One forward over several sessions' next n tokens each: their caches left-padded to
-        one length (padding masked out), each row at its own positions; each session's cache
-        then gets its own new keys and values."""
-        from transformers import DynamicCache
-
-        sessions = [s for _, s in ready]
-        lengths = [s.length for s in sessions]
-        longest, rows, n = max(lengths), len(ready), len(ready[0][0].tokens)
-        batched = DynamicCache(config=self.model.config)
-        for i in range(len(sessions[0].cache.layers)):
-            parts = [(s.cache.layers[i].keys, s.cache.layers[i].values) for s in sessions]
-            k0 = parts[0][0]
-            keys = k0.new_zeros((rows, k0.shape[1], longest, k0.shape[3]))  # [rows, heads, longest, dim]
-            values = keys.clone()
-            for b, (k, v) in enumerate(parts):
-                keys[b, :, longest - k.shape[2]:] = k[0]
-                values[b, :, longest - v.shape[2]:] = v[0]
-            batched.update(keys, values, i)
-        mask = torch.zeros((rows, longest + n), dtype=torch.long, device=self.device)  # [rows, longest + n]
-        for b, length in enumerate(lengths):
-            mask[b, longest - length:] = 1
-        ids = torch.tensor([st.tokens for st, _ in ready], device=self.device)  # [rows, n]
-        offsets = torch.arange(n, device=self.device)
-        positions = torch.stack([length + offsets for length in lengths])  # [rows, n]
-        keep = max(st.rows for st, _ in ready)
-        try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batched,
-                             use_cache=True, logits_to_keep=max(keep, 1))
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=view.attention_mask(self.dtype),
+                position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
+                cache=view,
+                use_cache=True,
+                logits_to_keep=cols.clamp_min(0).to(self.device),
+            )
         except Exception as e:
-            for st, _ in ready:
-                st.finish(error=e)
+            log.exception("%s: forward of %d rows failed", self.info.role, len(rows))
+            for r in rows:
+                results[r.index].error = EngineFault(f"the model failed on this batch: {type(e).__name__}")
+                self.sessions.release(r.session_id)
             return
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [rows, keep, vocab]
-        for b, (st, session) in enumerate(ready):
-            for i, layer in enumerate(batched.layers):
-                session.cache.update(layer.keys[b:b + 1, :, -n:], layer.values[b:b + 1, :, -n:], i)
-            session.length += n
-            st.finish(logprobs[b, logprobs.shape[1] - st.rows:], session.length)  # its last rows (none for 0)
+        logits = out.logits.to("cpu")  # [rows, keep, vocab]
+        for b, r in enumerate(rows):
+            r.session.table.length = past[b] + new[b]
+            res = results[r.index]
+            res.rows = logits[b, keep - r.rows:]  # [r.rows, vocab]
+            res.cache_length = r.session.table.length

@@ -41,7 +41,10 @@ class LogitConfig:
     session_idle_timeout_s: float = 300.0
     max_context: int | None = None
     max_draft: int = 32
-    max_batch: int = 8
+    max_batch: int = 64
+    kv_cache_tokens: int = 16384
+    kv_block_size: int = 16
+    prefill_tokens: int = 2048
     threads: int | None = None
     trust_remote_code: bool = False
     otlp: bool = False
@@ -64,7 +67,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an unused session's cache is dropped (default: %(default)s)")
     p.add_argument("--max-context", type=int, default=None, help="cap on tokens per session (default: the model's own limit)")
     p.add_argument("--max-draft", type=int, default=32, help="largest k one Draft call may ask for (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=8, help="decode steps of different sessions that meet at the model run as one batched forward, up to this many; 1 runs each alone (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64, help="most sessions' steps (decode or verify) run in one batched forward (default: %(default)s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the paged KV cache holds, shared by all sessions; allocated at start (default: %(default)s)")
+    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="most padded tokens in one prefill forward; longer prompts run alone (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
@@ -84,6 +90,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         max_context=a.max_context,
         max_draft=a.max_draft,
         max_batch=a.max_batch,
+        kv_cache_tokens=a.kv_cache_tokens,
+        kv_block_size=a.kv_block_size,
+        prefill_tokens=a.prefill_tokens,
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,
         otlp=tracing.otlp_requested(env),
@@ -125,6 +134,9 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             max_context=cfg.max_context,
             max_draft=cfg.max_draft,
             max_batch=cfg.max_batch,
+            kv_cache_tokens=cfg.kv_cache_tokens,
+            kv_block_size=cfg.kv_block_size,
+            prefill_tokens=cfg.prefill_tokens,
         )
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)
@@ -133,7 +145,8 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
                                                      prometheus_port=cfg.metrics_port, prometheus_host=cfg.server.host)
     store = engine.sessions
     servicer = LogitServicer(engine, metrics.LogitMetrics(
-        metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions))
+        metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions,
+        lambda: engine.kv_tokens_used))
     server = Server(
         cfg.server,
         [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],

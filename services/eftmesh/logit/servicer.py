@@ -7,14 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
+import torch
 
 from eftmesh.common import tensors
 from eftmesh.common.convert import sampling_from_pb
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.common.metrics import LogitMetrics, meter, outcome
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.logit.engine import ModelEngine
-from eftmesh.v1 import logit_pb2, logit_pb2_grpc
+from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
+from eftmesh.v1 import logit_pb2, logit_pb2_grpc, tensor_pb2
 
 
 class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
@@ -54,6 +55,11 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
             session_idle_timeout_s=i.session_idle_timeout_s,
             eos_token_id=i.eos_token_id,
             max_draft=i.max_draft,
+            kv_cache_tokens=i.kv_cache_tokens,
+            kv_block_size=i.kv_block_size,
+            max_batch=i.max_batch,
+            kv_bytes_per_token=self.engine.pool.bytes_per_token(),
+            kv_bytes_per_token_theoretical=self.engine.pool.theoretical_bytes_per_token(),
         )
 
     def Score(
@@ -88,3 +94,48 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
         self, request: logit_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> logit_pb2.ReleaseResponse:
         return logit_pb2.ReleaseResponse(released=self.engine.release(request.session_id))
+
+    def ScoreBatch(
+        self, request: logit_pb2.ScoreBatchRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.ScoreBatchResponse:
+        items = [ScoreItem(it.session_id, it.start, it.tokens, it.rows) for it in request.items]
+        with self._measured("ScoreBatch", sum(len(it.tokens) for it in items)):
+            results = self.engine.score_batch(items)
+        logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
+        return logit_pb2.ScoreBatchResponse(logits=logits, results=pb)
+
+    def DraftBatch(
+        self, request: logit_pb2.DraftBatchRequest, context: grpc.ServicerContext
+    ) -> logit_pb2.DraftBatchResponse:
+        # A malformed item (bad sampling parameters) fails alone, like any other item error.
+        results: list[ItemResult] = [ItemResult() for _ in request.items]
+        items, where = [], []
+        for i, it in enumerate(request.items):
+            try:
+                sampling = sampling_from_pb(it.sampling, SamplingConfig())
+            except InvalidArgument as e:
+                results[i].error = e
+                continue
+            items.append(DraftItem(it.session_id, it.start, it.tokens, it.k, sampling, it.seed, it.vocab_limit))
+            where.append(i)
+        with self._measured("DraftBatch", sum(len(it.tokens) + it.k for it in items)):
+            for i, r in zip(where, self.engine.draft_batch(items)):
+                results[i] = r
+        logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
+        return logit_pb2.DraftBatchResponse(logits=logits, results=pb)
+
+
+def _results_to_pb(
+    results: list[ItemResult], vocab: int, dtype: torch.dtype
+) -> tuple[tensor_pb2.Tensor, list[logit_pb2.ItemResult]]:
+    """Every successful item's rows as one [rows, vocab] tensor in the model's dtype (0 rows
+    when none succeeded), plus per-item results."""
+    pb, rows = [], []
+    for r in results:
+        if r.error is not None:
+            pb.append(logit_pb2.ItemResult(code=r.error.code.value[0], message=str(r.error)))
+        else:
+            pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts))
+            rows.append(r.rows)
+    block = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=dtype)  # [sum rows, vocab]
+    return tensors.to_pb(block, block.dtype), pb

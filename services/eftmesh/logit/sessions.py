@@ -1,34 +1,48 @@
-"""Per-session KV caches with bounded memory: a session cap, LRU eviction and idle expiry.
+"""Sessions by id over the paged KV pool: a session cap, LRU eviction and idle expiry.
 
-An evicted or expired session is simply gone: the next Score for it with start > 0 is
-NOT_FOUND and the combiner re-sends the whole prefix. Caches are only caches.
+An evicted or expired session is simply gone (its blocks go back to the pool): the next call
+for it with start > 0 is NOT_FOUND and the combiner re-sends the whole prefix. Caches are only
+caches.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+
+from eftmesh.logit.kvcache import BlockTable
 
 
 @dataclass
 class Session:
-    """One sequence's KV cache. `length` is the number of tokens the cache holds."""
+    """One sequence's blocks in the KV pool; `table.length` tokens are cached."""
 
-    cache: Any
-    length: int = 0
-    last_used: float = field(default=0.0)
+    table: BlockTable = field(default_factory=BlockTable)
+    last_used: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return self.table.length
+
+
+class SessionCapReached(Exception):
+    """No session may be evicted to make room for a new one."""
 
 
 class SessionStore:
-    """Sessions by id, least recently used first. Not thread-safe: the engine locks."""
+    """Sessions by id, least recently used first. Not thread-safe: the engine locks.
+
+    `on_drop(session)` runs for every session that leaves (released, evicted, expired), so
+    that its blocks return to the pool.
+    """
 
     def __init__(
         self,
         max_sessions: int,
         idle_timeout_s: float,
+        on_drop: Callable[[Session], None] = lambda s: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_sessions < 1:
@@ -37,6 +51,7 @@ class SessionStore:
             raise ValueError("idle_timeout_s must be > 0")
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
+        self._on_drop = on_drop
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.evictions = 0
@@ -54,21 +69,37 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
         return s
 
-    def create(self, session_id: str, cache: Any) -> Session:
-        """A new (or replaced) session; evicts the least recently used one when full."""
+    def create(self, session_id: str, keep: Collection[str] = ()) -> Session:
+        """A new (or replaced) empty session; evicts the least recently used one not in `keep`
+        when full. Raises `SessionCapReached` when every session is in `keep`."""
         self.expire()
-        self._sessions.pop(session_id, None)
+        self.release(session_id)
         while len(self._sessions) >= self.max_sessions:
-            self._sessions.popitem(last=False)
-            self.evictions += 1
-        s = Session(cache=cache, last_used=self._clock())
+            if not self.evict_lru(keep):
+                raise SessionCapReached(f"all {self.max_sessions} sessions are in use by this batch")
+        s = Session(last_used=self._clock())
         self._sessions[session_id] = s
         return s
 
+    def evictable_blocks(self, keep: Collection[str]) -> int:
+        """Blocks that evicting every session outside `keep` would free."""
+        return sum(len(s.table.blocks) for sid, s in self._sessions.items() if sid not in keep)
+
+    def evict_lru(self, keep: Collection[str]) -> bool:
+        """Evict the least recently used session not in `keep`; False when there is none."""
+        for sid in self._sessions:
+            if sid not in keep:
+                self._on_drop(self._sessions.pop(sid))
+                self.evictions += 1
+                return True
+        return False
+
     def release(self, session_id: str) -> bool:
         """Drop a session; True when a live one was held."""
-        self.expire()
-        return self._sessions.pop(session_id, None) is not None
+        s = self._sessions.pop(session_id, None)
+        if s is not None:
+            self._on_drop(s)
+        return s is not None
 
     def expire(self) -> None:
         """Drop sessions idle for longer than the timeout (oldest first, so stop early)."""
@@ -77,5 +108,5 @@ class SessionStore:
             sid, s = next(iter(self._sessions.items()))
             if s.last_used >= cutoff:
                 break
-            del self._sessions[sid]
+            self._on_drop(self._sessions.pop(sid))
             self.expirations += 1

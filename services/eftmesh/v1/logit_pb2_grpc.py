@@ -54,6 +54,16 @@ class LogitServiceStub:
                 request_serializer=eftmesh_dot_v1_dot_logit__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=eftmesh_dot_v1_dot_logit__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.ScoreBatch = channel.unary_unary(
+                '/eftmesh.v1.LogitService/ScoreBatch',
+                request_serializer=eftmesh_dot_v1_dot_logit__pb2.ScoreBatchRequest.SerializeToString,
+                response_deserializer=eftmesh_dot_v1_dot_logit__pb2.ScoreBatchResponse.FromString,
+                _registered_method=True)
+        self.DraftBatch = channel.unary_unary(
+                '/eftmesh.v1.LogitService/DraftBatch',
+                request_serializer=eftmesh_dot_v1_dot_logit__pb2.DraftBatchRequest.SerializeToString,
+                response_deserializer=eftmesh_dot_v1_dot_logit__pb2.DraftBatchResponse.FromString,
+                _registered_method=True)
 
 
 class LogitServiceServicer:
@@ -101,6 +111,29 @@ class LogitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreBatch(self, request, context):
+        """Score for many sessions in one call: each item follows Score's rules
+        (rollback by start, NOT_FOUND, gaps, context, token range). Items that
+        append few tokens (decode steps, verifies of k drafts) run as one batched
+        forward, each row at its own position; prefills run in forwards of their
+        own. An item's error (including RESOURCE_EXHAUSTED when the KV cache is
+        full) fails that item only, in its ItemResult; the call itself fails only
+        for a malformed request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DraftBatch(self, request, context):
+        """Draft for many sessions in one call: each item follows Draft's rules; the
+        items step together (one forward per draft position for every item still
+        drafting), and an item's drafts are the same as if it were sent alone
+        (its own seed, its own generator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LogitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +156,16 @@ def add_LogitServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=eftmesh_dot_v1_dot_logit__pb2.ReleaseRequest.FromString,
                     response_serializer=eftmesh_dot_v1_dot_logit__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ScoreBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreBatch,
+                    request_deserializer=eftmesh_dot_v1_dot_logit__pb2.ScoreBatchRequest.FromString,
+                    response_serializer=eftmesh_dot_v1_dot_logit__pb2.ScoreBatchResponse.SerializeToString,
+            ),
+            'DraftBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DraftBatch,
+                    request_deserializer=eftmesh_dot_v1_dot_logit__pb2.DraftBatchRequest.FromString,
+                    response_serializer=eftmesh_dot_v1_dot_logit__pb2.DraftBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +276,60 @@ class LogitService:
             '/eftmesh.v1.LogitService/Release',
             eftmesh_dot_v1_dot_logit__pb2.ReleaseRequest.SerializeToString,
             eftmesh_dot_v1_dot_logit__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eftmesh.v1.LogitService/ScoreBatch',
+            eftmesh_dot_v1_dot_logit__pb2.ScoreBatchRequest.SerializeToString,
+            eftmesh_dot_v1_dot_logit__pb2.ScoreBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DraftBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eftmesh.v1.LogitService/DraftBatch',
+            eftmesh_dot_v1_dot_logit__pb2.DraftBatchRequest.SerializeToString,
+            eftmesh_dot_v1_dot_logit__pb2.DraftBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,14 @@ isort:skip_file
 LogitService: one hosted causal language model that scores tokens.
 
 One instance per model (base-large, base-small, ft-small, ...). It keeps a
-KV cache per session so that each decoding step sends only the new tokens.
+KV cache per session (paged, in a pool budgeted in tokens) so that each
+decoding step sends only the new tokens.
+
+Batching: the combiner steps every running generation together and sends
+each role one ScoreBatch (or DraftBatch) per step carrying every session's
+new tokens, like TGI's router calling a shard's Decode with the whole batch.
+Score, Draft and Release serve single-session clients such as grpcurl; they
+are a batch of one.
 Caches are only caches: the caller (the combiner) owns the token sequence and
 re-sends the whole prefix whenever a session is NOT_FOUND (evicted, expired,
 or a restarted replica).
@@ -63,6 +70,21 @@ class LogitServiceStub:
     """
     Release: _grpc.UnaryUnaryMultiCallable[_logit_pb2.ReleaseRequest, _logit_pb2.ReleaseResponse]
     """Drops a session's KV cache. Releasing an unknown session is not an error."""
+    ScoreBatch: _grpc.UnaryUnaryMultiCallable[_logit_pb2.ScoreBatchRequest, _logit_pb2.ScoreBatchResponse]
+    """Score for many sessions in one call: each item follows Score's rules
+    (rollback by start, NOT_FOUND, gaps, context, token range). Items that
+    append few tokens (decode steps, verifies of k drafts) run as one batched
+    forward, each row at its own position; prefills run in forwards of their
+    own. An item's error (including RESOURCE_EXHAUSTED when the KV cache is
+    full) fails that item only, in its ItemResult; the call itself fails only
+    for a malformed request.
+    """
+    DraftBatch: _grpc.UnaryUnaryMultiCallable[_logit_pb2.DraftBatchRequest, _logit_pb2.DraftBatchResponse]
+    """Draft for many sessions in one call: each item follows Draft's rules; the
+    items step together (one forward per draft position for every item still
+    drafting), and an item's drafts are the same as if it were sent alone
+    (its own seed, its own generator).
+    """
 
 @_typing.type_check_only
 class LogitServiceAsyncStub(LogitServiceStub):
@@ -92,6 +114,21 @@ class LogitServiceAsyncStub(LogitServiceStub):
     """
     Release: _aio.UnaryUnaryMultiCallable[_logit_pb2.ReleaseRequest, _logit_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Drops a session's KV cache. Releasing an unknown session is not an error."""
+    ScoreBatch: _aio.UnaryUnaryMultiCallable[_logit_pb2.ScoreBatchRequest, _logit_pb2.ScoreBatchResponse]  # type: ignore[assignment]
+    """Score for many sessions in one call: each item follows Score's rules
+    (rollback by start, NOT_FOUND, gaps, context, token range). Items that
+    append few tokens (decode steps, verifies of k drafts) run as one batched
+    forward, each row at its own position; prefills run in forwards of their
+    own. An item's error (including RESOURCE_EXHAUSTED when the KV cache is
+    full) fails that item only, in its ItemResult; the call itself fails only
+    for a malformed request.
+    """
+    DraftBatch: _aio.UnaryUnaryMultiCallable[_logit_pb2.DraftBatchRequest, _logit_pb2.DraftBatchResponse]  # type: ignore[assignment]
+    """Draft for many sessions in one call: each item follows Draft's rules; the
+    items step together (one forward per draft position for every item still
+    drafting), and an item's drafts are the same as if it were sent alone
+    (its own seed, its own generator).
+    """
 
 class LogitServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -142,5 +179,32 @@ class LogitServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_logit_pb2.ReleaseResponse, _abc.Awaitable[_logit_pb2.ReleaseResponse]]:
         """Drops a session's KV cache. Releasing an unknown session is not an error."""
+
+    @_abc_1.abstractmethod
+    def ScoreBatch(
+        self,
+        request: _logit_pb2.ScoreBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_logit_pb2.ScoreBatchResponse, _abc.Awaitable[_logit_pb2.ScoreBatchResponse]]:
+        """Score for many sessions in one call: each item follows Score's rules
+        (rollback by start, NOT_FOUND, gaps, context, token range). Items that
+        append few tokens (decode steps, verifies of k drafts) run as one batched
+        forward, each row at its own position; prefills run in forwards of their
+        own. An item's error (including RESOURCE_EXHAUSTED when the KV cache is
+        full) fails that item only, in its ItemResult; the call itself fails only
+        for a malformed request.
+        """
+
+    @_abc_1.abstractmethod
+    def DraftBatch(
+        self,
+        request: _logit_pb2.DraftBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_logit_pb2.DraftBatchResponse, _abc.Awaitable[_logit_pb2.DraftBatchResponse]]:
+        """Draft for many sessions in one call: each item follows Draft's rules; the
+        items step together (one forward per draft position for every item still
+        drafting), and an item's drafts are the same as if it were sent alone
+        (its own seed, its own generator).
+        """
 
 def add_LogitServiceServicer_to_server(servicer: LogitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

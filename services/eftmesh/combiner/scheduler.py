@@ -1,0 +1,469 @@
+"""Continuous batching: one loop steps every running generation together.
+
+The combiner plays TGI's router (it owns the tokens, the queue and sampling) and each logit
+service a shard that keeps its sessions' KV caches between calls. Each iteration:
+
+  1. admit waiting generations while the batch has room and this step's prefill budget
+     (`prefill_tokens` prompt tokens) lasts, so a long prompt joining does not stall the
+     running ones for long; the first waiting one is always admitted;
+  2. choose each generation's block size k (0 = a plain step);
+  3. one DraftBatch per draft role carries every speculating generation's block;
+  4. one ScoreBatch per role carries every generation's new tokens (plain steps, verifies of
+     any k, prefills), the roles called concurrently;
+  5. mix all rows at once (`core.mixing.mix_batch`, `[rows, vocab]`), apply temperature /
+     top-k / top-p per group of equal settings, then each generation samples or verifies
+     with its own seeded generator, so batching changes no generation's output;
+  6. stream the chunks; finished, failed and cancelled generations leave and their caches
+     are released. A generation whose upstream item failed fails alone.
+
+A full KV cache (an item's RESOURCE_EXHAUSTED) preempts that generation as vLLM does: its
+caches are released, it goes back to the front of the queue and re-prefills when admitted;
+waiting longer than `queue_timeout_s` fails it with RESOURCE_EXHAUSTED.
+
+Speculation under load: a batched verify of k drafts costs k + 1 rows per generation, which
+on a saturated device approaches k + 1 plain steps, while its yield per block stays
+(1 - a^(k+1)) / (1 - a). `SpeculationController` measures tokens per second of whole steps
+under each cap on k and keeps the best, exploring the others now and then.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from opentelemetry import trace
+
+from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
+from eftmesh.combiner.scoring import Outcome, Scorer
+from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, ResourceExhausted
+from eftmesh.common.metrics import CombinerMetrics, meter
+from eftmesh.core.mixing import Term, mix_batch
+from eftmesh.core.sampling import SamplingConfig, process
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits of one combiner (flags --max-batch, --prefill-tokens, --queue-timeout)."""
+
+    max_batch: int = 32  # generations stepped together; more wait in the queue
+    prefill_tokens: int = 512  # prompt tokens admitted per step (the first admission always goes)
+    queue_timeout_s: float = 30.0  # longest wait for a batch slot or KV cache room
+
+
+# --- the load-aware speculation controller (pure: no threads, no network) ----------------------
+
+
+@dataclass
+class _ArmStats:
+    rate: float = 0.0  # exponential moving average of tokens per second of step time
+    tries: int = 0
+    last: int = -1  # iteration it was last used
+
+
+@dataclass
+class SpeculationController:
+    """Chooses the cap on k for load-aware generations from measured step throughput.
+
+    Arms are caps on k (0 = no drafting). Per batch-size bucket (powers of two), each arm keeps
+    a moving average of the tokens per second its steps delivered; the best arm is used, an arm
+    never tried is tried first, and every `explore_every` steps the least recently used arm is
+    tried again, so the choice follows the load. With light load drafting wins (the step's
+    fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1 plain
+    steps and the cap falls, down to 0.
+    """
+
+    max_k: int
+    explore_every: int = 16
+    smoothing: float = 0.3
+    _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
+    _step: int = 0
+
+    def arms(self) -> list[int]:
+        caps = [0] + [c for c in (1, 2, 4, 8, 16, 32) if c < self.max_k] + [self.max_k]
+        return sorted(set(caps))
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
+
+    def choose(self, batch: int) -> int:
+        """The cap on k for the next step of a batch of `batch` generations."""
+        self._step += 1
+        b = self.bucket(batch)
+        stats = [(arm, self._stats.get((b, arm))) for arm in self.arms()]
+        untried = [arm for arm, s in stats if s is None]
+        if untried:
+            return untried[-1]  # the largest first: speculation is the default
+        if self._step % self.explore_every == 0:
+            return min(stats, key=lambda t: t[1].last)[0]
+        return max(stats, key=lambda t: t[1].rate)[0]
+
+    def observe(self, batch: int, cap: int, tokens: int, seconds: float) -> None:
+        """Record one step: `tokens` emitted by the whole batch in `seconds` under `cap`."""
+        if seconds <= 0:
+            return
+        s = self._stats.setdefault((self.bucket(batch), cap), _ArmStats())
+        rate = tokens / seconds
+        s.rate = rate if s.tries == 0 else s.rate + self.smoothing * (rate - s.rate)
+        s.tries += 1
+        s.last = self._step
+
+    def snapshot(self) -> dict[int, dict[int, float]]:
+        """bucket -> cap -> measured tokens/s (for logs and benchmarks)."""
+        out: dict[int, dict[int, float]] = {}
+        for (b, cap), s in sorted(self._stats.items()):
+            out.setdefault(b, {})[cap] = round(s.rate, 1)
+        return out
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Owns the running batch and the queue; one daemon thread runs `_loop`."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        vocab_size: int,
+        config: SchedulerConfig = SchedulerConfig(),
+        max_k: int = 16,
+        tracer: trace.Tracer | None = None,
+        metrics: CombinerMetrics | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.vocab_size = vocab_size
+        self.config = config
+        self.tracer = tracer or trace.get_tracer("eftmesh.combiner")
+        self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
+        self.controller = SpeculationController(max_k)
+        self._waiting: collections.deque[Generation] = collections.deque()
+        self._running: list[Generation] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fanout")
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, g: Generation) -> None:
+        g.span_context = trace.get_current_span().get_span_context()
+        with self._cv:
+            self._waiting.append(g)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) generations."""
+        return len(self._running), len(self._waiting)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._running and not self._waiting:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._admit()
+            batch = list(self._running)
+            if not batch:
+                time.sleep(0.001)  # everyone waits on KV cache room
+                continue
+            try:
+                self._iteration(batch)
+            except Exception as e:  # a bug here must not stop every other generation forever
+                log.exception("scheduler step failed")
+                for g in batch:
+                    self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"combiner fault: {type(e).__name__}"))
+        for g in self._running + list(self._waiting):
+            self._fail(g, Cancelled("the combiner is shutting down"))
+
+    def _admit(self) -> None:
+        """Move waiting generations into the batch: up to max_batch, within the prefill budget.
+        Holds the condition's lock."""
+        now = time.monotonic()
+        budget = self.config.prefill_tokens
+        while self._waiting and len(self._running) < self.config.max_batch:
+            g = self._waiting[0]
+            if self._gone(g, now):
+                self._waiting.popleft()
+                continue
+            if budget < len(g.ids) and budget < self.config.prefill_tokens:
+                break  # this step's prefill budget is spent; the next step admits it
+            budget -= len(g.ids)
+            self._waiting.popleft()
+            if g.parked_since is None:
+                self.metrics.queue_wait.record(now - g.enqueued)
+            self._running.append(g)
+        for g in list(self._waiting):
+            if self._gone(g, now):
+                self._waiting.remove(g)
+
+    def _gone(self, g: Generation, now: float) -> bool:
+        """Fail (and say True for) a waiting generation that was cancelled or waited too long."""
+        since = g.parked_since if g.parked_since is not None else g.enqueued
+        if g.cancelled or g.is_cancelled():
+            self._fail(g, Cancelled("the client cancelled the generation"))
+        elif g.deadline is not None and now > g.deadline:
+            self._fail(g, DeadlineExceeded("the request's deadline passed while it waited for a batch slot"))
+        elif now - since > self.config.queue_timeout_s:
+            why = "room in the logit services' KV caches" if g.parked_since is not None else "a batch slot"
+            self._fail(g, ResourceExhausted(
+                f"waited {now - since:.0f} s for {why} (--queue-timeout {self.config.queue_timeout_s:g} s); "
+                "retry with back-off"))
+        else:
+            return False
+        return True
+
+    def _iteration(self, batch: list[Generation]) -> None:
+        started = time.perf_counter()
+        now = time.monotonic()
+        live = []
+        for g in batch:
+            if g.cancelled or g.is_cancelled():
+                self._fail(g, Cancelled("the client cancelled the generation"))
+            elif g.deadline is not None and now > g.deadline:
+                self._fail(g, DeadlineExceeded("the request's deadline passed while generating"))
+            else:
+                live.append(g)
+        if not live:
+            return
+        aware = [g for g in live if g.load_aware]
+        cap = self.controller.choose(len(live)) if aware else None
+        # A step that prefills says nothing about steady-state speed: not a controller sample.
+        prefilling = any(not any(g.cached.values()) for g in live)
+        for g in live:
+            g.k = g.wanted_k()
+            if cap is not None and g.load_aware:
+                g.k = min(g.k, cap)
+            g.touched = True
+        links = [trace.Link(g.span_context) for g in live if g.span_context is not None and g.span_context.is_valid]
+        attrs = {"eftmesh.batch.size": len(live), "eftmesh.batch.drafting": sum(1 for g in live if g.k)}
+        with self.tracer.start_as_current_span("eftmesh.step", links=links, attributes=attrs):
+            live = self._draft_phase(live)
+            rows = self._score_phase(live)
+            stepped = self._combine(live, rows)
+        for g in stepped:  # after the step's span ends, so a client never sees a step unfinished
+            self._deliver(g)
+        tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
+        self.metrics.batch_size.record(len(live))
+        if cap is not None and not prefilling:
+            self.controller.observe(len(live), cap, tokens, time.perf_counter() - started)
+
+    def _fan_out(self, jobs: Sequence[Callable[[], T]]) -> list[T]:
+        """Run jobs concurrently (one per role), the first on this thread; trace context follows."""
+        pending = [self._pool.submit(contextvars.copy_context().run, j) for j in jobs[1:]]
+        first = [jobs[0]()] if jobs else []
+        return first + [f.result() for f in pending]
+
+    def _draft_phase(self, live: list[Generation]) -> list[Generation]:
+        """One DraftBatch per draft role for every generation with k >= 1; returns the
+        generations still alive."""
+        by_role: dict[str, list[Generation]] = {}
+        for g in live:
+            if g.k:
+                by_role.setdefault(g.req.speculation.draft_role, []).append(g)
+        if not by_role:
+            return live
+        roles = list(by_role)
+        calls = {r: [g.draft_call(g.k, self.vocab_size) for g in by_role[r]] for r in roles}
+        results = self._fan_out([lambda r=r: self.scorer.draft_batch(r, calls[r]) for r in roles])
+        for r, outcomes in zip(roles, results):
+            for g, o in zip(by_role[r], outcomes):
+                if o.error is not None:
+                    self._upstream_failed(g, o.error)
+                else:
+                    g.drafts, g.draft_rows = o.drafts, o.rows
+        return [g for g in live if g in self._running]
+
+    def _score_phase(self, live: list[Generation]) -> dict[Generation, dict[str, torch.Tensor]]:
+        """One ScoreBatch per role carrying every generation's share; role -> rows per generation."""
+        calls: dict[str, list[tuple[Generation, Any]]] = {}
+        for g in live:
+            for c in g.score_calls():
+                calls.setdefault(c.role, []).append((g, c))
+        roles = list(calls)
+        results: list[list[Outcome]] = self._fan_out(
+            [lambda r=r: self.scorer.score_batch(r, [c for _, c in calls[r]]) for r in roles]
+        )
+        rows: dict[Generation, dict[str, torch.Tensor]] = {g: {} for g in live}
+        for r, outcomes in zip(roles, results):
+            for (g, _), o in zip(calls[r], outcomes):
+                if o.error is not None:
+                    self._upstream_failed(g, o.error)
+                else:
+                    rows[g][r] = o.rows
+        for g in live:
+            if g.k and g.req.speculation.draft_role in g.coef:
+                rows[g][g.req.speculation.draft_role] = g.draft_rows
+        return {g: rows[g] for g in live if g in self._running}
+
+    def _combine(
+        self, live: list[Generation], rows: dict[Generation, dict[str, torch.Tensor]]
+    ) -> dict[Generation, int]:
+        """Mix every generation's rows at once, process them per sampling group, and let each
+        generation sample or verify. Returns the generations that stepped, with their token
+        counts before the step."""
+        gens = [g for g in live if g in rows]
+        if not gens:
+            return {}
+        offsets, n = {}, 0
+        for g in gens:
+            offsets[g] = n
+            n += g.rows_per_role()
+        terms: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+        for g in gens:
+            idx = torch.arange(offsets[g], offsets[g] + g.rows_per_role())
+            for r, c in g.coef.items():
+                t = terms.setdefault(r, ([], [], []))
+                t[0].append(idx)
+                t[1].append(rows[g][r])
+                t[2].append(torch.full((idx.shape[0],), c))
+        lp = mix_batch(
+            [Term(torch.cat(i), torch.cat(x) if len(x) > 1 else x[0], torch.cat(w)) for i, x, w in terms.values()],
+            n, self.vocab_size,
+        )  # [n, vocab]
+        processed = self._process(gens, offsets, lp)
+        stepped = {}
+        for g in gens:
+            o, m = offsets[g], g.rows_per_role()
+            before = g.sink.usage.completion_tokens
+            try:
+                g.finish(lp[o:o + m], processed[g])
+            except Exception as e:  # one generation's numeric trouble must not touch the others
+                log.exception("generation failed while sampling")
+                self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"sampling failed: {type(e).__name__}"))
+                continue
+            stepped[g] = before
+        return stepped
+
+    def _process(
+        self, gens: list[Generation], offsets: dict[Generation, int], lp: torch.Tensor
+    ) -> dict[Generation, torch.Tensor | None]:
+        """Temperature / top-k / top-p, one `process` per group of equal settings (row-wise, so
+        a generation's rows come out as they would alone); None for greedy generations."""
+        groups: dict[SamplingConfig, list[Generation]] = {}
+        out: dict[Generation, torch.Tensor | None] = {}
+        for g in gens:
+            if g.req.sampling.greedy:
+                out[g] = None
+            else:
+                groups.setdefault(g.req.sampling, []).append(g)
+        for cfg, members in groups.items():
+            idx = torch.cat([torch.arange(offsets[g], offsets[g] + g.rows_per_role()) for g in members])
+            p = process(lp.index_select(0, idx), cfg)
+            at = 0
+            for g in members:
+                out[g] = p[at:at + g.rows_per_role()]
+                at += g.rows_per_role()
+        return out
+
+    # --- leaving the batch ---------------------------------------------------------------------
+
+    def _upstream_failed(self, g: Generation, err: EftMeshError) -> None:
+        """A role refused this generation's item: a full KV cache preempts it (back to the queue,
+        caches released, re-prefilled later); anything else fails it."""
+        if g not in self._running:
+            return
+        if isinstance(err, ResourceExhausted):
+            self._running.remove(g)
+            self.scorer.release(g.sessions)
+            g.restart()
+            g.touched = False
+            if g.parked_since is None:
+                g.parked_since = time.monotonic()
+            with self._cv:
+                self._waiting.appendleft(g)
+            return
+        self._fail(g, err)
+
+    def _deliver(self, g: Generation) -> None:
+        g.out.put(g.sink.take())
+        if g.sink.finish_reason is not None:
+            self._leave(g)
+
+    def _fail(self, g: Generation, err: BaseException) -> None:
+        g.out.put(err)
+        self._leave(g)
+
+    def _leave(self, g: Generation) -> None:
+        if g in self._running:
+            self._running.remove(g)
+        if g.touched:
+            self.scorer.release(g.sessions)
+
+
+class Decoder:
+    """The combiner's decoding front: tokenises, checks, and streams a generation run by the
+    shared `Scheduler`."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        tokenizer: Any,
+        vocab_size: int,
+        config: SchedulerConfig = SchedulerConfig(),
+        max_k: int = 16,
+        tracer: trace.Tracer | None = None,
+        metrics: CombinerMetrics | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_id = tokenizer.eos_token_id
+        self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        on_finish: Callable[[TokenSink], None] | None = None,
+    ) -> Iterator[Chunk]:
+        """Yields a chunk per plain step or speculative block; the last one finishes."""
+        coef_roles = [r for r, c in req.composition.coefficients().items() if c != 0.0] or [req.composition.base]
+        roles = coef_roles + ([req.speculation.draft_role] if req.speculation else [])
+        ctx = min(self.scorer.models[r].max_context for r in roles)
+        ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
+        g = Generation(req, ids, room, self.tokenizer, self.eos_token_id, deadline, is_cancelled)
+        self.scheduler.submit(g)
+        try:
+            while True:
+                try:
+                    item = g.out.get(timeout=0.1)
+                except queue.Empty:
+                    if is_cancelled():
+                        raise Cancelled("the client cancelled the generation") from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    break
+        finally:
+            g.cancelled = True  # the scheduler drops it (and releases its caches) if still running
+            if on_finish is not None:
+                on_finish(g.sink)

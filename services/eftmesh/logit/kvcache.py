@@ -1,0 +1,195 @@
+"""Paged KV memory for every session of one model: vLLM's block pool, in plain torch.
+
+The pool is allocated once (at the first forward, when the model's key shape is known): per
+layer one keys and one values tensor of `num_slots` token slots, `[num_slots, kv_heads *
+head_dim]`. Slots come in blocks of `block_size` tokens; block 0 is scratch that padding
+writes to and reads from, never owned by a session. A session owns a list of blocks, so its
+token at position p lives in slot `blocks[p // block_size] * block_size + p % block_size`.
+
+Each forward of a batch writes only its new tokens' keys and values into their slots (in
+place: nothing that is already cached moves), and reads the batch's keys through one gather
+per layer into `[batch, heads, length, head_dim]` for attention. Rolling a session back to
+`start` tokens only shortens it (and frees the blocks past the new end): the stale slots are
+beyond its length, masked out, and overwritten by the next tokens.
+
+Memory is budgeted in tokens, not sessions: waste is at most one partly filled block per
+session, so bytes per cached token stay close to the theoretical
+2 x layers x kv_heads x head_dim x dtype bytes.
+
+No gRPC, no model loading here; the engine drives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class PoolExhausted(Exception):
+    """Not enough free blocks for a request (after the caller's evictions)."""
+
+
+@dataclass
+class BlockTable:
+    """One session's blocks and how many tokens they hold."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class PagedKVPool:
+    """Fixed-size paged KV memory: block allocation, slot arithmetic and the per-layer tensors."""
+
+    def __init__(
+        self, capacity_tokens: int, block_size: int, layers: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if capacity_tokens < block_size:
+            raise ValueError(f"the KV cache must hold at least one block of {block_size} tokens")
+        self.block_size = block_size
+        self.num_blocks = capacity_tokens // block_size  # usable blocks; block 0 is scratch on top
+        self.layers, self.device, self.dtype = layers, device, dtype
+        self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low blocks first
+        self.keys: list[torch.Tensor] = []  # per layer [num_slots, kv_heads * head_dim]
+        self.values: list[torch.Tensor] = []
+        self.kv_heads = self.head_dim = 0
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def reserve(self, table: BlockTable, length: int) -> None:
+        """Grow `table` to hold `length` tokens; all or nothing."""
+        need = self.blocks_for(length) - len(table.blocks)
+        if need > len(self._free):
+            raise PoolExhausted(f"needs {need} more blocks of {self.block_size} tokens, {len(self._free)} free")
+        for _ in range(need):
+            table.blocks.append(self._free.pop())
+
+    def truncate(self, table: BlockTable, length: int) -> None:
+        """Cut `table` back to `length` tokens, freeing the blocks past it."""
+        keep = self.blocks_for(length)
+        while len(table.blocks) > keep:
+            self._free.append(table.blocks.pop())
+        table.length = min(table.length, length)
+
+    def free(self, table: BlockTable) -> None:
+        self.truncate(table, 0)
+
+    def allocate(self, kv_heads: int, head_dim: int) -> None:
+        """The per-layer tensors, once, when the first forward shows their shape."""
+        if self.keys:
+            return
+        slots = (self.num_blocks + 1) * self.block_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        for _ in range(self.layers):
+            self.keys.append(torch.zeros((slots, kv_heads * head_dim), device=self.device, dtype=self.dtype))
+            self.values.append(torch.zeros((slots, kv_heads * head_dim), device=self.device, dtype=self.dtype))
+
+    def nbytes(self) -> int:
+        """Bytes the pool's tensors occupy (measured from the tensors themselves)."""
+        return sum(t.untyped_storage().nbytes() for t in self.keys + self.values)
+
+    def bytes_per_token(self) -> float:
+        """Measured bytes per usable token slot (scratch block included in the cost)."""
+        return self.nbytes() / self.capacity_tokens if self.keys else 0.0
+
+    def theoretical_bytes_per_token(self) -> int:
+        """2 x layers x kv_heads x head_dim x dtype bytes."""
+        return 2 * len(self.keys) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def slots(self, tables: list[BlockTable], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Slot of each (row, position); scratch slot 0 where `valid` is False.
+
+        Args:
+            tables: one block table per row.
+            positions: [rows, cols] int64 token positions.
+            valid: [rows, cols] bool, positions that belong to the row's sequence.
+
+        Returns:
+            [rows, cols] int64 slot indices.
+        """
+        width = max(1, max(len(t.blocks) for t in tables))
+        table = torch.zeros((len(tables), width), dtype=torch.long)  # [rows, width]; 0 = scratch block
+        for b, t in enumerate(tables):
+            if t.blocks:
+                table[b, : len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.long)
+        block = (positions // self.block_size).clamp_max(width - 1)
+        slot = table.gather(1, block) * self.block_size + positions % self.block_size
+        return torch.where(valid, slot, torch.zeros_like(slot))
+
+
+class BatchView(Cache):
+    """The `Cache` one batched forward sees: writes new keys and values into the pool and
+    returns the batch's keys and values gathered from it.
+
+    Row b of the batch holds `past[b]` cached tokens and appends `new[b]` (<= n) tokens; query
+    column j of row b is position past[b] + j. Columns j >= new[b] are padding: they write to
+    the scratch block, and no real token attends to them (they come after every real one).
+    """
+
+    def __init__(self, pool: PagedKVPool, tables: list[BlockTable], past: list[int], new: list[int], n: int) -> None:
+        super().__init__(layers=[])
+        self.pool = pool
+        rows = len(tables)
+        self.rows, self.n = rows, n
+        self.length = max(p + n for p in past)  # columns of the gathered keys
+        past_t = torch.tensor(past, dtype=torch.long)  # [rows]
+        new_t = torch.tensor(new, dtype=torch.long)  # [rows]
+        j = torch.arange(n, dtype=torch.long)
+        self.positions = past_t[:, None] + j[None, :]  # [rows, n]
+        write_valid = j[None, :] < new_t[:, None]  # [rows, n]
+        cols = torch.arange(self.length, dtype=torch.long)
+        read_pos = cols[None, :].expand(rows, -1)  # [rows, length]
+        read_valid = read_pos < (past_t + new_t)[:, None]
+        dev = pool.device
+        self.write_idx = pool.slots(tables, self.positions, write_valid).view(-1).to(dev)  # [rows * n]
+        self.read_idx = pool.slots(tables, read_pos, read_valid).view(-1).to(dev)  # [rows * length]
+        # A query at position q sees every column <= q of its own row: its cached past, the new
+        # tokens up to itself, and (for padding queries only) stale or scratch slots after the
+        # row's end; never a fully masked row, so no NaN reaches a real token.
+        allowed = cols[None, None, :] <= self.positions[:, :, None]  # [rows, n, length]
+        self._allowed = allowed.unsqueeze(1).to(dev)  # [rows, 1, n, length]
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, n, length] additive mask: 0 where attention is allowed, the dtype's minimum elsewhere."""
+        return torch.zeros(self._allowed.shape, dtype=dtype, device=self._allowed.device).masked_fill_(
+            ~self._allowed, torch.finfo(dtype).min
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [rows, kv_heads, n, head_dim]
+        rows, heads, n, dim = key_states.shape
+        if not self.pool.keys:
+            self.pool.allocate(heads, dim)
+        pk, pv = self.pool.keys[layer_idx], self.pool.values[layer_idx]  # [slots, heads * dim]
+        pk.index_copy_(0, self.write_idx, key_states.transpose(1, 2).reshape(rows * n, heads * dim).to(pk.dtype))
+        pv.index_copy_(0, self.write_idx, value_states.transpose(1, 2).reshape(rows * n, heads * dim).to(pv.dtype))
+        keys = pk.index_select(0, self.read_idx).view(rows, self.length, heads, dim).transpose(1, 2)
+        values = pv.index_select(0, self.read_idx).view(rows, self.length, heads, dim).transpose(1, 2)
+        return keys, values  # [rows, kv_heads, length, head_dim]
+
+    # The model asks these of any cache; positions and the 4D mask are given explicitly.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length - self.n
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

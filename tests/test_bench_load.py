@@ -1,0 +1,77 @@
+"""The pure parts of `make bench-load`: percentiles, the Poisson schedule, the lockstep ceiling."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from eftmesh.bench_load import (
+    FT,
+    LARGE,
+    SMALL,
+    check,
+    cycle,
+    load_family,
+    lockstep_generate,
+    percentile,
+    poisson_schedule,
+    ratio,
+)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 100) == 5.0
+    assert percentile(xs, 25) == 2.0
+    assert percentile(xs, 99) == pytest.approx(4.96)
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_poisson_schedule_is_seeded_ordered_and_has_the_rate() -> None:
+    a = poisson_schedule(4000, rate=5.0, lengths=(16, 128), seed=1)
+    assert a == poisson_schedule(4000, rate=5.0, lengths=(16, 128), seed=1)
+    assert a != poisson_schedule(4000, rate=5.0, lengths=(16, 128), seed=2)
+    assert a[0].at == 0.0
+    assert all(x.at <= y.at for x, y in zip(a, a[1:], strict=False))
+    gaps = [y.at - x.at for x, y in zip(a, a[1:], strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(1 / 5.0, rel=0.08)
+    lengths = [x.max_new for x in a]
+    assert min(lengths) == 16 and max(lengths) == 128
+    assert statistics.mean(lengths) == pytest.approx(72, rel=0.05)
+
+
+def test_cycle_ratio_and_check() -> None:
+    assert cycle(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    med = {"mesh-plain": {1: 10.0, 16: 70.0}, "lockstep": {16: 100.0}}
+    assert ratio(med, ("mesh-plain", 16), ("lockstep", 16)) == pytest.approx(0.7)
+    assert ratio(med, ("mesh-plain", 1), ("lockstep", 1)) is None
+    assert check(0.7, ">=", 0.7) is True and check(5.1, "<=", 5.0) is False and check(None, ">=", 1.0) is None
+
+
+@torch.inference_mode()
+def _one_at_a_time(family, prompt: str, max_new: int) -> list[int]:
+    """Greedy EFT of one prompt, every step recomputed from scratch: no padding, no cache."""
+    ids = family.tokenizer.encode(prompt)
+    start = len(ids)
+    for _ in range(max_new):
+        x = torch.tensor([ids])
+        lp = {r: torch.log_softmax(m(input_ids=x).logits[0, -1, :family.vocab].float(), -1) for r, m in family.models.items()}
+        ids.append(int(torch.log_softmax(lp[LARGE] + (lp[FT] - lp[SMALL]), -1).argmax()))
+    return ids[start:]
+
+
+def test_lockstep_equals_one_sequence_at_a_time(tiny_family: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    family = load_family(tiny_family, "cpu", "float32")
+    # Lengths differ, so the batch is left-padded; one prompt repeats.
+    prompts = ["The quick brown fox", "In the beginning God created the heaven and the earth.", "Numbers 0 1 2", "The quick brown fox"]
+    batched = lockstep_generate(family, prompts, 12)
+    assert batched == [_one_at_a_time(family, p, 12) for p in prompts]
+    assert lockstep_generate(family, prompts[1:2], 12) == batched[1:2]
