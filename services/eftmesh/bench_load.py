@@ -9,7 +9,8 @@ number of new tokens (EOS ignored), from the same checkpoints and prompts:
   hf-generate    transformers `generate` of base-large alone at batch N (one model, not three)
   mesh-plain     the real mesh (logit services in their own processes, the combiner over
                  loopback gRPC), N clients each sending one Complete at once, speculation off
-  mesh-adaptive  the same, adaptive speculation
+  mesh-adaptive  the same, adaptive speculation (its controller caps k by measured step throughput)
+  mesh-fixed4    the same, speculation with k = 4 whatever the load (where speculation stops paying)
   poisson        open-loop Poisson arrivals of streaming Generate calls to the mesh (plain), new
                  lengths uniform in 16..128, at a fraction of the peak mesh-plain throughput:
                  achieved tokens/s, time to first token and inter-token latency percentiles
@@ -50,8 +51,14 @@ from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 LARGE, SMALL, FT = "base-large", "base-small", "ft-small"
 ROLES = (LARGE, SMALL, FT)
 COMPOSITION = f"{LARGE} + 1.0 * ({FT} - {SMALL})"
-SYSTEMS = ("lockstep", "hf-generate", "mesh-plain", "mesh-adaptive")
-MODES = {"mesh-plain": generator_pb2.SPECULATION_MODE_OFF, "mesh-adaptive": generator_pb2.SPECULATION_MODE_ADAPTIVE}
+SYSTEMS = ("lockstep", "hf-generate", "mesh-plain", "mesh-adaptive", "mesh-fixed4")
+# Fixed k = 4 drafts whatever the load: beside adaptive (whose controller caps k by measured step
+# throughput) it shows where speculation itself stops paying as concurrency grows.
+MODES = {
+    "mesh-plain": {"mode": generator_pb2.SPECULATION_MODE_OFF},
+    "mesh-adaptive": {"mode": generator_pb2.SPECULATION_MODE_ADAPTIVE},
+    "mesh-fixed4": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 4},
+}
 REF_N = 16
 # (name, numerator (system, N), denominator (system, N)); "poisson" ratios are added separately.
 RATIOS = (
@@ -226,16 +233,16 @@ class MeshClient:
         self.channel = grpc.insecure_channel(address)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
 
-    def complete(self, prompt: str, max_new: int, seed: int, mode: int) -> int:
+    def complete(self, prompt: str, max_new: int, seed: int, speculation: dict) -> int:
         r = self.stub.Complete(generator_pb2.CompleteRequest(
             prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new,
-            ignore_eos=True, speculation={"mode": mode}), timeout=900)
+            ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
-    def round(self, prompts: Sequence[str], max_new: int, mode: int) -> int:
+    def round(self, prompts: Sequence[str], max_new: int, speculation: dict) -> int:
         """All prompts sent at once, one client thread each; completion tokens of the round."""
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            futs = [pool.submit(self.complete, p, max_new, i, mode) for i, p in enumerate(prompts)]
+            futs = [pool.submit(self.complete, p, max_new, i, speculation) for i, p in enumerate(prompts)]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
@@ -312,8 +319,8 @@ def systems(family: Family, client: MeshClient) -> dict[str, Runner]:
         _sync(family.device)
         return n
 
-    def mesh(mode: int) -> Runner:
-        return lambda prompts, max_new: client.round(prompts, max_new, mode)
+    def mesh(speculation: dict) -> Runner:
+        return lambda prompts, max_new: client.round(prompts, max_new, speculation)
 
     return {"lockstep": lockstep, "hf-generate": hf, **{name: mesh(m) for name, m in MODES.items()}}
 

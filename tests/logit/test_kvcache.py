@@ -174,7 +174,7 @@ def test_slots_of_rows_with_tables_of_different_widths():
 
 def test_nothing_is_allocated_before_the_first_forward():
     p = pool()
-    assert p.keys == [] and p.values == []
+    assert p.kv == []
     assert p.nbytes() == 0
     assert p.bytes_per_token() == 0.0
 
@@ -185,9 +185,9 @@ def test_allocate_makes_per_layer_slot_tensors_and_measures_their_bytes(dtype, i
     p = pool(capacity_tokens=block * blocks, block_size=block, layers=layers, dtype=dtype)
     p.allocate(kv_heads, head_dim)
     slots = (blocks + 1) * block  # the scratch block is allocated on top
-    assert len(p.keys) == len(p.values) == layers
-    for t in p.keys + p.values:
-        assert t.shape == (slots, kv_heads * head_dim)
+    assert len(p.kv) == layers
+    for t in p.kv:
+        assert t.shape == (slots, 2, kv_heads * head_dim)  # keys and values side by side
         assert t.dtype == dtype and t.device == CPU
     theoretical = 2 * layers * kv_heads * head_dim * itemsize
     assert p.theoretical_bytes_per_token() == theoretical
@@ -199,9 +199,9 @@ def test_allocate_makes_per_layer_slot_tensors_and_measures_their_bytes(dtype, i
 def test_allocate_is_done_once():
     p = pool()
     p.allocate(2, 8)
-    keys = list(p.keys)
+    kv = list(p.kv)
     p.allocate(4, 16)  # a second call changes nothing
-    assert all(a is b for a, b in zip(p.keys, keys))
+    assert all(a is b for a, b in zip(p.kv, kv))
     assert (p.kv_heads, p.head_dim) == (2, 8)
 
 
@@ -246,7 +246,7 @@ def test_batch_view_update_writes_new_keys_in_place_and_reads_each_row_back():
     torch.testing.assert_close(values[0], v1[0])
     torch.testing.assert_close(keys[1, :, :1], k1[1, :, :1])
     # b's padding columns wrote to and read from the scratch slot, never a block a session owns
-    scratch = p.keys[0][0].view(heads, dim)
+    scratch = p.kv[0][0, 0].view(heads, dim)  # slot 0's keys
     for col in (1, 2):
         torch.testing.assert_close(keys[1, :, col], scratch)
     a.length, b.length = 3, 1

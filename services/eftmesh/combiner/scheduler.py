@@ -133,6 +133,18 @@ class SpeculationController:
 # --- the loop ----------------------------------------------------------------------------------
 
 
+@dataclass
+class StepTimes:
+    """Where the scheduler's time goes, summed over steps (read by benchmarks; not locked)."""
+
+    steps: int = 0
+    tokens: int = 0
+    rows: int = 0  # EFT rows mixed (one per plain step, k + 1 per block)
+    draft_s: float = 0.0  # waiting for DraftBatch answers
+    score_s: float = 0.0  # waiting for ScoreBatch answers
+    combine_s: float = 0.0  # the combiner's own work: mixing, processing, sampling, verifying
+
+
 class Scheduler:
     """Owns the running batch and the queue; one daemon thread runs `_loop`."""
 
@@ -151,6 +163,7 @@ class Scheduler:
         self.tracer = tracer or trace.get_tracer("eftmesh.combiner")
         self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self.controller = SpeculationController(max_k)
+        self.times = StepTimes()
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[Generation] = []
         self._cv = threading.Condition()
@@ -259,13 +272,22 @@ class Scheduler:
             g.touched = True
         links = [trace.Link(g.span_context) for g in live if g.span_context is not None and g.span_context.is_valid]
         attrs = {"eftmesh.batch.size": len(live), "eftmesh.batch.drafting": sum(1 for g in live if g.k)}
+        t = self.times
         with self.tracer.start_as_current_span("eftmesh.step", links=links, attributes=attrs):
+            t0 = time.perf_counter()
             live = self._draft_phase(live)
+            t1 = time.perf_counter()
             rows = self._score_phase(live)
+            t2 = time.perf_counter()
             stepped = self._combine(live, rows)
+            t3 = time.perf_counter()
+        t.draft_s, t.score_s, t.combine_s = t.draft_s + t1 - t0, t.score_s + t2 - t1, t.combine_s + t3 - t2
+        t.steps += 1
+        t.rows += sum(g.rows_per_role() for g in stepped)
         for g in stepped:  # after the step's span ends, so a client never sees a step unfinished
             self._deliver(g)
         tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
+        t.tokens += tokens
         self.metrics.batch_size.record(len(live))
         if cap is not None and not prefilling:
             self.controller.observe(len(live), cap, tokens, time.perf_counter() - started)

@@ -1,8 +1,8 @@
 """Paged KV memory for every session of one model: vLLM's block pool, in plain torch.
 
 The pool is allocated once (at the first forward, when the model's key shape is known): per
-layer one keys and one values tensor of `num_slots` token slots, `[num_slots, kv_heads *
-head_dim]`. Slots come in blocks of `block_size` tokens; block 0 is scratch that padding
+layer one tensor of `num_slots` token slots holding keys and values side by side,
+`[num_slots, 2, kv_heads * head_dim]` (one write and one gather per layer, not two). Slots come in blocks of `block_size` tokens; block 0 is scratch that padding
 writes to and reads from, never owned by a session. A session owns a list of blocks, so its
 token at position p lives in slot `blocks[p // block_size] * block_size + p % block_size`.
 
@@ -54,8 +54,7 @@ class PagedKVPool:
         self.num_blocks = capacity_tokens // block_size  # usable blocks; block 0 is scratch on top
         self.layers, self.device, self.dtype = layers, device, dtype
         self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low blocks first
-        self.keys: list[torch.Tensor] = []  # per layer [num_slots, kv_heads * head_dim]
-        self.values: list[torch.Tensor] = []
+        self.kv: list[torch.Tensor] = []  # per layer [num_slots, 2, kv_heads * head_dim]: keys, values
         self.kv_heads = self.head_dim = 0
 
     @property
@@ -93,25 +92,24 @@ class PagedKVPool:
 
     def allocate(self, kv_heads: int, head_dim: int) -> None:
         """The per-layer tensors, once, when the first forward shows their shape."""
-        if self.keys:
+        if self.kv:
             return
         slots = (self.num_blocks + 1) * self.block_size
         self.kv_heads, self.head_dim = kv_heads, head_dim
         for _ in range(self.layers):
-            self.keys.append(torch.zeros((slots, kv_heads * head_dim), device=self.device, dtype=self.dtype))
-            self.values.append(torch.zeros((slots, kv_heads * head_dim), device=self.device, dtype=self.dtype))
+            self.kv.append(torch.zeros((slots, 2, kv_heads * head_dim), device=self.device, dtype=self.dtype))
 
     def nbytes(self) -> int:
         """Bytes the pool's tensors occupy (measured from the tensors themselves)."""
-        return sum(t.untyped_storage().nbytes() for t in self.keys + self.values)
+        return sum(t.untyped_storage().nbytes() for t in self.kv)
 
     def bytes_per_token(self) -> float:
         """Measured bytes per usable token slot (scratch block included in the cost)."""
-        return self.nbytes() / self.capacity_tokens if self.keys else 0.0
+        return self.nbytes() / self.capacity_tokens if self.kv else 0.0
 
     def theoretical_bytes_per_token(self) -> int:
         """2 x layers x kv_heads x head_dim x dtype bytes."""
-        return 2 * len(self.keys) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * len(self.kv) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def slots(self, tables: list[BlockTable], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Slot of each (row, position); scratch slot 0 where `valid` is False.
@@ -177,14 +175,13 @@ class BatchView(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [rows, kv_heads, n, head_dim]
         rows, heads, n, dim = key_states.shape
-        if not self.pool.keys:
+        if not self.pool.kv:
             self.pool.allocate(heads, dim)
-        pk, pv = self.pool.keys[layer_idx], self.pool.values[layer_idx]  # [slots, heads * dim]
-        pk.index_copy_(0, self.write_idx, key_states.transpose(1, 2).reshape(rows * n, heads * dim).to(pk.dtype))
-        pv.index_copy_(0, self.write_idx, value_states.transpose(1, 2).reshape(rows * n, heads * dim).to(pv.dtype))
-        keys = pk.index_select(0, self.read_idx).view(rows, self.length, heads, dim).transpose(1, 2)
-        values = pv.index_select(0, self.read_idx).view(rows, self.length, heads, dim).transpose(1, 2)
-        return keys, values  # [rows, kv_heads, length, head_dim]
+        kv = self.pool.kv[layer_idx]  # [slots, 2, heads * dim]
+        new = torch.stack((key_states, value_states), dim=2)  # [rows, heads, 2, n, dim]
+        kv.index_copy_(0, self.write_idx, new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim).to(kv.dtype))
+        both = kv.index_select(0, self.read_idx).view(rows, self.length, 2, heads, dim)
+        return both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)  # [rows, kv_heads, length, head_dim]
 
     # The model asks these of any cache; positions and the 4D mask are given explicitly.
     def get_seq_length(self, layer_idx: int = 0) -> int:
