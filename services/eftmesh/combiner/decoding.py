@@ -223,6 +223,9 @@ class Generation:
         self.cancelled = False  # set by the consumer when it stops reading
         self.enqueued = time.monotonic()
         self.parked_since: float | None = None  # when a full KV cache first sent it back to the queue
+        self.parked = 0  # times it was sent back
+        self.not_before = 0.0  # monotonic time before which it is not re-admitted (back-off)
+        self._gen_state: torch.Tensor | None = None  # its generator before this step drew anything
         self.span_context: Any = None  # the generation's span, linked from the steps it shares
         self.out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()  # to the consumer
         self.touched = False  # some role may hold a cache of it
@@ -252,6 +255,7 @@ class Generation:
         """The draft role's share of a block of k (draws the draft seed from this request's generator)."""
         self.k = k
         d = self.req.speculation.draft_role
+        self._gen_state = self.gen.get_state()
         seed = int(torch.randint(0, 2**62, (1,), generator=self.gen))
         return DraftCall(d, self.sessions[d], self.ids, self.cached[d], k, self.req.sampling, seed, vocab_size)
 
@@ -310,7 +314,11 @@ class Generation:
                 return
 
     def restart(self) -> None:
-        """Forget every cache (they were released): the next step re-sends the whole sequence."""
+        """Undo a step that did not complete and forget every cache (they were released): the
+        next step re-sends the whole sequence and draws the same random numbers, so being
+        preempted changes no output."""
+        if self.k and self._gen_state is not None:
+            self.gen.set_state(self._gen_state)
         self.cached = dict.fromkeys(self.cached, 0)
         self.k = 0
 

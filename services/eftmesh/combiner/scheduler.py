@@ -199,8 +199,9 @@ class Scheduler:
                     break
                 self._admit()
             batch = list(self._running)
-            if not batch:
-                time.sleep(0.001)  # everyone waits on KV cache room
+            if not batch:  # everyone waiting is backing off after a full KV cache
+                with self._cv:
+                    self._cv.wait(timeout=0.01)
                 continue
             try:
                 self._iteration(batch)
@@ -216,21 +217,21 @@ class Scheduler:
         Holds the condition's lock."""
         now = time.monotonic()
         budget = self.config.prefill_tokens
-        while self._waiting and len(self._running) < self.config.max_batch:
-            g = self._waiting[0]
-            if self._gone(g, now):
-                self._waiting.popleft()
-                continue
-            if budget < len(g.ids) and budget < self.config.prefill_tokens:
-                break  # this step's prefill budget is spent; the next step admits it
-            budget -= len(g.ids)
-            self._waiting.popleft()
-            if g.parked_since is None:
-                self.metrics.queue_wait.record(now - g.enqueued)
-            self._running.append(g)
         for g in list(self._waiting):
             if self._gone(g, now):
                 self._waiting.remove(g)
+            elif len(self._running) >= self.config.max_batch:
+                break
+            elif g.not_before > now:
+                continue  # backing off after a full KV cache; others may go first
+            elif budget < len(g.ids) and budget < self.config.prefill_tokens:
+                break  # this step's prefill budget is spent; the next step admits it
+            else:
+                budget -= len(g.ids)
+                self._waiting.remove(g)
+                if g.parked_since is None:
+                    self.metrics.queue_wait.record(now - g.enqueued)
+                self._running.append(g)
 
     def _gone(self, g: Generation, now: float) -> bool:
         """Fail (and say True for) a waiting generation that was cancelled or waited too long."""
@@ -412,8 +413,11 @@ class Scheduler:
             self.scorer.release(g.sessions)
             g.restart()
             g.touched = False
+            now = time.monotonic()
             if g.parked_since is None:
-                g.parked_since = time.monotonic()
+                g.parked_since = now
+            g.not_before = now + min(1.0, 0.01 * 2 ** g.parked)
+            g.parked += 1
             with self._cv:
                 self._waiting.appendleft(g)
             return

@@ -166,6 +166,9 @@ class ModelEngine:
         ctx = model_max_context(model.config)
         self.max_context = min(ctx, max_context) if max_context else ctx
         self.pool = PagedKVPool(kv_cache_tokens, kv_block_size, model.config.num_hidden_layers, self.device, self.dtype)
+        # One session can never hold more than the whole pool: that is its context limit too, so
+        # callers see it in Info and stop (finish reason CONTEXT) instead of failing.
+        self.max_context = min(self.max_context, self.pool.capacity_tokens)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.info = EngineInfo(
             model_id=model_id,
