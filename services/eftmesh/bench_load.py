@@ -46,7 +46,7 @@ import torch
 
 from eftmesh.bench import workload_prompts
 from eftmesh.launcher import LocalMesh, resolve_models
-from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc
 
 LARGE, SMALL, FT = "base-large", "base-small", "ft-small"
 ROLES = (LARGE, SMALL, FT)
@@ -375,6 +375,20 @@ def derive(med: dict[str, dict[int, float]], poisson: dict, device: str) -> tupl
     }
 
 
+def kv_stats(lm: LocalMesh) -> dict[str, dict]:
+    """Per role: the paged KV pool's measured bytes per token slot (its tensors' bytes over its
+    capacity, from LogitService.Info) against the theoretical 2 x layers x kv_heads x head_dim x
+    dtype bytes."""
+    out = {}
+    for role, port in lm.ports.items():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            i = logit_pb2_grpc.LogitServiceStub(ch).Info(logit_pb2.LogitServiceInfoRequest(), timeout=10)
+        out[role] = {"kv_cache_tokens": i.kv_cache_tokens, "block_size": i.kv_block_size,
+                     "bytes_per_token": i.kv_bytes_per_token, "theoretical": i.kv_bytes_per_token_theoretical,
+                     "ratio": i.kv_bytes_per_token / i.kv_bytes_per_token_theoretical}
+    return out
+
+
 def machine(device: str) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device}
@@ -401,6 +415,10 @@ def markdown(out: dict) -> str:
               f"{p['achieved_tokens_per_s']:.1f} | {p['ttft_p50_s'] * 1e3:.0f} ms | {p['ttft_p99_s'] * 1e3:.0f} ms | "
               f"{p['itl_p50_s'] * 1e3:.1f} ms | {p['itl_p99_s'] * 1e3:.1f} ms | {p['single_ttft_s'] * 1e3:.0f} ms | "
               f"{sum(p['errors'].values())} |"]
+    lines += ["", "| KV cache | tokens | block | bytes/token measured | theoretical | ratio |", "|---|---|---|---|---|---|"]
+    for role, k in out.get("kv_cache", {}).items():
+        lines.append(f"| {role} | {k['kv_cache_tokens']} | {k['block_size']} | {k['bytes_per_token']:.0f} | "
+                     f"{k['theoretical']:.0f} | {k['ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -469,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
         poisson = poisson_section(client, prompts, max(med["mesh-plain"].values()), a)
         client.close()
+        kv = kv_stats(lm)
     ratios, targets = derive(med, poisson, a.device)
     out = {
         "what": "EFT up-scaling tokens/s against concurrent generations N; medians over repetitions, all systems in one run",
@@ -476,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine(a.device), "args": vars(a),
         "tokens_per_s": {name: {str(n): v for n, v in row.items()} for name, row in med.items()},
         "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
-        "poisson": poisson, "ratios": ratios, "targets": targets,
+        "poisson": poisson, "kv_cache": kv, "ratios": ratios, "targets": targets,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

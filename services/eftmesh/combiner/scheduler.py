@@ -285,10 +285,10 @@ class Scheduler:
         t.draft_s, t.score_s, t.combine_s = t.draft_s + t1 - t0, t.score_s + t2 - t1, t.combine_s + t3 - t2
         t.steps += 1
         t.rows += sum(g.rows_per_role() for g in stepped)
+        tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
+        t.tokens += tokens  # counted before delivery: a client that has its tokens sees them counted
         for g in stepped:  # after the step's span ends, so a client never sees a step unfinished
             self._deliver(g)
-        tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
-        t.tokens += tokens
         self.metrics.batch_size.record(len(live))
         if cap is not None and not prefilling:
             self.controller.observe(len(live), cap, tokens, time.perf_counter() - started)
