@@ -216,15 +216,18 @@ class Scheduler:
         """Move waiting generations into the batch: up to max_batch, within the prefill budget.
         Holds the condition's lock."""
         now = time.monotonic()
+        for g in [g for g in self._waiting if self._gone(g, now)]:
+            self._waiting.remove(g)
+        # Preempted generations go first (vLLM's rule): while one is waiting, no new request
+        # takes the KV cache room it needs.
+        preempted = any(g.parked_since is not None for g in self._waiting)
         budget = self.config.prefill_tokens
         for g in list(self._waiting):
-            if self._gone(g, now):
-                self._waiting.remove(g)
-            elif len(self._running) >= self.config.max_batch:
+            if len(self._running) >= self.config.max_batch or (preempted and g.parked_since is None):
                 break
-            elif g.not_before > now:
-                continue  # backing off after a full KV cache; others may go first
-            elif budget < len(g.ids) and budget < self.config.prefill_tokens:
+            if g.not_before > now:
+                continue  # backing off after a full KV cache
+            if budget < len(g.ids) and budget < self.config.prefill_tokens:
                 break  # this step's prefill budget is spent; the next step admits it
             else:
                 budget -= len(g.ids)
@@ -243,7 +246,7 @@ class Scheduler:
         elif now - since > self.config.queue_timeout_s:
             why = "room in the logit services' KV caches" if g.parked_since is not None else "a batch slot"
             self._fail(g, ResourceExhausted(
-                f"waited {now - since:.0f} s for {why} (--queue-timeout {self.config.queue_timeout_s:g} s); "
+                f"waited {now - since:.1f} s for {why} (--queue-timeout {self.config.queue_timeout_s:g} s); "
                 "retry with back-off"))
         else:
             return False
@@ -378,6 +381,7 @@ class Scheduler:
                 self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"sampling failed: {type(e).__name__}"))
                 continue
             stepped[g] = before
+            g.parked_since, g.parked = None, 0  # it made progress: a later preemption waits afresh
         return stepped
 
     def _process(
