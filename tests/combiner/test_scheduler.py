@@ -259,10 +259,16 @@ def test_a_small_prefill_budget_admits_one_long_prompt_per_step_while_the_batch_
     steps = scorer.steps()
     prefills = [[len(c.tokens) for c in step if c.start == 0] for step in steps]
     assert prefills[:5] == [[10], [27], [21], [24], []]  # one long prompt joins per step
+    # Prefill first, never twice in a row: steps 1 and 3 run their newcomer alone, steps 2 and 4
+    # step everyone; the first generation never misses two steps running, one token each.
+    assert [len(s) for s in steps[1:5]] == [1, 3, 1, 4]
     running = steps[0][0].session_id
-    for step in steps[1:12]:  # the first generation stepped every time, one token each
+    stepped = []
+    for step in steps[1:12]:
         mine = [c for c in step if c.session_id == running]
-        assert len(mine) == 1 and len(mine[0].tokens) - mine[0].start == 1
+        assert len(mine) <= 1 and all(len(c.tokens) - c.start == 1 for c in mine)
+        stepped.append(bool(mine))
+    assert stepped[:4] == [False, True, False, True] and all(stepped[4:])
     assert max(len(s) for s in steps) == 4
 
 

@@ -5,6 +5,7 @@ per item, and never disturb the other items of the batch."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -49,7 +50,9 @@ def model(request, models):
 
 
 def engine_for(model, tokenizer, **kwargs) -> ModelEngine:
-    kwargs = {"kv_cache_tokens": 1024, "kv_block_size": 8, **kwargs}
+    # session_active_s=0: every session not in the call counts as idle (evictable); the
+    # in-flight protection has its own test
+    kwargs = {"kv_cache_tokens": 1024, "kv_block_size": 8, "session_active_s": 0.0, **kwargs}
     return ModelEngine(model, tokenizer, model_id="test", role="test", **kwargs)
 
 
@@ -334,6 +337,26 @@ def test_a_bad_draft_item_fails_only_itself(models, tokenizer):
 
 
 # --- the KV budget ----------------------------------------------------------------------------------
+
+
+def test_a_session_in_flight_is_never_evicted_for_room(models, tokenizer):
+    """A session used within session_active_s belongs to a generation in flight that merely sat
+    out this call (a prefill-only step, another combiner's batch): the newcomer that needs its
+    room gets RESOURCE_EXHAUSTED instead; once the session has been idle longer, it is evicted."""
+    vocab = len(tokenizer)
+    model = models["gpt2"]
+    engine = engine_for(model, tokenizer, kv_cache_tokens=32, kv_block_size=8, session_active_s=0.3)  # 4 blocks
+    running = seq(60, 20, vocab)  # 3 blocks
+    assert engine.score("running", 0, running, 1)[1] == 20
+    newcomer = seq(61, 12, vocab)  # 2 blocks: only 1 is free
+    assert code(engine.score_batch([ScoreItem("new", 0, newcomer, 1)])[0]) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert engine.sessions.evictions == 0
+    r = engine.score_batch([ScoreItem("running", 20, [3], 1)])[0]  # untouched: still exact
+    assert_exact(r, model, running + [3], 1)
+    time.sleep(0.35)  # now idle for longer than the window
+    assert_exact(engine.score_batch([ScoreItem("new", 0, newcomer, 1)])[0], model, newcomer, 1)
+    assert engine.sessions.evictions == 1
+    release_all(engine, ["new"])
 
 
 def test_a_new_session_at_the_kv_budget_evicts_the_least_recently_used_idle_one(models, tokenizer):

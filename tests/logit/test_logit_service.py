@@ -39,7 +39,8 @@ def model_dir(tiny_family: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[LogitServer]:
-    ls = start_logit(model_dir, ROLE, max_sessions=MAX_SESSIONS, max_context=MAX_CONTEXT)
+    # session_active_s=0: eviction tests need just-used sessions to count as idle
+    ls = start_logit(model_dir, ROLE, max_sessions=MAX_SESSIONS, max_context=MAX_CONTEXT, session_active_s=0.0)
     yield ls
     ls.server.stop(0).wait()
 
@@ -307,7 +308,7 @@ OK = grpc.StatusCode.OK.value[0]
 @pytest.fixture(scope="module")
 def batch_stub(model_dir: Path) -> Iterator[logit_pb2_grpc.LogitServiceStub]:
     """A service of its own for batched calls: more sessions than a batch holds, a small KV pool."""
-    ls = start_logit(model_dir, ROLE, max_sessions=64, max_context=MAX_CONTEXT,
+    ls = start_logit(model_dir, ROLE, max_sessions=64, max_context=MAX_CONTEXT, session_active_s=0.0,
                      kv_cache_tokens=BATCH_KV_TOKENS, kv_block_size=BATCH_BLOCK, max_batch=4)
     ch = grpc.insecure_channel(f"127.0.0.1:{ls.server.port}")
     yield logit_pb2_grpc.LogitServiceStub(ch)

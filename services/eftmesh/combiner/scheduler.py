@@ -5,7 +5,9 @@ service a shard that keeps its sessions' KV caches between calls. Each iteration
 
   1. admit waiting generations while the batch has room and this step's prefill budget
      (`prefill_tokens` prompt tokens) lasts, so a long prompt joining does not stall the
-     running ones for long; the first waiting one is always admitted;
+     running ones for long; the first waiting one is always admitted. A step that admits
+     runs the newcomers alone (prefill first), so their first token does not wait for the
+     running batch's decode (never two such steps in a row);
   2. choose each generation's block size k (0 = a plain step);
   3. one DraftBatch per draft role carries every speculating generation's block;
   4. one ScoreBatch per role carries every generation's new tokens (plain steps, verifies of
@@ -168,6 +170,7 @@ class Scheduler:
         self._running: list[Generation] = []
         self._cv = threading.Condition()
         self._stop = False
+        self._last_prefill_only = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fanout")
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
@@ -197,8 +200,15 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
-                self._admit()
-            batch = list(self._running)
+                joined = self._admit()
+            # Prefill first (as vLLM's scheduler does): a step that admits generations runs
+            # them alone, so their first token waits for their own prefill only, not for the
+            # running batch's decode too; the running generations lose no more time than if
+            # the prefill had shared their step (prefills run in forwards of their own anyway).
+            # Never twice in a row, so a stream of arrivals cannot starve the running batch.
+            prefill_only = bool(joined) and not self._last_prefill_only and len(joined) < len(self._running)
+            self._last_prefill_only = prefill_only
+            batch = joined if prefill_only else list(self._running)
             if not batch:  # everyone waiting is backing off after a full KV cache
                 with self._cv:
                     self._cv.wait(timeout=0.01)
@@ -212,9 +222,9 @@ class Scheduler:
         for g in self._running + list(self._waiting):
             self._fail(g, Cancelled("the combiner is shutting down"))
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Generation]:
         """Move waiting generations into the batch: up to max_batch, within the prefill budget.
-        Holds the condition's lock."""
+        Returns those admitted. Holds the condition's lock."""
         now = time.monotonic()
         for g in [g for g in self._waiting if self._gone(g, now)]:
             self._waiting.remove(g)
@@ -222,6 +232,7 @@ class Scheduler:
         # takes the KV cache room it needs.
         preempted = any(g.parked_since is not None for g in self._waiting)
         budget = self.config.prefill_tokens
+        joined: list[Generation] = []
         for g in list(self._waiting):
             if len(self._running) >= self.config.max_batch or (preempted and g.parked_since is None):
                 break
@@ -235,6 +246,8 @@ class Scheduler:
                 if g.parked_since is None:
                     self.metrics.queue_wait.record(now - g.enqueued)
                 self._running.append(g)
+                joined.append(g)
+        return joined
 
     def _gone(self, g: Generation, now: float) -> bool:
         """Fail (and say True for) a waiting generation that was cancelled or waited too long."""

@@ -2,9 +2,11 @@
 
 No gRPC here: the servicer converts messages at the edge and calls `ModelEngine`.
 
-Every call is a batch of items, one per session (TGI's shard, vLLM's model runner): items that
-append few tokens (a decode step, a verify of k drafts) run together as one forward; longer
-ones (prefills) run in forwards of their own, packed up to a token budget. Each item's rows
+Every call is a batch of items, one per session (TGI's shard, vLLM's model runner), run in as
+few forwards as pays: items sorted by length share a forward while the padding that costs is
+worth less than a forward's fixed cost (both measured at warm-up), so decode steps run
+together, verifies of similar k together, and a prefill does not pad forty decode rows to its
+length. Each item's rows
 come back as the model's own logits in its own dtype: mixing and sampling downstream are
 invariant to a per-row constant, so this loses nothing against the model's output and spares
 a log-softmax here. A bad item fails alone; the others go on.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +40,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Items appending at most this many tokens share one forward (decode steps, verifies);
-# longer ones are prefills, packed into forwards of at most `prefill_tokens` padded tokens.
-SHORT_ITEM_TOKENS = 33
+# Padding tokens one forward's fixed cost is worth before warm-up measures it.
+DEFAULT_MERGE_TOKENS = 16
 
 
 class EngineFault(EftMeshError):
@@ -154,6 +156,7 @@ class ModelEngine:
         kv_cache_tokens: int = 16384,
         kv_block_size: int = 16,
         prefill_tokens: int = 2048,
+        session_active_s: float = 1.0,
     ) -> None:
         self.model = model.eval()
         _check_full_attention(model.config)
@@ -187,8 +190,12 @@ class ModelEngine:
             kv_block_size=kv_block_size,
             max_batch=self.max_batch,
         )
-        self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table))
+        self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table),
+                                     active_s=session_active_s)
         self._lock = threading.Lock()
+        # How many padded tokens cost as much as one more forward (its fixed, per-layer cost):
+        # items whose padding wastes less than this share a forward. Measured by warmup().
+        self.merge_tokens = DEFAULT_MERGE_TOKENS
 
     @classmethod
     def from_pretrained(
@@ -213,15 +220,33 @@ class ModelEngine:
         return cls(model, tokenizer, model_id=model_id, role=role, **kwargs)
 
     def warmup(self) -> None:
-        """One real forward through the paged cache: readiness means the device answers and the
-        KV pool is allocated, not just that the weights loaded."""
+        """Real forwards through the paged cache: readiness means the device answers and the KV
+        pool is allocated, not just that the weights loaded. Their timings give the forward's
+        fixed cost against its cost per token, which decides how items share forwards."""
         sid = "\x00warmup"
+        n = max(2, min(32, self.max_context // 2))
         try:
-            result = self.score_batch([ScoreItem(sid, 0, [0], 1)])[0]
-            if result.error is not None:
-                raise result.error
+            self._timed(sid, 1)  # first touch: allocation, lazy initialisation
+            one = min(self._timed(sid, 1) for _ in range(3))
+            many = min(self._timed(sid, n) for _ in range(3))
         finally:
             self.release(sid)
+        per_token = max(many - one, 0.0) / (n - 1)
+        fixed = max(one - per_token, 0.0)
+        self.merge_tokens = int(min(fixed / per_token, self.prefill_tokens)) if per_token > 0 else self.prefill_tokens
+        log.info("%s: forward fixed cost %.2f ms, %.3f ms per token: padding up to %d tokens shares a forward",
+                 self.info.role, fixed * 1e3, per_token * 1e3, self.merge_tokens)
+
+    def _timed(self, sid: str, n: int) -> float:
+        """Seconds of one prefill of n tokens (a fresh session each time)."""
+        self.release(sid)
+        started = time.perf_counter()
+        result = self.score_batch([ScoreItem(sid, 0, [0] * n, 1)])[0]
+        if result.error is not None:
+            raise result.error
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     @property
     def kv_tokens_used(self) -> int:
@@ -398,7 +423,7 @@ class ModelEngine:
         if need > self.pool.free_blocks + self.sessions.evictable_blocks(keep):
             raise ResourceExhausted(
                 f"KV cache full: {need} blocks of {self.pool.block_size} tokens needed, "
-                f"{self.pool.free_blocks} free of {self.pool.num_blocks} and the rest held by this batch; "
+                f"{self.pool.free_blocks} free of {self.pool.num_blocks} and the rest held by active sessions; "
                 "retry when sessions finish, or raise --kv-cache-tokens"
             )
         while True:
@@ -408,17 +433,20 @@ class ModelEngine:
             except PoolExhausted as e:
                 if not self.sessions.evict_lru(keep):
                     raise ResourceExhausted(
-                        f"KV cache full ({self.pool.capacity_tokens} tokens, every block held by this batch): {e}; "
+                        f"KV cache full ({self.pool.capacity_tokens} tokens, every block held by active sessions): {e}; "
                         "retry when sessions finish, or raise --kv-cache-tokens"
                     ) from None
 
     def _run(self, rows: list[_Row], results: list[ItemResult]) -> None:
-        """Forward every row; short rows together (up to max_batch), prefills packed by length."""
-        short = [r for r in rows if len(r.ids) <= SHORT_ITEM_TOKENS]
-        groups = [short[i:i + self.max_batch] for i in range(0, len(short), self.max_batch)]
+        """Forward every row, in as few forwards as pays: rows sorted by length join the current
+        forward while it holds fewer than max_batch rows, its padded tokens stay within
+        prefill_tokens, and the padding they add is worth less than another forward."""
+        groups: list[list[_Row]] = []
         group: list[_Row] = []
-        for r in sorted((r for r in rows if len(r.ids) > SHORT_ITEM_TOKENS), key=lambda r: len(r.ids)):
-            if group and (len(group) + 1) * len(r.ids) > self.prefill_tokens:
+        for r in sorted(rows, key=lambda r: len(r.ids)):
+            n, b = len(r.ids), len(group) + 1
+            waste = b * n - (sum(len(x.ids) for x in group) + n)  # padding if r joins (it is the longest)
+            if group and (b > self.max_batch or b * n > self.prefill_tokens or waste > self.merge_tokens):
                 groups.append(group)
                 group = []
             group.append(r)

@@ -45,6 +45,7 @@ class LogitConfig:
     kv_cache_tokens: int = 16384
     kv_block_size: int = 16
     prefill_tokens: int = 2048
+    session_active_s: float = 1.0
     threads: int | None = None
     trust_remote_code: bool = False
     otlp: bool = False
@@ -70,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-batch", type=int, default=64, help="most sessions' steps (decode or verify) run in one batched forward (default: %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the paged KV cache holds, shared by all sessions; allocated at start (default: %(default)s)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
+    p.add_argument("--session-active-window", type=float, default=1.0, help="seconds after its last use during which a session counts as in flight and is never evicted for room; a call that needs its blocks gets RESOURCE_EXHAUSTED instead (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=2048, help="most padded tokens in one prefill forward; longer prompts run alone (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
@@ -93,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         kv_cache_tokens=a.kv_cache_tokens,
         kv_block_size=a.kv_block_size,
         prefill_tokens=a.prefill_tokens,
+        session_active_s=a.session_active_window,
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,
         otlp=tracing.otlp_requested(env),
@@ -137,6 +140,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             kv_cache_tokens=cfg.kv_cache_tokens,
             kv_block_size=cfg.kv_block_size,
             prefill_tokens=cfg.prefill_tokens,
+            session_active_s=cfg.session_active_s,
         )
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)

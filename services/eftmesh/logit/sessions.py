@@ -35,7 +35,10 @@ class SessionStore:
     """Sessions by id, least recently used first. Not thread-safe: the engine locks.
 
     `on_drop(session)` runs for every session that leaves (released, evicted, expired), so
-    that its blocks return to the pool.
+    that its blocks return to the pool. A session used within the last `active_s` seconds is
+    never evicted for room: it belongs to a generation in flight (one that merely sat out this
+    call: a prefill-only step, another combiner's batch), and evicting it would only make that
+    generation re-prefill and evict someone else in turn.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class SessionStore:
         idle_timeout_s: float,
         on_drop: Callable[[Session], None] = lambda s: None,
         clock: Callable[[], float] = time.monotonic,
+        active_s: float = 0.0,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
@@ -53,6 +57,7 @@ class SessionStore:
         self.idle_timeout_s = idle_timeout_s
         self._on_drop = on_drop
         self._clock = clock
+        self.active_s = active_s
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.evictions = 0
         self.expirations = 0
@@ -76,18 +81,22 @@ class SessionStore:
         self.release(session_id)
         while len(self._sessions) >= self.max_sessions:
             if not self.evict_lru(keep):
-                raise SessionCapReached(f"all {self.max_sessions} sessions are in use by this batch")
+                raise SessionCapReached(f"all {self.max_sessions} sessions are in flight")
         s = Session(last_used=self._clock())
         self._sessions[session_id] = s
         return s
 
     def evictable_blocks(self, keep: Collection[str]) -> int:
-        """Blocks that evicting every session outside `keep` would free."""
-        return sum(len(s.table.blocks) for sid, s in self._sessions.items() if sid not in keep)
+        """Blocks that evicting every idle session outside `keep` would free."""
+        cutoff = self._clock() - self.active_s
+        return sum(len(s.table.blocks) for sid, s in self._sessions.items() if sid not in keep and s.last_used <= cutoff)
 
     def evict_lru(self, keep: Collection[str]) -> bool:
-        """Evict the least recently used session not in `keep`; False when there is none."""
-        for sid in self._sessions:
+        """Evict the least recently used idle session not in `keep`; False when there is none."""
+        cutoff = self._clock() - self.active_s
+        for sid, s in self._sessions.items():
+            if s.last_used > cutoff:
+                return False  # least recently used first: every later one is active too
             if sid not in keep:
                 self._on_drop(self._sessions.pop(sid))
                 self.evictions += 1
