@@ -78,6 +78,20 @@ def test_explores_the_least_recently_used_arm_every_explore_every_steps():
     assert c.choose(1) == 0  # step 10: arm 0 (step 3) is now the least recently used
 
 
+def test_explores_only_the_best_arms_neighbours():
+    c = SpeculationController(16, explore_every=3)
+    for arm in reversed(c.arms()):  # 16, 8, 4, 2, 1, 0 tried once each; 2 is the best
+        assert c.choose(1) == arm
+        c.observe(1, arm, {2: 50}.get(arm, 10), 1.0)
+    explored = []
+    for _ in range(12):
+        arm = c.choose(1)
+        explored.append(arm)
+        c.observe(1, arm, {2: 50}.get(arm, 10), 1.0)
+    assert set(explored) == {1, 2, 4}  # never the far-off 16, 8 or 0
+    assert explored.count(2) == 8
+
+
 def test_statistics_are_kept_per_batch_size_bucket():
     assert [SpeculationController.bucket(b) for b in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 1, 2, 4, 4, 8, 8, 16, 16, 32]
     c = SpeculationController(1, explore_every=1000)

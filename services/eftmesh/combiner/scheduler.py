@@ -82,8 +82,9 @@ class SpeculationController:
 
     Arms are caps on k (0 = no drafting). Per batch-size bucket (powers of two), each arm keeps
     a moving average of the tokens per second its steps delivered; the best arm is used, an arm
-    never tried is tried first, and every `explore_every` steps the least recently used arm is
-    tried again, so the choice follows the load. With light load drafting wins (the step's
+    never tried is tried first, and every `explore_every` steps the less recently used of the
+    best arm's two neighbours is tried again (never a far-off arm: one step at k = 16 on a
+    saturated device costs more than exploring is worth), so the choice follows the load. With light load drafting wins (the step's
     fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1 plain
     steps and the cap falls, down to 0.
     """
@@ -110,9 +111,11 @@ class SpeculationController:
         untried = [arm for arm, s in stats if s is None]
         if untried:
             return untried[-1]  # the largest first: speculation is the default
+        best = max(range(len(stats)), key=lambda i: stats[i][1].rate)
         if self._step % self.explore_every == 0:
-            return min(stats, key=lambda t: t[1].last)[0]
-        return max(stats, key=lambda t: t[1].rate)[0]
+            near = [stats[i] for i in (best - 1, best + 1) if 0 <= i < len(stats)]
+            return min(near, key=lambda t: t[1].last)[0]
+        return stats[best][0]
 
     def observe(self, batch: int, cap: int, tokens: int, seconds: float) -> None:
         """Record one step: `tokens` emitted by the whole batch in `seconds` under `cap`."""
