@@ -35,59 +35,71 @@ def test_arms_are_zero_the_powers_of_two_below_max_k_and_max_k():
     assert SpeculationController(1).arms() == [0, 1]
 
 
+def yields(table: dict[int, float]) -> Any:
+    """expected_tokens(cap) for the controller, from a table."""
+    return lambda cap: table[cap]
+
+
+# a = 0.6: a block of k yields (1 - 0.6^(k+1)) / 0.4 tokens; no drafting yields 1
+TOKENS = {0: 1.0, 1: 1.6, 2: 1.96, 4: 2.30, 8: 2.47, 16: 2.5}
+
+
 def test_untried_arms_come_first_largest_first():
     c = SpeculationController(4, explore_every=1000)
     order = []
     for _ in c.arms():
-        arm = c.choose(2)
+        arm = c.choose(2, yields(TOKENS))
         order.append(arm)
-        c.observe(2, arm, 10, 0.1)
+        c.observe(2, arm, 0.1)
     assert order == [4, 2, 1, 0]
 
 
 def test_an_unobserved_choice_stays_untried():
     c = SpeculationController(4, explore_every=1000)
-    assert [c.choose(1) for _ in range(3)] == [4, 4, 4]  # prefill steps are not observed
+    assert [c.choose(1, yields(TOKENS)) for _ in range(3)] == [4, 4, 4]  # prefill steps are not observed
 
 
-def test_exploits_the_best_measured_rate_and_follows_it_with_smoothing():
+def test_picks_the_cap_with_the_most_expected_tokens_per_measured_second():
     c = SpeculationController(2, explore_every=1000, smoothing=0.5)
-    for arm, rate in [(2, 50.0), (1, 80.0), (0, 20.0)]:
-        assert c.choose(1) == arm
-        c.observe(1, arm, int(rate), 1.0)
-    assert c.snapshot() == {1: {0: 20.0, 1: 80.0, 2: 50.0}}
-    assert c.choose(1) == 1
-    c.observe(1, 1, 0, 1.0)  # k <= 1 got slow: 80 -> 40 with smoothing 0.5
-    assert c.snapshot()[1][1] == 40.0
-    assert c.choose(1) == 2
-    c.observe(1, 2, 40, 1.0)  # 50 -> 45: still the best
-    assert c.snapshot()[1][2] == 45.0
-    assert c.choose(1) == 2
+    # light load: a step's fixed cost dominates, k = 2 costs 1.2 plain steps -> draft
+    for arm, ms in [(2, 12.0), (1, 11.0), (0, 10.0)]:
+        assert c.choose(1, yields(TOKENS)) == arm
+        c.observe(1, arm, ms / 1e3)
+    assert c.snapshot() == {1: {0: 10.0, 1: 11.0, 2: 12.0}}
+    assert c.choose(1, yields(TOKENS)) == 2  # 1.96 / 12 > 1.6 / 11 > 1 / 10
+    # saturated: verifies now cost k + 1 plain steps -> stop drafting
+    for _ in range(6):
+        c.observe(1, 2, 30e-3)
+        c.observe(1, 1, 20e-3)
+    assert c.choose(1, yields(TOKENS)) == 0
+    # and the yields come from the generations: perfect agreement makes drafting pay again
+    assert c.choose(1, yields({0: 1.0, 1: 2.0, 2: 3.0})) == 2
 
 
-def test_explores_the_least_recently_used_arm_every_explore_every_steps():
+def test_explores_the_best_caps_less_recently_used_neighbour_every_explore_every_steps():
     c = SpeculationController(2, explore_every=5)
-    for arm, rate in [(2, 10.0), (1, 30.0), (0, 20.0)]:  # steps 1-3
-        assert c.choose(1) == arm
-        c.observe(1, arm, int(rate), 1.0)
-    assert c.choose(1) == 1  # step 4: exploit
-    c.observe(1, 1, 30, 1.0)
-    assert c.choose(1) == 2  # step 5: explore; arm 2 was last used at step 1
-    c.observe(1, 2, 10, 1.0)
-    assert [c.choose(1) for _ in range(4)] == [1, 1, 1, 1]  # steps 6-9, unobserved
-    assert c.choose(1) == 0  # step 10: arm 0 (step 3) is now the least recently used
+    for arm, ms in [(2, 30.0), (1, 10.0), (0, 10.0)]:  # steps 1-3
+        assert c.choose(1, yields(TOKENS)) == arm
+        c.observe(1, arm, ms / 1e3)
+    assert c.choose(1, yields(TOKENS)) == 1  # step 4: exploit (1.6 / 10 ms)
+    c.observe(1, 1, 10e-3)
+    assert c.choose(1, yields(TOKENS)) == 2  # step 5: explore; of 1's neighbours, 2 (step 1) is older
+    c.observe(1, 2, 30e-3)
+    assert [c.choose(1, yields(TOKENS)) for _ in range(4)] == [1, 1, 1, 1]  # steps 6-9, unobserved
+    assert c.choose(1, yields(TOKENS)) == 0  # step 10: now 0 (step 3) is the older neighbour
 
 
-def test_explores_only_the_best_arms_neighbours():
+def test_explores_only_the_best_caps_neighbours():
     c = SpeculationController(16, explore_every=3)
-    for arm in reversed(c.arms()):  # 16, 8, 4, 2, 1, 0 tried once each; 2 is the best
-        assert c.choose(1) == arm
-        c.observe(1, arm, {2: 50}.get(arm, 10), 1.0)
+    ms = {0: 10.0, 1: 11.0, 2: 11.5, 4: 30.0, 8: 60.0, 16: 120.0}  # cap 2 is the best
+    for arm in reversed(c.arms()):  # 16, 8, 4, 2, 1, 0 timed once each
+        assert c.choose(1, yields(TOKENS)) == arm
+        c.observe(1, arm, ms[arm] / 1e3)
     explored = []
     for _ in range(12):
-        arm = c.choose(1)
+        arm = c.choose(1, yields(TOKENS))
         explored.append(arm)
-        c.observe(1, arm, {2: 50}.get(arm, 10), 1.0)
+        c.observe(1, arm, ms[arm] / 1e3)
     assert set(explored) == {1, 2, 4}  # never the far-off 16, 8 or 0
     assert explored.count(2) == 8
 
@@ -95,24 +107,24 @@ def test_explores_only_the_best_arms_neighbours():
 def test_statistics_are_kept_per_batch_size_bucket():
     assert [SpeculationController.bucket(b) for b in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 1, 2, 4, 4, 8, 8, 16, 16, 32]
     c = SpeculationController(1, explore_every=1000)
-    for arm, rate in [(1, 10.0), (0, 90.0)]:
-        assert c.choose(3) == arm
-        c.observe(3, arm, int(rate), 1.0)
-    assert c.choose(4) == 0  # same bucket as 3: drafting lost there
-    assert c.choose(16) == 1  # another bucket: nothing measured, the largest arm first
-    c.observe(16, 1, 50, 1.0)
-    assert c.choose(16) == 0
-    c.observe(16, 0, 5, 1.0)
-    assert c.choose(9) == 1  # bucket 16: drafting wins under this load
-    assert c.snapshot() == {4: {0: 90.0, 1: 10.0}, 16: {0: 5.0, 1: 50.0}}
+    for arm, ms in [(1, 40.0), (0, 10.0)]:  # bucket 4: a verify costs 4 plain steps
+        assert c.choose(3, yields(TOKENS)) == arm
+        c.observe(3, arm, ms / 1e3)
+    assert c.choose(4, yields(TOKENS)) == 0  # same bucket as 3: drafting lost there
+    assert c.choose(16, yields(TOKENS)) == 1  # another bucket: nothing measured, the largest cap first
+    c.observe(16, 1, 12e-3)
+    assert c.choose(16, yields(TOKENS)) == 0
+    c.observe(16, 0, 10e-3)
+    assert c.choose(9, yields(TOKENS)) == 1  # bucket 16: drafting wins there (1.6 / 12 > 1 / 10)
+    assert c.snapshot() == {4: {0: 10.0, 1: 40.0}, 16: {0: 10.0, 1: 12.0}}
 
 
 def test_observe_ignores_non_positive_durations():
     c = SpeculationController(2)
-    c.observe(1, 2, 10, 0.0)
-    c.observe(1, 2, 10, -0.5)
+    c.observe(1, 2, 0.0)
+    c.observe(1, 2, -0.5)
     assert c.snapshot() == {}
-    assert c.choose(1) == 2  # still untried
+    assert c.choose(1, yields(TOKENS)) == 2  # still untried
 
 
 def test_scheduler_config_defaults():

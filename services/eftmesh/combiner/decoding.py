@@ -35,7 +35,7 @@ from eftmesh.combiner.text import IncrementalDetokenizer, StopStrings
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.core.mixing import Composition
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
-from eftmesh.core.speculative import AdaptiveBlockSize, verify_greedy, verify_sampled
+from eftmesh.core.speculative import AdaptiveBlockSize, expected_tokens_per_block, verify_greedy, verify_sampled
 
 
 class FinishReason(enum.Enum):
@@ -240,16 +240,34 @@ class Generation:
         speculation whose output cannot depend on it (greedy), or whose seed nobody chose."""
         return self.adaptive is not None and (self.req.sampling.greedy or not self.req.seeded)
 
-    def wanted_k(self) -> int:
-        """Drafts this generation would like in its next block; 0 means a plain step."""
+    def next_k(self, cap: int | None = None) -> int:
+        """Drafts in its next block; 0 means a plain step.
+
+        A load-aware generation drafts `cap` (the scheduler's controller chose it from measured
+        step times and every generation's acceptance); the others draft their own choice: the
+        request's fixed k, or `AdaptiveBlockSize`'s from acceptance alone. Either way at most
+        the request's block size, and what the length and context leave.
+        """
         spec = self.req.speculation
         if spec is None:
             return 0
         left = min(self.req.max_new_tokens, self.room) - self.sink.usage.completion_tokens
-        want = self.adaptive.k if self.adaptive else spec.block_size
+        if cap is not None and self.load_aware:
+            want = min(cap, spec.block_size)
+        else:
+            want = self.adaptive.k if self.adaptive else spec.block_size
         # A block yields up to k + 1 tokens, and verifying k drafts needs k more positions in
         # every model's context.
         return max(0, min(want, left - 1, self.ctx - len(self.ids)))
+
+    def expected_tokens(self, cap: int | None = None) -> float:
+        """Tokens its next step yields on average under `cap`: one for a plain step, else
+        (1 - a^(k+1)) / (1 - a) with a its own acceptance estimate."""
+        k = self.next_k(cap)
+        if k == 0:
+            return 1.0
+        a = self.adaptive.acceptance if self.adaptive else 0.7
+        return expected_tokens_per_block(a, k)
 
     def draft_call(self, k: int, vocab_size: int) -> DraftCall:
         """The draft role's share of a block of k (draws the draft seed from this request's generator)."""

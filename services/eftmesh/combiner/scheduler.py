@@ -24,8 +24,8 @@ waiting longer than `queue_timeout_s` fails it with RESOURCE_EXHAUSTED.
 
 Speculation under load: a batched verify of k drafts costs k + 1 rows per generation, which
 on a saturated device approaches k + 1 plain steps, while its yield per block stays
-(1 - a^(k+1)) / (1 - a). `SpeculationController` measures tokens per second of whole steps
-under each cap on k and keeps the best, exploring the others now and then.
+(1 - a^(k+1)) / (1 - a). `SpeculationController` times whole steps under each cap on k and
+keeps the cap with the most expected tokens per second, timing its neighbours now and then.
 """
 
 from __future__ import annotations
@@ -71,22 +71,26 @@ class SchedulerConfig:
 
 @dataclass
 class _ArmStats:
-    rate: float = 0.0  # exponential moving average of tokens per second of step time
+    seconds: float = 0.0  # exponential moving average of a step's duration under this cap
     tries: int = 0
-    last: int = -1  # iteration it was last used
+    last: int = -1  # step it was last used
 
 
 @dataclass
 class SpeculationController:
-    """Chooses the cap on k for load-aware generations from measured step throughput.
+    """Chooses the cap on k for load-aware generations: the cap whose steps deliver the most
+    expected tokens per second, from what it measures.
 
-    Arms are caps on k (0 = no drafting). Per batch-size bucket (powers of two), each arm keeps
-    a moving average of the tokens per second its steps delivered; the best arm is used, an arm
-    never tried is tried first, and every `explore_every` steps the less recently used of the
-    best arm's two neighbours is tried again (never a far-off arm: one step at k = 16 on a
-    saturated device costs more than exploring is worth), so the choice follows the load. With light load drafting wins (the step's
-    fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1 plain
-    steps and the cap falls, down to 0.
+    A block of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average; what a batched
+    verify costs depends on the load, so it is measured rather than assumed: per batch-size
+    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), a moving average
+    of the step's duration. The expected yield of a cap comes from the caller (each
+    generation's own acceptance estimate), so the choice rests on step times, which vary far
+    less than one step's accepted tokens. A cap never timed is tried first (the largest
+    first); every `explore_every` steps the less recently used of the best cap's two
+    neighbours is timed again, so the choice follows the load. Light load: drafting wins (a
+    step's fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1
+    plain steps and the cap falls, down to 0.
     """
 
     max_k: int
@@ -103,35 +107,37 @@ class SpeculationController:
     def bucket(batch: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(1, batch))))
 
-    def choose(self, batch: int) -> int:
-        """The cap on k for the next step of a batch of `batch` generations."""
+    def choose(self, batch: int, expected_tokens: Callable[[int], float]) -> int:
+        """The cap on k for the next step of a batch of `batch` generations;
+        `expected_tokens(cap)` is what the batch would yield in one step under that cap."""
         self._step += 1
         b = self.bucket(batch)
-        stats = [(arm, self._stats.get((b, arm))) for arm in self.arms()]
-        untried = [arm for arm, s in stats if s is None]
+        arms = self.arms()
+        stats = [self._stats.get((b, arm)) for arm in arms]
+        untried = [arm for arm, s in zip(arms, stats) if s is None]
         if untried:
             return untried[-1]  # the largest first: speculation is the default
-        best = max(range(len(stats)), key=lambda i: stats[i][1].rate)
+        rates = [expected_tokens(arm) / s.seconds if s.seconds > 0 else 0.0 for arm, s in zip(arms, stats)]
+        best = max(range(len(arms)), key=lambda i: rates[i])
         if self._step % self.explore_every == 0:
-            near = [stats[i] for i in (best - 1, best + 1) if 0 <= i < len(stats)]
-            return min(near, key=lambda t: t[1].last)[0]
-        return stats[best][0]
+            near = [i for i in (best - 1, best + 1) if 0 <= i < len(arms)]
+            return arms[min(near, key=lambda i: stats[i].last)]
+        return arms[best]
 
-    def observe(self, batch: int, cap: int, tokens: int, seconds: float) -> None:
-        """Record one step: `tokens` emitted by the whole batch in `seconds` under `cap`."""
+    def observe(self, batch: int, cap: int, seconds: float) -> None:
+        """Record one step's duration under `cap`."""
         if seconds <= 0:
             return
         s = self._stats.setdefault((self.bucket(batch), cap), _ArmStats())
-        rate = tokens / seconds
-        s.rate = rate if s.tries == 0 else s.rate + self.smoothing * (rate - s.rate)
+        s.seconds = seconds if s.tries == 0 else s.seconds + self.smoothing * (seconds - s.seconds)
         s.tries += 1
         s.last = self._step
 
     def snapshot(self) -> dict[int, dict[int, float]]:
-        """bucket -> cap -> measured tokens/s (for logs and benchmarks)."""
+        """bucket -> cap -> measured step milliseconds (for logs and benchmarks)."""
         out: dict[int, dict[int, float]] = {}
         for (b, cap), s in sorted(self._stats.items()):
-            out.setdefault(b, {})[cap] = round(s.rate, 1)
+            out.setdefault(b, {})[cap] = round(s.seconds * 1e3, 2)
         return out
 
 
@@ -282,13 +288,11 @@ class Scheduler:
         if not live:
             return
         aware = [g for g in live if g.load_aware]
-        cap = self.controller.choose(len(live)) if aware else None
+        cap = self.controller.choose(len(live), lambda c: sum(g.expected_tokens(c) for g in live)) if aware else None
         # A step that prefills says nothing about steady-state speed: not a controller sample.
         prefilling = any(not any(g.cached.values()) for g in live)
         for g in live:
-            g.k = g.wanted_k()
-            if cap is not None and g.load_aware:
-                g.k = min(g.k, cap)
+            g.k = g.next_k(cap)
             g.touched = True
         links = [trace.Link(g.span_context) for g in live if g.span_context is not None and g.span_context.is_valid]
         attrs = {"eftmesh.batch.size": len(live), "eftmesh.batch.drafting": sum(1 for g in live if g.k)}
@@ -310,7 +314,7 @@ class Scheduler:
             self._deliver(g)
         self.metrics.batch_size.record(len(live))
         if cap is not None and not prefilling:
-            self.controller.observe(len(live), cap, tokens, time.perf_counter() - started)
+            self.controller.observe(len(live), cap, time.perf_counter() - started)
 
     def _fan_out(self, jobs: Sequence[Callable[[], T]]) -> list[T]:
         """Run jobs concurrently (one per role), the first on this thread; trace context follows."""
