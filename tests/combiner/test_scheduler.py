@@ -425,3 +425,16 @@ def test_a_generation_preempted_twice_far_apart_is_not_timed_out(make_decoder):
     got = alone(decoder, r)
     assert len(refused) == 2
     assert got == expected
+
+
+def test_the_combiner_has_more_workers_than_admitted_generations():
+    """Each streaming generation holds a gRPC worker thread: with no spare one, a request past
+    --max-concurrent-generations would wait in gRPC's queue instead of being refused at once."""
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--tokenizer", "x", "--no-default-delta"]
+    cfg = parse_args([*base, "--max-concurrent-generations", "100"], environ={})
+    assert cfg.server.workers == 132 and cfg.max_concurrent_generations == 100
+    assert cfg.scheduler == SchedulerConfig()
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--max-concurrent-generations", "64", "--workers", "64"], environ={})

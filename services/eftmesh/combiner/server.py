@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait at start for every upstream to answer (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=64, help="gRPC worker threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="gRPC worker threads; each streaming generation holds one, so there must be more than --max-concurrent-generations for overload to be refused at once rather than queued (default: --max-concurrent-generations + 32)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight generations (default: %(default)s)")
     a = p.parse_args(argv)
@@ -117,6 +117,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     missing = [r for r in composition.roles if r not in upstreams]
     if missing:
         p.error(f"the default composition ({composition.describe()}) needs roles with no --upstream: {', '.join(missing)}")
+    workers = a.workers if a.workers is not None else a.max_concurrent_generations + 32
+    if workers <= a.max_concurrent_generations:
+        p.error("--workers must exceed --max-concurrent-generations: a request past the limit needs a free "
+                "worker to be refused with RESOURCE_EXHAUSTED, or it waits in gRPC's queue instead")
     if a.max_batch < 1 or a.prefill_tokens < 1 or not a.queue_timeout > 0:
         p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
@@ -126,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         upstreams=upstreams,
         tokenizer=a.tokenizer,
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
-        server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
+        server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
                               resolve_interval_s=a.resolve_interval),
         max_concurrent_generations=a.max_concurrent_generations,
