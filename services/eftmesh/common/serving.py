@@ -1,4 +1,12 @@
-"""What every eftmesh gRPC server shares: interceptors, health, reflection, graceful stop."""
+"""What every eftmesh gRPC server shares: interceptors, health, reflection, graceful stop.
+
+Health is answered twice, from one `HealthServicer` (so both always agree): on the main port,
+for clients such as grpcurl, and on a health port of its own, served by a second small gRPC
+server with its own threads and no concurrency limit. The main port's `maximum_concurrent_rpcs`
+and worker threads are shared with the real calls, so a saturated server answers health
+there with RESOURCE_EXHAUSTED or late; the health port cannot be starved that way, and it is
+the one Kubernetes' gRPC probes should use.
+"""
 
 from __future__ import annotations
 
@@ -29,19 +37,52 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Where the health port goes when not given: the main port plus this (50051 -> 51051).
+HEALTH_PORT_OFFSET = 1000
+# Threads of the health-only server: a Check takes microseconds and Watch does not hold one.
+HEALTH_WORKERS = 2
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Network and concurrency settings of one gRPC server."""
+    """Network and concurrency settings of one gRPC server.
+
+    `health_port`: the port of the health-only server. None (the default): the main port +
+    HEALTH_PORT_OFFSET (a free port when the main port is 0, or when that one is taken, with
+    a warning); 0: a free port; a negative value: no health-only server (health on the main
+    port only).
+    """
 
     host: str = "0.0.0.0"
     port: int = 50051
     workers: int = 16
     max_concurrent_rpcs: int = 64
     grace_s: float = 20.0
+    health_port: int | None = None
+
+    def resolved_health_port(self) -> int | None:
+        """The port to bind the health-only server on (0: any free one); None: no such server."""
+        if self.health_port is None:
+            return self.port + HEALTH_PORT_OFFSET if 0 < self.port <= 65535 - HEALTH_PORT_OFFSET else 0
+        return None if self.health_port < 0 else self.health_port
+
+
+def health_port_arg(value: str) -> int | None:
+    """argparse type of `--health-port`: a port number, 0 (a free port), or "off"."""
+    return -1 if value.strip().lower() in {"off", "none", "-1"} else int(value)
+
+
+HEALTH_PORT_HELP = (
+    "port of a health-only gRPC server (grpc.health.v1 alone, its own threads, outside "
+    "--max-concurrent-rpcs) for Kubernetes gRPC probes; 0 picks a free one, 'off' disables it "
+    f"(default: --port + {HEALTH_PORT_OFFSET}, a free one when --port is 0). "
+    "Health is also served on --port"
+)
 
 
 class Server:
-    """A gRPC server with health, reflection and the shared interceptors.
+    """A gRPC server with health, reflection and the shared interceptors, and a health-only
+    server on its own port (`health_port`; None when disabled) sharing the same health state.
 
     Health starts NOT_SERVING; call `set_serving()` once the service can do real work.
     """
@@ -55,7 +96,7 @@ class Server:
     ) -> None:
         self.cfg = cfg
         self._names = list(service_names)
-        self._signalled = threading.Event()
+        self.signalled = threading.Event()
         interceptors = [*tracing.server_interceptors(tracer_provider), ErrorMappingInterceptor()]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
@@ -72,25 +113,66 @@ class Server:
             [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
         )
         self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {cfg.host}:{cfg.port}")
+        self.port = _bind(self.grpc, cfg.host, cfg.port, "--port")
+        self.health_grpc: grpc.Server | None = None
+        self.health_port: int | None = None
+        want = cfg.resolved_health_port()
+        if want is not None:
+            # No interceptors (health stays out of traces), no concurrency limit: a probe is
+            # never refused for load, and its own threads are never busy with a Score.
+            self.health_grpc = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="health"),
+                # No port sharing: two processes' probes must never answer for one another.
+                options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            try:
+                self.health_port = _bind(self.health_grpc, cfg.host, want, "--health-port")
+            except OSError:
+                if cfg.health_port is not None or want == 0:
+                    raise
+                # Only the derived default may move: a port given explicitly is where probes look.
+                log.warning("health port %d (--port + %d) is taken: serving health on a free port instead",
+                            want, HEALTH_PORT_OFFSET)
+                self.health_port = _bind(self.health_grpc, cfg.host, 0, "--health-port")
 
     def _set_all(self, status: int) -> None:
         for name in ["", *self._names]:
             self.health.set(name, status)
 
     def start(self) -> None:
+        if self.health_grpc is not None:
+            self.health_grpc.start()
         self.grpc.start()
-        log.info("listening on %s:%d", self.cfg.host, self.port)
+        log.info("listening on %s:%d (health also on port %s)", self.cfg.host, self.port, self.health_port)
 
     def set_serving(self) -> None:
         self._set_all(health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace_s: float | None = None) -> threading.Event:
-        """Stop taking calls (health NOT_SERVING) and drain in-flight ones within the grace."""
+    def set_not_serving(self) -> None:
+        """Health NOT_SERVING on both ports, for good (nothing can set SERVING again): the
+        start of a drain, while calls are still taken."""
         self.health.enter_graceful_shutdown()
-        return self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
+
+    def stop(self, grace_s: float | None = None) -> threading.Event:
+        """Stop taking calls (health NOT_SERVING) and drain in-flight ones within the grace.
+
+        The health port keeps answering (NOT_SERVING) until the main server has stopped, so
+        that probes see a draining pod, not a dead one; the event is set once both have."""
+        self.set_not_serving()
+        main = self.grpc.stop(self.cfg.grace_s if grace_s is None else grace_s)
+        side = self.health_grpc
+        if side is None:
+            return main
+        done = threading.Event()
+
+        def wait_both() -> None:
+            main.wait()
+            side.stop(0).wait()
+            done.set()
+
+        threading.Thread(target=wait_both, name="server-stop", daemon=True).start()
+        return done
 
     def install_signal_handlers(self) -> None:
         """Route SIGTERM and SIGINT to a graceful stop. Call before `start`, so that a signal
@@ -98,16 +180,27 @@ class Server:
 
         def on_signal(signum: int, _frame: object) -> None:
             log.info("signal %d: draining for up to %.0f s", signum, self.cfg.grace_s)
-            self._signalled.set()
+            self.signalled.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
     def wait_for_signal(self) -> None:
         """Block until SIGTERM or SIGINT, then drain and stop."""
-        self._signalled.wait()
+        self.signalled.wait()
         self.stop().wait()
         log.info("stopped")
+
+
+def _bind(server: grpc.Server, host: str, port: int, flag: str) -> int:
+    """Bind an insecure port; the bound port (port 0 picks a free one)."""
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # newer grpcio raises instead of returning 0
+        raise OSError(f"cannot bind {host}:{port} ({flag}): {e}") from None
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port} ({flag})")
+    return bound
 
 
 def exit_now(tracer_provider: TracerProvider | None, meter_provider: MeterProvider | None = None) -> None:

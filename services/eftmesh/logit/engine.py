@@ -30,6 +30,7 @@ from eftmesh.common.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
 )
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
@@ -46,6 +47,11 @@ DEFAULT_MERGE_TOKENS = 16
 
 class EngineFault(EftMeshError):
     """The model failed on a batch (a server fault, not the caller's): INTERNAL."""
+
+
+# The start of the message of an item refused because the replica drains: the combiner starts
+# such a session on another replica (from 0) instead of failing it.
+DRAINING_PREFIX = "draining:"
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,8 @@ class ModelEngine:
         # How many padded tokens cost as much as one more forward (its fixed, per-layer cost):
         # items whose padding wastes less than this share a forward. Measured by warmup().
         self.merge_tokens = DEFAULT_MERGE_TOKENS
+        # Set by start_draining(): the name of this replica, and no new session is created.
+        self.draining: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -247,6 +255,20 @@ class ModelEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+    def start_draining(self, replica: str = "") -> None:
+        """Create no new session from now on: an item that would (start 0, unknown id) fails
+        UNAVAILABLE with a message starting with DRAINING_PREFIX, naming `replica`. Sessions
+        held go on being served until released, evicted or expired. For good."""
+        with self._lock:
+            self.draining = replica or self.info.role
+
+    @property
+    def live_sessions(self) -> int:
+        """Sessions held now (idle ones past the timeout are dropped first)."""
+        with self._lock:
+            self.sessions.expire()
+            return len(self.sessions)
 
     @property
     def kv_tokens_used(self) -> int:
@@ -403,6 +425,11 @@ class ModelEngine:
                 raise NotFound(
                     f"unknown session {session_id!r} (evicted, expired or never created): "
                     "re-send the whole sequence with start=0"
+                )
+            if self.draining is not None:
+                raise Unavailable(
+                    f"{DRAINING_PREFIX} replica {self.draining} ({self.info.role}) is shutting down and "
+                    f"takes no new session: start {session_id!r} on another replica"
                 )
             try:
                 session = self.sessions.create(session_id, keep=batch)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +21,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import metrics, tracing
-from eftmesh.common.serving import Server, ServerConfig, exit_now
+from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit.engine import DTYPES, ModelEngine
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
@@ -26,6 +29,12 @@ from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 log = logging.getLogger("eftmesh.logit")
 
 SERVICE_NAME = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+
+# After the drain (sessions all released, or the grace over), calls still in flight get this
+# long before the server stops: a pod needs a termination grace of preStop + --grace + this.
+FINAL_GRACE_S = 1.0
+# How often a drain logs the sessions it still waits for.
+DRAIN_LOG_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--role", required=True, help="role name this model plays in the mesh, e.g. base-large")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of the weights (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=256, help="KV caches held at once; the least recently used is evicted beyond this (default: %(default)s)")
@@ -76,7 +86,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=64, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--grace", type=float, default=20.0, help="seconds SIGTERM waits for in-flight calls (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=20.0,
+                   help="seconds SIGTERM keeps serving the sessions held (new ones are refused UNAVAILABLE 'draining:', "
+                        "health NOT_SERVING) before it stops; it exits as soon as the last one is released (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
     a = p.parse_args(argv)
@@ -84,7 +96,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     return LogitConfig(
         model=a.model,
         role=a.role,
-        server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
+        server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
+                            health_port=a.health_port),
         device=a.device,
         dtype=a.dtype,
         max_sessions=a.max_sessions,
@@ -118,6 +131,37 @@ class LogitServer:
         self.server.start()
         self.engine.warmup()
         self.server.set_serving()
+
+    @property
+    def replica(self) -> str:
+        """This replica's name in drain messages: host (the pod's name in Kubernetes) and port."""
+        return f"{socket.gethostname()}:{self.server.port}"
+
+    def drain(self, grace_s: float | None = None, poll_s: float = 0.05) -> threading.Event:
+        """Drain, then stop: health NOT_SERVING on both ports, no new session (those items get
+        UNAVAILABLE "draining: ..."), the sessions held served until all are released or
+        `grace_s` (default: the server's grace) is over; then the server stops, calls still in
+        flight getting FINAL_GRACE_S. Blocks until the server stops taking calls; the event
+        is set once it has stopped.
+        """
+        grace = self.server.cfg.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        self.engine.start_draining(self.replica)
+        self.server.set_not_serving()
+        held = self.engine.live_sessions
+        log.info("draining: NOT_SERVING, no new sessions; waiting up to %.0f s for %d held sessions", grace, held)
+        next_log = time.monotonic() + DRAIN_LOG_EVERY_S
+        while held and (now := time.monotonic()) < deadline:
+            if now >= next_log:
+                log.info("draining: %d sessions held, %.0f s of grace left", held, deadline - now)
+                next_log = now + DRAIN_LOG_EVERY_S
+            time.sleep(poll_s)
+            held = self.engine.live_sessions
+        if held:
+            log.warning("draining: grace over with %d sessions held; stopping", held)
+        else:
+            log.info("draining: no session left; stopping")
+        return self.server.stop(FINAL_GRACE_S)
 
 
 def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: TracerProvider | None = None,
@@ -168,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ls.server.install_signal_handlers()
     ls.start()
     i = ls.engine.info
-    log.info("%s serving on port %d: vocab %d, context %d, tokenizer %s", cfg.role, ls.server.port, i.vocab_size, i.max_context, i.tokenizer_fingerprint)
-    ls.server.wait_for_signal()
+    log.info("%s serving on port %d (health port %s): vocab %d, context %d, tokenizer %s", cfg.role, ls.server.port,
+             ls.server.health_port, i.vocab_size, i.max_context, i.tokenizer_fingerprint)
+    ls.server.signalled.wait()
+    ls.drain().wait()
+    log.info("stopped")
     exit_now(ls.tracer_provider, ls.meter_provider)
