@@ -5,6 +5,7 @@ and status codes as they happened. ghz itself is in no registry here, so it is n
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -142,3 +143,113 @@ def test_grpc_status_names_are_reported(mesh):
     d = loadtest.run(s, f"127.0.0.1:{mesh.combiner.server.port}").as_dict()
     assert d["ok"] == 0 and set(d["status"]) & {"INVALID_ARGUMENT", "OUT_OF_RANGE"}, d
     assert grpc.StatusCode.OK.name not in d["status"]
+
+
+# ghz's own report layout (runner.Report as `ghz -O json` writes it)
+
+GHZ_FIELDS = {"name", "endReason", "options", "date", "count", "total", "average", "fastest", "slowest", "rps",
+              "errorDistribution", "statusCodeDistribution", "latencyDistribution", "histogram", "details"}
+
+
+def test_ghz_report_layout_and_units(mesh, tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "tiny", "call": "eftmesh.v1.Generator.Complete", "total": 5, "concurrency": 2,
+                                "connections": 2, "skipFirst": 1, "insecure": True,
+                                "data": {"prompt": "hi", "max_new_tokens": 2, "ignore_eos": True}}))
+    out = tmp_path / "r.json"
+    loadtest.main([str(path), "--address", f"127.0.0.1:{mesh.combiner.server.port}", "--format", "ghz",
+                   "--out", str(out)])
+    g = json.loads(out.read_text())
+    assert set(g) == GHZ_FIELDS
+    assert g["name"] == "tiny" and g["endReason"] == "normal"
+    assert g["count"] == 4  # skipFirst: 1 of 5 left out
+    assert g["statusCodeDistribution"] == {"OK": 4} and g["errorDistribution"] == {}
+    for key in ("total", "average", "fastest", "slowest"):
+        assert isinstance(g[key], int) and g[key] > 0, key
+    assert 1_000 < g["fastest"] <= g["slowest"] < g["total"] < 60 * 10**9  # nanoseconds
+    assert isinstance(g["rps"], float) and g["rps"] == pytest.approx(4 / (g["total"] / 1e9), rel=1e-3)
+    assert [d["percentage"] for d in g["latencyDistribution"]] == [10, 25, 50, 75, 90, 95, 99]
+    lats = [d["latency"] for d in g["latencyDistribution"]]
+    assert all(isinstance(x, int) for x in lats) and lats == sorted(lats) and g["fastest"] <= lats[0]
+    assert lats[-1] == g["slowest"]
+    assert len(g["histogram"]) == 11 and sum(b["count"] for b in g["histogram"]) == 4
+    assert g["histogram"][0]["mark"] == pytest.approx(g["fastest"] / 1e9, rel=1e-6)  # marks in seconds
+    assert g["histogram"][-1]["mark"] == pytest.approx(g["slowest"] / 1e9, rel=1e-6)
+    assert sum(b["frequency"] for b in g["histogram"]) == pytest.approx(1.0)
+    assert len(g["details"]) == 4
+    for d in g["details"]:
+        assert set(d) == {"timestamp", "latency", "error", "status"}
+        assert isinstance(d["latency"], int) and d["status"] == "OK" and d["error"] == ""
+        datetime.fromisoformat(d["timestamp"])  # RFC 3339
+    datetime.fromisoformat(g["date"])
+    assert g["options"]["connections"] == 2 and g["options"]["call"] == "eftmesh.v1.Generator.Complete"
+
+
+def test_ghz_report_spells_errors_as_grpc_go(mesh, tiny_family):
+    ports = {r: ls.server.port for r, ls in mesh.logits.items()}
+    cs = start_combiner(tiny_family["base-small"], ports, max_concurrent_generations=1)
+    try:
+        s = scenario(total=8, concurrency=4, data={"prompt": "hello", "max_new_tokens": 16, "ignore_eos": True})
+        g = loadtest.run(s, f"127.0.0.1:{cs.server.port}").as_ghz()
+    finally:
+        cs.stop(0)
+    assert g["statusCodeDistribution"]["ResourceExhausted"] >= 1
+    assert sum(g["statusCodeDistribution"].values()) == g["count"] == 8
+    assert all(e.startswith("rpc error: code = ResourceExhausted desc = ") for e in g["errorDistribution"])
+    failed = [d for d in g["details"] if d["status"] != "OK"]
+    assert failed and all(d["error"] for d in failed)
+    # fastest/slowest over successful calls only (no count-errors), as ghz
+    ok = [d["latency"] for d in g["details"] if d["status"] == "OK"]
+    assert (g["fastest"], g["slowest"]) == (min(ok), max(ok))
+
+
+def test_ghz_duration_run_ends_with_timeout(mesh):
+    s = scenario(total=None, duration="1s", concurrency=1, data={"prompt": "hi", "max_new_tokens": 2})
+    g = loadtest.run(s, f"127.0.0.1:{mesh.combiner.server.port}").as_ghz()
+    assert g["endReason"] == "timeout" and g["count"] >= 1
+
+
+def test_ghz_format_wants_a_directory_for_several_scenarios(tmp_path):
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"call": "eftmesh.v1.Generator.Complete", "total": 1}))
+    with pytest.raises(ScenarioError, match="one report per run"):
+        loadtest.run_all(paths, "127.0.0.1:1", {}, tmp_path / "r.json", quiet=True, fmt="ghz")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("load-schedule", "step"), ("concurrency-schedule", "line"), ("load-start", 5), ("concurrency-step", 2),
+    ("load-max-duration", "10s"), ("cpus", 4), ("async", True), ("stream-interval", "100ms"),
+    ("stream-call-count", 3), ("data-file", "d.json"), ("binary", True), ("metadata-file", "m.json"),
+    ("cacert", "ca.pem"), ("skipTLS", True), ("duration-stop", "close"),
+])
+def test_ghz_keys_that_change_the_load_are_refused_by_name(key, value):
+    with pytest.raises(ScenarioError, match=f"ghz key '{key}'"):
+        Scenario.from_dict({"call": "eftmesh.v1.Generator.Complete", key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("load-schedule", "const"), ("concurrency-schedule", "const"), ("cpus", 0), ("async", False),
+    ("load-start", 0), ("stream-interval", "0s"), ("binary", False), ("proto", "x.proto"), ("format", "json"),
+])
+def test_ghz_defaults_and_non_load_keys_are_accepted(key, value):
+    Scenario.from_dict({"call": "eftmesh.v1.Generator.Complete", key: value})
+
+
+def test_ghz_keys_that_are_honoured_are_read():
+    s = Scenario.from_dict({"call": "eftmesh.v1.Generator.Complete", "connections": 3, "skipFirst": 2,
+                            "count-errors": True, "duration-stop": "ignore", "lb-strategy": "round_robin",
+                            "keepalive": "30s", "enable-compression": True, "tags": {"env": "ci"}})
+    assert (s.connections, s.skip_first, s.count_errors, s.duration_stop, s.compression) == (3, 2, True, "ignore", True)
+    assert dict(s.channel_options) == {"grpc.lb_policy_name": "round_robin", "grpc.keepalive_time_ms": 30000}
+    assert s.tags == (("env", "ci"),)
+
+
+def test_ghz_latency_distribution_follows_ghz_ranks():
+    lats = [i / 1000 for i in range(1, 11)]  # 1..10 ms
+    d = loadtest._ghz_latencies(lats)
+    assert [x["latency"] for x in d] == [1_000_000, 3_000_000, 5_000_000, 8_000_000, 9_000_000, 10_000_000, 10_000_000]
+    h = loadtest._ghz_histogram(lats)
+    assert [b["count"] for b in h] == [1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert h[0]["mark"] == 0.001 and h[-1]["mark"] == 0.01 and h[2]["frequency"] == 0.1

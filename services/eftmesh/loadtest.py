@@ -16,8 +16,24 @@ LLM service: completion tokens/s and, for the streaming Generate call, time to f
 What it reads from a ghz file: call, host, data (one message, or an array used round-robin
 across requests, as ghz does for unary calls), metadata, concurrency, total, duration, rps
 (or older ghz's "qps"), timeout, name. In string values of data, {{.RequestNumber}} and
-{{.WorkerID}} are replaced as ghz's call templates do. ghz-only keys (proto, format, output, ...) are ignored; anything
-else is an error, so a typo cannot silently change a scenario.
+{{.WorkerID}} are replaced as ghz's call templates do. Other ghz keys that change the load are
+honoured as ghz does: connections (workers spread over that many connections), skipFirst
+(the first N results left out of the report), count-errors (errors' latencies in the ghz
+report's figures), duration-stop ("wait" or "ignore"), lb-strategy, keepalive,
+enable-compression, authority, load-schedule / concurrency-schedule "const", tags (copied to
+the ghz report). Those it cannot honour are refused with an error naming the key: step and line
+schedules (load-* / concurrency-* settings), cpus, async, stream-* settings, data-file,
+binary, metadata-file, TLS (cacert, cert, key, cname, skipTLS), duration-stop "close". Keys
+that do not change the load (proto, protoset, import-paths, format, output, reflect-metadata,
+debug, dial-timeout, connect-timeout) are ignored; anything else is an error, so a typo cannot
+silently change a scenario.
+
+Reports: `--out FILE` writes this runner's JSON ({"scenarios": [...]}, with tokens/s and time
+to first token); `--format ghz` writes ghz's own JSON report instead (ghz -O json: name,
+endReason, date, count, total, average, fastest, slowest, rps, errorDistribution,
+statusCodeDistribution, latencyDistribution, histogram, details, options; durations in
+nanoseconds, status names as grpc-go spells them), one run per file as ghz does: --out is the
+file for one scenario, a directory (one NAME.json each) for several, stdout without --out.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +61,31 @@ from google.protobuf.message import Message
 
 from eftmesh.v1 import generator_pb2, logit_pb2  # noqa: F401 - registers eftmesh.v1 in the pool
 
-# ghz keys this runner reads, and ghz keys it accepts but has no use for.
+# ghz keys this runner reads and honours.
 _READ = {"name", "call", "host", "data", "metadata", "concurrency", "total", "duration", "rps", "qps", "timeout",
-         "insecure"}
-_IGNORED = {"proto", "protoset", "import-paths", "format", "output", "cpus", "connections", "skipTLS", "skipFirst",
-            "reflect-metadata", "cacert", "cert", "key", "cname", "authority", "tags", "debug", "keepalive",
-            "connect-timeout", "max-duration", "duration-stop", "stream-interval", "enable-compression",
-            "load-schedule", "concurrency-schedule", "async", "count-errors", "lb-strategy"}
+         "insecure", "skipFirst", "connections", "count-errors", "duration-stop", "lb-strategy", "keepalive",
+         "enable-compression", "authority", "load-schedule", "concurrency-schedule", "tags"}
+# ghz keys with no effect on the load sent (what to load, where to write, logging).
+_IGNORED = {"proto", "protoset", "import-paths", "format", "output", "reflect-metadata", "debug", "dial-timeout",
+            "connect-timeout"}
+_SCHEDULES = "step and line schedules are not implemented here: use a constant 'rps' / 'concurrency', or run ghz"
+# ghz keys that would change the load in a way this runner cannot play: refused unless set to
+# ghz's default (a value that changes nothing), with the reason.
+_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (lambda v: v in (None, 0, "", "0", "0s"), _SCHEDULES) for k in (
+        "load-start", "load-end", "load-step", "load-step-duration", "load-max-duration", "concurrency-start",
+        "concurrency-end", "concurrency-step", "concurrency-step-duration", "concurrency-max-duration")},
+    "cpus": (lambda v: v in (None, 0), "the number of client CPUs cannot be set in this runner (it uses threads)"),
+    "async": (lambda v: not v, "async (open-loop) calls are not implemented: use 'rps' with enough 'concurrency'"),
+    **{k: (lambda v: v in (None, 0, "", "0", "0s", False), "streaming-call settings are not implemented here "
+           "(client-streaming calls are not supported; a server stream is read to its end)")
+       for k in ("stream-interval", "stream-call-duration", "stream-call-count", "stream-dynamic-messages")},
+    **{k: (lambda v: not v, "request data is read only from 'data' (a JSON object or array) here")
+       for k in ("data-file", "binary", "binary-file", "metadata-file")},
+    **{k: (lambda v: not v, "TLS is not supported by this runner (plaintext only, as 'insecure': true)")
+       for k in ("cacert", "cert", "key", "cname", "skipTLS")},
+}
+_DURATION_STOPS = {"wait", "ignore"}
 _TEMPLATE = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -85,6 +120,13 @@ class Scenario:
     rps: float | None = None
     timeout_s: float = 20.0
     host: str | None = None
+    connections: int = 1
+    skip_first: int = 0
+    count_errors: bool = False
+    duration_stop: str = "wait"  # ghz's "close" (cancel in-flight calls) is refused
+    channel_options: tuple[tuple[str, Any], ...] = ()
+    compression: bool = False
+    tags: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def load(path: Path) -> Scenario:
@@ -96,9 +138,30 @@ class Scenario:
 
     @staticmethod
     def from_dict(raw: dict, default_name: str = "scenario", where: str = "scenario") -> Scenario:
-        unknown = set(raw) - _READ - _IGNORED
+        unknown = set(raw) - _READ - _IGNORED - set(_REFUSED)
         if unknown:
             raise ScenarioError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_READ)}")
+        for key in sorted(set(raw) & set(_REFUSED)):
+            harmless, why = _REFUSED[key]
+            if not harmless(raw[key]):
+                raise ScenarioError(f"{where}: ghz key {key!r} ({raw[key]!r}) is not supported: {why}")
+        for key in ("load-schedule", "concurrency-schedule"):
+            if raw.get(key, "const") != "const":
+                raise ScenarioError(f"{where}: ghz key {key!r} ({raw[key]!r}) is not supported: {_SCHEDULES}")
+        stop = raw.get("duration-stop") or "wait"
+        if stop not in _DURATION_STOPS:
+            raise ScenarioError(f"{where}: ghz key 'duration-stop' ({stop!r}) is not supported: in-flight calls are "
+                                "not cancelled at the end of 'duration' here; use 'wait' or 'ignore'")
+        options: list[tuple[str, Any]] = []
+        if raw.get("lb-strategy"):
+            options.append(("grpc.lb_policy_name", str(raw["lb-strategy"])))
+        if raw.get("keepalive"):
+            options.append(("grpc.keepalive_time_ms", int(parse_duration(raw["keepalive"], "keepalive") * 1000)))
+        if raw.get("authority"):
+            options.append(("grpc.default_authority", str(raw["authority"])))
+        connections, skip_first = int(raw.get("connections") or 1), int(raw.get("skipFirst") or 0)
+        if connections < 1 or skip_first < 0:
+            raise ScenarioError(f"{where}: connections must be at least 1 and skipFirst at least 0")
         call = raw.get("call")
         if not isinstance(call, str) or not re.fullmatch(r"[\w.]+[./]\w+", call):
             raise ScenarioError(f"{where}: 'call' must be 'package.Service.Method' or 'package.Service/Method', got {call!r}")
@@ -118,6 +181,9 @@ class Scenario:
             concurrency=concurrency, total=int(total) if total is not None else None, duration_s=duration,
             rps=float(raw.get("rps") or raw.get("qps") or 0) or None,
             timeout_s=parse_duration(raw.get("timeout", "20s"), "timeout"), host=raw.get("host"),
+            connections=connections, skip_first=skip_first, count_errors=bool(raw.get("count-errors")),
+            duration_stop=stop, channel_options=tuple(options), compression=bool(raw.get("enable-compression")),
+            tags=tuple((str(k), str(v)) for k, v in (raw.get("tags") or {}).items()),
         )
 
 
@@ -176,6 +242,8 @@ class Result:
     first_s: float | None = None  # streaming: time to the first response carrying tokens
     completion_tokens: int = 0
     error: str = ""
+    timestamp: float = 0.0  # time.time() when the call started
+    ghz_error: str = ""  # the error as grpc-go prints it, for ghz's report
 
 
 def _tokens(response: Message) -> int:
@@ -186,7 +254,7 @@ def _tokens(response: Message) -> int:
 
 def _one(invoke: Callable, streaming: bool, request: Message, s: Scenario) -> Result:
     """One request through `invoke` (the channel's callable for the method)."""
-    start = time.perf_counter()
+    start, wall = time.perf_counter(), time.time()
     try:
         if streaming:
             first, tokens = None, 0
@@ -194,11 +262,31 @@ def _one(invoke: Callable, streaming: bool, request: Message, s: Scenario) -> Re
                 if first is None and getattr(response, "token_ids", None):
                     first = time.perf_counter() - start
                 tokens = max(tokens, _tokens(response))
-            return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens)
+            return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens, timestamp=wall)
         response = invoke(request, timeout=s.timeout_s, metadata=s.metadata or None)
-        return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response))
+        return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response), timestamp=wall)
     except grpc.RpcError as e:
-        return Result(e.code(), time.perf_counter() - start, error=f"{e.code().name}: {e.details()}")
+        return Result(e.code(), time.perf_counter() - start, error=f"{e.code().name}: {e.details()}", timestamp=wall,
+                      ghz_error=f"rpc error: code = {go_code(e.code())} desc = {e.details()}")
+
+
+def go_code(code: grpc.StatusCode) -> str:
+    """A status code as grpc-go's codes.Code.String() spells it ("ResourceExhausted"), as ghz
+    reports it."""
+    if code == grpc.StatusCode.OK:
+        return "OK"
+    if code == grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    return "".join(part.capitalize() for part in code.name.split("_"))
+
+
+def _rfc3339(t: float, seconds_only: bool = False) -> str:
+    when = datetime.fromtimestamp(t, timezone.utc).astimezone()
+    return when.isoformat(timespec="seconds" if seconds_only else "microseconds")
+
+
+_NS = 1_000_000_000
+_GHZ_PERCENTAGES = (10, 25, 50, 75, 90, 95, 99)
 
 
 @dataclass
@@ -210,6 +298,64 @@ class Report:
     concurrency: int
     results: list[Result] = field(default_factory=list)
     wall_s: float = 0.0
+    scenario: Scenario | None = None
+    end_reason: str = "normal"  # ghz's: normal, or timeout when 'duration' ended the run
+    ended: float = 0.0  # time.time() at the end
+
+    def as_ghz(self, host: str = "") -> dict:
+        """ghz's own JSON report (runner.Report, as `ghz -O json` writes it): durations as
+        integer nanoseconds, histogram marks in seconds, status names as grpc-go's. Figures
+        other than count, average and rps use successful calls only, unless the scenario
+        sets count-errors, as in ghz."""
+        s = self.scenario
+        results = self.results
+        count = len(results)
+        total_ns = int(self.wall_s * _NS)
+        counted = sorted(r.latency_s for r in results
+                         if r.code == grpc.StatusCode.OK or (s is not None and s.count_errors))
+        report: dict[str, Any] = {
+            "name": self.name,
+            "endReason": self.end_reason,
+            "options": self._ghz_options(host),
+            "date": _rfc3339(self.ended or time.time(), seconds_only=True),
+            "count": count,
+            "total": total_ns,
+            "average": int(sum(r.latency_s for r in results) / count * _NS) if count else 0,
+            "fastest": int(counted[0] * _NS) if counted else 0,
+            "slowest": int(counted[-1] * _NS) if counted else 0,
+            "rps": count / self.wall_s if count and self.wall_s else 0.0,
+            "errorDistribution": dict(Counter(r.ghz_error for r in results if r.code != grpc.StatusCode.OK)),
+            "statusCodeDistribution": dict(Counter(go_code(r.code) for r in results)),
+            "latencyDistribution": _ghz_latencies(counted) if counted else None,
+            "histogram": _ghz_histogram(counted) if counted else None,
+            "details": [{"timestamp": _rfc3339(r.timestamp), "latency": int(r.latency_s * _NS),
+                         "error": r.ghz_error, "status": go_code(r.code)} for r in results] or None,
+        }
+        if s is not None and s.tags:
+            report["tags"] = dict(s.tags)
+        return report
+
+    def _ghz_options(self, host: str) -> dict:
+        s = self.scenario
+        if s is None:
+            return {"call": self.call, "host": host, "insecure": True, "concurrency": self.concurrency}
+        out: dict[str, Any] = {"host": host, "call": f"{s.service}.{s.method}", "insecure": True,
+                               "concurrency": s.concurrency, "connections": s.connections,
+                               "timeout": int(s.timeout_s * _NS), "CPUs": 0, "binary": False, "name": s.name,
+                               "data": s.data[0] if len(s.data) == 1 else list(s.data)}
+        if s.total is not None:
+            out["total"] = s.total
+        if s.duration_s:
+            out["duration"] = int(s.duration_s * _NS)
+        if s.rps:
+            out["rps"] = int(s.rps)
+        if s.skip_first:
+            out["skipFirst"] = s.skip_first
+        if s.count_errors:
+            out["count-errors"] = True
+        if s.metadata:
+            out["metadata"] = dict(s.metadata)
+        return out
 
     def as_dict(self) -> dict:
         ok = [r for r in self.results if r.code == grpc.StatusCode.OK]
@@ -235,6 +381,35 @@ class Report:
         return out
 
 
+def _ghz_latencies(latencies: Sequence[float]) -> list[dict]:
+    """ghz's latencyDistribution: percentages 10 ... 99 of sorted latencies (seconds), its
+    rank rule, latency in ns (an entry ghz leaves zero for a zero latency stays zero)."""
+    out = []
+    for p in _GHZ_PERCENTAGES:
+        ip = p / 100.0 * len(latencies)
+        di = int(ip)
+        if ip == di:
+            di -= 1
+        value = latencies[max(di, 0)]
+        out.append({"percentage": p, "latency": int(value * _NS)} if value > 0 else {"percentage": 0, "latency": 0})
+    return out
+
+
+def _ghz_histogram(latencies: Sequence[float]) -> list[dict]:
+    """ghz's histogram: 11 marks (seconds) from fastest to slowest, counts of latencies up to
+    each mark, frequency as a fraction."""
+    fastest, slowest, bc = latencies[0], latencies[-1], 10
+    step = (slowest - fastest) / bc
+    marks = [fastest + step * i for i in range(bc)] + [slowest]
+    counts = [0] * len(marks)
+    bi = 0
+    for lat in latencies:
+        while lat > marks[bi] and bi < len(marks) - 1:
+            bi += 1
+        counts[bi] += 1
+    return [{"mark": m, "count": c, "frequency": c / len(latencies)} for m, c in zip(marks, counts)]
+
+
 def _distribution(seconds: Sequence[float]) -> dict[str, float]:
     if not seconds:
         return {}
@@ -248,17 +423,19 @@ def _distribution(seconds: Sequence[float]) -> dict[str, float]:
 
 
 def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None) -> Report:
-    """Run a scenario against `address` with `s.concurrency` workers sharing one channel, as
-    ghz does by default (one connection)."""
+    """Run a scenario against `address` with `s.concurrency` workers over `s.connections`
+    channels (worker i on connection i mod connections, one connection by default), as ghz
+    does."""
     call = Call.resolve(s)
     # Build every distinct request once up front, so bad data fails before any load is sent.
     for i, template in enumerate(s.data):
         call.request(template, i, 0, s.name)
-    report = Report(s.name, f"{s.service}.{s.method}", s.concurrency)
+    report = Report(s.name, f"{s.service}.{s.method}", s.concurrency, scenario=s)
     lock = threading.Lock()
     counter = iter(range(sys.maxsize))
     start = time.perf_counter()
     deadline = start + s.duration_s if s.duration_s else None
+    timed_out = threading.Event()
 
     def next_number() -> int | None:
         with lock:
@@ -271,6 +448,7 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
             if delay > 0:
                 time.sleep(delay)
         if deadline is not None and time.perf_counter() >= deadline:
+            timed_out.set()
             return None
         return n
 
@@ -278,19 +456,37 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
         while (n := next_number()) is not None:
             request = call.request(s.data[n % len(s.data)], n, worker_id, s.name)
             result = _one(invoke, call.server_streaming, request, s)
+            if s.duration_stop == "ignore" and deadline is not None and time.perf_counter() > deadline:
+                timed_out.set()
+                continue  # ghz's duration-stop "ignore": calls ending after the duration are not counted
             with lock:
                 report.results.append(result)
                 done = len(report.results)
             if progress:
                 progress(done)
 
-    with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(s.concurrency) as pool:
-        kind = channel.unary_stream if call.server_streaming else channel.unary_unary
-        invoke = kind(call.path, request_serializer=call.request_class.SerializeToString,
-                      response_deserializer=call.response_class.FromString)
-        for f in [pool.submit(worker, w, invoke) for w in range(s.concurrency)]:
-            f.result()
+    # A local subchannel pool per channel: otherwise gRPC would share one connection among them.
+    options = [*s.channel_options, *([("grpc.use_local_subchannel_pool", 1)] if s.connections > 1 else [])]
+    compression = grpc.Compression.Gzip if s.compression else None
+    channels = [grpc.insecure_channel(address, options=options, compression=compression)
+                for _ in range(s.connections)]
+    try:
+        invokes = []
+        for channel in channels:
+            kind = channel.unary_stream if call.server_streaming else channel.unary_unary
+            invokes.append(kind(call.path, request_serializer=call.request_class.SerializeToString,
+                                response_deserializer=call.response_class.FromString))
+        with ThreadPoolExecutor(s.concurrency) as pool:
+            for f in [pool.submit(worker, w, invokes[w % len(invokes)]) for w in range(s.concurrency)]:
+                f.result()
+    finally:
+        for channel in channels:
+            channel.close()
     report.wall_s = time.perf_counter() - start
+    report.ended = time.time()
+    report.end_reason = "timeout" if timed_out.is_set() else "normal"
+    if s.skip_first:  # ghz's skipFirst: the first N results (in the order they came) are left out
+        report.results = report.results[s.skip_first:]
     return report
 
 
@@ -354,23 +550,42 @@ def _progress(name: str, total: int | None) -> Callable[[int], None]:
 
 
 def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Path | None,
-            quiet: bool = False) -> list[dict]:
+            quiet: bool = False, fmt: str = "eftmesh") -> list[dict]:
+    """Run the scenarios in order; write their reports to `out` in `fmt` ("eftmesh": one JSON
+    of all runs; "ghz": ghz's report, one run per file, so `out` is the file for one scenario
+    and a directory for several; printed to stdout when `out` is None)."""
     scenarios = []
     for path in paths:
         s = Scenario.load(path)
         s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
         Call.resolve(s)  # fail on a bad call before running anything
         scenarios.append(s)
-    reports = []
+    if fmt == "ghz" and out is not None and len(scenarios) > 1 and out.suffix == ".json":
+        raise ScenarioError(f"--format ghz writes one report per run: give --out a directory for {len(scenarios)} "
+                            f"scenarios, not {out}")
+    reports, ghz = [], []
     for s in scenarios:
         target = address or s.host
         if not target:
             raise ScenarioError(f"{s.name}: no address: give --address or set 'host' in the file")
-        d = run(s, target, None if quiet else _progress(s.name, s.total)).as_dict()
+        r = run(s, target, None if quiet else _progress(s.name, s.total))
+        d = r.as_dict()
         reports.append(d)
+        ghz.append(r.as_ghz(target))
         if not quiet:
             print(summary(d) + "\n", flush=True)
-    if out:
+    if fmt == "ghz":
+        if out is None:
+            for g in ghz:
+                print(json.dumps(g, indent=2))
+        elif len(ghz) == 1 and out.suffix == ".json":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(ghz[0], indent=2) + "\n")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for s, g in zip(scenarios, ghz):
+                (out / (re.sub(r"[^\w.-]", "_", s.name) + ".json")).write_text(json.dumps(g, indent=2) + "\n")
+    elif out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"scenarios": reports}, indent=2) + "\n")
     return reports
@@ -398,19 +613,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--logit-arg", action="append", default=[], help="extra flag for every --local-mesh logit service; repeatable")
     p.add_argument("--concurrency", type=int, default=None, help="override every scenario's concurrency")
     p.add_argument("--total", type=int, default=None, help="override every scenario's total")
-    p.add_argument("--out", type=Path, default=None, help="write the reports as JSON here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the reports as JSON here (--format ghz: the file for one scenario, a directory "
+                        "for several)")
+    p.add_argument("--format", choices=("eftmesh", "ghz"), default="eftmesh",
+                   help="eftmesh: this runner's JSON, with tokens/s and time to first token; ghz: ghz's own JSON "
+                        "report (ghz -O json), printed to stdout without --out (default: %(default)s)")
     p.add_argument("--markdown", action="store_true", help="also print a README table of the runs")
     a = p.parse_args(argv)
     overrides = {"concurrency": a.concurrency, "total": a.total}
+    quiet = a.format == "ghz" and a.out is None  # stdout carries the ghz report alone
     try:
         if a.local_mesh:
             with _local_mesh(a.local_mesh, a.port, a.combiner_arg, a.logit_arg) as address:
-                reports = run_all(a.scenarios, address, overrides, a.out)
+                reports = run_all(a.scenarios, address, overrides, a.out, quiet, a.format)
         else:
-            reports = run_all(a.scenarios, a.address, overrides, a.out)
+            reports = run_all(a.scenarios, a.address, overrides, a.out, quiet, a.format)
     except ScenarioError as e:
         p.error(str(e))
-    if a.markdown:
+    if a.markdown and not quiet:
         print(markdown(reports))
     if a.out:
         print(f"written to {a.out}")

@@ -70,8 +70,15 @@ def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh)
 
     (done,) = points(data, "gen_ai.server.request.duration", **{"rpc.method": "Complete", "rpc.grpc.status_code": "OK"})
     assert done.count == 1 and done.sum > 0
+    # the GenAI semantic conventions' attributes, no error.type on success
+    assert done.attributes["gen_ai.operation.name"] == "text_completion"
+    assert done.attributes["gen_ai.provider.name"] == "eftmesh"
+    assert "ft-small" in done.attributes["gen_ai.request.model"]
+    assert "error.type" not in done.attributes and "gen_ai.system" not in done.attributes
     (ttft,) = points(data, "gen_ai.server.time_to_first_token", **{"rpc.method": "Complete"})
     assert ttft.count == 1 and 0 < ttft.sum <= done.sum
+    assert ttft.attributes["gen_ai.provider.name"] == "eftmesh"
+    assert ttft.attributes["gen_ai.request.model"] == done.attributes["gen_ai.request.model"]
     (tpot,) = points(data, "gen_ai.server.time_per_output_token", **{"rpc.method": "Complete"})
     assert tpot.count == 1 and 0 < tpot.sum < done.sum
     (out,) = points(data, "eftmesh.tokens", **{"gen_ai.token.type": "output"})
@@ -97,8 +104,17 @@ def test_overload_is_counted_as_rejected(measured_mesh):
     s = loadtest.Scenario.from_dict({"call": "eftmesh.v1.Generator.Complete", "total": 8, "concurrency": 4,
                                      "data": {"prompt": "hi", "max_new_tokens": 16, "ignore_eos": True}})
     report = loadtest.run(s, f"127.0.0.1:{cs.server.port}").as_dict()
-    (rejected,) = collect(reader)["eftmesh.generations.rejected"]
+    data = collect(reader)
+    (rejected,) = data["eftmesh.generations.rejected"]
     assert rejected.value >= report["status"]["RESOURCE_EXHAUSTED"] >= 1
+    # ...and in gen_ai.server.request.duration, with the conventions' error.type
+    (refused,) = points(data, "gen_ai.server.request.duration", **{"error.type": "RESOURCE_EXHAUSTED"})
+    assert refused.count == rejected.value
+    assert refused.attributes["rpc.grpc.status_code"] == "RESOURCE_EXHAUSTED"
+    assert refused.attributes["gen_ai.operation.name"] == "text_completion"
+    assert refused.attributes["gen_ai.provider.name"] == "eftmesh"
+    assert refused.attributes["gen_ai.request.model"]  # the composition was read before admission
+    assert not points(data, "gen_ai.server.time_to_first_token", **{"error.type": "RESOURCE_EXHAUSTED"})
 
 
 def test_a_failed_generation_is_recorded_with_its_status(measured_mesh):
@@ -107,8 +123,31 @@ def test_a_failed_generation_is_recorded_with_its_status(measured_mesh):
     with pytest.raises(grpc.RpcError):
         stub.Complete(generator_pb2.CompleteRequest(prompt="word " * 5000, max_new_tokens=2), timeout=30)
     failed = [p for p in collect(reader)["gen_ai.server.request.duration"]
-              if p.attributes["rpc.grpc.status_code"] not in ("OK",)]
+              if p.attributes["rpc.grpc.status_code"] not in ("OK", "RESOURCE_EXHAUSTED")]
     assert failed, "a refused generation should be counted with its status code"
+    assert all(p.attributes["error.type"] == p.attributes["rpc.grpc.status_code"] for p in failed)
+
+
+def test_an_invalid_request_is_recorded_with_error_type(measured_mesh):
+    cs, reader, _ = measured_mesh
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Complete(generator_pb2.CompleteRequest(prompt=""), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # refused before its composition was read: no gen_ai.request.model
+    (bad,) = [p for p in points(collect(reader), "gen_ai.server.request.duration", **{"error.type": "INVALID_ARGUMENT"})
+              if "gen_ai.request.model" not in p.attributes]
+    assert bad.count == 1 and bad.attributes["gen_ai.provider.name"] == "eftmesh"
+
+
+@pytest.mark.parametrize("error, expected", [
+    (metrics.EftMeshError("x"), "INTERNAL"),
+    (GeneratorExit(), "CANCELLED"),
+    (ValueError("x"), "ValueError"),
+    (TimeoutError(), "TimeoutError"),
+])
+def test_error_type_names_the_status_or_the_class(error, expected):
+    assert metrics.error_type(error) == expected
 
 
 def free_port() -> int:

@@ -1,12 +1,17 @@
 """OpenTelemetry: every RPC traced on both sides, context propagated to the logit services,
-one generation span with gen_ai.* attributes; nothing installed when tracing is off."""
+one generation span with the GenAI semantic conventions' attributes (error.type on failure);
+health checks and reflection never traced; nothing installed when tracing is off."""
 
 from __future__ import annotations
 
+from concurrent import futures
+
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from conftest import start_combiner
 from eftmesh.common import tracing
@@ -54,6 +59,11 @@ def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     assert g.attributes["gen_ai.usage.input_tokens"] == resp.usage.prompt_tokens
     assert set(g.attributes["eftmesh.roles"]) == {"base-large", "ft-small", "base-small"}
     assert "ft-small" in g.attributes["gen_ai.request.model"]
+    # OpenTelemetry GenAI semantic conventions: gen_ai.provider.name replaced gen_ai.system
+    assert g.attributes["gen_ai.operation.name"] == "text_completion"
+    assert g.attributes["gen_ai.provider.name"] == "eftmesh"
+    assert "gen_ai.system" not in g.attributes and "error.type" not in g.attributes
+    assert len(g.attributes["gen_ai.response.finish_reasons"]) == 1
 
     trace_id = g.context.trace_id
     server_complete = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("Generator/Complete")]
@@ -96,6 +106,57 @@ def test_the_generation_span_carries_speculation_figures(traced_mesh):
     assert g.attributes["eftmesh.base_calls_per_token"] == pytest.approx(resp.speculation.base_calls_per_token)
     drafts = [s for s in spans if s.kind == SpanKind.SERVER and s.name.endswith("LogitService/DraftBatch")]
     assert len(drafts) == resp.speculation.blocks
+
+
+def test_health_checks_and_reflection_are_not_traced(traced_mesh):
+    cs, exporter = traced_mesh
+    channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
+    exporter.clear()
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    health.Check(health_pb2.HealthCheckRequest(service="eftmesh.v1.Generator"), timeout=10)
+    listed = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    assert any(s.name == "eftmesh.v1.Generator" for s in listed[0].list_services_response.service)
+    assert exporter.get_finished_spans() == ()
+    # ...while an ordinary call on the same server still is
+    generator_pb2_grpc.GeneratorStub(channel).Info(generator_pb2.GeneratorInfoRequest(), timeout=10)
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == ["/eftmesh.v1.Generator/Info"], names
+
+
+def test_health_and_reflection_are_filtered_on_client_channels_too():
+    exporter = InMemorySpanExporter()
+    provider = tracing.make_tracer_provider("x", otlp=False, exporter=exporter)
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=tracing.server_interceptors(provider))
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        channel = tracing.traced_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), provider)
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert exporter.get_finished_spans() == ()
+    finally:
+        server.stop(0)
+
+
+def test_a_refused_generation_span_carries_error_type(tiny_family, mesh):
+    exporter = InMemorySpanExporter()
+    provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=False, exporter=exporter)
+    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in mesh.logits.items()},
+                        tracer_provider=provider)
+    try:
+        stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
+        exporter.clear()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Complete(generator_pb2.CompleteRequest(prompt="word " * 5000, max_new_tokens=2), timeout=30)
+    finally:
+        cs.stop(0)
+    (g,) = [s for s in exporter.get_finished_spans() if s.name == "eftmesh.generate"]
+    assert g.attributes["error.type"] == e.value.code().name
+    assert g.attributes["gen_ai.provider.name"] == "eftmesh"
+    assert g.status.status_code == StatusCode.ERROR
 
 
 def test_tracing_is_off_without_an_endpoint():

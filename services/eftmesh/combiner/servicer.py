@@ -1,4 +1,9 @@
-"""Generator servicer: protobuf <-> domain at the edge, one span per generation."""
+"""Generator servicer: protobuf <-> domain at the edge, one span per generation.
+
+The span is `eftmesh.generate` (an INTERNAL span under the gRPC server span; the GenAI
+conventions let a system name its spans, and dashboards and the scheduler's step links know
+this name), with the conventions' attributes: gen_ai.operation.name, gen_ai.provider.name,
+gen_ai.request.*, gen_ai.usage.*, gen_ai.response.finish_reasons, and error.type on failure."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from eftmesh.combiner.decoding import (
     Chunk,
@@ -25,7 +31,7 @@ from eftmesh.combiner.decoding import (
 from eftmesh.combiner.scheduler import Decoder
 from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
 from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from eftmesh.common.metrics import CombinerMetrics, meter, outcome
+from eftmesh.common.metrics import CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
@@ -200,10 +206,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self._limit = max_concurrent_generations
 
     @contextmanager
-    def _slot(self) -> Iterator[None]:
+    def _slot(self, attrs: Mapping[str, str]) -> Iterator[None]:
         # Overload is refused at once: a queue here would only turn into client time-outs.
         if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.add(1)
+            self.metrics.rejected.add(1, attrs)
             raise ResourceExhausted(
                 f"the combiner is running its limit of {self._limit} generations; retry with back-off"
             )
@@ -212,26 +218,30 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             self._slots.release()
 
-    def _run(self, req: GenerationRequest, context: grpc.ServicerContext, rpc: str) -> Iterator[Chunk]:
-        with self._slot():
-            yield from self._measured(req, context, rpc)
-
-    def _measured(self, req: GenerationRequest, context: grpc.ServicerContext, rpc: str) -> Iterator[Chunk]:
-        """The generation, with its metrics: duration by outcome, time to first token, time
-        per output token, tokens, speculation acceptance, generations in flight."""
+    def _run(
+        self, request: generator_pb2.GenerateRequest | generator_pb2.CompleteRequest,
+        context: grpc.ServicerContext, rpc: str,
+    ) -> Iterator[Chunk]:
+        """One generation, from the request message on, with its metrics: duration by outcome
+        (refusals included: invalid, RESOURCE_EXHAUSTED at admission, ...), and for successful
+        generations time to first token and time per output token; tokens, speculation
+        acceptance, generations in flight. Attributes follow the GenAI semantic conventions
+        (see eftmesh.common.metrics)."""
         m, start, first, tokens, error = self.metrics, time.perf_counter(), None, 0, None
-        m.active.add(1)
+        attrs: dict[str, str] = {**gen_ai_attributes(), "rpc.method": rpc}
         try:
-            for chunk in self._traced(req, context):
+            req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
+            attrs["gen_ai.request.model"] = req.composition.describe()
+            for chunk in self._traced(req, context, attrs):
                 if chunk.token_ids:
                     if first is None:
                         first = time.perf_counter() - start
-                        m.time_to_first_token.record(first, {"rpc.method": rpc})
                     tokens += len(chunk.token_ids)
                 if chunk.usage is not None:
                     u = chunk.usage
-                    m.tokens.add(u.prompt_tokens, {"gen_ai.token.type": "input"})
-                    m.tokens.add(u.completion_tokens, {"gen_ai.token.type": "output"})
+                    gen_ai = gen_ai_attributes(attrs["gen_ai.request.model"])
+                    m.tokens.add(u.prompt_tokens, {**gen_ai, "gen_ai.token.type": "input"})
+                    m.tokens.add(u.completion_tokens, {**gen_ai, "gen_ai.token.type": "output"})
                     if u.speculation.drafted:
                         m.acceptance.record(u.speculation.acceptance_rate, {"eftmesh.draft_role": req.speculation.draft_role})
                 yield chunk
@@ -240,16 +250,20 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             raise
         finally:
             elapsed = time.perf_counter() - start
-            m.active.add(-1)
-            m.request_duration.record(elapsed, {"rpc.method": rpc, "rpc.grpc.status_code": outcome(error)})
-            if first is not None and tokens > 1:
-                m.time_per_output_token.record((elapsed - first) / (tokens - 1), {"rpc.method": rpc})
+            done = {**attrs, "rpc.grpc.status_code": outcome(error)}
+            if error is not None:
+                done["error.type"] = error_type(error)
+            m.request_duration.record(elapsed, done)
+            if error is None and first is not None:  # the conventions: successful responses only
+                m.time_to_first_token.record(first, attrs)
+                if tokens > 1:
+                    m.time_per_output_token.record((elapsed - first) / (tokens - 1), attrs)
 
-    def _traced(self, req: GenerationRequest, context: grpc.ServicerContext) -> Iterator[Chunk]:
+    def _traced(self, req: GenerationRequest, context: grpc.ServicerContext, base: Mapping[str, str]) -> Iterator[Chunk]:
+        """The generation span (GenAI semantic conventions, plus eftmesh.* figures); admission
+        happens inside it, so a refused generation is a span with error.type too."""
         attrs = {
-            "gen_ai.operation.name": "text_completion",
-            "gen_ai.system": "eftmesh",
-            "gen_ai.request.model": req.composition.describe(),
+            **{k: v for k, v in base.items() if k.startswith("gen_ai.")},
             "gen_ai.request.temperature": req.sampling.temperature,
             "gen_ai.request.top_p": req.sampling.top_p,
             "gen_ai.request.top_k": req.sampling.top_k,
@@ -258,6 +272,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             "eftmesh.roles": list(req.composition.roles),
             "eftmesh.speculation.mode": "off" if req.speculation is None else ("adaptive" if req.speculation.adaptive else "fixed"),
         }
+        if req.stop:
+            attrs["gen_ai.request.stop_sequences"] = list(req.stop)
         if req.speculation is not None:
             attrs["eftmesh.speculation.draft_role"] = req.speculation.draft_role
             attrs["eftmesh.speculation.block_size"] = req.speculation.block_size
@@ -275,27 +291,35 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 span.set_attribute("eftmesh.speculation.blocks", u.speculation.blocks)
                 span.set_attribute("eftmesh.base_calls_per_token", u.base_calls_per_token)
 
-            yield from self.decoder.generate(
-                req,
-                deadline=deadline_from(context.time_remaining()),
-                is_cancelled=lambda: not context.is_active(),
-                on_finish=on_finish,
-            )
+            try:
+                with self._slot(base):
+                    self.metrics.active.add(1)
+                    try:
+                        yield from self.decoder.generate(
+                            req,
+                            deadline=deadline_from(context.time_remaining()),
+                            is_cancelled=lambda: not context.is_active(),
+                            on_finish=on_finish,
+                        )
+                    finally:
+                        self.metrics.active.add(-1)
+            except BaseException as e:
+                span.set_attribute("error.type", error_type(e))
+                span.set_status(Status(StatusCode.ERROR, str(e) or error_type(e)))
+                raise
 
     def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[generator_pb2.GenerateResponse]:
-        req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
-        for chunk in self._run(req, context, "Generate"):
+        for chunk in self._run(request, context, "Generate"):
             yield chunk_to_pb(chunk)
 
     def Complete(
         self, request: generator_pb2.CompleteRequest, context: grpc.ServicerContext
     ) -> generator_pb2.CompleteResponse:
-        req = request_from_pb(request, self.defaults, self.decoder.scorer.models)
         resp = generator_pb2.CompleteResponse()
         text = []
-        for chunk in self._run(req, context, "Complete"):
+        for chunk in self._run(request, context, "Complete"):
             resp.token_ids.extend(chunk.token_ids)
             resp.logprobs.extend(chunk.logprobs)
             text.append(chunk.text)

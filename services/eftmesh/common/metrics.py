@@ -14,6 +14,17 @@ cost nothing on the hot path.
 Names follow the OpenTelemetry GenAI semantic conventions where they define one
 (`gen_ai.server.*`); the rest are `eftmesh.*`. Prometheus shows dots as underscores, with the
 unit appended (`gen_ai_server_time_to_first_token_seconds`).
+
+The `gen_ai.server.*` instruments carry the conventions' attributes (`gen_ai_attributes`):
+`gen_ai.operation.name` ("text_completion"), `gen_ai.provider.name` ("eftmesh": the conventions
+list no well-known value for a self-hosted mesh, so it names itself; the deprecated
+`gen_ai.system` is not emitted), `gen_ai.request.model` (the composition, e.g.
+"base-large + 1*(ft-small - base-small)"; absent when the request was refused before it
+could be read), and on failures `error.type` (`error_type`: the gRPC status name the caller
+got, e.g. "RESOURCE_EXHAUSTED", "CANCELLED" for a client gone mid-stream, or the exception's
+class for an unexpected error). `rpc.method` and `rpc.grpc.status_code` are kept alongside.
+Only `gen_ai.client.token.usage` exists for tokens in the conventions, a client metric, so the
+server counts tokens in `eftmesh.tokens` with the conventions' `gen_ai.token.type`.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import grpc
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -96,6 +108,36 @@ def outcome(error: BaseException | None) -> str:
     return "INTERNAL"
 
 
+# The GenAI semantic conventions' values for this service.
+GEN_AI_OPERATION = "text_completion"
+GEN_AI_PROVIDER = "eftmesh"
+
+
+def gen_ai_attributes(model: str | None = None) -> dict[str, str]:
+    """The attributes every `gen_ai.*` span and metric of a generation carries."""
+    attrs = {"gen_ai.operation.name": GEN_AI_OPERATION, "gen_ai.provider.name": GEN_AI_PROVIDER}
+    if model:
+        attrs["gen_ai.request.model"] = model
+    return attrs
+
+
+def error_type(error: BaseException) -> str:
+    """The `error.type` of a failed generation: the gRPC status name the caller got
+    ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "CANCELLED" for a client gone mid-stream, the
+    code of an upstream's RpcError), or the exception's class for an unexpected error (which
+    the caller sees as INTERNAL)."""
+    if isinstance(error, EftMeshError):
+        return error.code.name
+    if isinstance(error, GeneratorExit):
+        return "CANCELLED"
+    if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+        code = error.code()
+        if isinstance(code, grpc.StatusCode):
+            return code.name
+    cls = type(error)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def meter(provider: MeterProvider | None, name: str) -> Meter:
     """A meter from `provider`, or the API's no-op meter when metrics are off."""
     return (provider or metrics.NoOpMeterProvider()).get_meter(name)
@@ -116,12 +158,14 @@ class CombinerMetrics:
     def __init__(self, m: Meter) -> None:
         self.request_duration = m.create_histogram(
             "gen_ai.server.request.duration", unit="s",
-            description="Generation time, from the request to its last token, by RPC and outcome")
+            description="Generation time, from the request to its last token, by RPC and outcome "
+                        "(refused requests included, with error.type)")
         self.time_to_first_token = m.create_histogram(
-            "gen_ai.server.time_to_first_token", unit="s", description="Time from the request to the first token")
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time from the request to the first token, for successful generations")
         self.time_per_output_token = m.create_histogram(
             "gen_ai.server.time_per_output_token", unit="s",
-            description="Time per output token after the first, per generation")
+            description="Time per output token after the first, per successful generation")
         self.tokens = m.create_counter(
             "eftmesh.tokens", unit="{token}", description="Prompt (input) and generated (output) tokens")
         self.active = m.create_up_down_counter(

@@ -4,6 +4,10 @@ Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-s
 variable) is set; the exporter reads the standard `OTEL_*` variables itself. When neither is
 set and no exporter is given, no tracer provider is created and no interceptor is installed:
 tracing then costs nothing on the hot path.
+
+Health checks (/grpc.health.v1.Health/*: kubelet probes every few seconds, the combiner's
+watches of its upstreams) and server reflection (/grpc.reflection.*: grpcurl, ghz) are kept
+out of traces on both sides: they would drown the generations in noise and cost a span each.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ from collections.abc import Mapping
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, intercept_channel, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, filters, intercept_channel, server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 OTLP_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+# gRPC services whose calls are never traced (service-name prefixes, as in the method path).
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+
+
+# The instrumentation's filter: True means "trace this call".
+_FILTER = filters.negate(filters.any_of(*(filters.service_prefix(p) for p in UNTRACED_SERVICES)))
 
 
 def otlp_requested(environ: Mapping[str, str]) -> bool:
@@ -48,8 +59,9 @@ def make_tracer_provider(
 
 
 def server_interceptors(provider: TracerProvider | None) -> list[grpc.ServerInterceptor]:
-    """The OpenTelemetry server interceptor, or nothing when tracing is off."""
-    return [] if provider is None else [server_interceptor(tracer_provider=provider)]
+    """The OpenTelemetry server interceptor (health and reflection calls left out), or nothing
+    when tracing is off."""
+    return [] if provider is None else [server_interceptor(tracer_provider=provider, filter_=_FILTER)]
 
 
 def traced_channel(channel: grpc.Channel, provider: TracerProvider | None) -> grpc.Channel:
@@ -57,7 +69,7 @@ def traced_channel(channel: grpc.Channel, provider: TracerProvider | None) -> gr
     if provider is None:
         return channel
     # OpenTelemetry's own channel wrapper: unlike grpc.intercept_channel it traces .future() calls.
-    return intercept_channel(channel, client_interceptor(tracer_provider=provider))
+    return intercept_channel(channel, client_interceptor(tracer_provider=provider, filter_=_FILTER))
 
 
 def tracer(provider: TracerProvider | None, name: str) -> trace.Tracer:
