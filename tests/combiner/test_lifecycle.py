@@ -1,14 +1,20 @@
 """Request lifecycle on the mesh: finished generations release their caches, and the client's
-deadline bounds the work."""
+deadline bounds the work. Upstream lifecycle, as real servers on loopback: a combiner started
+before its upstreams, a role's last replica lost and back, a draining replica's refusals."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
+from conftest import start_combiner, start_logit
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from eftmesh.v1 import generator_pb2
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc, tensor_pb2
 
 
 def _wait_empty(mesh, timeout: float = 5.0) -> dict[str, int]:
@@ -52,3 +58,192 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny_family):
     sink = TokenSink(tok, None, (), 3, 100, Usage())  # what ignore_eos passes: no EOS id
     assert [sink.add(tok.eos_token_id, None) for _ in range(3)] == [False, False, True]
     assert sink.take().finish_reason.value == "length"
+
+
+# --- Upstream lifecycle: start before the upstreams, a role's last replica lost and back, drain --
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class _Client:
+    """A client of one combiner: its health, and greedy completions."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.generator = generator_pb2_grpc.GeneratorStub(self.channel)
+
+    def status(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+    def wait_status(self, want: int, timeout: float) -> float:
+        """Seconds until health is `want`; fails after `timeout`."""
+        t0 = time.monotonic()
+        while self.status() != want:
+            assert time.monotonic() - t0 < timeout, f"health not {want} within {timeout} s"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    def complete(self, prompt: str = "The quick brown fox", timeout: float = 30) -> generator_pb2.CompleteResponse:
+        return self.generator.Complete(generator_pb2.CompleteRequest(
+            prompt=prompt, max_new_tokens=4, ignore_eos=True,
+            speculation={"mode": generator_pb2.SPECULATION_MODE_OFF},
+            sampling=tensor_pb2.SamplingParams(temperature=0.0)), timeout=timeout)
+
+    def refused(self) -> tuple[grpc.RpcError, float]:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            self.complete()
+        return e.value, time.monotonic() - t0
+
+
+def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_family):
+    ports = dict(zip(tiny_family, _free_ports(len(tiny_family))))
+    t0 = time.monotonic()
+    cs = start_combiner(tiny_family["base-small"], ports)  # nothing listens on those ports yet
+    logits = []
+    try:
+        assert time.monotonic() - t0 < 10  # start() does not wait for the upstreams
+        client = _Client(cs.server.port)
+        assert client.status() == NOT_SERVING
+        err, took = client.refused()
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and took < 2.0
+        assert "base-large" in err.details() and "waiting for" in err.details()
+        logits = [start_logit(tiny_family[r], r, port=p) for r, p in ports.items()]
+        client.wait_status(SERVING, timeout=10)
+        assert len(client.complete().token_ids) == 4
+        assert cs.scorer.missing_roles() == []
+    finally:
+        cs.stop(0)
+        for ls in logits:
+            ls.server.stop(0).wait()
+
+
+def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
+    logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
+    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
+    try:
+        client = _Client(cs.server.port)
+        client.wait_status(SERVING, timeout=5)
+        expected = client.complete().token_ids
+        port = logits["base-large"].server.port
+        logits["base-large"].server.stop(0).wait()
+        assert client.wait_status(NOT_SERVING, timeout=5) < 5
+        assert cs.scorer.missing_roles() == ["base-large"]
+        err, took = client.refused()
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and took < 2.0, (err, took)
+        assert "base-large" in err.details()
+        logits["base-large"] = start_logit(tiny_family["base-large"], "base-large", port=port)
+        client.wait_status(SERVING, timeout=10)
+        assert client.complete().token_ids == expected  # the same greedy tokens as before
+    finally:
+        cs.stop(0)
+        for ls in logits.values():
+            ls.server.stop(0).wait()
+
+
+class FakeDrainingLogit(logit_pb2_grpc.LogitServiceServicer):
+    """A fake logit replica that is draining: it answers Info as a real replica of the role
+    does (so the combiner verifies it) and refuses every batched item with UNAVAILABLE
+    "draining: ...", as a logit service on SIGTERM refuses new sessions."""
+
+    def __init__(self, real: logit_pb2_grpc.LogitServiceStub) -> None:
+        self.real = real
+        self.refused: list[str] = []
+        self.lock = threading.Lock()
+
+    def Info(self, request, context):
+        return self.real.Info(request, timeout=5)
+
+    def _refuse(self, items):
+        with self.lock:
+            self.refused.extend(it.session_id for it in items)
+        return [logit_pb2.ItemResult(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                     message="draining: this replica takes no new sessions") for _ in items]
+
+    def ScoreBatch(self, request, context):
+        return logit_pb2.ScoreBatchResponse(results=self._refuse(request.items))
+
+    def DraftBatch(self, request, context):
+        return logit_pb2.DraftBatchResponse(results=self._refuse(request.items))
+
+    def Release(self, request, context):
+        return logit_pb2.ReleaseResponse()
+
+
+@pytest.fixture
+def draining_replica(tiny_family):
+    """A real base-large replica and a fake draining one in front of it, plus the other roles."""
+    logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
+    real = grpc.insecure_channel(f"127.0.0.1:{logits['base-large'].server.port}")
+    fake = FakeDrainingLogit(logit_pb2_grpc.LogitServiceStub(real))
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    logit_pb2_grpc.add_LogitServiceServicer_to_server(fake, server)
+    hs = health.HealthServicer()
+    hs.set("", SERVING)  # its health still says SERVING: only the per-item refusal tells
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    fake_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield logits, fake, fake_port
+    server.stop(0).wait()
+    real.close()
+    for ls in logits.values():
+        ls.server.stop(0).wait()
+
+
+def test_a_session_refused_by_a_draining_replica_moves_to_another(tiny_family, draining_replica):
+    logits, fake, fake_port = draining_replica
+    ports = {r: ls.server.port for r, ls in logits.items()}
+    target = f"127.0.0.1:{fake_port},127.0.0.1:{ports['base-large']}"  # the fake gets the first session
+    cs = start_combiner(tiny_family["base-small"], ports, upstream_targets={"base-large": target})
+    try:
+        client = _Client(cs.server.port)
+        client.wait_status(SERVING, timeout=5)
+        got = [client.complete(p).token_ids for p in ("The quick brown fox", "Once upon a time")]
+    finally:
+        cs.stop(0)
+    alone = start_combiner(tiny_family["base-small"], ports)
+    try:
+        want = [_Client(alone.server.port).complete(p).token_ids for p in ("The quick brown fox", "Once upon a time")]
+    finally:
+        alone.stop(0)
+    assert fake.refused, "no session was sent to the draining replica"
+    assert got == want  # refused sessions were re-sent from position 0 on the real replica
+
+
+def test_a_session_refused_by_the_only_replica_fails_unavailable(tiny_family, draining_replica):
+    logits, fake, fake_port = draining_replica
+    ports = {r: ls.server.port for r, ls in logits.items()}
+    cs = start_combiner(tiny_family["base-small"], ports, upstream_targets={"base-large": f"127.0.0.1:{fake_port}"})
+    try:
+        client = _Client(cs.server.port)
+        client.wait_status(SERVING, timeout=5)
+        err, took = client.refused()
+    finally:
+        cs.stop(0)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and took < 2.0, (err, took)
+    assert "draining" in err.details() and fake.refused
+
+
+def test_the_combiner_closes_client_connections_after_max_connection_age(mesh, tiny_family):
+    """Long-lived clients rebalance across combiner pods: the server is built with gRPC's
+    max-connection-age options from --max-connection-age / --max-connection-age-grace."""
+    ports = {r: ls.server.port for r, ls in mesh.logits.items()}
+    cs = start_combiner(tiny_family["base-small"], ports, max_connection_age_s=120.0, max_connection_age_grace_s=10.0)
+    try:
+        options = dict(cs.server.cfg.options)
+    finally:
+        cs.stop(0)
+    assert options["grpc.max_connection_age_ms"] == 120_000
+    assert options["grpc.max_connection_age_grace_ms"] == 10_000

@@ -14,6 +14,15 @@ Upstream targets (`--upstream ROLE=TARGET`):
     host:port,host:port,...     a fixed set of replicas
     dns:///name:port            every address `name` resolves to, resolved again every few
                                 seconds: a Kubernetes headless Service lists its ready pods
+    k8s:///service.namespace:port
+                                the endpoints of Kubernetes Service `service` in `namespace`
+                                (its EndpointSlices, watched through the API: discovery.py);
+                                `k8s:///service:port` is the combiner pod's own namespace, and
+                                port may be the Service port's name. Ready endpoints get new
+                                sessions; terminating and not-ready ones keep the sessions
+                                pinned there but get no new ones; changes apply as the API
+                                server reports them. The combiner needs get/list/watch on
+                                discovery.k8s.io endpointslices.
 
 No gRPC here beyond holding channels and stubs: the calls and their retries are upstream.py's.
 """
@@ -27,7 +36,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from eftmesh.combiner.discovery import K8S_PREFIX, READY, parse_k8s_target
+
+if TYPE_CHECKING:
+    from eftmesh.combiner.discovery import EndpointSliceWatcher
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,18 @@ Resolver = Callable[[str, int], list[str]]
 
 
 def parse_target(target: str) -> tuple[str, list[str]]:
-    """("dns", [name:port]) or ("static", [host:port, ...]); raises ValueError naming the fix."""
+    """("static", [host:port, ...]), ("dns", [name:port]) or ("k8s", [service.namespace:port]);
+    raises ValueError naming the fix.
+
+        HOST:PORT[,HOST:PORT...]          a fixed set of replicas
+        dns:///NAME:PORT                  every address NAME resolves to (polled)
+        k8s:///SERVICE[.NAMESPACE]:PORT   Service SERVICE's EndpointSlices, watched through the
+                                          Kubernetes API (namespace: the pod's own if omitted;
+                                          PORT: a number, or the name of the Service's port)
+    """
+    if target.startswith(K8S_PREFIX):
+        parse_k8s_target(target)
+        return "k8s", [target[len(K8S_PREFIX):]]
     if target.startswith(DNS_PREFIX):
         rest = target[len(DNS_PREFIX):]
         host, sep, port = rest.rpartition(":")
@@ -48,7 +73,8 @@ def parse_target(target: str) -> tuple[str, list[str]]:
     for p in parts:
         host, sep, port = p.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"expected HOST:PORT[,HOST:PORT...] or dns:///NAME:PORT, got {target!r}")
+            raise ValueError(
+                f"expected HOST:PORT[,HOST:PORT...], dns:///NAME:PORT or k8s:///SERVICE.NAMESPACE:PORT, got {target!r}")
     if len(set(parts)) != len(parts):
         raise ValueError(f"replica listed twice in {target!r}")
     return "static", parts
@@ -76,7 +102,8 @@ class Replica:
     stub: Any
     verified: bool = False  # answered Info and matches the role's model
     down_until: float = 0.0  # monotonic time before which no new session is sent here
-    draining: bool = False  # no longer in the target's resolution: no new sessions
+    draining: bool = False  # not ready in the target's resolution (gone, terminating): no new sessions
+    state: str = READY  # ready | terminating | not_ready | gone (k8s:///; else ready or gone)
     sessions: set[str] = field(default_factory=set)
 
     def available(self, now: float) -> bool:
@@ -84,7 +111,11 @@ class Replica:
 
 
 class ReplicaSet:
-    """The replicas of one role and the session pins; thread-safe."""
+    """The replicas of one role and the session pins; thread-safe.
+
+    A k8s:/// target is followed by an `EndpointSliceWatcher` (`watcher`, or one made here with
+    the in-cluster ServiceAccount), which calls `refresh()` on every change it sees, then
+    `on_change(self)` (e.g. to verify new replicas at once). `close()` stops it."""
 
     def __init__(
         self,
@@ -93,6 +124,9 @@ class ReplicaSet:
         make_stub: Callable[[str], tuple[Any, Any]],
         resolver: Resolver = resolve_dns,
         cooldown_s: float = 5.0,
+        watcher: EndpointSliceWatcher | None = None,
+        on_change: Callable[[ReplicaSet], None] | None = None,
+        sync_timeout_s: float = 2.0,
     ) -> None:
         self.role, self.target = role, target
         self.kind, self._entries = parse_target(target)
@@ -100,48 +134,87 @@ class ReplicaSet:
         self._resolver = resolver
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one refresh at a time: a stale one never wins
         self._replicas: dict[str, Replica] = {}
         self._pins: dict[str, Replica] = {}
         self._turn = itertools.count()
+        self._on_change = on_change
+        self.watcher: EndpointSliceWatcher | None = None
+        if self.kind == "k8s":
+            if watcher is None:
+                from eftmesh.combiner.discovery import EndpointSliceWatcher
+
+                watcher = EndpointSliceWatcher(parse_k8s_target(target))
+            self.watcher = watcher
+            watcher.add_listener(self._endpoints_changed)
+            watcher.start()
+            if not watcher.wait_synced(sync_timeout_s):
+                log.warning("%s: no EndpointSlices of %s yet (the API server has not answered); waiting",
+                            role, target)
         self.refresh()
 
     # --- membership -------------------------------------------------------------------------
 
     def resolve(self) -> list[str]:
-        """The target's replica addresses now."""
+        """The target's replica addresses now (for k8s:///, the ready ones)."""
+        states = self.resolve_states()
+        return [a for a, s in (states or {}).items() if s == READY]
+
+    def resolve_states(self) -> dict[str, str] | None:
+        """{address: ready | terminating | not_ready} now; None while a k8s:/// watch has not
+        listed yet (nothing known, nothing to change)."""
         if self.kind == "static":
-            return list(self._entries)
+            return dict.fromkeys(self._entries, READY)
+        if self.kind == "k8s":
+            assert self.watcher is not None
+            return self.watcher.endpoints() if self.watcher.synced else None
         host, _, port = self._entries[0].rpartition(":")
-        return self._resolver(host, int(port))
+        return dict.fromkeys(self._resolver(host, int(port)), READY)
 
     def refresh(self) -> tuple[list[Replica], list[str]]:
-        """Resolve again: add new replicas (unverified), drain the ones gone, close drained
-        replicas that hold no session. Returns (added, closed addresses). A resolution that
-        finds nothing keeps the current replicas (a DNS hiccup must not drop every session)."""
-        addresses = self.resolve()
-        added, closed = [], []
-        with self._lock:
-            if addresses:
-                for a in addresses:
-                    r = self._replicas.get(a)
-                    if r is None:
-                        channel, stub = self._make_stub(a)
-                        r = self._replicas[a] = Replica(a, channel, stub)
-                        added.append(r)
-                    r.draining = False
-                for a, r in self._replicas.items():
-                    if a not in addresses:
-                        r.draining = True
-            for a, r in list(self._replicas.items()):
-                if r.draining and not r.sessions:
-                    closed.append(a)
-                    del self._replicas[a]
-                    r.channel.close()
+        """Resolve again: add new ready replicas (unverified), drain the ones gone, terminating
+        or not ready (their pinned sessions stay; no new ones), close drained replicas that hold
+        no session. Returns (added, closed addresses). A DNS resolution that finds nothing keeps
+        the current replicas (a DNS hiccup must not drop every session); an EndpointSlice watch
+        is taken at its word, and keeps its last state while the API server is away."""
+        with self._refreshing:
+            states = self.resolve_states()
+            added, closed, drained = [], [], []
+            with self._lock:
+                if states is not None and (states or self.kind == "k8s"):
+                    for a, state in states.items():
+                        r = self._replicas.get(a)
+                        if r is None and state == READY:
+                            channel, stub = self._make_stub(a)
+                            r = self._replicas[a] = Replica(a, channel, stub)
+                            added.append(r)
+                        if r is not None:
+                            if state != READY and not r.draining:
+                                drained.append((r, state, len(r.sessions)))
+                            r.state, r.draining = state, state != READY
+                    for a, r in self._replicas.items():
+                        if a not in states:
+                            if not r.draining:
+                                drained.append((r, "gone", len(r.sessions)))
+                            r.state, r.draining = "gone", True
+                for a, r in list(self._replicas.items()):
+                    if r.draining and not r.sessions:
+                        closed.append(a)
+                        del self._replicas[a]
+                        r.channel.close()
         for r in added:
             log.info("%s: replica %s found", self.role, r.address)
+        for r, state, n in drained:
+            log.info("%s: replica %s %s: no new sessions, %d pinned stay", self.role, r.address, state, n)
         for a in closed:
             log.info("%s: replica %s gone, channel closed", self.role, a)
         return added, closed
+
+    def _endpoints_changed(self) -> None:
+        """The watcher saw a change: apply it now, then tell the owner."""
+        self.refresh()
+        if self._on_change is not None:
+            self._on_change(self)
 
     def replicas(self) -> list[Replica]:
         with self._lock:
@@ -209,6 +282,8 @@ class ReplicaSet:
             return {a: len(r.sessions) for a, r in self._replicas.items()}
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         with self._lock:
             for r in self._replicas.values():
                 r.channel.close()

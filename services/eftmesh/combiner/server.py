@@ -1,16 +1,20 @@
 """Entry point of the combiner: `python -m eftmesh.combiner --upstream ROLE=HOST:PORT ...`.
 
-Flags are parsed once into a frozen `CombinerConfig`. At start the combiner waits for every
-upstream, checks that all share its tokenizer (fingerprint) and cover its vocabulary, and
-refuses to start otherwise, naming the models that differ.
+Flags are parsed once into a frozen `CombinerConfig`. At start the combiner opens its port with
+gRPC health NOT_SERVING and waits for its upstreams with no deadline (by default), logging which
+it still waits for; requests meanwhile fail UNAVAILABLE at once, naming the missing roles. Each
+upstream, once it answers, must share the combiner's tokenizer (fingerprint) and cover its
+vocabulary: a mismatch is a refusal to start (exit code 2), naming the models that differ.
+Health turns SERVING once every role has a live replica, NOT_SERVING while one role has none.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -19,10 +23,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
 from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
 from eftmesh.combiner.replicas import parse_target
+from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
 from eftmesh.common import metrics, tracing
 from eftmesh.common.errors import EftMeshError
-from eftmesh.common.serving import Server, ServerConfig, exit_now
+from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
@@ -48,6 +53,10 @@ class CombinerConfig:
     otlp: bool = False
     otlp_metrics: bool = False
     metrics_port: int | None = None
+    # Clients' connections are closed (GOAWAY) after this long, so that long-lived clients
+    # spread again over combiner pods; 0 = never.
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 30.0
 
 
 def _upstream(text: str) -> tuple[str, str]:
@@ -97,9 +106,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
-    p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to wait at start for every upstream to answer (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=0.0, help="seconds to wait at start for every upstream to answer before exiting with code 2; 0 = wait forever. Meanwhile the port is open, health NOT_SERVING, and requests get UNAVAILABLE (default: %(default)s)")
+    p.add_argument("--max-connection-age", type=float, default=300.0, help="seconds after which a client's connection is closed (GOAWAY, in-flight calls get --max-connection-age-grace to finish) so long-lived clients rebalance over combiner pods; 0 = never (default: %(default)s)")
+    p.add_argument("--max-connection-age-grace", type=float, default=30.0, help="seconds in-flight calls of a connection closed by --max-connection-age may still take (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
     p.add_argument("--workers", type=int, default=None, help="gRPC worker threads; each streaming generation holds one, so there must be more than --max-concurrent-generations for overload to be refused at once rather than queued (default: --max-concurrent-generations + 32)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight generations (default: %(default)s)")
@@ -125,12 +137,15 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
         p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
+    if a.connect_timeout < 0 or a.max_connection_age < 0 or a.max_connection_age_grace < 0:
+        p.error("--connect-timeout, --max-connection-age and --max-connection-age-grace must be >= 0 (0 = off)")
     env = os.environ if environ is None else environ
     return CombinerConfig(
         upstreams=upstreams,
         tokenizer=a.tokenizer,
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
-        server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace),
+        server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
+                            health_port=a.health_port),
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
                               resolve_interval_s=a.resolve_interval),
         max_concurrent_generations=a.max_concurrent_generations,
@@ -138,7 +153,17 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         otlp=tracing.otlp_requested(env),
         otlp_metrics=metrics.otlp_requested(env),
         metrics_port=a.metrics_port,
+        max_connection_age_s=a.max_connection_age,
+        max_connection_age_grace_s=a.max_connection_age_grace,
     )
+
+
+def connection_age_options(age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """gRPC server options that close each client connection after `age_s` (0 = never)."""
+    if age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace_s * 1000))]
 
 
 @dataclass
@@ -150,10 +175,26 @@ class CombinerServer:
     scorer: GrpcScorer
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
+    check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
 
-    def start(self) -> None:
+    def start(self, on_fatal: Callable[[EftMeshError], None] | None = None) -> None:
+        """Open the port (health NOT_SERVING), try every upstream once, and go on waiting for
+        the missing ones in the background; health follows "every role has a live replica".
+        A model that does not fit (tokenizer, vocabulary) raises here if it answered at once,
+        else `on_fatal(err)` is called when it does (the server stays NOT_SERVING)."""
         self.server.start()
-        self.server.set_serving()
+        try:
+            self.scorer.start(self.check, on_health=self._set_health, on_fatal=on_fatal)
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _set_health(self, serving: bool) -> None:
+        self.server.set_health(serving)
+
+    def wait_serving(self, timeout: float | None = None) -> bool:
+        """Wait until every role has a live replica; False if `timeout` passed first."""
+        return self.scorer.wait_live(timeout)
 
     def stop(self, grace_s: float | None = None) -> None:
         self.server.stop(grace_s).wait()
@@ -163,7 +204,7 @@ class CombinerServer:
 
 def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
           meter_provider: MeterProvider | None = None) -> CombinerServer:
-    """Connect to the upstreams, check compatibility, and build the server (not started)."""
+    """Build the server (bound, not started); `CombinerServer.start` connects to the upstreams."""
     from transformers import AutoTokenizer
 
     if tracer_provider is None:
@@ -175,34 +216,45 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
                                                      prometheus_port=cfg.metrics_port, prometheus_host=cfg.server.host)
     measures = metrics.CombinerMetrics(metrics.meter(meter_provider, "eftmesh.combiner"))
     scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider, metrics=measures)
-    try:
-        check_compatible(scorer.connect(), fp, vocab)
-    except BaseException:
-        scorer.close()
-        raise
     tracer = tracing.tracer(tracer_provider, "eftmesh.combiner")
     decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_block, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
-    server = Server(
-        cfg.server,
-        [lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)],
-        [SERVICE_NAME],
-        tracer_provider,
-    )
-    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider)
+    try:
+        server = Server(
+            dataclasses.replace(cfg.server, options=(*cfg.server.options, *connection_age_options(
+                cfg.max_connection_age_s, cfg.max_connection_age_grace_s))),
+            [lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)],
+            [SERVICE_NAME],
+            tracer_provider,
+        )
+    except BaseException:
+        decoder.close()
+        scorer.close()
+        raise
+    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider,
+                          check=lambda models: check_compatible(models, fp, vocab))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    cs = build(cfg)
+
+    def refuse(e: EftMeshError) -> None:  # a refusal to start is a message, not a traceback
+        log.error("refusing to start: %s", e)
+        cs.server.stop(0)
+        logging.shutdown()
+        os._exit(2)  # from the upstream monitor's thread: SystemExit would end only that thread
+
+    cs.server.install_signal_handlers()
     try:
-        cs = build(cfg)
-    except EftMeshError as e:  # a refusal to start is a message, not a traceback
+        cs.start(on_fatal=refuse)
+    except EftMeshError as e:
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None
-    cs.server.install_signal_handlers()
-    cs.start()
-    log.info("combiner serving on port %d; roles %s; default %s", cs.server.port, ", ".join(cfg.upstreams), cfg.defaults.composition.describe())
+    log.info("combiner listening on port %d; roles %s; default %s; %s", cs.server.port, ", ".join(cfg.upstreams),
+             cfg.defaults.composition.describe(),
+             "serving" if cs.wait_serving(0) else "NOT_SERVING until every role has a live replica")
     cs.server.wait_for_signal()
     cs.decoder.close()
     cs.scorer.close()

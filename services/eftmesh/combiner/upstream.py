@@ -1,11 +1,18 @@
-"""The logit services over gRPC: connection, compatibility check, and the batched calls.
+"""The logit services over gRPC: connection, compatibility check, health, and the batched calls.
 
 Each scheduler step sends a role one ScoreBatch (or DraftBatch) per replica that holds some of
 the step's sessions (replicas.py pins each session to the replica with its cache). An item
 whose cache is gone (NOT_FOUND: evicted, expired, or a replica that restarted) is re-sent its
-whole prefix; an unreachable replica (UNAVAILABLE) loses its sessions to another replica of
-the role, or is waited for when it is the only one. Losing a logit replica mid-generation
-therefore costs a re-prefill, not the request.
+whole prefix; an unreachable replica (UNAVAILABLE), or one that refuses new sessions because it
+is draining (per-item UNAVAILABLE "draining: ..."), loses its sessions to another live replica
+of the role. Losing a logit replica mid-generation therefore costs a re-prefill, not the request.
+
+Lifecycle. `start()` tries every upstream once and returns; a monitor thread then keeps at it,
+with no deadline unless `connect_timeout_s` is set, logging which roles it still waits for.
+Every `health_interval_s` it asks each verified replica for its gRPC health (grpc.health.v1)
+and calls `on_health(True)` once every role has a live replica, `on_health(False)` as soon as
+one role has none. A call for a role with no live replica fails UNAVAILABLE at once instead of
+waiting for the replica to come back.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
@@ -48,21 +56,40 @@ _UPSTREAM_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
+# A logit service that stops taking new sessions (SIGTERM) refuses a new session's item with
+# UNAVAILABLE and a message starting with this; its live sessions go on being served.
+DRAINING_PREFIX = "draining:"
+
+# Replica states, from the health probe and from the calls.
+LIVE = "live"  # answers and takes new sessions
+DRAINING = "draining"  # answers, serves the sessions it holds, takes no new ones
+DOWN = "down"  # does not answer (or not verified yet)
+
 
 @dataclass(frozen=True)
 class UpstreamPolicy:
-    """Timeouts and retries for calls to logit services."""
+    """Timeouts, retries and health checking of the logit services."""
 
     # Per-call timeout when the client set no deadline.
     call_timeout_s: float = 30.0
-    # Retries of one role's call after UNAVAILABLE; each waits for the channel to be ready.
+    # Moves of one call's sessions to another replica after UNAVAILABLE or a draining refusal.
     retries: int = 3
-    # How long start-up waits for every upstream to answer Info.
-    connect_timeout_s: float = 120.0
+    # How long start-up waits for every upstream before giving up; 0 = no deadline (the
+    # combiner serves NOT_SERVING meanwhile).
+    connect_timeout_s: float = 0.0
     # How often replica targets are resolved again (dns:///...) and new replicas verified.
     resolve_interval_s: float = 5.0
     # How long a replica that failed a call gets no new sessions.
     replica_cooldown_s: float = 5.0
+    # How often every replica's health is checked, and each check's timeout.
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 1.0
+    # How long a call that finds a role's only live replica gone waits for it to come back
+    # (a quick restart) before failing UNAVAILABLE; calls for a role already known to have no
+    # live replica fail at once.
+    rejoin_wait_s: float = 1.5
+    # How often start-up logs the upstreams it still waits for.
+    wait_log_interval_s: float = 5.0
 
 
 class UpstreamError(EftMeshError):
@@ -73,9 +100,28 @@ class UpstreamError(EftMeshError):
         super().__init__(f"upstream {role}: {err.details()}")
 
 
+class _Models(dict):
+    """role -> `ModelSpec` of every role that has answered. A configured role that has not
+    answered yet is `in` it (a request naming it is valid), but looking it up raises
+    Unavailable naming the roles still awaited, so such a request fails fast and says why."""
+
+    def __init__(self, addresses: Mapping[str, str]) -> None:
+        super().__init__()
+        self._addresses = dict(addresses)
+
+    def __contains__(self, role: object) -> bool:
+        return role in self._addresses
+
+    def __missing__(self, role: str) -> ModelSpec:
+        if role not in self._addresses:
+            raise KeyError(role)
+        waiting = [f"{r} at {a}" for r, a in self._addresses.items() if not dict.__contains__(self, r)]
+        raise Unavailable(f"upstream {role} has not answered yet; the combiner is waiting for {', '.join(waiting)}")
+
+
 class GrpcScorer:
     """`Scorer` over logit services reached by gRPC: a `ReplicaSet` per role, each session
-    pinned to the replica that holds its KV cache."""
+    pinned to the replica that holds its KV cache, every replica's health watched."""
 
     def __init__(
         self,
@@ -89,55 +135,257 @@ class GrpcScorer:
         self.policy = policy
         self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self.addresses = dict(addresses)
+        # Health checks go over the untraced channel under each replica's (the same connection).
+        self._health_stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
         def make_stub(address: str) -> tuple[grpc.Channel, logit_pb2_grpc.LogitServiceStub]:
-            channel = tracing.traced_channel(grpc.insecure_channel(address, options=_UPSTREAM_OPTIONS), tracer_provider)
+            raw = grpc.insecure_channel(address, options=_UPSTREAM_OPTIONS)
+            self._health_stubs[address] = health_pb2_grpc.HealthStub(raw)
+            channel = tracing.traced_channel(raw, tracer_provider)
             return channel, logit_pb2_grpc.LogitServiceStub(channel)
 
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # a membership change: check at once, not at the next tick
         self.replicas = {
-            role: ReplicaSet(role, target, make_stub, resolver=resolver, cooldown_s=policy.replica_cooldown_s)
+            role: ReplicaSet(role, target, make_stub, resolver=resolver, cooldown_s=policy.replica_cooldown_s,
+                             on_change=lambda rs: self._wake.set())
             for role, target in self.addresses.items()
         }
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
-        self.models: dict[str, ModelSpec] = {}
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
+        self.models: dict[str, ModelSpec] = _Models(self.addresses)
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], str] = {}  # (role, address) -> LIVE / DRAINING / DOWN
+        self._why: dict[tuple[str, str], str] = {}  # (role, address) -> why it is not live
+        self._misses: dict[tuple[str, str], int] = {}  # consecutive health checks that timed out
+        self._monitor: threading.Thread | None = None
+        self._check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
+        self._checked: set[str] = set()
+        self.on_health: Callable[[bool], None] = lambda serving: None
+        self.on_fatal: Callable[[EftMeshError], None] = lambda err: None
+        self.fatal: EftMeshError | None = None
+        self._serving: bool | None = None
+        self._report_lock = threading.RLock()
+        self._all_live = threading.Event()
 
-    def connect(self) -> dict[str, ModelSpec]:
-        """Wait until a replica of every role answers Info (within the connect timeout); fill
-        `models`, verify every other replica that answers against it, and start re-resolving
-        the targets in the background."""
-        deadline = time.monotonic() + self.policy.connect_timeout_s
-        for role, rs in self.replicas.items():
-            while True:
-                errors = [e for r in rs.replicas() if (e := self._verify(role, r, 2.0, wait_for_ready=True))]
-                if role in self.models:
-                    break
-                if time.monotonic() > deadline:
-                    detail = errors[-1].details() if errors else "the name resolves to no address"
-                    raise Unavailable(
-                        f"upstream {role} at {self.addresses[role]} did not answer within "
-                        f"{self.policy.connect_timeout_s:.0f} s: {detail}"
-                    ) from None
-                log.info("waiting for %s at %s", role, self.addresses[role])
-                time.sleep(1.0)
-                rs.refresh()
-        self._refresher = threading.Thread(target=self._refresh_loop, name="upstream-refresh", daemon=True)
-        self._refresher.start()
+    # --- start-up and health --------------------------------------------------------------------
+
+    def start(
+        self,
+        check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None,
+        on_health: Callable[[bool], None] | None = None,
+        on_fatal: Callable[[EftMeshError], None] | None = None,
+    ) -> None:
+        """Try every upstream once, then watch them in the background.
+
+        `check(models)` is run on the models of the roles that answered (all of them at once
+        if every role answered the first try, else each role as it first answers); what it
+        raises is fatal. Raised here when found in the first try; afterwards `on_fatal(err)` is
+        called and the monitor stops. `on_health(serving)` is called whenever "every role has
+        a live replica" changes (first with True or False at the end of the first try)."""
+        self._check = check
+        if on_health is not None:
+            self.on_health = on_health
+        if on_fatal is not None:
+            self.on_fatal = on_fatal
+        started = time.monotonic()
+        self._tick(first=True)
+        if self.fatal is not None:
+            raise self.fatal
+        self._monitor = threading.Thread(target=self._monitor_loop, args=(started,), name="upstream-health", daemon=True)
+        self._monitor.start()
+
+    def connect(self, timeout: float | None = None) -> dict[str, ModelSpec]:
+        """`start()` without a compatibility check, then wait until every role has a live
+        replica (Unavailable after `timeout` s, naming the roles missing). Returns `models`."""
+        if self._monitor is None:
+            self.start()
+        if not self.wait_live(timeout):
+            raise Unavailable(f"no live replica of {', '.join(self.missing_roles())} within {timeout} s")
         return self.models
 
-    def _verify(self, role: str, replica: Replica, timeout: float, wait_for_ready: bool = False) -> grpc.RpcError | None:
-        """Ask a replica for Info; the first answer of a role defines its model, and a replica
-        is used only once it serves the same tokenizer and vocabulary. Returns the call's error."""
-        try:
-            info = replica.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
-        except grpc.RpcError as e:
-            return e
-        spec = ModelSpec.from_info(role, self.addresses[role], info)
-        self.models.setdefault(role, spec)
-        if self._matches(role, spec, replica.address):
-            self.replicas[role].mark_verified(replica.address)
-        return None
+    def wait_live(self, timeout: float | None = None) -> bool:
+        """Wait until every role has a live replica; False if `timeout` passed first."""
+        return self._all_live.wait(timeout)
+
+    def live_roles(self) -> list[str]:
+        """Roles with at least one live (verified, healthy, not draining) replica."""
+        with self._lock:
+            return [role for role in self.replicas if self._live_replicas(role)]
+
+    def missing_roles(self) -> list[str]:
+        """Roles with no live replica: a request needing one of them fails UNAVAILABLE."""
+        live = set(self.live_roles())
+        return [role for role in self.replicas if role not in live]
+
+    def _live_replicas(self, role: str, exclude: str | None = None) -> list[Replica]:
+        return [r for r in self.replicas[role].replicas()
+                if r.verified and not r.draining and r.address != exclude
+                and self._state.get((role, r.address)) == LIVE]
+
+    def _set_state(self, role: str, replica: Replica, state: str, why: str = "") -> None:
+        """Record a replica's state; keep new sessions off it while it is not live."""
+        key = (role, replica.address)
+        with self._lock:
+            before = self._state.get(key)
+            self._state[key] = state
+            self._why[key] = why
+        if state == LIVE:
+            replica.down_until = 0.0
+        else:
+            replica.down_until = max(replica.down_until, time.monotonic() + max(self.policy.replica_cooldown_s,
+                                                                              3 * self.policy.health_interval_s))
+        if before is not None and before != state:
+            log.log(logging.INFO if state == LIVE else logging.WARNING, "%s replica %s is %s%s",
+                    role, replica.address, state, f" ({why})" if why else "")
+
+    def _monitor_loop(self, started: float) -> None:
+        last_wait_log = time.monotonic()
+        while True:
+            self._wake.wait(self.policy.health_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._tick()
+            except Exception:  # a resolver or probe bug must not kill the loop that heals the mesh
+                if self._stop.is_set():
+                    return
+                log.exception("checking upstream replicas failed")
+            if self.fatal is not None:
+                return
+            missing = [r for r in self.replicas if not dict.__contains__(self.models, r)]
+            if missing and self.policy.connect_timeout_s > 0 and time.monotonic() - started > self.policy.connect_timeout_s:
+                self._die(Unavailable(f"upstream(s) {self._waiting_for(missing)} did not answer within "
+                                      f"{self.policy.connect_timeout_s:.0f} s"))
+                return
+            if missing and time.monotonic() - last_wait_log >= self.policy.wait_log_interval_s:
+                last_wait_log = time.monotonic()
+                log.info("waiting for upstreams: %s", self._waiting_for(missing))
+
+    def _waiting_for(self, roles: Sequence[str]) -> str:
+        parts = []
+        for role in roles:
+            whys = sorted({self._why.get((role, r.address), "") for r in self.replicas[role].replicas()} - {""})
+            parts.append(f"{role} at {self.addresses[role]}" + (f" ({'; '.join(whys)})" if whys else ""))
+        return ", ".join(parts)
+
+    def _die(self, err: EftMeshError) -> None:
+        self.fatal = err
+        self._report(False)
+        self.on_fatal(err)
+
+    def _tick(self, first: bool = False) -> None:
+        """One round: resolve the targets (every `resolve_interval_s`, or now while a role has
+        no live replica), verify new replicas (Info), check the others' health, and report."""
+        now = time.monotonic()
+        due = first or now - getattr(self, "_resolved_at", 0.0) >= self.policy.resolve_interval_s
+        for role, rs in self.replicas.items():
+            if due or not self._live_replicas(role):
+                rs.refresh()
+        if due:
+            self._resolved_at = now
+        # Every call of the round in flight at once: a black-holed replica costs one timeout.
+        info: list[tuple[str, Replica, Any]] = []
+        checks: list[tuple[str, Replica, Any]] = []
+        for role, rs in self.replicas.items():
+            for r in rs.replicas():
+                if r.draining:
+                    continue
+                stub = self._health_stubs.get(r.address)
+                state = self._state.get((role, r.address))
+                if not r.verified or stub is None:
+                    info.append((role, r, self._info_future(r, 2.0 if first else self.policy.health_timeout_s)))
+                else:
+                    checks.append((role, r, stub.Check.future(health_pb2.HealthCheckRequest(service=""),
+                                                               timeout=self.policy.health_timeout_s)))
+                    if state == DOWN:  # coming back: may be a new process, so verify it again
+                        info.append((role, r, self._info_future(r, self.policy.health_timeout_s)))
+        fresh: dict[str, ModelSpec] = {}
+        verified: dict[tuple[str, str], bool] = {}
+        for role, r, fut in info:
+            try:
+                got = fut.result()
+            except grpc.RpcError as e:
+                self._set_state(role, r, DOWN, _brief(e))
+                verified[(role, r.address)] = False
+                continue
+            spec = ModelSpec.from_info(role, self.addresses[role], got)
+            if not dict.__contains__(self.models, role):
+                self.models.setdefault(role, spec)
+                fresh[role] = spec
+            ok = self._matches(role, spec, r.address)
+            verified[(role, r.address)] = ok
+            if ok and not r.verified:
+                self.replicas[role].mark_verified(r.address)
+                self._set_state(role, r, LIVE)
+            elif not ok:
+                self._set_state(role, r, DOWN, "serves another model")
+        for role, r, fut in checks:
+            if verified.get((role, r.address)) is False:
+                fut.cancel()
+                continue
+            try:
+                status = fut.result().status
+            except grpc.RpcError as e:
+                self._on_probe_error(role, r, e)
+                continue
+            self._misses.pop((role, r.address), None)
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                self._set_state(role, r, LIVE)
+            else:
+                self._set_state(role, r, DRAINING, "health " + health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        if fresh:
+            with_all = first and all(dict.__contains__(self.models, role) for role in self.replicas)
+            try:
+                self._check(dict(self.models) if with_all else fresh)
+            except EftMeshError as e:
+                self._die(e)
+                return
+        self._report(not self.missing_roles())
+
+    def _info_future(self, r: Replica, timeout: float) -> Any:
+        return r.stub.Info.future(logit_pb2.LogitServiceInfoRequest(), timeout=timeout)
+
+    def _on_probe_error(self, role: str, r: Replica, e: grpc.RpcError) -> None:
+        code = e.code()
+        if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            # It answered: health is served elsewhere (another port), or it is saturated.
+            self._misses.pop((role, r.address), None)
+            self._set_state(role, r, LIVE)
+            return
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # Slow is not gone (a saturated server queues the check): down after three timeouts
+            # in a row. A dead process or a closed port is UNAVAILABLE at once.
+            misses = self._misses[(role, r.address)] = self._misses.get((role, r.address), 0) + 1
+            if misses < 3:
+                return
+        self._set_state(role, r, DOWN, _brief(e))
+
+    def _report(self, serving: bool) -> None:
+        with self._report_lock:  # callbacks in the order of the states they report
+            self._report_locked(serving)
+
+    def _report_locked(self, serving: bool) -> None:
+        if serving:
+            self._all_live.set()
+        else:
+            self._all_live.clear()
+        changed, self._serving = serving != self._serving, serving
+        if not changed:
+            return
+        if serving:
+            log.info("every role has a live replica: %s", ", ".join(self.replicas))
+        else:
+            missing = self.missing_roles()
+            log.warning("no live replica of %s", self._waiting_for(missing) if missing else "(stopped)")
+        self.on_health(serving)
+
+    def _lost(self, role: str, replica: Replica, why: str) -> None:
+        """A call found `replica` gone: mark it down now (the next health check may bring it
+        back) and report a role left with no live replica at once."""
+        self._set_state(role, replica, DOWN, why)
+        if not self._live_replicas(role):
+            self._report(False)
 
     def _matches(self, role: str, spec: ModelSpec, address: str) -> bool:
         want = self.models[role]
@@ -149,19 +397,9 @@ class GrpcScorer:
         return same
 
     def refresh(self) -> None:
-        """Re-resolve every role's target and verify replicas not yet verified (Info); one
-        that does not answer is tried again next time."""
-        for role, rs in self.replicas.items():
-            rs.refresh()
-            for r in rs.unverified():
-                self._verify(role, r, 1.0)
-
-    def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.policy.resolve_interval_s):
-            try:
-                self.refresh()
-            except Exception:  # a resolver bug must not kill the loop that heals the mesh
-                log.exception("refreshing upstream replicas failed")
+        """One monitor round now: re-resolve every role's target, verify replicas not yet
+        verified (Info), check the others' health."""
+        self._tick()
 
     def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
         def build(cs: Sequence[ScoreCall], zero: bool) -> logit_pb2.ScoreBatchRequest:
@@ -192,41 +430,74 @@ class GrpcScorer:
         attempt: int = 0,
     ) -> list[Outcome]:
         """One `method` call per replica holding some of `calls`' sessions (concurrently when
-        there are several). A replica that does not answer (UNAVAILABLE, or CANCELLED by its
-        shutdown) loses its sessions to another replica of the role, re-sent from position 0
-        (with one replica, the re-send waits for it to come back), up to `retries` times."""
+        there are several). A session whose replica is down (known from the health checks, or
+        found by the call: UNAVAILABLE, or CANCELLED by its shutdown), or which a draining
+        replica refuses, moves to another live replica of the role and is re-sent from position
+        0 there, up to `retries` times; with no live replica left it fails UNAVAILABLE at once
+        (never waiting for the replica to come back). A draining replica still serves the
+        sessions whose cache it holds."""
         rs = self.replicas[role]
+        out: list[Outcome] = [Outcome() for _ in calls]
         groups: dict[str, tuple[Replica, list[int]]] = {}
+        gone: dict[str, tuple[Replica, list[int]]] = {}
         for i, c in enumerate(calls):
             r = rs.route(c.session_id)
-            groups.setdefault(r.address, (r, []))[1].append(i)
-        out: list[Outcome] = [Outcome() for _ in calls]
+            state = self._state.get((role, r.address), DOWN)
+            if state == LIVE or (state == DRAINING and c.start > 0 and not zero):
+                groups.setdefault(r.address, (r, []))[1].append(i)
+            else:
+                gone.setdefault(r.address, (r, []))[1].append(i)
+
+        def move(replica: Replica, idx: list[int], why: str, rejoin: bool = False) -> None:
+            """Re-send `idx` on another live replica of the role (with `rejoin`, on this one if
+            it comes back within `rejoin_wait_s`), or fail them UNAVAILABLE."""
+            part = [calls[i] for i in idx]
+            for c in part:
+                rs.repin(c.session_id, replica)
+            if attempt < self.policy.retries and (self._live_replicas(role, exclude=replica.address)
+                                                  or rejoin and self._rejoin(role, replica)):
+                log.warning("%s at %s %s; re-sending %d sessions from position 0 on another replica (retry %d)",
+                            role, replica.address, why, len(part), attempt + 1)
+                got = self._batched(role, method, part, build, True, attempt + 1)
+            else:
+                err = self._no_replica_error(role, replica, why, attempt)
+                got = [Outcome(error=err) for _ in part]
+            for i, o in zip(idx, got):
+                out[i] = o
 
         def one(replica: Replica, idx: list[int]) -> None:
             part = [calls[i] for i in idx]
             started = time.perf_counter()
             try:
-                resp = getattr(replica.stub, method)(
-                    build(part, zero), timeout=self.policy.call_timeout_s, wait_for_ready=attempt > 0
-                )
+                resp = getattr(replica.stub, method)(build(part, zero), timeout=self.policy.call_timeout_s)
             except grpc.RpcError as e:
                 code = e.code()
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and attempt < self.policy.retries:
-                    log.warning("%s at %s unavailable (%s); re-sending %d sessions from position 0 (retry %d)",
-                                role, replica.address, e.details(), len(part), attempt + 1)
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     self.metrics.upstream_failovers.add(len(part), {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
-                    for c in part:
-                        rs.repin(c.session_id, replica)
-                    got = self._batched(role, method, part, build, True, attempt + 1)
-                else:
-                    got = [Outcome(error=_call_error(role, replica, e, attempt)) for _ in part]
+                    self._lost(role, replica, _brief(e))
+                    move(replica, idx, f"is unavailable ({e.details()})", rejoin=True)
+                    return
+                got = [Outcome(error=_call_error(role, replica, e, attempt)) for _ in part]
             else:
                 self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": role, "rpc.method": method})
                 self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
+                refused = [i for i, o in zip(idx, got) if isinstance(o.error, ReplicaDraining)]
+                if refused:
+                    self.metrics.upstream_failovers.add(len(refused), {"eftmesh.role": role, "rpc.grpc.status_code": "UNAVAILABLE"})
+                    if self._state.get((role, replica.address)) == LIVE:
+                        self._set_state(role, replica, DRAINING, "refuses new sessions")
+                        if not self._live_replicas(role):
+                            self._report(False)
+                    got = [o for i, o in zip(idx, got) if i not in refused]
+                    idx = [i for i in idx if i not in refused]
+                    move(replica, refused, "is draining")
             for i, o in zip(idx, got):
                 out[i] = o
 
+        for replica, idx in gone.values():
+            why = self._why.get((role, replica.address)) or self._state.get((role, replica.address), DOWN)
+            move(replica, idx, f"is not live ({why})")
         jobs = list(groups.values())
         pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
         if jobs:
@@ -234,6 +505,27 @@ class GrpcScorer:
         for f in pending:
             f.result()
         return out
+
+    def _rejoin(self, role: str, replica: Replica) -> bool:
+        """Wait up to `rejoin_wait_s` for a replica that just failed a call to answer Info
+        again (a quick restart); True, and the replica live again, if it did and still serves
+        the role's model."""
+        try:
+            info = replica.stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=self.policy.rejoin_wait_s,
+                                     wait_for_ready=True)
+        except (grpc.RpcError, ValueError):  # ValueError: its channel was closed meanwhile
+            return False
+        if not self._matches(role, ModelSpec.from_info(role, self.addresses[role], info), replica.address):
+            return False
+        self._set_state(role, replica, LIVE)
+        self._report(not self.missing_roles())
+        return True
+
+    def _no_replica_error(self, role: str, replica: Replica, why: str, attempt: int) -> Unavailable:
+        missing = self.missing_roles()
+        if role in missing:
+            return Unavailable(f"upstream {role} has no live replica ({self.addresses[role]}: {replica.address} {why})")
+        return Unavailable(f"upstream {role}: {replica.address} {why}, and {attempt} re-sends found no other replica")
 
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():
@@ -249,6 +541,9 @@ class GrpcScorer:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.policy.health_timeout_s + 1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
         for rs in self.replicas.values():
             rs.close()
@@ -258,6 +553,10 @@ _ITEM_ERRORS: dict[int, type[EftMeshError]] = {
     grpc.StatusCode.NOT_FOUND.value[0]: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]: ResourceExhausted,
 }
+
+
+class ReplicaDraining(Unavailable):
+    """A draining logit service refused a new session (the combiner moves it elsewhere)."""
 
 
 class UpstreamItemError(EftMeshError):
@@ -276,7 +575,9 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
     block = tensors.from_pb(resp.logits) if resp.logits.shape else None  # [sum rows, vocab]
     out, at = [], 0
     for r in resp.results:
-        if r.code:
+        if r.code == grpc.StatusCode.UNAVAILABLE.value[0] and r.message.startswith(DRAINING_PREFIX):
+            out.append(Outcome(error=ReplicaDraining(f"upstream {role}: {r.message}")))
+        elif r.code:
             kind = _ITEM_ERRORS.get(r.code)
             err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[r.code], r.message)
             out.append(Outcome(error=err))
@@ -286,12 +587,17 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
     return out
 
 
+def _brief(err: grpc.RpcError) -> str:
+    """A call error in a few words, for logs of who the combiner waits for."""
+    return f"{err.code().name}: {err.details()}"
+
+
 def _call_error(role: str, replica: Replica, err: grpc.RpcError, attempt: int) -> EftMeshError:
     code = err.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"upstream {role} at {replica.address} did not answer in time")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"upstream {role} is unavailable after {attempt} retries: {err.details()}")
+        return Unavailable(f"upstream {role} at {replica.address} is unavailable: {err.details()}")
     return UpstreamError(role, err)
 
 

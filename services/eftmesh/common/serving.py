@@ -59,6 +59,8 @@ class ServerConfig:
     max_concurrent_rpcs: int = 64
     grace_s: float = 20.0
     health_port: int | None = None
+    # Extra gRPC server options of the main server, e.g. grpc.max_connection_age_ms.
+    options: tuple[tuple[str, int | str], ...] = ()
 
     def resolved_health_port(self) -> int | None:
         """The port to bind the health-only server on (0: any free one); None: no such server."""
@@ -101,7 +103,7 @@ class Server:
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
-            options=CHANNEL_OPTIONS,
+            options=[*CHANNEL_OPTIONS, *cfg.options],
             # Over this many in-flight RPCs, new ones get RESOURCE_EXHAUSTED at once.
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -148,6 +150,11 @@ class Server:
 
     def set_serving(self) -> None:
         self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    def set_health(self, serving: bool) -> None:
+        """SERVING or NOT_SERVING on both ports, reversibly (after a drain or stop began, the
+        health servicer ignores this and stays NOT_SERVING)."""
+        self._set_all(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def set_not_serving(self) -> None:
         """Health NOT_SERVING on both ports, for good (nothing can set SERVING again): the
