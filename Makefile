@@ -39,8 +39,17 @@ check-protos: $(STAMP) ## fail if the committed stubs differ from what protos/ g
 lint: $(STAMP) ## static checks (ruff: pyflakes and bugbear rules)
 	$(VENV)/bin/ruff check services tests
 
-test: $(STAMP) check-protos lint ## run the whole test suite
-	$(PY) -m pytest -q
+# checkov scans the rendered chart offline (tests/helm). It gets a venv of its own: installed
+# beside eftmesh it would downgrade networkx, packaging and python-dateutil.
+SCAN_VENV := build/scan-venv
+CHECKOV := $(SCAN_VENV)/bin/checkov
+
+$(CHECKOV):
+	$(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install -q checkov==3.3.30
+
+test: $(STAMP) $(CHECKOV) check-protos lint ## run the whole test suite (with the chart's checkov scan)
+	CHECKOV=$(CHECKOV) $(PY) -m pytest -q
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

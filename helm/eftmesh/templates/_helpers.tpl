@@ -122,3 +122,167 @@ annotations:
   protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/* ServiceAccount of the combiner pods. */}}
+{{- define "eftmesh.combinerServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-combiner" (include "eftmesh.fullname" .)) .Values.serviceAccount.combinerName }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.combinerName }}
+{{- end }}
+{{- end }}
+
+{{/* ServiceAccount of the logit pods. */}}
+{{- define "eftmesh.logitServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-logit" (include "eftmesh.fullname" .)) .Values.serviceAccount.logitName }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.logitName }}
+{{- end }}
+{{- end }}
+
+{{/* Image of a component: (dict "root" $ "image" <component image values>). Empty fields fall back to .Values.image; the cpu variant's default tag ends in "-cpu". */}}
+{{- define "eftmesh.componentImage" -}}
+{{- $img := .image }}
+{{- $repo := default .root.Values.image.repository $img.repository }}
+{{- $tag := default (default .root.Chart.AppVersion .root.Values.image.tag) $img.tag }}
+{{- if and (not $img.tag) (eq (default "cuda" $img.variant) "cpu") }}
+{{- $tag = printf "%s-cpu" $tag }}
+{{- end }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/* A gRPC health probe: (dict "port" N "probe" {periodSeconds, timeoutSeconds, failureThreshold}). */}}
+{{- define "eftmesh.grpcProbe" -}}
+grpc: {port: {{ .port }}}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* Default topology spread over nodes for pods matching `labels`: (dict "spread" <value or null> "labels" <dict>). */}}
+{{- define "eftmesh.topologySpread" -}}
+{{- if kindIs "invalid" .spread }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- toYaml .labels | nindent 8 }}
+{{- else if .spread }}
+topologySpreadConstraints:
+  {{- toYaml .spread | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes for a storage block: (dict "root" $ "storage" <storage values> "claim" <PVC name>). */}}
+{{- define "eftmesh.storageVolumes" -}}
+{{- $s := .storage }}
+{{- if or (eq $s.source "pvc") (and (eq $s.source "hub") $s.hub.persist) }}
+- name: model-store
+  persistentVolumeClaim:
+    claimName: {{ default .claim $s.existingClaim }}
+    {{- if eq $s.source "pvc" }}
+    readOnly: true
+    {{- end }}
+{{- else if eq $s.source "hub" }}
+- name: model-store
+  emptyDir:
+    sizeLimit: {{ $s.emptyDirSizeLimit }}
+{{- end }}
+{{- if and (eq $s.source "hub") $s.hub.tokenSecret }}
+- name: hf-token
+  secret:
+    secretName: {{ $s.hub.tokenSecret }}
+    defaultMode: 0400
+    items:
+      - key: {{ $s.hub.tokenSecretKey }}
+        path: token
+{{- end }}
+{{- end }}
+
+{{/* The serving container's mount of a storage block (read-only). */}}
+{{- define "eftmesh.storageVolumeMounts" -}}
+{{- if ne .source "image" }}
+- name: model-store
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The model path a storage block serves: `model` when set, else mountPath/<hub id>. */}}
+{{- define "eftmesh.modelPath" -}}
+{{- if .model }}
+{{- .model }}
+{{- else if and (eq .storage.source "hub") .storage.hub.id }}
+{{- printf "%s/%s" .storage.mountPath .storage.hub.id }}
+{{- end }}
+{{- end }}
+
+{{/* Init container downloading a hub id into the storage volume: (dict "root" $ "storage" <storage values>). */}}
+{{- define "eftmesh.hubInitContainer" -}}
+{{- $s := .storage }}
+{{- $root := .root }}
+{{- if eq $s.source "hub" }}
+{{- if not $s.hub.id }}
+{{- fail "storage.hub.id is required with storage.source hub (e.g. Qwen/Qwen2.5-7B)" }}
+{{- end }}
+- name: fetch-model
+  image: {{ .image }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  securityContext:
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
+  # huggingface_hub ships in the image (transformers needs it). Resumes a partial download and
+  # skips files already complete, so a restart or a persistent volume costs no second download.
+  command:
+    - python
+    - -c
+    - |
+      import os
+      from huggingface_hub import snapshot_download
+      snapshot_download(os.environ["HUB_ID"], revision=os.environ["HUB_REVISION"],
+                        local_dir=os.environ["HUB_DIR"],
+                        allow_patterns=os.environ["HUB_PATTERNS"].split() or None)
+  env:
+    - {name: HUB_ID, value: {{ $s.hub.id | quote }}}
+    - {name: HUB_REVISION, value: {{ $s.hub.revision | quote }}}
+    - {name: HUB_DIR, value: {{ printf "%s/%s" $s.mountPath $s.hub.id | quote }}}
+    - {name: HUB_PATTERNS, value: {{ join " " $s.hub.allowPatterns | quote }}}
+    - {name: HF_HOME, value: /tmp/hf}
+    - {name: HF_HUB_OFFLINE, value: "0"}
+    - {name: HF_HUB_DISABLE_TELEMETRY, value: "1"}
+    {{- if $s.hub.tokenSecret }}
+    - {name: HF_TOKEN_PATH, value: /var/run/secrets/huggingface/token}
+    {{- end }}
+  resources:
+    {{- toYaml $s.hub.resources | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    - name: model-store
+      mountPath: {{ $s.mountPath }}
+    {{- if $s.hub.tokenSecret }}
+    - name: hf-token
+      mountPath: /var/run/secrets/huggingface
+      readOnly: true
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* preStop: pause so the endpoints controller removes the pod before SIGTERM arrives. */}}
+{{- define "eftmesh.preStop" -}}
+{{- if gt (int .) 0 }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", "{{ . }}"]
+{{- end }}
+{{- end }}
+
+{{/* checkov skips shared by every workload, each with its reason (see docs/deployment.md, "Security scan"). */}}
+{{- define "eftmesh.checkovSkips" -}}
+checkov.io/skip1: "CKV_K8S_43=Images are referenced by release tag so one values file serves every release; pin a digest by setting the image tag to tag@sha256:..."
+checkov.io/skip2: "CKV_K8S_15=IfNotPresent with immutable release tags avoids re-pulling multi-GB CUDA images on every start; pullPolicy is a value"
+checkov.io/skip3: "CKV_K8S_11=No CPU limit on purpose: CFS throttling of a forward pass or a token stream only adds latency; CPU requests are set"
+{{- end }}
