@@ -87,7 +87,8 @@ def everything_values() -> dict:
         "logit": {
             "autoscalingEngine": "hpa",
             "defaults": {
-                "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetSessions": 100},
+                "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetSessions": 100,
+                                "targetQueueWaitSeconds": 0.05},
                 "priorityClassName": "gpu-serving", "runtimeClassName": "nvidia",
                 "extraEnv": [{"name": "NCCL_DEBUG", "value": "WARN"}],
                 "envFrom": [{"configMapRef": {"name": "site-env"}}],
@@ -252,7 +253,7 @@ def test_combiner_should_resolve_each_role_s_pods_through_a_headless_service_wit
 
 
 def test_kubernetes_discovery_should_watch_endpointslices_with_a_role_bound_to_the_combiner_only():
-    docs = render()  # the default
+    docs = render({"logit": {"deletionCost": {"enabled": False}}})  # the default discovery, no logit RBAC
     (role,) = by_kind(docs, "Role").values()
     assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                               "verbs": ["get", "list", "watch"]}]
@@ -276,10 +277,53 @@ def test_kubernetes_discovery_should_watch_endpointslices_with_a_role_bound_to_t
             assert spec["serviceAccountName"] == "eft-eftmesh-logit"
             assert spec["automountServiceAccountToken"] is False
         parse(name, container(dep))
-    # DNS discovery: no RBAC and no token anywhere
-    dns = render({"combiner": {"discovery": "dns"}})
+    # DNS discovery (and no deletion cost): no RBAC and no token anywhere
+    dns = render({"combiner": {"discovery": "dns"}, "logit": {"deletionCost": {"enabled": False}}})
     assert not by_kind(dns, "Role") and not by_kind(dns, "RoleBinding")
     assert all(pod_spec(d)["automountServiceAccountToken"] is False for d in by_kind(dns, "Deployment").values())
+
+
+LOGIT_PODS_ROLE = "eft-eftmesh-logit-pods"
+
+
+def test_scale_in_should_remove_the_logit_pod_holding_the_fewest_sessions_through_its_deletion_cost():
+    docs = render()  # on by default, since rbac.create is
+    roles, bindings = by_kind(docs, "Role"), by_kind(docs, "RoleBinding")
+    assert roles[LOGIT_PODS_ROLE]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    assert roles[LOGIT_PODS_ROLE]["metadata"]["namespace"] == "serving"
+    assert bindings[LOGIT_PODS_ROLE]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                    "name": LOGIT_PODS_ROLE}
+    assert bindings[LOGIT_PODS_ROLE]["subjects"] == [{"kind": "ServiceAccount", "name": "eft-eftmesh-logit",
+                                                      "namespace": "serving"}]
+    # the combiner's EndpointSlice Role is not bound to the logit pods, nor theirs to the combiner
+    assert all(s["name"] == "eft-eftmesh-combiner" for n, b in bindings.items() if n != LOGIT_PODS_ROLE
+               for s in b["subjects"])
+    for name, dep in by_kind(docs, "Deployment").items():
+        if name.endswith("-combiner"):
+            continue
+        c, spec = container(dep), pod_spec(dep)
+        assert spec["automountServiceAccountToken"] is True
+        assert parse(name, c).deletion_cost_interval_s == 10
+        env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+        assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
+        assert dep["metadata"]["annotations"]["checkov.io/skip4"].startswith("CKV_K8S_38=")
+    # an interval of its own
+    tuned = by_kind(render({"logit": {"deletionCost": {"intervalSeconds": 30}}}), "Deployment")
+    assert parse("eft-eftmesh-logit-ft-small", container(tuned["eft-eftmesh-logit-ft-small"])).deletion_cost_interval_s == 30
+    # off, explicitly or without rbac.create: no Role, no token, the updater off (0, not the in-pod default)
+    for values in ({"logit": {"deletionCost": {"enabled": False}}},
+                   {"rbac": {"create": False}, "combiner": {"discovery": "dns"}}):
+        off = render(values)
+        assert LOGIT_PODS_ROLE not in by_kind(off, "Role") and LOGIT_PODS_ROLE not in by_kind(off, "RoleBinding")
+        for name, dep in by_kind(off, "Deployment").items():
+            if not name.endswith("-combiner"):
+                assert pod_spec(dep)["automountServiceAccountToken"] is False
+                assert "checkov.io/skip4" not in dep["metadata"]["annotations"]
+                assert parse(name, container(dep)).deletion_cost_interval_s == 0
+    # enabled without rbac.create: the token and the updater, RBAC left to the operator
+    own = render({"rbac": {"create": False}, "combiner": {"discovery": "dns"}, "logit": {"deletionCost": {"enabled": True}}})
+    assert not by_kind(own, "Role")
+    assert pod_spec(by_kind(own, "Deployment")["eft-eftmesh-logit-ft-small"])["automountServiceAccountToken"] is True
 
 
 def test_probes_should_use_grpc_health_with_timing_values_and_a_health_port_when_set():
@@ -395,6 +439,11 @@ def test_logit_roles_should_autoscale_on_kv_cache_use_with_a_long_scale_down_win
         assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
     assert not by_kind(render(), "ScaledObject")
     assert set(by_kind(render(), "HorizontalPodAutoscaler")) == {"eft-eftmesh-combiner"}  # off by default
+    # queue wait as a second signal: a pods metric served by the prometheus-adapter rule of the docs
+    queued = by_kind(render({"logit": {"defaults": {"autoscaling": {"enabled": True, "targetQueueWaitSeconds": 0.05}}}}),
+                     "HorizontalPodAutoscaler")["eft-eftmesh-logit-base-large"]
+    assert queued["spec"]["metrics"][-1] == {"type": "Pods", "pods": {
+        "metric": {"name": "eftmesh_logit_queue_wait_seconds"}, "target": {"type": "AverageValue", "averageValue": "50m"}}}
 
 
 def test_logit_roles_should_autoscale_through_keda_as_the_alternative():
@@ -404,11 +453,16 @@ def test_logit_roles_should_autoscale_through_keda_as_the_alternative():
     assert set(objs) == {f"eft-eftmesh-logit-{r}" for r in ("base-large", "base-small", "ft-small")}
     so = objs["eft-eftmesh-logit-ft-small"]["spec"]
     assert so["scaleTargetRef"] == {"name": "eft-eftmesh-logit-ft-small"}
-    kv, sessions = so["triggers"]
+    kv, sessions, queue = so["triggers"]
     assert kv["type"] == "prometheus" and kv["metricType"] == "AverageValue"
     assert kv["metadata"]["query"] == 'sum(eftmesh_logit_kv_tokens_used{namespace="serving",eftmesh_role="ft-small"})'
     assert kv["metadata"]["threshold"] == str(int(16384 * 0.7))
     assert sessions["metadata"]["threshold"] == "100"
+    # the role's mean queue wait (seconds per call) against the target
+    assert queue["metricType"] == "Value" and queue["metadata"]["threshold"] == "0.05"
+    sel = '{namespace="serving",eftmesh_role="ft-small"}'
+    assert queue["metadata"]["query"] == (f"sum(rate(eftmesh_logit_queue_duration_seconds_sum{sel}[2m])) / "
+                                          f"clamp_min(sum(rate(eftmesh_logit_queue_duration_seconds_count{sel}[2m])), 1e-9)")
     assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
 
 

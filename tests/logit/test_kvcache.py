@@ -174,7 +174,7 @@ def test_slots_of_rows_with_tables_of_different_widths():
 
 def test_nothing_is_allocated_before_the_first_forward():
     p = pool()
-    assert p.kv == []
+    assert p.kv == [None] * p.layers  # allocated per layer at its first update
     assert p.nbytes() == 0
     assert p.bytes_per_token() == 0.0
 

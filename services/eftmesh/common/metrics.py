@@ -50,6 +50,9 @@ OTLP_METRICS_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_E
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
             7.5, 10.0, 30.0, 60.0, 120.0)
 _RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Batch occupancy (items / --max-batch): a lone Score of a max-batch-64 service is 1/64; a batch
+# of more items than --max-batch (run as several forwards) lands above 1.
+_OCCUPANCY = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0)
 
 
 def otlp_requested(environ: Mapping[str, str]) -> bool:
@@ -190,18 +193,39 @@ class CombinerMetrics:
 
 
 class LogitMetrics:
-    """What a logit service measures per call; its session store is observed at collection."""
+    """What a logit service measures per call; its session store and KV cache are observed at
+    collection. Every instrument carries `eftmesh.role`.
+
+    Saturation, per role (what its autoscaling reads):
+    - `eftmesh.logit.queue.duration`: seconds a call waited for the engine (which runs one call
+      at a time), from its arrival in the servicer to the engine starting it;
+    - `eftmesh.logit.batch.occupancy`: items of a call over the engine's --max-batch (above 1
+      when a call brings more items than one forward takes);
+    - `eftmesh.logit.kv_tokens_used` against `eftmesh.logit.kv_tokens_capacity` (the pool's
+      --kv-cache-tokens, rounded down to whole blocks): their ratio is the KV cache use.
+    """
 
     def __init__(self, m: Meter, role: str, sessions: Callable[[], int], evictions: Callable[[], int],
-                 kv_tokens_used: Callable[[], int] = lambda: 0) -> None:
+                 kv_tokens_used: Callable[[], int] = lambda: 0, kv_tokens_capacity: Callable[[], int] = lambda: 0) -> None:
         self.role = role
         self.duration = m.create_histogram(
             "eftmesh.logit.duration", unit="s", description="Score and Draft calls, forward passes included")
         self.tokens = m.create_counter(
             "eftmesh.logit.tokens", unit="{token}", description="Tokens run through the model (prefill and decode)")
+        self.queue_wait = m.create_histogram(
+            "eftmesh.logit.queue.duration", unit="s",
+            description="Time a call waited for the engine (one call runs at a time), from its arrival to its start",
+            explicit_bucket_boundaries_advisory=_SECONDS)
+        self.batch_occupancy = m.create_histogram(
+            "eftmesh.logit.batch.occupancy", unit="1",
+            description="Items of a call over the engine's --max-batch (a lone Score or Draft is one item)",
+            explicit_bucket_boundaries_advisory=_OCCUPANCY)
         m.create_observable_gauge("eftmesh.logit.sessions", [gauge_callback(sessions, **{"eftmesh.role": role})],
                                   unit="{session}", description="KV caches held")
         m.create_observable_counter("eftmesh.logit.evictions", [gauge_callback(evictions, **{"eftmesh.role": role})],
                                     unit="{session}", description="KV caches evicted for room (--max-sessions, --kv-cache-tokens)")
         m.create_observable_gauge("eftmesh.logit.kv_tokens_used", [gauge_callback(kv_tokens_used, **{"eftmesh.role": role})],
                                   unit="{token}", description="KV cache tokens held by sessions (whole blocks), of --kv-cache-tokens")
+        m.create_observable_gauge("eftmesh.logit.kv_tokens_capacity",
+                                  [gauge_callback(kv_tokens_capacity, **{"eftmesh.role": role})],
+                                  unit="{token}", description="KV cache tokens the pool holds (--kv-cache-tokens in whole blocks)")

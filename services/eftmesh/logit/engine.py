@@ -14,6 +14,8 @@ a log-softmax here. A bad item fails alone; the others go on.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import threading
 import time
@@ -120,6 +122,40 @@ class EngineInfo:
     max_batch: int
 
 
+def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
+    """--device-map: "none" (or empty) -> None, "auto" -> "auto", else a JSON object of module
+    names to devices (e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1})."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--device-map must be none, auto or a JSON object of module names to devices: {e}") from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError("--device-map JSON must be a non-empty object of module names to devices")
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """--max-memory "0=70GiB,1=70GiB,cpu=8GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "8GiB"}."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        if not sep or not key or not size:
+            raise ValueError(f"--max-memory wants DEVICE=SIZE pairs separated by commas, got {part!r}")
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
+def _model_devices(model: Any) -> list[torch.device]:
+    """The devices the model's weights are on, in module order, without repeats."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
+
+
 def model_max_context(config: Any) -> int:
     """The longest sequence a transformers config admits (positions it can embed)."""
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
@@ -169,7 +205,16 @@ class ModelEngine:
         self.max_draft = max_draft
         self.max_batch = max(1, max_batch)
         self.prefill_tokens = max(1, prefill_tokens)
-        self.device = next(model.parameters()).device
+        # A model sharded over several devices (a device map) takes its inputs on the embedding's
+        # device; `self.device` is that one, `self.devices` all of them in layer order.
+        self.devices = _model_devices(model)
+        if torch.device("meta") in self.devices:
+            raise ValueError("some weights are offloaded (on the meta device): eftmesh serves models whose "
+                             "weights all live on GPUs or all on the CPU; raise --max-memory or add GPUs")
+        self.device = model.get_input_embeddings().weight.device
+        # logits_to_keep indexes the final hidden states, on the device of the base model's last
+        # weights (its final norm), before the head
+        self._keep_device = list(model.base_model.parameters())[-1].device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         ctx = model_max_context(model.config)
@@ -187,7 +232,7 @@ class ModelEngine:
             tokenizer_fingerprint=fingerprint(tokenizer),
             max_context=self.max_context,
             dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.device),
+            device=",".join(str(d) for d in self.devices),
             max_sessions=max_sessions,
             session_idle_timeout_s=session_idle_timeout_s,
             eos_token_id=-1 if eos is None else int(eos),
@@ -204,6 +249,18 @@ class ModelEngine:
         self.merge_tokens = DEFAULT_MERGE_TOKENS
         # Set by start_draining(): the name of this replica, and no new session is created.
         self.draining: str | None = None
+        if len(self.devices) > 1:
+            self._follow_mask()
+
+    def _follow_mask(self) -> None:
+        """On a sharded model, give each placed module the batch's mask on its own device, copied
+        once per device per forward (BatchView.mask_on), instead of one copy per layer by
+        accelerate's hooks. Runs before those hooks, which then find it in place."""
+        for name in getattr(self.model, "hf_device_map", None) or {}:
+            module = self.model.get_submodule(name)
+            weight = next(module.parameters(), None)
+            if weight is not None:
+                module.register_forward_pre_hook(_mask_swapper(weight.device), with_kwargs=True)
 
     @classmethod
     def from_pretrained(
@@ -214,17 +271,36 @@ class ModelEngine:
         device: str = "cpu",
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[int | str, str] | None = None,
         **kwargs: Any,
     ) -> ModelEngine:
-        """Load a causal LM and its tokenizer from a local directory or a hub id."""
+        """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+        Weights go straight to their devices as they are read (low_cpu_mem_usage): never the
+        whole model staged in host RAM. `device_map` None puts every module on `device`; "auto"
+        spreads the layers over the visible GPUs (accelerate, within `max_memory` per device,
+        e.g. {0: "70GiB", 1: "70GiB"}); a dict names each module's device.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if max_memory and device_map is None:
+            raise ValueError("--max-memory applies to a device map: pass --device-map auto")
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        ).to(device)
+        load: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if device_map is not None:
+            load.update(device_map=device_map, low_cpu_mem_usage=True)
+            if max_memory:
+                load["max_memory"] = max_memory
+        elif importlib.util.find_spec("accelerate") is not None:
+            load.update(device_map={"": device}, low_cpu_mem_usage=True)
+        model = AutoModelForCausalLM.from_pretrained(model_id, **load)
+        if "device_map" not in load:
+            model = model.to(device)  # no accelerate: load on the CPU, then move
+        if device_map is not None:
+            log.info("%s: device map %s", role, getattr(model, "hf_device_map", device_map))
         return cls(model, tokenizer, model_id=model_id, role=role, **kwargs)
 
     def warmup(self) -> None:
@@ -252,8 +328,9 @@ class ModelEngine:
         result = self.score_batch([ScoreItem(sid, 0, [0] * n, 1)])[0]
         if result.error is not None:
             raise result.error
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for d in self.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
         return time.perf_counter() - started
 
     def start_draining(self, replica: str = "") -> None:
@@ -504,7 +581,7 @@ class ModelEngine:
                 position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
                 cache=view,
                 use_cache=True,
-                logits_to_keep=cols.clamp_min(0).to(self.device),
+                logits_to_keep=cols.clamp_min(0).to(self._keep_device),
             )
         except Exception as e:
             log.exception("%s: forward of %d rows failed", self.info.role, len(rows))
@@ -518,3 +595,18 @@ class ModelEngine:
             res = results[r.index]
             res.rows = logits[b, keep - r.rows:]  # [r.rows, vocab]
             res.cache_length = r.session.table.length
+
+
+def _mask_swapper(device: torch.device) -> Any:
+    """A forward pre-hook for a module on `device`: where its arguments carry a BatchView and
+    that view's mask, it gets the view's copy of the mask on `device` instead."""
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        view = next((a for a in (*args, *kwargs.values()) if isinstance(a, BatchView)), None)
+        if view is None or view.mask is None or view.mask.device == device:
+            return None
+        mask = view.mask_on(device)
+        return (tuple(mask if a is view.mask else a for a in args),
+                {k: mask if v is view.mask else v for k, v in kwargs.items()})
+
+    return hook

@@ -1,7 +1,8 @@
 """Paged KV memory for every session of one model: vLLM's block pool, in plain torch.
 
 The pool is allocated once (at the first forward, when the model's key shape is known): per
-layer one tensor of `num_slots` token slots holding keys and values side by side,
+layer one tensor, on the device that layer's keys arrive on (a model sharded over several
+GPUs keeps each layer's cache next to the layer), of `num_slots` token slots holding keys and values side by side,
 `[num_slots, 2, kv_heads * head_dim]` (one write and one gather per layer, not two). Slots come in blocks of `block_size` tokens; block 0 is scratch that padding
 writes to and reads from, never owned by a session. A session owns a list of blocks, so its
 token at position p lives in slot `blocks[p // block_size] * block_size + p % block_size`.
@@ -54,7 +55,9 @@ class PagedKVPool:
         self.num_blocks = capacity_tokens // block_size  # usable blocks; block 0 is scratch on top
         self.layers, self.device, self.dtype = layers, device, dtype
         self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low blocks first
-        self.kv: list[torch.Tensor] = []  # per layer [num_slots, 2, kv_heads * head_dim]: keys, values
+        # per layer [num_slots, 2, kv_heads * head_dim] (keys, values) on the layer's device; None
+        # until that layer's first update
+        self.kv: list[torch.Tensor | None] = [None] * layers
         self.kv_heads = self.head_dim = 0
 
     @property
@@ -90,26 +93,38 @@ class PagedKVPool:
     def free(self, table: BlockTable) -> None:
         self.truncate(table, 0)
 
-    def allocate(self, kv_heads: int, head_dim: int) -> None:
-        """The per-layer tensors, once, when the first forward shows their shape."""
-        if self.kv:
-            return
-        slots = (self.num_blocks + 1) * self.block_size
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        for _ in range(self.layers):
-            self.kv.append(torch.zeros((slots, 2, kv_heads * head_dim), device=self.device, dtype=self.dtype))
+    def layer(self, layer_idx: int, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
+        """Layer `layer_idx`'s tensor, allocated on `device` (where its keys arrive) at its first use."""
+        kv = self.kv[layer_idx]
+        if kv is None:
+            if self.kv_heads and (kv_heads, head_dim) != (self.kv_heads, self.head_dim):
+                raise ValueError(f"layer {layer_idx} has {kv_heads} kv heads of {head_dim}, "
+                                 f"the others {self.kv_heads} of {self.head_dim}")
+            self.kv_heads, self.head_dim = kv_heads, head_dim
+            slots = (self.num_blocks + 1) * self.block_size
+            kv = self.kv[layer_idx] = torch.zeros((slots, 2, kv_heads * head_dim), device=device, dtype=self.dtype)
+        return kv
+
+    def allocate(self, kv_heads: int, head_dim: int, device: torch.device | None = None) -> None:
+        """Every layer's tensor at once, on `device` (default: the pool's)."""
+        for i in range(self.layers):
+            self.layer(i, kv_heads, head_dim, self.device if device is None else device)
+
+    def devices(self) -> list[torch.device]:
+        """The devices the allocated layers live on, in layer order, without repeats."""
+        return list(dict.fromkeys(t.device for t in self.kv if t is not None))
 
     def nbytes(self) -> int:
         """Bytes the pool's tensors occupy (measured from the tensors themselves)."""
-        return sum(t.untyped_storage().nbytes() for t in self.kv)
+        return sum(t.untyped_storage().nbytes() for t in self.kv if t is not None)
 
     def bytes_per_token(self) -> float:
         """Measured bytes per usable token slot (scratch block included in the cost)."""
-        return self.nbytes() / self.capacity_tokens if self.kv else 0.0
+        return self.nbytes() / self.capacity_tokens
 
     def theoretical_bytes_per_token(self) -> int:
         """2 x layers x kv_heads x head_dim x dtype bytes."""
-        return 2 * len(self.kv) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def slots(self, tables: list[BlockTable], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Slot of each (row, position); scratch slot 0 where `valid` is False.
@@ -156,31 +171,62 @@ class BatchView(Cache):
         read_pos = cols[None, :].expand(rows, -1)  # [rows, length]
         read_valid = read_pos < (past_t + new_t)[:, None]
         dev = pool.device
-        self.write_idx = pool.slots(tables, self.positions, write_valid).view(-1).to(dev)  # [rows * n]
-        self.read_idx = pool.slots(tables, read_pos, read_valid).view(-1).to(dev)  # [rows * length]
+        write_idx = pool.slots(tables, self.positions, write_valid).view(-1)  # [rows * n]
+        read_idx = pool.slots(tables, read_pos, read_valid).view(-1)  # [rows * length]
         # A query at position q sees every column <= q of its own row: its cached past, the new
         # tokens up to itself, and (for padding queries only) stale or scratch slots after the
         # row's end; never a fully masked row, so no NaN reaches a real token.
-        allowed = cols[None, None, :] <= self.positions[:, :, None]  # [rows, n, length]
-        self._allowed = allowed.unsqueeze(1).to(dev)  # [rows, 1, n, length]
+        allowed = (cols[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)  # [rows, 1, n, length]
+        # Per device, built once per forward: the write and read indices (and the mask, see
+        # mask_on). The pool's own device is filled now (the one-device case); a layer on
+        # another device copies them there at its first update and the layers after it reuse it.
+        self._idx: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._idx_cpu = (write_idx, read_idx)
+        self.write_idx, self.read_idx = self._indices(dev)
+        self._allowed = allowed.to(dev)
+        self._masks: dict[torch.device, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # the mask handed to the model (attention_mask's result)
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(write_idx, read_idx) on `device`, copied there once per forward."""
+        idx = self._idx.get(device)
+        if idx is None:
+            idx = self._idx[device] = tuple(t.to(device) for t in self._idx_cpu)
+        return idx
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[rows, 1, n, length] additive mask: 0 where attention is allowed, the dtype's minimum elsewhere."""
-        return torch.zeros(self._allowed.shape, dtype=dtype, device=self._allowed.device).masked_fill_(
+        self.mask = torch.zeros(self._allowed.shape, dtype=dtype, device=self._allowed.device).masked_fill_(
             ~self._allowed, torch.finfo(dtype).min
         )
+        self._masks = {self.mask.device: self.mask}
+        return self.mask
+
+    def mask_on(self, device: torch.device) -> torch.Tensor:
+        """The mask attention_mask() built, on `device`: copied there once per forward (the layers
+        of a sharded model that share a device share the copy)."""
+        if self.mask is None:
+            raise RuntimeError("attention_mask() first")
+        mask = self._masks.get(device)
+        if mask is None:
+            mask = self._masks[device] = self.mask.to(device)
+        return mask
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [rows, kv_heads, n, head_dim]
         rows, heads, n, dim = key_states.shape
-        if not self.pool.kv:
-            self.pool.allocate(heads, dim)
-        kv = self.pool.kv[layer_idx]  # [slots, 2, heads * dim]
+        kv = self.pool.kv[layer_idx]  # [slots, 2, heads * dim], on this layer's device once allocated
+        if kv is None:
+            kv = self.pool.layer(layer_idx, heads, dim, key_states.device)
+        if kv.device == self.write_idx.device:
+            write_idx, read_idx = self.write_idx, self.read_idx
+        else:
+            write_idx, read_idx = self._indices(kv.device)
         new = torch.stack((key_states, value_states), dim=2)  # [rows, heads, 2, n, dim]
-        kv.index_copy_(0, self.write_idx, new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim).to(kv.dtype))
-        both = kv.index_select(0, self.read_idx).view(rows, self.length, 2, heads, dim)
+        kv.index_copy_(0, write_idx, new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim).to(kv.dtype))
+        both = kv.index_select(0, read_idx).view(rows, self.length, 2, heads, dim)
         return both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)  # [rows, kv_heads, length, head_dim]
 
     # The model asks these of any cache; positions and the 4D mask are given explicitly.

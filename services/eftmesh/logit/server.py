@@ -22,7 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import metrics, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
-from eftmesh.logit.engine import DTYPES, ModelEngine
+from eftmesh.logit import deletion_cost
+from eftmesh.logit.engine import DTYPES, ModelEngine, parse_device_map, parse_max_memory
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -45,6 +46,8 @@ class LogitConfig:
     role: str
     server: ServerConfig
     device: str = "cpu"
+    device_map: str = "none"  # none, auto or a JSON object of module names to devices
+    max_memory: str = ""  # with a device map: "0=70GiB,1=70GiB"
     dtype: str = "float32"
     max_sessions: int = 256
     session_idle_timeout_s: float = 300.0
@@ -60,6 +63,7 @@ class LogitConfig:
     otlp: bool = False
     otlp_metrics: bool = False
     metrics_port: int | None = None
+    deletion_cost_interval_s: float = 0.0
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> LogitConfig:
@@ -73,6 +77,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
     p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device-map", default="none",
+                   help="shard the model over several devices: none (all on --device), auto (accelerate spreads the "
+                        "layers over the visible GPUs) or a JSON object of module names to devices; weights load "
+                        "straight onto their devices (default: %(default)s)")
+    p.add_argument("--max-memory", default="", help='with --device-map auto: memory per device for weights, e.g. "0=70GiB,1=70GiB" (leave room for the KV cache)')
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of the weights (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=256, help="KV caches held at once; the least recently used is evicted beyond this (default: %(default)s)")
     p.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an unused session's cache is dropped (default: %(default)s)")
@@ -90,15 +99,24 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                    help="seconds SIGTERM keeps serving the sessions held (new ones are refused UNAVAILABLE 'draining:', "
                         "health NOT_SERVING) before it stops; it exits as soon as the last one is released (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
+    p.add_argument("--deletion-cost-interval", type=float, default=None,
+                   help="seconds between updates of this pod's controller.kubernetes.io/pod-deletion-cost annotation to the "
+                        "sessions it holds, so that a scale-in removes the pod holding the fewest (PATCHed only when changed; "
+                        "needs POD_NAME, POD_NAMESPACE and RBAC to patch pods); 0: off (default: "
+                        f"{deletion_cost.DEFAULT_INTERVAL_S:.0f} in a Kubernetes pod, 0 elsewhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
+    if a.deletion_cost_interval is not None and a.deletion_cost_interval < 0:
+        p.error(f"--deletion-cost-interval must be >= 0, got {a.deletion_cost_interval}")
     return LogitConfig(
         model=a.model,
         role=a.role,
         server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port),
         device=a.device,
+        device_map=a.device_map,
+        max_memory=a.max_memory,
         dtype=a.dtype,
         max_sessions=a.max_sessions,
         session_idle_timeout_s=a.session_idle_timeout,
@@ -114,6 +132,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         otlp=tracing.otlp_requested(env),
         otlp_metrics=metrics.otlp_requested(env),
         metrics_port=a.metrics_port,
+        deletion_cost_interval_s=(deletion_cost.default_interval(env) if a.deletion_cost_interval is None
+                                  else a.deletion_cost_interval),
     )
 
 
@@ -125,12 +145,17 @@ class LogitServer:
     engine: ModelEngine
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
+    deletion_cost_interval_s: float = 0.0
+    deletion_cost_updater: deletion_cost.DeletionCost | None = None
 
     def start(self) -> None:
-        """Bind, warm the model up with a real forward pass, then report SERVING."""
+        """Bind, warm the model up with a real forward pass, then report SERVING; then keep the
+        pod's deletion cost (with --deletion-cost-interval)."""
         self.server.start()
         self.engine.warmup()
         self.server.set_serving()
+        engine = self.engine
+        self.deletion_cost_updater = deletion_cost.start_from_env(lambda: engine.live_sessions, self.deletion_cost_interval_s)
 
     @property
     def replica(self) -> str:
@@ -161,6 +186,8 @@ class LogitServer:
             log.warning("draining: grace over with %d sessions held; stopping", held)
         else:
             log.info("draining: no session left; stopping")
+        if self.deletion_cost_updater is not None:
+            self.deletion_cost_updater.stop(0)
         return self.server.stop(FINAL_GRACE_S)
 
 
@@ -174,6 +201,8 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             cfg.model,
             role=cfg.role,
             device=cfg.device,
+            device_map=parse_device_map(cfg.device_map),
+            max_memory=parse_max_memory(cfg.max_memory),
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
             max_sessions=cfg.max_sessions,
@@ -194,14 +223,15 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
     store = engine.sessions
     servicer = LogitServicer(engine, metrics.LogitMetrics(
         metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions,
-        lambda: engine.kv_tokens_used))
+        lambda: engine.kv_tokens_used, lambda: engine.pool.capacity_tokens))
     server = Server(
         cfg.server,
         [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         tracer_provider,
     )
-    return LogitServer(server, engine, tracer_provider, meter_provider)
+    return LogitServer(server, engine, tracer_provider, meter_provider,
+                       deletion_cost_interval_s=cfg.deletion_cost_interval_s)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

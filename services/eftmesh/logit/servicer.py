@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import torch
@@ -18,17 +20,81 @@ from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc, tensor_pb2
 
 
+class TimedLock:
+    """Stands in for the engine's lock (`ModelEngine._lock`, which runs one call at a time): the
+    same lock underneath, plus, for a thread inside `watching()`, the moment its first
+    acquisition returned, i.e. when the engine started its call. Other acquisitions (warmup,
+    Release, drain, the deletion-cost thread) are not watched and cost one attribute read."""
+
+    # It wraps the engine's own lock object rather than replacing it, so anything else bound to
+    # that object (a Condition, say) still excludes the same calls.
+    def __init__(self, inner: Any | None = None) -> None:
+        self._inner = inner if inner is not None else threading.Lock()
+        self._local = threading.local()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        ok = self._inner.acquire(blocking, timeout)
+        if ok and getattr(self._local, "watching", False):
+            self._local.watching = False
+            self._local.acquired_at = time.perf_counter()
+        return ok
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def locked(self) -> bool:
+        return self._inner.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextmanager
+    def watching(self) -> Iterator[list[float]]:
+        """Within the block, this thread's first acquisition is timed: the list yielded holds its
+        perf_counter() time once it happened (empty if the block never took the lock)."""
+        acquired: list[float] = []
+        self._local.watching, self._local.acquired_at = True, None
+        try:
+            yield acquired
+        finally:
+            self._local.watching = False
+            if self._local.acquired_at is not None:
+                acquired.append(self._local.acquired_at)
+
+
+def instrument_engine_lock(engine: Any) -> TimedLock | None:
+    """Put a TimedLock around the engine's lock, so that the servicer measures how long calls
+    queue for the engine without a hook in the engine (the same lock object stays underneath, so
+    mutual exclusion is unchanged). None when the engine has no such lock."""
+    lock = getattr(engine, "_lock", None)
+    if isinstance(lock, TimedLock):
+        return lock
+    if lock is None or not (hasattr(lock, "acquire") and hasattr(lock, "release")):
+        return None
+    engine._lock = timed = TimedLock(lock)
+    return timed
+
+
 class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     def __init__(self, engine: ModelEngine, metrics: LogitMetrics | None = None) -> None:
         self.engine = engine
         self.metrics = metrics or LogitMetrics(meter(None, "eftmesh.logit"), engine.info.role, lambda: 0, lambda: 0)
+        self._lock_timer = instrument_engine_lock(engine)
 
     @contextmanager
-    def _measured(self, method: str, tokens: int) -> Iterator[None]:
-        """Duration of one call by method and outcome, and the tokens it ran."""
-        start, error = time.perf_counter(), None
+    def _measured(self, method: str, tokens: int, items: int = 1) -> Iterator[None]:
+        """Duration of one call by method and outcome, and the tokens it ran; how long it waited
+        for the engine and how full a batch its `items` made (when it reached the engine)."""
+        start, error, acquired = time.perf_counter(), None, []
         try:
-            yield
+            if self._lock_timer is None:
+                yield
+            else:
+                with self._lock_timer.watching() as acquired:
+                    yield
         except BaseException as e:
             error = e
             raise
@@ -37,6 +103,10 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
             self.metrics.duration.record(time.perf_counter() - start, {**attrs, "rpc.grpc.status_code": outcome(error)})
             if error is None:
                 self.metrics.tokens.add(tokens, attrs)
+            if acquired:
+                self.metrics.queue_wait.record(max(acquired[0] - start, 0.0), attrs)
+            if acquired and items > 0:
+                self.metrics.batch_occupancy.record(items / max(1, self.engine.info.max_batch), attrs)
 
     def Info(
         self, request: logit_pb2.LogitServiceInfoRequest, context: grpc.ServicerContext
@@ -99,7 +169,7 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
         self, request: logit_pb2.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> logit_pb2.ScoreBatchResponse:
         items = [ScoreItem(it.session_id, it.start, it.tokens, it.rows) for it in request.items]
-        with self._measured("ScoreBatch", sum(len(it.tokens) for it in items)):
+        with self._measured("ScoreBatch", sum(len(it.tokens) for it in items), len(items)):
             results = self.engine.score_batch(items)
         logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
         return logit_pb2.ScoreBatchResponse(logits=logits, results=pb)
@@ -118,7 +188,7 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
                 continue
             items.append(DraftItem(it.session_id, it.start, it.tokens, it.k, sampling, it.seed, it.vocab_limit))
             where.append(i)
-        with self._measured("DraftBatch", sum(len(it.tokens) + it.k for it in items)):
+        with self._measured("DraftBatch", sum(len(it.tokens) + it.k for it in items), len(items)):
             for i, r in zip(where, self.engine.draft_batch(items)):
                 results[i] = r
         logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
