@@ -87,8 +87,8 @@ class SpeculationController:
     of the step's duration. The expected yield of a cap comes from the caller (each
     generation's own acceptance estimate), so the choice rests on step times, which vary far
     less than one step's accepted tokens. A cap never timed is tried first (the largest
-    first); every `explore_every` steps the less recently used of the best cap's two
-    neighbours is timed again, so the choice follows the load. Light load: drafting wins (a
+    first); every `explore_every` steps the least recently used of the best cap's two
+    neighbours and no drafting is timed again, so the choice follows the load. Light load: drafting wins (a
     step's fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1
     plain steps and the cap falls, down to 0.
     """
@@ -120,8 +120,10 @@ class SpeculationController:
         rates = [expected_tokens(arm) / s.seconds if s.seconds > 0 else 0.0 for arm, s in zip(arms, stats)]
         best = max(range(len(arms)), key=lambda i: rates[i])
         if self._step % self.explore_every == 0:
-            near = [i for i in (best - 1, best + 1) if 0 <= i < len(arms)]
-            return arms[min(near, key=lambda i: stats[i].last)]
+            # The best cap's neighbours, and no drafting (the cheapest step to time): a cap
+            # timed once under other conditions is never left standing on one noisy sample.
+            near = {i for i in (best - 1, best + 1, 0) if 0 <= i < len(arms) and i != best}
+            return arms[min(near, key=lambda i: stats[i].last)] if near else arms[best]
         return arms[best]
 
     def observe(self, batch: int, cap: int, seconds: float) -> None:
