@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -94,6 +95,8 @@ def kube_api_client(kubeconfig: str | None = None) -> Any:
             return client.ApiClient(cfg)
         except config.ConfigException:
             log.info("not in a Kubernetes pod; trying a kubeconfig")
+    # $KUBECONFIG read now: the client reads it once, when kubernetes.config is first imported.
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     config.load_kube_config(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
     return client.ApiClient(cfg)
 
