@@ -24,7 +24,7 @@ from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 ROLE = "base-large"  # the costliest tiny model: its prefills hold the engine longest
 MAX_CONCURRENT = 4
-CLIENTS = 50
+CLIENTS = 100  # the issue's reproduction: 100 clients saturating one logit service
 CHECKS = 40
 PREFILL = 120  # tokens per item, near the tiny models' 128-token context
 ITEMS = 4  # sessions per ScoreBatch
