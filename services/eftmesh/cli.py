@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from eftmesh.common import auth, tls
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50050"
@@ -85,13 +86,18 @@ def _summary(finish: int, usage: generator_pb2.Usage, spec: generator_pb2.Specul
     return line + "]"
 
 
+def _stub(a: argparse.Namespace) -> generator_pb2_grpc.GeneratorStub:
+    """A Generator stub, over TLS when asked (a.tls); calls pass a.metadata (the bearer token)."""
+    return generator_pb2_grpc.GeneratorStub(tls.channel(a.address, getattr(a, "tls", None)))
+
+
 def generate(a: argparse.Namespace) -> int:
-    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(a.address))
+    stub = _stub(a)
     req = build_request(a, a.prompt)
     try:
         if a.stream:
             lps: list[float] = []
-            for chunk in stub.Generate(generator_pb2.GenerateRequest(**req), timeout=a.timeout):
+            for chunk in stub.Generate(generator_pb2.GenerateRequest(**req), timeout=a.timeout, metadata=getattr(a, "metadata", None)):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 lps.extend(chunk.logprobs)
@@ -101,7 +107,7 @@ def generate(a: argparse.Namespace) -> int:
             if a.logprobs:
                 print("logprobs:", " ".join(f"{x:.3f}" for x in lps), file=sys.stderr)
         else:
-            r = stub.Complete(generator_pb2.CompleteRequest(**req), timeout=a.timeout)
+            r = stub.Complete(generator_pb2.CompleteRequest(**req), timeout=a.timeout, metadata=getattr(a, "metadata", None))
             print(r.text)
             print(_summary(r.finish_reason, r.usage, r.speculation), file=sys.stderr)
             if a.logprobs:
@@ -113,9 +119,9 @@ def generate(a: argparse.Namespace) -> int:
 
 
 def info(a: argparse.Namespace) -> int:
-    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(a.address))
+    stub = _stub(a)
     try:
-        print(stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=a.timeout))
+        print(stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=a.timeout, metadata=getattr(a, "metadata", None)))
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -145,14 +151,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--stream", action="store_true", help="stream tokens as they are generated (Generate) instead of one response (Complete)")
     g.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
     add_request_flags(g)
+    tls.add_client_args(g, what="the combiner")
+    auth.add_client_args(g)
     i = sub.add_parser("info", help="show a combiner's roles, upstream models and defaults")
     i.add_argument("--address", default=DEFAULT_ADDRESS, help="combiner host:port (default: %(default)s)")
     i.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
+    tls.add_client_args(i, what="the combiner")
+    auth.add_client_args(i)
     sub.add_parser("logit", help="run one logit service (see: eftmesh logit --help)")
     sub.add_parser("combiner", help="run the combiner (see: eftmesh combiner --help)")
     sub.add_parser("up", help="run the whole mesh on loopback and stream a generation (see: eftmesh up --help)")
     sub.add_parser("load", help="run ghz load-test scenario files against a combiner (see: eftmesh load --help)")
     a = p.parse_args(argv)
+    try:
+        a.tls = tls.client_from_args(g if a.cmd == "generate" else i, a)
+        a.metadata = auth.client_metadata(auth.client_token(a))
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     sys.exit({"generate": generate, "info": info}[a.cmd](a))
 
 

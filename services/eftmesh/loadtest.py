@@ -59,6 +59,8 @@ import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from eftmesh.common.auth import add_client_args as add_token_args, client_metadata, client_token
+from eftmesh.common.tls import ClientTLS, add_client_args, channel as tls_channel, client_from_args
 from eftmesh.v1 import generator_pb2, logit_pb2  # noqa: F401 - registers eftmesh.v1 in the pool
 
 # ghz keys this runner reads and honours.
@@ -127,6 +129,12 @@ class Scenario:
     channel_options: tuple[tuple[str, Any], ...] = ()
     compression: bool = False
     tags: tuple[tuple[str, str], ...] = ()
+    # From the command line, never written to reports: TLS to the combiner and a bearer token.
+    tls: ClientTLS | None = None
+    token: str | None = None
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (*self.metadata, *client_metadata(self.token)) or None
 
     @staticmethod
     def load(path: Path) -> Scenario:
@@ -258,12 +266,12 @@ def _one(invoke: Callable, streaming: bool, request: Message, s: Scenario) -> Re
     try:
         if streaming:
             first, tokens = None, 0
-            for response in invoke(request, timeout=s.timeout_s, metadata=s.metadata or None):
+            for response in invoke(request, timeout=s.timeout_s, metadata=s.call_metadata()):
                 if first is None and getattr(response, "token_ids", None):
                     first = time.perf_counter() - start
                 tokens = max(tokens, _tokens(response))
             return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens, timestamp=wall)
-        response = invoke(request, timeout=s.timeout_s, metadata=s.metadata or None)
+        response = invoke(request, timeout=s.timeout_s, metadata=s.call_metadata())
         return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response), timestamp=wall)
     except grpc.RpcError as e:
         return Result(e.code(), time.perf_counter() - start, error=f"{e.code().name}: {e.details()}", timestamp=wall,
@@ -468,7 +476,7 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
     # A local subchannel pool per channel: otherwise gRPC would share one connection among them.
     options = [*s.channel_options, *([("grpc.use_local_subchannel_pool", 1)] if s.connections > 1 else [])]
     compression = grpc.Compression.Gzip if s.compression else None
-    channels = [grpc.insecure_channel(address, options=options, compression=compression)
+    channels = [tls_channel(address, s.tls, options, compression=compression)
                 for _ in range(s.connections)]
     try:
         invokes = []
@@ -620,8 +628,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="eftmesh: this runner's JSON, with tokens/s and time to first token; ghz: ghz's own JSON "
                         "report (ghz -O json), printed to stdout without --out (default: %(default)s)")
     p.add_argument("--markdown", action="store_true", help="also print a README table of the runs")
+    add_client_args(p, what="the combiner")
+    add_token_args(p)
     a = p.parse_args(argv)
-    overrides = {"concurrency": a.concurrency, "total": a.total}
+    try:
+        overrides = {"concurrency": a.concurrency, "total": a.total, "tls": client_from_args(p, a),
+                     "token": client_token(a)}
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     quiet = a.format == "ghz" and a.out is None  # stdout carries the ghz report alone
     try:
         if a.local_mesh:

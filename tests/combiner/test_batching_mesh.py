@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -380,6 +381,11 @@ def test_an_item_one_upstream_refuses_fails_only_its_generation(mesh, tiny_famil
     capped = start_logit(tiny_family["ft-small"], "ft-capped", max_draft=2)
     ports = {r: ls.server.port for r, ls in mesh.logits.items()} | {"ft-capped": capped.server.port}
     cs = start_combiner(tiny_family["base-small"], ports)
+    # The combiner caps its block to ft-capped's --max-draft at start; undo that, as for a
+    # replica restarted later with a smaller --max-draft, so that k=4 reaches the service.
+    assert cs.servicer is not None and cs.servicer.defaults.speculation.max_block == 2
+    cs.servicer.defaults = dataclasses.replace(cs.servicer.defaults, speculation=dataclasses.replace(
+        cs.servicer.defaults.speculation, max_block=16))
     ch, stub = stub_of(cs)
     mixed_calls: list[list[int]] = []
     inner = cs.scorer.draft_batch

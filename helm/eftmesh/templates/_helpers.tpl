@@ -286,3 +286,49 @@ checkov.io/skip1: "CKV_K8S_43=Images are referenced by release tag so one values
 checkov.io/skip2: "CKV_K8S_15=IfNotPresent with immutable release tags avoids re-pulling multi-GB CUDA images on every start; pullPolicy is a value"
 checkov.io/skip3: "CKV_K8S_11=No CPU limit on purpose: CFS throttling of a forward pass or a token stream only adds latency; CPU requests are set"
 {{- end }}
+
+{{/* TLS Secret (kubernetes.io/tls: tls.crt, tls.key, ca.crt) of a component ("combiner" or "logit"). */}}
+{{- define "eftmesh.tlsSecretName" -}}
+{{- $own := ternary .root.Values.tls.combinerSecret .root.Values.tls.logitSecret (eq .component "combiner") }}
+{{- default (printf "%s-%s-tls" (include "eftmesh.fullname" .root) .component) $own }}
+{{- end }}
+
+{{/* The combiner's bearer-token Secret: auth.existingSecret, else the one the chart creates. */}}
+{{- define "eftmesh.authSecretName" -}}
+{{- default (printf "%s-combiner-tokens" (include "eftmesh.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* A Service's in-cluster DNS names: name, name.ns, name.ns.svc, name.ns.svc.cluster.local. */}}
+{{- define "eftmesh.serviceDnsNames" -}}
+- {{ .name }}
+- {{ .name }}.{{ .namespace }}
+- {{ .name }}.{{ .namespace }}.svc
+- {{ .name }}.{{ .namespace }}.svc.{{ .domain }}
+{{- end }}
+
+{{/* A TLS Secret as a read-only volume (its keys only, mode 0440 for the pod's group). */}}
+{{- define "eftmesh.tlsVolume" -}}
+- name: tls
+  secret:
+    secretName: {{ include "eftmesh.tlsSecretName" . }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "eftmesh.tlsVolumeMount" -}}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+
+{{/* TLS is on only with the health-only ports: kubelet gRPC probes cannot speak TLS. */}}
+{{- define "eftmesh.checkTls" -}}
+{{- if and .Values.tls.enabled (or (not .Values.logit.healthPort) (not .Values.combiner.healthPort)) }}
+{{- fail "tls.enabled needs logit.healthPort and combiner.healthPort: the kubelet's gRPC probes cannot speak TLS, so they use the plaintext health-only port" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name: a cert-manager CA Issuer (or ClusterIssuer) of the mesh" }}
+{{- end }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) }}
+{{- fail "auth.enabled needs auth.existingSecret (a Secret whose auth.secretKey holds one token per line) or auth.tokens" }}
+{{- end }}
+{{- end }}

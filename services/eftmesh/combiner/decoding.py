@@ -34,7 +34,7 @@ from eftmesh.combiner.scoring import DraftCall, ScoreCall
 from eftmesh.combiner.text import IncrementalDetokenizer, StopStrings
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.core.mixing import Composition
-from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
+from eftmesh.core.sampling import SamplingConfig, check_finite_mass, make_generator, process, sample
 from eftmesh.core.speculative import AdaptiveBlockSize, expected_tokens_per_block, verify_greedy, verify_sampled
 
 
@@ -295,6 +295,7 @@ class Generation:
             lp: [k + 1, vocab] EFT log-probabilities (one row for a plain step).
             p: the same rows after temperature / top-k / top-p, or None when greedy.
         """
+        check_finite_mass(lp)  # NoFiniteMass: the scheduler fails this generation alone
         usage = self.sink.usage
         usage.base_calls += 1
         n = len(self.ids)
@@ -310,6 +311,7 @@ class Generation:
         else:
             V = lp.shape[1]
             q = process(self.draft_rows[:k, :V], self.req.sampling)  # [k, vocab]: what the drafts came from
+            check_finite_mass(q)
             verdict = verify_sampled(x, q, p, self.gen)
         m = verdict.accepted
         # Every cache holds n + k tokens; the first n + m are right. The next call's start
@@ -341,8 +343,23 @@ class Generation:
         self.k = 0
 
 
+# A prompt longer than max_context * this many characters is refused before it is tokenised:
+# tokenising is the one cost a caller controls before the length check, and a few MB of text
+# hold a CPU for seconds. No tokenizer in use packs more than a few characters into a token on
+# real text (4 is typical for English, whitespace and punctuation runs reach ~16), so a prompt
+# this long would be refused by the token count anyway; the bound only makes the refusal cheap.
+PROMPT_CHARS_PER_TOKEN = 32
+
+
 def encode_prompt(tokenizer: Any, prompt: str, max_context: int) -> tuple[list[int], int]:
     """Prompt ids and the room left for new tokens in a context of `max_context`."""
+    limit = max_context * PROMPT_CHARS_PER_TOKEN
+    if len(prompt) > limit:
+        raise InvalidArgument(
+            f"prompt is {len(prompt)} characters; the models of this composition accept at most "
+            f"{max_context} tokens in all (prompt plus output), and prompts over {limit} characters "
+            f"({PROMPT_CHARS_PER_TOKEN} per token) are refused before tokenising: shorten the prompt"
+        )
     ids = tokenizer.encode(prompt)
     if not ids:
         raise InvalidArgument("prompt tokenises to nothing: send some text")

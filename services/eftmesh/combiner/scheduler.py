@@ -47,10 +47,10 @@ from opentelemetry import trace
 
 from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
 from eftmesh.combiner.scoring import Outcome, Scorer
-from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, ResourceExhausted
+from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.core.mixing import Term, mix_batch
-from eftmesh.core.sampling import SamplingConfig, process
+from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +398,9 @@ class Scheduler:
             before = g.sink.usage.completion_tokens
             try:
                 g.finish(lp[o:o + m], processed[g])
+            except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
+                self._fail(g, InvalidArgument(str(e)))
+                continue
             except Exception as e:  # one generation's numeric trouble must not touch the others
                 log.exception("generation failed while sampling")
                 self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"sampling failed: {type(e).__name__}"))

@@ -72,6 +72,7 @@ class ModelSpec:
     dtype: str
     device: str
     eos_token_id: int
+    max_draft: int = 0  # the largest k its Draft takes; 0: not said (an older service)
 
     @classmethod
     def from_info(cls, role: str, address: str, info: Any) -> ModelSpec:
@@ -83,6 +84,7 @@ class ModelSpec:
                 "model_id", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint",
                 "max_context", "dtype", "device", "eos_token_id",
             )},
+            max_draft=int(getattr(info, "max_draft", 0) or 0),
         )
 
 

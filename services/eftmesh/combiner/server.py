@@ -4,7 +4,9 @@ Flags are parsed once into a frozen `CombinerConfig`. At start the combiner open
 gRPC health NOT_SERVING and waits for its upstreams with no deadline (by default), logging which
 it still waits for; requests meanwhile fail UNAVAILABLE at once, naming the missing roles. Each
 upstream, once it answers, must share the combiner's tokenizer (fingerprint) and cover its
-vocabulary: a mismatch is a refusal to start (exit code 2), naming the models that differ.
+vocabulary: a mismatch is a refusal to start (exit code 2), naming the models that differ and
+what differs. The largest block (--max-block) is capped to the smallest --max-draft of the
+upstreams, with a warning, so that no request fails for a limit of the logit services.
 Health turns SERVING once every role has a live replica, NOT_SERVING while one role has none.
 """
 
@@ -25,7 +27,7 @@ from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDe
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
-from eftmesh.common import metrics, tracing
+from eftmesh.common import auth, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tokenizer import fingerprint
@@ -57,6 +59,14 @@ class CombinerConfig:
     # spread again over combiner pods; 0 = never.
     max_connection_age_s: float = 300.0
     max_connection_age_grace_s: float = 30.0
+    # Largest request a client may send: a prompt and its settings, not rows (those travel
+    # between combiner and logit services under their own 64 MiB limit). Over it gRPC answers
+    # RESOURCE_EXHAUSTED before anything is read.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # gRPC server reflection on the main port (grpcurl without .proto files).
+    reflection: bool = True
+    # Bearer tokens required on the Generator API (one per line, re-read on change); None: open.
+    auth_tokens_file: str | None = None
 
 
 def _upstream(text: str) -> tuple[str, str]:
@@ -108,10 +118,15 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=0.0, help="seconds to wait at start for every upstream to answer before exiting with code 2; 0 = wait forever. Meanwhile the port is open, health NOT_SERVING, and requests get UNAVAILABLE (default: %(default)s)")
     p.add_argument("--max-connection-age", type=float, default=300.0, help="seconds after which a client's connection is closed (GOAWAY, in-flight calls get --max-connection-age-grace to finish) so long-lived clients rebalance over combiner pods; 0 = never (default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="largest request message a client may send; larger ones get RESOURCE_EXHAUSTED before they are read (default: %(default)s)")
     p.add_argument("--max-connection-age-grace", type=float, default=30.0, help="seconds in-flight calls of a connection closed by --max-connection-age may still take (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
     p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
+    p.add_argument("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection (on by default, so grpcurl works without .proto files; it only lists the services and their messages)")
+    tls.add_server_args(p, client_ca=False)
+    tls.add_client_args(p, prefix="upstream", what="the logit services")
+    p.add_argument("--auth-tokens-file", default=None, metavar="FILE", help="require 'authorization: Bearer <token>' on the Generator API, the token one of this file's lines (several at once for rotation; re-read when it changes); health and reflection stay open (default: no authentication)")
     p.add_argument("--workers", type=int, default=None, help="gRPC worker threads; each streaming generation holds one, so there must be more than --max-concurrent-generations for overload to be refused at once rather than queued (default: --max-concurrent-generations + 32)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight generations (default: %(default)s)")
@@ -133,8 +148,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     if workers <= a.max_concurrent_generations:
         p.error("--workers must exceed --max-concurrent-generations: a request past the limit needs a free "
                 "worker to be refused with RESOURCE_EXHAUSTED, or it waits in gRPC's queue instead")
-    if a.max_batch < 1 or a.prefill_tokens < 1 or not a.queue_timeout > 0:
-        p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0")
+    if a.max_batch < 1 or a.prefill_tokens < 1 or not a.queue_timeout > 0 or a.max_request_bytes < 1024:
+        p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0, --max-request-bytes >= 1024")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
         p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
     if a.connect_timeout < 0 or a.max_connection_age < 0 or a.max_connection_age_grace < 0:
@@ -145,9 +160,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         tokenizer=a.tokenizer,
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
         server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
-                            health_port=a.health_port),
+                            health_port=a.health_port, tls=tls.server_from_args(p, a)),
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
-                              resolve_interval_s=a.resolve_interval),
+                              resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream")),
         max_concurrent_generations=a.max_concurrent_generations,
         scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),
         otlp=tracing.otlp_requested(env),
@@ -155,6 +170,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         metrics_port=a.metrics_port,
         max_connection_age_s=a.max_connection_age,
         max_connection_age_grace_s=a.max_connection_age_grace,
+        max_request_bytes=a.max_request_bytes,
+        reflection=a.reflection,
+        auth_tokens_file=a.auth_tokens_file,
     )
 
 
@@ -176,6 +194,7 @@ class CombinerServer:
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
+    servicer: GeneratorServicer | None = None
 
     def start(self, on_fatal: Callable[[EftMeshError], None] | None = None) -> None:
         """Open the port (health NOT_SERVING), try every upstream once, and go on waiting for
@@ -220,19 +239,48 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_block, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
     try:
+        extra = [auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])] \
+            if cfg.auth_tokens_file else []
         server = Server(
-            dataclasses.replace(cfg.server, options=(*cfg.server.options, *connection_age_options(
-                cfg.max_connection_age_s, cfg.max_connection_age_grace_s))),
+            dataclasses.replace(
+                cfg.server,
+                options=(*cfg.server.options, ("grpc.max_receive_message_length", cfg.max_request_bytes),
+                         *connection_age_options(cfg.max_connection_age_s, cfg.max_connection_age_grace_s)),
+                reflection=cfg.reflection,
+            ),
             [lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)],
             [SERVICE_NAME],
             tracer_provider,
+            interceptors=extra,
         )
     except BaseException:
         decoder.close()
         scorer.close()
         raise
-    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider,
-                          check=lambda models: check_compatible(models, fp, vocab))
+    def check(models: Mapping[str, ModelSpec]) -> None:
+        check_compatible(models, fp, vocab, tokenizer.eos_token_id)
+        cap_block(servicer, decoder, scorer.models)
+
+    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider, check=check, servicer=servicer)
+
+
+def cap_block(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str, ModelSpec]) -> None:
+    """Cap the largest block (--max-block, and --block-size under it) to the smallest
+    --max-draft of the upstreams that answered, saying so: any role may be a request's draft
+    role, and a block larger than its Draft takes would fail every such request with the
+    upstream's INVALID_ARGUMENT. Run as each role first answers; Info reports the cap."""
+    said = {r: m.max_draft for r, m in dict(models).items() if m.max_draft > 0}
+    spec = servicer.defaults.speculation
+    if not said or min(said.values()) >= spec.max_block:
+        return
+    cap = min(said.values())
+    roles = ", ".join(f"{r} ({k})" for r, k in sorted(said.items()) if k == cap)
+    log.warning("--max-block %d is more than the logit services' --max-draft allows: capped to %d, the --max-draft "
+                "of %s%s", spec.max_block, cap, roles,
+                f"; the fixed mode's --block-size {spec.block_size} too" if spec.block_size > cap else "")
+    capped = dataclasses.replace(spec, max_block=cap, block_size=min(spec.block_size, cap))
+    servicer.defaults = dataclasses.replace(servicer.defaults, speculation=capped)
+    decoder.scheduler.controller.max_k = min(decoder.scheduler.controller.max_k, cap)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,9 +30,9 @@ from eftmesh.combiner.decoding import (
 )
 from eftmesh.combiner.scheduler import Decoder
 from eftmesh.common.convert import sampling_from_pb, sampling_to_pb
-from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from eftmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted, quote
 from eftmesh.common.metrics import CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
-from eftmesh.core.mixing import Composition, Delta
+from eftmesh.core.mixing import MAX_WEIGHT, Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
@@ -42,6 +42,32 @@ _FINISH_TO_PB = {
     FinishReason.STOP: generator_pb2.FINISH_REASON_STOP,
     FinishReason.CONTEXT: generator_pb2.FINISH_REASON_CONTEXT,
 }
+
+
+# Limits on what a request may name or list (INVALID_ARGUMENT beyond them). Role names are
+# configured names like "base-large"; stop strings are short markers, and each is searched for
+# after every token, so their number and length bound the work per token.
+MAX_ROLE_NAME_BYTES = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def check_role_name(name: str, field: str) -> None:
+    """A role name longer than MAX_ROLE_NAME_BYTES (UTF-8) is refused before any lookup."""
+    n = len(name.encode("utf-8", "surrogatepass"))
+    if n > MAX_ROLE_NAME_BYTES:
+        raise InvalidArgument(f"{field} is {n} bytes long; role names are at most {MAX_ROLE_NAME_BYTES} bytes: {quote(name)}")
+
+
+def stops_from_pb(stop: Sequence[str]) -> tuple[str, ...]:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    for i, s in enumerate(stop):
+        if len(s) > MAX_STOP_CHARS:
+            raise InvalidArgument(
+                f"stop[{i}] is {len(s)} characters long; stop strings are at most {MAX_STOP_CHARS}: {quote(s)}"
+            )
+    return tuple(s for s in stop if s)
 
 
 _MODE_NAMES = {"off": generator_pb2.SPECULATION_MODE_OFF, "fixed": generator_pb2.SPECULATION_MODE_FIXED,
@@ -83,17 +109,22 @@ def composition_from_pb(msg: generator_pb2.Composition, default: Composition, ro
         return default
     if not msg.base:
         raise InvalidArgument("composition.base is empty but deltas are set: name the base role")
+    check_role_name(msg.base, "composition.base")
     deltas = []
     for i, d in enumerate(msg.deltas):
         if not d.tuned or not d.reference:
             raise InvalidArgument(f"composition.deltas[{i}] needs both tuned and reference roles")
-        if not math.isfinite(d.weight):
-            raise InvalidArgument(f"composition.deltas[{i}].weight must be finite, got {d.weight}")
+        check_role_name(d.tuned, f"composition.deltas[{i}].tuned")
+        check_role_name(d.reference, f"composition.deltas[{i}].reference")
+        if not math.isfinite(d.weight) or abs(d.weight) > MAX_WEIGHT:
+            raise InvalidArgument(
+                f"composition.deltas[{i}].weight must be finite and in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {d.weight:g}"
+            )
         deltas.append(Delta(d.tuned, d.reference, d.weight))
     comp = Composition(msg.base, tuple(deltas))
     unknown = [r for r in comp.roles if r not in roles]
     if unknown:
-        raise NotFound(f"unknown role(s) {', '.join(map(repr, unknown))}; this combiner serves {', '.join(sorted(roles))}")
+        raise NotFound(f"unknown role(s) {', '.join(map(quote, unknown))}; this combiner serves {', '.join(sorted(roles))}")
     return comp
 
 
@@ -106,13 +137,14 @@ def speculation_from_pb(
         return None
     if mode not in (generator_pb2.SPECULATION_MODE_FIXED, generator_pb2.SPECULATION_MODE_ADAPTIVE):
         raise InvalidArgument(f"speculation.mode {mode} is not a known SpeculationMode")
+    check_role_name(msg.draft_role, "speculation.draft_role")
     draft = msg.draft_role or (comp.deltas[0].tuned if comp.deltas else "")
     if not draft:
         if msg.mode:  # asked for explicitly, but there is nothing to draft with
             raise InvalidArgument("speculation needs a draft role: set speculation.draft_role or add a delta")
         return None
     if draft not in roles:
-        raise NotFound(f"unknown draft role {draft!r}; this combiner serves {', '.join(sorted(roles))}")
+        raise NotFound(f"unknown draft role {quote(draft)}; this combiner serves {', '.join(sorted(roles))}")
     adaptive = mode == generator_pb2.SPECULATION_MODE_ADAPTIVE
     k = msg.block_size or (d.max_block if adaptive else d.block_size)
     if k > d.max_block:
@@ -158,7 +190,7 @@ def request_from_pb(
         seed=msg.seed if msg.HasField("seed") else new_seed(),
         seeded=msg.HasField("seed"),
         max_new_tokens=n,
-        stop=tuple(s for s in msg.stop if s),
+        stop=stops_from_pb(msg.stop),
         logprobs=msg.logprobs,
         ignore_eos=msg.ignore_eos,
     )

@@ -44,6 +44,7 @@ from eftmesh.common.errors import (
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.common.serving import CHANNEL_OPTIONS
+from eftmesh.common.tls import ClientTLS, channel as tls_channel, target_host
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class UpstreamPolicy:
     rejoin_wait_s: float = 1.5
     # How often start-up logs the upstreams it still waits for.
     wait_log_interval_s: float = 5.0
+    # TLS to the logit services (a CA bundle, and a client certificate for mTLS); None: plaintext.
+    # Unless it names one, a replica's certificate must carry its role's target host name.
+    tls: ClientTLS | None = None
 
 
 class UpstreamError(EftMeshError):
@@ -138,8 +142,8 @@ class GrpcScorer:
         # Health checks go over the untraced channel under each replica's (the same connection).
         self._health_stubs: dict[str, health_pb2_grpc.HealthStub] = {}
 
-        def make_stub(address: str) -> tuple[grpc.Channel, logit_pb2_grpc.LogitServiceStub]:
-            raw = grpc.insecure_channel(address, options=_UPSTREAM_OPTIONS)
+        def make_stub(address: str, server_name: str | None = None) -> tuple[grpc.Channel, logit_pb2_grpc.LogitServiceStub]:
+            raw = tls_channel(address, policy.tls, _UPSTREAM_OPTIONS, server_name)
             self._health_stubs[address] = health_pb2_grpc.HealthStub(raw)
             channel = tracing.traced_channel(raw, tracer_provider)
             return channel, logit_pb2_grpc.LogitServiceStub(channel)
@@ -147,7 +151,7 @@ class GrpcScorer:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a membership change: check at once, not at the next tick
         self.replicas = {
-            role: ReplicaSet(role, target, make_stub, resolver=resolver, cooldown_s=policy.replica_cooldown_s,
+            role: ReplicaSet(role, target, lambda a, name=target_host(target): make_stub(a, name), resolver=resolver, cooldown_s=policy.replica_cooldown_s,
                              on_change=lambda rs: self._wake.set())
             for role, target in self.addresses.items()
         }
@@ -601,17 +605,33 @@ def _call_error(role: str, replica: Replica, err: grpc.RpcError, attempt: int) -
     return UpstreamError(role, err)
 
 
-def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int) -> None:
+def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int,
+                     eos_token_id: int | None = None, tokenizer: str = "the combiner's --tokenizer") -> None:
     """Refuse to mix models whose tokenizers differ or whose vocabularies cannot be aligned.
 
     Output layers may be wider than the tokenizer (padding rows, dropped before mixing);
-    narrower ones, or a different token-to-id map, are a real mismatch.
+    narrower ones, or a different token-to-id map, are a real mismatch. A refusal names each
+    role that differs, its model, both fingerprints, and what its Info shows to differ
+    (tokenizer size, EOS id); when neither does, the token-to-id map, the added or special
+    tokens or the BOS id differ (or the service runs an eftmesh version that fingerprints
+    tokenizers otherwise).
     """
     differ = {r: m for r, m in models.items() if m.tokenizer_fingerprint != fingerprint}
     if differ:
-        lines = [f"{r} ({m.model_id}): tokenizer {m.tokenizer_fingerprint}" for r, m in differ.items()]
+        lines = []
+        for r, m in differ.items():
+            what = []
+            if m.tokenizer_vocab_size != vocab_size:
+                what.append(f"{m.tokenizer_vocab_size} tokens vs {vocab_size}")
+            if eos_token_id is not None and m.eos_token_id != eos_token_id:
+                what.append(f"EOS id {m.eos_token_id} vs {eos_token_id}")
+            if not what:
+                what.append("same size and EOS id, so the token-to-id map, the added or special tokens or the "
+                            "BOS id differ (or it runs an eftmesh version that fingerprints tokenizers otherwise)")
+            lines.append(f"{r} ({m.model_id}): tokenizer {m.tokenizer_fingerprint}, " + ", ".join(what))
         raise FailedPrecondition(
-            f"every model must share the combiner's tokenizer {fingerprint}; these differ: " + "; ".join(lines)
+            f"every model must share the tokenizer of {tokenizer} (fingerprint {fingerprint}); "
+            "these differ: " + "; ".join(lines)
         )
     narrow = {r: m for r, m in models.items() if m.vocab_size < vocab_size}
     if narrow:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from eftmesh.common.errors import InvalidArgument
-from eftmesh.core.sampling import SamplingConfig
+from eftmesh.core.sampling import GREEDY_TEMPERATURE, SamplingConfig
 from eftmesh.v1 import tensor_pb2
 
 
@@ -15,7 +15,9 @@ def sampling_from_pb(msg: tensor_pb2.SamplingParams, default: SamplingConfig) ->
     p = msg.top_p if msg.HasField("top_p") else default.top_p
     k = msg.top_k if msg.HasField("top_k") else default.top_k
     if not math.isfinite(t) or t < 0:
-        raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {t}")
+        raise InvalidArgument(
+            f"sampling.temperature must be a finite number >= 0 (0, or anything below {GREEDY_TEMPERATURE:g}, is greedy), got {t}"
+        )
     if not (0.0 < p <= 1.0):
         raise InvalidArgument(f"sampling.top_p must be in (0, 1] (1 disables it), got {p}")
     if k < 0:

@@ -62,3 +62,20 @@ class Cancelled(EftMeshError):
     """The caller went away."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+# How much caller input an error message may quote: enough to recognise it, never enough to
+# overflow a status trailer (gRPC's default metadata limit is 8 KiB) or to flood a log.
+QUOTE_LIMIT = 100
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` cut to at most `limit` characters (plus a note of the full length).
+
+    Every message that echoes caller input (a session id, a role name, a prompt, a stop
+    string) goes through this, so a 1 MiB id gives a short message, not a trailer overflow.
+    """
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'} in all)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[: limit + 2] + "..."

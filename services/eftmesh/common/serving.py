@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import tracing
 from eftmesh.common.interceptor import ErrorMappingInterceptor
+from eftmesh.common.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class ServerConfig:
     health_port: int | None = None
     # Extra gRPC server options of the main server, e.g. grpc.max_connection_age_ms.
     options: tuple[tuple[str, int | str], ...] = ()
+    # TLS (mTLS with a client CA) on the main port; None: plaintext. The health-only port
+    # stays plaintext: kubelet gRPC probes cannot speak TLS, and it serves health alone.
+    tls: ServerTLS | None = None
+    # Server reflection (what grpcurl and ghz use to find the API without proto files);
+    # --no-reflection turns it off.
+    reflection: bool = True
 
     def resolved_health_port(self) -> int | None:
         """The port to bind the health-only server on (0: any free one); None: no such server."""
@@ -95,15 +102,19 @@ class Server:
         register: Iterable[Callable[[grpc.Server], None]],
         service_names: Iterable[str],
         tracer_provider: TracerProvider | None = None,
+        interceptors: Iterable[grpc.ServerInterceptor] = (),
     ) -> None:
+        """`interceptors`: more server interceptors (e.g. `auth.BearerTokenInterceptor`), run
+        after tracing and before the error mapping, so that a refused call never reaches it."""
         self.cfg = cfg
         self._names = list(service_names)
         self.signalled = threading.Event()
-        interceptors = [*tracing.server_interceptors(tracer_provider), ErrorMappingInterceptor()]
+        interceptors = [*tracing.server_interceptors(tracer_provider), *interceptors, ErrorMappingInterceptor()]
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
-            options=[*CHANNEL_OPTIONS, *cfg.options],
+            # cfg.options override the defaults (gRPC keeps the first of duplicate keys).
+            options=list({**dict(CHANNEL_OPTIONS), **dict(cfg.options)}.items()),
             # Over this many in-flight RPCs, new ones get RESOURCE_EXHAUSTED at once.
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -111,11 +122,13 @@ class Server:
             reg(self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
-        )
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
+            )
         self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = _bind(self.grpc, cfg.host, cfg.port, "--port")
+        self.port = _bind(self.grpc, cfg.host, cfg.port, "--port",
+                          cfg.tls.credentials() if cfg.tls is not None else None)
         self.health_grpc: grpc.Server | None = None
         self.health_port: int | None = None
         want = cfg.resolved_health_port()
@@ -124,6 +137,8 @@ class Server:
             # never refused for load, and its own threads are never busy with a Score.
             self.health_grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS, thread_name_prefix="health"),
+                # Only the error mapping: malformed bytes get INVALID_ARGUMENT here too.
+                interceptors=[ErrorMappingInterceptor()],
                 # No port sharing: two processes' probes must never answer for one another.
                 options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
             )
@@ -146,7 +161,8 @@ class Server:
         if self.health_grpc is not None:
             self.health_grpc.start()
         self.grpc.start()
-        log.info("listening on %s:%d (health also on port %s)", self.cfg.host, self.port, self.health_port)
+        log.info("listening on %s:%d (%s; health also on port %s, plaintext)", self.cfg.host, self.port,
+                 self.cfg.tls.describe() if self.cfg.tls is not None else "plaintext", self.health_port)
 
     def set_serving(self) -> None:
         self._set_all(health_pb2.HealthCheckResponse.SERVING)
@@ -199,10 +215,12 @@ class Server:
         log.info("stopped")
 
 
-def _bind(server: grpc.Server, host: str, port: int, flag: str) -> int:
-    """Bind an insecure port; the bound port (port 0 picks a free one)."""
+def _bind(server: grpc.Server, host: str, port: int, flag: str,
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind a port, TLS with `credentials`, else plaintext; the bound port (0 picks a free one)."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     except RuntimeError as e:  # newer grpcio raises instead of returning 0
         raise OSError(f"cannot bind {host}:{port} ({flag}): {e}") from None
     if bound == 0:

@@ -30,6 +30,12 @@ import torch
 # probability.
 LOGPROB_FLOOR = -1.0e4
 
+# The largest |weight| a delta may have. With log-probabilities floored at LOGPROB_FLOOR below
+# each row's best, every mixed value is bounded by (number of deltas) * MAX_WEIGHT * 1e4, far
+# inside float32's range, so the mix can never overflow to inf or NaN. Weights beyond ~10 are
+# already a point mass in practice; 1e4 leaves room for any experiment.
+MAX_WEIGHT = 1.0e4
+
 
 @dataclass(frozen=True)
 class Delta:
@@ -53,8 +59,8 @@ class Composition:
         for d in self.deltas:
             if not d.tuned or not d.reference:
                 raise ValueError("every delta needs a tuned role and a reference role")
-            if not math.isfinite(d.weight):
-                raise ValueError(f"delta weight must be finite, got {d.weight}")
+            if not math.isfinite(d.weight) or abs(d.weight) > MAX_WEIGHT:
+                raise ValueError(f"delta weight must be finite and in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {d.weight}")
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -14,12 +14,26 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this are greedy decoding: at such a temperature the distribution is a
+# point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
+# becomes 100 in the exponent), and dividing by a tiny temperature would only risk overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+
+class NoFiniteMass(ValueError):
+    """A row to sample from has no finite probability mass (all -inf, or NaN somewhere).
+
+    Pure tensor code raises this; a service turns it into a status for that request alone.
+    """
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to turn a next-token distribution into a token.
 
-    temperature == 0 is greedy decoding; top_k == 0 and top_p == 1 disable those filters.
+    temperature == 0 (or any temperature below `GREEDY_TEMPERATURE`) is greedy decoding;
+    top_k == 0 and top_p == 1 disable those filters. Any finite temperature >= 0 works: a
+    large one flattens the distribution towards uniform, computed without overflow.
     """
 
     temperature: float = 1.0
@@ -36,7 +50,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -56,7 +70,7 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.greedy:
         return torch.log_softmax(x, dim=-1)
     if cfg.temperature != 1.0:
-        x = x / cfg.temperature
+        x = _scale(x, cfg.temperature)
     if 0 < cfg.top_k < x.shape[-1]:
         # Ties with the k-th value are kept: which of equal tokens to drop is arbitrary.
         kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]  # [rows, 1]
@@ -64,6 +78,15 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_p < 1.0:
         x = _top_p(x, cfg.top_p)
     return torch.log_softmax(x, dim=-1)
+
+
+def _scale(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x / temperature, shifted so each row's maximum is 0 first: the quotient is <= 0, so it
+    cannot overflow to +inf (it may underflow to -inf, which is the right limit), and -inf
+    entries stay -inf whatever the temperature (no -inf / inf = NaN)."""
+    m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(x == -math.inf, x, (x - m) / temperature)
 
 
 def _top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -92,10 +115,22 @@ def sample(
         [rows] int64 token ids.
     """
     assert processed.dim() == 2, f"expected [rows, vocab], got {tuple(processed.shape)}"
+    check_finite_mass(processed)
     if cfg.greedy:
         return torch.argmax(processed, dim=-1)
     probs = torch.exp(processed)  # [rows, vocab]
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_finite_mass(logprobs: torch.Tensor) -> None:
+    """Raise `NoFiniteMass` unless every row has no NaN and at least one finite entry."""
+    bad = torch.isnan(logprobs).any(dim=-1) | ~torch.isfinite(logprobs).any(dim=-1)  # [rows]
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NoFiniteMass(
+            f"the distribution to sample from has no finite probability mass in row(s) {rows[:8]}: "
+            "the weights or sampling settings make it degenerate"
+        )
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

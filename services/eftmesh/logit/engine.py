@@ -33,9 +33,10 @@ from eftmesh.common.errors import (
     OutOfRange,
     ResourceExhausted,
     Unavailable,
+    quote,
 )
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
+from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, make_generator, process, sample
 from eftmesh.logit.kvcache import BatchView, PagedKVPool, PoolExhausted
 from eftmesh.logit.sessions import Session, SessionCapReached, SessionStore
 
@@ -120,6 +121,21 @@ class EngineInfo:
     kv_cache_tokens: int
     kv_block_size: int
     max_batch: int
+
+
+# The longest session id accepted (UTF-8 bytes). The combiner's ids are a 32-character hex id,
+# a colon and a role name (at most 128 bytes); a longer id is refused before it is stored.
+MAX_SESSION_ID_BYTES = 256
+
+
+def check_session_id(session_id: str) -> None:
+    if not session_id:
+        raise InvalidArgument("session_id must be non-empty")
+    n = len(session_id.encode("utf-8", "surrogatepass"))
+    if n > MAX_SESSION_ID_BYTES:
+        raise InvalidArgument(
+            f"session_id is {n} bytes long; session ids are at most {MAX_SESSION_ID_BYTES} bytes: {quote(session_id)}"
+        )
 
 
 def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
@@ -386,6 +402,8 @@ class ModelEngine:
         return r.drafts, torch.log_softmax(r.rows.float(), dim=-1), r.cache_length
 
     def release(self, session_id: str) -> bool:
+        if session_id:  # an empty id names no session: nothing to release
+            check_session_id(session_id)
         with self._lock:
             return self.sessions.release(session_id)
 
@@ -430,9 +448,14 @@ class ModelEngine:
                     it = items[r.index]
                     row = chunks[r.index][-1][-1:]  # [1, vocab]
                     limit = it.vocab_limit or self.vocab_size
-                    x = int(sample(process(row[:, :limit].float(), it.sampling), it.sampling, gens[r.index])[0])
+                    try:
+                        x = int(sample(process(row[:, :limit].float(), it.sampling), it.sampling, gens[r.index])[0])
+                    except NoFiniteMass as e:  # this item's row is degenerate: fail it alone
+                        results[r.index].error = InvalidArgument(str(e))
+                        continue
                     results[r.index].drafts.append(x)
                     r.ids, r.rows = [x], 1
+                active = [r for r in active if results[r.index].error is None]
                 self._run(active, results)
                 for r in active:
                     if results[r.index].error is None:
@@ -458,7 +481,7 @@ class ModelEngine:
             try:
                 ids = self._check(sid, start, tokens, want, k)
                 if sid in seen:
-                    raise InvalidArgument(f"session {sid!r} appears twice in one batch")
+                    raise InvalidArgument(f"session {quote(sid)} appears twice in one batch")
                 seen.add(sid)
                 rows.append(_Row(i, sid, self._session_at(sid, start, batch), ids, want, k))
             except EftMeshError as e:
@@ -475,8 +498,7 @@ class ModelEngine:
         return admitted
 
     def _check(self, session_id: str, start: int, tokens: Sequence[int], rows: int, extra: int) -> list[int]:
-        if not session_id:
-            raise InvalidArgument("session_id must be non-empty")
+        check_session_id(session_id)
         n = len(tokens)
         if n == 0:
             raise InvalidArgument("tokens must be non-empty: send at least the last token")
@@ -500,13 +522,13 @@ class ModelEngine:
         if session is None:
             if start > 0:
                 raise NotFound(
-                    f"unknown session {session_id!r} (evicted, expired or never created): "
+                    f"unknown session {quote(session_id)} (evicted, expired or never created): "
                     "re-send the whole sequence with start=0"
                 )
             if self.draining is not None:
                 raise Unavailable(
                     f"{DRAINING_PREFIX} replica {self.draining} ({self.info.role}) is shutting down and "
-                    f"takes no new session: start {session_id!r} on another replica"
+                    f"takes no new session: start {quote(session_id)} on another replica"
                 )
             try:
                 session = self.sessions.create(session_id, keep=batch)
@@ -514,7 +536,7 @@ class ModelEngine:
                 raise ResourceExhausted(f"{e} (--max-sessions): retry when sessions finish") from None
         if start > session.length:
             raise FailedPrecondition(
-                f"start {start} leaves a gap: session {session_id!r} holds {session.length} "
+                f"start {start} leaves a gap: session {quote(session_id)} holds {session.length} "
                 "tokens; start must be <= the cached length"
             )
         self.pool.truncate(session.table, start)

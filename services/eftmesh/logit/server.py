@@ -8,6 +8,7 @@ when OTEL_EXPORTER_OTLP_ENDPOINT is set).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.common import metrics, tracing
+from eftmesh.common import metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import DTYPES, ModelEngine, parse_device_map, parse_max_memory
@@ -64,6 +65,10 @@ class LogitConfig:
     otlp_metrics: bool = False
     metrics_port: int | None = None
     deletion_cost_interval_s: float = 0.0
+    # gRPC server reflection on the main port (grpcurl without .proto files).
+    reflection: bool = True
+    # Info's model_id: the checkpoint path or hub id (True), or the role (False).
+    expose_model_id: bool = True
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> LogitConfig:
@@ -76,6 +81,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
     p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
+    tls.add_server_args(p, client_ca=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--device-map", default="none",
                    help="shard the model over several devices: none (all on --device), auto (accelerate spreads the "
@@ -105,6 +111,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "needs POD_NAME, POD_NAMESPACE and RBAC to patch pods); 0: off (default: "
                         f"{deletion_cost.DEFAULT_INTERVAL_S:.0f} in a Kubernetes pod, 0 elsewhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
+    p.add_argument("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection (on by default, so grpcurl works without .proto files; it only lists the services and their messages)")
+    p.add_argument("--hide-model-path", dest="expose_model_id", action="store_false", help="Info reports the role as model_id instead of --model (a local path or hub id) (default: --model is reported)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
     if a.deletion_cost_interval is not None and a.deletion_cost_interval < 0:
@@ -113,7 +121,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         model=a.model,
         role=a.role,
         server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
-                            health_port=a.health_port),
+                            health_port=a.health_port, tls=tls.server_from_args(p, a)),
         device=a.device,
         device_map=a.device_map,
         max_memory=a.max_memory,
@@ -134,6 +142,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         metrics_port=a.metrics_port,
         deletion_cost_interval_s=(deletion_cost.default_interval(env) if a.deletion_cost_interval is None
                                   else a.deletion_cost_interval),
+        reflection=a.reflection,
+        expose_model_id=a.expose_model_id,
     )
 
 
@@ -224,8 +234,10 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
     servicer = LogitServicer(engine, metrics.LogitMetrics(
         metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions,
         lambda: engine.kv_tokens_used, lambda: engine.pool.capacity_tokens))
+    if not cfg.expose_model_id:
+        servicer.public_model_id = cfg.role
     server = Server(
-        cfg.server,
+        dataclasses.replace(cfg.server, reflection=cfg.reflection),
         [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME],
         tracer_provider,

@@ -112,8 +112,9 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
         self, request: logit_pb2.LogitServiceInfoRequest, context: grpc.ServicerContext
     ) -> logit_pb2.LogitServiceInfoResponse:
         i = self.engine.info
+        # With --hide-model-path the build sets public_model_id (the role): no local path or hub id.
         return logit_pb2.LogitServiceInfoResponse(
-            model_id=i.model_id,
+            model_id=getattr(self, "public_model_id", None) or i.model_id,
             role=i.role,
             vocab_size=i.vocab_size,
             tokenizer_vocab_size=i.tokenizer_vocab_size,
