@@ -13,7 +13,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from eftmesh.v1 import generator_pb2, logit_pb2, tensor_pb2  # noqa: E402
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 ROLES = ["base-large", "base-small", "ft-small"]
