@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load bench-vocab eval load clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-vocab eval load fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -47,6 +47,18 @@ CHECKOV := $(SCAN_VENV)/bin/checkov
 $(CHECKOV):
 	$(PYTHON) -m venv $(SCAN_VENV)
 	$(SCAN_VENV)/bin/pip install -q checkov==3.3.30
+
+# atheris (coverage-guided fuzzing) gets a venv of its own too, on top of eftmesh's pins.
+FUZZ_VENV := build/fuzz-venv
+
+$(FUZZ_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/pip install -q torch==2.13.0
+	$(FUZZ_VENV)/bin/pip install -q -e . atheris==3.0.0
+	touch $@
+
+fuzz: $(FUZZ_VENV)/.installed ## coverage-guided fuzzing of request decoding and validation (atheris; ARGS="-runs=N", default 50000)
+	$(FUZZ_VENV)/bin/python tools/fuzz_requests.py -runs=50000 $(ARGS)
 
 test: $(STAMP) $(CHECKOV) check-protos lint ## run the whole test suite (with the chart's checkov scan)
 	CHECKOV=$(CHECKOV) $(PY) -m pytest -q
