@@ -6,6 +6,7 @@ The unit tests use fake channels; the mesh tests run real logit services on loop
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import defaultdict
@@ -120,6 +121,27 @@ def test_a_replica_serving_another_model_is_not_used():
         other = ModelSpec("base-large", "a:1,b:2", "other", 384, 384, "fp-2", 256, "float32", "cpu", 0)
         assert scorer._matches("base-large", spec, "a:1")
         assert not scorer._matches("base-large", other, "b:2")
+    finally:
+        scorer.close()
+
+
+def test_matches_refuses_a_replica_whose_max_draft_is_below_the_block_cap() -> None:
+    scorer = GrpcScorer({"base-large": "a:1,b:2"})
+    try:
+        first = ModelSpec("base-large", "a:1,b:2", "m", 384, 384, "fp-1", 256, "float32", "cpu", 0, max_draft=16)
+        scorer.models["base-large"] = first
+
+        def replica(k: int) -> ModelSpec:
+            return dataclasses.replace(first, max_draft=k)
+
+        assert scorer._matches("base-large", first, "a:1")  # the first replica is what the cap follows
+        assert scorer._matches("base-large", replica(16), "b:2")
+        assert not scorer._matches("base-large", replica(8), "b:2")  # no cap given: the first replica's
+        assert scorer._matches("base-large", replica(0), "b:2")  # 0: not said (an older service)
+        scorer.block_cap = lambda: 4  # the combiner's cap, lowered by another role's --max-draft
+        assert scorer._matches("base-large", replica(8), "b:2")
+        assert scorer._matches("base-large", replica(4), "b:2")
+        assert not scorer._matches("base-large", replica(3), "b:2")
     finally:
         scorer.close()
 

@@ -703,3 +703,29 @@ def test_checkov_should_find_no_unexplained_failure_in_the_rendered_manifests(tm
     assert skipped, "the chart's documented skips should show up as skipped"
     for c in skipped:  # every skip carries its reason (checkov.io/skipN: ID=reason)
         assert len((c.get("check_result", {}).get("suppress_comment") or "").strip()) > 20, c["check_id"]
+
+
+def test_reflection_model_path_and_request_size_should_follow_their_values():
+    docs = by_kind(render({
+        "logit": {"defaults": {"reflection": False, "hideModelPath": True},
+                  "roles": {"base-small": {"reflection": True, "hideModelPath": False}}},
+        "combiner": {"reflection": False, "maxRequestBytes": 1048576},
+    }), "Deployment")
+    for name, d in docs.items():
+        args = container(d)["args"]
+        if name.endswith("-combiner"):
+            assert "--no-reflection" in args and "--max-request-bytes=1048576" in args
+            cfg = parse(name, container(d))
+            assert cfg.reflection is False and cfg.max_request_bytes == 1048576
+        elif name.endswith("-base-small"):  # a role's own false/true overrides the defaults
+            assert "--no-reflection" not in args and "--hide-model-path" not in args
+        else:
+            assert "--no-reflection" in args and "--hide-model-path" in args
+            cfg = parse(name, container(d))
+            assert cfg.reflection is False and cfg.expose_model_id is False
+    defaults = by_kind(render(), "Deployment")
+    for name, d in defaults.items():
+        args = container(d)["args"]
+        assert "--no-reflection" not in args and "--hide-model-path" not in args
+        if name.endswith("-combiner"):
+            assert "--max-request-bytes=4194304" in args

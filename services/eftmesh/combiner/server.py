@@ -238,6 +238,7 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     tracer = tracing.tracer(tracer_provider, "eftmesh.combiner")
     decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_block, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
+    scorer.block_cap = lambda: servicer.defaults.speculation.max_block  # replicas must take blocks this large
     try:
         extra = [auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])] \
             if cfg.auth_tokens_file else []
@@ -286,6 +287,14 @@ def cap_block(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    try:  # a bad TLS or token file is a message naming its flag, not a traceback from deep in build()
+        tls.check_server(cfg.server.tls)
+        tls.check_client(cfg.policy.tls, "upstream")
+        if cfg.auth_tokens_file:
+            auth.check_token_file(cfg.auth_tokens_file, "--auth-tokens-file")
+    except ValueError as e:
+        log.error("refusing to start: %s", e)
+        raise SystemExit(2) from None
     cs = build(cfg)
 
     def refuse(e: EftMeshError) -> None:  # a refusal to start is a message, not a traceback

@@ -38,6 +38,16 @@ def read_tokens(path: str) -> list[bytes]:
     return [s for s in (line.strip() for line in lines) if s and not s.startswith(b"#")]
 
 
+def check_token_file(path: str, flag: str) -> None:
+    """Raise ValueError, naming `flag` and the file, if `path` cannot be read or holds no token."""
+    try:
+        tokens = read_tokens(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {flag} {path!r}: {e.strerror or e}") from None
+    if not tokens:
+        raise ValueError(f"{flag} {path!r} holds no token")
+
+
 class TokenFile:
     """The tokens of a file, re-read when the file changes."""
 

@@ -118,6 +118,23 @@ def server_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
     return ServerTLS(a.tls_cert, a.tls_key, client_ca)
 
 
+def check_server(t: ServerTLS | None, prefix: str = "tls") -> None:
+    """Read every file of `t` now, so that a bad one is a ValueError naming its flag
+    (--{prefix}-cert, --{prefix}-key, --{prefix}-client-ca) before anything else starts."""
+    if t is not None:
+        for path, flag in ((t.cert, "cert"), (t.key, "key"), (t.client_ca, "client-ca")):
+            if path is not None:
+                _read(path, f"--{prefix}-{flag}")
+
+
+def check_client(t: ClientTLS | None, prefix: str = "tls") -> None:
+    """`check_server` for a client's files (--{prefix}-ca, --{prefix}-cert, --{prefix}-key)."""
+    if t is not None:
+        for path, flag in ((t.ca, "ca"), (t.cert, "cert"), (t.key, "key")):
+            if path is not None:
+                _read(path, f"--{prefix}-{flag}")
+
+
 def add_client_args(p: argparse.ArgumentParser, prefix: str = "tls", what: str = "the server") -> None:
     """--{prefix}-ca, --{prefix}-cert, --{prefix}-key (and --{prefix}-server-name)."""
     p.add_argument(f"--{prefix}-ca", default=None, metavar="PEM", help=f"connect to {what} over TLS, trusting this CA bundle (default: plaintext, unless --{prefix}-cert is given)")

@@ -249,6 +249,11 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    try:  # before the model loads: a bad TLS file is a message naming its flag, not a traceback
+        tls.check_server(cfg.server.tls)
+    except ValueError as e:
+        log.error("refusing to start: %s", e)
+        raise SystemExit(2) from None
     log.info("loading %s as %s on %s (%s)", cfg.model, cfg.role, cfg.device, cfg.dtype)
     ls = build(cfg)
     ls.server.install_signal_handlers()
