@@ -123,7 +123,7 @@ TOKENS = st.one_of(st.lists(st.integers(0, 383), min_size=1, max_size=12),  # 38
 # paths) with extremes; `optional` fields are sometimes left unset.
 extreme_sampling = st.builds(tensor_pb2.SamplingParams,
                              temperature=st.one_of(SANE_FLOATS, BIG_FLOATS), top_p=st.one_of(SANE_FLOATS, BIG_FLOATS),
-                     top_k=st.one_of(st.none(), st.integers(0, 50), I32))
+                             top_k=st.one_of(st.none(), st.integers(0, 50), I32))
 role = st.one_of(st.sampled_from(ROLES), st.sampled_from(ROLES), names)
 sane_delta = st.builds(generator_pb2.Delta, tuned=role, reference=role,
                        weight=st.one_of(st.floats(-2, 2), doubles))
