@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +78,20 @@ def mesh(tiny_family: dict[str, Path]) -> Iterator[Mesh]:
     cs.stop(0)
     for ls in logits.values():
         ls.server.stop(0).wait()
+
+
+def collect(*readers) -> dict[str, list]:
+    """Metric name -> data points, from one collection of each InMemoryMetricReader."""
+    out: dict[str, list] = defaultdict(list)
+    for reader in readers:
+        data = reader.get_metrics_data()
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    out[m.name].extend(m.data.data_points)
+    return out
+
+
+def points(data: dict[str, list], name: str, **attrs) -> list:
+    """The data points of `name` whose attributes include `attrs`."""
+    return [p for p in data[name] if all(p.attributes.get(k) == v for k, v in attrs.items())]

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import socket
 import urllib.request
-from collections import defaultdict
 
 import grpc
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from conftest import start_combiner
+from conftest import collect, points, start_combiner
 from eftmesh import loadtest
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
@@ -22,20 +21,6 @@ from eftmesh.logit.server import build as build_logit
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 
-def collect(*readers: InMemoryMetricReader) -> dict[str, list]:
-    """metric name -> data points, from one collection of each reader."""
-    out: dict[str, list] = defaultdict(list)
-    for reader in readers:
-        data = reader.get_metrics_data()
-        for rm in data.resource_metrics if data else []:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    out[m.name].extend(m.data.data_points)
-    return out
-
-
-def points(data: dict[str, list], name: str, **attrs) -> list:
-    return [p for p in data[name] if all(p.attributes.get(k) == v for k, v in attrs.items())]
 
 
 @pytest.fixture(scope="module")

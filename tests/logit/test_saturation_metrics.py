@@ -8,13 +8,13 @@ import socket
 import threading
 import time
 import urllib.request
-from collections import defaultdict
 
 import grpc
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from conftest import collect, points
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
 from eftmesh.logit.server import LogitConfig
@@ -26,19 +26,6 @@ ROLE = "base-small"
 MAX_BATCH = 4
 
 
-def collect(reader: InMemoryMetricReader) -> dict[str, list]:
-    """metric name -> data points, from one collection."""
-    out: dict[str, list] = defaultdict(list)
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else []:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                out[m.name].extend(m.data.data_points)
-    return out
-
-
-def points(data: dict[str, list], name: str, **attrs) -> list:
-    return [p for p in data[name] if all(p.attributes.get(k) == v for k, v in attrs.items())]
 
 
 @pytest.fixture(scope="module")
