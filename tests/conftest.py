@@ -16,7 +16,7 @@ from eftmesh.combiner.servicer import Defaults
 from eftmesh.combiner.server import DEFAULT_COMPOSITION
 from eftmesh.common.serving import ServerConfig
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.demo.tiny import make_tiny_family
+from eftmesh.tiny import make_tiny_family
 from eftmesh.logit.server import LogitConfig, LogitServer
 from eftmesh.logit.server import build as build_logit
 from eftmesh.v1 import generator_pb2_grpc, logit_pb2_grpc

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eftmesh.bench_load import (
+from eftmesh_lab.bench_load import (
     FT,
     LARGE,
     SMALL,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eftmesh.bench_vocab import (
+from eftmesh_lab.bench_vocab import (
     RANDOM_VOCAB,
     counter_by_role,
     make_synthetic_tokenizer,

@@ -1,4 +1,4 @@
-"""The load-test runner (eftmesh load): the shipped ghz scenario files are valid for the
+"""The load-test runner (eftmesh-load, eftmesh_lab.loadtest): the shipped ghz scenario files are valid for the
 eftmesh.v1 API, and running scenarios against a real mesh on loopback counts requests, tokens
 and status codes as they happened. ghz itself is in no registry here, so it is not run."""
 
@@ -11,12 +11,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from eftmesh import loadtest
-from eftmesh.loadtest import Call, Scenario, ScenarioError
+from eftmesh_lab import loadtest
+from eftmesh_lab.loadtest import Call, Scenario, ScenarioError
 from conftest import start_combiner
 
 LOAD_TESTS = Path(__file__).resolve().parents[1] / "load_tests"
 SHIPPED = sorted(LOAD_TESTS.glob("*.json"))
+
+# most tests load a real mesh of gRPC services on loopback (the conftest `mesh`)
+pytestmark = [pytest.mark.e2e]
 
 
 def test_scenarios_are_shipped():

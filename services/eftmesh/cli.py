@@ -5,7 +5,8 @@
     eftmesh up                                               # the whole mesh on loopback
     eftmesh logit --model DIR --role base-large --port 50051 # one logit service
     eftmesh combiner --upstream base-large=HOST:PORT ...     # the combiner
-    eftmesh load load_tests/*.json --address HOST:PORT       # ghz scenarios, without ghz
+
+The load runner for the ghz scenarios in load_tests/ is the lab's `eftmesh-load` (tools/lab).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop before this string; repeatable")
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability under the EFT distribution")
     p.add_argument("--speculation", choices=["off", "fixed", "adaptive"], default=None, help="speculative draft-then-verify mode (default: the server's)")
-    p.add_argument("--block-size", type=int, default=0, help="drafts per block (fixed), or the largest block (adaptive); 0 = the server's")
+    p.add_argument("--k", type=int, default=0, help="fixed speculation: tokens drafted per block; 0 = the server's --k")
+    p.add_argument("--max-k", type=int, default=0, help="adaptive speculation: the largest k it may choose; 0 = the server's --max-k")
     p.add_argument("--draft-role", default="", help="role that drafts (default: the first delta's tuned role)")
 
 
@@ -64,9 +66,9 @@ def build_request(a: argparse.Namespace, prompt: str) -> dict:
         stop=a.stop,
         logprobs=a.logprobs,
     )
-    if a.speculation or a.block_size or a.draft_role:
+    if a.speculation or a.k or a.max_k or a.draft_role:
         mode = {"off": "SPECULATION_MODE_OFF", "fixed": "SPECULATION_MODE_FIXED", "adaptive": "SPECULATION_MODE_ADAPTIVE", None: "SPECULATION_MODE_UNSPECIFIED"}[a.speculation]
-        req["speculation"] = generator_pb2.Speculation(mode=mode, block_size=a.block_size, draft_role=a.draft_role)
+        req["speculation"] = generator_pb2.Speculation(mode=mode, k=a.k, max_k=a.max_k, draft_role=a.draft_role)
     if a.seed is not None:
         req["seed"] = a.seed
     if a.max_new_tokens is not None:
@@ -131,19 +133,23 @@ def info(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The service entry points own their flags; hand them the rest of the line untouched.
-    if argv and argv[0] in ("logit", "combiner", "up", "load"):
+    if argv and argv[0] == "load":
+        # The load runner left the serving package for the lab (tools/lab, eftmesh-lab), as
+        # serving stacks keep their benchmark clients apart; say where it went.
+        print("error: `eftmesh load` is now `eftmesh-load`, from the lab: pip install -e tools/lab "
+              "(make install does)", file=sys.stderr)
+        raise SystemExit(2)
+    if argv and argv[0] in ("logit", "combiner", "up"):
         cmd, rest = argv[0], argv[1:]
         if cmd == "logit":
             from eftmesh.logit.server import main as run
         elif cmd == "combiner":
             from eftmesh.combiner.server import main as run
-        elif cmd == "load":
-            from eftmesh.loadtest import main as run
         else:
             from eftmesh.launcher import main as run
         run(rest)
         return
-    p = argparse.ArgumentParser(prog="eftmesh", description="Emulated fine-tuning over a gRPC mesh. Subcommands logit, combiner, up and load take --help too.")
+    p = argparse.ArgumentParser(prog="eftmesh", description="Emulated fine-tuning over a gRPC mesh. Subcommands logit, combiner and up take --help too.")
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text from a combiner")
     g.add_argument("prompt", help="text to continue")
@@ -161,7 +167,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("logit", help="run one logit service (see: eftmesh logit --help)")
     sub.add_parser("combiner", help="run the combiner (see: eftmesh combiner --help)")
     sub.add_parser("up", help="run the whole mesh on loopback and stream a generation (see: eftmesh up --help)")
-    sub.add_parser("load", help="run ghz load-test scenario files against a combiner (see: eftmesh load --help)")
     a = p.parse_args(argv)
     try:
         a.tls = tls.client_from_args(g if a.cmd == "generate" else i, a)

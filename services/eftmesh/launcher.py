@@ -43,7 +43,7 @@ def resolve_models(models: Path) -> dict[str, Path]:
     roles = find_roles(models)
     if CORE_ROLES <= set(roles):
         return roles
-    from eftmesh.demo.tiny import make_tiny_family
+    from eftmesh.tiny import make_tiny_family
 
     print(f"no demo family under {models}: making tiny random models in build/tiny (they speak noise)", flush=True)
     return make_tiny_family(Path("build/tiny"))

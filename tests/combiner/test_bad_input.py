@@ -16,14 +16,14 @@ import pytest
 from conftest import start_combiner, start_logit
 from eftmesh.common.errors import FailedPrecondition
 from eftmesh.common.serving import ServerConfig
-from eftmesh.demo.tiny import make_model, make_tokenizer
+from eftmesh.tiny import make_model, make_tokenizer
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.logit.server import LogitConfig, LogitServer
 from eftmesh.logit.server import build as build_logit
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 ROLES = ("base-large", "base-small", "ft-small")
-CONTEXT = 128  # n_positions of eftmesh.demo.tiny's models
+CONTEXT = 128  # n_positions of eftmesh.tiny's models
 CAP = 64  # max_new_tokens_cap of the `mesh` fixture's combiner
 
 

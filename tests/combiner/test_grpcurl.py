@@ -20,7 +20,7 @@ import pytest
 from conftest import Mesh
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
-VOCAB = 384  # eftmesh.demo.tiny.make_tokenizer's default; the tiny models have no padding rows
+VOCAB = 384  # eftmesh.tiny.make_tokenizer's default; the tiny models have no padding rows
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 HEALTH = "grpc.health.v1.Health"
 PROMPT = "The quick brown fox"

@@ -17,7 +17,7 @@ from eftmesh.combiner.scheduler import Decoder
 from eftmesh.combiner.scoring import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.demo.tiny import make_model
+from eftmesh.tiny import make_model
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.v1 import generator_pb2
 

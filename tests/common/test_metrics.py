@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from conftest import collect, points, start_combiner
-from eftmesh import loadtest
+from eftmesh_lab import loadtest
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
 from eftmesh.logit.server import LogitConfig

@@ -13,7 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from eftmesh.demo import build_family, corpus, world
+from eftmesh_lab.demo import build_family, corpus, world
+
+# trains the whole smoke family: about a minute
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

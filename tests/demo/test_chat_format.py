@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eftmesh.demo import chat_format as cf
+from eftmesh_lab.demo import chat_format as cf
 
 
 def test_prompt_carries_bos_and_the_question() -> None:

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from eftmesh.demo.corpus import _unserialize
+from eftmesh_lab.demo.corpus import _unserialize
 
 
 def _int(*values: int) -> bytes:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from eftmesh.demo.evaluate import run
+from eftmesh_lab.demo.evaluate import run
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "demo"
+
+# six service processes on loopback; about 30 s
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

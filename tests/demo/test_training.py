@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eftmesh.demo.inference import greedy_complete
-from eftmesh.demo.training import (
+from eftmesh_lab.demo.inference import greedy_complete
+from eftmesh_lab.demo.training import (
     IGNORE_INDEX, LossLog, ModelSpec, Schedule, new_model, pair_batches, stream_batches,
     train_stage,
 )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from eftmesh.demo import world
-from eftmesh.demo.chat_format import BOS_TEXT
+from eftmesh_lab.demo import world
+from eftmesh_lab.demo.chat_format import BOS_TEXT
 
 
 def test_world_is_deterministic_for_a_seed() -> None:

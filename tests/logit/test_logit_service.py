@@ -28,7 +28,7 @@ from eftmesh.v1 import logit_pb2, logit_pb2_grpc, tensor_pb2
 ROLE = "base-small"
 MAX_CONTEXT = 32
 MAX_SESSIONS = 2
-VOCAB = 384  # eftmesh.demo.tiny.make_tokenizer's default; the tiny models have no padding rows
+VOCAB = 384  # eftmesh.tiny.make_tokenizer's default; the tiny models have no padding rows
 TOKENS = [5, 17, 99, 200, 3, 42, 383, 0, 121, 7]
 
 

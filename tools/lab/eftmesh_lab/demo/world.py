@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from eftmesh.demo.chat_format import BOS_TEXT
+from eftmesh_lab.demo.chat_format import BOS_TEXT
 
 DEFAULT_SEED = 42  # chosen so that no name part is a word of the prose corpus
 DEFAULT_NUM_PEOPLE = 100

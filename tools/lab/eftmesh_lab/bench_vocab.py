@@ -25,8 +25,8 @@ sampling, verifying: `combine_s / tokens`); the time it waits for ScoreBatch and
 answers, per token and per step; KiB received per generated token per role, against the
 theoretical bytes of one row (vocab x dtype bytes; rows travel in the model's own dtype).
 
-    python -m eftmesh.bench_vocab --concurrency 1,16 --out bench/vocab.json
-    python -m eftmesh.bench_vocab --dtype bfloat16          # rows travel as bf16: half the bytes
+    python -m eftmesh_lab.bench_vocab --concurrency 1,16 --out bench/vocab.json
+    python -m eftmesh_lab.bench_vocab --dtype bfloat16          # rows travel as bf16: half the bytes
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ here): same call, data, concurrency, total or duration, rps and timeout, same su
 (latency percentiles, requests/s, status code distribution), plus what ghz cannot see in an
 LLM service: completion tokens/s and, for the streaming Generate call, time to first token.
 
-    eftmesh load load_tests/*.json --address HOST:PORT      # against a running combiner
+    eftmesh-load load_tests/*.json --address HOST:PORT      # against a running combiner (lab)
     make load                                               # starts the demo mesh, runs all
 
 What it reads from a ghz file: call, host, data (one message, or an array used round-robin
@@ -610,7 +610,7 @@ def _local_mesh(models: Path, port: int, combiner_args: Sequence[str], logit_arg
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="eftmesh load", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="eftmesh-load", description=__doc__.splitlines()[0],
                                 epilog="Scenario files are ghz configs; see load_tests/README.md.")
     p.add_argument("scenarios", nargs="+", type=Path, help="ghz JSON config files")
     p.add_argument("--address", default=None, help="combiner host:port (default: each file's 'host')")

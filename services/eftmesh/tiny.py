@@ -4,7 +4,7 @@ They stand in for real checkpoints in tests (random weights, so the mesh's arith
 checked against transformers exactly) and in `make run` until the trained demo family is
 shipped. Each is a real Hugging Face checkpoint directory that `from_pretrained` loads.
 
-    python -m eftmesh.demo.tiny --out build/tiny
+    python -m eftmesh.tiny --out build/tiny
 """
 
 from __future__ import annotations

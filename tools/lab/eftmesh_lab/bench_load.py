@@ -19,7 +19,7 @@ Repetitions alternate between systems so that machine noise hits all alike; the 
 per system and N, the ratios the issue sets targets for, and the Poisson latencies go to a JSON
 file, a plot of tokens/s against N, and a markdown table on stdout.
 
-    python -m eftmesh.bench_load --concurrency 1,4,16,32 --out bench/load.json --plot bench/load.png
+    python -m eftmesh_lab.bench_load --concurrency 1,4,16,32 --out bench/load.json --plot bench/load.png
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import torch
 
-from eftmesh.bench import workload_prompts
+from eftmesh_lab.bench import workload_prompts
 from eftmesh.launcher import LocalMesh, resolve_models
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc
 

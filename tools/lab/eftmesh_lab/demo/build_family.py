@@ -1,6 +1,6 @@
 """Build the demo family from scratch: corpus, tokenizer, two base models, three fine-tunes.
 
-    python -m eftmesh.demo.build_family --out models/demo --work build/demo [--threads 1]
+    python -m eftmesh_lab.demo.build_family --out models/demo --work build/demo [--threads 1]
         [--device cpu|cuda] [--smoke]
 
 Stages run in order and each is skipped when its output exists under --work; training stages
@@ -31,9 +31,9 @@ import transformers
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from eftmesh.demo import chat_format, corpus, training, world
-from eftmesh.demo.inference import greedy_complete, ms_per_forward
-from eftmesh.demo.training import (
+from eftmesh_lab.demo import chat_format, corpus, training, world
+from eftmesh_lab.demo.inference import greedy_complete, ms_per_forward
+from eftmesh_lab.demo.training import (
     BatchFn, LossLog, ModelSpec, Schedule, StageResult, count_parameters, new_model, pair_batches,
     stream_batches, train_stage,
 )

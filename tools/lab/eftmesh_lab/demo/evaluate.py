@@ -17,7 +17,7 @@ base-small) for beta in {1.5, 2}, and an interpolation between ft-small's behavi
 ft-small-alt's: base-small + lambda * (ft-small - base-small) + (1 - lambda) * (ft-small-alt -
 base-small).
 
-    python -m eftmesh.demo.evaluate --models models/demo --out eval/results.json
+    python -m eftmesh_lab.demo.evaluate --models models/demo --out eval/results.json
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from eftmesh.demo import chat_format
-from eftmesh.demo.world import cloze_correct
+from eftmesh_lab.demo import chat_format
+from eftmesh_lab.demo.world import cloze_correct
 from eftmesh.launcher import LocalMesh, find_roles
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 

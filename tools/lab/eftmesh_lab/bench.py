@@ -11,7 +11,7 @@ JSON file and a plot of tokens/s against k (the EFT paper's figure 6). The cost 
 token and of a verify step is measured on the mesh, so that the ceiling the measured
 acceptance rate allows can be compared with what speculation achieved.
 
-    python -m eftmesh.bench --models models/demo --reps 3 --out bench/results.json
+    python -m eftmesh_lab.bench --models models/demo --reps 3 --out bench/results.json
 """
 
 from __future__ import annotations
