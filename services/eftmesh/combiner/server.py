@@ -27,7 +27,7 @@ from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDe
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
-from eftmesh.common import auth, metrics, tls, tracing
+from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tokenizer import fingerprint
@@ -67,6 +67,8 @@ class CombinerConfig:
     reflection: bool = True
     # Bearer tokens required on the Generator API (one per line, re-read on change); None: open.
     auth_tokens_file: str | None = None
+    # --tokenizer-revision: the revision of a hub id --tokenizer.
+    tokenizer_revision: str | None = None
 
 
 def _upstream(text: str) -> tuple[str, str]:
@@ -95,7 +97,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         description="Mix logit services by the EFT formula and serve generations (eftmesh.v1.Generator).",
     )
     p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service): each session then stays on one replica")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id shared by every model (e.g. one model's checkpoint directory)")
+    p.add_argument("--tokenizer", required=True,
+                   help="the tokenizer every model shares: a checkpoint or tokenizer folder, a .gguf file (needs pip "
+                        "install 'eftmesh[real-models]') or a hub id, e.g. one logit service's --model")
+    p.add_argument("--tokenizer-revision", "--revision", dest="tokenizer_revision", default=None,
+                   help="with a hub id --tokenizer: the branch, tag or commit to load (default: main)")
     p.add_argument("--default-base", default=DEFAULT_COMPOSITION.base, help="base role of the default composition (default: %(default)s)")
     p.add_argument("--default-delta", type=_delta, action="append", metavar="TUNED,REFERENCE[,WEIGHT]", help="a delta of the default composition; repeatable (default: ft-small,base-small,1.0)")
     p.add_argument("--no-default-delta", action="store_true", help="the default composition is plain decoding of --default-base")
@@ -173,6 +179,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         max_request_bytes=a.max_request_bytes,
         reflection=a.reflection,
         auth_tokens_file=a.auth_tokens_file,
+        tokenizer_revision=a.tokenizer_revision,
     )
 
 
@@ -224,11 +231,9 @@ class CombinerServer:
 def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
           meter_provider: MeterProvider | None = None) -> CombinerServer:
     """Build the server (bound, not started); `CombinerServer.start` connects to the upstreams."""
-    from transformers import AutoTokenizer
-
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=cfg.otlp)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision, flag="--tokenizer")
     fp, vocab = fingerprint(tokenizer), len(tokenizer)
     if meter_provider is None:
         meter_provider = metrics.make_meter_provider("eftmesh-combiner", otlp=cfg.otlp_metrics,

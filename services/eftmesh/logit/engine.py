@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from eftmesh.common import loading
 from eftmesh.common.errors import (
     EftMeshError,
     FailedPrecondition,
@@ -289,22 +290,31 @@ class ModelEngine:
         trust_remote_code: bool = False,
         device_map: str | dict[str, Any] | None = None,
         max_memory: dict[int | str, str] | None = None,
+        revision: str | None = None,
+        tokenizer: str | None = None,
+        tokenizer_revision: str | None = None,
         **kwargs: Any,
     ) -> ModelEngine:
-        """Load a causal LM and its tokenizer from a local directory or a hub id.
+        """Load a causal LM and its tokenizer from a checkpoint folder, a .gguf file (dequantised
+        to float) or a hub id at `revision` (eftmesh.common.loading); the tokenizer from
+        `tokenizer` (at `tokenizer_revision`) when given, else from the model's own spec.
+        An unloadable spec raises loading.LoadError, one line naming --model or --tokenizer.
 
         Weights go straight to their devices as they are read (low_cpu_mem_usage): never the
         whole model staged in host RAM. `device_map` None puts every module on `device`; "auto"
         spreads the layers over the visible GPUs (accelerate, within `max_memory` per device,
         e.g. {0: "70GiB", 1: "70GiB"}); a dict names each module's device.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if max_memory and device_map is None:
             raise ValueError("--max-memory applies to a device map: pass --device-map auto")
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        source = loading.resolve(model_id, revision, flag="--model")
+        if tokenizer is None:
+            tok = loading.load_tokenizer_from(source, flag="--model", trust_remote_code=trust_remote_code)
+        else:
+            tok = loading.load_tokenizer(tokenizer, tokenizer_revision, flag="--tokenizer",
+                                         trust_remote_code=trust_remote_code)
         load: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
         if device_map is not None:
             load.update(device_map=device_map, low_cpu_mem_usage=True)
@@ -312,12 +322,12 @@ class ModelEngine:
                 load["max_memory"] = max_memory
         elif importlib.util.find_spec("accelerate") is not None:
             load.update(device_map={"": device}, low_cpu_mem_usage=True)
-        model = AutoModelForCausalLM.from_pretrained(model_id, **load)
+        model = loading.load_causal_lm_from(source, flag="--model", **load)
         if "device_map" not in load:
             model = model.to(device)  # no accelerate: load on the CPU, then move
         if device_map is not None:
             log.info("%s: device map %s", role, getattr(model, "hf_device_map", device_map))
-        return cls(model, tokenizer, model_id=model_id, role=role, **kwargs)
+        return cls(model, tok, model_id=source.model_id, role=role, **kwargs)
 
     def warmup(self) -> None:
         """Real forwards through the paged cache: readiness means the device answers and the KV

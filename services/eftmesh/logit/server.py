@@ -21,7 +21,7 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.common import metrics, tls, tracing
+from eftmesh.common import loading, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import DTYPES, ModelEngine, parse_device_map, parse_max_memory
@@ -46,6 +46,10 @@ class LogitConfig:
     model: str
     role: str
     server: ServerConfig
+    # --revision of a hub --model; --tokenizer (default: the model's own) and its revision.
+    revision: str | None = None
+    tokenizer: str | None = None
+    tokenizer_revision: str | None = None
     device: str = "cpu"
     device_map: str = "none"  # none, auto or a JSON object of module names to devices
     max_memory: str = ""  # with a device map: "0=70GiB,1=70GiB"
@@ -76,7 +80,15 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         prog="eftmesh-logit",
         description="Serve one causal LM's next-token log-probabilities over gRPC (eftmesh.v1.LogitService).",
     )
-    p.add_argument("--model", required=True, help="local checkpoint directory or hub id, loaded with AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--model", required=True,
+                   help="a checkpoint folder (with config.json), a .gguf file (dequantised to float; needs "
+                        "pip install 'eftmesh[real-models]') or a hub id (owner/name, or owner/name/file.gguf), "
+                        "loaded with AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--revision", default=None, help="with a hub id --model: the branch, tag or commit to load (default: main)")
+    p.add_argument("--tokenizer", default=None,
+                   help="load the tokenizer from this folder, .gguf file or hub id instead of --model's (default: --model)")
+    p.add_argument("--tokenizer-revision", default=None,
+                   help="with a hub id --tokenizer: its revision (default: --revision when --tokenizer is not given)")
     p.add_argument("--role", required=True, help="role name this model plays in the mesh, e.g. base-large")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
@@ -120,6 +132,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     return LogitConfig(
         model=a.model,
         role=a.role,
+        revision=a.revision,
+        tokenizer=a.tokenizer,
+        tokenizer_revision=a.tokenizer_revision,
         server=ServerConfig(host=a.host, port=a.port, workers=a.workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port, tls=tls.server_from_args(p, a)),
         device=a.device,
@@ -210,6 +225,9 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
         engine = ModelEngine.from_pretrained(
             cfg.model,
             role=cfg.role,
+            revision=cfg.revision,
+            tokenizer=cfg.tokenizer,
+            tokenizer_revision=cfg.tokenizer_revision,
             device=cfg.device,
             device_map=parse_device_map(cfg.device_map),
             max_memory=parse_max_memory(cfg.max_memory),
@@ -254,8 +272,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None
-    log.info("loading %s as %s on %s (%s)", cfg.model, cfg.role, cfg.device, cfg.dtype)
-    ls = build(cfg)
+    log.info("loading %s%s as %s on %s (%s)", cfg.model, f" at revision {cfg.revision}" if cfg.revision else "",
+             cfg.role, cfg.device, cfg.dtype)
+    try:  # a --model or --tokenizer that does not load is a message saying what was tried, not a traceback
+        ls = build(cfg)
+    except loading.LoadError as e:
+        log.error("refusing to start: %s", e)
+        raise SystemExit(2) from None
     ls.server.install_signal_handlers()
     ls.start()
     i = ls.engine.info
