@@ -13,6 +13,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from eftmesh.v1 import generator_pb2, logit_pb2, tensor_pb2  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -32,7 +34,7 @@ complete = st.builds(
     seed=st.integers(0, 2**64 - 1),
     max_new_tokens=st.integers(0, 8),
     stop=st.lists(st.text(max_size=10), max_size=18),
-    speculation=st.builds(generator_pb2.Speculation, mode=st.integers(0, 4), block_size=st.integers(0, 40),
+    speculation=st.builds(generator_pb2.Speculation, mode=st.integers(0, 4), k=st.integers(0, 40), max_k=st.integers(0, 40),
                           draft_role=st.one_of(st.just(""), names)),
     logprobs=st.booleans(),
 )
@@ -140,7 +142,7 @@ sane_generate = st.builds(
     max_new_tokens=st.one_of(st.none(), st.integers(0, 3)), stop=st.lists(st.text(max_size=4), max_size=3),
     logprobs=st.booleans(),
     speculation=st.one_of(st.none(), st.builds(generator_pb2.Speculation, mode=st.integers(0, 3),
-                                                block_size=st.integers(0, 4),
+                                                k=st.integers(0, 4), max_k=st.integers(0, 4),
                                                 draft_role=st.sampled_from(["", *ROLES]))),
     ignore_eos=st.booleans(),
 )
@@ -156,7 +158,7 @@ wild_generate = st.builds(
     max_new_tokens=st.one_of(st.none(), U32),
     stop=st.one_of(st.lists(ODD_TEXT, max_size=4), st.lists(st.text(max_size=4), min_size=100, max_size=400)),
     logprobs=st.booleans(),
-    speculation=st.one_of(st.none(), st.builds(generator_pb2.Speculation, mode=ENUM, block_size=U32,
+    speculation=st.one_of(st.none(), st.builds(generator_pb2.Speculation, mode=ENUM, k=U32, max_k=U32,
                                                 draft_role=st.one_of(st.just(""), role))),
     ignore_eos=st.booleans(),
 )

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from eftmesh.combiner.decoding import PROMPT_CHARS_PER_TOKEN
-from eftmesh.combiner.servicer import MAX_ROLE_NAME_BYTES, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from eftmesh.combiner.decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from eftmesh.core.mixing import MAX_ROLE_NAME_BYTES
 from eftmesh.common.interceptor import MAX_DETAILS_CHARS
 from eftmesh.core.mixing import MAX_WEIGHT
 from eftmesh.logit.engine import MAX_SESSION_ID_BYTES
@@ -18,8 +19,10 @@ from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, tensor_pb2
 from conftest import start_combiner
 from test_bad_input import CALLS, CONTEXT, composition, delta, request, sampling
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 OFF = generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_OFF)
-FIXED = generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, block_size=3, draft_role="ft-small")
+FIXED = generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, k=3, draft_role="ft-small")
 SPEC = {"off": OFF, "fixed": FIXED}
 HUGE = "x" * (1 << 20)  # 1 MiB of caller input
 

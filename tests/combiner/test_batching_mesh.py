@@ -7,7 +7,7 @@
 (d) at a small KV budget the combiner preempts and re-prefills (still exact), a generation
     longer than the pool stops at CONTEXT, and a prompt that gets no room within the queue
     timeout fails with RESOURCE_EXHAUSTED naming the KV cache, alone;
-(e) an item one upstream refuses (a block larger than its --max-draft) fails only its own
+(e) an item one upstream refuses (a block larger than its --max-k) fails only its own
     generation, inside a DraftBatch it shares with a generation that goes on.
 """
 
@@ -31,6 +31,8 @@ from eftmesh.common.errors import ResourceExhausted
 from eftmesh.logit.server import LogitServer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 D = generator_pb2.Delta
 COMPOSITIONS = {
     "upscale": generator_pb2.Composition(base="base-large", deltas=[D(tuned="ft-small", reference="base-small", weight=1.0)]),
@@ -45,7 +47,7 @@ OFF = generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_OFF)
 
 
 def fixed(k: int, draft_role: str = "") -> generator_pb2.Speculation:
-    return generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, block_size=k, draft_role=draft_role)
+    return generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, k=k, draft_role=draft_role)
 
 
 def adaptive(draft_role: str = "") -> generator_pb2.Speculation:
@@ -375,17 +377,17 @@ def test_a_prompt_that_gets_no_kv_room_in_time_fails_alone_with_resource_exhaust
 
 def test_an_item_one_upstream_refuses_fails_only_its_generation(mesh, tiny_family):
     """A second ft-small service, role ft-capped, drafts at most 2 tokens per block. The
-    combiner accepts k=4 for it (its --max-block is 16), the service refuses that item with
+    combiner accepts k=4 for it (its --max-k is 16), the service refuses that item with
     INVALID_ARGUMENT, and the k=2 generation in the same DraftBatch goes on exactly. (Sent at
     the same moment, both usually join the same step; the round is repeated until they did.)"""
-    capped = start_logit(tiny_family["ft-small"], "ft-capped", max_draft=2)
+    capped = start_logit(tiny_family["ft-small"], "ft-capped", max_k=2)
     ports = {r: ls.server.port for r, ls in mesh.logits.items()} | {"ft-capped": capped.server.port}
     cs = start_combiner(tiny_family["base-small"], ports)
-    # The combiner caps its block to ft-capped's --max-draft at start; undo that, as for a
-    # replica restarted later with a smaller --max-draft, so that k=4 reaches the service.
-    assert cs.servicer is not None and cs.servicer.defaults.speculation.max_block == 2
+    # The combiner caps its block to ft-capped's --max-k at start; undo that, as for a
+    # replica restarted later with a smaller --max-k, so that k=4 reaches the service.
+    assert cs.servicer is not None and cs.servicer.defaults.speculation.max_k == 2
     cs.servicer.defaults = dataclasses.replace(cs.servicer.defaults, speculation=dataclasses.replace(
-        cs.servicer.defaults.speculation, max_block=16))
+        cs.servicer.defaults.speculation, max_k=16))
     ch, stub = stub_of(cs)
     mixed_calls: list[list[int]] = []
     inner = cs.scorer.draft_batch

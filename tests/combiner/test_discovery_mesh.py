@@ -23,6 +23,8 @@ from eftmesh.combiner.discovery import READY, TERMINATING
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 from test_discovery import NS, FakeKubeApiServer, endpoint, endpoint_slice
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 SERVICE = "eft-base-large"
 TARGET = f"k8s:///{SERVICE}.{NS}:grpc"  # the port by its name in the slices
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night"]

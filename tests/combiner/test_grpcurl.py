@@ -19,6 +19,8 @@ import pytest
 
 from conftest import Mesh
 
+pytestmark = pytest.mark.e2e
+
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 VOCAB = 384  # eftmesh.tiny.make_tokenizer's default; the tiny models have no padding rows
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"

@@ -27,13 +27,15 @@ def _wait_empty(mesh, timeout: float = 5.0) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("mode", [generator_pb2.SPECULATION_MODE_OFF, generator_pb2.SPECULATION_MODE_FIXED])
+@pytest.mark.e2e
 def test_a_finished_generation_releases_every_upstream_session(mesh, mode):
     mesh.generator.Complete(generator_pb2.CompleteRequest(
-        prompt="The quick brown fox", max_new_tokens=8, speculation={"mode": mode, "block_size": 3},
+        prompt="The quick brown fox", max_new_tokens=8, speculation={"mode": mode, "k": 3},
     ))
     assert _wait_empty(mesh) == {r: 0 for r in mesh.logits}
 
 
+@pytest.mark.e2e
 def test_the_client_deadline_bounds_the_generation(mesh):
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
@@ -55,7 +57,7 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny_family):
     from eftmesh.combiner.decoding import TokenSink, Usage
 
     tok = AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
-    sink = TokenSink(tok, None, (), 3, 100, Usage())  # what ignore_eos passes: no EOS id
+    sink = TokenSink(tok, (), (), 3, 100, Usage())  # what ignore_eos passes: no EOS id
     assert [sink.add(tok.eos_token_id, None) for _ in range(3)] == [False, False, True]
     assert sink.take().finish_reason.value == "length"
 
@@ -108,6 +110,7 @@ class _Client:
         return e.value, time.monotonic() - t0
 
 
+@pytest.mark.e2e
 def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_family):
     ports = dict(zip(tiny_family, _free_ports(len(tiny_family))))
     t0 = time.monotonic()
@@ -130,6 +133,7 @@ def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_fa
             ls.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
     logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
     cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
@@ -202,6 +206,7 @@ def draining_replica(tiny_family):
         ls.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_a_session_refused_by_a_draining_replica_moves_to_another(tiny_family, draining_replica):
     logits, fake, fake_port = draining_replica
     ports = {r: ls.server.port for r, ls in logits.items()}
@@ -222,6 +227,7 @@ def test_a_session_refused_by_a_draining_replica_moves_to_another(tiny_family, d
     assert got == want  # refused sessions were re-sent from position 0 on the real replica
 
 
+@pytest.mark.e2e
 def test_a_session_refused_by_the_only_replica_fails_unavailable(tiny_family, draining_replica):
     logits, fake, fake_port = draining_replica
     ports = {r: ls.server.port for r, ls in logits.items()}
@@ -236,6 +242,7 @@ def test_a_session_refused_by_the_only_replica_fails_unavailable(tiny_family, dr
     assert "draining" in err.details() and fake.refused
 
 
+@pytest.mark.e2e
 def test_the_combiner_closes_client_connections_after_max_connection_age(mesh, tiny_family):
     """Long-lived clients rebalance across combiner pods: the server is built with gRPC's
     max-connection-age options from --max-connection-age / --max-connection-age-grace."""

@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import start_combiner, start_logit
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
+pytestmark = pytest.mark.e2e
+
 PROMPT = "The quick brown fox"
 UPSCALE = generator_pb2.Composition(
     base="base-large", deltas=[generator_pb2.Delta(tuned="ft-small", reference="base-small", weight=1.0)]

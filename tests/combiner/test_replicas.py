@@ -125,20 +125,20 @@ def test_a_replica_serving_another_model_is_not_used():
         scorer.close()
 
 
-def test_matches_refuses_a_replica_whose_max_draft_is_below_the_block_cap() -> None:
+def test_matches_refuses_a_replica_whose_max_k_is_below_the_k_cap() -> None:
     scorer = GrpcScorer({"base-large": "a:1,b:2"})
     try:
-        first = ModelSpec("base-large", "a:1,b:2", "m", 384, 384, "fp-1", 256, "float32", "cpu", 0, max_draft=16)
+        first = ModelSpec("base-large", "a:1,b:2", "m", 384, 384, "fp-1", 256, "float32", "cpu", 0, max_k=16)
         scorer.models["base-large"] = first
 
         def replica(k: int) -> ModelSpec:
-            return dataclasses.replace(first, max_draft=k)
+            return dataclasses.replace(first, max_k=k)
 
         assert scorer._matches("base-large", first, "a:1")  # the first replica is what the cap follows
         assert scorer._matches("base-large", replica(16), "b:2")
         assert not scorer._matches("base-large", replica(8), "b:2")  # no cap given: the first replica's
         assert scorer._matches("base-large", replica(0), "b:2")  # 0: not said (an older service)
-        scorer.block_cap = lambda: 4  # the combiner's cap, lowered by another role's --max-draft
+        scorer.k_cap = lambda: 4  # the combiner's cap, lowered by another role's --max-k
         assert scorer._matches("base-large", replica(8), "b:2")
         assert scorer._matches("base-large", replica(4), "b:2")
         assert not scorer._matches("base-large", replica(3), "b:2")
@@ -188,6 +188,7 @@ def two_large(tiny_family):
         ls.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_sessions_spread_over_replicas_and_each_stays_on_one(mesh, tiny_family, two_large):
     replicas, _, ports = two_large
     expected = {p: complete(f"127.0.0.1:{mesh.combiner.server.port}", p).text for p in PROMPTS}
@@ -206,6 +207,7 @@ def test_sessions_spread_over_replicas_and_each_stays_on_one(mesh, tiny_family, 
     assert not set(seen[0]) & set(seen[1])  # no session touched both replicas
 
 
+@pytest.mark.e2e
 def test_a_replica_down_costs_a_re_prefill_on_the_other_not_the_request(mesh, tiny_family, two_large):
     _, others, ports = two_large
     expected = complete(f"127.0.0.1:{mesh.combiner.server.port}", PROMPTS[0]).text
@@ -229,6 +231,7 @@ def test_a_replica_down_costs_a_re_prefill_on_the_other_not_the_request(mesh, ti
     assert len(seen) == 1 and sum(seen.values()) >= 6  # the survivor served the session, every step
 
 
+@pytest.mark.e2e
 def test_a_dns_target_finds_the_replica(mesh, tiny_family, two_large):
     replicas, _, ports = two_large
     port = replicas[0].server.port

@@ -21,6 +21,8 @@ from eftmesh.tiny import make_model
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.v1 import generator_pb2
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 PROMPT = "The quick brown fox"
 D = generator_pb2.Delta
 COMPOSITIONS = {
@@ -33,10 +35,10 @@ COMPOSITIONS = {
     ),
 }
 MODES = {
-    "k1": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 1},
-    "k2": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 2},
-    "k4": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 4},
-    "k8": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 8},
+    "k1": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 1},
+    "k2": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 2},
+    "k4": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 4},
+    "k8": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 8},
     "adaptive": {"mode": generator_pb2.SPECULATION_MODE_ADAPTIVE},
 }
 OFF = {"mode": generator_pb2.SPECULATION_MODE_OFF}
@@ -79,7 +81,7 @@ def test_plain_decoding_reports_one_base_call_per_token(mesh):
 def test_a_draft_role_outside_the_composition_is_plain_speculative_decoding(mesh):
     base_only = generator_pb2.Composition(base="base-large")
     plain = complete(mesh, base_only, OFF)
-    spec = complete(mesh, base_only, {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 4, "draft_role": "ft-small"})
+    spec = complete(mesh, base_only, {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 4, "draft_role": "ft-small"})
     assert list(spec.token_ids) == list(plain.token_ids)
     assert spec.speculation.draft_role == "ft-small"
 
@@ -178,7 +180,7 @@ def test_speculative_sampling_follows_the_plain_eft_distribution(six_token_famil
 
     n = 2000
     counts = dict.fromkeys(joint, 0)
-    spec = SpeculationConfig(draft_role="ft-small", block_size=2, adaptive=False)
+    spec = SpeculationConfig(draft_role="ft-small", k=2, adaptive=False)
     for seed in range(n):
         req = GenerationRequest(prompt, comp, sampling, seed=seed, max_new_tokens=3, speculation=spec)
         out = [t for c in decoder.generate(req) for t in c.token_ids]

@@ -1,4 +1,4 @@
-"""Start-up checks: a logit service's smaller --max-draft caps the combiner's largest block
+"""Start-up checks: a logit service's smaller --max-k caps the combiner's largest block
 (with a warning, reported by Info) instead of failing clients' requests upstream; a tokenizer
 refusal says what differs; Info can hide the model path."""
 
@@ -34,7 +34,7 @@ def logits(tiny_family: dict[str, Path]) -> Iterator[dict[str, LogitServer]]:
     started = {
         "base-large": start_logit(tiny_family["base-large"], "base-large"),
         "base-small": start_logit(tiny_family["base-small"], "base-small"),
-        "ft-small": start_logit(tiny_family["ft-small"], "ft-small", max_draft=2, expose_model_id=False),
+        "ft-small": start_logit(tiny_family["ft-small"], "ft-small", max_k=2, expose_model_id=False),
     }
     yield started
     for ls in started.values():
@@ -45,20 +45,21 @@ def ports(logits: dict[str, LogitServer]) -> dict[str, int]:
     return {r: ls.server.port for r, ls in logits.items()}
 
 
-def test_a_smaller_max_draft_caps_the_block_and_requests_succeed(tiny_family, logits, caplog) -> None:
+@pytest.mark.e2e
+def test_a_smaller_max_k_caps_the_block_and_requests_succeed(tiny_family, logits, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="eftmesh.combiner"):
-        cs = start_combiner(tiny_family["base-small"], ports(logits))  # --max-block 16, adaptive
+        cs = start_combiner(tiny_family["base-small"], ports(logits))  # --max-k 16, adaptive
     ch = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
     stub = generator_pb2_grpc.GeneratorStub(ch)
     try:
         said = " ".join(r.getMessage() for r in caplog.records)
-        assert "--max-block 16" in said and "capped to 2" in said and "ft-small (2)" in said
+        assert "--max-k 16" in said and "capped to 2" in said and "ft-small (2)" in said
         info = stub.Info(generator_pb2.GeneratorInfoRequest())
-        assert info.default_speculation.block_size == 2
+        assert info.default_speculation.max_k == 2 and info.default_speculation.k == 2
         assert info.default_speculation.mode == generator_pb2.SPECULATION_MODE_ADAPTIVE
         for spec in (generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_ADAPTIVE),
                      generator_pb2.Speculation(),  # the default: adaptive up to the cap
-                     generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, block_size=2)):
+                     generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, k=2)):
             got = stub.Complete(generator_pb2.CompleteRequest(
                 prompt="the cat", composition=UPSCALE, sampling=GREEDY, max_new_tokens=12, ignore_eos=True,
                 speculation=spec), timeout=60)
@@ -68,7 +69,7 @@ def test_a_smaller_max_draft_caps_the_block_and_requests_succeed(tiny_family, lo
         with pytest.raises(grpc.RpcError) as e:
             stub.Complete(generator_pb2.CompleteRequest(
                 prompt="the cat", composition=UPSCALE, sampling=GREEDY, max_new_tokens=4,
-                speculation=generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, block_size=8)),
+                speculation=generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, k=8)),
                 timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "[1, 2]" in e.value.details() and "upstream" not in e.value.details()
@@ -77,17 +78,19 @@ def test_a_smaller_max_draft_caps_the_block_and_requests_succeed(tiny_family, lo
         cs.stop(0)
 
 
-def test_no_cap_when_every_max_draft_is_large_enough(tiny_family, logits) -> None:
+@pytest.mark.e2e
+def test_no_cap_when_every_max_k_is_large_enough(tiny_family, logits) -> None:
     big = {r: ls for r, ls in logits.items() if r != "ft-small"}
-    ft = start_logit(tiny_family["ft-small"], "ft-small", max_draft=32)
+    ft = start_logit(tiny_family["ft-small"], "ft-small", max_k=32)
     cs = start_combiner(tiny_family["base-small"], ports(big) | {"ft-small": ft.server.port})
     try:
-        assert cs.servicer is not None and cs.servicer.defaults.speculation.max_block == 16
+        assert cs.servicer is not None and cs.servicer.defaults.speculation.max_k == 16
     finally:
         cs.stop(0)
         ft.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_info_can_hide_the_model_path(tiny_family, logits) -> None:
     def model_id(role: str) -> str:
         with grpc.insecure_channel(f"127.0.0.1:{logits[role].server.port}") as ch:
@@ -126,6 +129,7 @@ def test_a_tokenizer_refusal_says_what_differs() -> None:
         check_compatible({"a": spec("a", rows=300)}, "fp-a", 384, 0)
 
 
+@pytest.mark.e2e
 def test_a_combiner_with_another_eos_refuses_and_says_so(tiny_family, logits, tmp_path) -> None:
     tok = tmp_path / "tok"
     shutil.copytree(tiny_family["base-small"], tok, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -138,6 +142,7 @@ def test_a_combiner_with_another_eos_refuses_and_says_so(tiny_family, logits, tm
     assert "EOS id 0 vs 100" in said and "base-large (" in said and "the combiner's --tokenizer" in said
 
 
+@pytest.mark.e2e
 def test_a_combiner_loading_the_tokenizer_as_another_class_is_not_refused(tiny_family, logits, tmp_path) -> None:
     """The issue's case: byte-identical tokenizer files loaded as another class with a pad token."""
     tok = tmp_path / "tok"

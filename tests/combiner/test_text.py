@@ -131,7 +131,7 @@ def test_stop_strings_safe_length(stops, text, expected):
 
 def run_sink(tokenizer: Any, ids: list[int], stops=(), max_new: int = 100, room: int = 100) -> tuple[TokenSink, list[Chunk]]:
     """Feed ids one at a time as the decoding loop does; stop when the sink says so."""
-    sink = TokenSink(tokenizer, tokenizer.eos_token_id, tuple(stops), max_new, room, Usage(prompt_tokens=4))
+    sink = TokenSink(tokenizer, {tokenizer.eos_token_id}, tuple(stops), max_new, room, Usage(prompt_tokens=4))
     chunks = []
     for i, t in enumerate(ids):
         done = sink.add(t, -0.5 * i)

@@ -42,13 +42,14 @@ def measured_mesh(tiny_family):
         ls.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh):
     cs, reader, logit_readers = measured_mesh
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
     resp = stub.Complete(generator_pb2.CompleteRequest(
         prompt="The quick brown fox", max_new_tokens=10, ignore_eos=True,
         sampling=tensor_pb2.SamplingParams(temperature=0.0),
-        speculation=generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, block_size=2)), timeout=60)
+        speculation=generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_FIXED, k=2)), timeout=60)
     chunks = list(stub.Generate(generator_pb2.GenerateRequest(prompt="Hello", max_new_tokens=5, ignore_eos=True),
                                 timeout=60))
     data = collect(reader)
@@ -84,6 +85,7 @@ def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh)
     assert {p.attributes["eftmesh.role"] for p in logit["eftmesh.logit.sessions"]} == {"base-large", "base-small", "ft-small"}
 
 
+@pytest.mark.e2e
 def test_overload_is_counted_as_rejected(measured_mesh):
     cs, reader, _ = measured_mesh
     s = loadtest.Scenario.from_dict({"call": "eftmesh.v1.Generator.Complete", "total": 8, "concurrency": 4,
@@ -102,6 +104,7 @@ def test_overload_is_counted_as_rejected(measured_mesh):
     assert not points(data, "gen_ai.server.time_to_first_token", **{"error.type": "RESOURCE_EXHAUSTED"})
 
 
+@pytest.mark.e2e
 def test_a_failed_generation_is_recorded_with_its_status(measured_mesh):
     cs, reader, _ = measured_mesh
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
@@ -113,6 +116,7 @@ def test_a_failed_generation_is_recorded_with_its_status(measured_mesh):
     assert all(p.attributes["error.type"] == p.attributes["rpc.grpc.status_code"] for p in failed)
 
 
+@pytest.mark.e2e
 def test_an_invalid_request_is_recorded_with_error_type(measured_mesh):
     cs, reader, _ = measured_mesh
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
@@ -141,6 +145,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_prometheus_endpoint_serves_the_combiner_metrics(mesh, tiny_family):
     port = free_port()
     provider = metrics.make_meter_provider("eftmesh-combiner", otlp=False, prometheus_port=port,

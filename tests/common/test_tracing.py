@@ -38,6 +38,7 @@ def traced_mesh(tiny_family):
         ls.server.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     cs, exporter = traced_mesh
     exporter.clear()  # start-up Info calls
@@ -88,13 +89,14 @@ def test_a_generation_is_one_trace_across_the_mesh(traced_mesh):
     assert all(s.context.trace_id == by_id[s.parent.span_id].context.trace_id for s in server_scores)
 
 
+@pytest.mark.e2e
 def test_the_generation_span_carries_speculation_figures(traced_mesh):
     cs, exporter = traced_mesh
     exporter.clear()
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
     resp = stub.Complete(generator_pb2.CompleteRequest(
         prompt="The quick brown fox", sampling={"temperature": 0.0}, max_new_tokens=12,
-        speculation={"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 3},
+        speculation={"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 3},
     ))
     spans = exporter.get_finished_spans()
     (g,) = [s for s in spans if s.name == "eftmesh.generate"]
@@ -108,6 +110,7 @@ def test_the_generation_span_carries_speculation_figures(traced_mesh):
     assert len(drafts) == resp.speculation.blocks
 
 
+@pytest.mark.e2e
 def test_health_checks_and_reflection_are_not_traced(traced_mesh):
     cs, exporter = traced_mesh
     channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
@@ -125,6 +128,7 @@ def test_health_checks_and_reflection_are_not_traced(traced_mesh):
     assert names == ["/eftmesh.v1.Generator/Info"], names
 
 
+@pytest.mark.e2e
 def test_health_and_reflection_are_filtered_on_client_channels_too():
     exporter = InMemorySpanExporter()
     provider = tracing.make_tracer_provider("x", otlp=False, exporter=exporter)
@@ -141,6 +145,7 @@ def test_health_and_reflection_are_filtered_on_client_channels_too():
         server.stop(0)
 
 
+@pytest.mark.e2e
 def test_a_refused_generation_span_carries_error_type(tiny_family, mesh):
     exporter = InMemorySpanExporter()
     provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=False, exporter=exporter)

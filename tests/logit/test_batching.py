@@ -309,14 +309,14 @@ def test_a_bad_score_item_fails_only_itself(models, tokenizer):
 def test_a_bad_draft_item_fails_only_itself(models, tokenizer):
     vocab = len(tokenizer)
     model = models["gpt2"]
-    batched = engine_for(model, tokenizer, max_context=32, max_draft=4)
-    alone = engine_for(model, tokenizer, max_context=32, max_draft=4)
+    batched = engine_for(model, tokenizer, max_context=32, max_k=4)
+    alone = engine_for(model, tokenizer, max_context=32, max_k=4)
     good = [DraftItem("g1", 0, seq(60, 4, vocab), 2, SAMPLED, seed=1),
             DraftItem("g2", 0, seq(61, 7, vocab), 4, GREEDY, seed=0)]
     items = [
         good[0],
         DraftItem("k0", 0, [1, 2], 0, SAMPLED, seed=1),  # k below 1
-        DraftItem("k5", 0, [1, 2], 5, SAMPLED, seed=1),  # k above max_draft
+        DraftItem("k5", 0, [1, 2], 5, SAMPLED, seed=1),  # k above max_k
         DraftItem("ghost", 2, [1], 2, SAMPLED, seed=1),  # unknown session
         DraftItem("lim", 0, [1, 2], 2, SAMPLED, seed=1, vocab_limit=vocab + 1),  # limit past the vocabulary
         DraftItem("ctx", 0, [3] * 30, 3, SAMPLED, seed=1),  # 30 + 3 drafts past max_context 32

@@ -24,7 +24,7 @@ import enum
 import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +32,9 @@ import torch
 
 from eftmesh.combiner.scoring import DraftCall, ScoreCall
 from eftmesh.combiner.text import IncrementalDetokenizer, StopStrings
-from eftmesh.common.errors import InvalidArgument
-from eftmesh.core.mixing import Composition
+from eftmesh.combiner.chat import ChatMessage, check_messages
+from eftmesh.common.errors import InvalidArgument, quote
+from eftmesh.core.mixing import Composition, check_role_name
 from eftmesh.core.sampling import SamplingConfig, check_finite_mass, make_generator, process, sample
 from eftmesh.core.speculative import AdaptiveBlockSize, expected_tokens_per_block, verify_greedy, verify_sampled
 
@@ -45,23 +46,38 @@ class FinishReason(enum.Enum):
     CONTEXT = "context"
 
 
+# Limits on what a request may list (INVALID_ARGUMENT beyond them). Stop strings are short
+# markers, and each is searched for after every token, so their number and length bound the
+# work per token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 @dataclass(frozen=True)
 class SpeculationConfig:
     """Draft-then-verify settings of one request.
 
-    adaptive=False drafts `block_size` tokens per block; adaptive=True lets
-    `AdaptiveBlockSize` choose up to `block_size`, with `cost_ratio` its c.
+    adaptive=False drafts `k` tokens per block; adaptive=True lets `AdaptiveBlockSize` choose
+    up to `k` (the request's max_k), with `cost_ratio` its c.
     """
 
     draft_role: str
-    block_size: int
+    k: int
     adaptive: bool
     cost_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"speculation.{'max_k' if self.adaptive else 'k'} must be >= 1, got {self.k}")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated request, in domain types (servicers build it from protobuf)."""
+    """A validated request, in domain types (`combiner.convert` builds it from protobuf).
+
+    Exactly one of `prompt` and `messages`; `messages` are rendered with the chat template of
+    `chat_template_role`'s model.
+    """
 
     prompt: str
     composition: Composition
@@ -75,6 +91,27 @@ class GenerationRequest:
     # The client chose the seed: its sampled output must not depend on load, so the
     # load-aware speculation controller leaves its block size alone.
     seeded: bool = False
+    messages: tuple[ChatMessage, ...] = ()
+    chat_template_role: str = ""
+
+    def __post_init__(self) -> None:
+        # The one place these rules live; messages name the request field (protobuf spelling).
+        if self.prompt and self.messages:
+            raise ValueError("both prompt and messages are set: send one of them")
+        if not self.prompt and not self.messages:
+            raise ValueError("prompt is empty: send the text to continue, or messages for a chat")
+        check_messages(self.messages)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        for i, text in enumerate(self.stop):
+            if len(text) > MAX_STOP_CHARS:
+                raise ValueError(
+                    f"stop[{i}] is {len(text)} characters long; stop strings are at most {MAX_STOP_CHARS}: {quote(text)}"
+                )
+        if self.chat_template_role:
+            check_role_name(self.chat_template_role, "chat_template_role")
 
 
 @dataclass
@@ -122,7 +159,7 @@ class TokenSink:
     def __init__(
         self,
         tokenizer: Any,
-        eos_token_id: int | None,
+        stop_ids: Collection[int],
         stops: tuple[str, ...],
         max_new_tokens: int,
         room: int,
@@ -130,7 +167,7 @@ class TokenSink:
     ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopStrings(stops)
-        self._eos = eos_token_id
+        self._stop_ids = frozenset(stop_ids)  # EOS, and a chat's end-of-turn token(s)
         self._max_new = max_new_tokens
         self._room = room  # tokens that fit in the smallest context after the prompt
         self.usage = usage
@@ -147,7 +184,7 @@ class TokenSink:
         if logprob is not None:
             self._pending.logprobs.append(logprob)
         n = self.usage.completion_tokens
-        if token == self._eos:
+        if token in self._stop_ids:
             self.finish_reason = FinishReason.EOS
         else:
             searched = len(self.text)
@@ -194,7 +231,7 @@ class Generation:
         ids: list[int],
         room: int,
         tokenizer: Any,
-        eos_token_id: int | None,
+        stop_ids: Collection[int],
         deadline: float | None,
         is_cancelled: Callable[[], bool],
     ) -> None:
@@ -215,9 +252,8 @@ class Generation:
         usage = Usage(prompt_tokens=len(ids))
         if spec:
             usage.speculation.draft_role = spec.draft_role
-        eos = None if req.ignore_eos else eos_token_id
-        self.sink = TokenSink(tokenizer, eos, req.stop, req.max_new_tokens, room, usage)
-        self.adaptive = AdaptiveBlockSize(spec.block_size, spec.cost_ratio) if spec and spec.adaptive else None
+        self.sink = TokenSink(tokenizer, () if req.ignore_eos else stop_ids, req.stop, req.max_new_tokens, room, usage)
+        self.adaptive = AdaptiveBlockSize(spec.k, spec.cost_ratio) if spec and spec.adaptive else None
         self.deadline = deadline
         self.is_cancelled = is_cancelled
         self.cancelled = False  # set by the consumer when it stops reading
@@ -253,9 +289,9 @@ class Generation:
             return 0
         left = min(self.req.max_new_tokens, self.room) - self.sink.usage.completion_tokens
         if cap is not None and self.load_aware:
-            want = min(cap, spec.block_size)
+            want = min(cap, spec.k)
         else:
-            want = self.adaptive.k if self.adaptive else spec.block_size
+            want = self.adaptive.k if self.adaptive else spec.k
         # A block yields up to k + 1 tokens, and verifying k drafts needs k more positions in
         # every model's context.
         return max(0, min(want, left - 1, self.ctx - len(self.ids)))
@@ -351,8 +387,9 @@ class Generation:
 PROMPT_CHARS_PER_TOKEN = 32
 
 
-def encode_prompt(tokenizer: Any, prompt: str, max_context: int) -> tuple[list[int], int]:
-    """Prompt ids and the room left for new tokens in a context of `max_context`."""
+def encode_prompt(tokenizer: Any, prompt: str, max_context: int, chat: bool = False) -> tuple[list[int], int]:
+    """Prompt ids and the room left for new tokens in a context of `max_context`. A rendered
+    chat (`chat`) is tokenised without adding special tokens: its template wrote them."""
     limit = max_context * PROMPT_CHARS_PER_TOKEN
     if len(prompt) > limit:
         raise InvalidArgument(
@@ -360,7 +397,7 @@ def encode_prompt(tokenizer: Any, prompt: str, max_context: int) -> tuple[list[i
             f"{max_context} tokens in all (prompt plus output), and prompts over {limit} characters "
             f"({PROMPT_CHARS_PER_TOKEN} per token) are refused before tokenising: shorten the prompt"
         )
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt, add_special_tokens=False) if chat else tokenizer.encode(prompt)
     if not ids:
         raise InvalidArgument("prompt tokenises to nothing: send some text")
     if len(ids) >= max_context:

@@ -46,8 +46,16 @@ import torch
 from opentelemetry import trace
 
 from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
+from eftmesh.combiner.chat import ChatTemplates, TemplateError
 from eftmesh.combiner.scoring import Outcome, Scorer
-from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, InvalidArgument, ResourceExhausted
+from eftmesh.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EftMeshError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.core.mixing import Term, mix_batch
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process
@@ -486,10 +494,27 @@ class Decoder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_id = tokenizer.eos_token_id
+        self.chat = ChatTemplates(tokenizer)
         self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics)
 
     def close(self) -> None:
         self.scheduler.close()
+
+    def _render(self, req: GenerationRequest) -> tuple[str, frozenset[int]]:
+        """A chat request's prompt text (its role's chat template) and end-of-turn ids."""
+        role = req.chat_template_role
+        template = self.scorer.models[role].chat_template
+        if not template:
+            have = [r for r in self.scorer.models if self.scorer.models[r].chat_template]
+            raise FailedPrecondition(
+                f"role {role!r} has no chat template (its logit service reports none): set chat_template_role to "
+                f"a role with one ({', '.join(have) or 'none has'}), start that service with --chat-template, "
+                "or send a prompt"
+            )
+        try:
+            return self.chat.render(template, req.messages)
+        except TemplateError as e:
+            raise InvalidArgument(str(e)) from None
 
     def generate(
         self,
@@ -502,8 +527,13 @@ class Decoder:
         coef_roles = [r for r, c in req.composition.coefficients().items() if c != 0.0] or [req.composition.base]
         roles = coef_roles + ([req.speculation.draft_role] if req.speculation else [])
         ctx = min(self.scorer.models[r].max_context for r in roles)
-        ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
-        g = Generation(req, ids, room, self.tokenizer, self.eos_token_id, deadline, is_cancelled)
+        stop_ids: frozenset[int] = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
+        if req.messages:
+            text, stop_ids = self._render(req)
+            ids, room = encode_prompt(self.tokenizer, text, ctx, chat=True)
+        else:
+            ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
+        g = Generation(req, ids, room, self.tokenizer, stop_ids, deadline, is_cancelled)
         self.scheduler.submit(g)
         try:
             while True:

@@ -72,7 +72,8 @@ class ModelSpec:
     dtype: str
     device: str
     eos_token_id: int
-    max_draft: int = 0  # the largest k its Draft takes; 0: not said (an older service)
+    max_k: int = 0  # the largest k its Draft takes; 0: not said
+    chat_template: str = ""  # its tokenizer's Jinja chat template; empty: none
 
     @classmethod
     def from_info(cls, role: str, address: str, info: Any) -> ModelSpec:
@@ -84,7 +85,8 @@ class ModelSpec:
                 "model_id", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint",
                 "max_context", "dtype", "device", "eos_token_id",
             )},
-            max_draft=int(getattr(info, "max_draft", 0) or 0),
+            max_k=int(getattr(info, "max_k", 0) or 0),
+            chat_template=str(getattr(info, "chat_template", "") or ""),
         )
 
 

@@ -5,7 +5,7 @@ gRPC health NOT_SERVING and waits for its upstreams with no deadline (by default
 it still waits for; requests meanwhile fail UNAVAILABLE at once, naming the missing roles. Each
 upstream, once it answers, must share the combiner's tokenizer (fingerprint) and cover its
 vocabulary: a mismatch is a refusal to start (exit code 2), naming the models that differ and
-what differs. The largest block (--max-block) is capped to the smallest --max-draft of the
+what differs. The largest k (--max-k) is capped to the smallest --max-k of the
 upstreams, with a warning, so that no request fails for a limit of the logit services.
 Health turns SERVING once every role has a live replica, NOT_SERVING while one role has none.
 """
@@ -23,7 +23,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
-from eftmesh.combiner.servicer import Defaults, GeneratorServicer, SpeculationDefaults
+from eftmesh.combiner.convert import Defaults, SpeculationDefaults
+from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
@@ -111,8 +112,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-new-tokens", type=int, default=64, help="default max_new_tokens (default: %(default)s)")
     p.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens a request may ask for (default: %(default)s)")
     p.add_argument("--speculation", default="adaptive", choices=["off", "fixed", "adaptive"], help="default speculative mode: draft with the first delta's tuned model and verify with the rest (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=4, help="drafts per block in fixed mode (default: %(default)s)")
-    p.add_argument("--max-block", type=int, default=16, help="largest block a request may ask for, and adaptive mode's cap (default: %(default)s)")
+    p.add_argument("--k", type=int, default=4, help="k, the tokens drafted per block, in fixed mode (default: %(default)s)")
+    p.add_argument("--max-k", type=int, default=16, help="largest k a request may ask for, and adaptive mode's cap (default: %(default)s)")
     p.add_argument("--draft-cost-ratio", type=float, default=0.1, help="adaptive mode's c: one draft token's cost over one verify step; make bench measures it (default: %(default)s)")
     p.add_argument("--max-concurrent-generations", type=int, default=64, help="generations accepted at once, running or queued; more get RESOURCE_EXHAUSTED at once (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="generations stepped together (continuous batching); the rest of --max-concurrent-generations wait in the queue (default: %(default)s)")
@@ -144,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     try:
         composition = Composition(a.default_base, deltas)
         sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-        speculation = SpeculationDefaults(a.speculation, a.block_size, a.max_block, a.draft_cost_ratio)
+        speculation = SpeculationDefaults(a.speculation, a.k, a.max_k, a.draft_cost_ratio)
     except ValueError as e:
         p.error(str(e))
     missing = [r for r in composition.roles if r not in upstreams]
@@ -241,9 +242,9 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     measures = metrics.CombinerMetrics(metrics.meter(meter_provider, "eftmesh.combiner"))
     scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider, metrics=measures)
     tracer = tracing.tracer(tracer_provider, "eftmesh.combiner")
-    decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_block, tracer, measures)
+    decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_k, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
-    scorer.block_cap = lambda: servicer.defaults.speculation.max_block  # replicas must take blocks this large
+    scorer.k_cap = lambda: servicer.defaults.speculation.max_k  # replicas must take blocks this large
     try:
         extra = [auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])] \
             if cfg.auth_tokens_file else []
@@ -265,26 +266,26 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
         raise
     def check(models: Mapping[str, ModelSpec]) -> None:
         check_compatible(models, fp, vocab, tokenizer.eos_token_id)
-        cap_block(servicer, decoder, scorer.models)
+        cap_k(servicer, decoder, scorer.models)
 
     return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider, check=check, servicer=servicer)
 
 
-def cap_block(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str, ModelSpec]) -> None:
-    """Cap the largest block (--max-block, and --block-size under it) to the smallest
-    --max-draft of the upstreams that answered, saying so: any role may be a request's draft
-    role, and a block larger than its Draft takes would fail every such request with the
-    upstream's INVALID_ARGUMENT. Run as each role first answers; Info reports the cap."""
-    said = {r: m.max_draft for r, m in dict(models).items() if m.max_draft > 0}
+def cap_k(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str, ModelSpec]) -> None:
+    """Cap the combiner's --max-k (and --k under it) to the smallest --max-k of the logit
+    services that answered, saying so: any role may be a request's draft role, and a k larger
+    than its Draft takes would fail every such request with the upstream's INVALID_ARGUMENT.
+    Run as each role first answers; Info reports the cap."""
+    said = {r: m.max_k for r, m in dict(models).items() if m.max_k > 0}
     spec = servicer.defaults.speculation
-    if not said or min(said.values()) >= spec.max_block:
+    if not said or min(said.values()) >= spec.max_k:
         return
     cap = min(said.values())
     roles = ", ".join(f"{r} ({k})" for r, k in sorted(said.items()) if k == cap)
-    log.warning("--max-block %d is more than the logit services' --max-draft allows: capped to %d, the --max-draft "
-                "of %s%s", spec.max_block, cap, roles,
-                f"; the fixed mode's --block-size {spec.block_size} too" if spec.block_size > cap else "")
-    capped = dataclasses.replace(spec, max_block=cap, block_size=min(spec.block_size, cap))
+    log.warning("--max-k %d is more than the logit services' --max-k allows: capped to %d, the --max-k "
+                "of %s%s", spec.max_k, cap, roles,
+                f"; the fixed mode's --k {spec.k} too" if spec.k > cap else "")
+    capped = dataclasses.replace(spec, max_k=cap, k=min(spec.k, cap))
     servicer.defaults = dataclasses.replace(servicer.defaults, speculation=capped)
     decoder.scheduler.controller.max_k = min(decoder.scheduler.controller.max_k, cap)
 

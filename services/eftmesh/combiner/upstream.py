@@ -166,9 +166,9 @@ class GrpcScorer:
         self._checked: set[str] = set()
         self.on_health: Callable[[bool], None] = lambda serving: None
         self.on_fatal: Callable[[EftMeshError], None] = lambda err: None
-        # The combiner's current block cap (its servicer's defaults.speculation.max_block, which
-        # cap_block lowers to the smallest --max-draft); None: the role's first replica's max_draft.
-        self.block_cap: Callable[[], int] | None = None
+        # The combiner's current block cap (its servicer's defaults.speculation.max_k, which
+        # cap_k lowers to the smallest --max-k); None: the role's first replica's max_k.
+        self.k_cap: Callable[[], int] | None = None
         self.fatal: EftMeshError | None = None
         self._serving: bool | None = None
         self._report_lock = threading.RLock()
@@ -326,7 +326,7 @@ class GrpcScorer:
                 self.replicas[role].mark_verified(r.address)
                 self._set_state(role, r, LIVE)
             elif not ok:
-                self._set_state(role, r, DOWN, "serves another model or a smaller --max-draft")
+                self._set_state(role, r, DOWN, "serves another model or a smaller --max-k")
         for role, r, fut in checks:
             if verified.get((role, r.address)) is False:
                 fut.cancel()
@@ -404,12 +404,12 @@ class GrpcScorer:
             return False
         # A replica whose Draft takes fewer tokens than the blocks the combiner asks for would fail
         # every draft it is given with INVALID_ARGUMENT. The role's first replica is exempt: its
-        # --max-draft is what cap_block lowers the cap to, right after this check.
-        if spec is not want and spec.max_draft > 0:
-            cap = self.block_cap() if self.block_cap is not None else want.max_draft
-            if spec.max_draft < cap:
-                log.error("%s replica %s takes drafts of at most %d tokens (--max-draft), less than the combiner's "
-                          "block cap of %d: not used", role, address, spec.max_draft, cap)
+        # --max-k is what cap_k lowers the cap to, right after this check.
+        if spec is not want and spec.max_k > 0:
+            cap = self.k_cap() if self.k_cap is not None else want.max_k
+            if spec.max_k < cap:
+                log.error("%s replica %s takes drafts of at most %d tokens (--max-k), less than the combiner's "
+                          "block cap of %d: not used", role, address, spec.max_k, cap)
                 return False
         return True
 

@@ -1,28 +1,43 @@
-"""Protobuf <-> domain conversions shared by both services."""
+"""Protobuf <-> domain conversions shared by both services, and the one mapping of a domain
+rule's ValueError to INVALID_ARGUMENT.
+
+Each service has its own converter module (`eftmesh.combiner.convert`, `eftmesh.logit.convert`,
+TGI's from_pb / to_pb shape): servicers call those and stay thin. A validation rule lives once,
+in the domain type that needs it (`SamplingConfig`, `Composition`, `GenerationRequest`, ...),
+which raises ValueError with a message naming the request field; converters build domain
+types inside `invalid_argument()`, the single place that turns such a ValueError into the
+INVALID_ARGUMENT status.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from eftmesh.common.errors import InvalidArgument
-from eftmesh.core.sampling import GREEDY_TEMPERATURE, SamplingConfig
+from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import tensor_pb2
 
 
+@contextmanager
+def invalid_argument() -> Iterator[None]:
+    """A ValueError raised inside (a domain rule the request broke) becomes InvalidArgument."""
+    try:
+        yield
+    except InvalidArgument:
+        raise
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+
+
 def sampling_from_pb(msg: tensor_pb2.SamplingParams, default: SamplingConfig) -> SamplingConfig:
-    """Validate SamplingParams; unset fields take `default`'s values."""
-    t = msg.temperature if msg.HasField("temperature") else default.temperature
-    p = msg.top_p if msg.HasField("top_p") else default.top_p
-    k = msg.top_k if msg.HasField("top_k") else default.top_k
-    if not math.isfinite(t) or t < 0:
-        raise InvalidArgument(
-            f"sampling.temperature must be a finite number >= 0 (0, or anything below {GREEDY_TEMPERATURE:g}, is greedy), got {t}"
+    """SamplingParams as a SamplingConfig; unset fields take `default`'s values."""
+    with invalid_argument():
+        return SamplingConfig(
+            temperature=msg.temperature if msg.HasField("temperature") else default.temperature,
+            top_k=msg.top_k if msg.HasField("top_k") else default.top_k,
+            top_p=msg.top_p if msg.HasField("top_p") else default.top_p,
         )
-    if not (0.0 < p <= 1.0):
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1] (1 disables it), got {p}")
-    if k < 0:
-        raise InvalidArgument(f"sampling.top_k must be >= 0 (0 disables it), got {k}")
-    return SamplingConfig(temperature=t, top_k=k, top_p=p)
 
 
 def sampling_to_pb(cfg: SamplingConfig) -> tensor_pb2.SamplingParams:

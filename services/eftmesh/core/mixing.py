@@ -36,6 +36,17 @@ LOGPROB_FLOOR = -1.0e4
 # already a point mass in practice; 1e4 leaves room for any experiment.
 MAX_WEIGHT = 1.0e4
 
+# Role names are configured names like "base-large"; a longer one is refused before any lookup.
+MAX_ROLE_NAME_BYTES = 128
+
+
+def check_role_name(name: str, field: str) -> None:
+    """ValueError when `name` (UTF-8) is longer than MAX_ROLE_NAME_BYTES."""
+    n = len(name.encode("utf-8", "surrogatepass"))
+    if n > MAX_ROLE_NAME_BYTES:
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise ValueError(f"{field} is {n} bytes long; role names are at most {MAX_ROLE_NAME_BYTES} bytes: {shown!r}")
+
 
 @dataclass(frozen=True)
 class Delta:
@@ -54,13 +65,19 @@ class Composition:
     deltas: tuple[Delta, ...] = ()
 
     def __post_init__(self) -> None:
+        # The one place these rules live; messages name the request field (protobuf spelling).
         if not self.base:
-            raise ValueError("a composition needs a base role")
-        for d in self.deltas:
+            raise ValueError("composition.base is empty but deltas are set: name the base role")
+        check_role_name(self.base, "composition.base")
+        for i, d in enumerate(self.deltas):
             if not d.tuned or not d.reference:
-                raise ValueError("every delta needs a tuned role and a reference role")
+                raise ValueError(f"composition.deltas[{i}] needs both tuned and reference roles")
+            check_role_name(d.tuned, f"composition.deltas[{i}].tuned")
+            check_role_name(d.reference, f"composition.deltas[{i}].reference")
             if not math.isfinite(d.weight) or abs(d.weight) > MAX_WEIGHT:
-                raise ValueError(f"delta weight must be finite and in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {d.weight}")
+                raise ValueError(
+                    f"composition.deltas[{i}].weight must be finite and in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {d.weight:g}"
+                )
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -118,15 +118,24 @@ class EngineInfo:
     max_sessions: int
     session_idle_timeout_s: float
     eos_token_id: int
-    max_draft: int
+    max_k: int
     kv_cache_tokens: int
     kv_block_size: int
     max_batch: int
+    chat_template: str = ""
 
 
 # The longest session id accepted (UTF-8 bytes). The combiner's ids are a 32-character hex id,
 # a colon and a role name (at most 128 bytes); a longer id is refused before it is stored.
 MAX_SESSION_ID_BYTES = 256
+
+
+def tokenizer_chat_template(tokenizer: Any) -> str:
+    """The tokenizer's chat template ("" when it has none; of several named ones, "default")."""
+    t = getattr(tokenizer, "chat_template", None)
+    if isinstance(t, dict):
+        t = t.get("default")
+    return t if isinstance(t, str) else ""
 
 
 def check_session_id(session_id: str) -> None:
@@ -210,16 +219,17 @@ class ModelEngine:
         max_sessions: int = 256,
         session_idle_timeout_s: float = 300.0,
         max_context: int | None = None,
-        max_draft: int = 32,
+        max_k: int = 32,
         max_batch: int = 64,
         kv_cache_tokens: int = 16384,
         kv_block_size: int = 16,
         prefill_tokens: int = 2048,
         session_active_s: float = 1.0,
+        chat_template: str | None = None,
     ) -> None:
         self.model = model.eval()
         _check_full_attention(model.config)
-        self.max_draft = max_draft
+        self.max_k = max_k
         self.max_batch = max(1, max_batch)
         self.prefill_tokens = max(1, prefill_tokens)
         # A model sharded over several devices (a device map) takes its inputs on the embedding's
@@ -253,10 +263,11 @@ class ModelEngine:
             max_sessions=max_sessions,
             session_idle_timeout_s=session_idle_timeout_s,
             eos_token_id=-1 if eos is None else int(eos),
-            max_draft=max_draft,
+            max_k=max_k,
             kv_cache_tokens=self.pool.capacity_tokens,
             kv_block_size=kv_block_size,
             max_batch=self.max_batch,
+            chat_template=chat_template if chat_template is not None else tokenizer_chat_template(tokenizer),
         )
         self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table),
                                      active_s=session_active_s)
@@ -441,8 +452,8 @@ class ModelEngine:
         results = [ItemResult() for _ in items]
         with self._lock, torch.inference_mode():
             for it, res in zip(items, results):
-                if not 1 <= it.k <= self.max_draft:
-                    res.error = InvalidArgument(f"k must be in [1, {self.max_draft}], got {it.k}")
+                if not 1 <= it.k <= self.max_k:
+                    res.error = InvalidArgument(f"k must be in [1, {self.max_k}], got {it.k}")
                 elif not 0 <= it.vocab_limit <= self.vocab_size:
                     res.error = InvalidArgument(f"vocab_limit must be in [0, {self.vocab_size}], got {it.vocab_limit}")
             todo = [(it.session_id, it.start, it.tokens, 1, it.k) if res.error is None else None

@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import jinja2
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
@@ -57,7 +59,7 @@ class LogitConfig:
     max_sessions: int = 256
     session_idle_timeout_s: float = 300.0
     max_context: int | None = None
-    max_draft: int = 32
+    max_k: int = 32
     max_batch: int = 64
     kv_cache_tokens: int = 16384
     kv_block_size: int = 16
@@ -73,6 +75,8 @@ class LogitConfig:
     reflection: bool = True
     # Info's model_id: the checkpoint path or hub id (True), or the role (False).
     expose_model_id: bool = True
+    # A Jinja chat template file that replaces the tokenizer's ("": the tokenizer's own).
+    chat_template_file: str = ""
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> LogitConfig:
@@ -104,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-sessions", type=int, default=256, help="KV caches held at once; the least recently used is evicted beyond this (default: %(default)s)")
     p.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds before an unused session's cache is dropped (default: %(default)s)")
     p.add_argument("--max-context", type=int, default=None, help="cap on tokens per session (default: the model's own limit)")
-    p.add_argument("--max-draft", type=int, default=32, help="largest k one Draft call may ask for (default: %(default)s)")
+    p.add_argument("--max-k", type=int, default=32, help="largest k one Draft call may ask for (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="most sessions' steps (decode or verify) run in one batched forward (default: %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the paged KV cache holds, shared by all sessions; allocated at start (default: %(default)s)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
@@ -124,6 +128,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         f"{deletion_cost.DEFAULT_INTERVAL_S:.0f} in a Kubernetes pod, 0 elsewhere)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default: it runs arbitrary code)")
     p.add_argument("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection (on by default, so grpcurl works without .proto files; it only lists the services and their messages)")
+    p.add_argument("--chat-template", default="", metavar="FILE",
+                   help="Jinja chat template file that replaces the tokenizer's own (for a model that ships none, or a "
+                        "fixed one); the combiner renders chat messages with it (default: the tokenizer's)")
     p.add_argument("--hide-model-path", dest="expose_model_id", action="store_false", help="Info reports the role as model_id instead of --model (a local path or hub id) (default: --model is reported)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
@@ -144,7 +151,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         max_sessions=a.max_sessions,
         session_idle_timeout_s=a.session_idle_timeout,
         max_context=a.max_context,
-        max_draft=a.max_draft,
+        max_k=a.max_k,
         max_batch=a.max_batch,
         kv_cache_tokens=a.kv_cache_tokens,
         kv_block_size=a.kv_block_size,
@@ -159,6 +166,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                                   else a.deletion_cost_interval),
         reflection=a.reflection,
         expose_model_id=a.expose_model_id,
+        chat_template_file=a.chat_template,
     )
 
 
@@ -216,6 +224,19 @@ class LogitServer:
         return self.server.stop(FINAL_GRACE_S)
 
 
+def read_chat_template(path: str) -> str:
+    """The template in `path`, checked to parse as Jinja; ValueError naming the flag otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--chat-template {path}: cannot read it: {e}") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {path}: not a Jinja template: line {e.lineno}: {e.message}") from None
+    return text
+
+
 def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: TracerProvider | None = None,
           meter_provider: MeterProvider | None = None) -> LogitServer:
     """Load the model (unless given), build the server, warm up; health turns SERVING after."""
@@ -236,7 +257,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             max_sessions=cfg.max_sessions,
             session_idle_timeout_s=cfg.session_idle_timeout_s,
             max_context=cfg.max_context,
-            max_draft=cfg.max_draft,
+            max_k=cfg.max_k,
             max_batch=cfg.max_batch,
             kv_cache_tokens=cfg.kv_cache_tokens,
             kv_block_size=cfg.kv_block_size,
@@ -248,6 +269,8 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
     if meter_provider is None:
         meter_provider = metrics.make_meter_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp_metrics,
                                                      prometheus_port=cfg.metrics_port, prometheus_host=cfg.server.host)
+    if cfg.chat_template_file:
+        engine.info = dataclasses.replace(engine.info, chat_template=read_chat_template(cfg.chat_template_file))
     store = engine.sessions
     servicer = LogitServicer(engine, metrics.LogitMetrics(
         metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions,
@@ -269,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:  # before the model loads: a bad TLS file is a message naming its flag, not a traceback
         tls.check_server(cfg.server.tls)
+        if cfg.chat_template_file:
+            read_chat_template(cfg.chat_template_file)
     except ValueError as e:
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None

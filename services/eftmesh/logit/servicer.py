@@ -1,4 +1,5 @@
-"""LogitService servicer: validate, convert, call the engine, convert back."""
+"""LogitService servicer: thin: `logit.convert` turns protobuf into engine types and back, the
+engine does the work, and this measures each call."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
-import torch
 
 from eftmesh.common import tensors
-from eftmesh.common.convert import sampling_from_pb
-from eftmesh.common.errors import InvalidArgument
 from eftmesh.common.metrics import LogitMetrics, meter, outcome
-from eftmesh.core.sampling import SamplingConfig
-from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
-from eftmesh.v1 import logit_pb2, logit_pb2_grpc, tensor_pb2
+from eftmesh.logit import convert
+from eftmesh.logit.engine import ItemResult, ModelEngine
+from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
 
 class TimedLock:
@@ -111,48 +109,23 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     def Info(
         self, request: logit_pb2.LogitServiceInfoRequest, context: grpc.ServicerContext
     ) -> logit_pb2.LogitServiceInfoResponse:
-        i = self.engine.info
         # With --hide-model-path the build sets public_model_id (the role): no local path or hub id.
-        return logit_pb2.LogitServiceInfoResponse(
-            model_id=getattr(self, "public_model_id", None) or i.model_id,
-            role=i.role,
-            vocab_size=i.vocab_size,
-            tokenizer_vocab_size=i.tokenizer_vocab_size,
-            tokenizer_fingerprint=i.tokenizer_fingerprint,
-            max_context=i.max_context,
-            dtype=i.dtype,
-            device=i.device,
-            max_sessions=i.max_sessions,
-            session_idle_timeout_s=i.session_idle_timeout_s,
-            eos_token_id=i.eos_token_id,
-            max_draft=i.max_draft,
-            kv_cache_tokens=i.kv_cache_tokens,
-            kv_block_size=i.kv_block_size,
-            max_batch=i.max_batch,
-            kv_bytes_per_token=self.engine.pool.bytes_per_token(),
-            kv_bytes_per_token_theoretical=self.engine.pool.theoretical_bytes_per_token(),
-        )
+        i = self.engine.info
+        return convert.info_to_pb(i, getattr(self, "public_model_id", None) or i.model_id,
+                                  self.engine.pool.bytes_per_token(), self.engine.pool.theoretical_bytes_per_token())
 
     def Score(
         self, request: logit_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> logit_pb2.ScoreResponse:
-        try:
-            out_dtype = tensors.torch_dtype(request.dtype)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        out_dtype = convert.dtype_from_pb(request.dtype)
         with self._measured("Score", len(request.tokens)):
-            logprobs, length = self.engine.score(
-                request.session_id, request.start, request.tokens, request.rows
-            )
-        return logit_pb2.ScoreResponse(
-            logprobs=tensors.to_pb(logprobs, out_dtype), cache_length=length
-        )
+            logprobs, length = self.engine.score(request.session_id, request.start, request.tokens, request.rows)
+        return logit_pb2.ScoreResponse(logprobs=tensors.to_pb(logprobs, out_dtype), cache_length=length)
 
     def Draft(
         self, request: logit_pb2.DraftRequest, context: grpc.ServicerContext
     ) -> logit_pb2.DraftResponse:
-        # Unset fields mean plain sampling; the combiner always sends the request's values.
-        sampling = sampling_from_pb(request.sampling, SamplingConfig())
+        sampling = convert.sampling_or_default(request.sampling)
         # tokens run: the catch-up tokens, then each of the k drafts fed back (k + 1 rows)
         with self._measured("Draft", len(request.tokens) + request.k):
             drafts, rows, length = self.engine.draft(
@@ -169,44 +142,19 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     def ScoreBatch(
         self, request: logit_pb2.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> logit_pb2.ScoreBatchResponse:
-        items = [ScoreItem(it.session_id, it.start, it.tokens, it.rows) for it in request.items]
+        items = convert.score_items_from_pb(request.items)
         with self._measured("ScoreBatch", sum(len(it.tokens) for it in items), len(items)):
             results = self.engine.score_batch(items)
-        logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
+        logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
         return logit_pb2.ScoreBatchResponse(logits=logits, results=pb)
 
     def DraftBatch(
         self, request: logit_pb2.DraftBatchRequest, context: grpc.ServicerContext
     ) -> logit_pb2.DraftBatchResponse:
-        # A malformed item (bad sampling parameters) fails alone, like any other item error.
-        results: list[ItemResult] = [ItemResult() for _ in request.items]
-        items, where = [], []
-        for i, it in enumerate(request.items):
-            try:
-                sampling = sampling_from_pb(it.sampling, SamplingConfig())
-            except InvalidArgument as e:
-                results[i].error = e
-                continue
-            items.append(DraftItem(it.session_id, it.start, it.tokens, it.k, sampling, it.seed, it.vocab_limit))
-            where.append(i)
+        items, where, bad = convert.draft_items_from_pb(request.items)
+        results = [ItemResult(error=bad.get(i)) for i in range(len(request.items))]
         with self._measured("DraftBatch", sum(len(it.tokens) + it.k for it in items), len(items)):
             for i, r in zip(where, self.engine.draft_batch(items)):
                 results[i] = r
-        logits, pb = _results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
+        logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
         return logit_pb2.DraftBatchResponse(logits=logits, results=pb)
-
-
-def _results_to_pb(
-    results: list[ItemResult], vocab: int, dtype: torch.dtype
-) -> tuple[tensor_pb2.Tensor, list[logit_pb2.ItemResult]]:
-    """Every successful item's rows as one [rows, vocab] tensor in the model's dtype (0 rows
-    when none succeeded), plus per-item results."""
-    pb, rows = [], []
-    for r in results:
-        if r.error is not None:
-            pb.append(logit_pb2.ItemResult(code=r.error.code.value[0], message=str(r.error)))
-        else:
-            pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts))
-            rows.append(r.rows)
-    block = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=dtype)  # [sum rows, vocab]
-    return tensors.to_pb(block, block.dtype), pb

@@ -50,15 +50,25 @@ class Composition(_message.Message):
     deltas: _containers.RepeatedCompositeFieldContainer[Delta]
     def __init__(self, base: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[Delta, _Mapping]]] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
 class Speculation(_message.Message):
-    __slots__ = ("mode", "block_size", "draft_role")
+    __slots__ = ("mode", "k", "max_k", "draft_role")
     MODE_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
     DRAFT_ROLE_FIELD_NUMBER: _ClassVar[int]
     mode: SpeculationMode
-    block_size: int
+    k: int
+    max_k: int
     draft_role: str
-    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., block_size: _Optional[int] = ..., draft_role: _Optional[str] = ...) -> None: ...
+    def __init__(self, mode: _Optional[_Union[SpeculationMode, str]] = ..., k: _Optional[int] = ..., max_k: _Optional[int] = ..., draft_role: _Optional[str] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
     __slots__ = ("drafted_tokens", "accepted_tokens", "acceptance_rate", "base_calls_per_token", "blocks", "draft_role")
@@ -85,8 +95,10 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "composition", "sampling", "seed", "max_new_tokens", "stop", "logprobs", "speculation", "ignore_eos")
+    __slots__ = ("prompt", "messages", "chat_template_role", "composition", "sampling", "seed", "max_new_tokens", "stop", "logprobs", "speculation", "ignore_eos")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_ROLE_FIELD_NUMBER: _ClassVar[int]
     COMPOSITION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +108,8 @@ class GenerateRequest(_message.Message):
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    chat_template_role: str
     composition: Composition
     sampling: _tensor_pb2.SamplingParams
     seed: int
@@ -104,7 +118,7 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     speculation: Speculation
     ignore_eos: bool
-    def __init__(self, prompt: _Optional[str] = ..., composition: _Optional[_Union[Composition, _Mapping]] = ..., sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., chat_template_role: _Optional[str] = ..., composition: _Optional[_Union[Composition, _Mapping]] = ..., sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "usage", "speculation")
@@ -123,8 +137,10 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("prompt", "composition", "sampling", "seed", "max_new_tokens", "stop", "logprobs", "speculation", "ignore_eos")
+    __slots__ = ("prompt", "messages", "chat_template_role", "composition", "sampling", "seed", "max_new_tokens", "stop", "logprobs", "speculation", "ignore_eos")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_ROLE_FIELD_NUMBER: _ClassVar[int]
     COMPOSITION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +150,8 @@ class CompleteRequest(_message.Message):
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    chat_template_role: str
     composition: Composition
     sampling: _tensor_pb2.SamplingParams
     seed: int
@@ -142,7 +160,7 @@ class CompleteRequest(_message.Message):
     logprobs: bool
     speculation: Speculation
     ignore_eos: bool
-    def __init__(self, prompt: _Optional[str] = ..., composition: _Optional[_Union[Composition, _Mapping]] = ..., sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., chat_template_role: _Optional[str] = ..., composition: _Optional[_Union[Composition, _Mapping]] = ..., sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., speculation: _Optional[_Union[Speculation, _Mapping]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class CompleteResponse(_message.Message):
     __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "usage", "speculation")
@@ -183,7 +201,7 @@ class Upstream(_message.Message):
     def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GeneratorInfoResponse(_message.Message):
-    __slots__ = ("upstreams", "default_composition", "default_sampling", "default_max_new_tokens", "max_new_tokens_cap", "tokenizer_fingerprint", "default_speculation", "vocab_size")
+    __slots__ = ("upstreams", "default_composition", "default_sampling", "default_max_new_tokens", "max_new_tokens_cap", "tokenizer_fingerprint", "default_speculation", "chat_roles", "vocab_size")
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_COMPOSITION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +209,7 @@ class GeneratorInfoResponse(_message.Message):
     MAX_NEW_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ROLES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     upstreams: _containers.RepeatedCompositeFieldContainer[Upstream]
     default_composition: Composition
@@ -199,5 +218,6 @@ class GeneratorInfoResponse(_message.Message):
     max_new_tokens_cap: int
     tokenizer_fingerprint: str
     default_speculation: Speculation
+    chat_roles: _containers.RepeatedScalarFieldContainer[str]
     vocab_size: int
-    def __init__(self, upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., default_composition: _Optional[_Union[Composition, _Mapping]] = ..., default_sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., default_speculation: _Optional[_Union[Speculation, _Mapping]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., default_composition: _Optional[_Union[Composition, _Mapping]] = ..., default_sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., default_speculation: _Optional[_Union[Speculation, _Mapping]] = ..., chat_roles: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
