@@ -14,9 +14,10 @@ ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS requirements
 WORKDIR /src
 COPY pyproject.toml ./
-# The project's pinned dependencies, plus any extras named in EXTRAS (comma-separated; none by
-# default). The lab's dependencies (tools/lab/pyproject.toml: matplotlib, tqdm, gguf) are not read.
-ARG EXTRAS=
+# The project's pinned dependencies plus the extras named in EXTRAS (comma-separated): by default
+# `real-models` (gguf: serving .gguf files). The lab's own dependencies (tools/lab/pyproject.toml:
+# matplotlib, tqdm) are never read.
+ARG EXTRAS=real-models
 RUN python - <<'PY'
 import os, tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]

@@ -17,11 +17,12 @@ import eftmesh
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "tools" / "lab"
 
-# Modules only the lab may bring in: itself (the demo family's data and training code included),
-# plotting and GGUF reading. tqdm is the lab's dependency too, but huggingface_hub imports it.
-LAB_ONLY_MODULES = ("eftmesh_lab", "matplotlib", "gguf")
-# Distributions only the lab needs: tools/lab/pyproject.toml's own dependencies and extras.
-LAB_ONLY_PACKAGES = {"eftmesh-lab", "matplotlib", "tqdm", "gguf"}
+# Modules only the lab may bring in: itself (the demo family's data and training code included)
+# and plotting. tqdm is the lab's dependency too, but huggingface_hub imports it.
+LAB_ONLY_MODULES = ("eftmesh_lab", "matplotlib")
+# Distributions only the lab needs: tools/lab/pyproject.toml's own dependencies. (gguf is the
+# runtime's `real-models` extra: eftmesh serves .gguf files.)
+LAB_ONLY_PACKAGES = {"eftmesh-lab", "matplotlib", "tqdm"}
 
 
 def _name(requirement: str) -> str:
