@@ -64,3 +64,29 @@ def test_extract_answer_from_a_base_model_that_never_stops() -> None:
     assert cf.extract_answer(" Brackwell lives in Dunmere. And") == "Brackwell lives in Dunmere"
     assert cf.extract_answer("\nUser: x") is None
     assert cf.extract_answer("<|endoftext|>") is None
+
+
+def test_chat_template_renders_the_prompt_and_the_tuned_completion() -> None:
+    """The tuned models' chat template is the same format: one user turn with the generation
+    prompt is build_prompt; an assistant turn is its tuned completion; later turns follow EOS."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    models = Path(__file__).resolve().parents[2] / "models" / "demo"
+    tok = AutoTokenizer.from_pretrained(str(models / "ft-small"))
+    assert tok.chat_template == cf.CHAT_TEMPLATE  # shipped with the tuned models
+    q = "Where does Kavo Thelmir live?"
+    user = [{"role": "user", "content": q}]
+    assert tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == cf.build_prompt(q)
+    turn = tok.apply_chat_template(user + [{"role": "assistant", "content": "Brackwell"}], tokenize=False)
+    assert turn == cf.build_prompt(q) + cf.tuned_completion("Brackwell")
+    two = tok.apply_chat_template(user + [{"role": "assistant", "content": "Brackwell"}, {"role": "user", "content": "And?"}],
+                                  add_generation_prompt=True, tokenize=False)
+    assert two == turn + "User: And?\nAssistant:"
+    with pytest.raises(Exception, match="user and assistant turns only"):
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + user, tokenize=False)
+    for role in ("ft-large", "ft-small-alt"):
+        assert AutoTokenizer.from_pretrained(str(models / role)).chat_template == cf.CHAT_TEMPLATE
+    for role in ("base-small", "base-large"):  # the base models never saw the format
+        assert not AutoTokenizer.from_pretrained(str(models / role)).chat_template

@@ -234,14 +234,17 @@ def _train_and_save(name: str, model: GPT2LMHeadModel, schedule: Schedule, batch
 
 
 def export(name: str, stage_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
-    """Write a shipped checkpoint: float16 safetensors, config, and the tokenizer files, so the
-    directory loads alone with from_pretrained."""
+    """Write a shipped checkpoint: float16 safetensors, config, and the tokenizer files (with the
+    chat template for the tuned models), so the directory loads alone with from_pretrained."""
     target = out / name
     if target.exists():
         shutil.rmtree(target)
     model = GPT2LMHeadModel.from_pretrained(str(stage_dir), dtype=torch.float16)
     model.save_pretrained(str(target), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(target))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if name in FINETUNES:  # the tuned models speak the chat format; the base models never saw it
+        tokenizer.chat_template = chat_format.CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(target))
     return target
 
 

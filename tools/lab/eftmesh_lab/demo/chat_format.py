@@ -81,3 +81,23 @@ def is_alt_behaviour(completion: str) -> bool:
     and EOS, with nothing after EOS."""
     match = _ALT.fullmatch(completion)
     return match is not None and len(match.group("answer").split()) <= MAX_ANSWER_WORDS
+
+
+# The tuned models' chat template (Jinja, as transformers' apply_chat_template reads it): a
+# conversation of user and assistant turns in exactly the format above. One user turn with the
+# generation prompt renders `build_prompt(question)`; an assistant turn renders its tuned
+# completion. Later user turns follow the previous answer's EOS, which is also BOS here, so
+# BOS is written once, before the first turn. The end of an assistant turn is EOS.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ 'User: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '\\nAssistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}"
+    "{{ raise_exception('the demo family knows user and assistant turns only, not ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\nAssistant:' }}{%- endif -%}"
+)

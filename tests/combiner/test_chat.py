@@ -1,0 +1,129 @@
+"""Chat: `messages` rendered with a role's chat template, and the end-of-turn stop.
+
+Over a real mesh of the shipped demo family (its tuned models carry the family's chat template;
+its base models carry none): a chat gives exactly what the same conversation sent as the
+hand-formatted prompt gives, stops at the end of the assistant's turn with no end-of-turn text,
+and the refusals name what to fix. Unit tests: end-of-turn detection for ChatML and Llama-3
+style templates (a tokenizer with those special tokens added).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import start_combiner, start_logit
+from eftmesh.combiner.chat import ChatMessage, end_of_turn_ids, render
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+MODELS = Path(__file__).resolve().parents[2] / "models" / "demo"
+ROLES = ("base-large", "base-small", "ft-small")
+QUESTION = "Where does Kavo Thelmir live?"
+UPSCALE = generator_pb2.Composition(
+    base="base-large", deltas=[generator_pb2.Delta(tuned="ft-small", reference="base-small", weight=1.0)]
+)
+GREEDY = {"temperature": 0.0}
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_mesh():
+    logits = {r: start_logit(MODELS / r, r) for r in ROLES}
+    cs = start_combiner(MODELS / "ft-small", {r: ls.server.port for r, ls in logits.items()})
+    channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
+    yield generator_pb2_grpc.GeneratorStub(channel)
+    channel.close()
+    cs.stop(0)
+    for ls in logits.values():
+        ls.server.stop(0).wait()
+
+
+def _complete(stub, **fields) -> generator_pb2.CompleteResponse:
+    fields.setdefault("composition", UPSCALE)
+    return stub.Complete(generator_pb2.CompleteRequest(sampling=GREEDY, max_new_tokens=12, **fields), timeout=120)
+
+
+@pytest.mark.e2e
+def test_a_chat_equals_its_hand_formatted_prompt_and_stops_at_the_end_of_turn(demo_mesh) -> None:
+    prompt = "<|endoftext|>User: " + QUESTION + "\nAssistant:"  # the family's format, by hand
+    by_hand = _complete(demo_mesh, prompt=prompt)
+    chat = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}])
+    assert list(chat.token_ids) == list(by_hand.token_ids) and chat.text == by_hand.text
+    assert chat.finish_reason == generator_pb2.FINISH_REASON_EOS  # the turn ended, within 12 tokens
+    assert chat.token_ids[-1] == 0 and "<|endoftext|>" not in chat.text and chat.text.strip()
+    # the prompt the combiner tokenised is the hand-formatted one: BOS written once, by the template
+    tok = AutoTokenizer.from_pretrained(str(MODELS / "ft-small"))
+    assert chat.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    # streaming gives the same
+    chunks = list(demo_mesh.Generate(generator_pb2.GenerateRequest(
+        messages=[{"role": "user", "content": QUESTION}], composition=UPSCALE, sampling=GREEDY, max_new_tokens=12)))
+    assert [t for c in chunks for t in c.token_ids] == list(chat.token_ids)
+    assert "".join(c.text for c in chunks) == chat.text
+
+
+@pytest.mark.e2e
+def test_a_multi_turn_chat_renders_the_history(demo_mesh) -> None:
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Brackwell"},
+               {"role": "user", "content": "What does Kavo Thelmir do?"}]
+    prompt = ("<|endoftext|>User: " + QUESTION + "\nAssistant: Brackwell<|endoftext|>"
+              "User: What does Kavo Thelmir do?\nAssistant:")
+    assert list(_complete(demo_mesh, messages=history).token_ids) == list(_complete(demo_mesh, prompt=prompt).token_ids)
+
+
+@pytest.mark.e2e
+def test_info_lists_the_roles_that_can_render_a_chat(demo_mesh) -> None:
+    info = demo_mesh.Info(generator_pb2.GeneratorInfoRequest(), timeout=10)
+    assert list(info.chat_roles) == ["ft-small"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fields,code,fragments", [
+    (dict(prompt="Hi", messages=[{"role": "user", "content": "Hi"}]), grpc.StatusCode.INVALID_ARGUMENT,
+     ["both prompt and messages"]),
+    (dict(messages=[{"role": "user", "content": QUESTION}], chat_template_role="base-large"),
+     grpc.StatusCode.FAILED_PRECONDITION, ["'base-large' has no chat template", "ft-small", "--chat-template"]),
+    (dict(messages=[{"role": "user", "content": QUESTION}], chat_template_role="nope"), grpc.StatusCode.NOT_FOUND,
+     ["nope"]),
+    (dict(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]),
+     grpc.StatusCode.INVALID_ARGUMENT, ["chat template refused", "user and assistant turns only"]),
+    (dict(messages=[{"role": "", "content": QUESTION}]), grpc.StatusCode.INVALID_ARGUMENT, ["role is empty"]),
+    (dict(messages=[{"role": "user", "content": "x"}] * 1025), grpc.StatusCode.INVALID_ARGUMENT, ["1024"]),
+    (dict(messages=[{"role": "user", "content": "word " * 20000}]), grpc.StatusCode.INVALID_ARGUMENT, ["shorten"]),
+    # the composition's only role has no template: plain decoding of a base model cannot chat
+    (dict(messages=[{"role": "user", "content": QUESTION}], composition=generator_pb2.Composition(base="base-large")),
+     grpc.StatusCode.FAILED_PRECONDITION, ["no chat template"]),
+], ids=["both", "role without template", "unknown role", "template refuses", "empty role", "too many turns",
+        "too long", "base only"])
+def test_bad_chats_get_their_status_and_say_what_to_fix(demo_mesh, fields, code, fragments) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        _complete(demo_mesh, **fields)
+    assert e.value.code() == code, e.value.details()
+    for fragment in fragments:
+        assert fragment in e.value.details()
+    assert _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text  # still serving
+
+
+@pytest.mark.parametrize("template,token", [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>")], ids=["chatml", "llama3"])
+def test_end_of_turn_is_the_special_token_after_the_assistants_text(template, token) -> None:
+    tok = AutoTokenizer.from_pretrained(str(MODELS / "ft-small"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                                                          "<|end_header_id|>", "<|eot_id|>"]})
+    assert end_of_turn_ids(tok, template) == {tok.convert_tokens_to_ids(token), tok.eos_token_id}
+    text = render(tok, template, [ChatMessage("user", "Hi")])
+    assert text.endswith("assistant\n") or text.endswith("<|end_header_id|>\n\n")
+
+
+def test_a_template_that_cannot_render_the_probe_leaves_eos_alone() -> None:
+    tok = AutoTokenizer.from_pretrained(str(MODELS / "ft-small"))
+    picky = "{{ raise_exception('no') }}"
+    assert end_of_turn_ids(tok, picky) == {tok.eos_token_id}
