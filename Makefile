@@ -66,6 +66,10 @@ fuzz: $(FUZZ_VENV)/.installed ## coverage-guided fuzzing of request decoding and
 test: $(STAMP) $(CHECKOV) check-protos lint ## run the whole test suite (with the chart's checkov scan)
 	CHECKOV=$(CHECKOV) $(PY) -m pytest -q
 
+.PHONY: test-fast
+test-fast: $(STAMP) ## inner loop, under a minute: the tests marked neither slow nor e2e (no checkov, no lint; CI runs `make test`)
+	$(PY) -m pytest -q -m "not slow and not e2e" $(ARGS)
+
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache
 

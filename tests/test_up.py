@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 ROLES = ("base-large", "base-small", "ft-small")
 TIMEOUT_S = 240  # a hard cap; on an idle 2-core machine the run takes well under a minute
 

@@ -100,6 +100,8 @@ def _health(port: int) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_generator_api_needs_a_token(guarded: tuple[CombinerServer, Path], caplog: pytest.LogCaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EFTMESH_TOKEN", raising=False)

@@ -81,6 +81,8 @@ def test_defaults_put_the_health_port_next_to_the_main_one():
     assert ServerConfig(port=50051, health_port=-1).resolved_health_port() is None
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_health_port_answers_serving_while_the_service_is_saturated(loaded_server: LogitServer):
     server = loaded_server.server
     assert server.health_port not in (None, 0, server.port)
@@ -118,6 +120,7 @@ def test_health_port_answers_serving_while_the_service_is_saturated(loaded_serve
     assert on_health_port == Counter({"SERVING": CHECKS})
 
 
+@pytest.mark.e2e
 def test_a_taken_default_health_port_moves_but_an_explicit_one_fails(tiny_family):
     from eftmesh.common.serving import Server
 

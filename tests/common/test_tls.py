@@ -86,46 +86,55 @@ def mtls_server(pki: dict[str, Pki]) -> Iterator[Server]:
     s.stop(0).wait()
 
 
+@pytest.mark.e2e
 def test_tls_server_accepts_a_client_trusting_its_ca(tls_server: Server, pki: dict[str, Pki]) -> None:
     assert _check(tls_server.port, ClientTLS(ca=pki["mesh"].ca_pem)) == grpc.StatusCode.OK
     # The host name checked may be set explicitly (a replica dialled by IP, a Service name).
     assert _check(tls_server.port, ClientTLS(ca=pki["mesh"].ca_pem, server_name="localhost")) == grpc.StatusCode.OK
 
 
+@pytest.mark.e2e
 def test_tls_server_refuses_a_plaintext_client(tls_server: Server) -> None:
     assert _check(tls_server.port, None) == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_client_refuses_a_server_from_another_ca(tls_server: Server, pki: dict[str, Pki]) -> None:
     assert _check(tls_server.port, ClientTLS(ca=pki["other"].ca_pem)) == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_client_refuses_a_certificate_for_another_name(tls_server: Server, pki: dict[str, Pki]) -> None:
     assert _check(tls_server.port, ClientTLS(ca=pki["mesh"].ca_pem, server_name="elsewhere.example")) == \
         grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_health_only_port_stays_plaintext(tls_server: Server) -> None:
     # kubelet gRPC probes cannot speak TLS; the health-only server answers health alone.
     assert tls_server.health_port is not None
     assert _check(tls_server.health_port, None) == grpc.StatusCode.OK
 
 
+@pytest.mark.e2e
 def test_mtls_server_refuses_a_client_without_a_certificate(mtls_server: Server, pki: dict[str, Pki]) -> None:
     assert _check(mtls_server.port, ClientTLS(ca=pki["mesh"].ca_pem)) == grpc.StatusCode.UNAVAILABLE
     assert _check(mtls_server.port, None) == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_mtls_server_refuses_a_certificate_from_another_ca(mtls_server: Server, pki: dict[str, Pki]) -> None:
     cert, key = pki["other"].client
     assert _check(mtls_server.port, ClientTLS(ca=pki["mesh"].ca_pem, cert=cert, key=key)) == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_mtls_server_accepts_a_mesh_certificate(mtls_server: Server, pki: dict[str, Pki]) -> None:
     cert, key = pki["mesh"].client
     assert _check(mtls_server.port, ClientTLS(ca=pki["mesh"].ca_pem, cert=cert, key=key)) == grpc.StatusCode.OK
 
 
+@pytest.mark.e2e
 def test_bad_files_are_refused_at_start(tmp_path: Path, pki: dict[str, Pki]) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
@@ -163,6 +172,7 @@ def test_target_host() -> None:
     assert tls.target_host("a:1,b:2") is None
 
 
+@pytest.mark.e2e
 def test_combiner_over_tls_to_logit_services_over_mtls(tiny_family: dict[str, Path], pki: dict[str, Pki]) -> None:
     """The whole mesh encrypted: a client -> combiner (TLS) -> logit services (mTLS)."""
     mesh = pki["mesh"]

@@ -174,6 +174,7 @@ def test_should_lint_with_no_warnings_or_errors():
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
+@pytest.mark.slow
 def test_should_render_only_valid_kubernetes_for_every_values_set(name):
     docs = render_set(name)
     assert len(docs) >= 10
@@ -676,6 +677,7 @@ def _checkov() -> list[str] | None:
     return [found] if found else None
 
 
+@pytest.mark.slow
 def test_checkov_should_find_no_unexplained_failure_in_the_rendered_manifests(tmp_path):
     command = _checkov()
     if command is None:

@@ -208,6 +208,7 @@ def test_without_pod_identity_or_in_cluster_config_it_stays_off_and_says_why(cap
     assert any("POD_NAME" in m for m in messages) and any("cannot reach the Kubernetes API" in m for m in messages)
 
 
+@pytest.mark.e2e
 def test_a_logit_server_started_with_the_flag_keeps_its_pod_annotation(fake, tiny_family, monkeypatch):
     """The real service: the annotation follows the sessions a Score opens and a Release ends."""
     import grpc

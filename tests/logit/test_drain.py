@@ -28,6 +28,8 @@ from eftmesh.logit.engine import DRAINING_PREFIX, ScoreItem
 from eftmesh.logit.server import LogitServer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
+pytestmark = pytest.mark.e2e
+
 ROLE = "base-small"
 TOKENS = [5, 17, 99, 200, 3, 42, 383, 0, 121, 7]
 SPLIT = 6  # a live session holds TOKENS[:SPLIT] when the drain starts
@@ -216,6 +218,7 @@ class Process:
         raise AssertionError(f"no {pattern!r} in {timeout} s:\n" + "\n".join(self.lines))
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_real_process_which_exits_0_once_its_last_session_is_released(tiny_family):
     grace = 60.0
     p = Process(["--model", str(tiny_family[ROLE]), "--role", ROLE, "--host", "127.0.0.1", "--port", "0",

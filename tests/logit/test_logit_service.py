@@ -25,6 +25,8 @@ from eftmesh.logit.server import LogitConfig, LogitServer
 from eftmesh.logit.server import build as build_logit
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc, tensor_pb2
 
+pytestmark = pytest.mark.e2e
+
 ROLE = "base-small"
 MAX_CONTEXT = 32
 MAX_SESSIONS = 2

@@ -22,6 +22,8 @@ from eftmesh.logit.server import build as build_logit
 from eftmesh.logit.servicer import TimedLock
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
+pytestmark = pytest.mark.e2e
+
 ROLE = "base-small"
 MAX_BATCH = 4
 
