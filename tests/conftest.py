@@ -52,13 +52,14 @@ class Mesh:
 
 
 def start_combiner(tokenizer: Path, ports: dict[str, int], tracer_provider=None,
-                   upstream_targets: dict[str, str] | None = None, meter_provider=None, **kwargs) -> CombinerServer:
+                   upstream_targets: dict[str, str] | None = None, meter_provider=None, defaults: Defaults | None = None,
+                   **kwargs) -> CombinerServer:
     """A started combiner over loopback logit services; `upstream_targets` overrides a role's
     target (a replica list, a dns:/// name)."""
     cfg = CombinerConfig(
         upstreams={r: f"127.0.0.1:{p}" for r, p in ports.items()} | (upstream_targets or {}),
         tokenizer=str(tokenizer),
-        defaults=Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 64),
+        defaults=defaults or Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 64),
         server=ServerConfig(host="127.0.0.1", port=0, grace_s=1.0),
         **kwargs,
     )
@@ -95,3 +96,53 @@ def collect(*readers) -> dict[str, list]:
 def points(data: dict[str, list], name: str, **attrs) -> list:
     """The data points of `name` whose attributes include `attrs`."""
     return [p for p in data[name] if all(p.attributes.get(k) == v for k, v in attrs.items())]
+
+
+# --- Free ports: tests never bind a fixed port (two runs, or a run beside `make run`, collide).
+# Servers built here take port 0 and report the one they got; these are for what cannot: a
+# port chosen before its server starts (a Prometheus endpoint, a service started late on a
+# port a combiner already dials), or the launcher's base port (`eftmesh up --port P`: the
+# combiner on P, the logit services on P+1..). A port is free when checked, not reserved.
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free on `host` now (all bound at once, then released)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """One port free on `host` now."""
+    return free_ports(1, host)[0]
+
+
+def free_port_block(n: int, host: str = "127.0.0.1") -> int:
+    """A port p with p .. p+n-1 all free on `host` now: the base port of a launcher that puts
+    its services on consecutive ports (eftmesh up, LocalMesh)."""
+    import socket
+
+    for _ in range(50):
+        base = free_port(host)
+        if base + n > 65536:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports on {host}")

@@ -1,6 +1,7 @@
 """The `eftmesh` command: call a combiner, or run the services.
 
     eftmesh generate "The quick brown fox" --stream          # call a combiner
+    eftmesh chat                                             # an interactive chat (messages)
     eftmesh info                                             # what a combiner serves
     eftmesh up                                               # the whole mesh on loopback
     eftmesh logit --model DIR --role base-large --port 50051 # one logit service
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import grpc
 
@@ -49,9 +51,10 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=0, help="fixed speculation: tokens drafted per block; 0 = the server's --k")
     p.add_argument("--max-k", type=int, default=0, help="adaptive speculation: the largest k it may choose; 0 = the server's --max-k")
     p.add_argument("--draft-role", default="", help="role that drafts (default: the first delta's tuned role)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS or the end of turn (fixed-length runs)")
 
 
-def build_request(a: argparse.Namespace, prompt: str) -> dict:
+def build_request(a: argparse.Namespace, prompt: str | None = None, messages: list[dict] | None = None) -> dict:
     sampling = {}
     if a.top_k is not None:
         sampling["top_k"] = a.top_k
@@ -60,7 +63,6 @@ def build_request(a: argparse.Namespace, prompt: str) -> dict:
     if a.top_p is not None:
         sampling["top_p"] = a.top_p
     req = dict(
-        prompt=prompt,
         composition=generator_pb2.Composition(base=a.base, deltas=a.delta),
         sampling=sampling,
         stop=a.stop,
@@ -69,6 +71,14 @@ def build_request(a: argparse.Namespace, prompt: str) -> dict:
     if a.speculation or a.k or a.max_k or a.draft_role:
         mode = {"off": "SPECULATION_MODE_OFF", "fixed": "SPECULATION_MODE_FIXED", "adaptive": "SPECULATION_MODE_ADAPTIVE", None: "SPECULATION_MODE_UNSPECIFIED"}[a.speculation]
         req["speculation"] = generator_pb2.Speculation(mode=mode, k=a.k, max_k=a.max_k, draft_role=a.draft_role)
+    if prompt is not None:
+        req["prompt"] = prompt
+    if messages is not None:
+        req["messages"] = messages
+        if getattr(a, "chat_template_role", ""):
+            req["chat_template_role"] = a.chat_template_role
+    if a.ignore_eos:
+        req["ignore_eos"] = True
     if a.seed is not None:
         req["seed"] = a.seed
     if a.max_new_tokens is not None:
@@ -120,6 +130,60 @@ def generate(a: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "Type a message and Enter. Ctrl-C stops an answer; /reset forgets the conversation; Ctrl-D or /exit quits."
+
+
+def chat(a: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
+    """An interactive chat: each turn streams the answer to the conversation so far (sent as
+    `messages`, rendered by the combiner with a chat template). Ctrl-C while an answer streams
+    cancels that call and keeps what arrived as the assistant's turn; at the prompt it only
+    clears the line. A failed turn is forgotten, so it can be retried."""
+    out = out or sys.stdout
+    stub = _stub(a)
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if a.system else []
+            print("[conversation forgotten]", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": line})
+        req = generator_pb2.GenerateRequest(**build_request(a, messages=history))
+        call = stub.Generate(req, timeout=a.timeout, metadata=getattr(a, "metadata", None))
+        answer: list[str] = []
+        try:
+            for chunk in call:
+                out.write(chunk.text)
+                out.flush()
+                answer.append(chunk.text)
+                if chunk.finish_reason and a.verbose:
+                    out.write("\n")
+                    print(_summary(chunk.finish_reason, chunk.usage, chunk.speculation), file=sys.stderr)
+        except KeyboardInterrupt:
+            call.cancel()
+            out.write(" [stopped]")
+        except grpc.RpcError as e:
+            history.pop()
+            out.write("\n")
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            continue
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
 def info(a: argparse.Namespace) -> int:
     stub = _stub(a)
     try:
@@ -159,6 +223,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_request_flags(g)
     tls.add_client_args(g, what="the combiner")
     auth.add_client_args(g)
+    c = sub.add_parser("chat", help="chat with a combiner in the terminal (streams; Ctrl-C stops an answer)")
+    c.add_argument("--address", default=DEFAULT_ADDRESS, help="combiner host:port (default: %(default)s)")
+    c.add_argument("--system", default="", help="a system message that opens the conversation (if the chat template takes one)")
+    c.add_argument("--chat-template-role", default="", help="role whose chat template renders the conversation (default: the first delta's tuned role)")
+    c.add_argument("--timeout", type=float, default=300.0, help="deadline of one answer in seconds (default: %(default)s)")
+    c.add_argument("--verbose", action="store_true", help="print finish reason, token counts and speculation after each answer")
+    add_request_flags(c)
+    tls.add_client_args(c, what="the combiner")
+    auth.add_client_args(c)
     i = sub.add_parser("info", help="show a combiner's roles, upstream models and defaults")
     i.add_argument("--address", default=DEFAULT_ADDRESS, help="combiner host:port (default: %(default)s)")
     i.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: %(default)s)")
@@ -169,11 +242,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("up", help="run the whole mesh on loopback and stream a generation (see: eftmesh up --help)")
     a = p.parse_args(argv)
     try:
-        a.tls = tls.client_from_args(g if a.cmd == "generate" else i, a)
+        a.tls = tls.client_from_args({"generate": g, "chat": c, "info": i}[a.cmd], a)
         a.metadata = auth.client_metadata(auth.client_token(a))
     except (ValueError, OSError) as e:
         p.error(str(e))
-    sys.exit({"generate": generate, "info": info}[a.cmd](a))
+    sys.exit({"generate": generate, "chat": chat, "info": info}[a.cmd](a))
 
 
 if __name__ == "__main__":

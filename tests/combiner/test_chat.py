@@ -9,6 +9,12 @@ style templates (a tokenizer with those special tokens added).
 
 from __future__ import annotations
 
+import argparse
+import io
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +22,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import start_combiner, start_logit
+from eftmesh import cli
+from eftmesh.cli import add_request_flags
+from eftmesh.combiner.convert import Defaults
+from eftmesh.combiner.server import DEFAULT_COMPOSITION
+from eftmesh.core.sampling import SamplingConfig
 from eftmesh.combiner.chat import ChatMessage, end_of_turn_ids, render
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
@@ -39,9 +50,12 @@ LLAMA3 = (
 @pytest.fixture(scope="module")
 def demo_mesh():
     logits = {r: start_logit(MODELS / r, r) for r in ROLES}
-    cs = start_combiner(MODELS / "ft-small", {r: ls.server.port for r, ls in logits.items()})
+    cs = start_combiner(MODELS / "ft-small", {r: ls.server.port for r, ls in logits.items()},
+                        defaults=Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 1024))
     channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
-    yield generator_pb2_grpc.GeneratorStub(channel)
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+    stub.address = f"127.0.0.1:{cs.server.port}"
+    yield stub
     channel.close()
     cs.stop(0)
     for ls in logits.values():
@@ -127,3 +141,84 @@ def test_a_template_that_cannot_render_the_probe_leaves_eos_alone() -> None:
     tok = AutoTokenizer.from_pretrained(str(MODELS / "ft-small"))
     picky = "{{ raise_exception('no') }}"
     assert end_of_turn_ids(tok, picky) == {tok.eos_token_id}
+
+
+# ---- eftmesh chat: the interactive terminal client ----
+
+def _chat_args(address: str, *flags: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_request_flags(p)
+    a = p.parse_args(["--temperature", "0", "--max-new-tokens", "12", "--base", "base-large",
+                      "--delta", "ft-small,base-small,1.0", *flags])
+    a.address, a.system, a.chat_template_role, a.timeout, a.verbose, a.tls, a.metadata = address, "", "", 60.0, False, None, None
+    return a
+
+
+def _script(*lines: str):
+    it = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+@pytest.mark.e2e
+def test_eftmesh_chat_streams_each_answer_and_keeps_the_history(demo_mesh) -> None:
+    q2 = "What does Kavo Thelmir do?"
+    out = io.StringIO()
+    assert cli.chat(_chat_args(demo_mesh.address), read=_script(QUESTION, "", q2), out=out) == 0
+    a1 = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
+    a2 = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": a1},
+                                        {"role": "user", "content": q2}]).text
+    assert out.getvalue() == a1 + "\n" + a2 + "\n\n"  # the second answer saw the first turn
+    out = io.StringIO()  # /reset forgets: the same question twice gives the first answer twice
+    assert cli.chat(_chat_args(demo_mesh.address), read=_script(QUESTION, "/reset", QUESTION, "/exit"), out=out) == 0
+    assert out.getvalue() == a1 + "\n" + a1 + "\n"
+
+
+@pytest.mark.e2e
+def test_eftmesh_chat_ctrl_c_stops_the_answer_not_the_program(demo_mesh) -> None:
+    class InterruptOnce(io.StringIO):
+        interrupted = False
+
+        def write(self, text: str) -> int:
+            if text and not self.interrupted and not text.startswith(" ["):
+                self.interrupted = True
+                super().write(text)
+                raise KeyboardInterrupt  # as if Ctrl-C arrived while the answer streamed
+            return super().write(text)
+
+    out = InterruptOnce()
+    args = _chat_args(demo_mesh.address, "--ignore-eos", "--max-new-tokens", "200")
+    assert cli.chat(args, read=_script(QUESTION, QUESTION), out=out) == 0
+    first, second = out.getvalue().split("\n")[:2]
+    assert first.endswith(" [stopped]")
+    assert second and "[stopped]" not in second  # the next turn ran to its end
+
+
+@pytest.mark.e2e
+def test_eftmesh_chat_survives_a_real_sigint(demo_mesh) -> None:
+    """A real process and a real SIGINT while an answer streams: the answer stops, the program
+    reads the next line and exits 0 on /exit."""
+    exe = Path(sys.executable).with_name("eftmesh")
+    proc = subprocess.Popen([str(exe), "chat", "--address", demo_mesh.address, "--temperature", "0", "--ignore-eos",
+                             "--max-new-tokens", "230", "--base", "base-large", "--delta", "ft-small,base-small,1.0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+    try:
+        proc.stdin.write(QUESTION + "\n")
+        proc.stdin.flush()
+        seen = ""
+        while len(seen) < len("you> ") + 8:  # the prompt, then the answer streaming
+            seen += proc.stdout.read(1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in seen + rest and "Traceback" not in err
