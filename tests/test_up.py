@@ -8,40 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port_block
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROLES = ("base-large", "base-small", "ft-small")
 TIMEOUT_S = 240  # a hard cap; on an idle 2-core machine the run takes well under a minute
-
-
-def free_port_block(n: int) -> int:
-    """A port p with p .. p+n-1 all free: the combiner takes p, the logit services the next."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {n} free ports on loopback")
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:

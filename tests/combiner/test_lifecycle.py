@@ -4,14 +4,13 @@ before its upstreams, a role's last replica lost and back, a draining replica's 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import pytest
-from conftest import start_combiner, start_logit
+from conftest import free_ports, start_combiner, start_logit
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc, tensor_pb2
@@ -68,16 +67,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _Client:
     """A client of one combiner: its health, and greedy completions."""
 
@@ -112,7 +101,7 @@ class _Client:
 
 @pytest.mark.e2e
 def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_family):
-    ports = dict(zip(tiny_family, _free_ports(len(tiny_family))))
+    ports = dict(zip(tiny_family, free_ports(len(tiny_family))))
     t0 = time.monotonic()
     cs = start_combiner(tiny_family["base-small"], ports)  # nothing listens on those ports yet
     logits = []

@@ -4,7 +4,6 @@ provider at all when metrics are off."""
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from conftest import collect, points, start_combiner
+from conftest import collect, free_port, points, start_combiner
 from eftmesh_lab import loadtest
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
@@ -137,12 +136,6 @@ def test_an_invalid_request_is_recorded_with_error_type(measured_mesh):
 ])
 def test_error_type_names_the_status_or_the_class(error, expected):
     assert metrics.error_type(error) == expected
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.e2e

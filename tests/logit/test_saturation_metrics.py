@@ -4,7 +4,6 @@ capacity; read back through an in-memory reader, and by name from the Prometheus
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -14,7 +13,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from conftest import collect, points
+from conftest import collect, free_port, points
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
 from eftmesh.logit.server import LogitConfig
@@ -139,9 +138,7 @@ def test_failed_and_unwatched_lock_uses_record_no_wait(service):
 
 
 def test_prometheus_shows_the_saturation_metrics_by_role(tiny_family):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     provider = metrics.make_meter_provider("eftmesh-logit-r", otlp=False, prometheus_port=port, prometheus_host="127.0.0.1")
     ls = build_logit(LogitConfig(model=str(tiny_family[ROLE]), role=ROLE, max_batch=MAX_BATCH,
                                  server=ServerConfig(host="127.0.0.1", port=0)), meter_provider=provider)
