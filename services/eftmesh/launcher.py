@@ -157,24 +157,31 @@ class LocalMesh:
         self.stop()
 
 
-def default_prompt(models: Path) -> tuple[str, str | None]:
-    """A held-out question of the demo family (prompt, gold answer), or plain prose."""
+def default_question(models: Path) -> tuple[str, str | None] | None:
+    """A held-out question of the demo family and its gold answer, if the models have them."""
     questions = models / "eval" / "questions.jsonl"
     if questions.is_file():
         first = json.loads(questions.read_text().splitlines()[0])
-        return first["prompt"], first.get("answer")
-    return DEFAULT_PROMPT, None
+        return first["question"], first.get("answer")
+    return None
 
 
-def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: float, gold: str | None = None) -> None:
-    """Stream one EFT generation to the terminal with its speed, then the same prompt through
-    ft-small alone, base-large alone and EFT down-scaling (where served) for contrast."""
+def stream_demo(address: str, prompt: str | None, max_new_tokens: int, temperature: float,
+                question: str | None = None, gold: str | None = None) -> None:
+    """Stream one EFT generation to the terminal with its speed, then the same input through
+    ft-small alone, base-large alone and EFT down-scaling (where served) for contrast. A
+    `question` goes as a chat (messages, rendered with ft-small's chat template), else `prompt`."""
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
+    if question is not None:
+        given = dict(messages=[{"role": "user", "content": question}], chat_template_role="ft-small")
+        shown = f"user: {question}\nassistant:"
+    else:
+        given, shown = dict(prompt=prompt), prompt or ""
     print("\nEFT up-scaling: base-large + 1.0 * (ft-small - base-small)")
-    print(f"prompt: {prompt!r}\n---")
-    sys.stdout.write(prompt)
+    print(f"request: {given!r}\n---")
+    sys.stdout.write(shown)
     t0 = time.perf_counter()
-    req = generator_pb2.GenerateRequest(prompt=prompt, sampling={"temperature": temperature}, seed=0, max_new_tokens=max_new_tokens)
+    req = generator_pb2.GenerateRequest(**given, sampling={"temperature": temperature}, seed=0, max_new_tokens=max_new_tokens)
     for chunk in stub.Generate(req, timeout=300):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
@@ -196,7 +203,7 @@ def stream_demo(address: str, prompt: str, max_new_tokens: int, temperature: flo
         if not {comp.base, *(d.tuned for d in comp.deltas), *(d.reference for d in comp.deltas)} <= served:
             continue
         r = stub.Complete(generator_pb2.CompleteRequest(
-            prompt=prompt, composition=comp, sampling={"temperature": temperature},
+            **given, composition=comp, sampling={"temperature": temperature},
             seed=0, max_new_tokens=min(max_new_tokens, 16)), timeout=300)
         print(f"{name + ':':18s}{r.text!r}")
 
@@ -207,22 +214,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50050, help="combiner port; logit services take the next ones (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the logit services (default: theirs)")
-    p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: a held-out question of the demo family)")
+    p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: a held-out question of the demo family, sent as a chat)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the demo generation (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the demo generation (default: %(default)s, greedy)")
     p.add_argument("--once", action="store_true", help="exit after the demo generation instead of serving until Ctrl-C")
     p.add_argument("--log-dir", default="build/run", help="where service logs go (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics of the combiner on this port, of the logit services on the next ones (default: off)")
     a = p.parse_args(argv)
+    if not 0 < a.port < 65536 - 16:
+        p.error(f"--port must be a fixed port (the logit services take the next ones), got {a.port}")
 
     roles = resolve_models(Path(a.models))
     mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir), metrics_port=a.metrics_port)
     try:
         mesh.start()
-        prompt, gold = (a.prompt, None) if a.prompt else default_prompt(Path(a.models))
-        stream_demo(mesh.address, prompt, a.max_new_tokens, a.temperature, gold)
+        asked = None if a.prompt else default_question(Path(a.models))
+        if asked is not None:
+            stream_demo(mesh.address, None, a.max_new_tokens, a.temperature, question=asked[0], gold=asked[1])
+        else:
+            stream_demo(mesh.address, a.prompt or DEFAULT_PROMPT, a.max_new_tokens, a.temperature)
         if not a.once:
-            print(f"\nthe mesh is up: eftmesh generate \"...\" --stream --address {mesh.address}")
+            print(f"\nthe mesh is up: eftmesh chat --address {mesh.address}   (or: eftmesh generate \"...\" --stream)")
             print("Ctrl-C stops it.", flush=True)
             stop = {signal.SIGINT, signal.SIGTERM}
             signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # sigwait needs them blocked

@@ -222,3 +222,14 @@ def test_eftmesh_chat_survives_a_real_sigint(demo_mesh) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert "[stopped]" in seen + rest and "Traceback" not in err
+
+
+@pytest.mark.e2e
+def test_eftmesh_up_shows_a_demo_question_as_a_chat(demo_mesh, capsys) -> None:
+    from eftmesh.launcher import stream_demo
+
+    stream_demo(demo_mesh.address, None, 12, 0.0, question=QUESTION, gold="Brackwell")
+    out = capsys.readouterr().out
+    answer = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
+    assert f"user: {QUESTION}\nassistant:{answer}\n---" in out and "finish: eos" in out
+    assert "ft-small alone:" in out and "base-large alone:" in out  # contrasts, with ft-small's template
