@@ -16,7 +16,7 @@ with atheris.instrument_imports():
     import grpc
     from google.protobuf.message import DecodeError
 
-    from eftmesh.combiner.servicer import Defaults, SpeculationDefaults, request_from_pb
+    from eftmesh.combiner.convert import Defaults, SpeculationDefaults, request_from_pb
     from eftmesh.common.errors import EftMeshError
     from eftmesh.core.mixing import Composition, Delta
     from eftmesh.core.sampling import SamplingConfig

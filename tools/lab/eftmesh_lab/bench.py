@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     log_dir = Path("build/bench")
     with LocalMesh(roles, a.port, a.threads, a.device, a.dtype, log_dir=log_dir, verbose=False,
-                   combiner_args=["--max-block", str(max(ks + [16]))]) as lm:
+                   combiner_args=["--max-k", str(max(ks + [16]))]) as lm:
         mesh = Mesh(lm)
 
         def on_mesh(speculation: dict) -> Callable[[], tuple[int, dict]]:
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "mesh plain EFT": on_mesh({"mode": generator_pb2.SPECULATION_MODE_OFF}),
         }
         for k in ks:
-            systems[f"mesh spec k={k}"] = on_mesh({"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": k})
+            systems[f"mesh spec k={k}"] = on_mesh({"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": k})
         systems["mesh spec adaptive"] = on_mesh({"mode": generator_pb2.SPECULATION_MODE_ADAPTIVE})
 
         print("warm-up", flush=True)

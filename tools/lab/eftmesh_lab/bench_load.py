@@ -57,7 +57,7 @@ SYSTEMS = ("lockstep", "hf-generate", "mesh-plain", "mesh-adaptive", "mesh-fixed
 MODES = {
     "mesh-plain": {"mode": generator_pb2.SPECULATION_MODE_OFF},
     "mesh-adaptive": {"mode": generator_pb2.SPECULATION_MODE_ADAPTIVE},
-    "mesh-fixed4": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": 4},
+    "mesh-fixed4": {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 4},
 }
 REF_N = 16
 # (name, numerator (system, N), denominator (system, N)); "poisson" ratios are added separately.

@@ -383,7 +383,7 @@ def complete_round(stub: Any, prompts: Sequence[str], max_new: int, mode: str, k
     """All prompts sent at once as Complete calls, one client thread each; the responses."""
     from eftmesh.v1 import generator_pb2
 
-    spec = ({"mode": generator_pb2.SPECULATION_MODE_FIXED, "block_size": k} if mode == "spec"
+    spec = ({"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": k} if mode == "spec"
             else {"mode": generator_pb2.SPECULATION_MODE_OFF})
 
     def one(i: int, prompt: str) -> Any:
@@ -476,8 +476,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", default=",".join(SETS), help="model sets, comma-separated: smollm2, random128k (default: %(default)s)")
     p.add_argument("--concurrency", default="1,16", help="values of N (concurrent generations), comma-separated (default: %(default)s)")
-    p.add_argument("--modes", default=",".join(MODES), help="plain (speculation off) and/or spec (fixed, --block-size drafts) (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=4, help="k of the spec mode (default: %(default)s)")
+    p.add_argument("--modes", default=",".join(MODES), help="plain (speculation off) and/or spec (fixed, --k drafts) (default: %(default)s)")
+    p.add_argument("--k", "--block-size", dest="block_size", metavar="K", type=int, default=4, help="k of the spec mode (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per generation, EOS ignored (default: %(default)s)")
     p.add_argument("--warmup-tokens", type=int, default=4, help="new tokens of the unmeasured warm-up round before each mode and N (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="measured rounds per set, mode and N; the median round is reported (default: %(default)s)")
@@ -495,7 +495,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.modes = [m for m in a.modes.split(",") if m]
     bad = [s for s in a.set_names if s not in SETS] + [m for m in a.modes if m not in MODES]
     if bad or not a.ns or min(a.ns) < 1 or a.block_size < 1 or a.max_new_tokens < 1 or a.reps < 1:
-        p.error(f"bad arguments: {', '.join(bad) or 'N, --block-size, --max-new-tokens and --reps must be >= 1'}")
+        p.error(f"bad arguments: {', '.join(bad) or 'N, --k, --max-new-tokens and --reps must be >= 1'}")
     return a
 
 
