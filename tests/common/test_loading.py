@@ -179,11 +179,13 @@ def _run_logit(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
                            *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize(("spec", "says"), [
     ("/nonexistent/SmolLM2.Q4_1.gguf", "--model /nonexistent/SmolLM2.Q4_1.gguf: no such .gguf file"),
     ("eftmesh-no-such-org/no-such-model", "--model eftmesh-no-such-org/no-such-model: not a folder with config.json, "
                                           "not a .gguf file, and the hub id lookup failed"),
-])
+], ids=["missing-gguf", "unknown-hub-id"])
 def test_the_logit_service_refuses_to_start(spec: str, says: str) -> None:
     proc = _run_logit("--model", spec, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr
