@@ -100,7 +100,8 @@ def everything_values() -> dict:
                     "source": "hub", "hub": {"id": "Qwen/Qwen2.5-0.5B", "tokenSecret": "hf", "persist": True},
                     "storageClass": "fast-ssd"}},
                 "base-small": {"model": "/models/base-small", "storage": {"source": "pvc", "existingClaim": "ckpt"}},
-                "ft-small": {"model": "/models/ft-small", "storage": {"source": "pvc"}},
+                "ft-small": {"model": "/models/ft-small", "storage": {"source": "pvc"},
+                             "chatTemplate": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
             },
         },
         "combiner": {
@@ -731,3 +732,22 @@ def test_reflection_model_path_and_request_size_should_follow_their_values():
         assert "--no-reflection" not in args and "--hide-model-path" not in args
         if name.endswith("-combiner"):
             assert "--max-request-bytes=4194304" in args
+
+
+def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    docs = render({"logit": {"roles": {"base-large": {"chatTemplate": template}}}})
+    maps = by_kind(docs, "ConfigMap")
+    [name] = [n for n in maps if n.endswith("-chat-template")]
+    assert "base-large" in name and maps[name]["data"]["chat_template.jinja"] == template
+    for name, d in by_kind(docs, "Deployment").items():
+        if name.endswith("-combiner"):
+            continue
+        args, mounts = container(d)["args"], container(d).get("volumeMounts", [])
+        flag = "--chat-template=/etc/eftmesh/chat-template/chat_template.jinja"
+        if name.endswith("-base-large"):
+            assert flag in args and parse(name, container(d)).chat_template_file.endswith("chat_template.jinja")
+            assert {"name": "chat-template", "mountPath": "/etc/eftmesh/chat-template", "readOnly": True} in mounts
+            assert {"name": "chat-template", "configMap": {"name": name + "-chat-template"}} in pod_spec(d)["volumes"]
+        else:  # the others keep their tokenizer's template
+            assert flag not in args and all(m["name"] != "chat-template" for m in mounts)
