@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port_block
 from eftmesh_lab.demo.evaluate import run
 
 MODELS = Path(__file__).resolve().parents[2] / "models" / "demo"
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run(MODELS, limit=24, port=50650, log_dir=tmp_path_factory.mktemp("eval-logs"), verbose=False)
+    return run(MODELS, limit=24, port=free_port_block(6), log_dir=tmp_path_factory.mktemp("eval-logs"), verbose=False)
 
 
 def test_pre_training_scale_brings_knowledge(results):
