@@ -32,6 +32,7 @@ from gguf_models import smollm2_gguf
 
 from conftest import start_combiner, start_logit
 from eftmesh.common.serving import ServerConfig
+from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.mixing import Composition, Delta, mix
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.logit.server import LogitConfig
@@ -49,18 +50,17 @@ END_OF_TURN = "<|im_end|>"
 @dataclass
 class Smol:
     gguf: Path
-    model: Any  # transformers' model loaded from the GGUF here (float32, eval)
-    tokenizer: Any
+    model: Any  # transformers' model, loaded from the GGUF by base-large's service (float32, eval)
+    tokenizer: Any  # read from the GGUF by this test
     stub: generator_pb2_grpc.GeneratorStub
     prompt_ids: list[int]
     prompt_text: str
     end_of_turn: int
+    fingerprints: dict[str, str]  # role -> its service's tokenizer fingerprint
 
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[Smol]:
-    from transformers import AutoTokenizer
-
     gguf = smollm2_gguf()
     threads = torch.get_num_threads()
     # One intra-op thread: services, combiner and reference share this process (and CI's two
@@ -68,6 +68,17 @@ def smol() -> Iterator[Smol]:
     torch.set_num_threads(1)
     # base-large: `--model SmolLM2-135M-Instruct.Q4_1.gguf`, the service's own loading path
     logits = {"base-large": start_logit(gguf, "base-large", kv_cache_tokens=KV_TOKENS)}
+    try:
+        yield from _mesh(gguf, logits)
+    finally:
+        for ls in logits.values():
+            ls.server.stop(0).wait()
+        torch.set_num_threads(threads)
+
+
+def _mesh(gguf: Path, logits: dict[str, Any]) -> Iterator[Smol]:
+    from transformers import AutoTokenizer
+
     assert logits["base-large"].engine.info.model_id == gguf.name
     # That transformers model is the reference, and serves the other two roles (each GGUF read
     # costs ~15 s on 2 CPU cores); the tokenizer is read here on its own, with transformers.
@@ -82,19 +93,19 @@ def smol() -> Iterator[Smol]:
         logits[role].server.start()  # no warm-up: base-large's measured the same model already
         logits[role].engine.merge_tokens = logits["base-large"].engine.merge_tokens
         logits[role].server.set_serving()
-    cs = start_combiner(gguf, {r: ls.server.port for r, ls in logits.items()})  # --tokenizer file.gguf
+    # the combiner's --tokenizer is the .gguf file too; it refuses upstreams whose fingerprint differs
+    cs = start_combiner(gguf, {r: ls.server.port for r, ls in logits.items()})
     channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
-    text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     try:
+        assert cs.wait_serving(60)
+        text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+        ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prints = {r: ls.engine.info.tokenizer_fingerprint for r, ls in logits.items()}
         yield Smol(gguf, model, tok, generator_pb2_grpc.GeneratorStub(channel), list(ids), text,
-                   tok.convert_tokens_to_ids(END_OF_TURN))
+                   tok.convert_tokens_to_ids(END_OF_TURN), prints)
     finally:
         channel.close()
         cs.stop(0)
-        for ls in logits.values():
-            ls.server.stop(0).wait()
-        torch.set_num_threads(threads)
 
 
 def test_the_gguf_tokenizer_is_smollm2s(smol: Smol) -> None:
@@ -105,6 +116,10 @@ def test_the_gguf_tokenizer_is_smollm2s(smol: Smol) -> None:
     assert smol.prompt_text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                                      "<|im_start|>assistant\n")
     assert tok(smol.prompt_text, add_special_tokens=False).input_ids == smol.prompt_ids
+    # base-large read the file through eftmesh.common.loading, this test with transformers
+    # directly: one tokenizer (the combiner's, from the same file, matched them all, or it
+    # would not serve)
+    assert set(smol.fingerprints.values()) == {fingerprint(tok)}, smol.fingerprints
 
 
 def generate_reference(smol: Smol, n: int = MAX_NEW) -> list[int]:
