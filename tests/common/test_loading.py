@@ -247,3 +247,15 @@ def test_the_combiners_tokenizer_revision(tiny_family: dict[str, Path], monkeypa
     cs = combiner.build(cfg)
     cs.stop(0)
     assert seen == [("owner/tok", "r1", "--tokenizer")]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_combiner_refuses_to_start_with_an_unloadable_tokenizer() -> None:
+    proc = subprocess.run([sys.executable, "-m", "eftmesh.combiner", "--port", "0", "--health-port", "off",
+                           "--upstream", "base-large=127.0.0.1:1", "--no-default-delta", "--tokenizer", "/nonexistent/tok.gguf"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    refusals = [line for line in proc.stderr.splitlines() if "refusing to start" in line]
+    assert len(refusals) == 1 and "--tokenizer /nonexistent/tok.gguf" in refusals[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -301,7 +301,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None
-    cs = build(cfg)
+    try:
+        cs = build(cfg)
+    except loading.LoadError as e:  # an unloadable --tokenizer: one line naming the flag and what was tried
+        log.error("refusing to start: %s", e)
+        raise SystemExit(2) from None
 
     def refuse(e: EftMeshError) -> None:  # a refusal to start is a message, not a traceback
         log.error("refusing to start: %s", e)
