@@ -128,7 +128,7 @@ def request_from_pb(
     """Validate and convert a Generate or Complete request; a caller's mistake raises."""
     n = msg.max_new_tokens if msg.HasField("max_new_tokens") else defaults.max_new_tokens
     if n > defaults.max_new_tokens_cap:
-        raise InvalidArgument(f"max_new_tokens must be in [1, {defaults.max_new_tokens_cap}], got {n}")
+        raise InvalidArgument(f"max_new_tokens must be in [1, {defaults.max_new_tokens_cap}] (this combiner's --max-new-tokens-cap), got {n}")
     composition = composition_from_pb(msg.composition, defaults.composition, roles)
     messages = messages_from_pb(msg.messages)
     template_role = msg.chat_template_role or (composition.deltas[0].tuned if composition.deltas else composition.base)

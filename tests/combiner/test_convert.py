@@ -1,0 +1,90 @@
+"""The Generator converter (protobuf <-> domain) without a server: each rule lives in one domain
+type and reaches the client as INVALID_ARGUMENT through `invalid_argument()`; k and max_k mean
+one thing each; chat fields get their defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from eftmesh.combiner import convert
+from eftmesh.combiner.convert import Defaults, SpeculationDefaults
+from eftmesh.common.convert import invalid_argument
+from eftmesh.common.errors import InvalidArgument, NotFound
+from eftmesh.core.mixing import Composition, Delta
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.logit import convert as logit_convert
+from eftmesh.v1 import generator_pb2 as pb
+from eftmesh.v1 import logit_pb2
+
+ROLES = {"base-large": 1, "base-small": 1, "ft-small": 1}
+DEFAULTS = Defaults(Composition("base-large", (Delta("ft-small", "base-small", 1.0),)), SamplingConfig(),
+                    max_new_tokens=16, max_new_tokens_cap=64, speculation=SpeculationDefaults("adaptive", 4, 16))
+
+
+def req(**fields) -> pb.GenerateRequest:
+    fields.setdefault("prompt", "Hi")
+    return pb.GenerateRequest(**fields)
+
+
+def test_a_domain_rule_becomes_invalid_argument_once() -> None:
+    with pytest.raises(InvalidArgument, match="boom"):
+        with invalid_argument():
+            raise ValueError("boom")
+    with pytest.raises(NotFound):  # other statuses pass through untouched
+        with invalid_argument():
+            raise NotFound("x")
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    (dict(sampling={"temperature": -1}), "sampling.temperature must be"),
+    (dict(sampling={"top_p": 0}), "sampling.top_p must be in (0, 1]"),
+    (dict(sampling={"top_k": -2}), "sampling.top_k must be >= 0"),
+    (dict(composition={"base": "base-large", "deltas": [{"tuned": "ft-small", "reference": "base-small",
+                                                         "weight": float("nan")}]}), "composition.deltas[0].weight"),
+    (dict(composition={"deltas": [{"tuned": "ft-small", "reference": "base-small"}]}), "composition.base is empty"),
+    (dict(composition={"base": "x" * 200}), "composition.base is 200 bytes"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=65), "max_new_tokens must be in [1, 64]"),
+    (dict(stop=["a"] * 17), "stop has 17 strings"),
+    (dict(prompt=""), "prompt is empty"),
+    (dict(messages=[{"role": "user", "content": "x"}]), "both prompt and messages"),
+    (dict(prompt="", messages=[{"role": "", "content": "x"}]), "role is empty"),
+    (dict(speculation={"mode": pb.SPECULATION_MODE_FIXED, "k": 17}), "speculation.k must be in [1, 16]"),
+    (dict(speculation={"mode": pb.SPECULATION_MODE_ADAPTIVE, "max_k": 17}), "speculation.max_k must be in [1, 16]"),
+    (dict(speculation={"mode": 9}), "not a known SpeculationMode"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_each_rule_names_its_field(fields, fragment) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        convert.request_from_pb(req(**fields), DEFAULTS, ROLES)
+    assert fragment in str(e.value)
+
+
+def test_k_is_fixed_modes_block_and_max_k_adaptives_cap() -> None:
+    def spec(**s):
+        return convert.request_from_pb(req(speculation=s), DEFAULTS, ROLES).speculation
+
+    assert (spec(mode=pb.SPECULATION_MODE_FIXED, k=3, max_k=9).k, spec(mode=pb.SPECULATION_MODE_FIXED).k) == (3, 4)
+    adaptive = spec(mode=pb.SPECULATION_MODE_ADAPTIVE, k=3, max_k=9)
+    assert adaptive.adaptive and adaptive.k == 9  # k is ignored in adaptive mode
+    assert spec(mode=pb.SPECULATION_MODE_ADAPTIVE).k == 16 and spec().k == 16  # the combiner's --max-k
+    assert spec(mode=pb.SPECULATION_MODE_OFF) is None
+    assert convert.speculation_to_pb(DEFAULTS.speculation) == pb.Speculation(mode=pb.SPECULATION_MODE_ADAPTIVE, k=4, max_k=16)
+
+
+def test_chat_fields_get_their_defaults_and_unknown_roles_are_not_found() -> None:
+    chat = [{"role": "user", "content": "Hi"}]
+    r = convert.request_from_pb(req(prompt="", messages=chat), DEFAULTS, ROLES)
+    assert r.chat_template_role == "ft-small" and r.messages[0].content == "Hi" and r.prompt == ""
+    plain = convert.request_from_pb(req(prompt="", messages=chat, composition={"base": "base-small"}), DEFAULTS, ROLES)
+    assert plain.chat_template_role == "base-small"  # no delta: the base renders
+    with pytest.raises(NotFound, match="nope"):
+        convert.request_from_pb(req(prompt="", messages=chat, chat_template_role="nope"), DEFAULTS, ROLES)
+    assert convert.request_from_pb(req(), DEFAULTS, ROLES).chat_template_role == ""
+
+
+def test_a_malformed_draft_item_fails_alone() -> None:
+    items = [logit_pb2.DraftItem(session_id="a", tokens=[1], k=2, sampling={"top_p": 2.0}),
+             logit_pb2.DraftItem(session_id="b", tokens=[1], k=2)]
+    good, where, bad = logit_convert.draft_items_from_pb(items)
+    assert where == [1] and [g.session_id for g in good] == ["b"]
+    assert list(bad) == [0] and "sampling.top_p" in str(bad[0])
