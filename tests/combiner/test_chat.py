@@ -233,3 +233,33 @@ def test_eftmesh_up_shows_a_demo_question_as_a_chat(demo_mesh, capsys) -> None:
     answer = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
     assert f"user: {QUESTION}\nassistant:{answer}\n---" in out and "finish: eos" in out
     assert "ft-small alone:" in out and "base-large alone:" in out  # contrasts, with ft-small's template
+
+
+@pytest.mark.e2e
+def test_eftmesh_chat_reports_a_failed_turn_forgets_it_and_goes_on(demo_mesh, capsys) -> None:
+    """A turn the combiner refuses prints the status and its message and is not kept (the next
+    answer is the one a fresh conversation gets); Ctrl-C at the prompt only clears the line."""
+    calls = iter(["word " * 20000, KeyboardInterrupt, QUESTION])
+
+    def read(prompt: str) -> str:
+        try:
+            item = next(calls)
+        except StopIteration:
+            raise EOFError from None
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    out = io.StringIO()
+    assert cli.chat(_chat_args(demo_mesh.address), read=read, out=out) == 0
+    assert "error: INVALID_ARGUMENT: prompt is" in capsys.readouterr().err
+    fresh = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
+    assert out.getvalue() == "\n" + "\n" + fresh + "\n" + "\n"  # failed turn, cleared prompt, the answer, EOF
+
+
+@pytest.mark.e2e
+def test_eftmesh_chat_names_a_role_without_a_template(demo_mesh, capsys) -> None:
+    args = _chat_args(demo_mesh.address)
+    args.chat_template_role = "base-large"
+    assert cli.chat(args, read=_script(QUESTION), out=io.StringIO()) == 0
+    assert "error: FAILED_PRECONDITION: role 'base-large' has no chat template" in capsys.readouterr().err
