@@ -139,6 +139,11 @@ def chat(a: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO 
     cancels that call and keeps what arrived as the assistant's turn; at the prompt it only
     clears the line. A failed turn is forgotten, so it can be retried."""
     out = out or sys.stdout
+    if read is input and sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and arrow-key history for input())
+        except ImportError:  # not on every platform
+            pass
     stub = _stub(a)
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     print(CHAT_HELP, file=sys.stderr)
