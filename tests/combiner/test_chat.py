@@ -263,3 +263,16 @@ def test_eftmesh_chat_names_a_role_without_a_template(demo_mesh, capsys) -> None
     args.chat_template_role = "base-large"
     assert cli.chat(args, read=_script(QUESTION), out=io.StringIO()) == 0
     assert "error: FAILED_PRECONDITION: role 'base-large' has no chat template" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_grpcurl_sends_a_chat_as_the_docs_show(demo_mesh) -> None:
+    """docs/api.md's grpcurl chat call, with the real grpcurl binary and reflection only."""
+    from test_grpcurl import call
+
+    got = call(demo_mesh.address, "eftmesh.v1.Generator/Complete",
+               {"messages": [{"role": "user", "content": QUESTION}], "max_new_tokens": 12, "sampling": {"temperature": 0},
+                "composition": {"base": "base-large", "deltas": [{"tuned": "ft-small", "reference": "base-small",
+                                                                  "weight": 1.0}]}})
+    assert got["text"] == _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
+    assert got["finish_reason"] == "FINISH_REASON_EOS"
