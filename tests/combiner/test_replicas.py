@@ -125,6 +125,18 @@ def test_a_replica_serving_another_model_is_not_used():
         scorer.close()
 
 
+def test_a_replica_with_another_chat_template_is_not_used() -> None:
+    scorer = GrpcScorer({"ft-small": "a:1,b:2"})
+    try:
+        first = ModelSpec("ft-small", "a:1,b:2", "m", 384, 384, "fp-1", 256, "float32", "cpu", 0, chat_template="T")
+        scorer.models["ft-small"] = first
+        assert scorer._matches("ft-small", dataclasses.replace(first, address="b:2"), "b:2")
+        assert not scorer._matches("ft-small", dataclasses.replace(first, chat_template="U"), "b:2")
+        assert not scorer._matches("ft-small", dataclasses.replace(first, chat_template=""), "b:2")
+    finally:
+        scorer.close()
+
+
 def test_matches_refuses_a_replica_whose_max_k_is_below_the_k_cap() -> None:
     scorer = GrpcScorer({"base-large": "a:1,b:2"})
     try:

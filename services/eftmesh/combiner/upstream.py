@@ -402,6 +402,13 @@ class GrpcScorer:
                       role, address, spec.model_id, spec.tokenizer_fingerprint, spec.vocab_size,
                       want.model_id, want.tokenizer_fingerprint, want.vocab_size)
             return False
+        # Replicas of a role must render chats alike: the combiner renders with the template the
+        # role's first replica reported, and a replica with another would have been meant to
+        # serve another format (a rolling update of the template is a new role, or all at once).
+        if spec.chat_template != want.chat_template:
+            log.error("%s replica %s reports another chat template than the role's (%s): not used", role, address,
+                      "none" if not spec.chat_template else f"{len(spec.chat_template)} characters")
+            return False
         # A replica whose Draft takes fewer tokens than the blocks the combiner asks for would fail
         # every draft it is given with INVALID_ARGUMENT. The role's first replica is exempt: its
         # --max-k is what cap_k lowers the cap to, right after this check.
