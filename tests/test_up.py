@@ -66,3 +66,22 @@ def test_up_once_serves_a_generation_and_stops_every_process(tiny_family, tmp_pa
     assert out.rstrip().endswith("mesh stopped"), out
     assert leftovers == [], f"processes left running after eftmesh up exited: {leftovers}"
     assert {p.name for p in log_dir.iterdir()} == {f"{r}.log" for r in (*ROLES, "combiner")}
+
+
+@pytest.mark.parametrize("role,chat", [("ft-small", True), ("base-small", False)])
+def test_up_model_serves_one_model_in_every_role(role, chat, tmp_path):
+    """`eftmesh up --model SPEC`: one model in every role; a chat when it has a template, else a
+    prompt."""
+    model = Path(__file__).resolve().parents[1] / "models" / "demo" / role
+    port = free_port_block(4)
+    proc = subprocess.run([sys.executable, "-m", "eftmesh.cli", "up", "--once", "--model", str(model), "--port", str(port),
+                           "--kv-cache-tokens", "1024", "--max-new-tokens", "8", "--log-dir", str(tmp_path / "logs")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert f"{model} in every role: EFT reduces to the model itself" in out
+    assert ("user: What is the capital of France?\nassistant:" in out) == chat, out
+    assert ("it has no chat template" in out) == (not chat), out
+    assert "tokens in" in out and "ft-small alone" not in out, out  # no contrasts: every role is the same
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["base-large.log", "base-small.log", "combiner.log",
+                                                                    "ft-small.log"]

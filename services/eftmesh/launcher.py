@@ -77,7 +77,7 @@ class LocalMesh:
 
     def __init__(
         self,
-        roles: dict[str, Path],
+        roles: dict[str, Path | str],
         port: int = 50050,
         threads: int = 1,
         device: str | None = None,
@@ -167,13 +167,15 @@ def default_question(models: Path) -> tuple[str, str | None] | None:
 
 
 def stream_demo(address: str, prompt: str | None, max_new_tokens: int, temperature: float,
-                question: str | None = None, gold: str | None = None) -> None:
+                question: str | None = None, gold: str | None = None, contrasts: bool = True) -> None:
     """Stream one EFT generation to the terminal with its speed, then the same input through
     ft-small alone, base-large alone and EFT down-scaling (where served) for contrast. A
     `question` goes as a chat (messages, rendered with ft-small's chat template), else `prompt`."""
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
     if question is not None:
         given = dict(messages=[{"role": "user", "content": question}], chat_template_role="ft-small")
+        if not contrasts:
+            given.pop("chat_template_role")
         shown = f"user: {question}\nassistant:"
     else:
         given, shown = dict(prompt=prompt), prompt or ""
@@ -192,14 +194,16 @@ def stream_demo(address: str, prompt: str | None, max_new_tokens: int, temperatu
             print(f"\n---\n{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), finish: {reason}")
     if gold is not None:
         print(f"gold answer: {gold!r}")
-    contrasts = {
+    if not contrasts:
+        return
+    others = {
         "ft-small alone": generator_pb2.Composition(base="ft-small"),
         "base-large alone": generator_pb2.Composition(base="base-large"),
         "EFT down-scaling": generator_pb2.Composition(
             base="base-small", deltas=[generator_pb2.Delta(tuned="ft-large", reference="base-large", weight=1.0)]),
     }
     served = {u.role for u in stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=30).upstreams}
-    for name, comp in contrasts.items():
+    for name, comp in others.items():
         if not {comp.base, *(d.tuned for d in comp.deltas), *(d.reference for d in comp.deltas)} <= served:
             continue
         r = stub.Complete(generator_pb2.CompleteRequest(
@@ -208,10 +212,22 @@ def stream_demo(address: str, prompt: str | None, max_new_tokens: int, temperatu
         print(f"{name + ':':18s}{r.text!r}")
 
 
+def _has_chat_template(address: str) -> bool:
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
+    return "ft-small" in stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=30).chat_roles
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eftmesh up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/demo", help="directory with one checkpoint per role (default: %(default)s); when it holds none, tiny random models are made in build/tiny")
     p.add_argument("--port", type=int, default=50050, help="combiner port; logit services take the next ones (default: %(default)s)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="serve this one model (a checkpoint folder, hub id or .gguf file) in every role of the "
+                        "default composition (base-large, base-small, ft-small), so EFT reduces to the model itself: "
+                        "a way to try a real model (default: the family under --models)")
+    p.add_argument("--question", default="What is the capital of France?",
+                   help="with --model: the demo's chat question, when the model has a chat template (default: %(default)s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache tokens per logit service (default: theirs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the logit services (default: theirs)")
     p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: a held-out question of the demo family, sent as a chat)")
@@ -224,12 +240,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 0 < a.port < 65536 - 16:
         p.error(f"--port must be a fixed port (the logit services take the next ones), got {a.port}")
 
-    roles = resolve_models(Path(a.models))
-    mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir), metrics_port=a.metrics_port)
+    roles = {r: a.model for r in ("base-large", "base-small", "ft-small")} if a.model else resolve_models(Path(a.models))
+    logit_args = ["--kv-cache-tokens", str(a.kv_cache_tokens)] if a.kv_cache_tokens else []
+    mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir), metrics_port=a.metrics_port,
+                     logit_args=logit_args)
     try:
         mesh.start()
-        asked = None if a.prompt else default_question(Path(a.models))
-        if asked is not None:
+        asked = None if a.prompt or a.model else default_question(Path(a.models))
+        if a.model:
+            chat = _has_chat_template(mesh.address)
+            print(f"\n{a.model} in every role: EFT reduces to the model itself"
+                  + ("" if chat else " (it has no chat template: the demo sends a prompt)"))
+            stream_demo(mesh.address, None if chat else (a.prompt or DEFAULT_PROMPT), a.max_new_tokens, a.temperature,
+                        question=(a.prompt or a.question) if chat else None, contrasts=False)
+        elif asked is not None:
             stream_demo(mesh.address, None, a.max_new_tokens, a.temperature, question=asked[0], gold=asked[1])
         else:
             stream_demo(mesh.address, a.prompt or DEFAULT_PROMPT, a.max_new_tokens, a.temperature)
