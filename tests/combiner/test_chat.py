@@ -112,7 +112,8 @@ def test_info_lists_the_roles_that_can_render_a_chat(demo_mesh) -> None:
      grpc.StatusCode.INVALID_ARGUMENT, ["chat template refused", "user and assistant turns only"]),
     (dict(messages=[{"role": "", "content": QUESTION}]), grpc.StatusCode.INVALID_ARGUMENT, ["role is empty"]),
     (dict(messages=[{"role": "user", "content": "x"}] * 1025), grpc.StatusCode.INVALID_ARGUMENT, ["1024"]),
-    (dict(messages=[{"role": "user", "content": "word " * 20000}]), grpc.StatusCode.INVALID_ARGUMENT, ["shorten"]),
+    (dict(messages=[{"role": "user", "content": "word " * 20000}]), grpc.StatusCode.INVALID_ARGUMENT,
+     ["the conversation, rendered with its chat template, is", "shorten the conversation"]),
     # the composition's only role has no template: plain decoding of a base model cannot chat
     (dict(messages=[{"role": "user", "content": QUESTION}], composition=generator_pb2.Composition(base="base-large")),
      grpc.StatusCode.FAILED_PRECONDITION, ["no chat template"]),
@@ -252,7 +253,7 @@ def test_eftmesh_chat_reports_a_failed_turn_forgets_it_and_goes_on(demo_mesh, ca
 
     out = io.StringIO()
     assert cli.chat(_chat_args(demo_mesh.address), read=read, out=out) == 0
-    assert "error: INVALID_ARGUMENT: prompt is" in capsys.readouterr().err
+    assert "error: INVALID_ARGUMENT: the conversation, rendered with its chat template, is" in capsys.readouterr().err
     fresh = _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
     assert out.getvalue() == "\n" + "\n" + fresh + "\n" + "\n"  # failed turn, cleared prompt, the answer, EOF
 

@@ -390,20 +390,22 @@ PROMPT_CHARS_PER_TOKEN = 32
 def encode_prompt(tokenizer: Any, prompt: str, max_context: int, chat: bool = False) -> tuple[list[int], int]:
     """Prompt ids and the room left for new tokens in a context of `max_context`. A rendered
     chat (`chat`) is tokenised without adding special tokens: its template wrote them."""
+    what, fix = ("the conversation, rendered with its chat template,", "shorten the conversation") if chat else (
+        "prompt", "shorten the prompt")
     limit = max_context * PROMPT_CHARS_PER_TOKEN
     if len(prompt) > limit:
         raise InvalidArgument(
-            f"prompt is {len(prompt)} characters; the models of this composition accept at most "
+            f"{what} is {len(prompt)} characters; the models of this composition accept at most "
             f"{max_context} tokens in all (prompt plus output), and prompts over {limit} characters "
-            f"({PROMPT_CHARS_PER_TOKEN} per token) are refused before tokenising: shorten the prompt"
+            f"({PROMPT_CHARS_PER_TOKEN} per token) are refused before tokenising: {fix}"
         )
     ids = tokenizer.encode(prompt, add_special_tokens=False) if chat else tokenizer.encode(prompt)
     if not ids:
-        raise InvalidArgument("prompt tokenises to nothing: send some text")
+        raise InvalidArgument(f"{what} tokenises to nothing: send some text")
     if len(ids) >= max_context:
         raise InvalidArgument(
-            f"prompt is {len(ids)} tokens; the models of this composition accept at most "
-            f"{max_context} in all (prompt plus output): shorten the prompt"
+            f"{what} is {len(ids)} tokens; the models of this composition accept at most "
+            f"{max_context} in all (prompt plus output): {fix}"
         )
     return ids, max_context - len(ids)
 
