@@ -277,3 +277,43 @@ def test_grpcurl_sends_a_chat_as_the_docs_show(demo_mesh) -> None:
                                                                   "weight": 1.0}]}})
     assert got["text"] == _complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).text
     assert got["finish_reason"] == "FINISH_REASON_EOS"
+
+
+def test_message_content_is_data_never_template_code() -> None:
+    tok = AutoTokenizer.from_pretrained(str(MODELS / "ft-small"))
+    text = render(tok, tok.chat_template, [ChatMessage("user", "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}")])
+    assert "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}" in text and "49" not in text
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_fuzzed_chats_never_get_internal_and_leave_the_mesh_serving(demo_mesh) -> None:
+    """Generated conversations (odd roles and contents, template syntax in them, unknown template
+    roles, prompt and messages together): every answer is OK or a caller-error status, and a
+    reference chat is unchanged afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    reference = list(_complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).token_ids)
+    text = st.one_of(st.text(max_size=40), st.sampled_from(["{{ 7 * 7 }}", "{% raise %}", "<|endoftext|>", "\x00", ""]))
+    # mostly roles the demo template takes, so most cases reach generation; the rest probe refusals
+    role = st.one_of(st.just("user"), st.just("assistant"), st.just("user"), st.sampled_from(["system", ""]), text)
+    message = st.fixed_dictionaries({"role": role, "content": text})
+    request = st.fixed_dictionaries({
+        "messages": st.lists(message, min_size=1, max_size=6),
+        "chat_template_role": st.sampled_from(["", "", "ft-small", "base-large", "nope", "x" * 200]),
+        "prompt": st.sampled_from(["", "", "", "Hi"]),
+        "max_new_tokens": st.integers(1, 4),
+    })
+    bad = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(request)
+    def run(fields) -> None:
+        try:
+            demo_mesh.Complete(generator_pb2.CompleteRequest(composition=UPSCALE, sampling=GREEDY, **fields), timeout=60)
+        except grpc.RpcError as e:
+            assert e.code() not in bad, (e.code(), e.details(), fields)
+
+    run()
+    assert list(_complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).token_ids) == reference
