@@ -452,7 +452,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16,32", help="values of N, comma-separated (default: %(default)s)")
     p.add_argument("--max-new", type=int, default=64, help="new tokens per generation, EOS ignored (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="repetitions per system and N; the median is reported (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per model, in every system (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per model, in every system (default: 1 on the CPU, where the systems share "
+                        "its cores; 4 on a GPU, where one thread makes each step's host work ~3x slower, see "
+                        "bench/gpu-profile.txt)")
     p.add_argument("--device", default="cpu", help="torch device of every model, e.g. cuda (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype (default: %(default)s)")
     p.add_argument("--poisson-load", type=float, default=0.7, help="Poisson arrival rate as a fraction of the peak mesh-plain throughput (default: %(default)s)")
@@ -474,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     models = Path(a.models)
     roles = {r: path for r, path in resolve_models(models).items() if r in ROLES}
     prompts = workload_prompts(models, "qa", max(ns))
+    if a.threads is None:
+        a.threads = 1 if a.device == "cpu" else 4
     torch.set_num_threads(a.threads)
     print(f"loading {', '.join(ROLES)} in this process ({a.device}, {a.dtype}, {a.threads} thread(s))", flush=True)
     family = load_family(roles, a.device, a.dtype)
