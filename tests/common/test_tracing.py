@@ -22,12 +22,17 @@ from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 
 @pytest.fixture
-def traced_mesh(tiny_family):
+def traced_mesh(tiny_family, tmp_path):
     exporter = InMemorySpanExporter()
     logits = []
+    template = tmp_path / "chat.jinja"  # ft-small can chat (the tiny family ships no template)
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
     for role, path in tiny_family.items():
         provider = tracing.make_tracer_provider(f"eftmesh-logit-{role}", otlp=False, exporter=exporter)
-        ls = build_logit(LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=0)), tracer_provider=provider)
+        ls = build_logit(LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=0),
+                                     chat_template_file=str(template) if role == "ft-small" else ""),
+                         tracer_provider=provider)
         ls.start()
         logits.append(ls)
     provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=False, exporter=exporter)
@@ -169,3 +174,15 @@ def test_tracing_is_off_without_an_endpoint():
     assert tracing.server_interceptors(None) == []
     assert not tracing.otlp_requested({})
     assert tracing.otlp_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+
+
+@pytest.mark.e2e
+def test_a_chat_is_a_chat_operation(traced_mesh):
+    """GenAI semantic conventions: messages make gen_ai.operation.name "chat" (a prompt is
+    "text_completion")."""
+    cs, exporter = traced_mesh
+    exporter.clear()
+    stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(f"127.0.0.1:{cs.server.port}"))
+    stub.Complete(generator_pb2.CompleteRequest(messages=[{"role": "user", "content": "Hi"}], max_new_tokens=2, seed=1))
+    [g] = [s for s in exporter.get_finished_spans() if s.name == "eftmesh.generate"]
+    assert g.attributes["gen_ai.operation.name"] == "chat" and g.attributes["gen_ai.provider.name"] == "eftmesh"

@@ -22,7 +22,7 @@ from eftmesh.combiner.decoding import Chunk, GenerationRequest, TokenSink, deadl
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults  # noqa: F401  (the servicer's configuration)
 from eftmesh.combiner.scheduler import Decoder
 from eftmesh.common.errors import ResourceExhausted
-from eftmesh.common.metrics import CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
+from eftmesh.common.metrics import GEN_AI_CHAT, CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
@@ -70,6 +70,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         try:
             req = convert.request_from_pb(request, self.defaults, self.decoder.scorer.models)
             attrs["gen_ai.request.model"] = req.composition.describe()
+            if req.messages:
+                attrs["gen_ai.operation.name"] = GEN_AI_CHAT
             for chunk in self._traced(req, context, attrs):
                 if chunk.token_ids:
                     if first is None:
@@ -77,7 +79,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     tokens += len(chunk.token_ids)
                 if chunk.usage is not None:
                     u = chunk.usage
-                    gen_ai = gen_ai_attributes(attrs["gen_ai.request.model"])
+                    gen_ai = gen_ai_attributes(attrs["gen_ai.request.model"], attrs["gen_ai.operation.name"])
                     m.tokens.add(u.prompt_tokens, {**gen_ai, "gen_ai.token.type": "input"})
                     m.tokens.add(u.completion_tokens, {**gen_ai, "gen_ai.token.type": "output"})
                     if u.speculation.drafted:

@@ -113,12 +113,14 @@ def outcome(error: BaseException | None) -> str:
 
 # The GenAI semantic conventions' values for this service.
 GEN_AI_OPERATION = "text_completion"
+GEN_AI_CHAT = "chat"
 GEN_AI_PROVIDER = "eftmesh"
 
 
-def gen_ai_attributes(model: str | None = None) -> dict[str, str]:
-    """The attributes every `gen_ai.*` span and metric of a generation carries."""
-    attrs = {"gen_ai.operation.name": GEN_AI_OPERATION, "gen_ai.provider.name": GEN_AI_PROVIDER}
+def gen_ai_attributes(model: str | None = None, operation: str = GEN_AI_OPERATION) -> dict[str, str]:
+    """The attributes every `gen_ai.*` span and metric of a generation carries (`operation`:
+    "text_completion" for a prompt, "chat" for messages)."""
+    attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": GEN_AI_PROVIDER}
     if model:
         attrs["gen_ai.request.model"] = model
     return attrs
