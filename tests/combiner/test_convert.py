@@ -88,3 +88,11 @@ def test_a_malformed_draft_item_fails_alone() -> None:
     good, where, bad = logit_convert.draft_items_from_pb(items)
     assert where == [1] and [g.session_id for g in good] == ["b"]
     assert list(bad) == [0] and "sampling.top_p" in str(bad[0])
+
+
+def test_the_combiner_runs_one_torch_thread_unless_told() -> None:
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--no-default-delta", "--tokenizer", "x"]
+    assert parse_args(base).threads == 1
+    assert parse_args([*base, "--threads", "4"]).threads == 4
