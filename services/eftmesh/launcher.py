@@ -173,9 +173,9 @@ def stream_demo(address: str, prompt: str | None, max_new_tokens: int, temperatu
     `question` goes as a chat (messages, rendered with ft-small's chat template), else `prompt`."""
     stub = generator_pb2_grpc.GeneratorStub(grpc.insecure_channel(address))
     if question is not None:
-        given = dict(messages=[{"role": "user", "content": question}], chat_template_role="ft-small")
-        if not contrasts:
-            given.pop("chat_template_role")
+        given: dict = dict(messages=[{"role": "user", "content": question}])
+        if contrasts:  # the single-model contrasts render with ft-small's template too
+            given["chat_template_role"] = "ft-small"
         shown = f"user: {question}\nassistant:"
     else:
         given, shown = dict(prompt=prompt), prompt or ""

@@ -494,6 +494,8 @@ class Decoder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_id = tokenizer.eos_token_id
+        # What ends a prompt's generation; a chat's adds its template's end-of-turn token(s).
+        self._eos_ids = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
         self.chat = ChatTemplates(tokenizer)
         self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics)
 
@@ -527,11 +529,11 @@ class Decoder:
         coef_roles = [r for r, c in req.composition.coefficients().items() if c != 0.0] or [req.composition.base]
         roles = coef_roles + ([req.speculation.draft_role] if req.speculation else [])
         ctx = min(self.scorer.models[r].max_context for r in roles)
-        stop_ids: frozenset[int] = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
         if req.messages:
             text, stop_ids = self._render(req)
             ids, room = encode_prompt(self.tokenizer, text, ctx, chat=True)
         else:
+            stop_ids = self._eos_ids
             ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
         g = Generation(req, ids, room, self.tokenizer, stop_ids, deadline, is_cancelled)
         self.scheduler.submit(g)

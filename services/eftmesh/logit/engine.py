@@ -225,7 +225,6 @@ class ModelEngine:
         kv_block_size: int = 16,
         prefill_tokens: int = 2048,
         session_active_s: float = 1.0,
-        chat_template: str | None = None,
     ) -> None:
         self.model = model.eval()
         _check_full_attention(model.config)
@@ -267,7 +266,7 @@ class ModelEngine:
             kv_cache_tokens=self.pool.capacity_tokens,
             kv_block_size=kv_block_size,
             max_batch=self.max_batch,
-            chat_template=chat_template if chat_template is not None else tokenizer_chat_template(tokenizer),
+            chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
         )
         self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table),
                                      active_s=session_active_s)
