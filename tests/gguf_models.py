@@ -25,26 +25,15 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def _byte_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet: one printable character per byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def write_tiny_gguf(path: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                     ff: int = 64, context: int = 128, seed: int = 0) -> Path:
     """A random Llama as a float32 GGUF with a byte-level BPE tokenizer and a ChatML template."""
     import gguf
 
     rng = np.random.default_rng(seed)
-    tokens = [*SPECIALS, *_byte_tokens(), *(m.replace(" ", "") for m in MERGES)]
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte alphabet
+
+    tokens = [*SPECIALS, *bytes_to_unicode().values(), *(m.replace(" ", "") for m in MERGES)]
     vocab = len(tokens)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
