@@ -11,8 +11,6 @@ skipped) and written to the report as soon as it is done:
  1. ModelEngine.from_pretrained(models/demo/base-large), as the logit service builds it (server
     defaults), warmup(); then N=1 and N=16 sessions each prefilled with a short prompt and stepped
     one token at a time through score_batch (a generation's decode step): median ms per step.
-    Also a replica of ModelEngine._forward split into its phases (BatchView + mask, the model's
-    forward, logits to the CPU), so the step's time is attributed.
  2. The same model under plain transformers: forward with a DynamicCache and one token ("hf-plain"),
     and the way bench_load's "lockstep" calls it ("hf-lockstep": 2-D attention_mask grown with
     torch.cat, explicit position_ids, logits_to_keep=1, log_softmax in float32); and the whole
@@ -29,7 +27,8 @@ skipped) and written to the report as soon as it is done:
  5. The thread count: the benchmark ran torch.set_num_threads(1); the N=1 timings again with
     torch's default thread count.
 
-They run in the order 1 (engine timings), 2, 3, 4, 1 (the _forward replica), 5, then a summary;
+They run in the order 1, 2, 3, 4, 5, then a summary (the engine's phases are attributed by the
+labels of section 3, not by a copy of its code);
 a section that fails prints its traceback into the report and the run goes on. Each timing is
 the median over --steps calls, or over those that fit in 2.5 s (at least 5).
 """
@@ -192,50 +191,6 @@ class EngineGen:
     def close(self) -> None:
         for sid in self.sids:
             self.eng.release(sid)
-
-
-class ForwardReplica:
-    """ModelEngine._forward (engine.py) re-typed here in phases, for one decode step of the
-    generation's sessions, repeated on the same positions (it rewrites the same slots)."""
-
-    def __init__(self, gen: EngineGen) -> None:
-        eng = self.eng = gen.eng
-        sessions = [eng.sessions.get(sid) for sid in gen.sids]
-        self.tables = [s.table for s in sessions]
-        self.past = [t.length for t in self.tables]
-        for t in self.tables:
-            eng.pool.reserve(t, t.length + 1)
-        self.tokens = list(gen.next)
-        self.view: kvcache.BatchView | None = None
-        self.out: Any = None
-
-    def build_view(self) -> None:
-        n = len(self.tables)
-        self.view = kvcache.BatchView(self.eng.pool, self.tables, self.past, [1] * n, 1)
-        self.ids = torch.tensor(self.tokens, dtype=torch.long)[:, None]
-        self.cols = torch.zeros((n, 1), dtype=torch.long)
-        self.mask = self.view.attention_mask(self.eng.dtype)
-
-    def inputs_to_device(self) -> None:
-        eng = self.eng
-        self.dev_ids = self.ids.to(eng.device)
-        self.dev_pos = self.view.positions.clamp_max(eng.max_context - 1).to(eng.device)
-        self.dev_cols = self.cols.clamp_min(0).to(eng._keep_device)
-
-    def forward(self) -> None:
-        with torch.inference_mode():
-            self.out = self.eng.model(input_ids=self.dev_ids, attention_mask=self.mask, position_ids=self.dev_pos,
-                                      cache=self.view, use_cache=True, logits_to_keep=self.dev_cols)
-
-    def to_cpu(self) -> None:
-        self.logits = self.out.logits.to("cpu")
-
-    def whole(self) -> None:
-        with torch.inference_mode():
-            self.build_view()
-            self.inputs_to_device()
-            self.forward()
-            self.to_cpu()
 
 
 def label_engine_phases() -> None:
@@ -598,22 +553,6 @@ def main(argv: list[str] | None = None) -> None:
                 sync_debug(out, title, fn, device)
             with guard(f"hazard sites {title}"):
                 hazard_sites(out, title, fn, device)
-
-    # 1b. the engine's step in phases
-    if section("engine _forward replica in phases (N=1 and N=%d)" % a.batch, 12):
-        for n in (1, a.batch):
-            if n not in gens:
-                continue
-            with guard(f"replica N={n}"), torch.inference_mode():
-                rep = ForwardReplica(gens[n])
-                timed(f"replica N={n}: whole _forward", rep.whole)
-                timed(f"replica N={n}: BatchView(...) + attention_mask (CPU build, H2D)", rep.build_view)
-                rep.build_view()
-                timed(f"replica N={n}: ids/positions/cols .to(device)", rep.inputs_to_device)
-                rep.inputs_to_device()
-                timed(f"replica N={n}: model forward (cache=BatchView)", rep.forward)
-                rep.forward()
-                timed(f"replica N={n}: logits .to('cpu')", rep.to_cpu)
 
     # 5. thread count
     if a.threads and default_threads != torch.get_num_threads() and section(
