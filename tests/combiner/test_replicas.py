@@ -18,7 +18,7 @@ from conftest import start_combiner, start_logit
 from eftmesh.combiner.replicas import ReplicaSet, parse_target, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.server import parse_args
-from eftmesh.combiner.upstream import GrpcScorer
+from eftmesh.combiner.upstream import DOWN, LIVE, GrpcScorer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 
@@ -133,6 +133,25 @@ def test_a_replica_with_another_chat_template_is_not_used() -> None:
         assert scorer._matches("ft-small", dataclasses.replace(first, address="b:2"), "b:2")
         assert not scorer._matches("ft-small", dataclasses.replace(first, chat_template="U"), "b:2")
         assert not scorer._matches("ft-small", dataclasses.replace(first, chat_template=""), "b:2")
+    finally:
+        scorer.close()
+
+
+def test_a_probe_sent_before_a_replica_came_back_does_not_take_it_out_again() -> None:
+    """The race a quick restart hits: the health round's probe is sent while the replica is
+    down, a call's rejoin then finds it back (live), and the probe's late "connection refused"
+    arrives. That stale answer must not mark the replica down (the retried call would fail
+    UNAVAILABLE with the replica serving); an answer from a probe sent later still does."""
+    scorer = GrpcScorer({"ft-small": "a:1"})
+    try:
+        (r,) = scorer.replicas["ft-small"].replicas()
+        scorer._set_state("ft-small", r, DOWN, "stopped")
+        sent = time.monotonic()  # the probe goes out while the replica is down
+        scorer._set_state("ft-small", r, LIVE)  # the rejoin found it back
+        scorer._set_state("ft-small", r, DOWN, "connection refused", observed_at=sent)  # the stale answer
+        assert scorer._state[("ft-small", "a:1")] == LIVE
+        scorer._set_state("ft-small", r, DOWN, "connection refused", observed_at=time.monotonic())
+        assert scorer._state[("ft-small", "a:1")] == DOWN
     finally:
         scorer.close()
 

@@ -160,6 +160,7 @@ class GrpcScorer:
         self._lock = threading.Lock()
         self._state: dict[tuple[str, str], str] = {}  # (role, address) -> LIVE / DRAINING / DOWN
         self._why: dict[tuple[str, str], str] = {}  # (role, address) -> why it is not live
+        self._live_at: dict[tuple[str, str], float] = {}  # (role, address) -> when last seen live (monotonic)
         self._misses: dict[tuple[str, str], int] = {}  # consecutive health checks that timed out
         self._monitor: threading.Thread | None = None
         self._check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
@@ -229,11 +230,20 @@ class GrpcScorer:
                 if r.verified and not r.draining and r.address != exclude
                 and self._state.get((role, r.address)) == LIVE]
 
-    def _set_state(self, role: str, replica: Replica, state: str, why: str = "") -> None:
-        """Record a replica's state; keep new sessions off it while it is not live."""
+    def _set_state(self, role: str, replica: Replica, state: str, why: str = "",
+                   observed_at: float | None = None) -> None:
+        """Record a replica's state; keep new sessions off it while it is not live.
+
+        `observed_at` is when the probe that saw `state` was sent: a probe sent before the
+        replica was last seen live (a call's rejoin found it back meanwhile) is stale, and a
+        stale "down" must not take a replica that came back out again."""
         key = (role, replica.address)
         with self._lock:
+            if state != LIVE and observed_at is not None and observed_at < self._live_at.get(key, float("-inf")):
+                return
             before = self._state.get(key)
+            if state == LIVE:
+                self._live_at[key] = time.monotonic()
             self._state[key] = state
             self._why[key] = why
         if state == LIVE:
@@ -292,6 +302,7 @@ class GrpcScorer:
         if due:
             self._resolved_at = now
         # Every call of the round in flight at once: a black-holed replica costs one timeout.
+        sent = time.monotonic()
         info: list[tuple[str, Replica, Any]] = []
         checks: list[tuple[str, Replica, Any]] = []
         for role, rs in self.replicas.items():
@@ -313,7 +324,7 @@ class GrpcScorer:
             try:
                 got = fut.result()
             except grpc.RpcError as e:
-                self._set_state(role, r, DOWN, _brief(e))
+                self._set_state(role, r, DOWN, _brief(e), observed_at=sent)
                 verified[(role, r.address)] = False
                 continue
             spec = ModelSpec.from_info(role, self.addresses[role], got)
@@ -334,13 +345,14 @@ class GrpcScorer:
             try:
                 status = fut.result().status
             except grpc.RpcError as e:
-                self._on_probe_error(role, r, e)
+                self._on_probe_error(role, r, e, sent)
                 continue
             self._misses.pop((role, r.address), None)
             if status == health_pb2.HealthCheckResponse.SERVING:
                 self._set_state(role, r, LIVE)
             else:
-                self._set_state(role, r, DRAINING, "health " + health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                self._set_state(role, r, DRAINING, "health " + health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                                observed_at=sent)
         if fresh:
             with_all = first and all(dict.__contains__(self.models, role) for role in self.replicas)
             try:
@@ -353,7 +365,7 @@ class GrpcScorer:
     def _info_future(self, r: Replica, timeout: float) -> Any:
         return r.stub.Info.future(logit_pb2.LogitServiceInfoRequest(), timeout=timeout)
 
-    def _on_probe_error(self, role: str, r: Replica, e: grpc.RpcError) -> None:
+    def _on_probe_error(self, role: str, r: Replica, e: grpc.RpcError, sent: float) -> None:
         code = e.code()
         if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             # It answered: health is served elsewhere (another port), or it is saturated.
@@ -366,7 +378,7 @@ class GrpcScorer:
             misses = self._misses[(role, r.address)] = self._misses.get((role, r.address), 0) + 1
             if misses < 3:
                 return
-        self._set_state(role, r, DOWN, _brief(e))
+        self._set_state(role, r, DOWN, _brief(e), observed_at=sent)
 
     def _report(self, serving: bool) -> None:
         with self._report_lock:  # callbacks in the order of the states they report
