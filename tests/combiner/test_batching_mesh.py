@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -30,6 +30,8 @@ from eftmesh.combiner.server import CombinerServer
 from eftmesh.common.errors import ResourceExhausted
 from eftmesh.logit.server import LogitServer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -110,6 +112,15 @@ def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 def idle(logits: dict[str, LogitServer]) -> Callable[[], bool]:
     """True once no logit service holds a session or a KV block (Release is fire-and-forget)."""
     return lambda: all(len(ls.engine.sessions) == 0 and ls.engine.pool.used_blocks == 0 for ls in logits.values())
+
+
+def settled(logits: dict[str, LogitServer], call: Callable[[], T]) -> T:
+    """`call()`, then wait until the services have freed its sessions: the combiner releases
+    them fire-and-forget, so a request sent right after a finished one can find its blocks
+    still held and be queued or preempted, which a test of one request alone must not see."""
+    out = call()
+    assert wait_for(idle(logits), 5.0), "the services still hold sessions 5 s after the call ended"
+    return out
 
 
 def stub_of(cs: CombinerServer) -> tuple[grpc.Channel, generator_pb2_grpc.GeneratorStub]:
@@ -297,7 +308,7 @@ def test_generations_beyond_the_kv_budget_are_preempted_and_still_exact(tiny_fam
         spy = ExhaustionSpy(cs)
         specs = [OFF, fixed(2), OFF, adaptive()]
         reqs = [request(PROMPTS[i], "upscale", specs[i], 30 + 3 * i, ignore_eos=True, logprobs=True) for i in range(4)]
-        alone = [stub.Complete(r) for r in reqs]
+        alone = [settled(small_kv, lambda r=r: stub.Complete(r)) for r in reqs]
         assert spy.count == 0  # each fits alone
         need = sum(-(-(r.usage.prompt_tokens + r.usage.completion_tokens) // 16) for r in alone)
         assert need > 5  # together they need more blocks than a service has
@@ -348,8 +359,9 @@ def test_a_prompt_that_gets_no_kv_room_in_time_fails_alone_with_resource_exhaust
                                                 sampling=GREEDY, max_new_tokens=60, ignore_eos=True)
         blocked = request(LONG_PROMPT, "upscale", OFF, 8, ignore_eos=True)
         small = request(PROMPTS[4], "upscale", OFF, 4, ignore_eos=True)
-        alone_running = [t for c in stub.Generate(running) for t in c.token_ids]
-        alone_blocked, alone_small = result(stub.Complete(blocked)), result(stub.Complete(small))
+        alone_running = settled(small_kv, lambda: [t for c in stub.Generate(running) for t in c.token_ids])
+        alone_blocked = result(settled(small_kv, lambda: stub.Complete(blocked)))
+        alone_small = result(settled(small_kv, lambda: stub.Complete(small)))
         assert spy.count == 0 and len(alone_blocked[0]) == 8  # each fits alone
 
         stream = stub.Generate(running, timeout=60)
