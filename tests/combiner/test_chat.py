@@ -207,7 +207,10 @@ def test_eftmesh_chat_survives_a_real_sigint(demo_mesh) -> None:
     exe = Path(sys.executable).with_name("eftmesh")
     proc = subprocess.Popen([str(exe), "chat", "--address", demo_mesh.address, "--temperature", "0", "--ignore-eos",
                              "--max-new-tokens", "230", "--base", "base-large", "--delta", "ft-small,base-small,1.0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+                            # As at a terminal: a test run started in the background (`nohup ... &`)
+                            # has SIGINT ignored, which its children would inherit.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(QUESTION + "\n")
         proc.stdin.flush()
