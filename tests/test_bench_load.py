@@ -75,3 +75,21 @@ def test_lockstep_equals_one_sequence_at_a_time(tiny_family: dict[str, Path]) ->
     batched = lockstep_generate(family, prompts, 12)
     assert batched == [_one_at_a_time(family, p, 12) for p in prompts]
     assert lockstep_generate(family, prompts[1:2], 12) == batched[1:2]
+
+
+def test_one_gguf_in_every_role_is_loaded_once_and_lockstep_is_its_greedy_generate(tmp_path: Path) -> None:
+    """`bench-load --model X.gguf`: the roles share one loaded model, and EFT of a model with
+    itself (base + 1.0 * (m - m)) is the model: the lockstep loop gives its own greedy output."""
+    from eftmesh.common import loading
+    from gguf_models import write_tiny_gguf
+
+    if not loading.gguf_available():
+        pytest.skip(f"needs gguf: {loading.GGUF_INSTALL_HINT}")
+    gguf = write_tiny_gguf(tmp_path / "tiny-llama.F32.gguf")
+    family = load_family({r: str(gguf) for r in (LARGE, SMALL, FT)}, "cpu", "float32")
+    assert family.models[LARGE] is family.models[SMALL] is family.models[FT]
+    prompt = "The quick brown fox"
+    ids = torch.tensor([family.tokenizer.encode(prompt)])
+    reference = family.models[LARGE].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                              min_new_tokens=10, do_sample=False, pad_token_id=family.pad_id)
+    assert lockstep_generate(family, [prompt], 10) == [reference[0, ids.shape[1]:].tolist()]

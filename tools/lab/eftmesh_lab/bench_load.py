@@ -148,14 +148,18 @@ class Family:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
 
-def load_family(roles: dict[str, Path], device: str, dtype: str) -> Family:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_family(roles: dict[str, Path | str], device: str, dtype: str) -> Family:
+    """Each role's checkpoint (a folder, a hub id or a .gguf file, as the logit service takes
+    them); a checkpoint named by several roles is loaded once, as a process serving it would."""
+    from eftmesh.common.loading import load_causal_lm, load_tokenizer
 
-    models = {
-        r: AutoModelForCausalLM.from_pretrained(str(roles[r]), dtype=getattr(torch, dtype)).to(device).eval()
-        for r in ROLES
-    }
-    return Family(models, AutoTokenizer.from_pretrained(str(roles[SMALL])), torch.device(device))
+    loaded: dict[str, torch.nn.Module] = {}
+    for r in ROLES:
+        spec = str(roles[r])
+        if spec not in loaded:
+            loaded[spec] = load_causal_lm(spec, dtype=getattr(torch, dtype)).to(device).eval()
+    models = {r: loaded[str(roles[r])] for r in ROLES}
+    return Family(models, load_tokenizer(str(roles[SMALL])), torch.device(device))
 
 
 def left_pad(family: Family, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +443,9 @@ def plot(out: dict, path: str) -> None:
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("concurrent generations N")
     ax.set_ylabel("tokens / s (median)")
-    ax.set_title(f"EFT up-scaling, {out['max_new']} new tokens, {out['machine']['device']} {out['args']['dtype']}")
+    model = out["args"].get("model")
+    what = f"{Path(model).name} in every role" if model else "EFT up-scaling"
+    ax.set_title(f"{what}, {out['max_new']} new tokens, {out['machine']['device']} {out['args']['dtype']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +455,10 @@ def plot(out: dict, path: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eftmesh-bench-load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/demo", help="checkpoint per role (default: %(default)s; tiny random models when absent)")
+    p.add_argument("--model", default=None,
+                   help="one model in every role instead of the demo family: a checkpoint folder, a hub id or a "
+                        ".gguf file (e.g. build/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf); EFT then reduces "
+                        "to that model, and the figures show the mesh's overhead at a real model's size")
     p.add_argument("--concurrency", default="1,4,16,32", help="values of N, comma-separated (default: %(default)s)")
     p.add_argument("--max-new", type=int, default=64, help="new tokens per generation, EOS ignored (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="repetitions per system and N; the median is reported (default: %(default)s)")
@@ -475,8 +485,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     ns = sorted({int(n) for n in a.concurrency.split(",") if n})
     models = Path(a.models)
-    roles = {r: path for r, path in resolve_models(models).items() if r in ROLES}
-    prompts = workload_prompts(models, "qa", max(ns))
+    if a.model:
+        # One real model in every role: EFT reduces to the model itself, and the mesh's figures
+        # against the one-process loop measure its overhead at a real model's forward cost.
+        roles: dict[str, Path | str] = {r: a.model for r in ROLES}
+        prompts = workload_prompts(Path(a.model), "prose", max(ns))  # plain prose: no eval files there
+    else:
+        roles = {r: path for r, path in resolve_models(models).items() if r in ROLES}
+        prompts = workload_prompts(models, "qa", max(ns))
     if a.threads is None:
         a.threads = 1 if a.device == "cpu" else 4
     torch.set_num_threads(a.threads)
