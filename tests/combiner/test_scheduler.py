@@ -44,14 +44,46 @@ def yields(table: dict[int, float]) -> Any:
 TOKENS = {0: 1.0, 1: 1.6, 2: 1.96, 4: 2.30, 8: 2.47, 16: 2.5}
 
 
-def test_untried_arms_come_first_largest_first():
-    c = SpeculationController(4, explore_every=1000)
+def test_a_fresh_controller_starts_at_max_k_and_walks_down_through_the_best_caps_neighbours():
+    c = SpeculationController(16, explore_every=1000)
+    ms = {0: 10.0, 1: 10.5, 2: 11.0, 4: 14.0, 8: 60.0, 16: 200.0}  # cap 2 is the best
     order = []
-    for _ in c.arms():
-        arm = c.choose(2, yields(TOKENS))
+    for _ in range(8):
+        arm = c.choose(1, yields(TOKENS))
         order.append(arm)
-        c.observe(2, arm, 0.1)
-    assert order == [4, 2, 1, 0]
+        c.observe(1, arm, ms[arm] / 1e3)
+    # 16, then its neighbour 8 (and no drafting), each better cap's smaller neighbour next, and
+    # once 2 is the best and its neighbours are timed, 2 from then on
+    assert order == [16, 8, 4, 2, 1, 0, 2, 2]
+
+
+def test_with_nothing_timed_the_controller_starts_at_the_largest_cap_not_above_start():
+    assert SpeculationController(16).choose(1, yields(TOKENS), start=4) == 4
+    assert SpeculationController(16).choose(1, yields(TOKENS), start=6) == 4
+    assert SpeculationController(16).choose(1, yields(TOKENS), start=0) == 0
+    assert SpeculationController(6).choose(1, yields(TOKENS), start=40) == 6
+    c = SpeculationController(16, explore_every=1000)
+    c.observe(1, 8, 20e-3)
+    assert c.choose(1, yields(TOKENS), start=2) == 4  # once something is timed, start no longer counts
+
+
+def test_a_bucket_never_timed_starts_at_the_nearest_timed_buckets_best_cap_and_never_tries_far_caps():
+    c = SpeculationController(16, explore_every=1000)
+    light = {0: 10.0, 1: 10.5, 2: 11.0, 4: 14.0, 8: 60.0, 16: 200.0}  # batch 1: cap 2 is the best
+    for _ in range(8):
+        arm = c.choose(1, yields(TOKENS))
+        c.observe(1, arm, light[arm] / 1e3)
+    assert c.choose(2, yields(TOKENS)) == 2  # bucket 2 starts where bucket 1 is best
+    heavy = {0: 100.0, 1: 190.0, 2: 290.0, 4: 490.0, 8: 900.0, 16: 1700.0}  # batch 16: verifies cost k + 1 steps
+    order = []
+    for _ in range(12):
+        arm = c.choose(16, yields(TOKENS))
+        order.append(arm)
+        c.observe(16, arm, heavy[arm] / 1e3)
+    # the seed; its smaller neighbour, which beats it; that one's neighbour, no drafting, which
+    # beats both; from then on no drafting (its one neighbour, 1, is timed already)
+    assert order == [2, 1] + [0] * 10
+    assert c.snapshot()[16] == {0: 100.0, 1: 190.0, 2: 290.0}  # 4, 8 and 16 never run at this load
 
 
 def test_an_unobserved_choice_stays_untried():
@@ -111,10 +143,10 @@ def test_statistics_are_kept_per_batch_size_bucket():
         assert c.choose(3, yields(TOKENS)) == arm
         c.observe(3, arm, ms / 1e3)
     assert c.choose(4, yields(TOKENS)) == 0  # same bucket as 3: drafting lost there
-    assert c.choose(16, yields(TOKENS)) == 1  # another bucket: nothing measured, the largest cap first
-    c.observe(16, 1, 12e-3)
-    assert c.choose(16, yields(TOKENS)) == 0
+    assert c.choose(16, yields(TOKENS)) == 0  # another bucket, nothing timed there: bucket 4's best
     c.observe(16, 0, 10e-3)
+    assert c.choose(16, yields(TOKENS)) == 1  # then its neighbour
+    c.observe(16, 1, 12e-3)
     assert c.choose(9, yields(TOKENS)) == 1  # bucket 16: drafting wins there (1.6 / 12 > 1 / 10)
     assert c.snapshot() == {4: {0: 10.0, 1: 40.0}, 16: {0: 10.0, 1: 12.0}}
 

@@ -94,11 +94,18 @@ class SpeculationController:
     bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), a moving average
     of the step's duration. The expected yield of a cap comes from the caller (each
     generation's own acceptance estimate), so the choice rests on step times, which vary far
-    less than one step's accepted tokens. A cap never timed is tried first (the largest
-    first); every `explore_every` steps the least recently used of the best cap's two
-    neighbours and no drafting is timed again, so the choice follows the load. Light load: drafting wins (a
-    step's fixed costs dominate); on a saturated device a verify of k drafts costs about k + 1
-    plain steps and the cap falls, down to 0.
+    less than one step's accepted tokens.
+
+    The search is local, because a step under a far-off cap can cost as much as many plain
+    steps (a verify of 16 drafts for each of 16 generations runs 272 rows): a bucket never
+    timed starts at the best cap of the nearest bucket that was, or, when none was, at the
+    caller's `start` (the scheduler passes the k the generations' acceptance alone suggests,
+    `AdaptiveBlockSize`; max_k without one); after that only the best cap's
+    two neighbours and no drafting (the cheapest step to time) are tried, each once as soon as
+    the best cap moves next to it, then every `explore_every` steps the least recently used of
+    them again, so the choice follows the load. Light load: drafting wins (a step's fixed costs
+    dominate); on a saturated device a verify of k drafts costs about k + 1 plain steps and the
+    cap walks down, to 0.
     """
 
     max_k: int
@@ -115,23 +122,36 @@ class SpeculationController:
     def bucket(batch: int) -> int:
         return 1 << max(0, math.ceil(math.log2(max(1, batch))))
 
-    def choose(self, batch: int, expected_tokens: Callable[[int], float]) -> int:
+    def _best(self, b: int, expected_tokens: Callable[[int], float]) -> int | None:
+        """Index in arms() of the cap with the most expected tokens per measured second in
+        bucket `b`; None when nothing was timed there."""
+        arms = self.arms()
+        rates = {i: expected_tokens(arm) / s.seconds for i, arm in enumerate(arms)
+                 if (s := self._stats.get((b, arm))) is not None and s.seconds > 0}
+        return max(rates, key=rates.__getitem__) if rates else None
+
+    def choose(self, batch: int, expected_tokens: Callable[[int], float], start: int | None = None) -> int:
         """The cap on k for the next step of a batch of `batch` generations;
-        `expected_tokens(cap)` is what the batch would yield in one step under that cap."""
+        `expected_tokens(cap)` is what the batch would yield in one step under that cap, and
+        `start` the k to begin at while nothing was timed (the largest cap not above it)."""
         self._step += 1
         b = self.bucket(batch)
         arms = self.arms()
+        best = self._best(b, expected_tokens)
+        if best is None:  # a bucket never timed: where the nearest timed bucket is best
+            timed = sorted({tb for tb, _ in self._stats}, key=lambda tb: (abs(math.log2(tb / b)), -tb))
+            seed = self._best(timed[0], expected_tokens) if timed else None
+            if seed is not None:
+                return arms[seed]
+            return arms[-1] if start is None else max(arm for arm in arms if arm <= max(start, 0))
+        near = [i for i in dict.fromkeys((best - 1, best + 1, 0)) if 0 <= i < len(arms) and i != best]
         stats = [self._stats.get((b, arm)) for arm in arms]
-        untried = [arm for arm, s in zip(arms, stats) if s is None]
+        untried = [i for i in near if stats[i] is None]
         if untried:
-            return untried[-1]  # the largest first: speculation is the default
-        rates = [expected_tokens(arm) / s.seconds if s.seconds > 0 else 0.0 for arm, s in zip(arms, stats)]
-        best = max(range(len(arms)), key=lambda i: rates[i])
-        if self._step % self.explore_every == 0:
-            # The best cap's neighbours, and no drafting (the cheapest step to time): a cap
-            # timed once under other conditions is never left standing on one noisy sample.
-            near = {i for i in (best - 1, best + 1, 0) if 0 <= i < len(arms) and i != best}
-            return arms[min(near, key=lambda i: stats[i].last)] if near else arms[best]
+            return arms[untried[0]]
+        if near and self._step % self.explore_every == 0:
+            # A cap timed once under other conditions is never left standing on one noisy sample.
+            return arms[min(near, key=lambda i: stats[i].last)]
         return arms[best]
 
     def observe(self, batch: int, cap: int, seconds: float) -> None:
@@ -298,7 +318,11 @@ class Scheduler:
         if not live:
             return
         aware = [g for g in live if g.load_aware]
-        cap = self.controller.choose(len(live), lambda c: sum(g.expected_tokens(c) for g in live)) if aware else None
+        cap = None
+        if aware:
+            # Nothing timed yet: begin where the generations' acceptance alone would draft.
+            start = max(g.adaptive.k for g in aware if g.adaptive is not None)
+            cap = self.controller.choose(len(live), lambda c: sum(g.expected_tokens(c) for g in live), start)
         # A step that prefills says nothing about steady-state speed: not a controller sample.
         prefilling = any(not any(g.cached.values()) for g in live)
         for g in live:
