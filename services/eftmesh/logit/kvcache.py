@@ -224,10 +224,18 @@ class BatchView(Cache):
             write_idx, read_idx = self.write_idx, self.read_idx
         else:
             write_idx, read_idx = self._indices(kv.device)
-        new = torch.stack((key_states, value_states), dim=2)  # [rows, heads, 2, n, dim]
-        kv.index_copy_(0, write_idx, new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim).to(kv.dtype))
-        both = kv.index_select(0, read_idx).view(rows, self.length, 2, heads, dim)
-        return both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)  # [rows, kv_heads, length, head_dim]
+        if n == 1:  # decode: [rows, heads, 1, dim] flattens to [rows, heads * dim] without a copy
+            new = torch.stack((key_states.reshape(rows, heads * dim), value_states.reshape(rows, heads * dim)), dim=1)
+        else:
+            new = torch.stack((key_states, value_states), dim=2)  # [rows, heads, 2, n, dim]
+            new = new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim)
+        if new.dtype != kv.dtype:
+            new = new.to(kv.dtype)
+        kv.index_copy_(0, write_idx, new)  # [rows * n, 2, heads * dim]
+        # Every op here runs once per layer per forward: the fewer, the less a decode step pays
+        # in dispatch (CPU) and kernel launches (GPU).
+        k, v = kv.index_select(0, read_idx).view(rows, self.length, 2, heads, dim).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)  # [rows, kv_heads, length, head_dim]
 
     # The model asks these of any cache; positions and the 4D mask are given explicitly.
     def get_seq_length(self, layer_idx: int = 0) -> int:
