@@ -5,7 +5,8 @@ this module is the per-generation half, free of threads and of the network.
 Plain step (Mitchell et al. 2024, eq. 4, per-timestep normalisation):
   1. every role with a non-zero coefficient scores the newest token (only tokens a role's
      cache lacks are sent),
-  2. `core.mixing.mix_batch` forms log p = sum_r c_r * log pi_r - log Z for every generation,
+  2. `batchmix.mix_step` forms log p = sum_r c_r * log pi_r (- log Z, taken only where a
+     row is sampled or reported) for every generation,
   3. `core.sampling` applies temperature, top-k, top-p and draws the token,
   4. `TokenSink` detokenises, checks stop strings, EOS, and the length limits.
 
@@ -35,8 +36,16 @@ from eftmesh.combiner.text import IncrementalDetokenizer, StopStrings
 from eftmesh.combiner.chat import ChatMessage, check_messages
 from eftmesh.common.errors import InvalidArgument, quote
 from eftmesh.core.mixing import Composition, check_role_name
-from eftmesh.core.sampling import SamplingConfig, check_finite_mass, make_generator, process, sample
-from eftmesh.core.speculative import AdaptiveBlockSize, expected_tokens_per_block, verify_greedy, verify_sampled
+from eftmesh.core.sampling import (
+    SamplingConfig,
+    argmax_rows,
+    check_argmax_finite,
+    check_finite_mass,
+    make_generator,
+    process,
+    sample,
+)
+from eftmesh.core.speculative import AdaptiveBlockSize, accept_greedy, expected_tokens_per_block, verify_sampled
 
 
 class FinishReason(enum.Enum):
@@ -324,28 +333,33 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, lp: torch.Tensor, p: torch.Tensor | None) -> None:
+    def finish(self, scores: torch.Tensor, p: torch.Tensor | None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
-            lp: [k + 1, vocab] EFT log-probabilities (one row for a plain step).
-            p: the same rows after temperature / top-k / top-p, or None when greedy.
+            scores: [k + 1, vocab] EFT log-probabilities up to a per-row constant (one row for
+                a plain step): `batchmix.mix_step` leaves them unnormalised.
+            p: the same rows after temperature / top-k / top-p (normalised), or None when greedy.
         """
-        check_finite_mass(lp)  # NoFiniteMass: the scheduler fails this generation alone
         usage = self.sink.usage
-        usage.base_calls += 1
         n = len(self.ids)
+        if p is None:  # greedy: the argmax of each row is all it needs
+            target = argmax_rows(scores)  # [k + 1]
+            check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
+        else:
+            check_finite_mass(p)
+        usage.base_calls += 1
         if self.k == 0:
-            tok = int(torch.argmax(lp[0])) if p is None else int(sample(p, self.req.sampling, self.gen)[0])
+            tok = int(target[0]) if p is None else int(sample(p, self.req.sampling, self.gen)[0])
             for r in self.coef:
                 self.cached[r] = n
-            self._emit([tok], lp)
+            self._emit([tok], scores)
             return
         k, x = self.k, torch.tensor(self.drafts, dtype=torch.int64)  # [k]
         if p is None:
-            verdict = verify_greedy(x, lp)
+            verdict = accept_greedy(x, target)
         else:
-            V = lp.shape[1]
+            V = p.shape[1]
             q = process(self.draft_rows[:k, :V], self.req.sampling)  # [k, vocab]: what the drafts came from
             check_finite_mass(q)
             verdict = verify_sampled(x, q, p, self.gen)
@@ -360,13 +374,15 @@ class Generation:
         stats.blocks += 1
         if self.adaptive:
             self.adaptive.update(m, k)
-        self._emit(self.drafts[:m] + [verdict.next_token], lp)
+        self._emit(self.drafts[:m] + [verdict.next_token], scores)
 
-    def _emit(self, tokens: list[int], lp: torch.Tensor) -> None:
-        """Feed tokens (row j of lp is token j's EFT distribution) to the sink until it stops."""
+    def _emit(self, tokens: list[int], scores: torch.Tensor) -> None:
+        """Feed tokens (row j of scores is token j's EFT distribution, unnormalised) to the sink
+        until it stops; a token's log-probability, when asked for, normalises its row alone."""
         for j, tok in enumerate(tokens):
             self.ids.append(tok)
-            if self.sink.add(tok, float(lp[j, tok]) if self.req.logprobs else None):
+            logprob = float(scores[j, tok] - torch.logsumexp(scores[j], dim=0)) if self.req.logprobs else None
+            if self.sink.add(tok, logprob):
                 return
 
     def restart(self) -> None:

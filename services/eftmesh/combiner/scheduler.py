@@ -12,8 +12,8 @@ service a shard that keeps its sessions' KV caches between calls. Each iteration
   3. one DraftBatch per draft role carries every speculating generation's block;
   4. one ScoreBatch per role carries every generation's new tokens (plain steps, verifies of
      any k, prefills), the roles called concurrently;
-  5. mix all rows at once (`core.mixing.mix_batch`, `[rows, vocab]`), apply temperature /
-     top-k / top-p per group of equal settings, then each generation samples or verifies
+  5. mix all rows at once (`batchmix.mix_step`, `[rows, vocab]`, role by role), apply
+     temperature / top-k / top-p per group of equal settings, then each generation samples or verifies
      with its own seeded generator, so batching changes no generation's output;
   6. stream the chunks; finished, failed and cancelled generations leave and their caches
      are released. A generation whose upstream item failed fails alone.
@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 import torch
 from opentelemetry import trace
 
+from eftmesh.combiner.batchmix import mix_step, process_groups
 from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
 from eftmesh.combiner.chat import ChatTemplates, TemplateError
 from eftmesh.combiner.scoring import Outcome, Scorer
@@ -57,8 +58,7 @@ from eftmesh.common.errors import (
     ResourceExhausted,
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
-from eftmesh.core.mixing import Term, mix_batch
-from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process
+from eftmesh.core.sampling import NoFiniteMass
 
 log = logging.getLogger(__name__)
 
@@ -407,29 +407,14 @@ class Scheduler:
         gens = [g for g in live if g in rows]
         if not gens:
             return {}
-        offsets, n = {}, 0
-        for g in gens:
-            offsets[g] = n
-            n += g.rows_per_role()
-        terms: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
-        for g in gens:
-            idx = torch.arange(offsets[g], offsets[g] + g.rows_per_role())
-            for r, c in g.coef.items():
-                t = terms.setdefault(r, ([], [], []))
-                t[0].append(idx)
-                t[1].append(rows[g][r])
-                t[2].append(torch.full((idx.shape[0],), c))
-        lp = mix_batch(
-            [Term(torch.cat(i), torch.cat(x) if len(x) > 1 else x[0], torch.cat(w)) for i, x, w in terms.values()],
-            n, self.vocab_size,
-        )  # [n, vocab]
-        processed = self._process(gens, offsets, lp)
+        scores, offsets = mix_step(gens, rows, self.vocab_size)  # [n, vocab], unnormalised
+        processed = process_groups(gens, {g: g.req.sampling for g in gens}, offsets, scores)
         stepped = {}
         for g in gens:
             o, m = offsets[g], g.rows_per_role()
             before = g.sink.usage.completion_tokens
             try:
-                g.finish(lp[o:o + m], processed[g])
+                g.finish(scores[o:o + m], processed[g])
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
                 self._fail(g, InvalidArgument(str(e)))
                 continue
@@ -440,27 +425,6 @@ class Scheduler:
             stepped[g] = before
             g.parked_since, g.parked = None, 0  # it made progress: a later preemption waits afresh
         return stepped
-
-    def _process(
-        self, gens: list[Generation], offsets: dict[Generation, int], lp: torch.Tensor
-    ) -> dict[Generation, torch.Tensor | None]:
-        """Temperature / top-k / top-p, one `process` per group of equal settings (row-wise, so
-        a generation's rows come out as they would alone); None for greedy generations."""
-        groups: dict[SamplingConfig, list[Generation]] = {}
-        out: dict[Generation, torch.Tensor | None] = {}
-        for g in gens:
-            if g.req.sampling.greedy:
-                out[g] = None
-            else:
-                groups.setdefault(g.req.sampling, []).append(g)
-        for cfg, members in groups.items():
-            idx = torch.cat([torch.arange(offsets[g], offsets[g] + g.rows_per_role()) for g in members])
-            p = process(lp.index_select(0, idx), cfg)
-            at = 0
-            for g in members:
-                out[g] = p[at:at + g.rows_per_role()]
-                at += g.rows_per_role()
-        return out
 
     # --- leaving the batch ---------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import torch
 
@@ -38,7 +39,11 @@ def to_pb(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tensor_pb2.Ten
 
 
 def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
-    """Decode a Tensor message; checks that the byte count matches the shape."""
+    """Decode a Tensor message; checks that the byte count matches the shape.
+
+    The tensor reads the message's bytes where they lie (no copy: at a real vocabulary a
+    step's rows are megabytes per role), so it is read-only: callers never write into it in
+    place (torch cannot enforce that on a borrowed buffer)."""
     dtype = torch_dtype(msg.dtype)
     n = math.prod(msg.shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -46,4 +51,6 @@ def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
         raise ValueError(f"tensor of shape {list(msg.shape)} needs {n * itemsize} bytes, got {len(msg.data)}")
     if n == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
+    with warnings.catch_warnings():  # "the given buffer is not writable": read-only by contract, above
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))

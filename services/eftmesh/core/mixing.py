@@ -145,18 +145,57 @@ class Term:
     weight: torch.Tensor  # [n] float32 EFT coefficient of this role for each row's request
 
 
+def accumulate(acc: torch.Tensor, rows: torch.Tensor, weight: float) -> None:
+    """acc += weight * rows, each row of `rows` taken up to a per-row constant and floored at
+    `LOGPROB_FLOOR` below its maximum.
+
+    The hot path of the combiner (one call per role and run of requests per step, over
+    [rows, 128k] at real vocabularies), so it makes as few passes as it can: a row whose every
+    entry lies within |LOGPROB_FLOOR| of its maximum (any real model's logits: they span tens
+    of nats) needs no floor, and a per-row shift cancels in the final normalisation, so it is
+    added as it came, with no copy. Only a batch holding -inf (a float16 model's impossible
+    token), NaN or a huge spread pays for the shift and the clamp.
+
+    Args:
+        acc: [n, vocab] float32 accumulator, written in place.
+        rows: [n, vocab_r] logits or log-probabilities (vocab_r >= vocab; padding columns of
+            the output layer past `vocab` are dropped), any float dtype, not modified.
+        weight: the role's EFT coefficient for these rows.
+    """
+    vocab = acc.shape[1]
+    assert rows.dim() == 2 and rows.shape[0] == acc.shape[0] and rows.shape[1] >= vocab, (
+        f"expected [{acc.shape[0]}, >= {vocab}] rows, got {tuple(rows.shape)}"
+    )
+    x = rows[:, :vocab]  # [n, vocab], a view
+    hi = x.amax(dim=-1, keepdim=True)  # [n, 1]
+    lo = x.amin(dim=-1, keepdim=True)  # [n, 1]
+    if bool(((lo - hi) >= LOGPROB_FLOOR).all()):  # False for NaN and for +-inf anywhere
+        acc.add_(x, alpha=weight)
+        return
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    acc.add_((x.float() - hi).clamp_min_(LOGPROB_FLOOR), alpha=weight)
+
+
 def mix_batch(terms: Sequence[Term], rows: int, vocab_size: int) -> torch.Tensor:
     """The EFT mixture for many requests at once, each with its own roles and weights.
 
-    Every output row is one request's position; each role contributes its rows, shifted so
-    that the row's maximum is 0 and floored at `LOGPROB_FLOOR` below it, times that request's
-    coefficient. Shifts are per-row constants and cancel in the final log-softmax, so raw
-    logits and log-probabilities mix alike; columns past `vocab_size` (padding rows of an
-    output layer) are dropped, and their missing mass is a per-row constant too.
+    Every output row is one request's position; each role contributes its rows, taken up to a
+    per-row constant and floored at `LOGPROB_FLOOR` below the row's maximum (`accumulate`),
+    times that request's coefficient. Shifts are per-row constants and cancel in the final
+    log-softmax, so raw logits and log-probabilities mix alike; columns past `vocab_size`
+    (padding rows of an output layer) are dropped, and their missing mass is a per-row
+    constant too.
 
     Returns:
         [rows, vocab_size] float32 log-probabilities, each row normalised.
     """
+    return torch.log_softmax(mix_scores(terms, rows, vocab_size), dim=-1)  # [rows, vocab]
+
+
+def mix_scores(terms: Sequence[Term], rows: int, vocab_size: int) -> torch.Tensor:
+    """`mix_batch` before its normalisation: [rows, vocab_size] float32 scores that equal the
+    EFT log-probabilities up to a per-row constant. Argmax (greedy decoding and its
+    verification) needs nothing more; a caller normalises only the rows it reports or samples."""
     acc = torch.zeros((rows, vocab_size), dtype=torch.float32)  # [rows, vocab]
     touched = torch.zeros(rows, dtype=torch.bool)
     for t in terms:
@@ -164,10 +203,17 @@ def mix_batch(terms: Sequence[Term], rows: int, vocab_size: int) -> torch.Tensor
             f"expected [n, >= {vocab_size}] rows, got {tuple(t.rows.shape)}"
         )
         assert t.index.shape == t.weight.shape == (t.rows.shape[0],), "index, rows and weight must agree"
-        x = t.rows[:, :vocab_size].float()  # [n, vocab]
-        x = (x - x.amax(dim=-1, keepdim=True)).clamp_min_(LOGPROB_FLOOR)
-        acc.index_add_(0, t.index, x.mul_(t.weight[:, None]))
+        n = t.index.shape[0]
+        if n and torch.equal(t.index, torch.arange(int(t.index[0]), int(t.index[0]) + n)) and bool(
+            (t.weight == t.weight[0]).all()
+        ):  # one run of rows with one weight: accumulate in place
+            at = int(t.index[0])
+            accumulate(acc[at:at + n], t.rows, float(t.weight[0]))
+        elif n:
+            part = torch.zeros((n, vocab_size), dtype=torch.float32)
+            accumulate(part, t.rows, 1.0)
+            acc.index_add_(0, t.index, part.mul_(t.weight[:, None]))
         touched[t.index] = True
     if not bool(touched.all()):
         raise ValueError("every coefficient of some row is zero: nothing to mix")
-    return torch.log_softmax(acc, dim=-1)  # [rows, vocab]
+    return acc

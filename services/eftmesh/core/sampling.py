@@ -121,9 +121,40 @@ def sample(
     assert processed.dim() == 2, f"expected [rows, vocab], got {tuple(processed.shape)}"
     check_finite_mass(processed)
     if cfg.greedy:
-        return torch.argmax(processed, dim=-1)
+        return argmax_rows(processed)
     probs = torch.exp(processed)  # [rows, vocab]
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for [rows, vocab] x: the first maximum of each row (a NaN counts
+    as the maximum, as in torch).
+
+    On the CPU numpy's argmax is vectorised and torch's is not: over 16 rows of a 128k
+    vocabulary, 0.15 ms against 2.5-3.5 ms on this project's machine, and the combiner takes an
+    argmax of every row it mixes. Same first-index tie rule, same NaN rule.
+
+    Returns:
+        [rows] int64 token ids.
+    """
+    assert x.dim() == 2, f"expected [rows, vocab], got {tuple(x.shape)}"
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(axis=-1).astype("int64", copy=False))
+    return torch.argmax(x, dim=-1)
+
+
+def check_argmax_finite(x: torch.Tensor, top: torch.Tensor) -> None:
+    """Raise `NoFiniteMass` unless x[i, top[i]] is finite for every row: with `top` the rows'
+    argmax, that holds exactly when a row has no NaN, no +inf and some finite entry. One
+    gather, instead of `check_finite_mass`'s passes over every entry."""
+    best = x.gather(1, top.view(-1, 1)).squeeze(1)  # [rows]
+    bad = ~torch.isfinite(best)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise NoFiniteMass(
+            f"the distribution to sample from has no finite probability mass in row(s) {rows[:8]}: "
+            "the weights or sampling settings make it degenerate"
+        )
 
 
 def check_finite_mass(logprobs: torch.Tensor) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eftmesh.core.sampling import argmax_rows
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -41,7 +43,14 @@ def verify_greedy(drafts: torch.Tensor, p: torch.Tensor) -> Verdict:
     """
     k = drafts.shape[0]
     assert p.dim() == 2 and p.shape[0] == k + 1, f"p must be [k + 1, vocab], got {tuple(p.shape)}"
-    target = torch.argmax(p, dim=-1)  # [k + 1]
+    return accept_greedy(drafts, argmax_rows(p))
+
+
+def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> Verdict:
+    """Greedy verification from the target's argmax: drafts: [k] int64; target: [k + 1] int64,
+    argmax p of each row."""
+    k = drafts.shape[0]
+    assert target.shape == (k + 1,), f"target must be [k + 1], got {tuple(target.shape)}"
     match = (target[:k] == drafts).to(torch.int64)  # [k]
     accepted = int(torch.cumprod(match, dim=0).sum())
     return Verdict(accepted, int(target[accepted]))
