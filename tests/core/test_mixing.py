@@ -89,3 +89,49 @@ def test_mismatched_rows_are_refused(rows):
     bad = dict(rows, small=rows["small"][:2])
     with pytest.raises(AssertionError, match="rows"):
         mix(bad, {"big": 1.0, "ft": 1.0, "small": -1.0}, V)
+
+
+def test_accumulate_adds_ordinary_rows_as_they_came_and_floors_only_extreme_ones():
+    from eftmesh.core.mixing import LOGPROB_FLOOR, accumulate
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, generator=g) * 20  # an ordinary spread: no floor needed
+    acc = torch.zeros(4, 7)
+    accumulate(acc, x, -1.5)
+    torch.testing.assert_close(acc, -1.5 * x[:, :7], atol=0, rtol=0)  # exact: added in place, no shift
+    extreme = x.clone()
+    extreme[1, 2] = -math.inf
+    extreme[2, 0] = 2 * LOGPROB_FLOOR
+    acc = torch.zeros(4, 7)
+    accumulate(acc, extreme, -1.0)
+    assert torch.isfinite(acc).all()  # -inf with a negative weight would be +inf unfloored
+    shifted = (extreme[:, :7] - extreme[:, :7].amax(-1, keepdim=True)).clamp_min(LOGPROB_FLOOR)
+    torch.testing.assert_close(acc, -shifted, atol=1e-5, rtol=0)
+
+
+def test_accumulate_reads_bfloat16_rows_into_float32_without_changing_them():
+    from eftmesh.core.mixing import accumulate
+
+    x = torch.randn(3, 5).bfloat16()
+    before = x.clone()
+    acc = torch.ones(3, 5)
+    accumulate(acc, x, 2.0)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(acc, 1 + 2 * x.float(), atol=1e-6, rtol=0)
+
+
+def test_mix_scores_normalised_equals_mix_batch_with_mixed_runs_and_weights(rows):
+    from eftmesh.core.mixing import Term, mix_batch, mix_scores
+
+    idx = torch.tensor([2, 0, 1])  # out of order, unequal weights: the general path
+    terms = [
+        Term(torch.arange(3), rows["big"], torch.ones(3)),
+        Term(idx, rows["ft"], torch.tensor([0.5, 1.0, 2.0])),
+        Term(idx, rows["small"], torch.tensor([-0.5, -1.0, -2.0])),
+    ]
+    expected = torch.stack([
+        torch.log_softmax(rows["big"][i] + w * (rows["ft"][j] - rows["small"][j]), -1)
+        for i, (j, w) in enumerate([(1, 1.0), (2, 2.0), (0, 0.5)])
+    ])
+    torch.testing.assert_close(mix_batch(terms, 3, V), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.log_softmax(mix_scores(terms, 3, V), -1), expected, atol=1e-5, rtol=0)

@@ -93,3 +93,30 @@ def test_filtered_tokens_are_never_sampled():
 def test_bad_configurations_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kwargs)
+
+
+def test_argmax_rows_equals_torch_argmax_with_ties_nan_and_infinities():
+    from eftmesh.core.sampling import argmax_rows
+
+    x = torch.tensor([
+        [0.0, 3.0, 3.0, 1.0],  # a tie: the first maximum
+        [0.0, float("nan"), 5.0, float("nan")],  # NaN counts as the maximum, first one
+        [-math.inf, -math.inf, -math.inf, -math.inf],
+        [1.0, math.inf, 2.0, 0.0],
+    ])
+    assert torch.equal(argmax_rows(x), torch.argmax(x, -1))
+    assert torch.equal(argmax_rows(x[:, 1:]), torch.argmax(x[:, 1:], -1))  # a strided view
+    y = torch.randn(16, 50_000)
+    assert torch.equal(argmax_rows(y), torch.argmax(y, -1))
+    assert torch.equal(argmax_rows(y.bfloat16()), torch.argmax(y.bfloat16(), -1))
+
+
+def test_check_argmax_finite_refuses_exactly_the_rows_without_finite_mass():
+    from eftmesh.core.sampling import NoFiniteMass, argmax_rows, check_argmax_finite
+
+    good = torch.tensor([[0.0, -math.inf, 1.0], [-5.0, -6.0, -7.0]])
+    check_argmax_finite(good, argmax_rows(good))
+    for bad in ([[0.0, float("nan"), 1.0]], [[-math.inf, -math.inf, -math.inf]], [[0.0, math.inf, 1.0]]):
+        t = torch.tensor(bad)
+        with pytest.raises(NoFiniteMass):
+            check_argmax_finite(t, argmax_rows(t))
