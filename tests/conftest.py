@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from eftmesh.combiner.server import DEFAULT_COMPOSITION
 from eftmesh.common.serving import ServerConfig
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.tiny import make_tiny_family
+from eftmesh.logit.engine import EngineConfig
 from eftmesh.logit.server import LogitConfig, LogitServer
 from eftmesh.logit.server import build as build_logit
 from eftmesh.v1 import generator_pb2_grpc, logit_pb2_grpc
@@ -29,8 +31,12 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_logit(path: Path, role: str, port: int = 0, **kwargs) -> LogitServer:
-    """A started logit service on loopback (port 0 picks a free port)."""
-    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=port, grace_s=1.0), **kwargs)
+    """A started logit service on loopback (port 0 picks a free port); keyword arguments set
+    LogitConfig's fields, or its EngineConfig's (kv_cache_tokens=..., max_batch=...)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine = EngineConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=port, grace_s=1.0),
+                      engine=engine, **kwargs)
     ls = build_logit(cfg)
     ls.start()
     return ls

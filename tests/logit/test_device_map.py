@@ -103,7 +103,7 @@ def test_mask_copied_once_per_device_per_forward():
 
 
 def test_mask_swapper_hands_each_module_its_devices_copy():
-    from eftmesh.logit.engine import _mask_swapper
+    from eftmesh.logit.placement import mask_swapper as _mask_swapper
 
     pool = PagedKVPool(64, 16, layers=1, device=torch.device("cpu"), dtype=torch.float32)
     table = BlockTable()

@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from conftest import collect, free_port, points
 from eftmesh.common import metrics
 from eftmesh.common.serving import ServerConfig
+from eftmesh.logit.engine import EngineConfig
 from eftmesh.logit.server import LogitConfig
 from eftmesh.logit.server import build as build_logit
 from eftmesh.logit.servicer import TimedLock
@@ -32,7 +33,7 @@ MAX_BATCH = 4
 @pytest.fixture(scope="module")
 def service(tiny_family):
     reader = InMemoryMetricReader()
-    ls = build_logit(LogitConfig(model=str(tiny_family[ROLE]), role=ROLE, max_batch=MAX_BATCH, kv_cache_tokens=512,
+    ls = build_logit(LogitConfig(model=str(tiny_family[ROLE]), role=ROLE, engine=EngineConfig(max_batch=MAX_BATCH, kv_cache_tokens=512),
                                  server=ServerConfig(host="127.0.0.1", port=0)),
                      meter_provider=MeterProvider(metric_readers=[reader]))
     ls.start()
@@ -140,7 +141,7 @@ def test_failed_and_unwatched_lock_uses_record_no_wait(service):
 def test_prometheus_shows_the_saturation_metrics_by_role(tiny_family):
     port = free_port()
     provider = metrics.make_meter_provider("eftmesh-logit-r", otlp=False, prometheus_port=port, prometheus_host="127.0.0.1")
-    ls = build_logit(LogitConfig(model=str(tiny_family[ROLE]), role=ROLE, max_batch=MAX_BATCH,
+    ls = build_logit(LogitConfig(model=str(tiny_family[ROLE]), role=ROLE, engine=EngineConfig(max_batch=MAX_BATCH),
                                  server=ServerConfig(host="127.0.0.1", port=0)), meter_provider=provider)
     ls.start()
     try:

@@ -333,19 +333,22 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, scores: torch.Tensor, p: torch.Tensor | None) -> None:
+    def finish(self, scores: torch.Tensor, p: torch.Tensor | None, target: torch.Tensor | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
             scores: [k + 1, vocab] EFT log-probabilities up to a per-row constant (one row for
                 a plain step): `batchmix.mix_step` leaves them unnormalised.
             p: the same rows after temperature / top-k / top-p (normalised), or None when greedy.
+            target: greedy only: the argmax of each row of `scores`, when the caller has it
+                (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
         """
         usage = self.sink.usage
         n = len(self.ids)
         if p is None:  # greedy: the argmax of each row is all it needs
-            target = argmax_rows(scores)  # [k + 1]
-            check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
+            if target is None:
+                target = argmax_rows(scores)  # [k + 1]
+                check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
         else:
             check_finite_mass(p)
         usage.base_calls += 1

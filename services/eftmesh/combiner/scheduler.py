@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 from opentelemetry import trace
 
-from eftmesh.combiner.batchmix import mix_step, process_groups
+from eftmesh.combiner.batchmix import Workspace, mix_step, process_groups
 from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
 from eftmesh.combiner.chat import ChatTemplates, TemplateError
 from eftmesh.combiner.scoring import Outcome, Scorer
@@ -58,7 +58,7 @@ from eftmesh.common.errors import (
     ResourceExhausted,
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
-from eftmesh.core.sampling import NoFiniteMass
+from eftmesh.core.sampling import NoFiniteMass, argmax_rows, check_argmax_finite
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,9 @@ class StepTimes:
     draft_s: float = 0.0  # waiting for DraftBatch answers
     score_s: float = 0.0  # waiting for ScoreBatch answers
     combine_s: float = 0.0  # the combiner's own work: mixing, processing, sampling, verifying
+    # the same phase in CPU seconds of the scheduler's thread (time.thread_time): what the work
+    # costs, whatever else the machine runs
+    combine_cpu_s: float = 0.0
 
 
 class Scheduler:
@@ -205,6 +208,7 @@ class Scheduler:
         self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self.controller = SpeculationController(max_k)
         self.times = StepTimes()
+        self._workspace = Workspace()  # the step's scores, reused (batchmix.Workspace)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[Generation] = []
         self._cv = threading.Condition()
@@ -336,9 +340,10 @@ class Scheduler:
             live = self._draft_phase(live)
             t1 = time.perf_counter()
             rows = self._score_phase(live)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             stepped = self._combine(live, rows)
             t3 = time.perf_counter()
+            t.combine_cpu_s += time.thread_time() - c2
         t.draft_s, t.score_s, t.combine_s = t.draft_s + t1 - t0, t.score_s + t2 - t1, t.combine_s + t3 - t2
         t.steps += 1
         t.rows += sum(g.rows_per_role() for g in stepped)
@@ -407,14 +412,20 @@ class Scheduler:
         gens = [g for g in live if g in rows]
         if not gens:
             return {}
-        scores, offsets = mix_step(gens, rows, self.vocab_size)  # [n, vocab], unnormalised
+        scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised
         processed = process_groups(gens, {g: g.req.sampling for g in gens}, offsets, scores)
+        # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
+        top = argmax_rows(scores) if any(p is None for p in processed.values()) else None  # [n]
+        # x[i, argmax] is finite exactly when row i has no NaN, no +inf and some finite entry
+        finite = None if top is None else torch.isfinite(scores.gather(1, top.view(-1, 1))).view(-1)  # [n]
         stepped = {}
         for g in gens:
             o, m = offsets[g], g.rows_per_role()
             before = g.sink.usage.completion_tokens
             try:
-                g.finish(scores[o:o + m], processed[g])
+                if processed[g] is None and not bool(finite[o:o + m].all()):
+                    check_argmax_finite(scores[o:o + m], top[o:o + m])  # raises NoFiniteMass, naming the rows
+                g.finish(scores[o:o + m], processed[g], None if top is None else top[o:o + m])
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
                 self._fail(g, InvalidArgument(str(e)))
                 continue

@@ -53,7 +53,8 @@ class DraftCall:
 class Outcome:
     """One call's answer in a batched round: its rows, or its own error."""
 
-    rows: torch.Tensor | None = None  # [rows, vocab_r] logits (any per-row shift), the model's dtype
+    # [rows, vocab_r] logits (any per-row shift), the model's dtype, floored (core.mixing.floor_rows_)
+    rows: torch.Tensor | None = None
     drafts: list[int] = field(default_factory=list)  # DraftCall only: the k drafts
     error: EftMeshError | None = None
 
@@ -122,7 +123,8 @@ def with_resend(
 
 
 class LocalScorer:
-    """In-process scorer over `ModelEngine`s: the same scheduler, no network."""
+    """In-process scorer over `ModelEngine`s: the same scheduler, no network. The engines'
+    rows come floored, as over the network (their runner floors every row)."""
 
     def __init__(self, engines: Mapping[str, ModelEngine]) -> None:
         self.engines = dict(engines)

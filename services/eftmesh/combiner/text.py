@@ -22,12 +22,16 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
+        self._fast = _backend(tokenizer)
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
 
     def push(self, token: int) -> str:
         """Add a token; return the newly completed text (maybe empty)."""
@@ -45,6 +49,19 @@ class IncrementalDetokenizer:
         after = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
         return after[len(before) :]
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The Rust `tokenizers.Tokenizer` behind a transformers tokenizer whose decode (without
+    clean-up) is exactly that tokenizer's decode, else None. Called twice per generated token,
+    transformers' wrapper costs more than the decode itself (argument conversion, per call)."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: its own decode
+        return None
+    if isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode:
+        return tokenizer._tokenizer
+    return None
 
 
 class StopStrings:

@@ -44,6 +44,7 @@ from eftmesh.common.errors import (
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.common.serving import CHANNEL_OPTIONS
+from eftmesh.core.mixing import floor_rows_
 from eftmesh.common.tls import ClientTLS, channel as tls_channel, target_host
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -607,8 +608,11 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def _outcomes(role: str, resp: Any) -> list[Outcome]:
-    """Per-item outcomes of a ScoreBatch / DraftBatch response; rows sliced from its one tensor."""
+    """Per-item outcomes of a ScoreBatch / DraftBatch response; rows sliced from its one tensor,
+    floored (`core.mixing.floor_rows_`) as everything the combiner mixes."""
     block = tensors.from_pb(resp.logits) if resp.logits.shape else None  # [sum rows, vocab]
+    if block is not None and not resp.floored:  # an older logit service: floor here (a copy: the wire's bytes are read-only)
+        block = floor_rows_(block.clone())
     out, at = [], 0
     for r in resp.results:
         if r.code == grpc.StatusCode.UNAVAILABLE.value[0] and r.message.startswith(DRAINING_PREFIX):

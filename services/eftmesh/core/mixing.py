@@ -145,19 +145,40 @@ class Term:
     weight: torch.Tensor  # [n] float32 EFT coefficient of this role for each row's request
 
 
-def accumulate(acc: torch.Tensor, rows: torch.Tensor, weight: float) -> None:
-    """acc += weight * rows, each row of `rows` taken up to a per-row constant and floored at
-    `LOGPROB_FLOOR` below its maximum.
+def floor_rows_(x: torch.Tensor, limit: int | None = None) -> torch.Tensor:
+    """In place: raise every entry of x[..., :limit] that lies more than |LOGPROB_FLOOR| below
+    its row's maximum (there) to that bound; -inf becomes finite, and a row with no finite
+    maximum is floored at LOGPROB_FLOOR (uniform when all -inf). No probability changes
+    (exp(-1e4) is 0 in every float format); afterwards any weighted sum of such rows is finite
+    and bounded, so they can be mixed as they are (`accumulate(..., floored=True)`). NaN stays.
+
+    Logit services floor their rows on their device before sending them (ScoreBatchResponse.
+    floored), where it costs two small kernels, instead of the combiner paying two passes over
+    every role's rows on its one CPU. Returns x.
+    """
+    v = x[..., :limit] if limit is not None else x
+    hi = v.amax(dim=-1, keepdim=True)
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    v.clamp_min_(hi + LOGPROB_FLOOR)
+    return x
+
+
+def accumulate(acc: torch.Tensor, rows: torch.Tensor, weight: float, *, floored: bool = False,
+               init: bool = False) -> None:
+    """acc += weight * rows (acc = weight * rows with `init`), each row of `rows` taken up to a
+    per-row constant and floored at `LOGPROB_FLOOR` below its maximum.
 
     The hot path of the combiner (one call per role and run of requests per step, over
-    [rows, 128k] at real vocabularies), so it makes as few passes as it can: a row whose every
-    entry lies within |LOGPROB_FLOOR| of its maximum (any real model's logits: they span tens
-    of nats) needs no floor, and a per-row shift cancels in the final normalisation, so it is
-    added as it came, with no copy. Only a batch holding -inf (a float16 model's impossible
-    token), NaN or a huge spread pays for the shift and the clamp.
+    [rows, 128k] at real vocabularies), so it makes as few passes as it can: rows the sender
+    floored (`floored`, see `floor_rows_`) and rows whose every entry lies within
+    |LOGPROB_FLOOR| of its maximum (any real model's logits: they span tens of nats) need no
+    floor, and a per-row shift cancels in the final normalisation, so they are added as they
+    came, with no copy. Only unfloored rows holding -inf (a float16 model's impossible token),
+    NaN or a huge spread pay for the shift and the clamp.
 
     Args:
-        acc: [n, vocab] float32 accumulator, written in place.
+        acc: [n, vocab] float32 accumulator, written in place (with `init`, its old contents
+            are ignored: it may come from torch.empty).
         rows: [n, vocab_r] logits or log-probabilities (vocab_r >= vocab; padding columns of
             the output layer past `vocab` are dropped), any float dtype, not modified.
         weight: the role's EFT coefficient for these rows.
@@ -167,13 +188,16 @@ def accumulate(acc: torch.Tensor, rows: torch.Tensor, weight: float) -> None:
         f"expected [{acc.shape[0]}, >= {vocab}] rows, got {tuple(rows.shape)}"
     )
     x = rows[:, :vocab]  # [n, vocab], a view
-    hi = x.amax(dim=-1, keepdim=True)  # [n, 1]
-    lo = x.amin(dim=-1, keepdim=True)  # [n, 1]
-    if bool(((lo - hi) >= LOGPROB_FLOOR).all()):  # False for NaN and for +-inf anywhere
+    if not floored:
+        hi = x.amax(dim=-1, keepdim=True)  # [n, 1]
+        lo = x.amin(dim=-1, keepdim=True)  # [n, 1]
+        if not bool(((lo - hi) >= LOGPROB_FLOOR).all()):  # NaN or +-inf somewhere, or a huge spread
+            hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+            x = (x.float() - hi).clamp_min_(LOGPROB_FLOOR)
+    if init:
+        torch.mul(x, weight, out=acc)
+    else:
         acc.add_(x, alpha=weight)
-        return
-    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
-    acc.add_((x.float() - hi).clamp_min_(LOGPROB_FLOOR), alpha=weight)
 
 
 def mix_batch(terms: Sequence[Term], rows: int, vocab_size: int) -> torch.Tensor:

@@ -2,44 +2,62 @@
 
 No gRPC here: the servicer converts messages at the edge and calls `ModelEngine`.
 
-Every call is a batch of items, one per session (TGI's shard, vLLM's model runner), run in as
-few forwards as pays: items sorted by length share a forward while the padding that costs is
-worth less than a forward's fixed cost (both measured at warm-up), so decode steps run
-together, verifies of similar k together, and a prefill does not pad forty decode rows to its
-length. Each item's rows
-come back as the model's own logits in its own dtype: mixing and sampling downstream are
-invariant to a per-row constant, so this loses nothing against the model's output and spares
-a log-softmax here. A bad item fails alone; the others go on.
+Every call is a batch of items, one per session (TGI's shard, vLLM's engine core): the engine
+admits them (admission.py: sessions, rollback, KV blocks), groups them into forwards, and the
+runner (runner.py) runs each forward: eagerly, or static-shaped and replayed from a captured
+CUDA graph. Items sorted by length share a forward while the padding that costs is worth less
+than a forward's fixed cost (both measured at warm-up), so decode steps run together,
+verifies of similar k together, and a prefill does not pad forty decode rows to its length.
+Each item's rows come back as the model's own logits in its own dtype, floored
+(`core.mixing.floor_rows_`: no entry more than 1e4 below its row's maximum, which changes no
+probability): mixing and sampling downstream are invariant to a per-row constant, so this
+loses nothing against the model's output and spares a log-softmax here. A bad item fails alone; the others go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import json
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from eftmesh.common import loading
-from eftmesh.common.errors import (
-    EftMeshError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    ResourceExhausted,
-    Unavailable,
-    quote,
-)
+from eftmesh.common.errors import EftMeshError, InvalidArgument
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, make_generator, process, sample
-from eftmesh.logit.kvcache import BatchView, PagedKVPool, PoolExhausted
-from eftmesh.logit.sessions import Session, SessionCapReached, SessionStore
+from eftmesh.core.sampling import (
+    NoFiniteMass,
+    SamplingConfig,
+    argmax_rows,
+    check_argmax_finite,
+    make_generator,
+    process,
+    sample,
+)
+from eftmesh.logit.admission import (  # noqa: F401  (DRAINING_PREFIX, MAX_SESSION_ID_BYTES: the engine's API)
+    DRAINING_PREFIX,
+    MAX_SESSION_ID_BYTES,
+    Admitted,
+    KVAdmission,
+    Want,
+    check_session_id,
+)
+from eftmesh.logit.kvcache import PagedKVPool
+from eftmesh.logit.placement import (  # noqa: F401  (parse_*: the server's flag parsing)
+    check_full_attention,
+    mask_swapper,
+    model_devices,
+    model_max_context,
+    parse_device_map,
+    parse_max_memory,
+)
+from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
+from eftmesh.logit.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +71,20 @@ class EngineFault(EftMeshError):
     """The model failed on a batch (a server fault, not the caller's): INTERNAL."""
 
 
-# The start of the message of an item refused because the replica drains: the combiner starts
-# such a session on another replica (from 0) instead of failing it.
-DRAINING_PREFIX = "draining:"
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and execution settings of one engine, built once from the flags (server.py)."""
+
+    max_sessions: int = 256  # --max-sessions
+    session_idle_timeout_s: float = 300.0  # --session-idle-timeout
+    max_context: int | None = None  # --max-context (None: the model's own)
+    max_k: int = 32  # --max-k: the largest Draft
+    max_batch: int = 64  # --max-batch: most items in one forward
+    kv_cache_tokens: int = 16384  # --kv-cache-tokens
+    kv_block_size: int = 16  # --kv-block-size
+    prefill_tokens: int = 2048  # --prefill-tokens: most padded tokens in one forward
+    session_active_s: float = 1.0  # --session-active-window
+    graphs: GraphConfig = GraphConfig()  # --cuda-graphs, --cuda-graph-*
 
 
 @dataclass(frozen=True)
@@ -91,18 +120,6 @@ class ItemResult:
     error: EftMeshError | None = None
 
 
-@dataclass
-class _Row:
-    """An admitted item inside the engine: its session, ids and the rows it wants."""
-
-    index: int
-    session_id: str
-    session: Session
-    ids: list[int]
-    rows: int
-    k: int = 0
-
-
 @dataclass(frozen=True)
 class EngineInfo:
     """What `LogitService.Info` reports."""
@@ -123,11 +140,11 @@ class EngineInfo:
     kv_block_size: int
     max_batch: int
     chat_template: str = ""
-
-
-# The longest session id accepted (UTF-8 bytes). The combiner's ids are a 32-character hex id,
-# a colon and a role name (at most 128 bytes); a longer id is refused before it is stored.
-MAX_SESSION_ID_BYTES = 256
+    # How steps run: "eager", "static" (static shapes, not captured) or "cuda-graphs"; with
+    # graphs, how many were captured and how long the capture took (set by warmup()).
+    execution: str = "eager"
+    cuda_graphs: int = 0
+    graph_capture_s: float = 0.0
 
 
 def tokenizer_chat_template(tokenizer: Any) -> str:
@@ -138,69 +155,6 @@ def tokenizer_chat_template(tokenizer: Any) -> str:
     return t if isinstance(t, str) else ""
 
 
-def check_session_id(session_id: str) -> None:
-    if not session_id:
-        raise InvalidArgument("session_id must be non-empty")
-    n = len(session_id.encode("utf-8", "surrogatepass"))
-    if n > MAX_SESSION_ID_BYTES:
-        raise InvalidArgument(
-            f"session_id is {n} bytes long; session ids are at most {MAX_SESSION_ID_BYTES} bytes: {quote(session_id)}"
-        )
-
-
-def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
-    """--device-map: "none" (or empty) -> None, "auto" -> "auto", else a JSON object of module
-    names to devices (e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1})."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return None
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--device-map must be none, auto or a JSON object of module names to devices: {e}") from None
-    if not isinstance(value, dict) or not value:
-        raise ValueError("--device-map JSON must be a non-empty object of module names to devices")
-    return value
-
-
-def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
-    """--max-memory "0=70GiB,1=70GiB,cpu=8GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "8GiB"}."""
-    if not text:
-        return None
-    out: dict[int | str, str] = {}
-    for part in text.split(","):
-        key, sep, size = part.strip().partition("=")
-        if not sep or not key or not size:
-            raise ValueError(f"--max-memory wants DEVICE=SIZE pairs separated by commas, got {part!r}")
-        out[int(key) if key.isdigit() else key] = size
-    return out
-
-
-def _model_devices(model: Any) -> list[torch.device]:
-    """The devices the model's weights are on, in module order, without repeats."""
-    return list(dict.fromkeys(p.device for p in model.parameters()))
-
-
-def model_max_context(config: Any) -> int:
-    """The longest sequence a transformers config admits (positions it can embed)."""
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError("cannot tell the model's context length from its config; pass --max-context")
-
-
-def _check_full_attention(config: Any) -> None:
-    """The paged cache serves full-attention decoders; sliding windows would need their own layout."""
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise ValueError(
-            f"{getattr(config, 'model_type', 'this model')} uses sliding-window or non-attention layers "
-            f"({sorted(kinds)}); eftmesh's paged KV cache serves full-attention models only"
-        )
-
-
 class ModelEngine:
     """One model, its tokenizer identity, its sessions and their paged KV cache.
 
@@ -209,46 +163,33 @@ class ModelEngine:
     into one call instead.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        *,
-        model_id: str,
-        role: str,
-        max_sessions: int = 256,
-        session_idle_timeout_s: float = 300.0,
-        max_context: int | None = None,
-        max_k: int = 32,
-        max_batch: int = 64,
-        kv_cache_tokens: int = 16384,
-        kv_block_size: int = 16,
-        prefill_tokens: int = 2048,
-        session_active_s: float = 1.0,
-    ) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, model_id: str, role: str,
+                 config: EngineConfig | None = None, **overrides: Any) -> None:
+        """`overrides` replace fields of `config` (e.g. kv_cache_tokens=256 in a test)."""
+        cfg = self.config = dataclasses.replace(config or EngineConfig(), **overrides)
         self.model = model.eval()
-        _check_full_attention(model.config)
-        self.max_k = max_k
-        self.max_batch = max(1, max_batch)
-        self.prefill_tokens = max(1, prefill_tokens)
+        check_full_attention(model.config)
+        self.max_k = cfg.max_k
+        self.max_batch = max(1, cfg.max_batch)
+        self.prefill_tokens = max(1, cfg.prefill_tokens)
         # A model sharded over several devices (a device map) takes its inputs on the embedding's
         # device; `self.device` is that one, `self.devices` all of them in layer order.
-        self.devices = _model_devices(model)
+        self.devices = model_devices(model)
         if torch.device("meta") in self.devices:
             raise ValueError("some weights are offloaded (on the meta device): eftmesh serves models whose "
                              "weights all live on GPUs or all on the CPU; raise --max-memory or add GPUs")
         self.device = model.get_input_embeddings().weight.device
-        # logits_to_keep indexes the final hidden states, on the device of the base model's last
-        # weights (its final norm), before the head
-        self._keep_device = list(model.base_model.parameters())[-1].device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         ctx = model_max_context(model.config)
-        self.max_context = min(ctx, max_context) if max_context else ctx
-        self.pool = PagedKVPool(kv_cache_tokens, kv_block_size, model.config.num_hidden_layers, self.device, self.dtype)
+        self.max_context = min(ctx, cfg.max_context) if cfg.max_context else ctx
+        self.pool = PagedKVPool(cfg.kv_cache_tokens, cfg.kv_block_size, model.config.num_hidden_layers, self.device,
+                                self.dtype)
         # One session can never hold more than the whole pool: that is its context limit too, so
         # callers see it in Info and stop (finish reason CONTEXT) instead of failing.
         self.max_context = min(self.max_context, self.pool.capacity_tokens)
+        self.runner = ModelRunner(model, self.pool, max_context=self.max_context, graphs=cfg.graphs,
+                                  sharded=len(self.devices) > 1, floor_limit=min(len(tokenizer), self.vocab_size))
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.info = EngineInfo(
             model_id=model_id,
@@ -259,23 +200,24 @@ class ModelEngine:
             max_context=self.max_context,
             dtype=str(self.dtype).removeprefix("torch."),
             device=",".join(str(d) for d in self.devices),
-            max_sessions=max_sessions,
-            session_idle_timeout_s=session_idle_timeout_s,
+            max_sessions=cfg.max_sessions,
+            session_idle_timeout_s=cfg.session_idle_timeout_s,
             eos_token_id=-1 if eos is None else int(eos),
-            max_k=max_k,
+            max_k=cfg.max_k,
             kv_cache_tokens=self.pool.capacity_tokens,
-            kv_block_size=kv_block_size,
+            kv_block_size=cfg.kv_block_size,
             max_batch=self.max_batch,
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
+            execution="static" if self.runner.static else "eager",
         )
-        self.sessions = SessionStore(max_sessions, session_idle_timeout_s, on_drop=lambda s: self.pool.free(s.table),
-                                     active_s=session_active_s)
+        self.sessions = SessionStore(cfg.max_sessions, cfg.session_idle_timeout_s,
+                                     on_drop=lambda s: self.pool.free(s.table), active_s=cfg.session_active_s)
+        self.admission = KVAdmission(self.pool, self.sessions, vocab_size=self.vocab_size,
+                                     max_context=self.max_context, role=role)
         self._lock = threading.Lock()
         # How many padded tokens cost as much as one more forward (its fixed, per-layer cost):
         # items whose padding wastes less than this share a forward. Measured by warmup().
         self.merge_tokens = DEFAULT_MERGE_TOKENS
-        # Set by start_draining(): the name of this replica, and no new session is created.
-        self.draining: str | None = None
         if len(self.devices) > 1:
             self._follow_mask()
 
@@ -287,7 +229,7 @@ class ModelEngine:
             module = self.model.get_submodule(name)
             weight = next(module.parameters(), None)
             if weight is not None:
-                module.register_forward_pre_hook(_mask_swapper(weight.device), with_kwargs=True)
+                module.register_forward_pre_hook(mask_swapper(weight.device), with_kwargs=True)
 
     @classmethod
     def from_pretrained(
@@ -303,6 +245,7 @@ class ModelEngine:
         revision: str | None = None,
         tokenizer: str | None = None,
         tokenizer_revision: str | None = None,
+        config: EngineConfig | None = None,
         **kwargs: Any,
     ) -> ModelEngine:
         """Load a causal LM and its tokenizer from a checkpoint folder, a .gguf file (dequantised
@@ -337,12 +280,13 @@ class ModelEngine:
             model = model.to(device)  # no accelerate: load on the CPU, then move
         if device_map is not None:
             log.info("%s: device map %s", role, getattr(model, "hf_device_map", device_map))
-        return cls(model, tok, model_id=source.model_id, role=role, **kwargs)
+        return cls(model, tok, model_id=source.model_id, role=role, config=config, **kwargs)
 
     def warmup(self) -> None:
         """Real forwards through the paged cache: readiness means the device answers and the KV
         pool is allocated, not just that the weights loaded. Their timings give the forward's
-        fixed cost against its cost per token, which decides how items share forwards."""
+        fixed cost against its cost per token, which decides how items share forwards. Then,
+        on CUDA, every static bucket is captured as a CUDA graph (logged, reported in Info)."""
         sid = "\x00warmup"
         n = max(2, min(32, self.max_context // 2))
         try:
@@ -356,6 +300,11 @@ class ModelEngine:
         self.merge_tokens = int(min(fixed / per_token, self.prefill_tokens)) if per_token > 0 else self.prefill_tokens
         log.info("%s: forward fixed cost %.2f ms, %.3f ms per token: padding up to %d tokens shares a forward",
                  self.info.role, fixed * 1e3, per_token * 1e3, self.merge_tokens)
+        with self._lock:
+            seconds = self.runner.capture()
+        if self.runner.graphs:
+            self.info = dataclasses.replace(self.info, execution="cuda-graphs", cuda_graphs=len(self.runner.graphs),
+                                            graph_capture_s=round(seconds, 3))
 
     def _timed(self, sid: str, n: int) -> float:
         """Seconds of one prefill of n tokens (a fresh session each time)."""
@@ -374,7 +323,12 @@ class ModelEngine:
         UNAVAILABLE with a message starting with DRAINING_PREFIX, naming `replica`. Sessions
         held go on being served until released, evicted or expired. For good."""
         with self._lock:
-            self.draining = replica or self.info.role
+            self.admission.draining = replica or self.info.role
+
+    @property
+    def draining(self) -> str | None:
+        """The replica's name once start_draining() was called, else None."""
+        return self.admission.draining
 
     @property
     def live_sessions(self) -> int:
@@ -433,9 +387,7 @@ class ModelEngine:
         """Run every item; each gets its last `rows` rows of logits, or its own error."""
         results = [ItemResult() for _ in items]
         with self._lock, torch.inference_mode():
-            admitted = self._admit(
-                [(it.session_id, it.start, it.tokens, it.rows, 0) for it in items], results
-            )
+            admitted = self._admit([Want(it.session_id, it.start, it.tokens, it.rows) for it in items], results)
             self._run(admitted, results)
         return results
 
@@ -444,37 +396,29 @@ class ModelEngine:
 
         Draft i of an item is drawn from `core.sampling.process(row_i[:vocab_limit].float(), sampling)`
         with the item's own seeded generator, where row_i is exactly the row returned, so the
-        combiner recomputes the q each draft came from. The last draft is fed too, so its row
-        (the bonus row of verification) comes back and every cache holds start + n + k tokens.
-        Each item gets k + 1 rows; batching changes no item's drafts.
+        combiner recomputes the q each draft came from (greedy items take the argmax of the
+        row, which processing cannot change). The last draft is fed too, so its row (the bonus
+        row of verification) comes back and every cache holds start + n + k tokens. Each item
+        gets k + 1 rows; batching changes no item's drafts.
         """
         results = [ItemResult() for _ in items]
         with self._lock, torch.inference_mode():
+            wants: list[Want | None] = []
             for it, res in zip(items, results):
                 if not 1 <= it.k <= self.max_k:
                     res.error = InvalidArgument(f"k must be in [1, {self.max_k}], got {it.k}")
                 elif not 0 <= it.vocab_limit <= self.vocab_size:
                     res.error = InvalidArgument(f"vocab_limit must be in [0, {self.vocab_size}], got {it.vocab_limit}")
-            todo = [(it.session_id, it.start, it.tokens, 1, it.k) if res.error is None else None
-                    for it, res in zip(items, results)]
-            admitted = self._admit(todo, results)
+                wants.append(Want(it.session_id, it.start, it.tokens, 1, it.k) if res.error is None else None)
+            admitted = self._admit(wants, results)
             self._run(admitted, results)  # the row after each item's last sent token
             live = [r for r in admitted if results[r.index].error is None]
-            gens = {r.index: make_generator(items[r.index].seed, self.device) for r in live}
+            # Rows come back on the CPU, so drafts are drawn there: generators on the CPU.
+            gens = {r.index: make_generator(items[r.index].seed) for r in live}
             chunks = {r.index: [results[r.index].rows] for r in live}
             for step in range(max((r.k for r in live), default=0)):
                 active = [r for r in live if r.k > step and results[r.index].error is None]
-                for r in active:
-                    it = items[r.index]
-                    row = chunks[r.index][-1][-1:]  # [1, vocab]
-                    limit = it.vocab_limit or self.vocab_size
-                    try:
-                        x = int(sample(process(row[:, :limit].float(), it.sampling), it.sampling, gens[r.index])[0])
-                    except NoFiniteMass as e:  # this item's row is degenerate: fail it alone
-                        results[r.index].error = InvalidArgument(str(e))
-                        continue
-                    results[r.index].drafts.append(x)
-                    r.ids, r.rows = [x], 1
+                self._draw(active, items, results, chunks, gens)
                 active = [r for r in active if results[r.index].error is None]
                 self._run(active, results)
                 for r in active:
@@ -486,109 +430,53 @@ class ModelEngine:
                     res.rows = torch.cat(chunks[r.index])  # [k + 1, vocab]
         return results
 
-    def _admit(
-        self, todo: Sequence[tuple[str, int, Sequence[int], int, int] | None], results: list[ItemResult]
-    ) -> list[_Row]:
-        """Validate items (session_id, start, tokens, rows, k) and give each its session cut back
-        to `start` with blocks for start + len(tokens) + k tokens. Holds the lock."""
-        rows: list[_Row] = []
-        seen: set[str] = set()
-        batch = {item[0] for item in todo if item is not None}  # never evicted for one another
-        for i, item in enumerate(todo):
-            if item is None:
+    def _draw(self, active: list[Admitted], items: Sequence[DraftItem], results: list[ItemResult],
+              chunks: dict[int, list[torch.Tensor]], gens: dict[int, torch.Generator]) -> None:
+        """Draw each active item's next draft from its last row and make it the item's next
+        input. Greedy items of one vocabulary limit share one argmax over their stacked rows;
+        sampled items draw with their own generators. A degenerate row fails its item alone."""
+        greedy: dict[int, list[Admitted]] = {}
+        for r in active:
+            it = items[r.index]
+            limit = it.vocab_limit or self.vocab_size
+            if it.sampling.greedy:
+                greedy.setdefault(limit, []).append(r)
                 continue
-            sid, start, tokens, want, k = item
+            row = chunks[r.index][-1][-1:, :limit].float()  # [1, limit]
             try:
-                ids = self._check(sid, start, tokens, want, k)
-                if sid in seen:
-                    raise InvalidArgument(f"session {quote(sid)} appears twice in one batch")
-                seen.add(sid)
-                rows.append(_Row(i, sid, self._session_at(sid, start, batch), ids, want, k))
-            except EftMeshError as e:
-                results[i].error = e
-        admitted = []
-        for r in rows:
-            try:
-                self._reserve(r.session, r.session.length + len(r.ids) + r.k, batch)
-                admitted.append(r)
-            except ResourceExhausted as e:
-                results[r.index].error = e
-                if r.session.length == 0:
-                    self.sessions.release(r.session_id)
+                self._drafted(r, results, int(sample(process(row, it.sampling), it.sampling, gens[r.index])[0]))
+            except NoFiniteMass as e:
+                results[r.index].error = InvalidArgument(str(e))
+        for limit, group in greedy.items():
+            rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
+            top = argmax_rows(rows)
+            for i, r in enumerate(group):
+                try:
+                    check_argmax_finite(rows[i:i + 1], top[i:i + 1])
+                except NoFiniteMass as e:
+                    results[r.index].error = InvalidArgument(str(e))
+                    continue
+                self._drafted(r, results, int(top[i]))
+
+    @staticmethod
+    def _drafted(r: Admitted, results: list[ItemResult], token: int) -> None:
+        results[r.index].drafts.append(token)
+        r.ids, r.rows = [token], 1
+
+    def _admit(self, wants: Sequence[Want | None], results: list[ItemResult]) -> list[Admitted]:
+        errors: list[EftMeshError | None] = [None] * len(wants)
+        admitted = self.admission.admit(wants, errors)
+        for res, err in zip(results, errors):
+            if err is not None:
+                res.error = err
         return admitted
 
-    def _check(self, session_id: str, start: int, tokens: Sequence[int], rows: int, extra: int) -> list[int]:
-        check_session_id(session_id)
-        n = len(tokens)
-        if n == 0:
-            raise InvalidArgument("tokens must be non-empty: send at least the last token")
-        if rows > n:
-            raise InvalidArgument(f"rows={rows} exceeds the {n} tokens sent")
-        if start + n + extra > self.max_context:
-            raise OutOfRange(
-                f"start {start} + {n} tokens" + (f" + {extra} drafts" if extra else "")
-                + f" exceeds the model's max context {self.max_context}"
-            )
-        ids = list(tokens)
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return ids
-
-    def _session_at(self, session_id: str, start: int, batch: Collection[str] = ()) -> Session:
-        """The session cut back to `start` tokens (a new one when start == 0, evicting the least
-        recently used session outside `batch` at the session cap). Holds the lock."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            if start > 0:
-                raise NotFound(
-                    f"unknown session {quote(session_id)} (evicted, expired or never created): "
-                    "re-send the whole sequence with start=0"
-                )
-            if self.draining is not None:
-                raise Unavailable(
-                    f"{DRAINING_PREFIX} replica {self.draining} ({self.info.role}) is shutting down and "
-                    f"takes no new session: start {quote(session_id)} on another replica"
-                )
-            try:
-                session = self.sessions.create(session_id, keep=batch)
-            except SessionCapReached as e:
-                raise ResourceExhausted(f"{e} (--max-sessions): retry when sessions finish") from None
-        if start > session.length:
-            raise FailedPrecondition(
-                f"start {start} leaves a gap: session {quote(session_id)} holds {session.length} "
-                "tokens; start must be <= the cached length"
-            )
-        self.pool.truncate(session.table, start)
-        return session
-
-    def _reserve(self, session: Session, length: int, keep: Collection[str]) -> None:
-        """Blocks for `length` tokens, evicting idle sessions (least recently used first, never
-        one of this batch) while the pool is short; evicts nothing when that could not suffice."""
-        need = self.pool.blocks_for(length) - len(session.table.blocks)
-        if need > self.pool.free_blocks + self.sessions.evictable_blocks(keep):
-            raise ResourceExhausted(
-                f"KV cache full: {need} blocks of {self.pool.block_size} tokens needed, "
-                f"{self.pool.free_blocks} free of {self.pool.num_blocks} and the rest held by active sessions; "
-                "retry when sessions finish, or raise --kv-cache-tokens"
-            )
-        while True:
-            try:
-                self.pool.reserve(session.table, length)
-                return
-            except PoolExhausted as e:
-                if not self.sessions.evict_lru(keep):
-                    raise ResourceExhausted(
-                        f"KV cache full ({self.pool.capacity_tokens} tokens, every block held by active sessions): {e}; "
-                        "retry when sessions finish, or raise --kv-cache-tokens"
-                    ) from None
-
-    def _run(self, rows: list[_Row], results: list[ItemResult]) -> None:
+    def _run(self, rows: list[Admitted], results: list[ItemResult]) -> None:
         """Forward every row, in as few forwards as pays: rows sorted by length join the current
         forward while it holds fewer than max_batch rows, its padded tokens stay within
         prefill_tokens, and the padding they add is worth less than another forward."""
-        groups: list[list[_Row]] = []
-        group: list[_Row] = []
+        groups: list[list[Admitted]] = []
+        group: list[Admitted] = []
         for r in sorted(rows, key=lambda r: len(r.ids)):
             n, b = len(r.ids), len(group) + 1
             waste = b * n - (sum(len(x.ids) for x in group) + n)  # padding if r joins (it is the longest)
@@ -601,54 +489,23 @@ class ModelEngine:
         for g in groups:
             self._forward(g, results)
 
-    def _forward(self, rows: list[_Row], results: list[ItemResult]) -> None:
-        """One forward over rows that each append their ids at their own position; each row's
-        result gets its last `rows` logits. A model failure fails these rows and drops their
-        sessions (their caches may hold part of the call)."""
-        tables = [r.session.table for r in rows]
+    def _forward(self, rows: list[Admitted], results: list[ItemResult]) -> None:
+        """One forward (the runner's) over rows that each append their ids at their own
+        position; each row's result gets its last `rows` logits. A model failure fails these
+        rows and drops their sessions (their caches may hold part of the call)."""
         past = [r.session.length for r in rows]
-        new = [len(r.ids) for r in rows]
-        n, keep = max(new), max(max(r.rows for r in rows), 1)
-        view = BatchView(self.pool, tables, past, new, n)
-        ids = torch.zeros((len(rows), n), dtype=torch.long)  # [rows, n]; padding id 0
-        for b, r in enumerate(rows):
-            ids[b, : new[b]] = torch.tensor(r.ids, dtype=torch.long)
-        # Each row keeps its last `keep` real query columns (rows asking fewer take a prefix of
-        # them, dropped below); the model projects only those onto the vocabulary.
-        cols = torch.tensor(new)[:, None] - keep + torch.arange(keep)[None, :]  # [rows, keep]
+        keep = max(max(r.rows for r in rows), 1)
+        batch = StepBatch([r.session.table for r in rows], past, [r.ids for r in rows], keep)
         try:
-            out = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=view.attention_mask(self.dtype),
-                position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
-                cache=view,
-                use_cache=True,
-                logits_to_keep=cols.clamp_min(0).to(self._keep_device),
-            )
+            logits = self.runner.forward(batch)  # [rows, keep, vocab] on the CPU
         except Exception as e:
             log.exception("%s: forward of %d rows failed", self.info.role, len(rows))
             for r in rows:
                 results[r.index].error = EngineFault(f"the model failed on this batch: {type(e).__name__}")
                 self.sessions.release(r.session_id)
             return
-        logits = out.logits.to("cpu")  # [rows, keep, vocab]
         for b, r in enumerate(rows):
-            r.session.table.length = past[b] + new[b]
+            r.session.table.length = past[b] + len(r.ids)
             res = results[r.index]
             res.rows = logits[b, keep - r.rows:]  # [r.rows, vocab]
             res.cache_length = r.session.table.length
-
-
-def _mask_swapper(device: torch.device) -> Any:
-    """A forward pre-hook for a module on `device`: where its arguments carry a BatchView and
-    that view's mask, it gets the view's copy of the mask on `device` instead."""
-
-    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        view = next((a for a in (*args, *kwargs.values()) if isinstance(a, BatchView)), None)
-        if view is None or view.mask is None or view.mask.device == device:
-            return None
-        mask = view.mask_on(device)
-        return (tuple(mask if a is view.mask else a for a in args),
-                {k: mask if v is view.mask else v for k, v in kwargs.items()})
-
-    return hook

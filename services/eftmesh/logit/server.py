@@ -26,7 +26,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from eftmesh.common import loading, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit import deletion_cost
-from eftmesh.logit.engine import DTYPES, ModelEngine, parse_device_map, parse_max_memory
+from eftmesh.logit.engine import DTYPES, EngineConfig, ModelEngine
+from eftmesh.logit.placement import parse_device_map, parse_max_memory
+from eftmesh.logit.runner import GRAPH_MODES, GraphConfig
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -56,15 +58,8 @@ class LogitConfig:
     device_map: str = "none"  # none, auto or a JSON object of module names to devices
     max_memory: str = ""  # with a device map: "0=70GiB,1=70GiB"
     dtype: str = "float32"
-    max_sessions: int = 256
-    session_idle_timeout_s: float = 300.0
-    max_context: int | None = None
-    max_k: int = 32
-    max_batch: int = 64
-    kv_cache_tokens: int = 16384
-    kv_block_size: int = 16
-    prefill_tokens: int = 2048
-    session_active_s: float = 1.0
+    # sessions, KV cache, batching and step execution (the engine's own config, built once here)
+    engine: EngineConfig = EngineConfig()
     threads: int | None = None
     trust_remote_code: bool = False
     otlp: bool = False
@@ -132,8 +127,25 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                    help="Jinja chat template file that replaces the tokenizer's own (for a model that ships none, or a "
                         "fixed one); the combiner renders chat messages with it (default: the tokenizer's)")
     p.add_argument("--hide-model-path", dest="expose_model_id", action="store_false", help="Info reports the role as model_id instead of --model (a local path or hub id) (default: --model is reported)")
+    p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto",
+                   help="how decode and verify steps run: auto captures a CUDA graph per (batch, query, context) bucket "
+                        "at warm-up when the model is on one CUDA device and replays it (eager elsewhere, and for "
+                        "prefills and shapes past the buckets); off runs every step eagerly; static runs the "
+                        "captured path's static shapes without capturing (debugging, and CI on a CPU) (default: %(default)s)")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=32,
+                   help="largest batch bucket captured (buckets 1, 2, 4, 8, then multiples of 8) (default: %(default)s)")
+    p.add_argument("--cuda-graph-max-query", type=int, default=8,
+                   help="largest query length captured (decode 1; a verify of k drafts k + 1; buckets are powers of "
+                        "two) (default: %(default)s)")
+    p.add_argument("--cuda-graph-max-context", type=int, default=4096,
+                   help="largest context captured, in tokens (buckets are powers of two from 64; longer contexts run "
+                        "eagerly) (default: %(default)s)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
+    try:
+        graphs = GraphConfig(a.cuda_graphs, a.cuda_graph_max_batch, a.cuda_graph_max_query, a.cuda_graph_max_context)
+    except ValueError as e:
+        p.error(str(e))
     if a.deletion_cost_interval is not None and a.deletion_cost_interval < 0:
         p.error(f"--deletion-cost-interval must be >= 0, got {a.deletion_cost_interval}")
     return LogitConfig(
@@ -148,15 +160,18 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         device_map=a.device_map,
         max_memory=a.max_memory,
         dtype=a.dtype,
-        max_sessions=a.max_sessions,
-        session_idle_timeout_s=a.session_idle_timeout,
-        max_context=a.max_context,
-        max_k=a.max_k,
-        max_batch=a.max_batch,
-        kv_cache_tokens=a.kv_cache_tokens,
-        kv_block_size=a.kv_block_size,
-        prefill_tokens=a.prefill_tokens,
-        session_active_s=a.session_active_window,
+        engine=EngineConfig(
+            max_sessions=a.max_sessions,
+            session_idle_timeout_s=a.session_idle_timeout,
+            max_context=a.max_context,
+            max_k=a.max_k,
+            max_batch=a.max_batch,
+            kv_cache_tokens=a.kv_cache_tokens,
+            kv_block_size=a.kv_block_size,
+            prefill_tokens=a.prefill_tokens,
+            session_active_s=a.session_active_window,
+            graphs=graphs,
+        ),
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,
         otlp=tracing.otlp_requested(env),
@@ -254,15 +269,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
             max_memory=parse_max_memory(cfg.max_memory),
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
-            max_sessions=cfg.max_sessions,
-            session_idle_timeout_s=cfg.session_idle_timeout_s,
-            max_context=cfg.max_context,
-            max_k=cfg.max_k,
-            max_batch=cfg.max_batch,
-            kv_cache_tokens=cfg.kv_cache_tokens,
-            kv_block_size=cfg.kv_block_size,
-            prefill_tokens=cfg.prefill_tokens,
-            session_active_s=cfg.session_active_s,
+            config=cfg.engine,
         )
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider(f"eftmesh-logit-{cfg.role}", otlp=cfg.otlp)

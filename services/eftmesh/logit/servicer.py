@@ -146,7 +146,7 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
         with self._measured("ScoreBatch", sum(len(it.tokens) for it in items), len(items)):
             results = self.engine.score_batch(items)
         logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
-        return logit_pb2.ScoreBatchResponse(logits=logits, results=pb)
+        return logit_pb2.ScoreBatchResponse(logits=logits, results=pb, floored=True)  # the runner floors every row
 
     def DraftBatch(
         self, request: logit_pb2.DraftBatchRequest, context: grpc.ServicerContext
@@ -157,4 +157,4 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
             for i, r in zip(where, self.engine.draft_batch(items)):
                 results[i] = r
         logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
-        return logit_pb2.DraftBatchResponse(logits=logits, results=pb)
+        return logit_pb2.DraftBatchResponse(logits=logits, results=pb, floored=True)

@@ -146,12 +146,14 @@ class ItemResult(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., cache_length: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreBatchResponse(_message.Message):
-    __slots__ = ("logits", "results")
+    __slots__ = ("logits", "results", "floored")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FLOORED_FIELD_NUMBER: _ClassVar[int]
     logits: _tensor_pb2.Tensor
     results: _containers.RepeatedCompositeFieldContainer[ItemResult]
-    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
+    floored: bool
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., floored: _Optional[bool] = ...) -> None: ...
 
 class DraftItem(_message.Message):
     __slots__ = ("session_id", "start", "tokens", "k", "sampling", "seed", "vocab_limit")
@@ -178,9 +180,11 @@ class DraftBatchRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ...) -> None: ...
 
 class DraftBatchResponse(_message.Message):
-    __slots__ = ("logits", "results")
+    __slots__ = ("logits", "results", "floored")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FLOORED_FIELD_NUMBER: _ClassVar[int]
     logits: _tensor_pb2.Tensor
     results: _containers.RepeatedCompositeFieldContainer[ItemResult]
-    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
+    floored: bool
+    def __init__(self, logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., floored: _Optional[bool] = ...) -> None: ...

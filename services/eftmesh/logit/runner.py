@@ -1,0 +1,327 @@
+"""The forward pass of a logit service: its inputs, its static buffers and its CUDA graphs.
+
+The engine (engine.py) owns sessions, admission and batching and hands the runner one
+`StepBatch` per forward: rows that each append `new[b]` tokens to a session holding
+`past[b]`, with its block table. The runner returns the last `keep` columns' logits of every
+row, on the CPU, in one copy.
+
+Two paths:
+
+- eager: the shapes of the batch as they are; host-built indices and mask, copied to the
+  device. Prefills and everything outside the captured buckets take it.
+- static: rows padded to a batch bucket, query columns to a query bucket (decode: 1; a
+  verify of k drafts: k + 1, rounded up) and the gathered context to a context bucket, so
+  that one bucket always runs the same shapes at the same addresses. The host writes ids,
+  past and new lengths and block tables into one pinned buffer, copied to the device in one
+  non-blocking copy; slots, positions and the attention mask are derived on the device from
+  them; the logits come back in one copy, the step's one host sync. On CUDA each bucket is
+  captured once at warm-up as a CUDA graph and replayed (vLLM and SGLang's design: a decode
+  step of a small model is host-bound, ~600 kernel launches dispatched from Python each
+  step; a replay is one launch). Without a GPU the same static path runs eagerly
+  (`--cuda-graphs static`), which is how CI checks that it equals the eager one.
+
+Attention over the paged pool: PyTorch's SDPA has no paged form, so each layer gathers the
+batch's keys and values into a static [rows, context bucket] view (one `index_select`) and
+masks what lies past each row's length. The gather reads bucket-sized context, so context
+buckets are powers of two: at most 2x the context actually held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from eftmesh.core.mixing import floor_rows_
+from eftmesh.logit.kvcache import BatchView, BlockTable, PagedKVPool
+
+log = logging.getLogger(__name__)
+
+GRAPH_MODES = ("auto", "off", "static")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Which steps run static-shaped, and captured (flags --cuda-graphs and --cuda-graph-*).
+
+    mode: "auto" captures CUDA graphs when the model is on one CUDA device, and runs eagerly
+    otherwise (on a CPU the padding of static shapes costs more than the dispatch it saves);
+    "off" always runs eagerly; "static" runs the static path without capturing (what CI
+    checks on the CPU, and a way to tell a capture problem from a shape problem).
+    """
+
+    mode: str = "auto"
+    max_batch: int = 32  # largest captured batch bucket
+    max_query: int = 8  # largest captured query length (decode 1; a verify of k drafts k + 1)
+    max_context: int = 4096  # largest captured context bucket (tokens gathered per row)
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRAPH_MODES:
+            raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.mode!r}")
+        for name in ("max_batch", "max_query", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--cuda-graph-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """vLLM's capture sizes: 1, 2, 4, 8, then multiples of 8, up to max_batch (included)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return sorted(set(sizes + [max_batch]))
+
+
+def pow2_buckets(limit: int, lowest: int = 1) -> list[int]:
+    """lowest, 2 * lowest, ... below `limit`, then `limit`."""
+    out, b = [], lowest
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int | None:
+    """The smallest bucket >= n; None when n exceeds them all."""
+    return next((b for b in buckets if b >= n), None)
+
+
+@dataclass
+class StepBatch:
+    """One forward: row b appends `ids[b]` (len new[b] >= 1) to a session of `past[b]` tokens."""
+
+    tables: list[BlockTable]
+    past: list[int]
+    ids: list[list[int]]
+    keep: int  # logits wanted for the last `keep` query columns of every row (<= min new)
+
+    @property
+    def new(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+
+class StaticView(Cache):
+    """The `Cache` a static-shaped forward sees: `BatchView.update` over indices that live on
+    the device (built there from the block tables), with no host-side state per step."""
+
+    def __init__(self, pool: PagedKVPool, write_idx: torch.Tensor, read_idx: torch.Tensor, rows: int, n: int,
+                 length: int) -> None:
+        super().__init__(layers=[])
+        self.pool, self.write_idx, self.read_idx = pool, write_idx, read_idx
+        self.rows, self.n, self.length = rows, n, length
+
+    update = BatchView.update
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length - self.n
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class ModelRunner:
+    """Owns one model's forward: `forward(batch)` -> [rows, keep, vocab] logits on the CPU."""
+
+    def __init__(self, model: Any, pool: PagedKVPool, *, max_context: int, graphs: GraphConfig,
+                 sharded: bool, floor_limit: int | None = None) -> None:
+        self.model = model
+        # Rows are floored (core.mixing.floor_rows_) over the tokenizer's columns on the device,
+        # so that the combiner mixes them as they come (ScoreBatchResponse.floored).
+        self.floor_limit = floor_limit
+        self.pool = pool
+        self.max_context = max_context
+        self.device = model.get_input_embeddings().weight.device
+        # logits_to_keep indexes the final hidden states, on the device of the base model's last
+        # weights (its final norm), before the head
+        self._keep_device = list(model.base_model.parameters())[-1].device
+        self.dtype = next(model.parameters()).dtype
+        self.sharded = sharded
+        on_cuda = self.device.type == "cuda" and not sharded
+        self.static = graphs.mode == "static" or (graphs.mode == "auto" and on_cuda)
+        self.capture_graphs = graphs.mode == "auto" and on_cuda
+        if sharded and graphs.mode == "static":
+            raise ValueError("--cuda-graphs static needs the model on one device (no --device-map)")
+        bs = pool.block_size
+        ctx = min(graphs.max_context, max_context)
+        self.batches = batch_buckets(graphs.max_batch)
+        self.queries = pow2_buckets(graphs.max_query)
+        # context buckets are whole blocks: a row's block table is read in whole blocks
+        self.contexts = sorted({-(-c // bs) * bs for c in pow2_buckets(ctx, lowest=min(ctx, max(64, bs)))})
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0
+        self.static_steps = self.eager_steps = 0
+        if self.static:
+            most = max(self.batches) * (max(self.queries) + 2 + max(self.contexts) // bs)
+            pin = self.device.type == "cuda"
+            self._host_in = torch.zeros(most, dtype=torch.long, pin_memory=pin)  # staged inputs
+            self._dev_in = torch.zeros(most, dtype=torch.long, device=self.device)  # what steps read
+            self._arange = torch.arange(max(max(self.contexts), max(self.queries)), device=self.device)
+            self._host_out: torch.Tensor | None = None  # pinned logits, sized at the first step
+
+    # --- choosing a path ---------------------------------------------------------------------------
+
+    def bucket(self, batch: StepBatch) -> tuple[int, int, int] | None:
+        """(batch, query, context) bucket of a batch the static path takes; None: eager."""
+        if not self.static:
+            return None
+        q = bucket_for(max(batch.new), self.queries)
+        b = bucket_for(len(batch.ids), self.batches)
+        if q is None or b is None or batch.keep > q:
+            return None
+        # the gathered context holds each row's past and every query column, padding included
+        c = bucket_for(max(p + q for p in batch.past), self.contexts)
+        if c is None or any(len(t.blocks) > c // self.pool.block_size for t in batch.tables):
+            return None
+        return b, q, c
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Run one forward; returns [rows, keep, vocab] logits (model dtype) on the CPU."""
+        shape = self.bucket(batch)
+        if shape is None:
+            self.eager_steps += 1
+            return self._eager(batch)
+        self.static_steps += 1
+        return self._static(batch, *shape)
+
+    # --- eager ----------------------------------------------------------------------------------------
+
+    def _eager(self, batch: StepBatch) -> torch.Tensor:
+        new = batch.new
+        n, keep = max(new), batch.keep
+        view = BatchView(self.pool, batch.tables, batch.past, new, n)
+        ids = torch.zeros((len(new), n), dtype=torch.long)  # [rows, n]; padding id 0
+        for b, row in enumerate(batch.ids):
+            ids[b, : new[b]] = torch.tensor(row, dtype=torch.long)
+        # Each row keeps its last `keep` real query columns; the model projects only those.
+        cols = torch.tensor(new)[:, None] - keep + torch.arange(keep)[None, :]  # [rows, keep]
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=view.attention_mask(self.dtype),
+            position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
+            cache=view,
+            use_cache=True,
+            logits_to_keep=cols.clamp_min(0).to(self._keep_device),
+        )
+        return floor_rows_(out.logits, self.floor_limit).to("cpu")  # [rows, keep, vocab]
+
+    # --- static ---------------------------------------------------------------------------------------
+
+    def _layout(self, b: int, q: int, c: int) -> tuple[int, int, int, int]:
+        """Offsets in the input buffer of a (b, q, c) step: ids [b, q] | past [b] | new [b] |
+        block tables [b, c / block_size]; and its end."""
+        past = b * q
+        new = past + b
+        table = new + b
+        return past, new, table, table + b * (c // self.pool.block_size)
+
+    def _stage(self, batch: StepBatch, b: int, q: int, c: int) -> int:
+        """Write the step's inputs into the host buffer (padding rows: no tokens, scratch
+        blocks); returns how many entries to copy."""
+        past_at, new_at, table_at, end = self._layout(b, q, c)
+        width = c // self.pool.block_size
+        buf = self._host_in
+        buf[:end].zero_()
+        rows = len(batch.ids)
+        ids = buf[:past_at].view(b, q)
+        for r, row in enumerate(batch.ids):
+            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        buf[past_at:past_at + rows] = torch.tensor(batch.past, dtype=torch.long)
+        buf[new_at:new_at + rows] = torch.tensor(batch.new, dtype=torch.long)
+        tables = buf[table_at:end].view(b, width)
+        for r, t in enumerate(batch.tables):
+            if t.blocks:
+                tables[r, : len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.long)
+        return end
+
+    def _static_forward(self, b: int, q: int, c: int) -> torch.Tensor:
+        """The forward of a (b, q, c) bucket over `_dev_in`: device ops only, no host sync, the
+        same shapes and addresses every time (what a CUDA graph captures). Returns
+        [b, q, vocab] logits of every query column."""
+        bs = self.pool.block_size
+        past_at, new_at, table_at, end = self._layout(b, q, c)
+        inp = self._dev_in
+        ids = inp[:past_at].view(b, q)  # [b, q]
+        past, new = inp[past_at:new_at], inp[new_at:table_at]  # [b], [b]
+        table = inp[table_at:end].view(b, c // bs)  # [b, c / bs]
+        j = self._arange[:q]  # [q]
+        cols = self._arange[:c]  # [c]
+        positions = past[:, None] + j[None, :]  # [b, q]
+        write_slot = table.gather(1, (positions // bs).clamp_max(c // bs - 1)) * bs + positions % bs
+        write_slot = torch.where(j[None, :] < new[:, None], write_slot, 0)  # padding -> scratch slot 0
+        read_slot = table[:, cols // bs] * bs + (cols % bs)[None, :]  # [b, c]
+        read_slot = torch.where(cols[None, :] < (past + new)[:, None], read_slot, 0)
+        # A query at position p sees every column <= p of its row (see BatchView): never a fully
+        # masked row, so no NaN; padding queries and padding rows see scratch, and are dropped.
+        allowed = cols[None, None, None, :] <= positions[:, None, :, None]  # [b, 1, q, c]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)
+        view = StaticView(self.pool, write_slot.reshape(-1), read_slot.reshape(-1), b, q, c)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions.clamp_max(self.max_context - 1),
+            cache=view,
+            use_cache=True,
+            logits_to_keep=(new[:, None] - q + j[None, :]).clamp_min(0),  # [b, q]: the last q real columns
+        )
+        return floor_rows_(out.logits, self.floor_limit)  # [b, q, vocab]
+
+    def _static(self, batch: StepBatch, b: int, q: int, c: int) -> torch.Tensor:
+        n = self._stage(batch, b, q, c)
+        self._dev_in[:n].copy_(self._host_in[:n], non_blocking=True)
+        graph = self.graphs.get((b, q, c))
+        if graph is not None:
+            graph[0].replay()
+            logits = graph[1]
+        else:
+            logits = self._static_forward(b, q, c)
+        rows, keep = len(batch.ids), batch.keep
+        # each row's last `keep` real columns: the static forward kept its last q
+        want = logits[:rows, q - keep:]  # [rows, keep, vocab]
+        if self.device.type != "cuda":
+            return want.clone() if want.data_ptr() == logits.data_ptr() else want
+        # One pinned copy back and one wait: the step's only host sync.
+        out = self._pinned_out(want.shape, want.dtype)
+        out.copy_(want, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out.clone()  # the pinned buffer is reused by the next step
+
+    def _pinned_out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        n = shape.numel()
+        if self._host_out is None or self._host_out.numel() < n or self._host_out.dtype != dtype:
+            most = max(self.batches) * max(self.queries) * shape[-1]
+            self._host_out = torch.empty(max(most, n), dtype=dtype, pin_memory=True)
+        return self._host_out[:n].view(shape)
+
+    # --- capture --------------------------------------------------------------------------------------
+
+    def capture(self) -> float:
+        """Capture every (batch, query, context) bucket as a CUDA graph (largest first, all in
+        one memory pool); returns the seconds it took. A no-op unless graphs are on."""
+        if not self.capture_graphs:
+            return 0.0
+        started = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        shapes = sorted(((b, q, c) for b in self.batches for q in self.queries for c in self.contexts),
+                        key=lambda s: (s[0] * s[1] * s[2], s), reverse=True)
+        self._dev_in.zero_()  # every row padding: writes land in the scratch block
+        with torch.inference_mode():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for shape in shapes[:1] + shapes[-1:]:  # lazy initialisation (cuBLAS handles, kernels)
+                    self._static_forward(*shape)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for shape in shapes:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._static_forward(*shape)
+                self.graphs[shape] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - started
+        log.info("captured %d CUDA graphs (batch %s x query %s x context %s) in %.1f s", len(self.graphs),
+                 self.batches, self.queries, self.contexts, self.capture_s)
+        return self.capture_s
