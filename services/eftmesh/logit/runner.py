@@ -281,11 +281,13 @@ class ModelRunner:
         # each row's last `keep` real columns: the static forward kept its last q
         want = logits[:rows, q - keep:]  # [rows, keep, vocab]
         if self.device.type != "cuda":
-            return want.clone() if want.data_ptr() == logits.data_ptr() else want
+            return want  # a new tensor each eager step: nothing reuses it
         # One pinned copy back and one wait: the step's only host sync.
         out = self._pinned_out(want.shape, want.dtype)
         out.copy_(want, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        done.synchronize()
         return out.clone()  # the pinned buffer is reused by the next step
 
     def _pinned_out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

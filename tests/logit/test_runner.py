@@ -1,0 +1,157 @@
+"""The model runner's static-shaped path (what a CUDA graph captures) equals the eager path.
+
+On this CPU the static path runs eagerly (`--cuda-graphs static`): the same padded batch,
+query and context buckets, the same device-side slots, positions and mask, the same one input
+buffer. Random batch compositions cross every kind of bucket: batch sizes between the
+buckets, decode steps and verifies of several k in one forward, rollbacks, contexts that
+grow past a bucket and past the largest one (eager there). The GPU-only checks (capture,
+replay, no host sync) are in test_runner_cuda.py and run where a GPU is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
+from eftmesh.logit.runner import GraphConfig, batch_buckets, bucket_for, pow2_buckets
+
+SAME = 1e-5  # float32: static against eager
+N_POSITIONS = 128
+GRAPHS = GraphConfig(mode="static", max_batch=8, max_query=4, max_context=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_family):
+    return AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=N_POSITIONS, n_embd=32, n_layer=2, n_head=2,
+                                      initializer_range=0.2, tie_word_embeddings=False))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=N_POSITIONS, initializer_range=0.2,
+                                         tie_word_embeddings=False))
+    return {"gpt2": gpt2.eval(), "llama": llama.eval()}
+
+
+def pair(model, tokenizer) -> tuple[ModelEngine, ModelEngine]:
+    """An eager engine and a static one over the same weights."""
+    kw = dict(model_id="t", role="t", kv_cache_tokens=2048, kv_block_size=8, session_active_s=0.0, max_batch=16)
+    return (ModelEngine(model, tokenizer, graphs=GraphConfig(mode="off"), **kw),
+            ModelEngine(model, tokenizer, graphs=GRAPHS, **kw))
+
+
+def test_buckets_are_vllms_batch_sizes_and_powers_of_two():
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(5) == [1, 2, 4, 5]
+    assert pow2_buckets(8) == [1, 2, 4, 8] and pow2_buckets(5) == [1, 2, 4, 5]
+    assert pow2_buckets(4096, lowest=64) == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert bucket_for(3, [1, 2, 4]) == 4 and bucket_for(5, [1, 2, 4]) is None
+
+
+def test_auto_runs_eagerly_on_a_cpu_and_static_is_reported_in_info(models, tokenizer):
+    eager, static = pair(models["gpt2"], tokenizer)
+    auto = ModelEngine(models["gpt2"], tokenizer, model_id="t", role="t", kv_cache_tokens=256)
+    assert not auto.runner.static and auto.info.execution == "eager"
+    assert static.runner.static and static.info.execution == "static"
+    assert static.runner.contexts == [64] and static.runner.queries == [1, 2, 4]
+    assert eager.info.execution == "eager"
+
+
+def test_bad_graph_settings_are_refused_with_the_flag_named():
+    with pytest.raises(ValueError, match="--cuda-graphs"):
+        GraphConfig(mode="sometimes")
+    with pytest.raises(ValueError, match="--cuda-graph-max-batch"):
+        GraphConfig(max_batch=0)
+
+
+# One step of a random workload: per session, either a decode (1 token), a verify of k
+# drafts (k + 1 tokens, k + 1 rows), or a rollback of r tokens followed by a decode.
+step = st.lists(st.tuples(st.sampled_from(["decode", "verify", "rollback"]), st.integers(1, 5)), min_size=1,
+                max_size=11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=st.lists(st.integers(1, 20), min_size=1, max_size=11), steps=st.lists(step, min_size=1, max_size=6),
+       seed=st.integers(0, 2**16))
+def test_static_steps_equal_eager_ones_over_random_batches(models, tokenizer, arch, prompts, steps, seed):
+    eager, static = pair(models[arch], tokenizer)
+    vocab = len(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    seqs = {f"s{i}": torch.randint(0, vocab, (n,), generator=g).tolist() for i, n in enumerate(prompts)}
+    for engine in (eager, static):  # prefills: eager in both
+        engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
+    for plan in steps:
+        items = []
+        for (kind, x), (sid, s) in zip(plan, seqs.items()):
+            if kind == "rollback":
+                del s[max(1, len(s) - x):]
+            start = len(s)
+            new = torch.randint(0, vocab, (x + 1 if kind == "verify" else 1,), generator=g).tolist()
+            if start + len(new) > N_POSITIONS:
+                continue
+            items.append(ScoreItem(sid, start, new, len(new)))
+            s.extend(new)
+        if not items:
+            continue
+        static_before = static.runner.static_steps
+        want = eager.score_batch(items)
+        got = static.score_batch(items)
+        for w, r in zip(want, got):
+            assert w.error is None and r.error is None
+            assert w.cache_length == r.cache_length
+            assert (w.rows - r.rows).abs().max().item() <= SAME
+        fits = max(len(it.tokens) for it in items) <= GRAPHS.max_query and \
+            max(it.start for it in items) + GRAPHS.max_query <= GRAPHS.max_context and len(items) <= GRAPHS.max_batch
+        if fits:  # every item in one bucket: at least one forward took the static path
+            assert static.runner.static_steps > static_before
+    for engine in (eager, static):
+        for sid in seqs:
+            engine.release(sid)
+        assert engine.pool.free_blocks == engine.pool.num_blocks
+
+
+def test_static_drafts_equal_eager_ones_and_long_contexts_fall_back_to_eager(models, tokenizer):
+    eager, static = pair(models["llama"], tokenizer)
+    vocab = len(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    # the third prompt outgrows the largest context bucket (64): its forwards run eagerly
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 17, 70)]
+    greedy, sampled = SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.9, top_p=0.9)
+    items = [DraftItem(f"d{i}", 0, p, 3, greedy if i % 2 == 0 else sampled, seed=i) for i, p in enumerate(prompts)]
+    for batch in (items[:2], items[2:]):  # short contexts (static), then the long one alone (eager)
+        want, got = eager.draft_batch(batch), static.draft_batch(batch)
+        for w, r in zip(want, got):
+            assert w.error is None and r.error is None
+            assert w.drafts == r.drafts
+            assert (w.rows - r.rows).abs().max().item() <= SAME
+    assert static.runner.static_steps >= 3 and static.runner.eager_steps >= 4  # 3 drafts; 1 prefill + 3 drafts
+
+
+def test_rows_come_back_floored_so_the_combiner_can_mix_them_as_they_are(models, tokenizer):
+    from eftmesh.core.mixing import LOGPROB_FLOOR
+
+    _, static = pair(models["gpt2"], tokenizer)
+    with torch.no_grad():
+        head = static.model.get_output_embeddings()
+        saved = head.weight[5].clone()
+        head.weight[5] = -1e6  # one token's logit falls far below the rest
+    try:
+        r = static.score_batch([ScoreItem("f", 0, [1, 2, 3], 1)])[0]
+    finally:
+        with torch.no_grad():
+            head.weight[5] = saved
+    row = r.rows[0, :len(tokenizer)]
+    assert torch.isfinite(row).all()
+    assert (row.max() - row.min()).item() <= -LOGPROB_FLOOR + 1e-3

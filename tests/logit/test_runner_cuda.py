@@ -1,0 +1,100 @@
+"""CUDA graphs of the model runner, on a GPU only (skipped elsewhere; bench/gpu.sh runs them).
+
+Captured steps equal eager ones (float32 within 1e-5; bfloat16: the same greedy tokens over
+64 steps), and a replayed step makes no host sync but its one wait for the logits
+(`torch.cuda.set_sync_debug_mode("error")` turns any other into an error).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from eftmesh.logit.engine import ModelEngine, ScoreItem
+from eftmesh.logit.runner import GraphConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GRAPHS = GraphConfig(mode="auto", max_batch=8, max_query=4, max_context=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_family):
+    return AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
+
+
+def llama(vocab: int, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         initializer_range=0.2, tie_word_embeddings=False))
+    return model.to("cuda", dtype).eval()
+
+
+def engines(tokenizer, dtype: torch.dtype) -> tuple[ModelEngine, ModelEngine]:
+    model = llama(len(tokenizer), dtype)
+    kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0)
+    eager = ModelEngine(model, tokenizer, graphs=GraphConfig(mode="off"), **kw)
+    graphed = ModelEngine(model, tokenizer, graphs=GRAPHS, **kw)
+    graphed.warmup()
+    return eager, graphed
+
+
+def test_warmup_captures_every_bucket_and_info_says_so(tokenizer):
+    _, graphed = engines(tokenizer, torch.float32)
+    r = graphed.runner
+    assert len(r.graphs) == len(r.batches) * len(r.queries) * len(r.contexts)
+    assert graphed.info.execution == "cuda-graphs" and graphed.info.cuda_graphs == len(r.graphs)
+    assert graphed.info.graph_capture_s > 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows):
+    eager, graphed = engines(tokenizer, torch.float32)
+    g = torch.Generator().manual_seed(rows)
+    seqs = {f"s{i}": torch.randint(0, len(tokenizer), (5 + 7 * i,), generator=g).tolist() for i in range(rows)}
+    for e in (eager, graphed):
+        e.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
+    for q in (1, 2, 4, 3, 1):  # decode, verifies of 1, 3 and 2 drafts
+        items = [ScoreItem(sid, len(s), [7] * q, q) for sid, s in seqs.items()]
+        before = graphed.runner.static_steps
+        want, got = eager.score_batch(items), graphed.score_batch(items)
+        assert graphed.runner.static_steps > before
+        for w, r in zip(want, got):
+            assert (w.rows.float() - r.rows.float()).abs().max().item() <= 1e-5
+        for s in seqs.values():
+            s.extend([7] * q)
+
+
+def test_captured_bfloat16_greedy_tokens_equal_eager_over_64_steps(tokenizer):
+    eager, graphed = engines(tokenizer, torch.bfloat16)
+    tokens = {}
+    for name, e in (("eager", eager), ("graphed", graphed)):
+        seq = [1, 2, 3, 4]
+        r = e.score_batch([ScoreItem("g", 0, seq, 1)])[0]
+        for _ in range(64):
+            seq.append(int(r.rows[-1].float().argmax()))
+            r = e.score_batch([ScoreItem("g", len(seq) - 1, seq[-1:], 1)])[0]
+        tokens[name] = seq
+    assert tokens["eager"] == tokens["graphed"]
+    assert graphed.runner.static_steps >= 64
+
+
+def test_a_replayed_step_makes_no_host_sync_but_its_one_wait(tokenizer):
+    _, graphed = engines(tokenizer, torch.bfloat16)
+    graphed.score_batch([ScoreItem("x", 0, [1, 2, 3], 1)])
+    from eftmesh.logit.runner import StepBatch
+
+    session = graphed.sessions.get("x")
+    graphed.admission.reserve(session, 4, ())
+    batch = StepBatch([session.table], [3], [[5]], 1)
+    assert graphed.runner.bucket(batch) is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            out = graphed.runner.forward(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape[:2] == (1, 1) and out.device.type == "cpu"
