@@ -257,9 +257,11 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_k, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
     scorer.k_cap = lambda: servicer.defaults.speculation.max_k  # replicas must take blocks this large
+    # gRPC's own refusals of generations (--max-concurrent-rpcs, --max-request-bytes), counted
+    refusals = metrics.RefusalCounter(measures.rejected, {f"/{SERVICE_NAME}/{m}": m for m in ("Generate", "Complete")})
     try:
-        extra = [auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])] \
-            if cfg.auth_tokens_file else []
+        extra = [refusals, *([auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])]
+                             if cfg.auth_tokens_file else [])]
         server = Server(
             dataclasses.replace(
                 cfg.server,
@@ -271,7 +273,9 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
             [SERVICE_NAME],
             tracer_provider,
             interceptors=extra,
+            executor=refusals.executor,
         )
+        refusals.attach(server.grpc)
     except BaseException:
         decoder.close()
         scorer.close()
