@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         prog="eftmesh-combiner",
         description="Mix logit services by the EFT formula and serve generations (eftmesh.v1.Generator).",
     )
-    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service): each session then stays on one replica")
+    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service) or k8s:///SERVICE.NAMESPACE:PORT (the Service's EndpointSlices, watched through the Kubernetes API): each session then stays on one replica")
     p.add_argument("--tokenizer", required=True,
                    help="the tokenizer every model shares: a checkpoint or tokenizer folder, a .gguf file (needs pip "
                         "install 'eftmesh[real-models]') or a hub id, e.g. one logit service's --model")
