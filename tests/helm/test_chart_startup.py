@@ -91,13 +91,15 @@ def test_health_port_null_should_turn_the_health_server_off_and_probe_the_servin
             assert c[probe]["grpc"]["port"] == serving
 
 
-def test_every_port_a_pod_opens_should_be_declared_in_its_spec():
-    for name, dep in by_kind(render(), "Deployment").items():
+@pytest.mark.parametrize("health", [50070, None])
+def test_every_port_a_pod_opens_should_be_declared_in_its_spec(health):
+    docs = render({"logit": {"healthPort": health}, "combiner": {"healthPort": health and health + 1}})
+    for name, dep in by_kind(docs, "Deployment").items():
         c = container(dep)
         declared = {p["containerPort"] for p in c["ports"]}
-        server = parse(name, c).server
-        assert server.port in declared
-        assert server.resolved_health_port() in declared
+        cfg = parse(name, c)
+        opened = {cfg.server.port, cfg.server.resolved_health_port(), cfg.metrics_port} - {None}
+        assert opened <= declared, (name, opened, declared)
 
 
 @pytest.mark.parametrize("age, expect", [(0, 0.0), (600, 600.0), (None, 300.0)])
