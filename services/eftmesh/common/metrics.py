@@ -248,8 +248,9 @@ class RefusalCounter(grpc.ServerInterceptor):
     How it sees them: grpc's Python server looks up a call's handler (running the interceptors)
     and decides, under its lock and in its one polling thread, whether the call is over the
     limit; accepted calls go to the worker pool right away. So the count of in-flight calls
-    read here is the one the server decides on, and a call is over the limit exactly when that
-    count is at the limit; an accepted call is handed from here to `executor`'s `submit`, whose
+    read here (grpcio's private `_state.active_rpc_count`: grpcio is pinned, and
+    tests/combiner/test_rejections.py fails if that moves) is the one the server decides on,
+    and a call is over the limit exactly when that count is at the limit; an accepted call is handed from here to `executor`'s `submit`, whose
     task learns at its end whether the request's deserializer ever ran. Pass `executor` as the
     server's thread pool and `attach` the server once built.
     """
