@@ -54,6 +54,7 @@ def test_configuration_md_should_document_the_flags_of_every_command():
 @pytest.mark.parametrize("heading", sorted(flag_sections()))
 def test_every_documented_flag_should_exist_and_every_flag_should_be_documented(heading):
     commands, text = flag_sections()[heading]
+    assert commands, f"configuration.md ({heading}) has a flag table but names no `eftmesh COMMAND` it belongs to"
     table = " ".join(r[0] for r in table_rows(text))
     for command in commands:
         opts = options(parser(command))
