@@ -227,9 +227,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "a way to try a real model (default: the family under --models)")
     p.add_argument("--question", default="What is the capital of France?",
                    help="with --model: the demo's chat question, when the model has a chat template (default: %(default)s)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache tokens per logit service (default: theirs)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache tokens per logit service (default: the services' default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device for the logit services (default: theirs)")
+    p.add_argument("--device", default=None, help="torch device for the logit services (default: the services' default)")
     p.add_argument("--prompt", default=None, help="prompt of the demo generation (default: a held-out question of the demo family, sent as a chat)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the demo generation (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the demo generation (default: %(default)s, greedy)")

@@ -303,7 +303,7 @@ class Scheduler:
             why = "room in the logit services' KV caches" if g.parked_since is not None else "a batch slot"
             self._fail(g, ResourceExhausted(
                 f"waited {now - since:.1f} s for {why} (--queue-timeout {self.config.queue_timeout_s:g} s); "
-                "retry with back-off"))
+                "retry with back-off", reason="queue_timeout"))
         else:
             return False
         return True

@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         prog="eftmesh-combiner",
         description="Mix logit services by the EFT formula and serve generations (eftmesh.v1.Generator).",
     )
-    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service): each session then stays on one replica")
+    p.add_argument("--upstream", type=_upstream, action="append", required=True, metavar="ROLE=HOST:PORT", help="a logit service and the role it plays; repeat once per role. The target may list replicas (HOST:PORT,HOST:PORT) or be dns:///NAME:PORT (every address NAME resolves to, e.g. a headless Service) or k8s:///SERVICE.NAMESPACE:PORT (the Service's EndpointSlices, watched through the Kubernetes API): each session then stays on one replica")
     p.add_argument("--tokenizer", required=True,
                    help="the tokenizer every model shares: a checkpoint or tokenizer folder, a .gguf file (needs pip "
                         "install 'eftmesh[real-models]') or a hub id, e.g. one logit service's --model")
@@ -257,9 +257,11 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_k, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
     scorer.k_cap = lambda: servicer.defaults.speculation.max_k  # replicas must take blocks this large
+    # gRPC's own refusals of generations (--max-concurrent-rpcs, --max-request-bytes), counted
+    refusals = metrics.RefusalCounter(measures.rejected, {f"/{SERVICE_NAME}/{m}": m for m in ("Generate", "Complete")})
     try:
-        extra = [auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])] \
-            if cfg.auth_tokens_file else []
+        extra = [refusals, *([auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])]
+                             if cfg.auth_tokens_file else [])]
         server = Server(
             dataclasses.replace(
                 cfg.server,
@@ -271,7 +273,9 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
             [SERVICE_NAME],
             tracer_provider,
             interceptors=extra,
+            executor=refusals.executor,
         )
+        refusals.attach(server.grpc)
     except BaseException:
         decoder.close()
         scorer.close()

@@ -44,13 +44,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self._limit = max_concurrent_generations
 
     @contextmanager
-    def _slot(self, attrs: Mapping[str, str]) -> Iterator[None]:
+    def _slot(self) -> Iterator[None]:
         # Overload is refused at once: a queue here would only turn into client time-outs.
         if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.add(1, attrs)
             raise ResourceExhausted(
-                f"the combiner is running its limit of {self._limit} generations; retry with back-off"
-            )
+                f"the combiner is running its limit of {self._limit} generations; retry with back-off",
+                reason="concurrency_limit")
         try:
             yield
         finally:
@@ -94,6 +93,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             if error is not None:
                 done["error.type"] = error_type(error)
             m.request_duration.record(elapsed, done)
+            if done["rpc.grpc.status_code"] == "RESOURCE_EXHAUSTED":  # every refusal, by the limit hit
+                m.rejected.add(1, {"rpc.method": rpc, "eftmesh.reason": getattr(error, "reason", "other")})
             if error is None and first is not None:  # the conventions: successful responses only
                 m.time_to_first_token.record(first, attrs)
                 if tokens > 1:
@@ -132,7 +133,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 span.set_attribute("eftmesh.base_calls_per_token", u.base_calls_per_token)
 
             try:
-                with self._slot(base):
+                with self._slot():
                     self.metrics.active.add(1)
                     try:
                         yield from self.decoder.generate(

@@ -505,10 +505,14 @@ class GrpcScorer:
         def one(replica: Replica, idx: list[int]) -> None:
             part = [calls[i] for i in idx]
             started = time.perf_counter()
+            attrs = {"eftmesh.role": role, "rpc.method": method}
             try:
                 resp = getattr(replica.stub, method)(build(part, zero), timeout=self.policy.call_timeout_s)
             except grpc.RpcError as e:
                 code = e.code()
+                # every attempt is timed, failed ones too (a re-sent call is another attempt)
+                self.metrics.upstream_duration.record(time.perf_counter() - started, {
+                    **attrs, "rpc.grpc.status_code": code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"})
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     self.metrics.upstream_failovers.add(len(part), {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
                     self._lost(role, replica, _brief(e))
@@ -516,7 +520,7 @@ class GrpcScorer:
                     return
                 got = [Outcome(error=_call_error(role, replica, e, attempt)) for _ in part]
             else:
-                self.metrics.upstream_duration.record(time.perf_counter() - started, {"eftmesh.role": role, "rpc.method": method})
+                self.metrics.upstream_duration.record(time.perf_counter() - started, {**attrs, "rpc.grpc.status_code": "OK"})
                 self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
                 refused = [i for i, o in zip(idx, got) if isinstance(o.error, ReplicaDraining)]

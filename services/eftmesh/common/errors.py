@@ -41,9 +41,14 @@ class OutOfRange(EftMeshError):
 
 
 class ResourceExhausted(EftMeshError):
-    """The server is at capacity: retry later or elsewhere."""
+    """The server is at capacity: retry later or elsewhere. `reason` names the limit that was
+    hit, for the combiner's `eftmesh.generations.rejected` (e.g. "queue_timeout")."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, *args: object, reason: str = "other") -> None:
+        super().__init__(*args)
+        self.reason = reason
 
 
 class Unavailable(EftMeshError):

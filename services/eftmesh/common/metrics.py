@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent import futures
+from typing import Any
 
 import grpc
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Counter, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
@@ -177,12 +179,15 @@ class CombinerMetrics:
             "eftmesh.generations.active", unit="{generation}", description="Generations in flight")
         self.rejected = m.create_counter(
             "eftmesh.generations.rejected", unit="{generation}",
-            description="Generations refused with RESOURCE_EXHAUSTED (the concurrency limit)")
+            description="Generations answered RESOURCE_EXHAUSTED, by rpc.method and eftmesh.reason: "
+                        "concurrency_limit, queue_timeout, max_concurrent_rpcs, request_too_large, other")
         self.acceptance = m.create_histogram(
             "eftmesh.speculation.acceptance", unit="1",
             description="Share of drafted tokens kept, per speculative generation")
         self.upstream_duration = m.create_histogram(
-            "eftmesh.upstream.duration", unit="s", description="One call to a logit service, by role and method")
+            "eftmesh.upstream.duration", unit="s",
+            description="One attempt of a call to a logit service, failed ones included (a re-sent call is "
+                        "another attempt), by role, method and rpc.grpc.status_code")
         self.upstream_failovers = m.create_counter(
             "eftmesh.upstream.failovers", unit="{call}",
             description="Calls re-sent after a lost cache (NOT_FOUND) or replica (UNAVAILABLE), by role and code")
@@ -231,3 +236,95 @@ class LogitMetrics:
         m.create_observable_gauge("eftmesh.logit.kv_tokens_capacity",
                                   [gauge_callback(kv_tokens_capacity, **{"eftmesh.role": role})],
                                   unit="{token}", description="KV cache tokens the pool holds (--kv-cache-tokens in whole blocks)")
+
+
+class RefusalCounter(grpc.ServerInterceptor):
+    """Counts in `rejected` the generations gRPC itself refuses, before any servicer code runs:
+    over the server's `maximum_concurrent_rpcs` (reason "max_concurrent_rpcs") and requests
+    whose message never reached the servicer (reason "request_too_large": larger than
+    `grpc.max_receive_message_length`, or, rarely, a client gone before its request arrived).
+    The servicer counts the refusals it makes itself.
+
+    How it sees them: grpc's Python server looks up a call's handler (running the interceptors)
+    and decides, under its lock and in its one polling thread, whether the call is over the
+    limit; accepted calls go to the worker pool right away. So the count of in-flight calls
+    read here (grpcio's private `_state.active_rpc_count`: grpcio is pinned, and
+    tests/combiner/test_rejections.py fails if that moves) is the one the server decides on,
+    and a call is over the limit exactly when that count is at the limit; an accepted call is handed from here to `executor`'s `submit`, whose
+    task learns at its end whether the request's deserializer ever ran. Pass `executor` as the
+    server's thread pool and `attach` the server once built.
+    """
+
+    def __init__(self, rejected: Counter, methods: Mapping[str, str]) -> None:
+        """`methods`: full method name ("/eftmesh.v1.Generator/Generate") -> its rpc.method."""
+        self._rejected = rejected
+        self._methods = dict(methods)
+        self._state: Any = None
+        self._pending: _Call | None = None  # touched only by grpc's polling thread, under its lock
+
+    def attach(self, server: grpc.Server) -> None:
+        self._state = getattr(server, "_state", None)
+        if self._state is None or not hasattr(self._state, "active_rpc_count"):
+            log.warning("this grpcio hides its in-flight call count: --max-concurrent-rpcs refusals go uncounted")
+
+    def executor(self, **kwargs: Any) -> futures.ThreadPoolExecutor:
+        """The server's worker pool (ThreadPoolExecutor's arguments)."""
+        return _CountingExecutor(self, **kwargs)
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        self._pending = None
+        method = self._methods.get(handler_call_details.method)
+        if handler is None or method is None:
+            return handler
+        state = self._state
+        limit = getattr(state, "maximum_concurrent_rpcs", None)
+        if limit is not None and getattr(state, "active_rpc_count", 0) >= limit:
+            self._rejected.add(1, {"rpc.method": method, "eftmesh.reason": "max_concurrent_rpcs"})
+            return handler
+        call = self._pending = _Call(method)
+        inner = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            call.read = True
+            return data if inner is None else inner(data)
+
+        return handler._replace(request_deserializer=deserialize)
+
+    def _take(self) -> _Call | None:
+        call, self._pending = self._pending, None
+        return call
+
+    def _finished(self, call: _Call) -> None:
+        if not call.read:
+            self._rejected.add(1, {"rpc.method": call.method, "eftmesh.reason": "request_too_large"})
+
+
+class _Call:
+    __slots__ = ("method", "read")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.read = False
+
+
+class _CountingExecutor(futures.ThreadPoolExecutor):
+    """A worker pool that tells a `RefusalCounter` when an accepted call's task has ended."""
+
+    def __init__(self, counter: RefusalCounter, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._counter = counter
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        call = self._counter._take()
+        if call is None:
+            return super().submit(fn, *args, **kwargs)
+
+        def task() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._counter._finished(call)
+
+        return super().submit(task)

@@ -103,15 +103,17 @@ class Server:
         service_names: Iterable[str],
         tracer_provider: TracerProvider | None = None,
         interceptors: Iterable[grpc.ServerInterceptor] = (),
+        executor: Callable[..., futures.ThreadPoolExecutor] = futures.ThreadPoolExecutor,
     ) -> None:
         """`interceptors`: more server interceptors (e.g. `auth.BearerTokenInterceptor`), run
-        after tracing and before the error mapping, so that a refused call never reaches it."""
+        after tracing and before the error mapping, so that a refused call never reaches it.
+        `executor`: builds the worker pool (e.g. `metrics.RefusalCounter.executor`)."""
         self.cfg = cfg
         self._names = list(service_names)
         self.signalled = threading.Event()
         interceptors = [*tracing.server_interceptors(tracer_provider), *interceptors, ErrorMappingInterceptor()]
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+            executor(max_workers=cfg.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
             # cfg.options override the defaults (gRPC keeps the first of duplicate keys).
             options=list({**dict(CHANNEL_OPTIONS), **dict(cfg.options)}.items()),
