@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# One-shot GPU run: the concurrency benchmark (every system at N = 1, 4, 16, 32 on cuda in
-# bfloat16) and the one-step profile (bench/gpu_profile.py), meant to take under 8 minutes in
-# all. Results go to RESULTS_DIR (default bench/): load-gpu.json, load-gpu.png, gpu-profile.txt.
-# Extra arguments go to the concurrency benchmark (e.g. --reps 1). PY picks the interpreter
-# (default .venv's, made with `make install` when missing); with another one, eftmesh and the
-# lab are found under services/ and tools/lab/. PROFILE=0 skips the profile.
+# One-shot GPU run, meant to take under 8 minutes in all, in this order (each step's results
+# are written as soon as it ends, so a run cut short keeps what it finished):
+#   1. the GPU-only tests (tests/logit/test_runner_cuda.py: capture, captured == eager in float32,
+#      identical bf16 greedy tokens over 64 steps, no host sync in a replayed step): gpu-tests.txt
+#   2. the engine alone, eager vs captured CUDA graphs, N = 1, 4, 16, 32, beside the
+#      memory-bandwidth bound, for the demo base-large and a real 1B shape (random weights built
+#      here from bench/real-shapes/*.json by eftmesh_lab.real_shapes): engine-gpu.json
+#   3. the concurrency benchmark on the demo family (every system at N = 1, 4, 16, 32, cuda,
+#      bfloat16): load-gpu.json, load-gpu.png
+#   4. the same on the real-shape family (1B base-large, SmolLM2-135M-shaped small roles):
+#      load-gpu-real.json, load-gpu-real.png
+#   5. the one-step profile (bench/gpu_profile.py): gpu-profile.txt (PROFILE=0 skips it)
+# Results go to RESULTS_DIR (default bench/). Extra arguments go to both concurrency benchmarks
+# (e.g. --reps 1). PY picks the interpreter (default .venv's, made with `make install` when
+# missing); with another one, eftmesh and the lab are found under services/ and tools/lab/.
+# REAL=0 skips the real-shape family (steps 2b and 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +31,30 @@ echo "+ $PY -c 'import torch; ...'  # the GPU this runs on"
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name(0))'
 
 start=$SECONDS
-if [[ ${PROFILE:-1} != 0 ]]; then
-  cmd=("$PY" bench/gpu_profile.py --device cuda --out "$OUTDIR/gpu-profile.txt")
-  echo "+ ${cmd[*]}"
-  "${cmd[@]}" | tail -n 40
+run() { echo "+ $*"; "$@"; }
+
+run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py 2>&1 | tee "$OUTDIR/gpu-tests.txt" | tail -n 15 || true
+
+engine_models=(--model models/demo/base-large)
+if [[ ${REAL:-1} != 0 ]]; then
+  run "$PY" -m eftmesh_lab.real_shapes --out build/real-shapes --device cuda --dtype bfloat16
+  engine_models+=(--model build/real-shapes/base-large)
 fi
-cmd=("$PY" -m eftmesh_lab.bench_load --device cuda --dtype bfloat16 --concurrency 1,4,16,32
-     --out "$OUTDIR/load-gpu.json" --plot "$OUTDIR/load-gpu.png" "$@")
-echo "+ ${cmd[*]}"
-"${cmd[@]}"
-echo "done in $((SECONDS - start)) s: results in $OUTDIR/ (load-gpu.json, load-gpu.png, gpu-profile.txt)"
+run "$PY" -m eftmesh_lab.bench_engine "${engine_models[@]}" --device cuda --dtype bfloat16 \
+  --concurrency 1,4,16,32 --out "$OUTDIR/engine-gpu.json" || true
+echo "  ($((SECONDS - start)) s so far)"
+
+run "$PY" -m eftmesh_lab.bench_load --device cuda --dtype bfloat16 --concurrency 1,4,16,32 \
+  --out "$OUTDIR/load-gpu.json" --plot "$OUTDIR/load-gpu.png" "$@" || true
+echo "  ($((SECONDS - start)) s so far)"
+
+if [[ ${REAL:-1} != 0 ]]; then
+  run "$PY" -m eftmesh_lab.bench_load --models build/real-shapes --device cuda --dtype bfloat16 \
+    --concurrency 1,4,16,32 --port 50350 --out "$OUTDIR/load-gpu-real.json" --plot "$OUTDIR/load-gpu-real.png" "$@" || true
+  echo "  ($((SECONDS - start)) s so far)"
+fi
+
+if [[ ${PROFILE:-1} != 0 ]]; then
+  run "$PY" bench/gpu_profile.py --device cuda --out "$OUTDIR/gpu-profile.txt" | tail -n 40 || true
+fi
+echo "done in $((SECONDS - start)) s: results in $OUTDIR/"
