@@ -20,7 +20,8 @@ from transformers import AutoTokenizer
 
 from eftmesh.combiner.decoding import Chunk, GenerationRequest, SpeculationConfig
 from eftmesh.combiner.scheduler import Decoder, SchedulerConfig, SpeculationController
-from eftmesh.combiner.scoring import DraftCall, LocalScorer, Outcome, ScoreCall
+from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
+from eftmesh.inprocess import LocalScorer
 from eftmesh.common.errors import EftMeshError, OutOfRange, ResourceExhausted
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig
 from eftmesh.combiner.scheduler import Decoder
-from eftmesh.combiner.scoring import LocalScorer
+from eftmesh.inprocess import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.tiny import make_model

@@ -114,7 +114,7 @@ def mix_step(
         scores.zero_()
     for i, role in enumerate(order):
         for first, end, c, parts in runs[role]:
-            # rows are floored where they enter the combiner (upstream.py, scoring.LocalScorer)
+            # rows are floored where they enter the combiner (upstream.py, inprocess.LocalScorer)
             accumulate(scores[first:end], joined(parts), c, floored=True, init=init and i == 0)
     return scores, offsets
 

@@ -1,8 +1,9 @@
 """The combiner's view of the logit services: one batched call per role per step.
 
 `Scorer` is what the scheduler needs; `GrpcScorer` (in `upstream.py`) implements it over the
-network (ScoreBatch / DraftBatch) and `LocalScorer` (here) over in-process engines, so the
-benchmark and the tests run the very same scheduler with and without the network.
+network (ScoreBatch / DraftBatch) and `eftmesh.inprocess.LocalScorer` over in-process engines,
+so the benchmark and the tests run the very same scheduler with and without the network. The
+combiner never imports the logit service: the in-process scorer lives outside both.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, NotFound
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 
 C = TypeVar("C", "ScoreCall", "DraftCall")
 
@@ -120,32 +120,3 @@ def with_resend(
         for i, o in zip(lost, send([calls[i] for i in lost], True)):
             out[i] = o
     return out
-
-
-class LocalScorer:
-    """In-process scorer over `ModelEngine`s: the same scheduler, no network. The engines'
-    rows come floored, as over the network (their runner floors every row)."""
-
-    def __init__(self, engines: Mapping[str, ModelEngine]) -> None:
-        self.engines = dict(engines)
-        self.models = {role: ModelSpec.from_info(role, "in-process", e.info) for role, e in self.engines.items()}
-
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
-        def send(cs: Sequence[ScoreCall], from_zero: bool) -> list[Outcome]:
-            items = [ScoreItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.rows)
-                     for c in cs]
-            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].score_batch(items)]
-
-        return with_resend(calls, send)
-
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
-        def send(cs: Sequence[DraftCall], from_zero: bool) -> list[Outcome]:
-            items = [DraftItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.k,
-                               c.sampling, c.seed, c.vocab_limit) for c in cs]
-            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].draft_batch(items)]
-
-        return with_resend(calls, send)
-
-    def release(self, sessions: Mapping[str, str]) -> None:
-        for role, sid in sessions.items():
-            self.engines[role].release(sid)

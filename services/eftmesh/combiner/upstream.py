@@ -35,6 +35,7 @@ from eftmesh.combiner.scoring import C, DraftCall, ModelSpec, Outcome, ScoreCall
 from eftmesh.common import tensors, tracing
 from eftmesh.common.convert import sampling_to_pb
 from eftmesh.common.errors import (
+    DRAINING_PREFIX,
     DeadlineExceeded,
     EftMeshError,
     FailedPrecondition,
@@ -59,8 +60,7 @@ _UPSTREAM_OPTIONS = [
 ]
 
 # A logit service that stops taking new sessions (SIGTERM) refuses a new session's item with
-# UNAVAILABLE and a message starting with this; its live sessions go on being served.
-DRAINING_PREFIX = "draining:"
+# UNAVAILABLE and a message starting with DRAINING_PREFIX; its live sessions go on being served.
 
 # Replica states, from the health probe and from the calls.
 LIVE = "live"  # answers and takes new sessions

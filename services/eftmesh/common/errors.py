@@ -10,6 +10,12 @@ from __future__ import annotations
 import grpc
 
 
+# The start of the message of an item a draining logit service refuses (UNAVAILABLE): it takes
+# no new session, and the combiner starts that session on another replica (from position 0)
+# instead of failing it. A wire constant: both services read it from here.
+DRAINING_PREFIX = "draining:"
+
+
 class EftMeshError(Exception):
     """Base class. `code` is the gRPC status the error maps to."""
 

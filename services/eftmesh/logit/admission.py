@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from eftmesh.common.errors import (
+    DRAINING_PREFIX,
     EftMeshError,
     FailedPrecondition,
     InvalidArgument,
@@ -28,10 +29,6 @@ from eftmesh.logit.sessions import Session, SessionCapReached, SessionStore
 # The longest session id accepted (UTF-8 bytes). The combiner's ids are a 32-character hex id,
 # a colon and a role name (at most 128 bytes); a longer id is refused before it is stored.
 MAX_SESSION_ID_BYTES = 256
-
-# The start of the message of an item refused because the replica drains: the combiner starts
-# such a session on another replica (from 0) instead of failing it.
-DRAINING_PREFIX = "draining:"
 
 
 def check_session_id(session_id: str) -> None:

@@ -39,8 +39,8 @@ from eftmesh.core.sampling import (
     process,
     sample,
 )
-from eftmesh.logit.admission import (  # noqa: F401  (DRAINING_PREFIX, MAX_SESSION_ID_BYTES: the engine's API)
-    DRAINING_PREFIX,
+from eftmesh.common.errors import DRAINING_PREFIX  # noqa: F401  (the engine's API, with MAX_SESSION_ID_BYTES)
+from eftmesh.logit.admission import (  # noqa: F401
     MAX_SESSION_ID_BYTES,
     Admitted,
     KVAdmission,

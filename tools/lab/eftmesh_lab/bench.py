@@ -29,7 +29,7 @@ import torch
 
 from eftmesh.combiner.decoding import GenerationRequest
 from eftmesh.combiner.scheduler import Decoder
-from eftmesh.combiner.scoring import LocalScorer
+from eftmesh.inprocess import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.core.speculative import expected_tokens_per_block, ideal_speedup, per_draft_acceptance
