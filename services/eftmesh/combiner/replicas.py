@@ -268,6 +268,11 @@ class ReplicaSet:
             log.warning("%s: session %s moved from %s to %s", self.role, session_id, failed.address, r.address)
         return r
 
+    def pinned(self, session_id: str) -> Replica | None:
+        """The replica the session is pinned to now, if any."""
+        with self._lock:
+            return self._pins.get(session_id)
+
     def unpin(self, session_id: str) -> Replica | None:
         """Forget the session; returns the replica that held it (to release its cache there)."""
         with self._lock:

@@ -28,6 +28,7 @@ from eftmesh.combiner.convert import Defaults, SpeculationDefaults
 from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.scoring import ModelSpec
+from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
 from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
@@ -122,7 +123,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-batch", type=int, default=32, help="generations stepped together (continuous batching); the rest of --max-concurrent-generations wait in the queue (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens admitted into the batch per step, so a joining prompt stalls the running generations little (default: %(default)s)")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a generation may wait for a batch slot or KV cache room before RESOURCE_EXHAUSTED (default: %(default)s)")
-    p.add_argument("--call-timeout", type=float, default=30.0, help="seconds per upstream call when the client sets no deadline (default: %(default)s)")
+    p.add_argument("--call-timeout", type=float, default=30.0, help="the longest one upstream call may take; past it a role with no other live replica fails UNAVAILABLE (default: %(default)s)")
+    p.add_argument("--upstream-deadline-margin", type=float, default=10.0,
+                   help="a call to a replica is given up on after this many times what the role's calls take (per call, "
+                        "and per token for long prompts), and its sessions move to another live replica of the role "
+                        "(re-prefilled there); only while such a replica exists (default: %(default)s)")
+    p.add_argument("--upstream-deadline-floor", type=float, default=1.0,
+                   help="the shortest such derived deadline, in seconds (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
@@ -147,6 +154,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "429-456 -> 483-534); raise it for very large "
                         "vocabularies and batches on a dedicated node (default: %(default)s)"),
     a = p.parse_args(argv)
+    try:
+        DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout)
+    except ValueError as e:
+        p.error(str(e))
     upstreams = dict(a.upstream)
     if len(upstreams) != len(a.upstream):
         p.error("each role may be given once in --upstream")
@@ -177,7 +188,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
         server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port, tls=tls.server_from_args(p, a)),
-        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, retries=a.retries, connect_timeout_s=a.connect_timeout,
+        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, deadline_margin=a.upstream_deadline_margin,
+                              deadline_floor_s=a.upstream_deadline_floor, retries=a.retries, connect_timeout_s=a.connect_timeout,
                               resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream")),
         max_concurrent_generations=a.max_concurrent_generations,
         scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),

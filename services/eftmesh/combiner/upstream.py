@@ -30,13 +30,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from eftmesh.combiner.deadlines import CallDeadlines, DeadlinePolicy
 from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, ModelSpec, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors, tracing
 from eftmesh.common.convert import sampling_to_pb
 from eftmesh.common.errors import (
     DRAINING_PREFIX,
-    DeadlineExceeded,
     EftMeshError,
     FailedPrecondition,
     NotFound,
@@ -62,6 +62,9 @@ _UPSTREAM_OPTIONS = [
 # A logit service that stops taking new sessions (SIGTERM) refuses a new session's item with
 # UNAVAILABLE and a message starting with DRAINING_PREFIX; its live sessions go on being served.
 
+# Releases of a session moved off a replica, until one finds it gone (see _release_orphans).
+ORPHAN_RELEASES = 3
+
 # Replica states, from the health probe and from the calls.
 LIVE = "live"  # answers and takes new sessions
 DRAINING = "draining"  # answers, serves the sessions it holds, takes no new ones
@@ -72,8 +75,12 @@ DOWN = "down"  # does not answer (or not verified yet)
 class UpstreamPolicy:
     """Timeouts, retries and health checking of the logit services."""
 
-    # Per-call timeout when the client set no deadline.
+    # The longest a call to a logit service may take (and the cap of the derived deadlines).
     call_timeout_s: float = 30.0
+    # A call past `margin` x what the role's calls take (at least `floor`) is given up on while
+    # another live replica of the role can take its sessions over (deadlines.py).
+    deadline_margin: float = 10.0
+    deadline_floor_s: float = 1.0
     # Moves of one call's sessions to another replica after UNAVAILABLE or a draining refusal.
     retries: int = 3
     # How long start-up waits for every upstream before giving up; 0 = no deadline (the
@@ -159,6 +166,16 @@ class GrpcScorer:
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
         self.models: dict[str, ModelSpec] = _Models(self.addresses)
         self._lock = threading.Lock()
+        self.deadlines = CallDeadlines(DeadlinePolicy(policy.deadline_margin, policy.deadline_floor_s,
+                                                      policy.call_timeout_s))
+        # (role, address) -> the calls in flight there (cancelled at once when it is marked down)
+        self._inflight: dict[tuple[str, str], set[Any]] = {}
+        # (role, address) -> until when a replica that missed a deadline gets no new session,
+        # whatever its health says (a hung model can leave the health service answering)
+        self._suspect_until: dict[tuple[str, str], float] = {}
+        # (role, address) -> session id -> Release attempts: sessions moved off a replica,
+        # released there once it answers again (else they would hold its KV cache until expiry)
+        self._orphans: dict[tuple[str, str], dict[str, int]] = {}
         self._state: dict[tuple[str, str], str] = {}  # (role, address) -> LIVE / DRAINING / DOWN
         self._why: dict[tuple[str, str], str] = {}  # (role, address) -> why it is not live
         self._live_at: dict[tuple[str, str], float] = {}  # (role, address) -> when last seen live (monotonic)
@@ -248,8 +265,10 @@ class GrpcScorer:
             self._state[key] = state
             self._why[key] = why
         if state == LIVE:
-            replica.down_until = 0.0
+            replica.down_until = self._suspect_until.get(key, 0.0)
         else:
+            if state == DOWN:
+                self._cancel_inflight(key)
             replica.down_until = max(replica.down_until, time.monotonic() + max(self.policy.replica_cooldown_s,
                                                                               3 * self.policy.health_interval_s))
         if before is not None and before != state:
@@ -362,6 +381,7 @@ class GrpcScorer:
                 self._die(e)
                 return
         self._report(not self.missing_roles())
+        self._release_orphans()
 
     def _info_future(self, r: Replica, timeout: float) -> Any:
         return r.stub.Info.future(logit_pb2.LogitServiceInfoRequest(), timeout=timeout)
@@ -399,6 +419,67 @@ class GrpcScorer:
             missing = self.missing_roles()
             log.warning("no live replica of %s", self._waiting_for(missing) if missing else "(stopped)")
         self.on_health(serving)
+
+    def _suspect(self, role: str, replica: Replica, why: str) -> None:
+        """A call to `replica` missed its derived deadline: no new session there for the
+        cooldown, even if its health answers (a hung model can leave that running), and down
+        until its health says otherwise."""
+        key = (role, replica.address)
+        with self._lock:
+            self._suspect_until[key] = time.monotonic() + max(self.policy.replica_cooldown_s,
+                                                               3 * self.policy.health_interval_s)
+        self._lost(role, replica, why)
+
+    def _cancel_inflight(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            futs = list(self._inflight.get(key, ()))
+        for f in futs:
+            f.cancel()
+
+    def _orphan(self, role: str, replica: Replica, session_id: str) -> None:
+        with self._lock:
+            self._orphans.setdefault((role, replica.address), {}).setdefault(session_id, 0)
+
+    def _release_orphans(self) -> None:
+        """Release, on each replica that is live again, the sessions moved off it. A call that
+        hung there may still run when it wakes and re-create its session, so a session is
+        released until a Release finds it gone (at most ORPHAN_RELEASES times)."""
+        with self._lock:
+            snapshot = {key: list(sids) for key, sids in self._orphans.items()}
+        for (role, address), sids in snapshot.items():
+            if self._state.get((role, address)) not in (LIVE, DRAINING):
+                continue
+            replica = next((r for r in self.replicas[role].replicas() if r.address == address), None)
+            if replica is None:  # it left the role: nothing to release
+                with self._lock:
+                    self._orphans.pop((role, address), None)
+                continue
+            for sid in sids:
+                if self.replicas[role].pinned(sid) is replica:  # it moved back there: in use
+                    with self._lock:
+                        self._orphans.get((role, address), {}).pop(sid, None)
+                    continue
+                try:
+                    fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=sid),
+                                                      timeout=self.policy.health_timeout_s)
+                except ValueError:  # its channel was closed meanwhile
+                    continue
+                fut.add_done_callback(lambda f, key=(role, address), sid=sid: self._released(key, sid, f))
+
+    def _released(self, key: tuple[str, str], sid: str, fut: Any) -> None:
+        try:
+            held = fut.result().released
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            return  # not answering yet: the next round tries again
+        with self._lock:
+            sids = self._orphans.get(key, {})
+            tries = sids.get(sid, 0) + 1
+            if not held or tries >= ORPHAN_RELEASES:
+                sids.pop(sid, None)
+                if not sids:
+                    self._orphans.pop(key, None)
+            elif sid in sids:
+                sids[sid] = tries
 
     def _lost(self, role: str, replica: Replica, why: str) -> None:
         """A call found `replica` gone: mark it down now (the next health check may bring it
@@ -490,7 +571,8 @@ class GrpcScorer:
             it comes back within `rejoin_wait_s`), or fail them UNAVAILABLE."""
             part = [calls[i] for i in idx]
             for c in part:
-                rs.repin(c.session_id, replica)
+                if rs.repin(c.session_id, replica) is not replica:
+                    self._orphan(role, replica, c.session_id)
             if attempt < self.policy.retries and (self._live_replicas(role, exclude=replica.address)
                                                   or rejoin and self._rejoin(role, replica)):
                 log.warning("%s at %s %s; re-sending %d sessions from position 0 on another replica (retry %d)",
@@ -506,26 +588,53 @@ class GrpcScorer:
             part = [calls[i] for i in idx]
             started = time.perf_counter()
             attrs = {"eftmesh.role": role, "rpc.method": method}
+            tokens = sum(len(c.tokens) - (0 if zero else c.start) for c in part)
+            other = bool(self._live_replicas(role, exclude=replica.address))
+            timeout, derived = self.deadlines.deadline(role, tokens, failover=other)
+            key = (role, replica.address)
             try:
-                resp = getattr(replica.stub, method)(build(part, zero), timeout=self.policy.call_timeout_s)
+                fut = getattr(replica.stub, method).future(build(part, zero), timeout=timeout)
+                with self._lock:
+                    self._inflight.setdefault(key, set()).add(fut)
+                try:
+                    resp = fut.result()
+                finally:
+                    with self._lock:
+                        self._inflight.get(key, set()).discard(fut)
+            except grpc.FutureCancelledError:  # marked down meanwhile (_set_state cancels its calls)
+                self.metrics.upstream_failovers.add(len(part), {**_cause("health"), "eftmesh.role": role})
+                move(replica, idx, f"was marked down ({self._why.get(key, 'health')})")
+                return
             except grpc.RpcError as e:
                 code = e.code()
                 # every attempt is timed, failed ones too (a re-sent call is another attempt)
                 self.metrics.upstream_duration.record(time.perf_counter() - started, {
                     **attrs, "rpc.grpc.status_code": code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"})
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    self.metrics.upstream_failovers.add(len(part), {"eftmesh.role": role, "rpc.grpc.status_code": code.name})
+                    self.metrics.upstream_failovers.add(len(part), {**_cause("error"), "eftmesh.role": role,
+                                                                    "rpc.grpc.status_code": code.name})
                     self._lost(role, replica, _brief(e))
                     move(replica, idx, f"is unavailable ({e.details()})", rejoin=True)
                     return
-                got = [Outcome(error=_call_error(role, replica, e, attempt)) for _ in part]
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and derived:
+                    # Hung, not gone: give up on it for now and let the other replica serve.
+                    self.metrics.upstream_failovers.add(len(part), {**_cause("timeout"), "eftmesh.role": role,
+                                                                    "rpc.grpc.status_code": code.name})
+                    why = f"did not answer within {timeout:.2f} s ({self.policy.deadline_margin:g}x its role's calls)"
+                    self._suspect(role, replica, why)
+                    move(replica, idx, why)
+                    return
+                got = [Outcome(error=_call_error(role, replica, e, attempt, timeout)) for _ in part]
             else:
-                self.metrics.upstream_duration.record(time.perf_counter() - started, {**attrs, "rpc.grpc.status_code": "OK"})
+                elapsed = time.perf_counter() - started
+                self.deadlines.record(role, elapsed, tokens)
+                self.metrics.upstream_duration.record(elapsed, {**attrs, "rpc.grpc.status_code": "OK"})
                 self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
                 refused = [i for i, o in zip(idx, got) if isinstance(o.error, ReplicaDraining)]
                 if refused:
-                    self.metrics.upstream_failovers.add(len(refused), {"eftmesh.role": role, "rpc.grpc.status_code": "UNAVAILABLE"})
+                    self.metrics.upstream_failovers.add(len(refused), {**_cause("drain"), "eftmesh.role": role,
+                                                                       "rpc.grpc.status_code": "UNAVAILABLE"})
                     if self._state.get((role, replica.address)) == LIVE:
                         self._set_state(role, replica, DRAINING, "refuses new sessions")
                         if not self._live_replicas(role):
@@ -538,6 +647,8 @@ class GrpcScorer:
 
         for replica, idx in gone.values():
             why = self._why.get((role, replica.address)) or self._state.get((role, replica.address), DOWN)
+            if any(calls[i].start > 0 and not zero for i in idx):  # sessions it held move: a failover
+                self.metrics.upstream_failovers.add(len(idx), {**_cause("health"), "eftmesh.role": role})
             move(replica, idx, f"is not live ({why})")
         jobs = list(groups.values())
         pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
@@ -636,10 +747,17 @@ def _brief(err: grpc.RpcError) -> str:
     return f"{err.code().name}: {err.details()}"
 
 
-def _call_error(role: str, replica: Replica, err: grpc.RpcError, attempt: int) -> EftMeshError:
+def _cause(cause: str) -> dict[str, str]:
+    """The failover counter's cause attribute: error (a failed call), timeout (a derived
+    deadline missed), health (the replica was marked down), drain (it refuses new sessions)."""
+    return {"eftmesh.cause": cause}
+
+
+def _call_error(role: str, replica: Replica, err: grpc.RpcError, attempt: int, timeout: float) -> EftMeshError:
     code = err.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"upstream {role} at {replica.address} did not answer in time")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # our own timeout: the upstream's silence, not the client's deadline
+        return Unavailable(f"upstream {role} at {replica.address} did not answer within {timeout:.1f} s "
+                           "(--call-timeout)")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable(f"upstream {role} at {replica.address} is unavailable: {err.details()}")
     return UpstreamError(role, err)

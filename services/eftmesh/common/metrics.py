@@ -190,7 +190,7 @@ class CombinerMetrics:
                         "another attempt), by role, method and rpc.grpc.status_code")
         self.upstream_failovers = m.create_counter(
             "eftmesh.upstream.failovers", unit="{call}",
-            description="Calls re-sent after a lost cache (NOT_FOUND) or replica (UNAVAILABLE), by role and code")
+            description="Sessions moved to another replica of the role, by role, code and cause (error, timeout, health, drain)")
         self.upstream_bytes = m.create_counter(
             "eftmesh.upstream.received", unit="By", description="Row bytes received from logit services, by role")
         self.batch_size = m.create_histogram(

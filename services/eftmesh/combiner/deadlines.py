@@ -1,0 +1,88 @@
+"""How long a step waits for one role's call before it gives up on that replica.
+
+A replica that dies is found at once (its connection fails); one that hangs (a GC pause, a
+stuck driver, a saturated node) answers nothing, and a fixed timeout would stall every
+generation of the step for all of it. So, as Envoy's and gRPC's outlier detection eject a host
+on latency, each call gets a deadline derived from what that role's calls have taken:
+
+    deadline = clamp(margin * expected, floor, cap)
+    expected = max(typical call, typical seconds per token sent * tokens sent)
+
+with `typical call` an exponential moving average of successful calls that sent few tokens
+(decode and verify steps) and the per-token rate one of those that sent many (prefills), so
+that a long prompt is not mistaken for a hang.
+The deadline applies only while another live replica of the role can take the call's
+sessions over: with none, waiting is the only way to an answer, and the call keeps the full
+`cap` (then fails UNAVAILABLE, naming the role). Before a role's first answer it is `cap`.
+
+Pure: no grpc, no clock; upstream.py records and asks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+# Calls that send at least this many tokens teach the per-token rate (a decode step's cost is
+# the forward's fixed cost, not its one token).
+PREFILL_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    """--upstream-deadline-margin, --upstream-deadline-floor; the cap is --call-timeout."""
+
+    margin: float = 10.0
+    floor_s: float = 1.0
+    cap_s: float = 30.0
+    smoothing: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.margin >= 1.0:
+            raise ValueError(f"--upstream-deadline-margin must be >= 1, got {self.margin}")
+        if not 0 < self.floor_s <= self.cap_s:
+            raise ValueError(f"--upstream-deadline-floor must be in (0, --call-timeout], got {self.floor_s}")
+
+
+@dataclass
+class _Role:
+    call_s: float | None = None  # moving average of a successful step's seconds (< PREFILL_TOKENS sent)
+    token_s: float | None = None  # moving average of seconds per token of prefill-sized calls
+
+
+@dataclass
+class CallDeadlines:
+    """Per-role latency estimates and the deadlines they give; thread-safe."""
+
+    policy: DeadlinePolicy = DeadlinePolicy()
+    _roles: dict[str, _Role] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, role: str, seconds: float, tokens: int) -> None:
+        """A successful call of `role` that sent `tokens` tokens took `seconds`."""
+        a = self.policy.smoothing
+        with self._lock:
+            r = self._roles.setdefault(role, _Role())
+            if tokens < PREFILL_TOKENS:  # steps: their cost is the forward's fixed cost
+                r.call_s = seconds if r.call_s is None else r.call_s + a * (seconds - r.call_s)
+            else:  # prefills: their cost grows with the tokens
+                rate = seconds / tokens
+                r.token_s = rate if r.token_s is None else r.token_s + a * (rate - r.token_s)
+
+    def deadline(self, role: str, tokens: int, failover: bool) -> tuple[float, bool]:
+        """(seconds the call may take, whether that is a derived deadline). `failover`: another
+        live replica of the role could take the call's sessions over."""
+        p = self.policy
+        with self._lock:
+            r = self._roles.get(role)
+            call_s = None if r is None else r.call_s
+            token_s = None if r is None else r.token_s
+        if not failover or (call_s is None and token_s is None):
+            return p.cap_s, False
+        expected = max(call_s or 0.0, (token_s or 0.0) * tokens)
+        return min(p.cap_s, max(p.floor_s, p.margin * expected)), True
+
+    def snapshot(self) -> dict[str, dict[str, float | None]]:
+        """role -> the estimates (for logs and tests)."""
+        with self._lock:
+            return {role: {"call_s": r.call_s, "token_s": r.token_s} for role, r in self._roles.items()}

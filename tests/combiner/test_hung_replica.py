@@ -1,0 +1,88 @@
+"""A replica that hangs (answers nothing, its health still SERVING: a stuck model) costs the
+generations on it a re-prefill on the other replica after a derived deadline, not a stall of
+every stream; once it wakes, the sessions moved off it are released there.
+
+Real services on loopback, in-process; the hang is one call held in the replica's servicer
+(deterministic, unlike a signal: the call's worker thread waits on an event while the server
+and its health go on)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import start_combiner, start_logit
+from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night",
+           "A long way from home", "The rain in Spain"]
+NEW = 40
+HANG_S = 6.0
+
+
+def stream(address: str, prompt: str) -> tuple[str, float]:
+    """Greedy text of a streamed Generate, and the longest gap between its chunks."""
+    with grpc.insecure_channel(address) as ch:
+        req = generator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=NEW, ignore_eos=True,
+                                            sampling=tensor_pb2.SamplingParams(temperature=0.0),
+                                            speculation=generator_pb2.Speculation(
+                                                mode=generator_pb2.SPECULATION_MODE_OFF))
+        text, last, gap = "", time.monotonic(), 0.0
+        for chunk in generator_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=120):
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
+            text += chunk.text
+        return text, gap
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, tiny_family):
+    reference = f"127.0.0.1:{mesh.combiner.server.port}"
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        expected = dict(zip(PROMPTS, (t for t, _ in pool.map(lambda p: stream(reference, p), PROMPTS))))
+    hung, healthy = (start_logit(tiny_family["base-large"], "base-large") for _ in range(2))
+    others = {r: start_logit(tiny_family[r], r) for r in ("base-small", "ft-small")}
+    gate, held = threading.Event(), threading.Event()
+    original, calls = hung.engine.score_batch, []
+
+    def stuck_after_a_few_steps(items, *args, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 12 and not gate.is_set():  # mid-generation: the model stops answering
+            held.set()
+            gate.wait(30)
+        return original(items, *args, **kwargs)
+
+    hung.engine.score_batch = stuck_after_a_few_steps
+    target = f"127.0.0.1:{hung.server.port},127.0.0.1:{healthy.server.port}"
+    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **{r: ls.server.port for r, ls in others.items()}},
+                        upstream_targets={"base-large": target})
+    try:
+        address = f"127.0.0.1:{cs.server.port}"
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            futures = {p: pool.submit(stream, address, p) for p in PROMPTS}
+            assert held.wait(60), "the hung replica never got its 12th call"
+            got = {p: f.result(timeout=90) for p, f in futures.items()}
+            hung_for = time.monotonic()
+        gate.set()  # it wakes: the held call runs late, for sessions that have moved on
+        # every stream finished while the replica was still hung, with its own tokens
+        assert {p: t for p, (t, _) in got.items()} == expected
+        gaps = {p: round(g, 2) for p, (_, g) in got.items()}
+        # the floor (1 s) + a re-prefill; a stall until the replica woke would be HANG_S or more
+        assert max(gaps.values()) < 3.0, gaps
+        assert cs.scorer.deadlines.snapshot()["base-large"]["call_s"] is not None
+        # the sessions moved off it are released there once it answers again
+        deadline = time.monotonic() + 10
+        while len(hung.engine.sessions) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(hung.engine.sessions) == 0, f"{len(hung.engine.sessions)} sessions left on the woken replica"
+        assert hung_for > 0
+    finally:
+        gate.set()
+        cs.stop(0)
+        for ls in (hung, healthy, *others.values()):
+            ls.server.stop(0).wait()
