@@ -418,12 +418,13 @@ class Scheduler:
         top = argmax_rows(scores) if any(p is None for p in processed.values()) else None  # [n]
         # x[i, argmax] is finite exactly when row i has no NaN, no +inf and some finite entry
         finite = None if top is None else torch.isfinite(scores.gather(1, top.view(-1, 1))).view(-1)  # [n]
+        all_finite = finite is None or bool(finite.all())
         stepped = {}
         for g in gens:
             o, m = offsets[g], g.rows_per_role()
             before = g.sink.usage.completion_tokens
             try:
-                if processed[g] is None and not bool(finite[o:o + m].all()):
+                if processed[g] is None and not all_finite and not bool(finite[o:o + m].all()):
                     check_argmax_finite(scores[o:o + m], top[o:o + m])  # raises NoFiniteMass, naming the rows
                 g.finish(scores[o:o + m], processed[g], None if top is None else top[o:o + m])
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone

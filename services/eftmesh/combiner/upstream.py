@@ -168,8 +168,6 @@ class GrpcScorer:
         self._lock = threading.Lock()
         self.deadlines = CallDeadlines(DeadlinePolicy(policy.deadline_margin, policy.deadline_floor_s,
                                                       policy.call_timeout_s))
-        # (role, address) -> the calls in flight there (cancelled at once when it is marked down)
-        self._inflight: dict[tuple[str, str], set[Any]] = {}
         # (role, address) -> until when a replica that missed a deadline gets no new session,
         # whatever its health says (a hung model can leave the health service answering)
         self._suspect_until: dict[tuple[str, str], float] = {}
@@ -267,8 +265,6 @@ class GrpcScorer:
         if state == LIVE:
             replica.down_until = self._suspect_until.get(key, 0.0)
         else:
-            if state == DOWN:
-                self._cancel_inflight(key)
             replica.down_until = max(replica.down_until, time.monotonic() + max(self.policy.replica_cooldown_s,
                                                                               3 * self.policy.health_interval_s))
         if before is not None and before != state:
@@ -430,12 +426,6 @@ class GrpcScorer:
                                                                3 * self.policy.health_interval_s)
         self._lost(role, replica, why)
 
-    def _cancel_inflight(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            futs = list(self._inflight.get(key, ()))
-        for f in futs:
-            f.cancel()
-
     def _orphan(self, role: str, replica: Replica, session_id: str) -> None:
         with self._lock:
             self._orphans.setdefault((role, replica.address), {}).setdefault(session_id, 0)
@@ -591,20 +581,11 @@ class GrpcScorer:
             tokens = sum(len(c.tokens) - (0 if zero else c.start) for c in part)
             other = bool(self._live_replicas(role, exclude=replica.address))
             timeout, derived = self.deadlines.deadline(role, tokens, failover=other)
-            key = (role, replica.address)
             try:
-                fut = getattr(replica.stub, method).future(build(part, zero), timeout=timeout)
-                with self._lock:
-                    self._inflight.setdefault(key, set()).add(fut)
-                try:
-                    resp = fut.result()
-                finally:
-                    with self._lock:
-                        self._inflight.get(key, set()).discard(fut)
-            except grpc.FutureCancelledError:  # marked down meanwhile (_set_state cancels its calls)
-                self.metrics.upstream_failovers.add(len(part), {**_cause("health"), "eftmesh.role": role})
-                move(replica, idx, f"was marked down ({self._why.get(key, 'health')})")
-                return
+                # A blocking call, not .future(): a future's answer comes through the channel's
+                # own thread, ~0.2-0.3 ms more per call here. The derived timeout bounds the wait
+                # on a hung replica instead of a cancellation from the health monitor.
+                resp = getattr(replica.stub, method)(build(part, zero), timeout=timeout)
             except grpc.RpcError as e:
                 code = e.code()
                 # every attempt is timed, failed ones too (a re-sent call is another attempt)
