@@ -10,10 +10,12 @@ from typing import Any
 import openai
 import pytest
 
-from httpmesh import ROLES, HttpMesh, demo_logits, http_mesh, request  # noqa: F401  (fixtures)
+import httpmesh
+from httpmesh import ROLES, HttpMesh, request
 from eftmesh.v1 import generator_pb2, tensor_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+demo_logits, http_mesh = httpmesh.demo_logits, httpmesh.http_mesh  # the module's fixtures
 
 D = generator_pb2.Delta
 UPSCALE = generator_pb2.Composition(base="base-large", deltas=[D(tuned="ft-small", reference="base-small", weight=1.0)])
