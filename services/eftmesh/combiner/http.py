@@ -104,6 +104,9 @@ def _validation_error(e: ValidationError) -> JSONResponse:
     return error(400, f"{where}: {msg}{more}", "invalid_request_error", where, "invalid_value")
 
 
+_PENDING = object()
+
+
 class _CallContext:
     """`servicer.CallContext` of an HTTP request: no deadline; inactive once the client left."""
 
@@ -143,7 +146,18 @@ class _Run:
         threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="http-gen", daemon=True).start()
 
     async def next(self) -> Chunk | None:
+        """The next chunk; None once the generation finished; raises what it raised."""
         item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def ready(self) -> Chunk | None | object:
+        """`next()` if it would not wait, else _PENDING."""
+        try:
+            item = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return _PENDING
         if isinstance(item, BaseException):
             raise item
         return item
@@ -324,21 +338,28 @@ class HttpApi:
         return JSONResponse(out.whole(chunks))
 
     async def _stream(self, run: _Run, first: Chunk | None, out: oai.Output) -> AsyncIterator[bytes]:
+        # The chunks already made go out in one write: under load a stream's chunks queue up
+        # while the event loop serves the others, and one write per chunk would cost more.
+        events = [out.sse(out.chunk_json(role=True))] if out.chat else []
         chunk = first
-        if out.chat:
-            yield out.sse(out.chunk_json(role=True))
         try:
             while chunk is not None:
-                yield out.sse(out.chunk_json(chunk))
+                events.append(out.sse(out.chunk_json(chunk)))
                 if chunk.usage is not None and out.include_usage:
-                    yield out.sse(out.usage_chunk(chunk))
-                chunk = await run.next()
+                    events.append(out.sse(out.usage_chunk(chunk)))
+                nxt = run.ready()
+                if nxt is _PENDING:
+                    yield b"".join(events)
+                    events = []
+                    nxt = await run.next()
+                chunk = nxt
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - a failure after the headers: an error event, as vLLM's
-            yield b"data: " + from_exception(e).body + b"\n\n"
+            events.append(b"data: " + from_exception(e).body + b"\n\n")
         out.done = True
-        yield b"data: [DONE]\n\n"
+        events.append(b"data: [DONE]\n\n")
+        yield b"".join(events)
 
 
 class _EventStream(StreamingResponse):
@@ -382,7 +403,7 @@ class HttpServer:
         self.port = self.sock.getsockname()[1]
         tls = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key} if cfg.tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(
-            api.app, lifespan="off", log_level="warning", access_log=False, http="h11", loop="asyncio",
+            api.app, lifespan="off", log_level="warning", access_log=False, http="httptools", loop="uvloop",
             timeout_graceful_shutdown=int(cfg.grace_s) or 1, **tls))
         self._thread: threading.Thread | None = None
 
