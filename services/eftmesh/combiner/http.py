@@ -63,6 +63,9 @@ STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
 RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
+# An idle client connection is closed after this long (uvicorn's default, 5 s, makes clients that
+# pause between requests reconnect often; 75 s is nginx's and Go's keep-alive default).
+KEEP_ALIVE_S = 75
 
 
 @dataclass(frozen=True)
@@ -404,7 +407,7 @@ class HttpServer:
         tls = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key} if cfg.tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(
             api.app, lifespan="off", log_level="warning", access_log=False, http="httptools", loop="uvloop",
-            timeout_graceful_shutdown=int(cfg.grace_s) or 1, **tls))
+            timeout_graceful_shutdown=int(cfg.grace_s) or 1, timeout_keep_alive=KEEP_ALIVE_S, **tls))
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

@@ -15,10 +15,13 @@ import http.client
 import json
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from eftmesh_lab.loadtest import Result, Scenario, fill
 
 # HTTP status -> the gRPC code the report's ghz view uses (docs/api.md's table, read backwards).
 GRPC_OF = {200: grpc.StatusCode.OK, 400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -72,8 +75,15 @@ def generate(conn: http.client.HTTPConnection, path: str, body: dict, headers: d
     data = json.dumps(body).encode()
     start = time.perf_counter()
     try:
-        conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **headers})
-        resp = conn.getresponse()
+        try:
+            conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **headers})
+            resp = conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # A kept-alive connection the server closed while idle: reconnect once, as clients do.
+            conn.close()
+            start = time.perf_counter()
+            conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **headers})
+            resp = conn.getresponse()
         if resp.status != 200 or not resp.getheader("content-type", "").startswith("text/event-stream"):
             raw = resp.read()
             took = time.perf_counter() - start
@@ -111,3 +121,30 @@ def _message(raw: bytes) -> str:
         return str(json.loads(raw)["error"]["message"])[:200]
     except (ValueError, KeyError, TypeError):
         return raw[:200].decode("utf-8", "replace")
+
+
+def http_calls(s: Scenario, address: str) -> tuple[Callable[[int, int], Result], Callable[[], None]]:
+    """`one(worker_id, request_number)` for the load runner (a kept-alive connection per worker,
+    the scenario's metadata as headers, its bearer token as Authorization), and `close()`."""
+    conns: dict[int, http.client.HTTPConnection] = {}
+    headers = {k: v for k, v in s.call_metadata() or ()}
+
+    def one(worker_id: int, n: int) -> Result:
+        conn = conns.get(worker_id)
+        if conn is None or conn.sock is None:
+            conn = conns[worker_id] = connect(address, s.tls, s.timeout_s)
+        body = fill(s.data[n % len(s.data)], n, worker_id, s.name)
+        wall = time.time()
+        o = generate(conn, s.method, body, headers)
+        code = GRPC_OF.get(o.status, grpc.StatusCode.INTERNAL if o.status >= 500 else grpc.StatusCode.UNKNOWN)
+        if o.status == 0:
+            code = grpc.StatusCode.UNAVAILABLE
+        status = f"HTTP {o.status}" if o.status else "connection failed"
+        return Result(code, o.latency_s, o.first_s, o.completion_tokens, o.error, wall, o.error, o.inter_token_s,
+                      status)
+
+    def close() -> None:
+        for c in conns.values():
+            c.close()
+
+    return one, close
