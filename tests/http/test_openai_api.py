@@ -160,3 +160,20 @@ def test_the_sse_stream_on_the_wire(http_mesh):
     assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events[:-1])
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] >= 1
     assert [e["choices"][0]["finish_reason"] for e in events[:-2]].count(None) == len(events) - 3
+
+
+def test_the_load_runners_http_mode(http_mesh):
+    """An HTTP/SSE scenario (load_tests/http/) through eftmesh-load: the same report as gRPC's,
+    with time to first token, inter-token latency and statuses as HTTP spells them."""
+    from eftmesh_lab import loadtest
+
+    s = loadtest.Scenario.load(loadtest.Path(__file__).resolve().parents[2] / "load_tests" / "http" / "chat-stream.json")
+    s = loadtest.dataclasses.replace(s, total=6, concurrency=3)
+    d = loadtest.run(s, f"127.0.0.1:{http_mesh.port}").as_dict()
+    assert d["call"] == "POST /v1/chat/completions" and d["status"] == {"HTTP 200": 6} and d["ok"] == 6
+    assert d["completion_tokens"] > 6 and d["time_to_first_token_ms"]["p50"] > 0
+    assert d["inter_token_latency_ms"]["p50"] > 0
+    bad = loadtest.dataclasses.replace(s, total=2, data=({"model": "nope", "prompt": "x"},))
+    d = loadtest.run(bad, f"127.0.0.1:{http_mesh.port}").as_dict()
+    assert d["status"] == {"HTTP 400": 2}
+    assert "| POST /v1/chat/completions |" in loadtest.markdown([loadtest.run(s, f"127.0.0.1:{http_mesh.port}").as_dict()])
