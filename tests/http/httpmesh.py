@@ -18,7 +18,7 @@ import pytest
 from conftest import start_combiner, start_logit
 from eftmesh.combiner.compositions import parse_named
 from eftmesh.combiner.convert import Defaults
-from eftmesh.combiner.http import HttpConfig
+from eftmesh.combiner.server import HttpConfig
 from eftmesh.combiner.server import DEFAULT_COMPOSITION, CombinerServer
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.server import LogitServer

@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -42,10 +41,10 @@ from starlette.routing import Route
 
 from eftmesh.combiner import compositions, openai_schema as oai
 from eftmesh.combiner.decoding import Chunk
+from eftmesh.combiner.server import HttpConfig
 from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.common import auth
 from eftmesh.common.errors import EftMeshError, quote
-from eftmesh.common.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +65,6 @@ RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
 # An idle client connection is closed after this long (uvicorn's default, 5 s, makes clients that
 # pause between requests reconnect often; 75 s is nginx's and Go's keep-alive default).
 KEEP_ALIVE_S = 75
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    """The HTTP port's settings (flags --http-port, --http-host; TLS, tokens and the request
-    size limit are the gRPC port's)."""
-
-    host: str = "0.0.0.0"
-    port: int = 8000
-    tls: ServerTLS | None = None
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_in_flight: int = 256  # requests at once (gRPC's --max-concurrent-rpcs); more get 429
-    grace_s: float = 30.0
 
 
 def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,

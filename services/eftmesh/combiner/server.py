@@ -18,13 +18,13 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner import compositions
-from eftmesh.combiner.http import HttpApi, HttpConfig, HttpServer
 from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults
 from eftmesh.combiner.servicer import GeneratorServicer
@@ -34,15 +34,32 @@ from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatib
 from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
+from eftmesh.common.tls import ServerTLS
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
+if TYPE_CHECKING:
+    from eftmesh.combiner.http import HttpServer
+
 log = logging.getLogger("eftmesh.combiner")
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 DEFAULT_COMPOSITION = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API's settings (flags --http-port, --http-host; TLS, tokens and the request
+    size limit are the gRPC port's)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    tls: ServerTLS | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_in_flight: int = 256  # requests at once (gRPC's --max-concurrent-rpcs); more get 429
+    grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -235,7 +252,7 @@ class CombinerServer:
     meter_provider: MeterProvider | None = None
     check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
     servicer: GeneratorServicer | None = None
-    http: HttpServer | None = None
+    http: HttpServer | None = None  # eftmesh.combiner.http.HttpServer, with --http-port
 
     def start(self, on_fatal: Callable[[EftMeshError], None] | None = None) -> None:
         """Open the port (health NOT_SERVING), try every upstream once, and go on waiting for
@@ -301,8 +318,12 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
             tracer_provider,
             interceptors=extra,
         )
-        http = None if cfg.http is None else HttpServer(
-            HttpApi(servicer, tokenizer, cfg.http, tracer, ready=lambda: scorer.wait_live(0), tokens=tokens))
+        http = None
+        if cfg.http is not None:  # imported here: the HTTP stack is needed only with --http-port
+            from eftmesh.combiner.http import HttpApi, HttpServer
+
+            http = HttpServer(HttpApi(servicer, tokenizer, cfg.http, tracer, ready=lambda: scorer.wait_live(0),
+                                      tokens=tokens))
     except BaseException:
         decoder.close()
         scorer.close()
