@@ -55,9 +55,9 @@ def http_combiner(logits: dict[str, LogitServer], ports: dict[str, int] | None =
     named = dict(parse_named(s, ROLES) for s in (HELPFUL, AMPLIFIED))
     kwargs.setdefault("defaults", Defaults(DEFAULT_COMPOSITION, SamplingConfig(temperature=1.0, top_p=1.0), 16, 256,
                                            compositions=named))
-    http_kw = kwargs.pop("http_kw", {})
+    http_kw = {"grace_s": 1.0, **kwargs.pop("http_kw", {})}
     return start_combiner(MODELS / "ft-small", ports or {r: ls.server.port for r, ls in logits.items()},
-                          http=HttpConfig(host="127.0.0.1", port=0, grace_s=1.0, **http_kw), **kwargs)
+                          http=HttpConfig(host="127.0.0.1", port=0, **http_kw), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,29 @@ def test_tls_with_the_grpc_ports_certificate_and_an_http_span_around_the_generat
     finally:
         cs.stop(0)
 
+
+
+def test_a_drain_lets_running_streams_finish_and_refuses_new_requests(demo_logits):
+    """SIGTERM's path (CombinerServer.stop): readiness goes 503 at once, a running stream still
+    gets every token and [DONE], and a new request is refused (503, or no connection at all)."""
+    cs = http_combiner(demo_logits, http_kw={"grace_s": 30.0})
+    conn = http.client.HTTPConnection("127.0.0.1", cs.http.port, timeout=60)
+    stopper = threading.Thread(target=cs.stop, args=(30.0,))
+    try:
+        body = chat(max_tokens=40, stream=True, ignore_eos=True, stream_options={"include_usage": True})
+        conn.request("POST", CHAT, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        stream = conn.getresponse()
+        assert stream.readline().startswith(b"data: ")
+        stopper.start()
+        assert wait_for(lambda: cs.http.api.draining, 10.0)
+        try:
+            assert request(cs.http.port, "POST", CHAT, chat(), timeout=10).status == 503
+        except OSError:
+            pass  # the listening socket is already closed
+        events = [json.loads(line[6:]) for line in stream.read().split(b"\n\n") if line.startswith(b"data: {")]
+        assert events[-1]["usage"]["completion_tokens"] == 40
+    finally:
+        conn.close()
+        if stopper.ident is None:
+            cs.stop(0)
+        stopper.join(60)

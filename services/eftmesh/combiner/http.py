@@ -389,6 +389,9 @@ class HttpServer:
         except OSError as e:
             self.sock.close()
             raise OSError(f"cannot bind {cfg.host}:{cfg.port} (--http-port): {e.strerror or e}") from None
+        # Listening from here on: a client that connects before uvicorn's loop runs waits in the
+        # backlog instead of being refused.
+        self.sock.listen(2048)
         self.port = self.sock.getsockname()[1]
         tls = {"ssl_certfile": cfg.tls.cert, "ssl_keyfile": cfg.tls.key} if cfg.tls is not None else {}
         self.server = uvicorn.Server(uvicorn.Config(
