@@ -77,3 +77,14 @@ def test_flags_give_the_http_port_the_grpc_ports_tls_limits_and_compositions():
     assert cfg.defaults.compositions["helpful"].describe() == "base-large + 1*(ft-small - base-small)"
     assert parse_args(["--upstream", "base-large=h:1", "--tokenizer", "t", "--no-default-delta",
                        "--default-base", "base-large"], environ={}).http is None
+
+
+def test_the_cli_sends_a_composition_by_name():
+    import argparse
+
+    from eftmesh.cli import add_request_flags, build_request
+
+    p = argparse.ArgumentParser()
+    add_request_flags(p)
+    req = build_request(p.parse_args(["--composition", "helpful"]), prompt="x")
+    assert req["composition"].name == "helpful" and not req["composition"].base
