@@ -88,19 +88,22 @@ def parse_named(text: str, roles: Collection[str]) -> tuple[str, Composition]:
     return name, parse_spec(spec, roles)
 
 
+def check(name: str, named: Collection[str], roles: Collection[str]) -> None:
+    """NotFound, listing the names this combiner knows, unless `name` is one of them."""
+    if name != DEFAULT_NAME and name not in named and name not in roles:
+        raise NotFound(f"unknown composition or model {quote(name)}; this combiner serves "
+                       f"{', '.join(model_names(named, roles))}")
+
+
 def resolve(name: str, default: Composition, named: Mapping[str, Composition], roles: Collection[str]) -> Composition:
     """The composition a request names; NotFound listing the names this combiner knows."""
+    check(name, named, roles)
     if name == DEFAULT_NAME:
         return default
-    if name in named:
-        return named[name]
-    if name in roles:
-        return Composition(name)
-    raise NotFound(f"unknown composition or model {quote(name)}; this combiner serves "
-                   f"{', '.join(model_names(named, roles))}")
+    return named[name] if name in named else Composition(name)
 
 
-def model_names(named: Mapping[str, Composition], roles: Collection[str]) -> list[str]:
+def model_names(named: Collection[str], roles: Collection[str]) -> list[str]:
     """Every name a request may use: `default`, the named compositions, then each role."""
     return [DEFAULT_NAME, *named, *sorted(roles)]
 

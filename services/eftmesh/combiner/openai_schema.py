@@ -186,7 +186,8 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
     if field is not None:
         raise BadField(f"{field}: not supported by this server (only its default value is accepted)", field)
     # The model must exist even when `eft` overrides it: a typo in it is an error, not ignored.
-    check_model(body.model, named, roles)
+    if body.model is not None:
+        compositions.check(body.model, named, roles)
     msg = generator_pb2.GenerateRequest(composition=_composition(body, roles))
     sampling = tensor_pb2.SamplingParams()
     if body.temperature is not None:
@@ -212,7 +213,7 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
         n = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if body.top_logprobs:
             raise BadField("top_logprobs: only 0 is supported (each token's own log-prob is returned "
-                                  "with logprobs: true; alternatives are not)", "top_logprobs")
+                           "with logprobs: true; alternatives are not)", "top_logprobs")
         for i, m in enumerate(body.messages):
             if m.name is not None:
                 raise BadField(f"messages[{i}].name: not supported by this server", f"messages[{i}].name")
@@ -223,25 +224,15 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
         n = body.max_tokens
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
-            raise BadField(f"prompt: one prompt per request (got {len(prompts)}); send several requests",
-                                  "prompt")
+            raise BadField(f"prompt: one prompt per request (got {len(prompts)}); send several requests", "prompt")
         if body.logprobs:
             raise BadField("logprobs: only 0 is supported (each token's own log-prob; alternatives are not "
-                                  "returned)", "logprobs")
+                           "returned)", "logprobs")
         msg.prompt = prompts[0]
         msg.logprobs = body.logprobs is not None
     if n is not None:
         msg.max_new_tokens = n
     return msg
-
-
-_ANY: Any = object()  # a stand-in composition for `resolve` when only the name's existence matters
-
-
-def check_model(name: str | None, named: Collection[str], roles: Collection[str]) -> None:
-    """NotFound for a `model` that names nothing here (also when `eft` overrides it)."""
-    if name is not None:
-        compositions.resolve(name, _ANY, dict.fromkeys(named, _ANY), roles)
 
 
 def usage_json(u: Usage) -> dict[str, Any]:
