@@ -93,6 +93,19 @@ def round_(stream: Stream, prompts: Sequence[str], max_new: int, combiner_pid: i
             "combiner_cpu_ms_per_token": 1000 * (cpu_s(combiner_pid) - comb0) / tokens}
 
 
+def ttft_alone(clients: dict[str, tuple[Stream, Callable[[], None]]], prompt: str, rounds: int,
+               max_new: int = 8) -> dict[str, float]:
+    """Median time to first token of one request alone, alternating the two APIs (after 3
+    warm-up rounds): the latency the HTTP front adds, without concurrency's queueing."""
+    firsts: dict[str, list[float]] = {name: [] for name in clients}
+    for i in range(rounds + 3):
+        for name in (SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]):
+            _, first = clients[name][0](0, prompt, max_new)
+            if i >= 3:
+                firsts[name].append(first * 1000)
+    return {name: statistics.median(v) for name, v in firsts.items()}
+
+
 def markdown(out: dict) -> str:
     rows = ["| N | gRPC Generate tokens/s | HTTP/SSE tokens/s | HTTP / gRPC | target | TTFT gRPC / HTTP ms "
             "| combiner CPU ms/token gRPC / HTTP | client CPU ms/token gRPC / HTTP |",
@@ -108,6 +121,9 @@ def markdown(out: dict) -> str:
         rows.append(f"| {n} | {g:.1f} | {h:.1f} | {out['ratio'][k]:.3f} | {f'>= {target}' if target else '-'} | "
                     f"{pair('ttft_ms', '.1f')} | {pair('combiner_cpu_ms_per_token')} | "
                     f"{pair('client_cpu_ms_per_token')} |")
+    t = out["ttft_alone_ms"]
+    rows.append(f"\nOne request alone ({out['args']['ttft_rounds']} alternating rounds, 8 tokens): time to first token "
+                f"p50 {t['grpc-generate']:.1f} ms over gRPC, {t['http-sse']:.1f} ms over HTTP/SSE.")
     return "\n".join(rows)
 
 
@@ -119,13 +135,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=7, help="repetitions per system and N (default: %(default)s)")
     p.add_argument("--port", type=int, default=50650, help="first port of the mesh (default: %(default)s)")
     p.add_argument("--http-port", type=int, default=50680, help="the combiner's HTTP port (default: %(default)s)")
+    p.add_argument("--ttft-rounds", type=int, default=40,
+                   help="rounds of one request alone per API for the time to first token (default: %(default)s)")
     p.add_argument("--out", default="bench/http.json", help="JSON results (default: %(default)s)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
-    ns = sorted({int(n) for n in a.concurrency.split(",") if n})
+    ns = sorted({int(n) for n in a.concurrency.split(",") if n} | {1})
+    alone: dict[str, float] = {}
     roles = {r: path for r, path in resolve_models(Path(a.models)).items() if r in ROLES}
     prompts = workload_prompts(Path(a.models), "qa", max(ns))
     combiner_args = ["--http-port", str(a.http_port), "--max-concurrent-generations", str(max(ns) + 8)]
@@ -146,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"  [rep {rep + 1}/{a.reps}] {name:13s} N={n:3d}: {r['tokens_per_s']:.1f} tokens/s, CPU ms "
                           f"per token: client {r['client_cpu_ms_per_token']:.2f}, combiner "
                           f"{r['combiner_cpu_ms_per_token']:.2f}", flush=True)
+            if n == 1:
+                alone = ttft_alone(clients, prompts[0], a.ttft_rounds)
             for _, close in clients.values():
                 close()
     def median(key: str) -> dict[str, dict[str, float]]:
@@ -161,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ratio": {str(n): med["http-sse"][str(n)] / med["grpc-generate"][str(n)] for n in ns},
         "targets": {str(n): TARGETS[n] for n in ns if n in TARGETS},
         "ttft_ms": median("ttft_ms"),
+        "ttft_alone_ms": alone,
         "client_cpu_ms_per_token": median("client_cpu_ms_per_token"),
         "combiner_cpu_ms_per_token": median("combiner_cpu_ms_per_token"),
         "runs": {s: {str(n): v for n, v in row.items()} for s, row in runs.items()},
