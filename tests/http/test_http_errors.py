@@ -107,6 +107,10 @@ def test_bearer_tokens_401_and_403(demo_logits, tmp_path: Path):
         assert_error(request(port, "POST", CHAT, chat(), {"Authorization": "Bearer wrong"}), 403)
         assert request(port, "POST", CHAT, chat(), {"Authorization": "Bearer new-token"}).status == 200
         assert request(port, "GET", "/health/ready").status == 200  # probes need no token
+        tokens.write_text("newest-token\n")  # rotation: the file is re-read, for gRPC and HTTP alike
+        assert wait_for(lambda: request(port, "GET", "/v1/models", headers={"Authorization": "Bearer newest-token"})
+                        .status == 200, 15.0)
+        assert_error(request(port, "POST", CHAT, chat(), {"Authorization": "Bearer new-token"}), 403)
     finally:
         cs.stop(0)
 
@@ -136,6 +140,22 @@ def test_overload_is_429_with_retry_after_and_a_disconnect_frees_every_roles_kv_
         data = collect(reader)
         done = points(data, "gen_ai.server.request.duration", **{"http.route": CHAT})
         assert {p.attributes["rpc.grpc.status_code"] for p in done} == {"RESOURCE_EXHAUSTED", "CANCELLED", "OK"}
+    finally:
+        conn.close()
+        cs.stop(0)
+
+
+def test_http_requests_over_the_in_flight_limit_get_429(demo_logits):
+    cs = http_combiner(demo_logits, http_kw={"max_in_flight": 1})
+    conn = http.client.HTTPConnection("127.0.0.1", cs.http.port, timeout=60)
+    try:
+        conn.request("POST", CHAT, body=json.dumps(chat(max_tokens=256, stream=True, ignore_eos=True)),
+                     headers={"Content-Type": "application/json"})
+        stream = conn.getresponse()
+        assert stream.readline().startswith(b"data: ")
+        r = request(cs.http.port, "POST", CHAT, chat())
+        assert_error(r, 429, text="HTTP requests in flight")
+        assert r.headers["retry-after"] == "1"
     finally:
         conn.close()
         cs.stop(0)
