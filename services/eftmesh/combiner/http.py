@@ -119,16 +119,23 @@ class _Run:
         put = self.queue.put_nowait
         attrs = {"http.request.method": "POST", "http.route": route}
 
+        def deliver(item: Chunk | BaseException | None) -> bool:
+            try:
+                loop.call_soon_threadsafe(put, item)
+                return True
+            except RuntimeError:  # the event loop is closed (the server stopped): nobody reads on
+                self.ctx.gone.set()
+                return False
+
         def produce() -> None:
             chunks = servicer.run(msg, self.ctx, route, attrs)
             try:
                 for chunk in chunks:
-                    loop.call_soon_threadsafe(put, chunk)
-                    if not self.ctx.is_active():
+                    if not deliver(chunk) or not self.ctx.is_active():
                         break
-                loop.call_soon_threadsafe(put, None)
+                deliver(None)
             except BaseException as e:  # noqa: BLE001 - handed to the request's task
-                loop.call_soon_threadsafe(put, e)
+                deliver(e)
             finally:
                 chunks.close()  # a client gone mid-stream: GeneratorExit ends the generation here
 
