@@ -92,6 +92,7 @@ def test_routes_methods_sizes_and_readiness(http_mesh):
     big = json.dumps(chat(messages=[{"role": "user", "content": "x" * limit}])).encode()
     assert_error(request(http_mesh.port, "POST", CHAT, big), 413)
     assert request(http_mesh.port, "GET", "/health/live").status == 200
+    assert request(http_mesh.port, "GET", "/version").json()["version"]
     assert request(http_mesh.port, "GET", "/health/ready").json() == {"status": "ready"}
     assert request(http_mesh.port, "POST", CHAT, chat()).status == 200
 

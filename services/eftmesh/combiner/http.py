@@ -5,6 +5,7 @@
     GET  /v1/models             `default`, the --composition names, each role alone
     GET  /health/live           200 while the process serves HTTP
     GET  /health/ready          200 once every role has a live replica, 503 before and while draining
+    GET  /version               eftmesh's version (as vLLM's server answers it)
 
 A body is validated (`openai_schema`), turned into the gRPC `GenerateRequest` and handed to
 `GeneratorServicer.run`: the same validation, admission control (one limit for both APIs),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib.metadata
 import json
 import logging
 import socket
@@ -47,6 +49,11 @@ from eftmesh.common import auth
 from eftmesh.common.errors import EftMeshError, quote
 
 log = logging.getLogger(__name__)
+
+try:
+    _VERSION = importlib.metadata.version("eftmesh")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    _VERSION = "unknown"
 
 # gRPC status -> (HTTP status, OpenAI error type). docs/api.md has this table.
 STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -180,6 +187,7 @@ class HttpApi:
             Route("/health/live", self.live, methods=["GET"]),
             Route("/health/ready", self.readiness, methods=["GET"]),
             Route("/health", self.readiness, methods=["GET"]),
+            Route("/version", self.version, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
 
@@ -189,6 +197,9 @@ class HttpApi:
                      code="not_found" if e.status_code == 404 else None, headers=e.headers)
 
     # --- health and models -------------------------------------------------------------------
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": _VERSION})
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"status": "live"})
