@@ -88,3 +88,20 @@ def test_the_cli_sends_a_composition_by_name():
     add_request_flags(p)
     req = build_request(p.parse_args(["--composition", "helpful"]), prompt="x")
     assert req["composition"].name == "helpful" and not req["composition"].base
+
+
+def test_a_server_fault_is_a_500_in_openai_shape_with_its_traceback_logged(caplog):
+    """Never for input (the fuzz tests hold that), but a bug must still answer in the API's shape."""
+    from starlette.testclient import TestClient
+
+    from eftmesh.combiner.http import HttpApi
+    from eftmesh.combiner.server import HttpConfig
+
+    class Broken:
+        defaults = property(lambda self: 1 / 0)
+
+    api = HttpApi(Broken(), None, HttpConfig(), tracer=__import__("opentelemetry").trace.NoOpTracer(),
+                  ready=lambda: True)
+    r = TestClient(api.app, raise_server_exceptions=False).get("/v1/models")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "ZeroDivisionError" in caplog.text

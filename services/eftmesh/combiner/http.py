@@ -189,7 +189,11 @@ class HttpApi:
             Route("/health", self.readiness, methods=["GET"]),
             Route("/version", self.version, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error,
+                                                               Exception: self._server_fault})
+
+    async def _server_fault(self, request: Request, e: Exception) -> Response:
+        return from_exception(e)  # logged with its traceback; OpenAI's shape, not Starlette's text
 
     async def _http_error(self, request: Request, e: Exception) -> Response:
         assert isinstance(e, HTTPException)
