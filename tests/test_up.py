@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port_block
+from conftest import free_port, free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -44,7 +44,7 @@ def test_up_once_serves_a_generation_and_stops_every_process(tiny_family, tmp_pa
     port = free_port_block(1 + len(ROLES))
     log_dir = tmp_path / "logs"
     cmd = [sys.executable, "-m", "eftmesh.cli", "up", "--once", "--models", str(models),
-           "--port", str(port), "--log-dir", str(log_dir)]
+           "--port", str(port), "--log-dir", str(log_dir), "--http-port", str(free_port())]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -74,7 +74,7 @@ def test_up_model_serves_one_model_in_every_role(role, chat, tmp_path):
     prompt."""
     model = Path(__file__).resolve().parents[1] / "models" / "demo" / role
     port = free_port_block(4)
-    proc = subprocess.run([sys.executable, "-m", "eftmesh.cli", "up", "--once", "--model", str(model), "--port", str(port),
+    proc = subprocess.run([sys.executable, "-m", "eftmesh.cli", "up", "--once", "--model", str(model), "--port", str(port), "--http-port", "off",
                            "--kv-cache-tokens", "1024", "--max-new-tokens", "8", "--log-dir", str(tmp_path / "logs")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
     out = proc.stdout

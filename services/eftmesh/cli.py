@@ -40,6 +40,7 @@ def add_request_flags(p: argparse.ArgumentParser) -> None:
     """One flag per GenerateRequest field (unset flags leave the server's defaults)."""
     p.add_argument("--base", default="", help="base role (default: the combiner's default composition)")
     p.add_argument("--delta", type=_delta, action="append", default=[], metavar="TUNED,REFERENCE[,WEIGHT]", help="a behaviour delta; repeatable (needs --base)")
+    p.add_argument("--composition", default="", metavar="NAME", help="a named composition instead of --base/--delta: one of the combiner's --composition names, 'default', or a role alone (eftmesh info lists them)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off (default: the server's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default: the server's)")
@@ -63,7 +64,7 @@ def build_request(a: argparse.Namespace, prompt: str | None = None, messages: li
     if a.top_p is not None:
         sampling["top_p"] = a.top_p
     req = dict(
-        composition=generator_pb2.Composition(base=a.base, deltas=a.delta),
+        composition=generator_pb2.Composition(base=a.base, deltas=a.delta, name=getattr(a, "composition", "")),
         sampling=sampling,
         stop=a.stop,
         logprobs=a.logprobs,

@@ -236,14 +236,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--once", action="store_true", help="exit after the demo generation instead of serving until Ctrl-C")
     p.add_argument("--log-dir", default="build/run", help="where service logs go (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics of the combiner on this port, of the logit services on the next ones (default: off)")
+    p.add_argument("--http-port", default="8000",
+                   help="the combiner's OpenAI-compatible HTTP API on this port, 'off' for none (default: %(default)s)")
     a = p.parse_args(argv)
+    http_port = None if a.http_port.strip().lower() == "off" else int(a.http_port)
     if not 0 < a.port < 65536 - 16:
         p.error(f"--port must be a fixed port (the logit services take the next ones), got {a.port}")
 
     roles = {r: a.model for r in ("base-large", "base-small", "ft-small")} if a.model else resolve_models(Path(a.models))
     logit_args = ["--kv-cache-tokens", str(a.kv_cache_tokens)] if a.kv_cache_tokens else []
+    combiner_args = [] if http_port is None else ["--http-port", str(http_port)]
+    if {"base-large", "base-small", "ft-small"} <= set(roles) and not a.model:
+        # the demo family's up-scaling by name, for HTTP clients' `model` (and gRPC's Composition.name)
+        combiner_args += ["--composition", "helpful=base-large+1.0*(ft-small-base-small)"]
     mesh = LocalMesh(roles, a.port, a.threads, a.device, log_dir=Path(a.log_dir), metrics_port=a.metrics_port,
-                     logit_args=logit_args)
+                     logit_args=logit_args, combiner_args=combiner_args)
     try:
         mesh.start()
         asked = None if a.prompt or a.model else default_question(Path(a.models))
@@ -259,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             stream_demo(mesh.address, a.prompt or DEFAULT_PROMPT, a.max_new_tokens, a.temperature)
         if not a.once:
             print(f"\nthe mesh is up: eftmesh chat --address {mesh.address}   (or: eftmesh generate \"...\" --stream)")
+            if http_port is not None:
+                print(f"OpenAI-compatible HTTP API: http://127.0.0.1:{http_port}/v1 (models: curl "
+                      f"http://127.0.0.1:{http_port}/v1/models)")
             print("Ctrl-C stops it.", flush=True)
             stop = {signal.SIGINT, signal.SIGTERM}
             signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # sigwait needs them blocked

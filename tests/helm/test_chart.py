@@ -3,7 +3,7 @@ real templates, real values schema, real `fail` messages), with every manifest c
 the Kubernetes API schemas (kubernetes-validate) and every container's flags parsed by the
 real eftmesh entry points. No cluster runs here, so nothing is applied.
 
-Custom resources (PodMonitor, ServiceMonitor, ScaledObject, GRPCRoute) have no bundled schema:
+Custom resources (PodMonitor, ServiceMonitor, ScaledObject, GRPCRoute, HTTPRoute) have no bundled schema:
 they are skipped by the schema check and their required fields are checked by hand below.
 """
 
@@ -30,7 +30,7 @@ from eftmesh.logit.server import parse_args as logit_args
 CHART = Path(__file__).resolve().parents[2] / "helm" / "eftmesh"
 KUBE_VERSIONS = ("1.27", "1.32", "1.37")
 # Kinds from CRDs: no offline schema, checked by hand in test_custom_resources_should_carry_their_required_fields.
-CRD_KINDS = {"PodMonitor", "ServiceMonitor", "ScaledObject", "GRPCRoute"}
+CRD_KINDS = {"PodMonitor", "ServiceMonitor", "ScaledObject", "GRPCRoute", "HTTPRoute"}
 
 
 def _accepts(parse, args: list[str]) -> bool:
@@ -107,6 +107,14 @@ def everything_values() -> dict:
         "combiner": {
             "autoscaling": {"targetCPUUtilizationPercentage": 80},
             "grpcRoute": {"enabled": True, "parentRefs": [{"name": "gw", "namespace": "gateways"}],
+                          "hostnames": ["eft.example.com"]},
+            "http": {"readinessProbe": True},
+            "compositions": {"helpful": "base-large+1.0*(ft-small-base-small)",
+                             "amplified": "base-large + 1.5*(ft-small - base-small)"},
+            "ingress": {"enabled": True, "className": "nginx", "hosts": ["eft.example.com"],
+                        "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"},
+                        "tls": [{"secretName": "eft-tls", "hosts": ["eft.example.com"]}]},
+            "httpRoute": {"enabled": True, "parentRefs": [{"name": "gw", "namespace": "gateways"}],
                           "hostnames": ["eft.example.com"]},
             "priorityClassName": "serving", "runtimeClassName": "gvisor",
             "extraEnv": [{"name": "X", "value": "1"}], "envFrom": [{"configMapRef": {"name": "combiner-env"}}],
@@ -541,7 +549,7 @@ def test_network_policies_should_admit_logit_calls_from_the_combiner_and_scrapes
     assert metrics == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
                        "ports": [{"port": 9464, "protocol": "TCP"}]}
     api, _ = combiner["ingress"]
-    assert api == {"ports": [{"port": 50050, "protocol": "TCP"}]}  # from anywhere
+    assert api == {"ports": [{"port": 50050, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}  # gRPC, HTTP: from anywhere
     assert not by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
@@ -566,6 +574,11 @@ def test_custom_resources_should_carry_their_required_fields():
     (rule,) = route["spec"]["rules"]
     assert rule["matches"] == [{"method": {"service": "eftmesh.v1.Generator"}}]
     assert rule["backendRefs"] == [{"name": "eft-eftmesh-combiner", "port": 50050}]
+    http_route = kinds["HTTPRoute"]
+    assert http_route["apiVersion"] == "gateway.networking.k8s.io/v1" and http_route["spec"]["hostnames"] == ["eft.example.com"]
+    (rule,) = http_route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/v1"}}]
+    assert rule["backendRefs"] == [{"name": "eft-eftmesh-combiner", "port": 8000}]
     for d in kinds.values():
         assert d["metadata"]["name"] and d["metadata"]["namespace"] == "serving"
 

@@ -10,8 +10,9 @@ checked here, once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from eftmesh.combiner import compositions
 from eftmesh.combiner.chat import ChatMessage
 from eftmesh.combiner.decoding import Chunk, FinishReason, GenerationRequest, SpeculationConfig, Usage, new_seed
 from eftmesh.combiner.scoring import ModelSpec
@@ -60,6 +61,9 @@ class Defaults:
     max_new_tokens: int = 64
     max_new_tokens_cap: int = 1024
     speculation: SpeculationDefaults = SpeculationDefaults()
+    # --composition NAME=SPEC: compositions a request may name (gRPC Composition.name, the
+    # HTTP API's model); see `combiner.compositions`.
+    compositions: Mapping[str, Composition] = field(default_factory=dict)
 
 
 def _unknown_roles(names: Iterable[str], roles: Mapping[str, object]) -> None:
@@ -68,7 +72,12 @@ def _unknown_roles(names: Iterable[str], roles: Mapping[str, object]) -> None:
         raise NotFound(f"unknown role(s) {', '.join(map(quote, unknown))}; this combiner serves {', '.join(sorted(roles))}")
 
 
-def composition_from_pb(msg: generator_pb2.Composition, default: Composition, roles: Mapping[str, object]) -> Composition:
+def composition_from_pb(msg: generator_pb2.Composition, default: Composition, roles: Mapping[str, object],
+                        named: Mapping[str, Composition] | None = None) -> Composition:
+    if msg.name:
+        if msg.base or msg.deltas:
+            raise InvalidArgument("composition: set either name or base and deltas, not both")
+        return compositions.resolve(msg.name, default, named or {}, roles)
     if not msg.base and not msg.deltas:
         return default
     with invalid_argument():
@@ -77,8 +86,9 @@ def composition_from_pb(msg: generator_pb2.Composition, default: Composition, ro
     return comp
 
 
-def composition_to_pb(c: Composition) -> generator_pb2.Composition:
+def composition_to_pb(c: Composition, name: str = "") -> generator_pb2.Composition:
     return generator_pb2.Composition(
+        name=name,
         base=c.base,
         deltas=[generator_pb2.Delta(tuned=d.tuned, reference=d.reference, weight=d.weight) for d in c.deltas],
     )
@@ -129,7 +139,7 @@ def request_from_pb(
     n = msg.max_new_tokens if msg.HasField("max_new_tokens") else defaults.max_new_tokens
     if n > defaults.max_new_tokens_cap:
         raise InvalidArgument(f"max_new_tokens must be in [1, {defaults.max_new_tokens_cap}] (this combiner's --max-new-tokens-cap), got {n}")
-    composition = composition_from_pb(msg.composition, defaults.composition, roles)
+    composition = composition_from_pb(msg.composition, defaults.composition, roles, defaults.compositions)
     messages = messages_from_pb(msg.messages)
     template_role = msg.chat_template_role or (composition.deltas[0].tuned if composition.deltas else composition.base)
     with invalid_argument():
@@ -210,4 +220,6 @@ def info_to_pb(d: Defaults, models: Mapping[str, ModelSpec], fingerprint: str, v
         vocab_size=vocab_size,
         default_speculation=speculation_to_pb(d.speculation),
         chat_roles=[m.role for m in specs if m.chat_template],
+        compositions=[composition_to_pb(d.composition, compositions.DEFAULT_NAME)]
+        + [composition_to_pb(c, name) for name, c in d.compositions.items()],
     )

@@ -18,11 +18,13 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
+from eftmesh.combiner import compositions
 from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults
 from eftmesh.combiner.servicer import GeneratorServicer
@@ -33,15 +35,32 @@ from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatib
 from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
+from eftmesh.common.tls import ServerTLS
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
+if TYPE_CHECKING:
+    from eftmesh.combiner.http import HttpServer
+
 log = logging.getLogger("eftmesh.combiner")
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 DEFAULT_COMPOSITION = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API's settings (flags --http-port, --http-host; TLS, tokens and the request
+    size limit are the gRPC port's)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    tls: ServerTLS | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_in_flight: int = 256  # requests at once (gRPC's --max-concurrent-rpcs); more get 429
+    grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,8 @@ class CombinerConfig:
     tokenizer_revision: str | None = None
     # torch intra-op threads of this process (--threads); None leaves torch's default.
     threads: int | None = None
+    # The OpenAI-compatible HTTP API (--http-port); None: off.
+    http: HttpConfig | None = None
 
 
 def _upstream(text: str) -> tuple[str, str]:
@@ -139,6 +160,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-connection-age-grace", type=float, default=30.0, help="seconds in-flight calls of a connection closed by --max-connection-age may still take (default: %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50050, help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health/ready) on this port, with the same TLS certificate, bearer tokens, --max-request-bytes and admission control as gRPC; 0 picks a free one (default: off)")
+    p.add_argument("--http-host", default=None, help="address the HTTP API binds (default: --host)")
+    p.add_argument("--composition", action="append", default=[], metavar="NAME=SPEC",
+                   help="a named composition, usable by name from both APIs (gRPC Composition.name, HTTP model) and listed by GET /v1/models, "
+                        "e.g. helpful=base-large+1.0*(ft-small-base-small); SPEC is BASE[(+|-)[WEIGHT*](TUNED-REFERENCE)...]; repeatable "
+                        "(grammar: docs/api.md)")
     p.add_argument("--health-port", type=health_port_arg, default=None, help=HEALTH_PORT_HELP)
     p.add_argument("--no-reflection", dest="reflection", action="store_false", help="do not serve gRPC server reflection (on by default, so grpcurl works without .proto files; it only lists the services and their messages)")
     tls.add_server_args(p, client_ca=False)
@@ -168,6 +195,15 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         speculation = SpeculationDefaults(a.speculation, a.k, a.max_k, a.draft_cost_ratio)
     except ValueError as e:
         p.error(str(e))
+    named: dict[str, Composition] = {}
+    for text in a.composition:
+        try:
+            name, comp = compositions.parse_named(text, upstreams)
+        except ValueError as e:
+            p.error(f"--composition: {e}")
+        if name in named:
+            p.error(f"--composition: {name!r} is given twice")
+        named[name] = comp
     missing = [r for r in composition.roles if r not in upstreams]
     if missing:
         p.error(f"the default composition ({composition.describe()}) needs roles with no --upstream: {', '.join(missing)}")
@@ -185,7 +221,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     return CombinerConfig(
         upstreams=upstreams,
         tokenizer=a.tokenizer,
-        defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation),
+        defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation, named),
         server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port, tls=tls.server_from_args(p, a)),
         policy=UpstreamPolicy(call_timeout_s=a.call_timeout, deadline_margin=a.upstream_deadline_margin,
@@ -203,6 +239,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         auth_tokens_file=a.auth_tokens_file,
         tokenizer_revision=a.tokenizer_revision,
         threads=a.threads,
+        http=None if a.http_port is None else HttpConfig(
+            host=a.http_host or a.host, port=a.http_port, tls=tls.server_from_args(p, a),
+            max_request_bytes=a.max_request_bytes, max_in_flight=a.max_concurrent_rpcs, grace_s=a.grace),
     )
 
 
@@ -225,6 +264,7 @@ class CombinerServer:
     meter_provider: MeterProvider | None = None
     check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
     servicer: GeneratorServicer | None = None
+    http: HttpServer | None = None  # eftmesh.combiner.http.HttpServer, with --http-port
 
     def start(self, on_fatal: Callable[[EftMeshError], None] | None = None) -> None:
         """Open the port (health NOT_SERVING), try every upstream once, and go on waiting for
@@ -232,6 +272,8 @@ class CombinerServer:
         A model that does not fit (tokenizer, vocabulary) raises here if it answered at once,
         else `on_fatal(err)` is called when it does (the server stays NOT_SERVING)."""
         self.server.start()
+        if self.http is not None:
+            self.http.start()
         try:
             self.scorer.start(self.check, on_health=self._set_health, on_fatal=on_fatal)
         except BaseException:
@@ -246,7 +288,11 @@ class CombinerServer:
         return self.scorer.wait_live(timeout)
 
     def stop(self, grace_s: float | None = None) -> None:
+        """Drain both APIs at once (each within the grace period), then close."""
+        http = self.http.stop() if self.http is not None else None
         self.server.stop(grace_s).wait()
+        if http is not None:
+            http.wait()
         self.decoder.close()
         self.scorer.close()
 
@@ -272,8 +318,8 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     # gRPC's own refusals of generations (--max-concurrent-rpcs, --max-request-bytes), counted
     refusals = metrics.RefusalCounter(measures.rejected, {f"/{SERVICE_NAME}/{m}": m for m in ("Generate", "Complete")})
     try:
-        extra = [refusals, *([auth.BearerTokenInterceptor(auth.TokenFile(cfg.auth_tokens_file), [SERVICE_NAME])]
-                             if cfg.auth_tokens_file else [])]
+        tokens = auth.TokenFile(cfg.auth_tokens_file) if cfg.auth_tokens_file else None
+        extra = [refusals, *([auth.BearerTokenInterceptor(tokens, [SERVICE_NAME])] if tokens is not None else [])]
         server = Server(
             dataclasses.replace(
                 cfg.server,
@@ -288,6 +334,12 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
             executor=refusals.executor,
         )
         refusals.attach(server.grpc)
+        http = None
+        if cfg.http is not None:  # imported here: the HTTP stack is needed only with --http-port
+            from eftmesh.combiner.http import HttpApi, HttpServer
+
+            http = HttpServer(HttpApi(servicer, tokenizer, cfg.http, tracer, ready=lambda: scorer.wait_live(0),
+                                      tokens=tokens))
     except BaseException:
         decoder.close()
         scorer.close()
@@ -296,7 +348,8 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
         check_compatible(models, fp, vocab, tokenizer.eos_token_id)
         cap_k(servicer, decoder, scorer.models)
 
-    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider, check=check, servicer=servicer)
+    return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider, check=check, servicer=servicer,
+                          http=http)
 
 
 def cap_k(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str, ModelSpec]) -> None:
@@ -350,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("combiner listening on port %d; roles %s; default %s; %s", cs.server.port, ", ".join(cfg.upstreams),
              cfg.defaults.composition.describe(),
              "serving" if cs.wait_serving(0) else "NOT_SERVING until every role has a live replica")
-    cs.server.wait_for_signal()
-    cs.decoder.close()
-    cs.scorer.close()
+    cs.server.signalled.wait()
+    cs.stop()
+    log.info("stopped")
     exit_now(cs.tracer_provider, cs.meter_provider)

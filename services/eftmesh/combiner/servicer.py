@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
@@ -24,6 +25,15 @@ from eftmesh.combiner.scheduler import Decoder
 from eftmesh.common.errors import ResourceExhausted
 from eftmesh.common.metrics import GEN_AI_CHAT, CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
+
+
+class CallContext(Protocol):
+    """What a generation reads from its call: a `grpc.ServicerContext`, or the HTTP API's."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def is_active(self) -> bool: ...
+
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(
@@ -55,17 +65,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             self._slots.release()
 
-    def _run(
+    def run(
         self, request: generator_pb2.GenerateRequest | generator_pb2.CompleteRequest,
-        context: grpc.ServicerContext, rpc: str,
+        context: CallContext, rpc: str, extra: Mapping[str, str] | None = None,
     ) -> Iterator[Chunk]:
-        """One generation, from the request message on, with its metrics: duration by outcome
+        """One generation, from the request message on (the gRPC methods and the HTTP API,
+        `combiner.http`, both come here; `extra`: more metric attributes, e.g. http.route),
+        with its metrics: duration by outcome
         (refusals included: invalid, RESOURCE_EXHAUSTED at admission, ...), and for successful
         generations time to first token and time per output token; tokens, speculation
         acceptance, generations in flight. Attributes follow the GenAI semantic conventions
         (see eftmesh.common.metrics)."""
         m, start, first, tokens, error = self.metrics, time.perf_counter(), None, 0, None
-        attrs: dict[str, str] = {**gen_ai_attributes(), "rpc.method": rpc}
+        attrs: dict[str, str] = {**gen_ai_attributes(), "rpc.method": rpc, **(extra or {})}
         try:
             req = convert.request_from_pb(request, self.defaults, self.decoder.scorer.models)
             attrs["gen_ai.request.model"] = req.composition.describe()
@@ -100,7 +112,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 if tokens > 1:
                     m.time_per_output_token.record((elapsed - first) / (tokens - 1), attrs)
 
-    def _traced(self, req: GenerationRequest, context: grpc.ServicerContext, base: Mapping[str, str]) -> Iterator[Chunk]:
+    def _traced(self, req: GenerationRequest, context: CallContext, base: Mapping[str, str]) -> Iterator[Chunk]:
         """The generation span (GenAI semantic conventions, plus eftmesh.* figures); admission
         happens inside it, so a refused generation is a span with error.type too."""
         attrs = {
@@ -152,13 +164,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[generator_pb2.GenerateResponse]:
-        for chunk in self._run(request, context, "Generate"):
+        for chunk in self.run(request, context, "Generate"):
             yield convert.chunk_to_pb(chunk)
 
     def Complete(
         self, request: generator_pb2.CompleteRequest, context: grpc.ServicerContext
     ) -> generator_pb2.CompleteResponse:
-        return convert.complete_to_pb(self._run(request, context, "Complete"))
+        return convert.complete_to_pb(self.run(request, context, "Complete"))
 
     def Info(
         self, request: generator_pb2.GeneratorInfoRequest, context: grpc.ServicerContext

@@ -102,7 +102,9 @@ class TokenFile:
         return ok
 
 
-def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
+def bearer(metadata: Iterable[tuple[str, Any]] | None) -> bytes | None:
+    """The token of an `authorization: Bearer <token>` entry (gRPC metadata, or an HTTP header
+    as one pair), or None."""
     for key, value in metadata or ():
         if key.lower() != METADATA_KEY:
             continue
@@ -145,7 +147,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        token = _bearer(handler_call_details.invocation_metadata)
+        token = bearer(handler_call_details.invocation_metadata)
         if token is None:
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "this API needs 'authorization: Bearer <token>' metadata")

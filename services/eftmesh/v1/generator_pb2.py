@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from eftmesh.v1 import tensor_pb2 as eftmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x66tmesh/v1/generator.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"9\n\x05\x44\x65lta\x12\r\n\x05tuned\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\">\n\x0b\x43omposition\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12!\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x11.eftmesh.v1.Delta\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"f\n\x0bSpeculation\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.eftmesh.v1.SpeculationMode\x12\t\n\x01k\x18\x02 \x01(\r\x12\r\n\x05max_k\x18\x04 \x01(\r\x12\x12\n\ndraft_role\x18\x03 \x01(\t\"\x9e\x01\n\x10SpeculationStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x02\x12\x1c\n\x14\x62\x61se_calls_per_token\x18\x04 \x01(\x02\x12\x0e\n\x06\x62locks\x18\x05 \x01(\r\x12\x12\n\ndraft_role\x18\x06 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.eftmesh.v1.ChatMessage\x12\x1a\n\x12\x63hat_template_role\x18\x0b \x01(\t\x12,\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12,\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\xcb\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.eftmesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.eftmesh.v1.Usage\x12\x31\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1c.eftmesh.v1.SpeculationStats\"\xf2\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.eftmesh.v1.ChatMessage\x12\x1a\n\x12\x63hat_template_role\x18\x0b \x01(\t\x12,\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12,\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\xcb\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.eftmesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.eftmesh.v1.Usage\x12\x31\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1c.eftmesh.v1.SpeculationStats\"\x16\n\x14GeneratorInfoRequest\"\x83\x01\n\x08Upstream\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"\xe5\x02\n\x15GeneratorInfoResponse\x12\'\n\tupstreams\x18\x01 \x03(\x0b\x32\x14.eftmesh.v1.Upstream\x12\x34\n\x13\x64\x65\x66\x61ult_composition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12\x34\n\x10\x64\x65\x66\x61ult_sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\r\x12\x1a\n\x12max_new_tokens_cap\x18\x05 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x34\n\x13\x64\x65\x66\x61ult_speculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nchat_roles\x18\t \x03(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04*\x88\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x01\x12\x1a\n\x16SPECULATION_MODE_FIXED\x10\x02\x12\x1d\n\x19SPECULATION_MODE_ADAPTIVE\x10\x03\x32\xe8\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.eftmesh.v1.GenerateRequest\x1a\x1c.eftmesh.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.eftmesh.v1.CompleteRequest\x1a\x1c.eftmesh.v1.CompleteResponse\x12K\n\x04Info\x12 .eftmesh.v1.GeneratorInfoRequest\x1a!.eftmesh.v1.GeneratorInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x66tmesh/v1/generator.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"9\n\x05\x44\x65lta\x12\r\n\x05tuned\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"L\n\x0b\x43omposition\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12!\n\x06\x64\x65ltas\x18\x02 \x03(\x0b\x32\x11.eftmesh.v1.Delta\x12\x0c\n\x04name\x18\x03 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"f\n\x0bSpeculation\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.eftmesh.v1.SpeculationMode\x12\t\n\x01k\x18\x02 \x01(\r\x12\r\n\x05max_k\x18\x04 \x01(\r\x12\x12\n\ndraft_role\x18\x03 \x01(\t\"\x9e\x01\n\x10SpeculationStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x02\x12\x1c\n\x14\x62\x61se_calls_per_token\x18\x04 \x01(\x02\x12\x0e\n\x06\x62locks\x18\x05 \x01(\r\x12\x12\n\ndraft_role\x18\x06 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf2\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.eftmesh.v1.ChatMessage\x12\x1a\n\x12\x63hat_template_role\x18\x0b \x01(\t\x12,\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12,\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\xcb\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.eftmesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.eftmesh.v1.Usage\x12\x31\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1c.eftmesh.v1.SpeculationStats\"\xf2\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\n \x03(\x0b\x32\x17.eftmesh.v1.ChatMessage\x12\x1a\n\x12\x63hat_template_role\x18\x0b \x01(\t\x12,\n\x0b\x63omposition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12,\n\x0bspeculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"\xcb\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.eftmesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.eftmesh.v1.Usage\x12\x31\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1c.eftmesh.v1.SpeculationStats\"\x16\n\x14GeneratorInfoRequest\"\x83\x01\n\x08Upstream\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"\x94\x03\n\x15GeneratorInfoResponse\x12\'\n\tupstreams\x18\x01 \x03(\x0b\x32\x14.eftmesh.v1.Upstream\x12\x34\n\x13\x64\x65\x66\x61ult_composition\x18\x02 \x01(\x0b\x32\x17.eftmesh.v1.Composition\x12\x34\n\x10\x64\x65\x66\x61ult_sampling\x18\x03 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x04 \x01(\r\x12\x1a\n\x12max_new_tokens_cap\x18\x05 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x34\n\x13\x64\x65\x66\x61ult_speculation\x18\x08 \x01(\x0b\x32\x17.eftmesh.v1.Speculation\x12\x12\n\nchat_roles\x18\t \x03(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12-\n\x0c\x63ompositions\x18\n \x03(\x0b\x32\x17.eftmesh.v1.Composition*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x04*\x88\x01\n\x0fSpeculationMode\x12 \n\x1cSPECULATION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x01\x12\x1a\n\x16SPECULATION_MODE_FIXED\x10\x02\x12\x1d\n\x19SPECULATION_MODE_ADAPTIVE\x10\x03\x32\xe8\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.eftmesh.v1.GenerateRequest\x1a\x1c.eftmesh.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.eftmesh.v1.CompleteRequest\x1a\x1c.eftmesh.v1.CompleteResponse\x12K\n\x04Info\x12 .eftmesh.v1.GeneratorInfoRequest\x1a!.eftmesh.v1.GeneratorInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eftmesh.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2237
-  _globals['_FINISHREASON']._serialized_end=2382
-  _globals['_SPECULATIONMODE']._serialized_start=2385
-  _globals['_SPECULATIONMODE']._serialized_end=2521
+  _globals['_FINISHREASON']._serialized_start=2298
+  _globals['_FINISHREASON']._serialized_end=2443
+  _globals['_SPECULATIONMODE']._serialized_start=2446
+  _globals['_SPECULATIONMODE']._serialized_end=2582
   _globals['_DELTA']._serialized_start=67
   _globals['_DELTA']._serialized_end=124
   _globals['_COMPOSITION']._serialized_start=126
-  _globals['_COMPOSITION']._serialized_end=188
-  _globals['_CHATMESSAGE']._serialized_start=190
-  _globals['_CHATMESSAGE']._serialized_end=234
-  _globals['_SPECULATION']._serialized_start=236
-  _globals['_SPECULATION']._serialized_end=338
-  _globals['_SPECULATIONSTATS']._serialized_start=341
-  _globals['_SPECULATIONSTATS']._serialized_end=499
-  _globals['_USAGE']._serialized_start=501
-  _globals['_USAGE']._serialized_end=558
-  _globals['_GENERATEREQUEST']._serialized_start=561
-  _globals['_GENERATEREQUEST']._serialized_end=931
-  _globals['_GENERATERESPONSE']._serialized_start=934
-  _globals['_GENERATERESPONSE']._serialized_end=1137
-  _globals['_COMPLETEREQUEST']._serialized_start=1140
-  _globals['_COMPLETEREQUEST']._serialized_end=1510
-  _globals['_COMPLETERESPONSE']._serialized_start=1513
-  _globals['_COMPLETERESPONSE']._serialized_end=1716
-  _globals['_GENERATORINFOREQUEST']._serialized_start=1718
-  _globals['_GENERATORINFOREQUEST']._serialized_end=1740
-  _globals['_UPSTREAM']._serialized_start=1743
-  _globals['_UPSTREAM']._serialized_end=1874
-  _globals['_GENERATORINFORESPONSE']._serialized_start=1877
-  _globals['_GENERATORINFORESPONSE']._serialized_end=2234
-  _globals['_GENERATOR']._serialized_start=2524
-  _globals['_GENERATOR']._serialized_end=2756
+  _globals['_COMPOSITION']._serialized_end=202
+  _globals['_CHATMESSAGE']._serialized_start=204
+  _globals['_CHATMESSAGE']._serialized_end=248
+  _globals['_SPECULATION']._serialized_start=250
+  _globals['_SPECULATION']._serialized_end=352
+  _globals['_SPECULATIONSTATS']._serialized_start=355
+  _globals['_SPECULATIONSTATS']._serialized_end=513
+  _globals['_USAGE']._serialized_start=515
+  _globals['_USAGE']._serialized_end=572
+  _globals['_GENERATEREQUEST']._serialized_start=575
+  _globals['_GENERATEREQUEST']._serialized_end=945
+  _globals['_GENERATERESPONSE']._serialized_start=948
+  _globals['_GENERATERESPONSE']._serialized_end=1151
+  _globals['_COMPLETEREQUEST']._serialized_start=1154
+  _globals['_COMPLETEREQUEST']._serialized_end=1524
+  _globals['_COMPLETERESPONSE']._serialized_start=1527
+  _globals['_COMPLETERESPONSE']._serialized_end=1730
+  _globals['_GENERATORINFOREQUEST']._serialized_start=1732
+  _globals['_GENERATORINFOREQUEST']._serialized_end=1754
+  _globals['_UPSTREAM']._serialized_start=1757
+  _globals['_UPSTREAM']._serialized_end=1888
+  _globals['_GENERATORINFORESPONSE']._serialized_start=1891
+  _globals['_GENERATORINFORESPONSE']._serialized_end=2295
+  _globals['_GENERATOR']._serialized_start=2585
+  _globals['_GENERATOR']._serialized_end=2817
 # @@protoc_insertion_point(module_scope)

@@ -43,12 +43,14 @@ class Delta(_message.Message):
     def __init__(self, tuned: _Optional[str] = ..., reference: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Composition(_message.Message):
-    __slots__ = ("base", "deltas")
+    __slots__ = ("base", "deltas", "name")
     BASE_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     base: str
     deltas: _containers.RepeatedCompositeFieldContainer[Delta]
-    def __init__(self, base: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[Delta, _Mapping]]] = ...) -> None: ...
+    name: str
+    def __init__(self, base: _Optional[str] = ..., deltas: _Optional[_Iterable[_Union[Delta, _Mapping]]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -201,7 +203,7 @@ class Upstream(_message.Message):
     def __init__(self, role: _Optional[str] = ..., address: _Optional[str] = ..., model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class GeneratorInfoResponse(_message.Message):
-    __slots__ = ("upstreams", "default_composition", "default_sampling", "default_max_new_tokens", "max_new_tokens_cap", "tokenizer_fingerprint", "default_speculation", "chat_roles", "vocab_size")
+    __slots__ = ("upstreams", "default_composition", "default_sampling", "default_max_new_tokens", "max_new_tokens_cap", "tokenizer_fingerprint", "default_speculation", "chat_roles", "vocab_size", "compositions")
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_COMPOSITION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +213,7 @@ class GeneratorInfoResponse(_message.Message):
     DEFAULT_SPECULATION_FIELD_NUMBER: _ClassVar[int]
     CHAT_ROLES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITIONS_FIELD_NUMBER: _ClassVar[int]
     upstreams: _containers.RepeatedCompositeFieldContainer[Upstream]
     default_composition: Composition
     default_sampling: _tensor_pb2.SamplingParams
@@ -220,4 +223,5 @@ class GeneratorInfoResponse(_message.Message):
     default_speculation: Speculation
     chat_roles: _containers.RepeatedScalarFieldContainer[str]
     vocab_size: int
-    def __init__(self, upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., default_composition: _Optional[_Union[Composition, _Mapping]] = ..., default_sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., default_speculation: _Optional[_Union[Speculation, _Mapping]] = ..., chat_roles: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    compositions: _containers.RepeatedCompositeFieldContainer[Composition]
+    def __init__(self, upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., default_composition: _Optional[_Union[Composition, _Mapping]] = ..., default_sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., default_speculation: _Optional[_Union[Speculation, _Mapping]] = ..., chat_roles: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., compositions: _Optional[_Iterable[_Union[Composition, _Mapping]]] = ...) -> None: ...

@@ -93,6 +93,12 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# A scenario whose call is "POST /v1/chat/completions" or "POST /v1/completions" runs against the
+# combiner's HTTP API (eftmesh_lab.loadtest_http); its Scenario.service is this.
+HTTP_SERVICE = "http"
+HTTP_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
 class ScenarioError(ValueError):
     """A scenario file that cannot run as written; the message says what to fix."""
 
@@ -171,9 +177,15 @@ class Scenario:
         if connections < 1 or skip_first < 0:
             raise ScenarioError(f"{where}: connections must be at least 1 and skipFirst at least 0")
         call = raw.get("call")
-        if not isinstance(call, str) or not re.fullmatch(r"[\w.]+[./]\w+", call):
-            raise ScenarioError(f"{where}: 'call' must be 'package.Service.Method' or 'package.Service/Method', got {call!r}")
-        service, method = re.split(r"[./](?=\w+$)", call)
+        if isinstance(call, str) and call.startswith("POST /"):  # the HTTP API (eftmesh_lab.loadtest_http)
+            service, method = HTTP_SERVICE, call[len("POST "):]
+            if method not in HTTP_PATHS:
+                raise ScenarioError(f"{where}: HTTP calls are {', '.join('POST ' + p for p in HTTP_PATHS)}, got {call!r}")
+        elif not isinstance(call, str) or not re.fullmatch(r"[\w.]+[./]\w+", call):
+            raise ScenarioError(f"{where}: 'call' must be 'package.Service.Method', 'package.Service/Method' or "
+                                f"'POST /v1/...', got {call!r}")
+        else:
+            service, method = re.split(r"[./](?=\w+$)", call)
         data = raw.get("data", {})
         data = tuple(data) if isinstance(data, list) else (data,)
         if not data or not all(isinstance(d, dict) for d in data):
@@ -220,25 +232,29 @@ class Call:
                     message_factory.GetMessageClass(method.output_type), method.server_streaming)
 
     def request(self, template: dict, request_number: int, worker_id: int, where: str) -> Message:
-        values = {"RequestNumber": str(request_number), "WorkerID": str(worker_id)}
-
-        def fill(v: Any) -> Any:
-            if isinstance(v, str):
-                def sub(m: re.Match) -> str:
-                    if m.group(1) not in values:
-                        raise ScenarioError(f"{where}: template {m.group(0)} is not supported (only {{{{.RequestNumber}}}} and {{{{.WorkerID}}}})")
-                    return values[m.group(1)]
-                return _TEMPLATE.sub(sub, v)
-            if isinstance(v, dict):
-                return {k: fill(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [fill(x) for x in v]
-            return v
-
         try:
-            return json_format.ParseDict(fill(template), self.request_class())
+            return json_format.ParseDict(fill(template, request_number, worker_id, where), self.request_class())
         except json_format.ParseError as e:
             raise ScenarioError(f"{where}: data does not fit {self.request_class.DESCRIPTOR.full_name}: {e}") from None
+
+
+def fill(template: Any, request_number: int, worker_id: int, where: str) -> Any:
+    """`template` with ghz's call templates ({{.RequestNumber}}, {{.WorkerID}}) filled in."""
+    values = {"RequestNumber": str(request_number), "WorkerID": str(worker_id)}
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise ScenarioError(f"{where}: template {m.group(0)} is not supported (only {{{{.RequestNumber}}}} and "
+                                "{{.WorkerID}})")
+        return values[m.group(1)]
+
+    if isinstance(template, str):
+        return _TEMPLATE.sub(sub, template)
+    if isinstance(template, dict):
+        return {k: fill(x, request_number, worker_id, where) for k, x in template.items()}
+    if isinstance(template, list):
+        return [fill(x, request_number, worker_id, where) for x in template]
+    return template
 
 
 @dataclass
@@ -252,6 +268,8 @@ class Result:
     error: str = ""
     timestamp: float = 0.0  # time.time() when the call started
     ghz_error: str = ""  # the error as grpc-go prints it, for ghz's report
+    itl_s: float | None = None  # streaming: mean time between tokens after the first
+    status: str = ""  # the status as the protocol spells it when not gRPC's ("HTTP 429")
 
 
 def _tokens(response: Message) -> int:
@@ -265,12 +283,14 @@ def _one(invoke: Callable, streaming: bool, request: Message, s: Scenario) -> Re
     start, wall = time.perf_counter(), time.time()
     try:
         if streaming:
-            first, tokens = None, 0
+            first, last, tokens = None, None, 0
             for response in invoke(request, timeout=s.timeout_s, metadata=s.call_metadata()):
-                if first is None and getattr(response, "token_ids", None):
-                    first = time.perf_counter() - start
+                if getattr(response, "token_ids", None):
+                    last = time.perf_counter() - start
+                    first = last if first is None else first
                 tokens = max(tokens, _tokens(response))
-            return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens, timestamp=wall)
+            itl = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
+            return Result(grpc.StatusCode.OK, time.perf_counter() - start, first, tokens, timestamp=wall, itl_s=itl)
         response = invoke(request, timeout=s.timeout_s, metadata=s.call_metadata())
         return Result(grpc.StatusCode.OK, time.perf_counter() - start, None, _tokens(response), timestamp=wall)
     except grpc.RpcError as e:
@@ -367,7 +387,7 @@ class Report:
 
     def as_dict(self) -> dict:
         ok = [r for r in self.results if r.code == grpc.StatusCode.OK]
-        codes = Counter(r.code.name for r in self.results)
+        codes = Counter(r.status or r.code.name for r in self.results)
         errors = Counter(r.error for r in self.results if r.error)
         tokens = sum(r.completion_tokens for r in ok)
         out = {
@@ -386,6 +406,9 @@ class Report:
         firsts = [r.first_s for r in ok if r.first_s is not None]
         if firsts:
             out["time_to_first_token_ms"] = _distribution(firsts)
+        itls = [r.itl_s for r in ok if r.itl_s is not None]
+        if itls:
+            out["inter_token_latency_ms"] = _distribution(itls)
         return out
 
 
@@ -433,12 +456,41 @@ def _distribution(seconds: Sequence[float]) -> dict[str, float]:
 def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None) -> Report:
     """Run a scenario against `address` with `s.concurrency` workers over `s.connections`
     channels (worker i on connection i mod connections, one connection by default), as ghz
-    does."""
+    does; an HTTP scenario with a kept-alive connection per worker."""
+    if s.service == HTTP_SERVICE:
+        from eftmesh_lab.loadtest_http import http_calls
+
+        one, close = http_calls(s, address)
+        return _drive(s, Report(s.name, f"POST {s.method}", s.concurrency, scenario=s), one, close, progress)
     call = Call.resolve(s)
     # Build every distinct request once up front, so bad data fails before any load is sent.
     for i, template in enumerate(s.data):
         call.request(template, i, 0, s.name)
-    report = Report(s.name, f"{s.service}.{s.method}", s.concurrency, scenario=s)
+    # A local subchannel pool per channel: otherwise gRPC would share one connection among them.
+    options = [*s.channel_options, *([("grpc.use_local_subchannel_pool", 1)] if s.connections > 1 else [])]
+    compression = grpc.Compression.Gzip if s.compression else None
+    channels = [tls_channel(address, s.tls, options, compression=compression)
+                for _ in range(s.connections)]
+    invokes = []
+    for channel in channels:
+        kind = channel.unary_stream if call.server_streaming else channel.unary_unary
+        invokes.append(kind(call.path, request_serializer=call.request_class.SerializeToString,
+                            response_deserializer=call.response_class.FromString))
+
+    def one(worker_id: int, n: int) -> Result:
+        request = call.request(s.data[n % len(s.data)], n, worker_id, s.name)
+        return _one(invokes[worker_id % len(invokes)], call.server_streaming, request, s)
+
+    def close() -> None:
+        for channel in channels:
+            channel.close()
+
+    return _drive(s, Report(s.name, f"{s.service}.{s.method}", s.concurrency, scenario=s), one, close, progress)
+
+
+def _drive(s: Scenario, report: Report, one: Callable[[int, int], Result], close: Callable[[], None],
+           progress: Callable[[int], None] | None) -> Report:
+    """The scenario's schedule (total, duration, rps, concurrency) over `one(worker_id, n)`."""
     lock = threading.Lock()
     counter = iter(range(sys.maxsize))
     start = time.perf_counter()
@@ -460,10 +512,9 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
             return None
         return n
 
-    def worker(worker_id: int, invoke: Callable) -> None:
+    def worker(worker_id: int) -> None:
         while (n := next_number()) is not None:
-            request = call.request(s.data[n % len(s.data)], n, worker_id, s.name)
-            result = _one(invoke, call.server_streaming, request, s)
+            result = one(worker_id, n)
             if s.duration_stop == "ignore" and deadline is not None and time.perf_counter() > deadline:
                 timed_out.set()
                 continue  # ghz's duration-stop "ignore": calls ending after the duration are not counted
@@ -473,23 +524,12 @@ def run(s: Scenario, address: str, progress: Callable[[int], None] | None = None
             if progress:
                 progress(done)
 
-    # A local subchannel pool per channel: otherwise gRPC would share one connection among them.
-    options = [*s.channel_options, *([("grpc.use_local_subchannel_pool", 1)] if s.connections > 1 else [])]
-    compression = grpc.Compression.Gzip if s.compression else None
-    channels = [tls_channel(address, s.tls, options, compression=compression)
-                for _ in range(s.connections)]
     try:
-        invokes = []
-        for channel in channels:
-            kind = channel.unary_stream if call.server_streaming else channel.unary_unary
-            invokes.append(kind(call.path, request_serializer=call.request_class.SerializeToString,
-                                response_deserializer=call.response_class.FromString))
         with ThreadPoolExecutor(s.concurrency) as pool:
-            for f in [pool.submit(worker, w, invokes[w % len(invokes)]) for w in range(s.concurrency)]:
+            for f in [pool.submit(worker, w) for w in range(s.concurrency)]:
                 f.result()
     finally:
-        for channel in channels:
-            channel.close()
+        close()
     report.wall_s = time.perf_counter() - start
     report.ended = time.time()
     report.end_reason = "timeout" if timed_out.is_set() else "normal"
@@ -516,6 +556,9 @@ def summary(d: dict) -> str:
     if "time_to_first_token_ms" in d:
         t = d["time_to_first_token_ms"]
         lines += [f"  time to first token: p50 {t['p50']:.2f} ms, p99 {t['p99']:.2f} ms"]
+    if "inter_token_latency_ms" in d:
+        t = d["inter_token_latency_ms"]
+        lines += [f"  inter-token latency (per request): p50 {t['p50']:.2f} ms, p99 {t['p99']:.2f} ms"]
     lines += ["", "Status code distribution:"] + [f"  [{c}] {n} responses" for c, n in d["status"].items()]
     if d["errors"]:
         f = d["failed_latency_ms"]
@@ -527,19 +570,20 @@ def summary(d: dict) -> str:
 def markdown(reports: Sequence[dict]) -> str:
     """One README table row per scenario."""
     rows = ["| scenario | call | concurrency | requests | OK | req/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms "
-            "| other statuses (p50 ms) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| ITL p50 ms | other statuses (p50 ms) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(dist: dict, key: str) -> str:
         return f"{dist[key]:.0f}" if key in dist else "-"
 
     for d in reports:
-        lat, ttft = d["latency_ms"], d.get("time_to_first_token_ms", {})
-        other = ", ".join(f"{c} {n}" for c, n in d["status"].items() if c != "OK")
+        lat, ttft, itl = d["latency_ms"], d.get("time_to_first_token_ms", {}), d.get("inter_token_latency_ms", {})
+        other = ", ".join(f"{c} {n}" for c, n in d["status"].items() if c not in ("OK", "HTTP 200"))
         other = f"{other} ({ms(d['failed_latency_ms'], 'p50')})" if other else "-"
-        rows.append(f"| {d['name']} | {d['call'].rsplit('.', 1)[1]} | {d['concurrency']} | {d['count']} | {d['ok']} | "
+        call = d["call"] if d["call"].startswith("POST ") else d["call"].rsplit(".", 1)[1]
+        rows.append(f"| {d['name']} | {call} | {d['concurrency']} | {d['count']} | {d['ok']} | "
                     f"{d['requests_per_s']:.2f} | {d['tokens_per_s']:.1f} | {ms(lat, 'p50')} | {ms(lat, 'p99')} | "
-                    f"{ms(ttft, 'p50')} | {other} |")
+                    f"{ms(ttft, 'p50')} | {ms(itl, 'p50')} | {other} |")
     return "\n".join(rows)
 
 
@@ -558,7 +602,7 @@ def _progress(name: str, total: int | None) -> Callable[[int], None]:
 
 
 def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Path | None,
-            quiet: bool = False, fmt: str = "eftmesh") -> list[dict]:
+            quiet: bool = False, fmt: str = "eftmesh", http_address: str | None = None) -> list[dict]:
     """Run the scenarios in order; write their reports to `out` in `fmt` ("eftmesh": one JSON
     of all runs; "ghz": ghz's report, one run per file, so `out` is the file for one scenario
     and a directory for several; printed to stdout when `out` is None)."""
@@ -566,16 +610,18 @@ def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Pa
     for path in paths:
         s = Scenario.load(path)
         s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
-        Call.resolve(s)  # fail on a bad call before running anything
+        if s.service != HTTP_SERVICE:
+            Call.resolve(s)  # fail on a bad call before running anything
         scenarios.append(s)
     if fmt == "ghz" and out is not None and len(scenarios) > 1 and out.suffix == ".json":
         raise ScenarioError(f"--format ghz writes one report per run: give --out a directory for {len(scenarios)} "
                             f"scenarios, not {out}")
     reports, ghz = [], []
     for s in scenarios:
-        target = address or s.host
+        target = (http_address if s.service == HTTP_SERVICE else address) or s.host
         if not target:
-            raise ScenarioError(f"{s.name}: no address: give --address or set 'host' in the file")
+            flag = "--http-address" if s.service == HTTP_SERVICE else "--address"
+            raise ScenarioError(f"{s.name}: no address: give {flag} or set 'host' in the file")
         r = run(s, target, None if quiet else _progress(s.name, s.total))
         d = r.as_dict()
         reports.append(d)
@@ -599,14 +645,21 @@ def run_all(paths: Sequence[Path], address: str | None, overrides: dict, out: Pa
     return reports
 
 
+# The --local-mesh combiner's HTTP port: --port plus this (its logit services take the next few).
+HTTP_PORT_OFFSET = 30
+
+
 @contextmanager
-def _local_mesh(models: Path, port: int, combiner_args: Sequence[str], logit_args: Sequence[str]) -> Iterator[str]:
+def _local_mesh(models: Path, port: int, combiner_args: Sequence[str],
+                logit_args: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """The gRPC and HTTP addresses of a demo mesh started on loopback."""
     from eftmesh.launcher import LocalMesh, resolve_models
 
     roles = {r: p for r, p in resolve_models(models).items() if r in ("base-large", "base-small", "ft-small")}
-    with LocalMesh(roles, port=port, log_dir=Path("build/load"), combiner_args=combiner_args,
-                   logit_args=logit_args) as mesh:
-        yield mesh.address
+    http_port = port + HTTP_PORT_OFFSET
+    with LocalMesh(roles, port=port, log_dir=Path("build/load"), logit_args=logit_args,
+                   combiner_args=["--http-port", str(http_port), *combiner_args]) as mesh:
+        yield mesh.address, f"127.0.0.1:{http_port}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -614,9 +667,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 epilog="Scenario files are ghz configs; see load_tests/README.md.")
     p.add_argument("scenarios", nargs="+", type=Path, help="ghz JSON config files")
     p.add_argument("--address", default=None, help="combiner host:port (default: each file's 'host')")
+    p.add_argument("--http-address", default=None,
+                   help="the combiner's HTTP API host:port, for scenarios whose call is 'POST /v1/...' (default: each "
+                        "file's 'host')")
     p.add_argument("--local-mesh", type=Path, default=None, metavar="MODELS",
                    help="start a mesh on loopback over this model family first (as `eftmesh up` does) and test it")
-    p.add_argument("--port", type=int, default=50450, help="first port of the --local-mesh mesh (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50450, help=f"first port of the --local-mesh mesh; its HTTP API on --port + {HTTP_PORT_OFFSET} (default: %(default)s)")
     p.add_argument("--combiner-arg", action="append", default=[], help="extra flag for the --local-mesh combiner; repeatable")
     p.add_argument("--logit-arg", action="append", default=[], help="extra flag for every --local-mesh logit service; repeatable")
     p.add_argument("--concurrency", type=int, default=None, help="override every scenario's concurrency")
@@ -639,10 +695,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet = a.format == "ghz" and a.out is None  # stdout carries the ghz report alone
     try:
         if a.local_mesh:
-            with _local_mesh(a.local_mesh, a.port, a.combiner_arg, a.logit_arg) as address:
-                reports = run_all(a.scenarios, address, overrides, a.out, quiet, a.format)
+            with _local_mesh(a.local_mesh, a.port, a.combiner_arg, a.logit_arg) as (address, http_address):
+                reports = run_all(a.scenarios, address, overrides, a.out, quiet, a.format, http_address)
         else:
-            reports = run_all(a.scenarios, a.address, overrides, a.out, quiet, a.format)
+            reports = run_all(a.scenarios, a.address, overrides, a.out, quiet, a.format, a.http_address)
     except ScenarioError as e:
         p.error(str(e))
     if a.markdown and not quiet:
