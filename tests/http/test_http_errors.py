@@ -60,7 +60,8 @@ MISTAKES = [
     (CHAT, chat(n=2), 400, "n", "not supported"),
     (CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "not supported"),
     (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", "not supported"),
-    (CHAT, chat(top_logprobs=3, logprobs=True), 400, "top_logprobs", ""),
+    (CHAT, chat(top_logprobs=3), 400, "top_logprobs", "needs logprobs"),
+    (CHAT, chat(top_logprobs=21, logprobs=True), 400, None, "top_logprobs"),
     (CHAT, chat(max_tokens=3, max_completion_tokens=4), 400, "max_tokens", "differ"),
     (CHAT, chat(messages=[]), 400, "messages", ""),
     (CHAT, chat(eft="base-large+1.0*(ft-small"), 400, "eft", ""),
@@ -71,7 +72,7 @@ MISTAKES = [
     (CHAT, chat(chat_template_role="base-large"), 400, None, "chat template"),  # FAILED_PRECONDITION
     ("/v1/completions", {"model": "base-large", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("/v1/completions", {"model": "base-large", "prompt": ""}, 400, None, "prompt is empty"),
-    ("/v1/completions", {"model": "base-large", "prompt": "x", "logprobs": 2}, 400, "logprobs", ""),
+    ("/v1/completions", {"model": "base-large", "prompt": "x", "logprobs": 6}, 400, None, "logprobs"),
     ("/v1/completions", {"model": "base-large", "prompt": "x", "echo": True}, 400, "echo", "not supported"),
     (CHAT, chat(model="base-huge"), 404, None, "base-huge"),
     (CHAT, chat(eft="base-huge+1.0*(ft-small - base-small)"), 400, "eft", "base-huge"),

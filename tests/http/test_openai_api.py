@@ -177,3 +177,26 @@ def test_the_load_runners_http_mode(http_mesh):
     d = loadtest.run(bad, f"127.0.0.1:{http_mesh.port}").as_dict()
     assert d["status"] == {"HTTP 400": 2}
     assert "| POST /v1/chat/completions |" in loadtest.markdown([loadtest.run(s, f"127.0.0.1:{http_mesh.port}").as_dict()])
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_the_eft_distribution_over_both_apis(http_mesh, client):
+    msgs = [{"role": "user", "content": QUESTIONS[1]}]
+    want = grpc_complete(http_mesh, messages=[generator_pb2.ChatMessage(**msgs[0])], composition=UPSCALE,
+                         max_new_tokens=8, top_logprobs=5)
+    assert len(want.top_logprobs) == len(want.token_ids) >= 1
+    for tok, lp, top in zip(want.token_ids, want.logprobs, want.top_logprobs):
+        assert len(top.token_ids) == 5 and list(top.logprobs) == sorted(top.logprobs, reverse=True)
+        assert top.token_ids[0] == tok and top.logprobs[0] == pytest.approx(lp, abs=1e-6)  # greedy: the best one
+        assert sum(2.718281828 ** x for x in top.logprobs) <= 1.0 + 1e-5
+    r = client.chat.completions.create(model="helpful", messages=msgs, temperature=0, max_tokens=8, logprobs=True,
+                                       top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert [[a.token for a in c.top_logprobs] for c in content] == \
+        [tokens_of(http_mesh, list(t.token_ids)) for t in want.top_logprobs]
+    for c, t in zip(content, want.top_logprobs):
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(list(t.logprobs), abs=1e-4)
+    c = client.completions.create(model="helpful", prompt=PROMPTS[0], temperature=0, max_tokens=4, logprobs=3)
+    tops = c.choices[0].logprobs.top_logprobs
+    assert len(tops) == len(c.choices[0].logprobs.tokens) >= 1  # one {token: log-prob} per generated token
+    assert all(1 <= len(t) <= 3 for t in tops)  # 3 asked for; tokens that decode alike share a key
+    assert all(max(t.values()) == pytest.approx(lp, abs=1e-4) for t, lp in zip(tops, c.choices[0].logprobs.token_logprobs))

@@ -153,6 +153,7 @@ def request_from_pb(
             max_new_tokens=n,
             stop=tuple(s for s in msg.stop if s),
             logprobs=msg.logprobs,
+            top_logprobs=msg.top_logprobs,
             ignore_eos=msg.ignore_eos,
             messages=messages,
             chat_template_role=template_role if messages else msg.chat_template_role,
@@ -184,8 +185,13 @@ def _set_ending(msg: generator_pb2.GenerateResponse | generator_pb2.CompleteResp
         msg.speculation.CopyFrom(stats_to_pb(c.usage))
 
 
+def _top_to_pb(top: list[list[tuple[int, float]]]) -> list[generator_pb2.TopLogprobs]:
+    return [generator_pb2.TopLogprobs(token_ids=[t for t, _ in pos], logprobs=[lp for _, lp in pos]) for pos in top]
+
+
 def chunk_to_pb(c: Chunk) -> generator_pb2.GenerateResponse:
-    msg = generator_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text, logprobs=c.logprobs)
+    msg = generator_pb2.GenerateResponse(token_ids=c.token_ids, text=c.text, logprobs=c.logprobs,
+                                         top_logprobs=_top_to_pb(c.top_logprobs))
     _set_ending(msg, c)
     return msg
 
@@ -196,6 +202,7 @@ def complete_to_pb(chunks: Iterable[Chunk]) -> generator_pb2.CompleteResponse:
     for chunk in chunks:
         resp.token_ids.extend(chunk.token_ids)
         resp.logprobs.extend(chunk.logprobs)
+        resp.top_logprobs.extend(_top_to_pb(chunk.top_logprobs))
         text.append(chunk.text)
         _set_ending(resp, chunk)
     resp.text = "".join(text)

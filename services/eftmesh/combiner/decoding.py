@@ -60,6 +60,8 @@ class FinishReason(enum.Enum):
 # work per token.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# The most alternatives a request may ask for per position (OpenAI's limit too).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class GenerationRequest:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: the this-many most likely tokens at each position
     speculation: SpeculationConfig | None = None
     ignore_eos: bool = False
     # The client chose the seed: its sampled output must not depend on load, so the
@@ -121,6 +124,10 @@ class GenerationRequest:
                 )
         if self.chat_template_role:
             check_role_name(self.chat_template_role, "chat_template_role")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: set logprobs too")
 
 
 @dataclass
@@ -155,6 +162,8 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    # with top_logprobs: per token, its position's most likely (token id, log-prob), best first
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
 
@@ -185,13 +194,15 @@ class TokenSink:
         self._pending = Chunk()
         self.finish_reason: FinishReason | None = None
 
-    def add(self, token: int, logprob: float | None) -> bool:
+    def add(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None = None) -> bool:
         """Record one generated token; True when generation must stop after it."""
         assert self.finish_reason is None, "token added after the generation finished"
         self.usage.completion_tokens += 1
         self._pending.token_ids.append(token)
         if logprob is not None:
             self._pending.logprobs.append(logprob)
+        if top is not None:
+            self._pending.top_logprobs.append(top)
         n = self.usage.completion_tokens
         if token in self._stop_ids:
             self.finish_reason = FinishReason.EOS
@@ -384,8 +395,14 @@ class Generation:
         until it stops; a token's log-probability, when asked for, normalises its row alone."""
         for j, tok in enumerate(tokens):
             self.ids.append(tok)
-            logprob = float(scores[j, tok] - torch.logsumexp(scores[j], dim=0)) if self.req.logprobs else None
-            if self.sink.add(tok, logprob):
+            logprob = top = None
+            if self.req.logprobs:
+                lse = torch.logsumexp(scores[j], dim=0)
+                logprob = float(scores[j, tok] - lse)
+                if self.req.top_logprobs:
+                    values, ids = torch.topk(scores[j], self.req.top_logprobs)  # best first
+                    top = list(zip(ids.tolist(), (values - lse).tolist()))
+            if self.sink.add(tok, logprob, top):
                 return
 
     def restart(self) -> None:

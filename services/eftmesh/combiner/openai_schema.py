@@ -211,9 +211,9 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
                 and body.max_tokens != body.max_completion_tokens:
             raise BadField("max_tokens and max_completion_tokens differ: send one of them", "max_tokens")
         n = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if body.top_logprobs:
-            raise BadField("top_logprobs: only 0 is supported (each token's own log-prob is returned "
-                           "with logprobs: true; alternatives are not)", "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise BadField("top_logprobs needs logprobs: true", "top_logprobs")
+        msg.top_logprobs = body.top_logprobs or 0
         for i, m in enumerate(body.messages):
             if m.name is not None:
                 raise BadField(f"messages[{i}].name: not supported by this server", f"messages[{i}].name")
@@ -225,11 +225,9 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise BadField(f"prompt: one prompt per request (got {len(prompts)}); send several requests", "prompt")
-        if body.logprobs:
-            raise BadField("logprobs: only 0 is supported (each token's own log-prob; alternatives are not "
-                           "returned)", "logprobs")
         msg.prompt = prompts[0]
         msg.logprobs = body.logprobs is not None
+        msg.top_logprobs = body.logprobs or 0  # completions: logprobs N asks for the N most likely too
     if n is not None:
         msg.max_new_tokens = n
     return msg
@@ -240,17 +238,26 @@ def usage_json(u: Usage) -> dict[str, Any]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def chat_logprobs(tokens: Sequence[str], logprobs: Sequence[float]) -> dict[str, Any]:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
 
 
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], start: int = 0) -> dict[str, Any]:
+def chat_logprobs(tokens: Sequence[str], logprobs: Sequence[float],
+                  top: Sequence[Sequence[tuple[str, float]]] = ()) -> dict[str, Any]:
+    """Chat's `logprobs.content`: per token its log-prob and, when asked for, its position's
+    most likely tokens (`top_logprobs`), best first."""
+    return {"content": [{**_entry(t, lp), "top_logprobs": [_entry(a, alp) for a, alp in (top[i] if top else ())]}
+                        for i, (t, lp) in enumerate(zip(tokens, logprobs))]}
+
+
+def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], start: int = 0,
+                        top: Sequence[Sequence[tuple[str, float]]] = ()) -> dict[str, Any]:
     offsets, at = [], start
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": list(tokens), "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    top_json = [dict(pos) for pos in top] if top else None  # completions: {token: log-prob} per position
+    return {"tokens": list(tokens), "token_logprobs": list(logprobs), "top_logprobs": top_json, "text_offset": offsets}
 
 
 def finish_reason(c: Chunk) -> str | None:
@@ -277,14 +284,17 @@ class Output:
     def _tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def _top(self, top: Sequence[Sequence[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+        return [[(self.tokenizer.decode([i]), lp) for i, lp in pos] for pos in top]
+
     def _logprobs(self, c: Chunk) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         tokens = self._tokens(list(c.token_ids))
+        top = self._top(c.top_logprobs)
         if self.chat:
-            return chat_logprobs(tokens, list(c.logprobs))
-        out = completion_logprobs(tokens, list(c.logprobs), self.offset)
-        return out
+            return chat_logprobs(tokens, list(c.logprobs), top)
+        return completion_logprobs(tokens, list(c.logprobs), self.offset, top)
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -308,11 +318,12 @@ class Output:
         last = chunks[-1]
         ids = [t for c in chunks for t in c.token_ids]
         lps = [lp for c in chunks for lp in c.logprobs]
+        top = self._top([t for c in chunks for t in c.top_logprobs])
         if self.chat:
-            logprobs = chat_logprobs(self._tokens(ids), lps) if self.logprobs else None
+            logprobs = chat_logprobs(self._tokens(ids), lps, top) if self.logprobs else None
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish_reason(last)}
         else:
-            logprobs = completion_logprobs(self._tokens(ids), lps) if self.logprobs else None
+            logprobs = completion_logprobs(self._tokens(ids), lps, top=top) if self.logprobs else None
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(last)}
         return {**self._head(self.object), "choices": [choice], "usage": usage_json(last.usage)}
