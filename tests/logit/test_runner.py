@@ -65,6 +65,10 @@ def test_auto_runs_eagerly_on_a_cpu_and_static_is_reported_in_info(models, token
     assert static.runner.static and static.info.execution == "static"
     assert static.runner.contexts == [64] and static.runner.queries == [1, 2, 4]
     assert eager.info.execution == "eager"
+    from eftmesh.logit.convert import info_to_pb
+
+    pb = info_to_pb(static.info, "t", 0.0, 0.0)  # what LogitService.Info answers
+    assert (pb.execution, pb.cuda_graphs, pb.graph_capture_s) == ("static", 0, 0.0)
 
 
 def test_bad_graph_settings_are_refused_with_the_flag_named():

@@ -37,6 +37,9 @@ def info_to_pb(info: EngineInfo, model_id: str, kv_bytes_per_token: float,
         kv_bytes_per_token=kv_bytes_per_token,
         kv_bytes_per_token_theoretical=kv_bytes_per_token_theoretical,
         chat_template=info.chat_template,
+        execution=info.execution,
+        cuda_graphs=info.cuda_graphs,
+        graph_capture_s=info.graph_capture_s,
     )
 
 
