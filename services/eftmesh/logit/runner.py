@@ -172,9 +172,7 @@ class ModelRunner:
             return None
         # the gathered context holds each row's past and every query column, padding included
         c = bucket_for(max(p + q for p in batch.past), self.contexts)
-        if c is None or any(len(t.blocks) > c // self.pool.block_size for t in batch.tables):
-            return None
-        return b, q, c
+        return None if c is None else (b, q, c)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Run one forward; returns [rows, keep, vocab] logits (model dtype) on the CPU."""
@@ -231,8 +229,9 @@ class ModelRunner:
         buf[new_at:new_at + rows] = torch.tensor(batch.new, dtype=torch.long)
         tables = buf[table_at:end].view(b, width)
         for r, t in enumerate(batch.tables):
-            if t.blocks:
-                tables[r, : len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.long)
+            if t.blocks:  # blocks past the bucket (room reserved for drafts) hold no position it reads
+                blocks = t.blocks[:width]
+                tables[r, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         return end
 
     def _static_forward(self, b: int, q: int, c: int) -> torch.Tensor:
