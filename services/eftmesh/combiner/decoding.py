@@ -405,6 +405,32 @@ class Generation:
             if self.sink.add(tok, logprob, top):
                 return
 
+    # --- transitions: the scheduler changes a generation only through these -------------------
+
+    def begin_step(self, cap: int | None) -> None:
+        """It joins a step: its block size for it (0 = plain), under the scheduler's `cap`;
+        from now on some role may hold a cache of it."""
+        self.k = self.next_k(cap)
+        self.touched = True
+
+    def drafted(self, drafts: list[int], rows: torch.Tensor) -> None:
+        """The draft role's answer for this step's block: k drafts and their k + 1 rows."""
+        self.drafts, self.draft_rows = drafts, rows
+
+    def progressed(self) -> None:
+        """It made progress this step: a later preemption waits afresh."""
+        self.parked_since, self.parked = None, 0
+
+    def park(self, now: float) -> None:
+        """Preempted (a full KV cache; its caches were released): undo the step, and back off
+        before re-admission, doubling from 10 ms up to 1 s each time it is sent back."""
+        self.restart()
+        self.touched = False
+        if self.parked_since is None:
+            self.parked_since = now
+        self.not_before = now + min(1.0, 0.01 * 2 ** self.parked)
+        self.parked += 1
+
     def restart(self) -> None:
         """Undo a step that did not complete and forget every cache (they were released): the
         next step re-sends the whole sequence and draws the same random numbers, so being

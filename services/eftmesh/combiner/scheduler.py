@@ -200,8 +200,14 @@ class Scheduler:
         max_k: int = 16,
         tracer: trace.Tracer | None = None,
         metrics: CombinerMetrics | None = None,
+        *,
+        start: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`start=False` runs no thread: a caller (a test) calls `step()` itself. `clock` is
+        the monotonic clock of queue timeouts, deadlines and back-offs."""
         self.scorer = scorer
+        self.clock = clock
         self.vocab_size = vocab_size
         self.config = config
         self.tracer = tracer or trace.get_tracer("eftmesh.combiner")
@@ -215,11 +221,18 @@ class Scheduler:
         self._stop = False
         self._last_prefill_only = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fanout")
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Run `step()` on a daemon thread whenever there is work."""
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, g: Generation) -> None:
         g.span_context = trace.get_current_span().get_span_context()
+        g.enqueued = self.clock()
         with self._cv:
             self._waiting.append(g)
             self._cv.notify()
@@ -228,7 +241,10 @@ class Scheduler:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        else:  # no loop to end them: fail what is left here
+            self._shut_down()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -243,32 +259,43 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
-                joined = self._admit()
-            # Prefill first (as vLLM's scheduler does): a step that admits generations runs
-            # them alone, so their first token waits for their own prefill only, not for the
-            # running batch's decode too; the running generations lose no more time than if
-            # the prefill had shared their step (prefills run in forwards of their own anyway).
-            # Never twice in a row, so a stream of arrivals cannot starve the running batch.
-            prefill_only = bool(joined) and not self._last_prefill_only and len(joined) < len(self._running)
-            self._last_prefill_only = prefill_only
-            batch = joined if prefill_only else list(self._running)
-            if not batch:  # everyone waiting is backing off after a full KV cache
+            if not self.step():  # everyone waiting is backing off after a full KV cache
                 with self._cv:
                     self._cv.wait(timeout=0.01)
-                continue
-            try:
-                self._iteration(batch)
-            except Exception as e:  # a bug here must not stop every other generation forever
-                log.exception("scheduler step failed")
-                for g in batch:
-                    self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"combiner fault: {type(e).__name__}"))
+        self._shut_down()
+
+    def _shut_down(self) -> None:
         for g in self._running + list(self._waiting):
             self._fail(g, Cancelled("the combiner is shutting down"))
+
+    def step(self) -> bool:
+        """One scheduling step, synchronously: admit waiting generations, choose the batch,
+        run its calls, mix, sample and deliver. False when there was nothing to step (nothing
+        running, and whatever waits is backing off)."""
+        with self._cv:
+            joined = self._admit()
+        # Prefill first (as vLLM's scheduler does): a step that admits generations runs
+        # them alone, so their first token waits for their own prefill only, not for the
+        # running batch's decode too; the running generations lose no more time than if
+        # the prefill had shared their step (prefills run in forwards of their own anyway).
+        # Never twice in a row, so a stream of arrivals cannot starve the running batch.
+        prefill_only = bool(joined) and not self._last_prefill_only and len(joined) < len(self._running)
+        self._last_prefill_only = prefill_only
+        batch = joined if prefill_only else list(self._running)
+        if not batch:
+            return False
+        try:
+            self._iteration(batch)
+        except Exception as e:  # a bug here must not stop every other generation forever
+            log.exception("scheduler step failed")
+            for g in batch:
+                self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"combiner fault: {type(e).__name__}"))
+        return True
 
     def _admit(self) -> list[Generation]:
         """Move waiting generations into the batch: up to max_batch, within the prefill budget.
         Returns those admitted. Holds the condition's lock."""
-        now = time.monotonic()
+        now = self.clock()
         for g in [g for g in self._waiting if self._gone(g, now)]:
             self._waiting.remove(g)
         # Preempted generations go first (vLLM's rule): while one is waiting, no new request
@@ -310,7 +337,7 @@ class Scheduler:
 
     def _iteration(self, batch: list[Generation]) -> None:
         started = time.perf_counter()
-        now = time.monotonic()
+        now = self.clock()
         live = []
         for g in batch:
             if g.cancelled or g.is_cancelled():
@@ -330,8 +357,7 @@ class Scheduler:
         # A step that prefills says nothing about steady-state speed: not a controller sample.
         prefilling = any(not any(g.cached.values()) for g in live)
         for g in live:
-            g.k = g.next_k(cap)
-            g.touched = True
+            g.begin_step(cap)
         links = [trace.Link(g.span_context) for g in live if g.span_context is not None and g.span_context.is_valid]
         attrs = {"eftmesh.batch.size": len(live), "eftmesh.batch.drafting": sum(1 for g in live if g.k)}
         t = self.times
@@ -378,7 +404,7 @@ class Scheduler:
                 if o.error is not None:
                     self._upstream_failed(g, o.error)
                 else:
-                    g.drafts, g.draft_rows = o.drafts, o.rows
+                    g.drafted(o.drafts, o.rows)
         return [g for g in live if g in self._running]
 
     def _score_phase(self, live: list[Generation]) -> dict[Generation, dict[str, torch.Tensor]]:
@@ -435,7 +461,7 @@ class Scheduler:
                 self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"sampling failed: {type(e).__name__}"))
                 continue
             stepped[g] = before
-            g.parked_since, g.parked = None, 0  # it made progress: a later preemption waits afresh
+            g.progressed()
         return stepped
 
     # --- leaving the batch ---------------------------------------------------------------------
@@ -448,13 +474,7 @@ class Scheduler:
         if isinstance(err, ResourceExhausted):
             self._running.remove(g)
             self.scorer.release(g.sessions)
-            g.restart()
-            g.touched = False
-            now = time.monotonic()
-            if g.parked_since is None:
-                g.parked_since = now
-            g.not_before = now + min(1.0, 0.01 * 2 ** g.parked)
-            g.parked += 1
+            g.park(self.clock())
             with self._cv:
                 self._waiting.appendleft(g)
             return
@@ -489,7 +509,9 @@ class Decoder:
         max_k: int = 16,
         tracer: trace.Tracer | None = None,
         metrics: CombinerMetrics | None = None,
+        **scheduler: Any,
     ) -> None:
+        """`scheduler`: Scheduler's keyword options (start=False, clock=... in tests)."""
         self.scorer = scorer
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -497,7 +519,7 @@ class Decoder:
         # What ends a prompt's generation; a chat's adds its template's end-of-turn token(s).
         self._eos_ids = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
         self.chat = ChatTemplates(tokenizer)
-        self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics)
+        self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics, **scheduler)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -518,14 +540,14 @@ class Decoder:
         except TemplateError as e:
             raise InvalidArgument(str(e)) from None
 
-    def generate(
+    def prepare(
         self,
         req: GenerationRequest,
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
-        on_finish: Callable[[TokenSink], None] | None = None,
-    ) -> Iterator[Chunk]:
-        """Yields a chunk per plain step or speculative block; the last one finishes."""
+    ) -> Generation:
+        """Tokenise (a chat through its role's template) and check a request: its Generation,
+        ready for `scheduler.submit`."""
         coef_roles = [r for r, c in req.composition.coefficients().items() if c != 0.0] or [req.composition.base]
         roles = coef_roles + ([req.speculation.draft_role] if req.speculation else [])
         ctx = min(self.scorer.models[r].max_context for r in roles)
@@ -535,7 +557,17 @@ class Decoder:
         else:
             stop_ids = self._eos_ids
             ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
-        g = Generation(req, ids, room, self.tokenizer, stop_ids, deadline, is_cancelled)
+        return Generation(req, ids, room, self.tokenizer, stop_ids, deadline, is_cancelled)
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        on_finish: Callable[[TokenSink], None] | None = None,
+    ) -> Iterator[Chunk]:
+        """Yields a chunk per plain step or speculative block; the last one finishes."""
+        g = self.prepare(req, deadline, is_cancelled)
         self.scheduler.submit(g)
         try:
             while True:

@@ -1,0 +1,222 @@
+"""The scheduler driven step by step: `Scheduler.step()` called by the test, no scheduler
+thread, no sleeps, a fake clock for back-offs and queue timeouts. The scorer is a fake that
+answers synchronously from real in-process engines (tiny random models) and can refuse items."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest
+from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
+from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
+from eftmesh.common.errors import Cancelled, EftMeshError, ResourceExhausted, Unavailable
+from eftmesh.core.mixing import Composition
+from eftmesh.core.sampling import SamplingConfig
+from eftmesh.inprocess import LocalScorer
+from eftmesh.logit.engine import ModelEngine
+
+BASE = Composition("base-large")
+GREEDY = SamplingConfig(temperature=0.0)
+SHORT = "The quick brown fox"  # 10 tokens
+LONG = ["It is a truth universally acknowledged, that a single man",  # 27, 21, 24 tokens
+        "In the beginning God created the heaven and the earth.", "Numbers 0 1 2 3 4 5 6 7 8 9."]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SyncScorer:
+    """A fake Scorer: real engines underneath, answers at once, records every batched call,
+    and refuses an item when `refuse(role, call)` returns an error."""
+
+    def __init__(self, engines: dict[str, ModelEngine]) -> None:
+        self.inner = LocalScorer(engines)
+        self.models = self.inner.models
+        self.calls: list[tuple[str, str, list[Any]]] = []
+        self.refuse: Callable[[str, Any], EftMeshError | None] = lambda role, call: None
+
+    def _batch(self, kind: str, role: str, calls: Sequence[Any], inner: Callable[..., list[Outcome]]) -> list[Outcome]:
+        # tokens are the generation's live list: keep what this call carried
+        self.calls.append((kind, role, [dataclasses.replace(c, tokens=tuple(c.tokens)) for c in calls]))
+        errors = [self.refuse(role, c) for c in calls]
+        ok = [c for c, e in zip(calls, errors) if e is None]
+        got = iter(inner(role, ok) if ok else [])
+        return [Outcome(error=e) if e is not None else next(got) for e in errors]
+
+    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+        return self._batch("score", role, calls, self.inner.score_batch)
+
+    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+        return self._batch("draft", role, calls, self.inner.draft_batch)
+
+    def release(self, sessions: Any) -> None:
+        self.inner.release(sessions)
+
+    def prefills(self) -> list[list[int]]:
+        """Per ScoreBatch step of base-large: the prompt lengths prefilled (start 0)."""
+        return [[len(c.tokens) for c in calls if c.start == 0] for kind, role, calls in self.calls
+                if kind == "score" and role == "base-large"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_family: dict[str, Path]) -> dict[str, ModelEngine]:
+    torch.set_num_threads(1)
+    return {r: ModelEngine.from_pretrained(str(p), role=r, session_active_s=0.0) for r, p in tiny_family.items()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_family: dict[str, Path]) -> Any:
+    return AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
+
+
+@pytest.fixture
+def make(engines, tokenizer):
+    made: list[Decoder] = []
+
+    def build(config: SchedulerConfig = SchedulerConfig()) -> tuple[Decoder, SyncScorer, FakeClock]:
+        scorer, clock = SyncScorer(engines), FakeClock()
+        d = Decoder(scorer, tokenizer, len(tokenizer), config, start=False, clock=clock)
+        made.append(d)
+        return d, scorer, clock
+
+    yield build
+    for d in made:
+        d.close()
+    assert all(len(e.sessions) == 0 and e.pool.used_blocks == 0 for e in engines.values()), "a cache was left behind"
+
+
+def req(prompt: str, n: int) -> GenerationRequest:
+    return GenerationRequest(prompt, BASE, GREEDY, seed=0, max_new_tokens=n, ignore_eos=True, seeded=True)
+
+
+def submit(d: Decoder, r: GenerationRequest) -> Generation:
+    g = d.prepare(r)
+    d.scheduler.submit(g)
+    return g
+
+
+def run_out(d: Decoder, limit: int = 500) -> int:
+    """Step until nothing is left to step; returns the steps taken."""
+    n = 0
+    while d.scheduler.step():
+        n += 1
+        assert n < limit, "the scheduler never ran out of work"
+    return n
+
+
+def outcome(g: Generation) -> list[int] | BaseException:
+    """The generation's tokens, or the error it ended with."""
+    tokens: list[int] = []
+    while not g.out.empty():
+        item = g.out.get()
+        if isinstance(item, BaseException):
+            return item
+        assert isinstance(item, Chunk)
+        tokens += item.token_ids
+    return tokens
+
+
+def alone(make, r: GenerationRequest) -> list[int]:
+    d, _, _ = make()
+    g = submit(d, r)
+    run_out(d)
+    return outcome(g)
+
+
+def test_a_step_with_nothing_to_do_says_so(make):
+    d, scorer, _ = make()
+    assert d.scheduler.step() is False and scorer.calls == []
+
+
+def test_one_long_prompt_joins_per_step_within_the_prefill_budget_and_prefills_run_alone(make):
+    expected = [alone(make, r) for r in [req(SHORT, 12)] + [req(p, 6) for p in LONG]]
+    d, scorer, _ = make(SchedulerConfig(prefill_tokens=8))
+    gens = [submit(d, req(SHORT, 12))]
+    assert d.scheduler.step()  # the short prompt's prefill
+    gens += [submit(d, req(p, 6)) for p in LONG]
+    run_out(d)
+    assert [outcome(g) for g in gens] == expected
+    assert scorer.prefills()[:5] == [[10], [27], [21], [24], []]
+    # prefill first, never twice in a row: steps 2 and 4 run their newcomer alone
+    sizes = [len(calls) for kind, role, calls in scorer.calls if kind == "score" and role == "base-large"]
+    assert sizes[1:5] == [1, 3, 1, 4]
+
+
+def test_a_full_kv_cache_parks_a_generation_until_its_back_off_and_its_output_is_unchanged(make):
+    expected = alone(make, req(LONG[0], 8))
+    d, scorer, clock = make()
+    g = submit(d, req(LONG[0], 8))
+    refused = []
+
+    def full_once(role: str, call: Any) -> EftMeshError | None:
+        if role == "base-large" and call.start > 0 and not refused:  # its third token: the cache is full
+            refused.append(call)
+            return ResourceExhausted("KV cache full (a test)")
+        return None
+
+    scorer.refuse = full_once
+    for _ in range(3):
+        d.scheduler.step()
+    assert refused and d.scheduler.load == (0, 1)  # back in the queue, caches released
+    assert g.parked == 1 and g.not_before > clock.now
+    assert d.scheduler.step() is False  # backing off: nothing is admitted yet
+    clock.now = g.not_before
+    run_out(d)
+    assert outcome(g) == expected  # the preempted step was undone and re-run: same tokens
+
+
+def test_waiting_past_the_queue_timeout_fails_with_resource_exhausted(make):
+    d, _, clock = make(SchedulerConfig(max_batch=1, queue_timeout_s=5.0))
+    first, second = submit(d, req(SHORT, 20)), submit(d, req(SHORT, 4))
+    d.scheduler.step()
+    assert d.scheduler.load == (1, 1)
+    clock.now += 6.0
+    d.scheduler.step()
+    err = outcome(second)
+    assert isinstance(err, ResourceExhausted) and "--queue-timeout" in str(err) and err.reason == "queue_timeout"
+    run_out(d)
+    assert len(outcome(first)) == 20
+
+
+def test_an_item_one_role_refuses_fails_its_generation_alone(make):
+    expected = alone(make, req(LONG[1], 6))
+    d, scorer, _ = make()
+    doomed, fine = submit(d, req(LONG[0], 6)), submit(d, req(LONG[1], 6))
+    scorer.refuse = lambda role, call: Unavailable("upstream base-large: gone") if call.session_id == \
+        doomed.sessions["base-large"] else None
+    run_out(d)
+    assert isinstance(outcome(doomed), Unavailable)
+    assert outcome(fine) == expected
+
+
+def test_a_cancelled_generation_leaves_at_its_next_step_and_its_caches_are_released(make, engines):
+    d, scorer, _ = make()
+    g = submit(d, req(SHORT, 50))
+    d.scheduler.step()
+    d.scheduler.step()
+    assert len(engines["base-large"].sessions) == 1
+    g.cancelled = True
+    d.scheduler.step()
+    tokens = []
+    while not g.out.empty():
+        item = g.out.get()
+        if isinstance(item, BaseException):
+            assert isinstance(item, Cancelled)
+            break
+        tokens += item.token_ids
+    else:
+        pytest.fail("no Cancelled error delivered")
+    assert len(tokens) == 2 and d.scheduler.load == (0, 0)
+    assert len(engines["base-large"].sessions) == 0
