@@ -141,3 +141,22 @@ def test_a_taken_default_health_port_moves_but_an_explicit_one_fails(tiny_family
             s.stop(0).wait()
         with pytest.raises(OSError, match="--health-port"):
             Server(ServerConfig(host="127.0.0.1", port=0, health_port=busy), [], [])
+
+
+def test_liveness_is_serving_while_the_process_answers_whatever_the_overall_health():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from eftmesh.common.serving import LIVENESS_SERVICE, Server, ServerConfig
+
+    server = Server(ServerConfig(host="127.0.0.1", port=0, health_port=0), [], [], None)
+    server.start()
+    try:
+        for port in (server.port, server.health_port):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                overall = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                live = stub.Check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=5).status
+                assert overall == health_pb2.HealthCheckResponse.NOT_SERVING  # e.g. an upstream role missing
+                assert live == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0).wait()

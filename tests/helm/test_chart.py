@@ -344,6 +344,9 @@ def test_probes_should_use_grpc_health_with_timing_values_and_a_health_port_when
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port
             assert {"periodSeconds", "timeoutSeconds", "failureThreshold"} <= c[probe].keys()
+        # liveness asks "does the process answer", not "can it serve" (a missing upstream role)
+        assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+        assert "service" not in c["readinessProbe"]["grpc"] and "service" not in c["startupProbe"]["grpc"]
     docs = render(_deep_merge(service_flag_values(), {
         "logit": {"defaults": {"probes": {"startup": {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 240}}}}}))
     for name, dep in by_kind(docs, "Deployment").items():

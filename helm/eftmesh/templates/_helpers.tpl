@@ -154,7 +154,7 @@ annotations:
 
 {{/* A gRPC health probe: (dict "port" N "probe" {periodSeconds, timeoutSeconds, failureThreshold}). */}}
 {{- define "eftmesh.grpcProbe" -}}
-grpc: {port: {{ .port }}}
+grpc: {port: {{ .port }}{{ with .service }}, service: {{ . }}{{ end }}}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}

@@ -40,6 +40,11 @@ CHANNEL_OPTIONS = [
 
 # Where the health port goes when not given: the main port plus this (50051 -> 51051).
 HEALTH_PORT_OFFSET = 1000
+# The health service name liveness probes ask: SERVING while the process answers, whatever the
+# overall status ("" goes NOT_SERVING when, e.g., a combiner has no live replica of a role: a
+# restart would not bring that replica back). It follows a drain to NOT_SERVING like every name.
+LIVENESS_SERVICE = "liveness"
+
 # Threads of the health-only server: a Check takes microseconds and Watch does not hold one.
 HEALTH_WORKERS = 2
 
@@ -163,6 +168,7 @@ class Server:
         if self.health_grpc is not None:
             self.health_grpc.start()
         self.grpc.start()
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s:%d (%s; health also on port %s, plaintext)", self.cfg.host, self.port,
                  self.cfg.tls.describe() if self.cfg.tls is not None else "plaintext", self.health_port)
 
