@@ -53,7 +53,7 @@ def test_the_client_deadline_bounds_the_generation(mesh):
 def test_ignore_eos_generates_exactly_max_new_tokens(tiny_family):
     from transformers import AutoTokenizer
 
-    from eftmesh.combiner.decoding import TokenSink, Usage
+    from eftmesh.combiner.stream import TokenSink, Usage
 
     tok = AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
     sink = TokenSink(tok, (), (), 3, 100, Usage())  # what ignore_eos passes: no EOS id

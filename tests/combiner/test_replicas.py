@@ -18,7 +18,8 @@ from conftest import start_combiner, start_logit
 from eftmesh.combiner.replicas import ReplicaSet, parse_target, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.server import parse_args
-from eftmesh.combiner.upstream import DOWN, LIVE, GrpcScorer
+from eftmesh.combiner.monitor import DOWN, LIVE
+from eftmesh.combiner.upstream import GrpcScorer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 

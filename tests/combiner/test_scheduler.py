@@ -18,8 +18,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eftmesh.combiner.decoding import Chunk, GenerationRequest, SpeculationConfig
-from eftmesh.combiner.scheduler import Decoder, SchedulerConfig, SpeculationController
+from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig
+from eftmesh.combiner.stream import Chunk
+from eftmesh.combiner.controller import SpeculationController
+from eftmesh.combiner.decoder import Decoder
+from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
 from eftmesh.inprocess import LocalScorer
 from eftmesh.common.errors import EftMeshError, OutOfRange, ResourceExhausted

@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest
-from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
+from eftmesh.combiner.decoding import Generation, GenerationRequest
+from eftmesh.combiner.stream import Chunk
+from eftmesh.combiner.decoder import Decoder
+from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
 from eftmesh.common.errors import Cancelled, EftMeshError, ResourceExhausted, Unavailable
 from eftmesh.core.mixing import Composition

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig
-from eftmesh.combiner.scheduler import Decoder
+from eftmesh.combiner.decoder import Decoder
 from eftmesh.inprocess import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from conftest import start_combiner, start_logit
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.server import parse_args as combiner_args
-from eftmesh.combiner.upstream import check_compatible
+from eftmesh.combiner.scoring import check_compatible
 from eftmesh.common.errors import FailedPrecondition
 from eftmesh.logit.server import LogitServer
 from eftmesh.logit.server import parse_args as logit_args

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from eftmesh.combiner.decoding import Chunk, FinishReason, TokenSink, Usage
+from eftmesh.combiner.stream import Chunk, FinishReason, TokenSink, Usage
 from eftmesh.combiner.text import REPLACEMENT, IncrementalDetokenizer, StopStrings
 
 MULTIBYTE_TEXTS = [

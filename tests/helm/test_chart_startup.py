@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from eftmesh.combiner import upstream
+from eftmesh.combiner import monitor
 from eftmesh.combiner.server import connection_age_options
 from eftmesh.combiner.upstream import GrpcScorer
 from tests.helm.test_chart import VALUE_SETS, by_kind, container, parse, render, render_set
@@ -68,7 +68,7 @@ def test_a_combiner_under_the_chart_default_should_still_wait_after_120_s(monkey
             clock["offset"] += 3600.0
             return real() + clock["offset"]
 
-    monkeypatch.setattr(upstream, "time", FastClock())
+    monkeypatch.setattr(monitor, "time", FastClock())  # the health rounds and the connect timeout live there
     died = threading.Event()
     scorer = GrpcScorer({"base-large": f"127.0.0.1:{_closed_port()}"}, policy)
     try:

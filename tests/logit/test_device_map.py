@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from eftmesh.logit.engine import ModelEngine, ScoreItem, parse_device_map, parse_max_memory
+from eftmesh.logit.engine import ModelEngine, ScoreItem
+from eftmesh.logit.placement import parse_device_map, parse_max_memory
 from eftmesh.logit.kvcache import BatchView, BlockTable, PagedKVPool
 from eftmesh.logit.server import parse_args
 

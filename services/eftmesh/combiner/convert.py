@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from eftmesh.combiner import compositions
 from eftmesh.combiner.chat import ChatMessage
-from eftmesh.combiner.decoding import Chunk, FinishReason, GenerationRequest, SpeculationConfig, Usage, new_seed
+from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig, new_seed
+from eftmesh.combiner.stream import Chunk, FinishReason, Usage
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.common.convert import invalid_argument, sampling_from_pb, sampling_to_pb
 from eftmesh.common.errors import InvalidArgument, NotFound, quote

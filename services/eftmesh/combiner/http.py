@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eftmesh.combiner import compositions, openai_schema as oai
-from eftmesh.combiner.decoding import Chunk
+from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.server import HttpConfig
 from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.common import auth

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from eftmesh.combiner import compositions
 from eftmesh.combiner.convert import MODES, composition_to_pb
-from eftmesh.combiner.decoding import Chunk, FinishReason, Usage
+from eftmesh.combiner.stream import Chunk, FinishReason, Usage
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.v1 import generator_pb2, tensor_pb2
 

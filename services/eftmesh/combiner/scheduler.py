@@ -33,27 +33,24 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
-import math
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from opentelemetry import trace
 
 from eftmesh.combiner.batchmix import Workspace, mix_step, process_groups
-from eftmesh.combiner.decoding import Chunk, Generation, GenerationRequest, TokenSink, encode_prompt
-from eftmesh.combiner.chat import ChatTemplates, TemplateError
+from eftmesh.combiner.controller import SpeculationController
+from eftmesh.combiner.decoding import Generation
 from eftmesh.combiner.scoring import Outcome, Scorer
 from eftmesh.common.errors import (
     Cancelled,
     DeadlineExceeded,
     EftMeshError,
-    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
@@ -72,103 +69,6 @@ class SchedulerConfig:
     max_batch: int = 32  # generations stepped together; more wait in the queue
     prefill_tokens: int = 512  # prompt tokens admitted per step (the first admission always goes)
     queue_timeout_s: float = 30.0  # longest wait for a batch slot or KV cache room
-
-
-# --- the load-aware speculation controller (pure: no threads, no network) ----------------------
-
-
-@dataclass
-class _ArmStats:
-    seconds: float = 0.0  # exponential moving average of a step's duration under this cap
-    tries: int = 0
-    last: int = -1  # step it was last used
-
-
-@dataclass
-class SpeculationController:
-    """Chooses the cap on k for load-aware generations: the cap whose steps deliver the most
-    expected tokens per second, from what it measures.
-
-    A block of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average; what a batched
-    verify costs depends on the load, so it is measured rather than assumed: per batch-size
-    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), a moving average
-    of the step's duration. The expected yield of a cap comes from the caller (each
-    generation's own acceptance estimate), so the choice rests on step times, which vary far
-    less than one step's accepted tokens.
-
-    The search is local, because a step under a far-off cap can cost as much as many plain
-    steps (a verify of 16 drafts for each of 16 generations runs 272 rows): a bucket never
-    timed starts at the best cap of the nearest bucket that was, or, when none was, at the
-    caller's `start` (the scheduler passes the k the generations' acceptance alone suggests,
-    `AdaptiveBlockSize`; max_k without one); after that only the best cap's
-    two neighbours and no drafting (the cheapest step to time) are tried, each once as soon as
-    the best cap moves next to it, then every `explore_every` steps the least recently used of
-    them again, so the choice follows the load. Light load: drafting wins (a step's fixed costs
-    dominate); on a saturated device a verify of k drafts costs about k + 1 plain steps and the
-    cap walks down, to 0.
-    """
-
-    max_k: int
-    explore_every: int = 16
-    smoothing: float = 0.3
-    _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
-    _step: int = 0
-
-    def arms(self) -> list[int]:
-        caps = [0] + [c for c in (1, 2, 4, 8, 16, 32) if c < self.max_k] + [self.max_k]
-        return sorted(set(caps))
-
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
-
-    def _best(self, b: int, expected_tokens: Callable[[int], float]) -> int | None:
-        """Index in arms() of the cap with the most expected tokens per measured second in
-        bucket `b`; None when nothing was timed there."""
-        arms = self.arms()
-        rates = {i: expected_tokens(arm) / s.seconds for i, arm in enumerate(arms)
-                 if (s := self._stats.get((b, arm))) is not None and s.seconds > 0}
-        return max(rates, key=rates.__getitem__) if rates else None
-
-    def choose(self, batch: int, expected_tokens: Callable[[int], float], start: int | None = None) -> int:
-        """The cap on k for the next step of a batch of `batch` generations;
-        `expected_tokens(cap)` is what the batch would yield in one step under that cap, and
-        `start` the k to begin at while nothing was timed (the largest cap not above it)."""
-        self._step += 1
-        b = self.bucket(batch)
-        arms = self.arms()
-        best = self._best(b, expected_tokens)
-        if best is None:  # a bucket never timed: where the nearest timed bucket is best
-            timed = sorted({tb for tb, _ in self._stats}, key=lambda tb: (abs(math.log2(tb / b)), -tb))
-            seed = self._best(timed[0], expected_tokens) if timed else None
-            if seed is not None:
-                return arms[seed]
-            return arms[-1] if start is None else max(arm for arm in arms if arm <= max(start, 0))
-        near = [i for i in dict.fromkeys((best - 1, best + 1, 0)) if 0 <= i < len(arms) and i != best]
-        stats = [self._stats.get((b, arm)) for arm in arms]
-        untried = [i for i in near if stats[i] is None]
-        if untried:
-            return arms[untried[0]]
-        if near and self._step % self.explore_every == 0:
-            # A cap timed once under other conditions is never left standing on one noisy sample.
-            return arms[min(near, key=lambda i: stats[i].last)]
-        return arms[best]
-
-    def observe(self, batch: int, cap: int, seconds: float) -> None:
-        """Record one step's duration under `cap`."""
-        if seconds <= 0:
-            return
-        s = self._stats.setdefault((self.bucket(batch), cap), _ArmStats())
-        s.seconds = seconds if s.tries == 0 else s.seconds + self.smoothing * (seconds - s.seconds)
-        s.tries += 1
-        s.last = self._step
-
-    def snapshot(self) -> dict[int, dict[int, float]]:
-        """bucket -> cap -> measured step milliseconds (for logs and benchmarks)."""
-        out: dict[int, dict[int, float]] = {}
-        for (b, cap), s in sorted(self._stats.items()):
-            out.setdefault(b, {})[cap] = round(s.seconds * 1e3, 2)
-        return out
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -494,95 +394,3 @@ class Scheduler:
             self._running.remove(g)
         if g.touched:
             self.scorer.release(g.sessions)
-
-
-class Decoder:
-    """The combiner's decoding front: tokenises, checks, and streams a generation run by the
-    shared `Scheduler`."""
-
-    def __init__(
-        self,
-        scorer: Scorer,
-        tokenizer: Any,
-        vocab_size: int,
-        config: SchedulerConfig = SchedulerConfig(),
-        max_k: int = 16,
-        tracer: trace.Tracer | None = None,
-        metrics: CombinerMetrics | None = None,
-        **scheduler: Any,
-    ) -> None:
-        """`scheduler`: Scheduler's keyword options (start=False, clock=... in tests)."""
-        self.scorer = scorer
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_token_id = tokenizer.eos_token_id
-        # What ends a prompt's generation; a chat's adds its template's end-of-turn token(s).
-        self._eos_ids = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
-        self.chat = ChatTemplates(tokenizer)
-        self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics, **scheduler)
-
-    def close(self) -> None:
-        self.scheduler.close()
-
-    def _render(self, req: GenerationRequest) -> tuple[str, frozenset[int]]:
-        """A chat request's prompt text (its role's chat template) and end-of-turn ids."""
-        role = req.chat_template_role
-        template = self.scorer.models[role].chat_template
-        if not template:
-            have = [r for r in self.scorer.models if self.scorer.models[r].chat_template]
-            raise FailedPrecondition(
-                f"role {role!r} has no chat template (its logit service reports none): set chat_template_role to "
-                f"a role with one ({', '.join(have) or 'none has'}), start that service with --chat-template, "
-                "or send a prompt"
-            )
-        try:
-            return self.chat.render(template, req.messages)
-        except TemplateError as e:
-            raise InvalidArgument(str(e)) from None
-
-    def prepare(
-        self,
-        req: GenerationRequest,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-    ) -> Generation:
-        """Tokenise (a chat through its role's template) and check a request: its Generation,
-        ready for `scheduler.submit`."""
-        coef_roles = [r for r, c in req.composition.coefficients().items() if c != 0.0] or [req.composition.base]
-        roles = coef_roles + ([req.speculation.draft_role] if req.speculation else [])
-        ctx = min(self.scorer.models[r].max_context for r in roles)
-        if req.messages:
-            text, stop_ids = self._render(req)
-            ids, room = encode_prompt(self.tokenizer, text, ctx, chat=True)
-        else:
-            stop_ids = self._eos_ids
-            ids, room = encode_prompt(self.tokenizer, req.prompt, ctx)
-        return Generation(req, ids, room, self.tokenizer, stop_ids, deadline, is_cancelled)
-
-    def generate(
-        self,
-        req: GenerationRequest,
-        deadline: float | None = None,
-        is_cancelled: Callable[[], bool] = lambda: False,
-        on_finish: Callable[[TokenSink], None] | None = None,
-    ) -> Iterator[Chunk]:
-        """Yields a chunk per plain step or speculative block; the last one finishes."""
-        g = self.prepare(req, deadline, is_cancelled)
-        self.scheduler.submit(g)
-        try:
-            while True:
-                try:
-                    item = g.out.get(timeout=0.1)
-                except queue.Empty:
-                    if is_cancelled():
-                        raise Cancelled("the client cancelled the generation") from None
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    break
-        finally:
-            g.cancelled = True  # the scheduler drops it (and releases its caches) if still running
-            if on_finish is not None:
-                on_finish(g.sink)

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from eftmesh.common.errors import EftMeshError, NotFound
+from eftmesh.common.errors import EftMeshError, FailedPrecondition, NotFound
 from eftmesh.core.sampling import SamplingConfig
 
 C = TypeVar("C", "ScoreCall", "DraftCall")
@@ -120,3 +120,60 @@ def with_resend(
         for i, o in zip(lost, send([calls[i] for i in lost], True)):
             out[i] = o
     return out
+
+
+def check_compatible(models: Mapping[str, ModelSpec], fingerprint: str, vocab_size: int,
+                     eos_token_id: int | None = None, tokenizer: str = "the combiner's --tokenizer") -> None:
+    """Refuse to mix models whose tokenizers differ or whose vocabularies cannot be aligned.
+
+    Output layers may be wider than the tokenizer (padding rows, dropped before mixing);
+    narrower ones, or a different token-to-id map, are a real mismatch. A refusal names each
+    role that differs, its model, both fingerprints, and what its Info shows to differ
+    (tokenizer size, EOS id); when neither does, the token-to-id map, the added or special
+    tokens or the BOS id differ (or the service runs an eftmesh version that fingerprints
+    tokenizers otherwise).
+    """
+    differ = {r: m for r, m in models.items() if m.tokenizer_fingerprint != fingerprint}
+    if differ:
+        lines = []
+        for r, m in differ.items():
+            what = []
+            if m.tokenizer_vocab_size != vocab_size:
+                what.append(f"{m.tokenizer_vocab_size} tokens vs {vocab_size}")
+            if eos_token_id is not None and m.eos_token_id != eos_token_id:
+                what.append(f"EOS id {m.eos_token_id} vs {eos_token_id}")
+            if not what:
+                what.append("same size and EOS id, so the token-to-id map, the added or special tokens or the "
+                            "BOS id differ (or it runs an eftmesh version that fingerprints tokenizers otherwise)")
+            lines.append(f"{r} ({m.model_id}): tokenizer {m.tokenizer_fingerprint}, " + ", ".join(what))
+        raise FailedPrecondition(
+            f"every model must share the tokenizer of {tokenizer} (fingerprint {fingerprint}); "
+            "these differ: " + "; ".join(lines)
+        )
+    narrow = {r: m for r, m in models.items() if m.vocab_size < vocab_size}
+    if narrow:
+        lines = [f"{r} ({m.model_id}): {m.vocab_size} rows" for r, m in narrow.items()]
+        raise FailedPrecondition(
+            f"output layers must cover the tokenizer's {vocab_size} tokens; these are narrower: " + "; ".join(lines)
+        )
+
+
+def replica_mismatch(want: ModelSpec, spec: ModelSpec, k_cap: int | None) -> str | None:
+    """Why a replica reporting `spec` cannot serve a role whose first replica reported `want`
+    (None: it can). `k_cap`: the combiner's block cap, which the replica's --max-k must reach
+    (None: not checked)."""
+    if (spec.tokenizer_fingerprint, spec.vocab_size) != (want.tokenizer_fingerprint, want.vocab_size):
+        return (f"serves {spec.model_id} (tokenizer {spec.tokenizer_fingerprint}, {spec.vocab_size} rows), unlike "
+                f"the role's {want.model_id} ({want.tokenizer_fingerprint}, {want.vocab_size})")
+    # Replicas of a role must render chats alike: the combiner renders with the template the
+    # role's first replica reported, and a replica with another would have been meant to serve
+    # another format (a rolling update of the template is a new role, or all at once).
+    if spec.chat_template != want.chat_template:
+        return "reports another chat template than the role's ({})".format(
+            "none" if not spec.chat_template else f"{len(spec.chat_template)} characters")
+    # A replica whose Draft takes fewer tokens than the blocks the combiner asks for would fail
+    # every draft it is given with INVALID_ARGUMENT.
+    if k_cap is not None and 0 < spec.max_k < k_cap:
+        return (f"takes drafts of at most {spec.max_k} tokens (--max-k), less than the combiner's "
+                f"block cap of {k_cap}")
+    return None

@@ -25,13 +25,15 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner import compositions
-from eftmesh.combiner.scheduler import Decoder, SchedulerConfig
+from eftmesh.combiner.decoder import Decoder
+from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults
 from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.combiner.replicas import parse_target
-from eftmesh.combiner.scoring import ModelSpec
+from eftmesh.combiner.scoring import ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
-from eftmesh.combiner.upstream import GrpcScorer, UpstreamPolicy, check_compatible
+from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.upstream import GrpcScorer
 from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg

@@ -19,9 +19,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from eftmesh.combiner import convert
-from eftmesh.combiner.decoding import Chunk, GenerationRequest, TokenSink, deadline_from
+from eftmesh.combiner.decoding import GenerationRequest, deadline_from
+from eftmesh.combiner.stream import Chunk, TokenSink
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults  # noqa: F401  (the servicer's configuration)
-from eftmesh.combiner.scheduler import Decoder
+from eftmesh.combiner.decoder import Decoder
 from eftmesh.common.errors import ResourceExhausted
 from eftmesh.common.metrics import GEN_AI_CHAT, CombinerMetrics, error_type, gen_ai_attributes, meter, outcome
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc

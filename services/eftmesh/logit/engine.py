@@ -17,17 +17,15 @@ loses nothing against the model's output and spares a log-softmax here. A bad it
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from eftmesh.common import loading
 from eftmesh.common.errors import EftMeshError, InvalidArgument
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import (
@@ -48,20 +46,12 @@ from eftmesh.logit.admission import (  # noqa: F401
     check_session_id,
 )
 from eftmesh.logit.kvcache import PagedKVPool
-from eftmesh.logit.placement import (  # noqa: F401  (parse_*: the server's flag parsing)
-    check_full_attention,
-    mask_swapper,
-    model_devices,
-    model_max_context,
-    parse_device_map,
-    parse_max_memory,
-)
+from eftmesh.logit.placement import check_full_attention, load_model, mask_swapper, model_devices, model_max_context
+from eftmesh.logit.items import DraftItem, EngineInfo, ItemResult, ScoreItem
 from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
 from eftmesh.logit.sessions import SessionStore
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Padding tokens one forward's fixed cost is worth before warm-up measures it.
 DEFAULT_MERGE_TOKENS = 16
@@ -85,66 +75,6 @@ class EngineConfig:
     prefill_tokens: int = 2048  # --prefill-tokens: most padded tokens in one forward
     session_active_s: float = 1.0  # --session-active-window
     graphs: GraphConfig = GraphConfig()  # --cuda-graphs, --cuda-graph-*
-
-
-@dataclass(frozen=True)
-class ScoreItem:
-    """One session's share of a batched Score: append `tokens` at `start`, return the last `rows` rows."""
-
-    session_id: str
-    start: int
-    tokens: Sequence[int]
-    rows: int
-
-
-@dataclass(frozen=True)
-class DraftItem:
-    """One session's share of a batched Draft: append `tokens` at `start`, then draft k tokens."""
-
-    session_id: str
-    start: int
-    tokens: Sequence[int]
-    k: int
-    sampling: SamplingConfig
-    seed: int
-    vocab_limit: int = 0
-
-
-@dataclass
-class ItemResult:
-    """What one item got back: its rows, or its own error."""
-
-    rows: torch.Tensor | None = None  # [rows, vocab_size] logits in the model's dtype, on the CPU
-    cache_length: int = 0
-    drafts: list[int] = field(default_factory=list)
-    error: EftMeshError | None = None
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What `LogitService.Info` reports."""
-
-    model_id: str
-    role: str
-    vocab_size: int
-    tokenizer_vocab_size: int
-    tokenizer_fingerprint: str
-    max_context: int
-    dtype: str
-    device: str
-    max_sessions: int
-    session_idle_timeout_s: float
-    eos_token_id: int
-    max_k: int
-    kv_cache_tokens: int
-    kv_block_size: int
-    max_batch: int
-    chat_template: str = ""
-    # How steps run: "eager", "static" (static shapes, not captured) or "cuda-graphs"; with
-    # graphs, how many were captured and how long the capture took (set by warmup()).
-    execution: str = "eager"
-    cuda_graphs: int = 0
-    graph_capture_s: float = 0.0
 
 
 def tokenizer_chat_template(tokenizer: Any) -> str:
@@ -248,39 +178,14 @@ class ModelEngine:
         config: EngineConfig | None = None,
         **kwargs: Any,
     ) -> ModelEngine:
-        """Load a causal LM and its tokenizer from a checkpoint folder, a .gguf file (dequantised
-        to float) or a hub id at `revision` (eftmesh.common.loading); the tokenizer from
-        `tokenizer` (at `tokenizer_revision`) when given, else from the model's own spec.
-        An unloadable spec raises loading.LoadError, one line naming --model or --tokenizer.
-
-        Weights go straight to their devices as they are read (low_cpu_mem_usage): never the
-        whole model staged in host RAM. `device_map` None puts every module on `device`; "auto"
-        spreads the layers over the visible GPUs (accelerate, within `max_memory` per device,
-        e.g. {0: "70GiB", 1: "70GiB"}); a dict names each module's device.
-        """
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if max_memory and device_map is None:
-            raise ValueError("--max-memory applies to a device map: pass --device-map auto")
-        source = loading.resolve(model_id, revision, flag="--model")
-        if tokenizer is None:
-            tok = loading.load_tokenizer_from(source, flag="--model", trust_remote_code=trust_remote_code)
-        else:
-            tok = loading.load_tokenizer(tokenizer, tokenizer_revision, flag="--tokenizer",
-                                         trust_remote_code=trust_remote_code)
-        load: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-        if device_map is not None:
-            load.update(device_map=device_map, low_cpu_mem_usage=True)
-            if max_memory:
-                load["max_memory"] = max_memory
-        elif importlib.util.find_spec("accelerate") is not None:
-            load.update(device_map={"": device}, low_cpu_mem_usage=True)
-        model = loading.load_causal_lm_from(source, flag="--model", **load)
-        if "device_map" not in load:
-            model = model.to(device)  # no accelerate: load on the CPU, then move
-        if device_map is not None:
-            log.info("%s: device map %s", role, getattr(model, "hf_device_map", device_map))
-        return cls(model, tok, model_id=source.model_id, role=role, config=config, **kwargs)
+        """An engine over `placement.load_model(model_id, ...)` (checkpoint folder, .gguf file or
+        hub id; weights straight onto their devices); `config` and keyword overrides as in
+        `ModelEngine`."""
+        model, tok, model_id = load_model(model_id, role=role, device=device, dtype=dtype,
+                                          trust_remote_code=trust_remote_code, device_map=device_map,
+                                          max_memory=max_memory, revision=revision, tokenizer=tokenizer,
+                                          tokenizer_revision=tokenizer_revision)
+        return cls(model, tok, model_id=model_id, role=role, config=config, **kwargs)
 
     def warmup(self) -> None:
         """Real forwards through the paged cache: readiness means the device answers and the KV

@@ -6,12 +6,68 @@ No gRPC here; the engine and the server's flag parsing use these.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from typing import Any
 
 import torch
 
+from eftmesh.common import loading
+
 from eftmesh.logit.kvcache import BatchView
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(
+    model_id: str,
+    *,
+    role: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
+    revision: str | None = None,
+    tokenizer: str | None = None,
+    tokenizer_revision: str | None = None,
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, model id) of a checkpoint folder, a .gguf file (dequantised to float)
+    or a hub id at `revision` (eftmesh.common.loading); the tokenizer from `tokenizer` (at
+    `tokenizer_revision`) when given, else from the model's own spec. An unloadable spec raises
+    loading.LoadError, one line naming --model or --tokenizer.
+
+    Weights go straight to their devices as they are read (low_cpu_mem_usage): never the whole
+    model staged in host RAM. `device_map` None puts every module on `device`; "auto" spreads
+    the layers over the visible GPUs (accelerate, within `max_memory` per device, e.g.
+    {0: "70GiB", 1: "70GiB"}); a dict names each module's device.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if max_memory and device_map is None:
+        raise ValueError("--max-memory applies to a device map: pass --device-map auto")
+    source = loading.resolve(model_id, revision, flag="--model")
+    if tokenizer is None:
+        tok = loading.load_tokenizer_from(source, flag="--model", trust_remote_code=trust_remote_code)
+    else:
+        tok = loading.load_tokenizer(tokenizer, tokenizer_revision, flag="--tokenizer",
+                                     trust_remote_code=trust_remote_code)
+    load: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        load.update(device_map=device_map, low_cpu_mem_usage=True)
+        if max_memory:
+            load["max_memory"] = max_memory
+    elif importlib.util.find_spec("accelerate") is not None:
+        load.update(device_map={"": device}, low_cpu_mem_usage=True)
+    model = loading.load_causal_lm_from(source, flag="--model", **load)
+    if "device_map" not in load:
+        model = model.to(device)  # no accelerate: load on the CPU, then move
+    if device_map is not None:
+        log.info("%s: device map %s", role, getattr(model, "hf_device_map", device_map))
+    return model, tok, source.model_id
 
 
 def parse_device_map(text: str | None) -> str | dict[str, Any] | None:

@@ -26,8 +26,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from eftmesh.common import loading, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit import deletion_cost
-from eftmesh.logit.engine import DTYPES, EngineConfig, ModelEngine
-from eftmesh.logit.placement import parse_device_map, parse_max_memory
+from eftmesh.logit.engine import EngineConfig, ModelEngine
+from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.runner import GRAPH_MODES, GraphConfig
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc

@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from eftmesh.combiner.decoding import GenerationRequest
-from eftmesh.combiner.scheduler import Decoder
+from eftmesh.combiner.decoder import Decoder
 from eftmesh.inprocess import LocalScorer
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig

@@ -1,0 +1,105 @@
+"""The load-aware speculation controller: which cap on k the scheduler's next step drafts under.
+
+Pure: no threads, no network; the scheduler asks `choose` before a step and tells `observe`
+how long it took.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _ArmStats:
+    seconds: float = 0.0  # exponential moving average of a step's duration under this cap
+    tries: int = 0
+    last: int = -1  # step it was last used
+
+
+@dataclass
+class SpeculationController:
+    """Chooses the cap on k for load-aware generations: the cap whose steps deliver the most
+    expected tokens per second, from what it measures.
+
+    A block of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average; what a batched
+    verify costs depends on the load, so it is measured rather than assumed: per batch-size
+    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), a moving average
+    of the step's duration. The expected yield of a cap comes from the caller (each
+    generation's own acceptance estimate), so the choice rests on step times, which vary far
+    less than one step's accepted tokens.
+
+    The search is local, because a step under a far-off cap can cost as much as many plain
+    steps (a verify of 16 drafts for each of 16 generations runs 272 rows): a bucket never
+    timed starts at the best cap of the nearest bucket that was, or, when none was, at the
+    caller's `start` (the scheduler passes the k the generations' acceptance alone suggests,
+    `AdaptiveBlockSize`; max_k without one); after that only the best cap's
+    two neighbours and no drafting (the cheapest step to time) are tried, each once as soon as
+    the best cap moves next to it, then every `explore_every` steps the least recently used of
+    them again, so the choice follows the load. Light load: drafting wins (a step's fixed costs
+    dominate); on a saturated device a verify of k drafts costs about k + 1 plain steps and the
+    cap walks down, to 0.
+    """
+
+    max_k: int
+    explore_every: int = 16
+    smoothing: float = 0.3
+    _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
+    _step: int = 0
+
+    def arms(self) -> list[int]:
+        caps = [0] + [c for c in (1, 2, 4, 8, 16, 32) if c < self.max_k] + [self.max_k]
+        return sorted(set(caps))
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(1, batch))))
+
+    def _best(self, b: int, expected_tokens: Callable[[int], float]) -> int | None:
+        """Index in arms() of the cap with the most expected tokens per measured second in
+        bucket `b`; None when nothing was timed there."""
+        arms = self.arms()
+        rates = {i: expected_tokens(arm) / s.seconds for i, arm in enumerate(arms)
+                 if (s := self._stats.get((b, arm))) is not None and s.seconds > 0}
+        return max(rates, key=rates.__getitem__) if rates else None
+
+    def choose(self, batch: int, expected_tokens: Callable[[int], float], start: int | None = None) -> int:
+        """The cap on k for the next step of a batch of `batch` generations;
+        `expected_tokens(cap)` is what the batch would yield in one step under that cap, and
+        `start` the k to begin at while nothing was timed (the largest cap not above it)."""
+        self._step += 1
+        b = self.bucket(batch)
+        arms = self.arms()
+        best = self._best(b, expected_tokens)
+        if best is None:  # a bucket never timed: where the nearest timed bucket is best
+            timed = sorted({tb for tb, _ in self._stats}, key=lambda tb: (abs(math.log2(tb / b)), -tb))
+            seed = self._best(timed[0], expected_tokens) if timed else None
+            if seed is not None:
+                return arms[seed]
+            return arms[-1] if start is None else max(arm for arm in arms if arm <= max(start, 0))
+        near = [i for i in dict.fromkeys((best - 1, best + 1, 0)) if 0 <= i < len(arms) and i != best]
+        stats = [self._stats.get((b, arm)) for arm in arms]
+        untried = [i for i in near if stats[i] is None]
+        if untried:
+            return arms[untried[0]]
+        if near and self._step % self.explore_every == 0:
+            # A cap timed once under other conditions is never left standing on one noisy sample.
+            return arms[min(near, key=lambda i: stats[i].last)]
+        return arms[best]
+
+    def observe(self, batch: int, cap: int, seconds: float) -> None:
+        """Record one step's duration under `cap`."""
+        if seconds <= 0:
+            return
+        s = self._stats.setdefault((self.bucket(batch), cap), _ArmStats())
+        s.seconds = seconds if s.tries == 0 else s.seconds + self.smoothing * (seconds - s.seconds)
+        s.tries += 1
+        s.last = self._step
+
+    def snapshot(self) -> dict[int, dict[int, float]]:
+        """bucket -> cap -> measured step milliseconds (for logs and benchmarks)."""
+        out: dict[int, dict[int, float]] = {}
+        for (b, cap), s in sorted(self._stats.items()):
+            out.setdefault(b, {})[cap] = round(s.seconds * 1e3, 2)
+        return out

@@ -1,0 +1,74 @@
+"""What a logit engine takes and gives: one session's share of a batched call, its result, and
+the engine's description (what `LogitService.Info` reports). Plain data; the engine
+(engine.py) does the work, the servicer converts these to and from protobuf (convert.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from eftmesh.common.errors import EftMeshError
+from eftmesh.core.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One session's share of a batched Score: append `tokens` at `start`, return the last `rows` rows."""
+
+    session_id: str
+    start: int
+    tokens: Sequence[int]
+    rows: int
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    """One session's share of a batched Draft: append `tokens` at `start`, then draft k tokens."""
+
+    session_id: str
+    start: int
+    tokens: Sequence[int]
+    k: int
+    sampling: SamplingConfig
+    seed: int
+    vocab_limit: int = 0
+
+
+@dataclass
+class ItemResult:
+    """What one item got back: its rows, or its own error."""
+
+    rows: torch.Tensor | None = None  # [rows, vocab_size] logits in the model's dtype, on the CPU
+    cache_length: int = 0
+    drafts: list[int] = field(default_factory=list)
+    error: EftMeshError | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What `LogitService.Info` reports."""
+
+    model_id: str
+    role: str
+    vocab_size: int
+    tokenizer_vocab_size: int
+    tokenizer_fingerprint: str
+    max_context: int
+    dtype: str
+    device: str
+    max_sessions: int
+    session_idle_timeout_s: float
+    eos_token_id: int
+    max_k: int
+    kv_cache_tokens: int
+    kv_block_size: int
+    max_batch: int
+    chat_template: str = ""
+    # How steps run: "eager", "static" (static shapes, not captured) or "cuda-graphs"; with
+    # graphs, how many were captured and how long the capture took (set by warmup()).
+    execution: str = "eager"
+    cuda_graphs: int = 0
+    graph_capture_s: float = 0.0
