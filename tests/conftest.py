@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def start_logit(path: Path, role: str, port: int = 0, **kwargs) -> LogitServer:
     ls = build_logit(cfg)
     ls.start()
     return ls
+
+
+def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll `cond` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def idle(logits: dict[str, LogitServer]) -> Callable[[], bool]:
+    """True once no logit service holds a session or a KV block (Release is fire-and-forget)."""
+    return lambda: all(len(ls.engine.sessions) == 0 and ls.engine.pool.used_blocks == 0 for ls in logits.values())
 
 
 @dataclass

@@ -13,7 +13,7 @@ from eftmesh.combiner.decoding import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from eftmesh.core.mixing import MAX_ROLE_NAME_BYTES
 from eftmesh.common.interceptor import MAX_DETAILS_CHARS
 from eftmesh.core.mixing import MAX_WEIGHT
-from eftmesh.logit.engine import MAX_SESSION_ID_BYTES
+from eftmesh.logit.admission import MAX_SESSION_ID_BYTES
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, tensor_pb2
 
 from conftest import start_combiner

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from conftest import start_combiner, start_logit
+from conftest import idle, start_combiner, start_logit, wait_for
 from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.combiner.server import CombinerServer
 from eftmesh.common.errors import ResourceExhausted
@@ -98,20 +98,6 @@ def concurrently(jobs: list[Callable[[], Any]], timeout: float = 60.0) -> list[A
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         return [f.result(timeout) for f in [pool.submit(run, j) for j in jobs]]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def idle(logits: dict[str, LogitServer]) -> Callable[[], bool]:
-    """True once no logit service holds a session or a KV block (Release is fire-and-forget)."""
-    return lambda: all(len(ls.engine.sessions) == 0 and ls.engine.pool.used_blocks == 0 for ls in logits.values())
 
 
 def settled(logits: dict[str, LogitServer], call: Callable[[], T]) -> T:

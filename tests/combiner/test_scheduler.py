@@ -7,7 +7,6 @@ fake scorer that records every batched call (one per role per step) and can refu
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +21,9 @@ from eftmesh.combiner.decoding import GenerationRequest, SpeculationConfig
 from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoder import Decoder
+from fake_scorer import RecordingScorer
 from eftmesh.combiner.scheduler import SchedulerConfig
-from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
-from eftmesh.inprocess import LocalScorer
+from eftmesh.combiner.scoring import DraftCall, Outcome
 from eftmesh.common.errors import EftMeshError, OutOfRange, ResourceExhausted
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
@@ -171,16 +170,13 @@ def test_scheduler_config_defaults():
 # --- a fake scorer over in-process engines -------------------------------------------------------
 
 
-class FakeScorer:
-    """A fake `Scorer`: the real `LocalScorer` underneath, every batched call recorded, an item
-    refused when `refuse(role, call)` returns an error, and the first call held at `gate`
-    until the test opens it (so generations can be queued before the next admission)."""
+class FakeScorer(RecordingScorer):
+    """The recording fake (fake_scorer.py), with every call delayed by `delay_s` and the first
+    call held at `gate` until the test opens it (so generations can be queued before the next
+    admission)."""
 
     def __init__(self, engines: dict[str, ModelEngine]) -> None:
-        self.inner = LocalScorer(engines)
-        self.models = self.inner.models
-        self.calls: list[tuple[str, str, list[Any]]] = []  # (kind, role, calls)
-        self.refuse: Callable[[str, ScoreCall | DraftCall], EftMeshError | None] = lambda role, call: None
+        super().__init__(engines)
         self.delay_s = 0.0
         self.gate: threading.Event | None = None
         self.held = threading.Event()
@@ -191,25 +187,8 @@ class FakeScorer:
             self.held.set()
             assert gate.wait(30)
             self.gate = None
-        self.calls.append((kind, role, [dataclasses.replace(c, tokens=tuple(c.tokens)) for c in calls]))
         time.sleep(self.delay_s)
-        errors = [self.refuse(role, c) for c in calls]
-        ok = [c for c, e in zip(calls, errors) if e is None]
-        got = iter(inner(role, ok) if ok else [])
-        return [Outcome(error=e) if e is not None else next(got) for e in errors]
-
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
-        return self._batch("score", role, calls, self.inner.score_batch)
-
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
-        return self._batch("draft", role, calls, self.inner.draft_batch)
-
-    def release(self, sessions: Any) -> None:
-        self.inner.release(sessions)
-
-    def steps(self, role: str = "base-large") -> list[list[ScoreCall]]:
-        """Each step's ScoreBatch items for `role` (every composition here scores base-large)."""
-        return [calls for kind, r, calls in self.calls if kind == "score" and r == role]
+        return super()._batch(kind, role, calls, inner)
 
 
 @pytest.fixture(scope="module")

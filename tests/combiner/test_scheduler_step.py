@@ -4,8 +4,6 @@ answers synchronously from real in-process engines (tiny random models) and can 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +14,11 @@ from transformers import AutoTokenizer
 from eftmesh.combiner.decoding import Generation, GenerationRequest
 from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.decoder import Decoder
+from fake_scorer import RecordingScorer
 from eftmesh.combiner.scheduler import SchedulerConfig
-from eftmesh.combiner.scoring import DraftCall, Outcome, ScoreCall
 from eftmesh.common.errors import Cancelled, EftMeshError, ResourceExhausted, Unavailable
 from eftmesh.core.mixing import Composition
 from eftmesh.core.sampling import SamplingConfig
-from eftmesh.inprocess import LocalScorer
 from eftmesh.logit.engine import ModelEngine
 
 BASE = Composition("base-large")
@@ -39,37 +36,12 @@ class FakeClock:
         return self.now
 
 
-class SyncScorer:
-    """A fake Scorer: real engines underneath, answers at once, records every batched call,
-    and refuses an item when `refuse(role, call)` returns an error."""
-
-    def __init__(self, engines: dict[str, ModelEngine]) -> None:
-        self.inner = LocalScorer(engines)
-        self.models = self.inner.models
-        self.calls: list[tuple[str, str, list[Any]]] = []
-        self.refuse: Callable[[str, Any], EftMeshError | None] = lambda role, call: None
-
-    def _batch(self, kind: str, role: str, calls: Sequence[Any], inner: Callable[..., list[Outcome]]) -> list[Outcome]:
-        # tokens are the generation's live list: keep what this call carried
-        self.calls.append((kind, role, [dataclasses.replace(c, tokens=tuple(c.tokens)) for c in calls]))
-        errors = [self.refuse(role, c) for c in calls]
-        ok = [c for c, e in zip(calls, errors) if e is None]
-        got = iter(inner(role, ok) if ok else [])
-        return [Outcome(error=e) if e is not None else next(got) for e in errors]
-
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
-        return self._batch("score", role, calls, self.inner.score_batch)
-
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
-        return self._batch("draft", role, calls, self.inner.draft_batch)
-
-    def release(self, sessions: Any) -> None:
-        self.inner.release(sessions)
+class SyncScorer(RecordingScorer):
+    """The recording fake, and the prompt lengths each base-large step prefilled."""
 
     def prefills(self) -> list[list[int]]:
         """Per ScoreBatch step of base-large: the prompt lengths prefilled (start 0)."""
-        return [[len(c.tokens) for c in calls if c.start == 0] for kind, role, calls in self.calls
-                if kind == "score" and role == "base-large"]
+        return [[len(c.tokens) for c in calls if c.start == 0] for calls in self.steps()]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,17 +108,3 @@ def request(port: int, method: str, path: str, body: bytes | dict | None = None,
         return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
     finally:
         conn.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def idle(logits: dict[str, LogitServer]) -> Callable[[], bool]:
-    """True once no logit service holds a session or a KV block (Release is fire-and-forget)."""
-    return lambda: all(len(ls.engine.sessions) == 0 and ls.engine.pool.used_blocks == 0 for ls in logits.values())

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import collect, free_ports, points
 import httpmesh
-from httpmesh import ROLES, http_combiner, idle, request, wait_for
+from conftest import idle, wait_for
+from httpmesh import ROLES, http_combiner, request
 from eftmesh.common import tracing
 from eftmesh.common.tls import ServerTLS
 

@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import start_logit
 from eftmesh.common.errors import Unavailable
 from eftmesh.common.tensors import from_pb
-from eftmesh.logit.engine import DRAINING_PREFIX, ScoreItem
+from eftmesh.common.errors import DRAINING_PREFIX
+from eftmesh.logit.engine import ScoreItem
 from eftmesh.logit.server import LogitServer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 

@@ -55,7 +55,7 @@ from eftmesh.common.errors import (
     ResourceExhausted,
 )
 from eftmesh.common.metrics import CombinerMetrics, meter
-from eftmesh.core.sampling import NoFiniteMass, argmax_rows, check_argmax_finite
+from eftmesh.core.sampling import NoFiniteMass, argmax_finite, check_argmax_finite
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,7 @@ class Scheduler:
         scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised
         processed = process_groups(gens, {g: g.req.sampling for g in gens}, offsets, scores)
         # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
-        top = argmax_rows(scores) if any(p is None for p in processed.values()) else None  # [n]
-        # x[i, argmax] is finite exactly when row i has no NaN, no +inf and some finite entry
-        finite = None if top is None else torch.isfinite(scores.gather(1, top.view(-1, 1))).view(-1)  # [n]
+        top, finite = argmax_finite(scores) if any(p is None for p in processed.values()) else (None, None)  # [n]
         all_finite = finite is None or bool(finite.all())
         stepped = {}
         for g in gens:

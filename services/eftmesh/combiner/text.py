@@ -32,7 +32,6 @@ class IncrementalDetokenizer:
             return self._fast.decode(ids, skip_special_tokens=True)
         return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-
     def push(self, token: int) -> str:
         """Add a token; return the newly completed text (maybe empty)."""
         self.ids.append(token)
@@ -50,7 +49,6 @@ class IncrementalDetokenizer:
         self._prefix = self._read = len(self.ids)
         return after[len(before) :]
 
-
 def _backend(tokenizer: Any) -> Any:
     """The Rust `tokenizers.Tokenizer` behind a transformers tokenizer whose decode (without
     clean-up) is exactly that tokenizer's decode, else None. Called twice per generated token,
@@ -62,7 +60,6 @@ def _backend(tokenizer: Any) -> Any:
     if isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode:
         return tokenizer._tokenizer
     return None
-
 
 class StopStrings:
     """Finds stop strings in generated text and says how much text is safe to emit."""

@@ -1,10 +1,9 @@
-"""Tensor <-> protobuf at the edge: raw little-endian bytes, one copy each way."""
+"""Tensor <-> protobuf at the edge: raw little-endian bytes, one copy to encode, none to decode."""
 
 from __future__ import annotations
 
 import math
 import sys
-import warnings
 
 import torch
 
@@ -43,7 +42,7 @@ def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
 
     The tensor reads the message's bytes where they lie (no copy: at a real vocabulary a
     step's rows are megabytes per role), so it is read-only: callers never write into it in
-    place (torch cannot enforce that on a borrowed buffer)."""
+    place (torch cannot enforce that on a borrowed buffer, and says so once per process)."""
     dtype = torch_dtype(msg.dtype)
     n = math.prod(msg.shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -51,6 +50,4 @@ def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
         raise ValueError(f"tensor of shape {list(msg.shape)} needs {n * itemsize} bytes, got {len(msg.data)}")
     if n == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
-    with warnings.catch_warnings():  # "the given buffer is not writable": read-only by contract, above
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+    return torch.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))

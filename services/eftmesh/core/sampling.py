@@ -143,12 +143,19 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.argmax(x, dim=-1)
 
 
+def argmax_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax_rows(x), whether x[i, argmax] is finite): [rows] int64 and [rows] bool. With the
+    argmax, finiteness there holds exactly when a row has no NaN, no +inf and some finite
+    entry: one gather instead of passes over every entry."""
+    top = argmax_rows(x)
+    return top, torch.isfinite(x.gather(1, top.view(-1, 1))).view(-1)
+
+
 def check_argmax_finite(x: torch.Tensor, top: torch.Tensor) -> None:
     """Raise `NoFiniteMass` unless x[i, top[i]] is finite for every row: with `top` the rows'
     argmax, that holds exactly when a row has no NaN, no +inf and some finite entry. One
     gather, instead of `check_finite_mass`'s passes over every entry."""
-    best = x.gather(1, top.view(-1, 1)).squeeze(1)  # [rows]
-    bad = ~torch.isfinite(best)
+    bad = ~torch.isfinite(x.gather(1, top.view(-1, 1))).view(-1)  # [rows]
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         raise NoFiniteMass(

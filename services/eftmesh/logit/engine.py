@@ -28,23 +28,8 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import (
-    NoFiniteMass,
-    SamplingConfig,
-    argmax_rows,
-    check_argmax_finite,
-    make_generator,
-    process,
-    sample,
-)
-from eftmesh.common.errors import DRAINING_PREFIX  # noqa: F401  (the engine's API, with MAX_SESSION_ID_BYTES)
-from eftmesh.logit.admission import (  # noqa: F401
-    MAX_SESSION_ID_BYTES,
-    Admitted,
-    KVAdmission,
-    Want,
-    check_session_id,
-)
+from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, argmax_finite, make_generator, process, sample
+from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool
 from eftmesh.logit.placement import check_full_attention, load_model, mask_swapper, model_devices, model_max_context
 from eftmesh.logit.items import DraftItem, EngineInfo, ItemResult, ScoreItem
@@ -354,14 +339,13 @@ class ModelEngine:
                 results[r.index].error = InvalidArgument(str(e))
         for limit, group in greedy.items():
             rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
-            top = argmax_rows(rows)
-            for i, r in enumerate(group):
-                try:
-                    check_argmax_finite(rows[i:i + 1], top[i:i + 1])
-                except NoFiniteMass as e:
-                    results[r.index].error = InvalidArgument(str(e))
-                    continue
-                self._drafted(r, results, int(top[i]))
+            top, finite = argmax_finite(rows)
+            for r, token, ok in zip(group, top.tolist(), finite.tolist()):
+                if ok:
+                    self._drafted(r, results, token)
+                else:  # a degenerate row: this item fails alone
+                    results[r.index].error = InvalidArgument(
+                        "the draft model's row has no finite probability mass: its logits are NaN or infinite")
 
     @staticmethod
     def _drafted(r: Admitted, results: list[ItemResult], token: int) -> None:

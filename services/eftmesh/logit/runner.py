@@ -137,7 +137,6 @@ class ModelRunner:
         # weights (its final norm), before the head
         self._keep_device = list(model.base_model.parameters())[-1].device
         self.dtype = next(model.parameters()).dtype
-        self.sharded = sharded
         on_cuda = self.device.type == "cuda" and not sharded
         self.static = graphs.mode == "static" or (graphs.mode == "auto" and on_cuda)
         self.capture_graphs = graphs.mode == "auto" and on_cuda
