@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec, replica_mismatch
 from eftmesh.common import tracing
@@ -56,12 +57,9 @@ DOWN = "down"  # does not answer (or not verified yet)
 class UpstreamPolicy:
     """Timeouts, retries and health checking of the logit services."""
 
-    # The longest a call to a logit service may take (and the cap of the derived deadlines).
-    call_timeout_s: float = 30.0
-    # A call past `margin` x what the role's calls take (at least `floor`) is given up on while
-    # another live replica of the role can take its sessions over (deadlines.py).
-    deadline_margin: float = 10.0
-    deadline_floor_s: float = 1.0
+    # How long a call may take: a margin over what the role's calls take while another live
+    # replica could take its sessions over, at most --call-timeout (its cap) (deadlines.py).
+    deadlines: DeadlinePolicy = DeadlinePolicy()
     # Moves of one call's sessions to another replica after UNAVAILABLE or a draining refusal.
     retries: int = 3
     # How long start-up waits for every upstream before giving up; 0 = no deadline (the

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from eftmesh.combiner import compositions
 from eftmesh.combiner.convert import MODES, composition_to_pb
+from eftmesh.combiner.decoding import MAX_TOP_LOGPROBS
 from eftmesh.combiner.stream import Chunk, FinishReason, Usage
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.v1 import generator_pb2, tensor_pb2
@@ -138,7 +139,7 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=UINT32_MAX)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_role: StrictStr | None = None
     tools: Any = None
     tool_choice: Any = None

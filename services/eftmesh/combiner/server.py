@@ -184,7 +184,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "vocabularies and batches on a dedicated node (default: %(default)s)"),
     a = p.parse_args(argv)
     try:
-        DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout)
+        deadlines = DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout)
     except ValueError as e:
         p.error(str(e))
     upstreams = dict(a.upstream)
@@ -226,8 +226,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         defaults=Defaults(composition, sampling, a.max_new_tokens, a.max_new_tokens_cap, speculation, named),
         server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port, tls=tls.server_from_args(p, a)),
-        policy=UpstreamPolicy(call_timeout_s=a.call_timeout, deadline_margin=a.upstream_deadline_margin,
-                              deadline_floor_s=a.upstream_deadline_floor, retries=a.retries, connect_timeout_s=a.connect_timeout,
+        policy=UpstreamPolicy(deadlines=deadlines, retries=a.retries, connect_timeout_s=a.connect_timeout,
                               resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream")),
         max_concurrent_generations=a.max_concurrent_generations,
         scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),

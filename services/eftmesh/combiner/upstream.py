@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.combiner.deadlines import CallDeadlines, DeadlinePolicy
+from eftmesh.combiner.deadlines import CallDeadlines
 from eftmesh.combiner.monitor import DOWN, DRAINING, LIVE, ReplicaMonitor, UpstreamPolicy, brief
 from eftmesh.combiner.replicas import Replica, Resolver, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
@@ -58,8 +58,7 @@ class GrpcScorer(ReplicaMonitor):
         # released there once it answers again (else they would hold its KV cache until expiry)
         self._orphans: dict[tuple[str, str], dict[str, int]] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
-        self.deadlines = CallDeadlines(DeadlinePolicy(policy.deadline_margin, policy.deadline_floor_s,
-                                                      policy.call_timeout_s))
+        self.deadlines = CallDeadlines(policy.deadlines)
 
     def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
         def build(cs: Sequence[ScoreCall], zero: bool) -> logit_pb2.ScoreBatchRequest:
@@ -153,7 +152,7 @@ class GrpcScorer(ReplicaMonitor):
                     # Hung, not gone: give up on it for now and let the other replica serve.
                     self.metrics.upstream_failovers.add(len(part), {**_cause("timeout"), "eftmesh.role": role,
                                                                     "rpc.grpc.status_code": code.name})
-                    why = f"did not answer within {timeout:.2f} s ({self.policy.deadline_margin:g}x its role's calls)"
+                    why = f"did not answer within {timeout:.2f} s ({self.policy.deadlines.margin:g}x its role's calls)"
                     self._suspect(role, replica, why)
                     move(replica, idx, why)
                     return
