@@ -2,7 +2,7 @@
 
 import pytest
 
-from eftmesh.combiner.deadlines import PREFILL_TOKENS, CallDeadlines, DeadlinePolicy
+from eftmesh.combiner.deadlines import PREFILL_TOKENS, STRAGGLER_FLOOR_S, CallDeadlines, DeadlinePolicy
 
 
 def test_no_deadline_is_derived_before_a_role_answered_or_without_another_replica():
@@ -44,3 +44,17 @@ def test_bad_policies_name_their_flags():
         DeadlinePolicy(margin=0.5)
     with pytest.raises(ValueError, match="--upstream-deadline-floor"):
         DeadlinePolicy(floor_s=60.0, cap_s=30.0)
+    with pytest.raises(ValueError, match="--upstream-straggler-factor"):
+        DeadlinePolicy(straggler_factor=0.5)
+
+
+def test_a_step_waits_for_a_straggler_a_smaller_multiple_of_the_same_estimate():
+    d = CallDeadlines(DeadlinePolicy(margin=10, floor_s=1.0, cap_s=30.0, straggler_factor=2.0))
+    assert d.hold_after("r", 1) is None  # nothing known: the step waits
+    d.record("r", 0.05, 1)
+    assert d.hold_after("r", 1) == pytest.approx(0.1)  # 2 x 50 ms, well before the 1 s deadline
+    d.record("r", 0.64, 64)  # prefills: 10 ms per token
+    assert d.hold_after("r", 100) == pytest.approx(2.0)  # a long prompt is not a straggler
+    fast = CallDeadlines(DeadlinePolicy(straggler_factor=2.0))
+    fast.record("r", 0.001, 1)
+    assert fast.hold_after("r", 1) == STRAGGLER_FLOOR_S  # never below a scheduler's time slice

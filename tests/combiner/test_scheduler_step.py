@@ -4,6 +4,7 @@ answers synchronously from real in-process engines (tiny random models) and can 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eftmesh.combiner.decoding import Generation, GenerationRequest
+from eftmesh.combiner.decoding import Generation, GenerationRequest, SpeculationConfig
+from eftmesh.combiner.scoring import Outcome
 from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.decoder import Decoder
 from fake_scorer import RecordingScorer
 from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.common.errors import Cancelled, EftMeshError, ResourceExhausted, Unavailable
-from eftmesh.core.mixing import Composition
+from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import ModelEngine
 
@@ -194,3 +196,40 @@ def test_a_cancelled_generation_leaves_at_its_next_step_and_its_caches_are_relea
         pytest.fail("no Cancelled error delivered")
     assert len(tokens) == 2 and d.scheduler.load == (0, 0)
     assert len(engines["base-large"].sessions) == 0
+
+
+def test_a_straggling_call_sets_its_generation_aside_and_the_others_step_on_with_nothing_changed(make):
+    """A replica that has not answered (Outcome.pending, as GrpcScorer gives a straggler) costs
+    its generation the step, undone, and nobody else anything; outputs are those of a run
+    without it, sampled speculation included (the block's random draws are taken back)."""
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    eft = Composition("base-large", (Delta("ft-small", "base-small", 1.5),))
+    sampled = SamplingConfig(temperature=0.9, top_p=0.95)
+    reqs = [GenerationRequest(SHORT, eft, sampled, seed=7, max_new_tokens=10, ignore_eos=True, seeded=True,
+                              speculation=spec),
+            req(LONG[1], 10)]
+    expected = [alone(make, r) for r in reqs]
+    d, scorer, _ = make()
+    slow, fine = (submit(d, r) for r in reqs)
+    for _ in range(3):  # both prefilled and a step in
+        d.scheduler.step()
+    call: Future[Any] = Future()
+    held_role = {"n": 0}
+    answer = scorer._batch
+
+    def straggle(kind, role, calls, inner):
+        out = answer(kind, role, calls, inner)
+        if role == "base-large" and kind == "score" and held_role["n"] < 2:
+            held_role["n"] += 1
+            return [Outcome(pending=call) if c.session_id == slow.sessions[role] else o for c, o in zip(calls, out)]
+        return out
+
+    scorer._batch = straggle
+    before = len(scorer.steps())
+    d.scheduler.step()
+    assert d.scheduler.load == (2, 0) and slow in d.scheduler._held and fine in d.scheduler._running
+    d.scheduler.step()  # the call still runs: the other generation steps on alone
+    assert [len(c) for c in scorer.steps()[before:]] == [2, 1]
+    call.set_result({})  # answered (or moved): it rejoins and redoes its step
+    run_out(d)
+    assert [outcome(slow), outcome(fine)] == expected

@@ -15,6 +15,13 @@ The deadline applies only while another live replica of the role can take the ca
 sessions over: with none, waiting is the only way to an answer, and the call keeps the full
 `cap` (then fails UNAVAILABLE, naming the role). Before a role's first answer it is `cap`.
 
+A step does not wait that long for a straggler either. Past `hold_after` (a smaller multiple
+of the same estimate, `--upstream-straggler-factor`) the step goes on without the replica's
+generations: they sit the step out, their call left running, and rejoin once it has answered
+or been given up on and moved. So a hung replica delays the other generations by about one
+call, not by the deadline (the tail-at-scale answer to a slow shard: do not make the whole
+batch wait for it).
+
 Pure: no grpc, no clock; upstream.py records and asks.
 """
 
@@ -26,6 +33,9 @@ from dataclasses import dataclass, field
 # Calls that send at least this many tokens teach the per-token rate (a decode step's cost is
 # the forward's fixed cost, not its one token).
 PREFILL_TOKENS = 32
+# The shortest straggler wait: below this a step's own jitter (a scheduler's time slice) would
+# set generations aside for nothing.
+STRAGGLER_FLOOR_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,18 @@ class DeadlinePolicy:
     floor_s: float = 1.0
     cap_s: float = 30.0
     smoothing: float = 0.2
+    # --upstream-straggler-factor: a step stops waiting for a replica's call after this many
+    # times the role's expected call (at least STRAGGLER_FLOOR_S)
+    straggler_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.margin >= 1.0:
             raise ValueError(f"--upstream-deadline-margin must be >= 1, got {self.margin}")
         if not 0 < self.floor_s <= self.cap_s:
             raise ValueError(f"--upstream-deadline-floor must be in (0, --call-timeout], got {self.floor_s}")
+        if not 1.0 <= self.straggler_factor <= self.margin:
+            raise ValueError(f"--upstream-straggler-factor must be in [1, --upstream-deadline-margin], "
+                             f"got {self.straggler_factor}")
 
 
 @dataclass
@@ -81,6 +97,17 @@ class CallDeadlines:
             return p.cap_s, False
         expected = max(call_s or 0.0, (token_s or 0.0) * tokens)
         return min(p.cap_s, max(p.floor_s, p.margin * expected)), True
+
+    def hold_after(self, role: str, tokens: int) -> float | None:
+        """Seconds a step waits for a call of `role` sending `tokens` tokens before it goes on
+        without that call's generations; None before the role's first answer (nothing known)."""
+        p = self.policy
+        with self._lock:
+            r = self._roles.get(role)
+            if r is None or (r.call_s is None and r.token_s is None):
+                return None
+            expected = max(r.call_s or 0.0, (r.token_s or 0.0) * tokens)
+        return max(STRAGGLER_FLOOR_S, p.straggler_factor * expected)
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:
         """role -> the estimates (for logs and tests)."""

@@ -321,10 +321,17 @@ class Generation:
         """Undo a step that did not complete and forget every cache (they were released): the
         next step re-sends the whole sequence and draws the same random numbers, so being
         preempted changes no output."""
+        self.undo_step()
+        self.cached = dict.fromkeys(self.cached, 0)
+
+    def undo_step(self) -> None:
+        """Take back a step that did not complete (a straggling replica's call: it sits the step
+        out): the random numbers its block drew are drawn again; the caches keep what the
+        generation knows them to hold (a cache ahead of that is rolled back by the next call)."""
         if self.k and self._gen_state is not None:
             self.gen.set_state(self._gen_state)
-        self.cached = dict.fromkeys(self.cached, 0)
         self.k = 0
+        self.drafts, self.draft_rows = [], None
 
 
 # A prompt longer than max_context * this many characters is refused before it is tokenised:

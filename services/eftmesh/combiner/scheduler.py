@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -117,6 +117,9 @@ class Scheduler:
         self._workspace = Workspace()  # the step's scores, reused (batchmix.Workspace)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[Generation] = []
+        # Generations sitting steps out while a straggling replica's call for them runs on
+        # (Outcome.pending): they rejoin the batch when it has ended (answered, or moved).
+        self._held: dict[Generation, Future[Any]] = {}
         self._cv = threading.Condition()
         self._stop = False
         self._last_prefill_only = False
@@ -149,14 +152,14 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) generations."""
-        return len(self._running), len(self._waiting)
+        """(running, waiting) generations; held ones count as running."""
+        return len(self._running) + len(self._held), len(self._waiting)
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._running and not self._waiting:
-                    self._cv.wait()
+                while not self._stop and not self._running and not self._waiting and not self._ready_held():
+                    self._cv.wait(timeout=0.05 if self._held else None)
                 if self._stop:
                     break
             if not self.step():  # everyone waiting is backing off after a full KV cache
@@ -165,13 +168,14 @@ class Scheduler:
         self._shut_down()
 
     def _shut_down(self) -> None:
-        for g in self._running + list(self._waiting):
+        for g in self._running + list(self._held) + list(self._waiting):
             self._fail(g, Cancelled("the combiner is shutting down"))
 
     def step(self) -> bool:
         """One scheduling step, synchronously: admit waiting generations, choose the batch,
         run its calls, mix, sample and deliver. False when there was nothing to step (nothing
         running, and whatever waits is backing off)."""
+        self._rejoin_held()
         with self._cv:
             joined = self._admit()
         # Prefill first (as vLLM's scheduler does): a step that admits generations runs
@@ -191,6 +195,31 @@ class Scheduler:
             for g in batch:
                 self._fail(g, e if isinstance(e, EftMeshError) else EftMeshError(f"combiner fault: {type(e).__name__}"))
         return True
+
+    def _ready_held(self) -> bool:
+        return any(f.done() for f in self._held.values())
+
+    def _hold(self, g: Generation, pending: Future[Any]) -> None:
+        """`g`'s call straggles: it sits the step out (undone: no output changes) until the
+        call has ended; the loop is woken then."""
+        if g not in self._running:
+            return
+        self._running.remove(g)
+        g.undo_step()
+        self._held[g] = pending
+
+        def wake(_: Future[Any]) -> None:
+            with self._cv:
+                self._cv.notify()
+
+        pending.add_done_callback(wake)
+
+    def _rejoin_held(self) -> None:
+        """Held generations whose straggling call has ended go back into the batch (and redo
+        their step: the caches roll back to what the generation holds)."""
+        for g in [g for g, f in self._held.items() if f.done()]:
+            del self._held[g]
+            self._running.append(g)
 
     def _admit(self) -> list[Generation]:
         """Move waiting generations into the batch: up to max_batch, within the prefill budget.
@@ -301,7 +330,9 @@ class Scheduler:
         results = self._fan_out([lambda r=r: self.scorer.draft_batch(r, calls[r]) for r in roles])
         for r, outcomes in zip(roles, results):
             for g, o in zip(by_role[r], outcomes):
-                if o.error is not None:
+                if o.pending is not None:
+                    self._hold(g, o.pending)
+                elif o.error is not None:
                     self._upstream_failed(g, o.error)
                 else:
                     g.drafted(o.drafts, o.rows)
@@ -320,7 +351,9 @@ class Scheduler:
         rows: dict[Generation, dict[str, torch.Tensor]] = {g: {} for g in live}
         for r, outcomes in zip(roles, results):
             for (g, _), o in zip(calls[r], outcomes):
-                if o.error is not None:
+                if o.pending is not None:
+                    self._hold(g, o.pending)
+                elif o.error is not None:
                     self._upstream_failed(g, o.error)
                 else:
                     rows[g][r] = o.rows
@@ -390,5 +423,6 @@ class Scheduler:
     def _leave(self, g: Generation) -> None:
         if g in self._running:
             self._running.remove(g)
+        self._held.pop(g, None)
         if g.touched:
             self.scorer.release(g.sessions)

@@ -9,6 +9,7 @@ combiner never imports the logit service: the in-process scorer lives outside bo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -57,6 +58,10 @@ class Outcome:
     rows: torch.Tensor | None = None
     drafts: list[int] = field(default_factory=list)  # DraftCall only: the k drafts
     error: EftMeshError | None = None
+    # A straggler: its replica has not answered yet and the step goes on without it. The call
+    # keeps running (and may be given up on and moved); `pending` is done when it has ended.
+    # The generation sits this step out and redoes it then. (GrpcScorer only.)
+    pending: Future[Any] | None = None
 
 
 @dataclass(frozen=True)

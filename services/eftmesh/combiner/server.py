@@ -153,6 +153,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "(re-prefilled there); only while such a replica exists (default: %(default)s)")
     p.add_argument("--upstream-deadline-floor", type=float, default=1.0,
                    help="the shortest such derived deadline, in seconds (default: %(default)s)")
+    p.add_argument("--upstream-straggler-factor", type=float, default=2.0,
+                   help="a step stops waiting for a replica's call after this many times what the role's calls take "
+                        "(at least 20 ms) and goes on without that call's generations, which sit the step out until "
+                        "the call answers or is given up on; only while another live replica of the role exists "
+                        "(default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
@@ -184,7 +189,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "vocabularies and batches on a dedicated node (default: %(default)s)"),
     a = p.parse_args(argv)
     try:
-        deadlines = DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout)
+        deadlines = DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout,
+                                   straggler_factor=a.upstream_straggler_factor)
     except ValueError as e:
         p.error(str(e))
     upstreams = dict(a.upstream)

@@ -16,7 +16,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 import grpc
@@ -107,7 +107,7 @@ class GrpcScorer(ReplicaMonitor):
             else:
                 gone.setdefault(r.address, (r, []))[1].append(i)
 
-        def move(replica: Replica, idx: list[int], why: str, rejoin: bool = False) -> None:
+        def move(replica: Replica, idx: list[int], why: str, rejoin: bool = False) -> dict[int, Outcome]:
             """Re-send `idx` on another live replica of the role (with `rejoin`, on this one if
             it comes back within `rejoin_wait_s`), or fail them UNAVAILABLE."""
             part = [calls[i] for i in idx]
@@ -122,10 +122,9 @@ class GrpcScorer(ReplicaMonitor):
             else:
                 err = self._no_replica_error(role, replica, why, attempt)
                 got = [Outcome(error=err) for _ in part]
-            for i, o in zip(idx, got):
-                out[i] = o
+            return dict(zip(idx, got))
 
-        def one(replica: Replica, idx: list[int]) -> None:
+        def one(replica: Replica, idx: list[int]) -> dict[int, Outcome]:
             part = [calls[i] for i in idx]
             started = time.perf_counter()
             attrs = {"eftmesh.role": role, "rpc.method": method}
@@ -146,16 +145,14 @@ class GrpcScorer(ReplicaMonitor):
                     self.metrics.upstream_failovers.add(len(part), {**_cause("error"), "eftmesh.role": role,
                                                                     "rpc.grpc.status_code": code.name})
                     self._lost(role, replica, brief(e))
-                    move(replica, idx, f"is unavailable ({e.details()})", rejoin=True)
-                    return
+                    return move(replica, idx, f"is unavailable ({e.details()})", rejoin=True)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and derived:
                     # Hung, not gone: give up on it for now and let the other replica serve.
                     self.metrics.upstream_failovers.add(len(part), {**_cause("timeout"), "eftmesh.role": role,
                                                                     "rpc.grpc.status_code": code.name})
                     why = f"did not answer within {timeout:.2f} s ({self.policy.deadlines.margin:g}x its role's calls)"
                     self._suspect(role, replica, why)
-                    move(replica, idx, why)
-                    return
+                    return move(replica, idx, why)
                 got = [Outcome(error=_call_error(role, replica, e, attempt, timeout)) for _ in part]
             else:
                 elapsed = time.perf_counter() - started
@@ -171,24 +168,52 @@ class GrpcScorer(ReplicaMonitor):
                         self._set_state(role, replica, DRAINING, "refuses new sessions")
                         if not self._live_replicas(role):
                             self._report(False)
-                    got = [o for i, o in zip(idx, got) if i not in refused]
-                    idx = [i for i in idx if i not in refused]
-                    move(replica, refused, "is draining")
-            for i, o in zip(idx, got):
-                out[i] = o
+                    kept = {i: o for i, o in zip(idx, got) if i not in refused}
+                    return {**kept, **move(replica, refused, "is draining")}
+            return dict(zip(idx, got))
 
         for replica, idx in gone.values():
             why = self._why.get((role, replica.address)) or self._state.get((role, replica.address), DOWN)
             if any(calls[i].start > 0 and not zero for i in idx):  # sessions it held move: a failover
                 self.metrics.upstream_failovers.add(len(idx), {**_cause("health"), "eftmesh.role": role})
-            move(replica, idx, f"is not live ({why})")
+            for i, o in move(replica, idx, f"is not live ({why})").items():
+                out[i] = o
         jobs = list(groups.values())
-        pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
-        if jobs:
-            one(*jobs[0])
-        for f in pending:
-            f.result()
+        hold = None
+        if attempt == 0 and jobs and (len(jobs) > 1 or self._live_replicas(role, exclude=jobs[0][0].address)):
+            # another replica could take a straggler's sessions: the step need not wait for it
+            hold = self.deadlines.hold_after(role, max(
+                sum(len(calls[i].tokens) - (0 if zero else calls[i].start) for i in idx) for _, idx in jobs))
+        if hold is None:  # the first call on this thread: no hand-off where nothing can be set aside
+            pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
+            results = [one(*jobs[0])] if jobs else []
+            results += [f.result() for f in pending]
+        else:
+            results = self._hold_stragglers(role, method, jobs, one, hold, out)
+        for got in results:
+            for i, o in got.items():
+                out[i] = o
         return out
+
+    def _hold_stragglers(self, role: str, method: str, jobs: list[tuple[Replica, list[int]]],
+                         one: Callable[[Replica, list[int]], dict[int, Outcome]], hold: float,
+                         out: list[Outcome]) -> list[dict[int, Outcome]]:
+        """Run every replica's call on the pool and wait `hold` s for them; a call still running
+        then, while another has answered, is a straggler: its items get `Outcome(pending=...)`
+        (the step goes on without them) and the call runs on, to its answer or its deadline and
+        a move. Returns the answered calls' outcomes."""
+        futures = {self._pool.submit(contextvars.copy_context().run, one, r, idx): (r, idx) for r, idx in jobs}
+        done, waiting = wait(futures, timeout=hold)
+        if waiting and not done:  # every replica slow alike: a slow step, not a straggler
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+        for f in waiting:
+            replica, idx = futures[f]
+            log.info("%s at %s has not answered %s within %.3f s: %d generations sit this step out",
+                     role, replica.address, method, hold, len(idx))
+            self.metrics.upstream_stragglers.add(len(idx), {"eftmesh.role": role})
+            for i in idx:
+                out[i] = Outcome(pending=f)
+        return [f.result() for f in done]
 
     def _no_replica_error(self, role: str, replica: Replica, why: str, attempt: int) -> Unavailable:
         missing = self.missing_roles()

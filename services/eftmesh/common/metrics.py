@@ -191,6 +191,10 @@ class CombinerMetrics:
         self.upstream_failovers = m.create_counter(
             "eftmesh.upstream.failovers", unit="{call}",
             description="Sessions moved to another replica of the role, by role, code and cause (error, timeout, health, drain)")
+        self.upstream_stragglers = m.create_counter(
+            "eftmesh.upstream.stragglers", unit="{generation}",
+            description="Generations that sat a step out because their replica of the role had not answered "
+                        "within --upstream-straggler-factor times the role's expected call, by role")
         self.upstream_bytes = m.create_counter(
             "eftmesh.upstream.received", unit="By", description="Row bytes received from logit services, by role")
         self.batch_size = m.create_histogram(
