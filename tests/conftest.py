@@ -43,6 +43,14 @@ def start_logit(path: Path, role: str, port: int = 0, **kwargs) -> LogitServer:
     return ls
 
 
+def mark_live(rs, address: str) -> None:
+    """What the replica monitor does once a replica's Info matched and its health answered, for
+    tests of a `ReplicaSet` alone (no monitor, no network)."""
+    from eftmesh.combiner.replicas import ReplicaState
+
+    next(r for r in rs.replicas() if r.address == address).state = ReplicaState.LIVE
+
+
 def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
     """Poll `cond` until it holds (True) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout

@@ -34,6 +34,7 @@ from eftmesh.combiner.discovery import (
     kube_api_client,
     parse_k8s_target,
 )
+from conftest import mark_live
 from eftmesh.combiner.replicas import ReplicaSet, parse_target
 from eftmesh.combiner.server import parse_args
 
@@ -358,9 +359,9 @@ def watch(api_client, **kwargs) -> tuple[EndpointSliceWatcher, Changes]:
 
 def replica_set(api_client, **kwargs) -> tuple[ReplicaSet, EndpointSliceWatcher, Changes]:
     w, changes = watch(api_client, **kwargs)
-    rs = ReplicaSet("base-large", f"k8s:///{SERVICE}.{NS}:{PORT}", fake_stub, watcher=w, cooldown_s=60.0)
+    rs = ReplicaSet("base-large", f"k8s:///{SERVICE}.{NS}:{PORT}", fake_stub, watcher=w)
     for r in rs.replicas():
-        rs.mark_verified(r.address)
+        mark_live(rs, r.address)
     return rs, w, changes
 
 
@@ -439,7 +440,7 @@ def test_a_terminating_pod_gets_no_new_sessions_and_keeps_its_pinned_ones(api):
                                              endpoint(*POD_B)])
         took = changes.wait(lambda: replica_a.draining, what="A draining")
         assert took < 1.0
-        assert replica_a.state == TERMINATING and not replica_a.channel.closed
+        assert replica_a.membership == TERMINATING and not replica_a.channel.closed
         assert rs.route(on_a) is replica_a  # its KV cache stays where it is
         assert {rs.route(f"new{i}").address for i in range(4)} == {B}  # no new session on A
         rs.unpin(on_a)
@@ -465,7 +466,7 @@ def test_a_deleted_endpoint_or_slice_is_removed(api):
         changes.wait(lambda: other not in rs.load(), what=f"{other} removed")
         assert rs.route("s1") is held
         fake.delete(f"{SERVICE}-7xk2p")
-        changes.wait(lambda: held.draining and held.state == "gone", what="slice deleted")
+        changes.wait(lambda: held.draining and held.membership == "gone", what="slice deleted")
         assert rs.route("s1") is held  # a session still pinned there keeps it until it ends
         rs.unpin("s1")
         rs.refresh()

@@ -175,7 +175,7 @@ def test_fake_api_server_terminating_pod_gets_no_new_sessions_and_its_pinned_one
         fake.apply(pod(ports[a], a, ready=False, serving=True, terminating=True))
         took = wait_for(lambda: replica_a.draining, 3.0, "the combiner to see A terminating")
         assert took < 1.0, f"the MODIFIED event took {took:.2f} s to reach the combiner"
-        assert replica_a.state == TERMINATING and rs.load()[addresses[a]] == 1  # its session stays
+        assert replica_a.membership == TERMINATING and rs.load()[addresses[a]] == 1  # its session stays
         gate.release.set()
 
         got = dict(zip(PROMPTS, pool.map(lambda p: complete(stub, p), PROMPTS)))

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import start_combiner, start_logit
+from conftest import mark_live, start_combiner, start_logit
 from eftmesh.combiner.replicas import ReplicaSet, parse_target, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.server import parse_args
@@ -36,9 +36,9 @@ def fake_stub(address: str) -> tuple[FakeChannel, str]:
 
 
 def verified_set(target: str, resolver=resolve_dns) -> ReplicaSet:
-    rs = ReplicaSet("base-large", target, fake_stub, resolver=resolver, cooldown_s=60.0)
+    rs = ReplicaSet("base-large", target, fake_stub, resolver=resolver)
     for r in rs.replicas():
-        rs.mark_verified(r.address)
+        mark_live(rs, r.address)
     return rs
 
 
@@ -75,18 +75,28 @@ def test_sessions_stick_and_spread_to_the_least_loaded_replica():
 
 def test_unverified_replicas_get_no_sessions():
     rs = ReplicaSet("base-large", "a:1,b:2", fake_stub)
-    rs.mark_verified("b:2")
+    mark_live(rs, "b:2")
     assert {rs.route(f"s{i}").address for i in range(4)} == {"b:2"}
 
 
 def test_a_failed_replica_loses_the_session_and_new_ones_for_the_cooldown():
-    rs = verified_set("a:1,b:2")
-    a = next(r for r in rs.replicas() if r.address == "a:1")
-    assert rs.route("s1") is a or rs.route("s2") is a
-    sid = "s1" if rs.route("s1") is a else "s2"
-    moved = rs.repin(sid, a)
-    assert moved.address == "b:2" and rs.route(sid) is moved
-    assert {rs.route(f"new{i}").address for i in range(3)} == {"b:2"}  # a is cooling down
+    """The call path reports the failure to the monitor (the one writer of replica state),
+    which marks it down for the cooldown; the replica set moves the session."""
+    scorer = GrpcScorer({"base-large": "a:1,b:2"})
+    try:
+        rs = scorer.replicas["base-large"]
+        for r in rs.replicas():
+            scorer._set_state("base-large", r, LIVE)
+        a = next(r for r in rs.replicas() if r.address == "a:1")
+        assert rs.route("s1") is a or rs.route("s2") is a
+        sid = "s1" if rs.route("s1") is a else "s2"
+        scorer._lost("base-large", a, "connection refused")
+        moved = rs.repin(sid, a)
+        assert moved.address == "b:2" and rs.route(sid) is moved
+        assert a.state is DOWN and a.why == "connection refused" and a.down_until > time.monotonic()
+        assert {rs.route(f"new{i}").address for i in range(3)} == {"b:2"}  # a is cooling down
+    finally:
+        scorer.close()
 
 
 def test_with_one_replica_a_failure_keeps_the_session_there():
@@ -104,7 +114,7 @@ def test_dns_targets_follow_the_resolution():
     added, closed = rs.refresh()
     assert [r.address for r in added] == ["10.0.0.3:50051"] and closed == []
     assert held.draining and rs.route("s1") is held  # the session keeps its cache's replica
-    rs.mark_verified("10.0.0.3:50051")
+    mark_live(rs, "10.0.0.3:50051")
     assert held.address not in {rs.route(f"n{i}").address for i in range(4)}  # none new on a gone replica
     rs.unpin("s1")
     _, closed = rs.refresh()
@@ -150,9 +160,9 @@ def test_a_probe_sent_before_a_replica_came_back_does_not_take_it_out_again() ->
         sent = time.monotonic()  # the probe goes out while the replica is down
         scorer._set_state("ft-small", r, LIVE)  # the rejoin found it back
         scorer._set_state("ft-small", r, DOWN, "connection refused", observed_at=sent)  # the stale answer
-        assert scorer._state[("ft-small", "a:1")] == LIVE
+        assert r.state is LIVE
         scorer._set_state("ft-small", r, DOWN, "connection refused", observed_at=time.monotonic())
-        assert scorer._state[("ft-small", "a:1")] == DOWN
+        assert r.state is DOWN
     finally:
         scorer.close()
 

@@ -1,10 +1,11 @@
 """The logit services' replicas, watched: connection, verification, health and replica state.
 
-`ReplicaMonitor` owns what the combiner knows of every replica of every role: whether it is
-verified (its Info matches the role's tokenizer, vocabulary, chat template and --max-k), live,
-draining or down, why, and since when; which sessions moved off it and must still be released
-there. The call path (upstream.py, `GrpcScorer`) reads that state and reports what its calls
-found (`_lost`, `_suspect`, `_orphan`).
+`ReplicaMonitor` is the one writer of what the combiner concludes about every replica of every
+role: its `ReplicaState` (replicas.py: unverified until its Info matches the role's tokenizer,
+vocabulary, chat template and --max-k; then live, draining or down), why, since when, and
+until when it gets no new session. The call path (upstream.py, `GrpcScorer`) reads that state
+and reports what its calls found (`_lost`, `_suspect`); the target's resolution (ReplicaSet)
+says only which replicas exist and which are ready.
 
 Lifecycle. `start()` tries every upstream once and returns; a monitor thread then keeps at it,
 with no deadline unless `connect_timeout_s` is set, logging which roles it still waits for.
@@ -28,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.deadlines import DeadlinePolicy
-from eftmesh.combiner.replicas import Replica, ReplicaSet, Resolver, resolve_dns
+from eftmesh.combiner.replicas import Replica, ReplicaSet, ReplicaState, Resolver, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec, replica_mismatch
 from eftmesh.common import tracing
 from eftmesh.common.errors import EftMeshError, Unavailable
@@ -47,10 +48,8 @@ _UPSTREAM_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
-# Replica states, from the health probe and from the calls.
-LIVE = "live"  # answers and takes new sessions
-DRAINING = "draining"  # answers, serves the sessions it holds, takes no new ones
-DOWN = "down"  # does not answer (or not verified yet)
+LIVE, DRAINING, DOWN, UNVERIFIED = (ReplicaState.LIVE, ReplicaState.DRAINING, ReplicaState.DOWN,
+                                    ReplicaState.UNVERIFIED)
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,9 @@ class _Models(dict):
 
 
 class ReplicaMonitor:
-    """Every role's `ReplicaSet` and the one record of each replica's state (`_state`, `_why`,
-    `_live_at`, `_misses`, `_suspect_until`, `_orphans`, all keyed by (role, address)), kept by
-    the health rounds and by what calls report."""
+    """Every role's `ReplicaSet`, and the one writer of each replica's state (`Replica.state`,
+    `why`, `live_at`, `misses`, `suspect_until`, `down_until`), kept by the health rounds and
+    by what calls report."""
 
     def __init__(
         self,
@@ -130,19 +129,12 @@ class ReplicaMonitor:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a membership change: check at once, not at the next tick
         self.replicas = {
-            role: ReplicaSet(role, target, lambda a, name=target_host(target): make_stub(a, name), resolver=resolver, cooldown_s=policy.replica_cooldown_s,
+            role: ReplicaSet(role, target, lambda a, name=target_host(target): make_stub(a, name), resolver=resolver,
                              on_change=lambda rs: self._wake.set())
             for role, target in self.addresses.items()
         }
         self.models: dict[str, ModelSpec] = _Models(self.addresses)
-        self._lock = threading.Lock()
-        # (role, address) -> until when a replica that missed a deadline gets no new session,
-        # whatever its health says (a hung model can leave the health service answering)
-        self._suspect_until: dict[tuple[str, str], float] = {}
-        self._state: dict[tuple[str, str], str] = {}  # (role, address) -> LIVE / DRAINING / DOWN
-        self._why: dict[tuple[str, str], str] = {}  # (role, address) -> why it is not live
-        self._live_at: dict[tuple[str, str], float] = {}  # (role, address) -> when last seen live (monotonic)
-        self._misses: dict[tuple[str, str], int] = {}  # consecutive health checks that timed out
+        self._lock = threading.Lock()  # held while a replica's state is written
         self._monitor: threading.Thread | None = None
         self._check: Callable[[Mapping[str, ModelSpec]], None] = lambda models: None
         self._checked: set[str] = set()
@@ -208,33 +200,33 @@ class ReplicaMonitor:
 
     def _live_replicas(self, role: str, exclude: str | None = None) -> list[Replica]:
         return [r for r in self.replicas[role].replicas()
-                if r.verified and not r.draining and r.address != exclude
-                and self._state.get((role, r.address)) == LIVE]
+                if r.state is LIVE and not r.draining and r.address != exclude]
 
-    def _set_state(self, role: str, replica: Replica, state: str, why: str = "",
+    def _set_state(self, role: str, replica: Replica, state: ReplicaState, why: str = "",
                    observed_at: float | None = None) -> None:
         """Record a replica's state; keep new sessions off it while it is not live.
 
         `observed_at` is when the probe that saw `state` was sent: a probe sent before the
         replica was last seen live (a call's rejoin found it back meanwhile) is stale, and a
         stale "down" must not take a replica that came back out again."""
-        key = (role, replica.address)
+        now = time.monotonic()
         with self._lock:
-            if state != LIVE and observed_at is not None and observed_at < self._live_at.get(key, float("-inf")):
+            if state is not LIVE and observed_at is not None and observed_at < replica.live_at:
                 return
-            before = self._state.get(key)
-            if state == LIVE:
-                self._live_at[key] = time.monotonic()
-            self._state[key] = state
-            self._why[key] = why
-        if state == LIVE:
-            replica.down_until = self._suspect_until.get(key, 0.0)
-        else:
-            replica.down_until = max(replica.down_until, time.monotonic() + max(self.policy.replica_cooldown_s,
-                                                                              3 * self.policy.health_interval_s))
-        if before is not None and before != state:
-            log.log(logging.INFO if state == LIVE else logging.WARNING, "%s replica %s is %s%s",
-                    role, replica.address, state, f" ({why})" if why else "")
+            if replica.state is UNVERIFIED and state is DOWN:
+                state = UNVERIFIED  # never verified: not answering keeps it so (the reason is kept)
+            before, replica.state, replica.why = replica.state, state, why
+            if state in (LIVE, DRAINING):  # it answered
+                replica.misses = 0
+            if state is LIVE:
+                replica.live_at = now
+                replica.down_until = replica.suspect_until
+            else:
+                replica.down_until = max(replica.down_until, now + max(self.policy.replica_cooldown_s,
+                                                                       3 * self.policy.health_interval_s))
+        if before is not state and before is not UNVERIFIED:
+            log.log(logging.INFO if state is LIVE else logging.WARNING, "%s replica %s is %s%s",
+                    role, replica.address, state.value, f" ({why})" if why else "")
 
     def _monitor_loop(self, started: float) -> None:
         last_wait_log = time.monotonic()
@@ -263,7 +255,7 @@ class ReplicaMonitor:
     def _waiting_for(self, roles: Sequence[str]) -> str:
         parts = []
         for role in roles:
-            whys = sorted({self._why.get((role, r.address), "") for r in self.replicas[role].replicas()} - {""})
+            whys = sorted({r.why for r in self.replicas[role].replicas()} - {""})
             parts.append(f"{role} at {self.addresses[role]}" + (f" ({'; '.join(whys)})" if whys else ""))
         return ", ".join(parts)
 
@@ -291,13 +283,12 @@ class ReplicaMonitor:
                 if r.draining:
                     continue
                 stub = self._health_stubs.get(r.address)
-                state = self._state.get((role, r.address))
                 if not r.verified or stub is None:
                     info.append((role, r, self._info_future(r, 2.0 if first else self.policy.health_timeout_s)))
                 else:
                     checks.append((role, r, stub.Check.future(health_pb2.HealthCheckRequest(service=""),
                                                                timeout=self.policy.health_timeout_s)))
-                    if state == DOWN:  # coming back: may be a new process, so verify it again
+                    if r.state is DOWN:  # coming back: may be a new process, so verify it again
                         info.append((role, r, self._info_future(r, self.policy.health_timeout_s)))
         fresh: dict[str, ModelSpec] = {}
         verified: dict[tuple[str, str], bool] = {}
@@ -315,10 +306,9 @@ class ReplicaMonitor:
             ok = self._matches(role, spec, r.address)
             verified[(role, r.address)] = ok
             if ok and not r.verified:
-                self.replicas[role].mark_verified(r.address)
                 self._set_state(role, r, LIVE)
             elif not ok:
-                self._set_state(role, r, DOWN, "serves another model or a smaller --max-k")
+                self._set_state(role, r, UNVERIFIED, "serves another model or a smaller --max-k")
         for role, r, fut in checks:
             if verified.get((role, r.address)) is False:
                 fut.cancel()
@@ -328,7 +318,6 @@ class ReplicaMonitor:
             except grpc.RpcError as e:
                 self._on_probe_error(role, r, e, sent)
                 continue
-            self._misses.pop((role, r.address), None)
             if status == health_pb2.HealthCheckResponse.SERVING:
                 self._set_state(role, r, LIVE)
             else:
@@ -354,15 +343,15 @@ class ReplicaMonitor:
         code = e.code()
         if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             # It answered: health is served elsewhere (another port), or it is saturated.
-            self._misses.pop((role, r.address), None)
             self._set_state(role, r, LIVE)
             return
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             # Slow is not gone (a saturated server queues the check): down after three timeouts
             # in a row. A dead process or a closed port is UNAVAILABLE at once.
-            misses = self._misses[(role, r.address)] = self._misses.get((role, r.address), 0) + 1
-            if misses < 3:
-                return
+            with self._lock:
+                r.misses += 1
+                if r.misses < 3:
+                    return
         self._set_state(role, r, DOWN, brief(e), observed_at=sent)
 
     def _report(self, serving: bool) -> None:
@@ -388,10 +377,9 @@ class ReplicaMonitor:
         """A call to `replica` missed its derived deadline: no new session there for the
         cooldown, even if its health answers (a hung model can leave that running), and down
         until its health says otherwise."""
-        key = (role, replica.address)
         with self._lock:
-            self._suspect_until[key] = time.monotonic() + max(self.policy.replica_cooldown_s,
-                                                               3 * self.policy.health_interval_s)
+            replica.suspect_until = time.monotonic() + max(self.policy.replica_cooldown_s,
+                                                           3 * self.policy.health_interval_s)
         self._lost(role, replica, why)
 
     def _lost(self, role: str, replica: Replica, why: str) -> None:

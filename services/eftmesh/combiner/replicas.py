@@ -29,6 +29,7 @@ No gRPC here beyond holding channels and stubs: the calls and their retries are 
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import socket
@@ -93,21 +94,48 @@ def resolve_dns(name: str, port: int) -> list[str]:
     return sorted(out)
 
 
+class ReplicaState(enum.Enum):
+    """What the combiner has concluded about a replica. `ReplicaMonitor` (monitor.py) alone
+    writes it, from its Info, its health probes and what calls report."""
+
+    UNVERIFIED = "unverified"  # found; its Info has not (yet) matched the role's model
+    LIVE = "live"  # answers, and takes new sessions
+    DRAINING = "draining"  # answers and serves the sessions it holds; takes no new ones
+    DOWN = "down"  # does not answer (a failed call, a missed deadline, timed-out probes)
+
+
 @dataclass
 class Replica:
-    """One logit-service replica of a role."""
+    """One logit-service replica of a role.
+
+    Two facts, two writers: `membership` is what the target's resolution says (ReplicaSet
+    writes it); `state` and the fields after it are what the combiner concluded (the monitor
+    writes them, under its lock). Routing reads both."""
 
     address: str
     channel: Any
     stub: Any
-    verified: bool = False  # answered Info and matches the role's model
+    membership: str = READY  # ready | terminating | not_ready | gone (k8s:///; else ready or gone)
+    state: ReplicaState = ReplicaState.UNVERIFIED
+    why: str = ""  # why it is not live, in a few words (logs, errors)
+    live_at: float = float("-inf")  # monotonic time it was last seen live
+    misses: int = 0  # health probes in a row that timed out
+    suspect_until: float = 0.0  # missed a call's deadline: no new session before this, whatever its health says
     down_until: float = 0.0  # monotonic time before which no new session is sent here
-    draining: bool = False  # not ready in the target's resolution (gone, terminating): no new sessions
-    state: str = READY  # ready | terminating | not_ready | gone (k8s:///; else ready or gone)
     sessions: set[str] = field(default_factory=set)
 
+    @property
+    def draining(self) -> bool:
+        """Not ready in the target's resolution (gone, terminating): no new sessions."""
+        return self.membership != READY
+
+    @property
+    def verified(self) -> bool:
+        """Its Info matched the role's model (it may be down since)."""
+        return self.state is not ReplicaState.UNVERIFIED
+
     def available(self, now: float) -> bool:
-        return self.verified and not self.draining and now >= self.down_until
+        return self.state is ReplicaState.LIVE and not self.draining and now >= self.down_until
 
 
 class ReplicaSet:
@@ -123,7 +151,6 @@ class ReplicaSet:
         target: str,
         make_stub: Callable[[str], tuple[Any, Any]],
         resolver: Resolver = resolve_dns,
-        cooldown_s: float = 5.0,
         watcher: EndpointSliceWatcher | None = None,
         on_change: Callable[[ReplicaSet], None] | None = None,
         sync_timeout_s: float = 2.0,
@@ -132,7 +159,6 @@ class ReplicaSet:
         self.kind, self._entries = parse_target(target)
         self._make_stub = make_stub
         self._resolver = resolver
-        self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()  # one refresh at a time: a stale one never wins
         self._replicas: dict[str, Replica] = {}
@@ -191,12 +217,12 @@ class ReplicaSet:
                         if r is not None:
                             if state != READY and not r.draining:
                                 drained.append((r, state, len(r.sessions)))
-                            r.state, r.draining = state, state != READY
+                            r.membership = state
                     for a, r in self._replicas.items():
                         if a not in states:
                             if not r.draining:
                                 drained.append((r, "gone", len(r.sessions)))
-                            r.state, r.draining = "gone", True
+                            r.membership = "gone"
                 for a, r in list(self._replicas.items()):
                     if r.draining and not r.sessions:
                         closed.append(a)
@@ -219,15 +245,6 @@ class ReplicaSet:
     def replicas(self) -> list[Replica]:
         with self._lock:
             return list(self._replicas.values())
-
-    def unverified(self) -> list[Replica]:
-        with self._lock:
-            return [r for r in self._replicas.values() if not r.verified and not r.draining]
-
-    def mark_verified(self, address: str) -> None:
-        with self._lock:
-            if address in self._replicas:
-                self._replicas[address].verified = True
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -256,10 +273,9 @@ class ReplicaSet:
             return r
 
     def repin(self, session_id: str, failed: Replica) -> Replica:
-        """`failed` did not answer: keep new sessions off it for the cooldown and move this
-        session to another replica (the same one if it is the only one)."""
+        """`failed` did not answer (the monitor has marked it): move this session to another
+        replica (the same one if it is the only one)."""
         with self._lock:
-            failed.down_until = time.monotonic() + self.cooldown_s
             failed.sessions.discard(session_id)
             r = self._pick(exclude=[failed.address]) if len(self._replicas) > 1 else failed
             r.sessions.add(session_id)

@@ -23,7 +23,7 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.deadlines import CallDeadlines
-from eftmesh.combiner.monitor import DOWN, DRAINING, LIVE, ReplicaMonitor, UpstreamPolicy, brief
+from eftmesh.combiner.monitor import DRAINING, LIVE, ReplicaMonitor, UpstreamPolicy, brief
 from eftmesh.combiner.replicas import Replica, Resolver, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors
@@ -101,8 +101,7 @@ class GrpcScorer(ReplicaMonitor):
         gone: dict[str, tuple[Replica, list[int]]] = {}
         for i, c in enumerate(calls):
             r = rs.route(c.session_id)
-            state = self._state.get((role, r.address), DOWN)
-            if state == LIVE or (state == DRAINING and c.start > 0 and not zero):
+            if r.state is LIVE or (r.state is DRAINING and c.start > 0 and not zero):
                 groups.setdefault(r.address, (r, []))[1].append(i)
             else:
                 gone.setdefault(r.address, (r, []))[1].append(i)
@@ -164,7 +163,7 @@ class GrpcScorer(ReplicaMonitor):
                 if refused:
                     self.metrics.upstream_failovers.add(len(refused), {**_cause("drain"), "eftmesh.role": role,
                                                                        "rpc.grpc.status_code": "UNAVAILABLE"})
-                    if self._state.get((role, replica.address)) == LIVE:
+                    if replica.state is LIVE:
                         self._set_state(role, replica, DRAINING, "refuses new sessions")
                         if not self._live_replicas(role):
                             self._report(False)
@@ -173,7 +172,7 @@ class GrpcScorer(ReplicaMonitor):
             return dict(zip(idx, got))
 
         for replica, idx in gone.values():
-            why = self._why.get((role, replica.address)) or self._state.get((role, replica.address), DOWN)
+            why = replica.why or replica.state.value
             if any(calls[i].start > 0 and not zero for i in idx):  # sessions it held move: a failover
                 self.metrics.upstream_failovers.add(len(idx), {**_cause("health"), "eftmesh.role": role})
             for i, o in move(replica, idx, f"is not live ({why})").items():
@@ -232,12 +231,12 @@ class GrpcScorer(ReplicaMonitor):
         with self._lock:
             snapshot = {key: list(sids) for key, sids in self._orphans.items()}
         for (role, address), sids in snapshot.items():
-            if self._state.get((role, address)) not in (LIVE, DRAINING):
-                continue
             replica = next((r for r in self.replicas[role].replicas() if r.address == address), None)
             if replica is None:  # it left the role: nothing to release
                 with self._lock:
                     self._orphans.pop((role, address), None)
+                continue
+            if replica.state not in (LIVE, DRAINING):
                 continue
             for sid in sids:
                 if self.replicas[role].pinned(sid) is replica:  # it moved back there: in use
