@@ -13,9 +13,11 @@ The load runner for the ghz scenarios in load_tests/ is the lab's `eftmesh-load`
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
@@ -170,6 +172,7 @@ def chat(a: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO 
         req = generator_pb2.GenerateRequest(**build_request(a, messages=history))
         call = stub.Generate(req, timeout=a.timeout, metadata=getattr(a, "metadata", None))
         answer: list[str] = []
+        stopped = _cancel_on_sigint(call)
         try:
             for chunk in call:
                 out.write(chunk.text)
@@ -182,12 +185,45 @@ def chat(a: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO 
             call.cancel()
             out.write(" [stopped]")
         except grpc.RpcError as e:
+            if stopped.is_set():  # Ctrl-C cancelled it: keep what arrived
+                out.write(" [stopped]\n")
+                history.append({"role": "assistant", "content": "".join(answer)})
+                continue
             history.pop()
             out.write("\n")
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             continue
+        finally:
+            stopped.restore()
         out.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+class _Stopped(threading.Event):
+    def __init__(self, previous: Any = None) -> None:
+        super().__init__()
+        self.previous = previous
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _cancel_on_sigint(call: Any) -> _Stopped:
+    """While an answer streams, Ctrl-C cancels the call (the stream then ends CANCELLED) instead
+    of raising KeyboardInterrupt inside gRPC's wait for the next message, which can abort the
+    process in gRPC's core. Only on the main thread (where signal handlers live)."""
+    stopped = _Stopped()
+
+    def handler(signum: int, frame: Any) -> None:
+        stopped.set()
+        call.cancel()
+
+    try:
+        stopped.previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C raises KeyboardInterrupt as usual
+        pass
+    return stopped
 
 
 def info(a: argparse.Namespace) -> int:

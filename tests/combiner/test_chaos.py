@@ -151,11 +151,17 @@ def chaos(tiny_family) -> ChaosMesh:
     finally:
         if cs is not None:
             cs.stop(0)
-        for rs in replicas.values():
+        for rs in replicas.values():  # never leave a replica behind, frozen or not
             for r in rs:
                 if r.proc.poll() is None:
                     os.kill(r.proc.pid, signal.SIGCONT)
                     r.proc.terminate()
+        for rs in replicas.values():
+            for r in rs:
+                try:
+                    r.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
                     r.proc.wait(10)
 
 

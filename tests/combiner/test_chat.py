@@ -204,19 +204,26 @@ def test_eftmesh_chat_ctrl_c_stops_the_answer_not_the_program(demo_mesh) -> None
 def test_eftmesh_chat_survives_a_real_sigint(demo_mesh) -> None:
     """A real process and a real SIGINT while an answer streams: the answer stops, the program
     reads the next line and exits 0 on /exit."""
-    exe = Path(sys.executable).with_name("eftmesh")
-    proc = subprocess.Popen([str(exe), "chat", "--address", demo_mesh.address, "--temperature", "0", "--ignore-eos",
-                             "--max-new-tokens", "230", "--base", "base-large", "--delta", "ft-small,base-small,1.0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
-                            # As at a terminal: a test run started in the background (`nohup ... &`)
-                            # has SIGINT ignored, which its children would inherit.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # `eftmesh chat` with SIGINT handled as at a terminal: a test run started in the background
+    # (`nohup ... &`) has SIGINT ignored, which its children inherit. Not with preexec_fn: Python
+    # code between fork and exec in this multi-threaded (gRPC) process can abort the child.
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from eftmesh.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", entry, "chat", "--address", demo_mesh.address, "--temperature", "0",
+                             "--ignore-eos", "--max-new-tokens", "230", "--base", "base-large",
+                             "--delta", "ft-small,base-small,1.0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
     try:
         proc.stdin.write(QUESTION + "\n")
         proc.stdin.flush()
         seen = ""
         while len(seen) < len("you> ") + 8:  # the prompt, then the answer streaming
-            seen += proc.stdout.read(1)
+            c = proc.stdout.read(1)
+            if not c:  # it closed its output: it exited (or crashed) before answering
+                proc.wait(10)
+                pytest.fail(f"eftmesh chat exited with {proc.returncode} before answering; saw {seen!r}, "
+                            f"stderr: {proc.stderr.read()[-2000:]}")
+            seen += c
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         proc.stdin.write("/exit\n")

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import mark_live, start_combiner, start_logit
-from eftmesh.combiner.replicas import ReplicaSet, parse_target, resolve_dns
+from eftmesh.combiner.replicas import ReplicaSet, parse_target, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import ModelSpec
 from eftmesh.combiner.server import parse_args
-from eftmesh.combiner.monitor import DOWN, LIVE
+from eftmesh.combiner.monitor import DOWN, LIVE, UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
@@ -71,6 +71,40 @@ def test_sessions_stick_and_spread_to_the_least_loaded_replica():
     rs.unpin("s1"), rs.unpin("s3")
     light = min(rs.load(), key=rs.load().get)
     assert rs.route("s5").address == light
+
+
+def test_sessions_sharing_a_prefix_go_to_one_replica_within_the_slack_and_the_rest_spread():
+    rs = verified_set("a:1,b:2,c:3")
+    shared = list(range(100, 180))  # a system prompt longer than ROUTE_PREFIX_TOKENS
+    homes = {rs.route(f"chat{i}", prefix_key(shared + [i, i + 1])).address for i in range(9)}
+    assert len(homes) == 1  # the same first 64 tokens: the same replica, 9 sessions within the slack of 8 + 0
+    home = homes.pop()
+    spilled = rs.route("chat9", prefix_key(shared + [9]))
+    assert spilled.address != home  # 9 sessions there, 0 elsewhere: beyond the slack, the least loaded
+    others = {rs.route(f"user{i}", prefix_key([i] * 70)).address for i in range(40)}
+    assert others == {"a:1", "b:2", "c:3"}  # unrelated prompts spread over every replica
+
+
+def test_a_prefix_finds_the_same_replica_on_every_combiner_and_moves_only_when_it_goes():
+    one, two = verified_set("a:1,b:2,c:3"), verified_set("c:3,a:1,b:2")  # two combiner pods
+    keys = [prefix_key([i] * 64) for i in range(30)]
+    first = [one.route(f"s{i}", k).address for i, k in enumerate(keys)]
+    assert first == [two.route(f"s{i}", k).address for i, k in enumerate(keys)]  # stateless: they agree
+    for i in range(30):
+        one.unpin(f"s{i}")
+    gone = next(r for r in one.replicas() if r.address == first[0])
+    gone.down_until = time.monotonic() + 60  # the monitor cooled it down: no new sessions
+    again = [one.route(f"t{i}", k).address for i, k in enumerate(keys)]
+    assert first[0] not in again
+    assert all(a == b for a, b in zip(first, again) if a != first[0])  # only its own prefixes moved
+
+
+def test_prefix_routing_off_is_least_loaded():
+    rs = ReplicaSet("base-large", "a:1,b:2", fake_stub, prefix_slack=None)
+    for r in rs.replicas():
+        mark_live(rs, r.address)
+    key = prefix_key(list(range(64)))
+    assert {rs.route(f"s{i}", key).address for i in range(4)} == {"a:1", "b:2"}
 
 
 def test_unverified_replicas_get_no_sessions():
@@ -257,8 +291,9 @@ def test_a_replica_down_costs_a_re_prefill_on_the_other_not_the_request(mesh, ti
     survivor = start_logit(tiny_family["base-large"], "base-large")
     seen = count_sessions(survivor)
     target = f"127.0.0.1:{doomed.server.port},127.0.0.1:{survivor.server.port}"
+    # least loaded, not prefix-aware routing: the first session goes to the first replica listed
     cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **ports},
-                        upstream_targets={"base-large": target})
+                        upstream_targets={"base-large": target}, policy=UpstreamPolicy(prefix_slack=None))
     try:
         doomed.server.stop(0).wait()  # verified at start, gone now: the first session is sent there
         started = time.monotonic()

@@ -77,6 +77,8 @@ class UpstreamPolicy:
     rejoin_wait_s: float = 1.5
     # How often start-up logs the upstreams it still waits for.
     wait_log_interval_s: float = 5.0
+    # Prefix-aware routing's bound (--prefix-routing-slack; replicas.py); None: least loaded only.
+    prefix_slack: int | None = 8
     # TLS to the logit services (a CA bundle, and a client certificate for mTLS); None: plaintext.
     # Unless it names one, a replica's certificate must carry its role's target host name.
     tls: ClientTLS | None = None
@@ -130,7 +132,7 @@ class ReplicaMonitor:
         self._wake = threading.Event()  # a membership change: check at once, not at the next tick
         self.replicas = {
             role: ReplicaSet(role, target, lambda a, name=target_host(target): make_stub(a, name), resolver=resolver,
-                             on_change=lambda rs: self._wake.set())
+                             on_change=lambda rs: self._wake.set(), prefix_slack=policy.prefix_slack)
             for role, target in self.addresses.items()
         }
         self.models: dict[str, ModelSpec] = _Models(self.addresses)

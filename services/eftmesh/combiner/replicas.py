@@ -24,17 +24,30 @@ Upstream targets (`--upstream ROLE=TARGET`):
                                 server reports them. The combiner needs get/list/watch on
                                 discovery.k8s.io endpointslices.
 
+Prefix-aware routing. A logit service caches full KV blocks by their tokens (prefix caching),
+so a new generation is best sent where an earlier one with the same beginning went: its system
+prompt, or its conversation's history, is prefilled there already. As SGLang's cache-aware
+router does, a new session goes to the replica its prompt's first `ROUTE_PREFIX_TOKENS` tokens
+hash to, unless that replica holds more than `slack` sessions beyond the least loaded one (then
+to the least loaded). The hash is rendezvous (highest random weight) hashing over the available
+replicas: stateless, so every combiner pod agrees without sharing anything, and when a replica
+goes away only the prefixes that preferred it move. Prompts shorter than ROUTE_PREFIX_TOKENS are
+keyed by all their tokens (a chat whose first turn is that short may find its second turn on
+another replica: a one-time miss). Failover moves sessions to the least loaded replica.
+
 No gRPC here beyond holding channels and stubs: the calls and their retries are upstream.py's.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import logging
 import socket
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,6 +60,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DNS_PREFIX = "dns:///"
+
+# How many of a prompt's first tokens choose its replica (prefix-aware routing): a few KV blocks,
+# as long as a typical shared system prompt's start, short enough that a chat's later turns
+# (which re-send the history) hash alike once the first turn is this long.
+ROUTE_PREFIX_TOKENS = 64
+
+
+def prefix_key(tokens: Sequence[int]) -> bytes:
+    """The routing key of a prompt: a hash of its first ROUTE_PREFIX_TOKENS tokens."""
+    return hashlib.blake2b(array("q", tokens[:ROUTE_PREFIX_TOKENS]).tobytes(), digest_size=16).digest()
+
+
+def rendezvous(key: bytes, replicas: Sequence[Replica]) -> Replica:
+    """The replica with the highest hash of (key, address): every caller agrees, and removing a
+    replica moves only the keys it won."""
+    return max(replicas, key=lambda r: hashlib.blake2b(key + r.address.encode(), digest_size=8).digest())
 
 Resolver = Callable[[str, int], list[str]]
 
@@ -154,11 +183,16 @@ class ReplicaSet:
         watcher: EndpointSliceWatcher | None = None,
         on_change: Callable[[ReplicaSet], None] | None = None,
         sync_timeout_s: float = 2.0,
+        prefix_slack: int | None = 8,
     ) -> None:
+        """`prefix_slack`: prefix-aware routing's bound (a new session goes to its prefix's
+        replica unless that holds more than this many sessions beyond the least loaded one);
+        None routes every new session to the least loaded replica."""
         self.role, self.target = role, target
         self.kind, self._entries = parse_target(target)
         self._make_stub = make_stub
         self._resolver = resolver
+        self.prefix_slack = prefix_slack
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()  # one refresh at a time: a stale one never wins
         self._replicas: dict[str, Replica] = {}
@@ -248,7 +282,7 @@ class ReplicaSet:
 
     # --- routing ----------------------------------------------------------------------------
 
-    def _pick(self, exclude: Sequence[str] = ()) -> Replica:
+    def _pick(self, exclude: Sequence[str] = (), prefix: bytes | None = None) -> Replica:
         now = time.monotonic()
         candidates = [r for r in self._replicas.values() if r.available(now) and r.address not in exclude]
         if not candidates:  # every replica is down or draining: try the least recently failed
@@ -258,16 +292,24 @@ class ReplicaSet:
                 raise LookupError(f"no replica of {self.role} at {self.target}")
             return min(candidates, key=lambda r: (r.draining, r.down_until))
         fewest = min(len(r.sessions) for r in candidates)
+        if prefix is not None and self.prefix_slack is not None and len(candidates) > 1:
+            preferred = rendezvous(prefix, candidates)
+            if len(preferred.sessions) <= fewest + self.prefix_slack:
+                log.debug("%s: prefix %s -> %s (its replica)", self.role, prefix.hex()[:8], preferred.address)
+                return preferred
+            log.debug("%s: prefix %s -> the least loaded replica: %s holds %d sessions, more than %d + %d",
+                      self.role, prefix.hex()[:8], preferred.address, len(preferred.sessions), fewest,
+                      self.prefix_slack)
         tied = [r for r in candidates if len(r.sessions) == fewest]
         return tied[next(self._turn) % len(tied)]
 
-    def route(self, session_id: str) -> Replica:
-        """The replica holding `session_id`'s cache; a new session is pinned to the
-        least-loaded available replica."""
+    def route(self, session_id: str, prefix: bytes | None = None) -> Replica:
+        """The replica holding `session_id`'s cache; a new session is pinned to its `prefix`'s
+        replica (prefix_key; within the slack), else to the least-loaded available replica."""
         with self._lock:
             r = self._pins.get(session_id)
             if r is None:
-                r = self._pick()
+                r = self._pick(prefix=prefix)
                 r.sessions.add(session_id)
                 self._pins[session_id] = r
             return r

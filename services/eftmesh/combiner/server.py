@@ -158,6 +158,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "(at least 20 ms) and goes on without that call's generations, which sit the step out until "
                         "the call answers or is given up on; only while another live replica of the role exists "
                         "(default: %(default)s)")
+    p.add_argument("--prefix-routing-slack", type=int, default=8, metavar="N",
+                   help="prefix-aware routing over a role's replicas: a new generation goes to the replica its prompt's "
+                        "first 64 tokens hash to (rendezvous hashing over the live replicas, so every combiner agrees), "
+                        "where its shared system prompt or conversation history is likely cached, unless that replica "
+                        "holds more than N sessions beyond the least loaded one; -1 turns it off (least loaded only) "
+                        "(default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, help="retries of an upstream call after UNAVAILABLE (default: %(default)s)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; OTLP metrics follow OTEL_EXPORTER_OTLP_ENDPOINT)")
     p.add_argument("--resolve-interval", type=float, default=5.0, help="seconds between resolutions of dns:/// upstream targets, which find new and gone replicas (default: %(default)s)")
@@ -223,6 +229,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0, --max-request-bytes >= 1024")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
         p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
+    if a.prefix_routing_slack < -1:
+        p.error(f"--prefix-routing-slack must be >= 0 (sessions), or -1 to turn prefix-aware routing off; "
+                f"got {a.prefix_routing_slack}")
     if a.connect_timeout < 0 or a.max_connection_age < 0 or a.max_connection_age_grace < 0:
         p.error("--connect-timeout, --max-connection-age and --max-connection-age-grace must be >= 0 (0 = off)")
     env = os.environ if environ is None else environ
@@ -233,7 +242,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
         server=ServerConfig(host=a.host, port=a.port, workers=workers, max_concurrent_rpcs=a.max_concurrent_rpcs, grace_s=a.grace,
                             health_port=a.health_port, tls=tls.server_from_args(p, a)),
         policy=UpstreamPolicy(deadlines=deadlines, retries=a.retries, connect_timeout_s=a.connect_timeout,
-                              resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream")),
+                              resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream"),
+                              prefix_slack=None if a.prefix_routing_slack < 0 else a.prefix_routing_slack),
         max_concurrent_generations=a.max_concurrent_generations,
         scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),
         otlp=tracing.otlp_requested(env),

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.deadlines import CallDeadlines
 from eftmesh.combiner.monitor import DRAINING, LIVE, ReplicaMonitor, UpstreamPolicy, brief
-from eftmesh.combiner.replicas import Replica, Resolver, resolve_dns
+from eftmesh.combiner.replicas import Replica, Resolver, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors
 from eftmesh.common.convert import sampling_to_pb
@@ -100,7 +100,8 @@ class GrpcScorer(ReplicaMonitor):
         groups: dict[str, tuple[Replica, list[int]]] = {}
         gone: dict[str, tuple[Replica, list[int]]] = {}
         for i, c in enumerate(calls):
-            r = rs.route(c.session_id)
+            # a new session goes where its prompt's beginning is likely cached (replicas.py)
+            r = rs.route(c.session_id, prefix_key(c.tokens) if c.start == 0 else None)
             if r.state is LIVE or (r.state is DRAINING and c.start > 0 and not zero):
                 groups.setdefault(r.address, (r, []))[1].append(i)
             else:
