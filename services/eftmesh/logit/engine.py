@@ -237,6 +237,14 @@ class ModelEngine:
         """Tokens the pool's allocated blocks can hold (what sessions occupy, rounded up to blocks)."""
         return self.pool.used_blocks * self.pool.block_size
 
+    def prefix_cache(self, name: str) -> int:
+        """A prefix cache figure for the metrics: `blocks` (registered full blocks) or a counter
+        of prefix.PrefixCache (lookups, queried_tokens, hit_tokens, evictions); 0 when off."""
+        p = self.pool.prefix
+        if p is None:
+            return 0
+        return len(p) if name == "blocks" else getattr(p, name)
+
     # --- single-session calls (LogitService.Score / Draft): a batch of one -----------------------
 
     def score(self, session_id: str, start: int, tokens: Sequence[int], rows: int) -> tuple[torch.Tensor, int]:
