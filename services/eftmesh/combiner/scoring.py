@@ -57,6 +57,8 @@ class Outcome:
     rows: torch.Tensor | None = None
     drafts: list[int] = field(default_factory=list)  # DraftCall only: the k drafts
     error: EftMeshError | None = None
+    # Of the tokens the call sent, how many the logit service's prefix cache held (ItemResult.cached_tokens)
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
