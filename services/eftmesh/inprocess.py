@@ -26,7 +26,7 @@ class LocalScorer:
         def send(cs: Sequence[ScoreCall], from_zero: bool) -> list[Outcome]:
             items = [ScoreItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.rows)
                      for c in cs]
-            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].score_batch(items)]
+            return [Outcome(r.rows, r.drafts, r.error, cached_tokens=r.cached_tokens) for r in self.engines[role].score_batch(items)]
 
         return with_resend(calls, send)
 
@@ -34,7 +34,7 @@ class LocalScorer:
         def send(cs: Sequence[DraftCall], from_zero: bool) -> list[Outcome]:
             items = [DraftItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.k,
                                c.sampling, c.seed, c.vocab_limit) for c in cs]
-            return [Outcome(r.rows, r.drafts, r.error) for r in self.engines[role].draft_batch(items)]
+            return [Outcome(r.rows, r.drafts, r.error, cached_tokens=r.cached_tokens) for r in self.engines[role].draft_batch(items)]
 
         return with_resend(calls, send)
 

@@ -183,6 +183,7 @@ def _set_ending(msg: generator_pb2.GenerateResponse | generator_pb2.CompleteResp
     if c.usage is not None:
         msg.usage.prompt_tokens = c.usage.prompt_tokens
         msg.usage.completion_tokens = c.usage.completion_tokens
+        msg.usage.cached_prompt_tokens = c.usage.cached_prompt_tokens
         msg.speculation.CopyFrom(stats_to_pb(c.usage))
 
 

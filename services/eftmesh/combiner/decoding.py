@@ -152,6 +152,7 @@ class Generation:
         rid = uuid.uuid4().hex
         self.sessions = {r: f"{rid}:{r}" for r in roles}  # role -> session id at its logit service
         self.cached = dict.fromkeys(roles, 0)  # role -> tokens of `ids` its cache is known to hold
+        self._prompt_cached: dict[str, int] = {}  # role -> prompt tokens its prefix cache held at its first call
         self.ctx = len(ids) + room  # smallest max context of the roles used
         self.room = room
         self.gen = make_generator(req.seed)
@@ -302,6 +303,19 @@ class Generation:
     def drafted(self, drafts: list[int], rows: torch.Tensor) -> None:
         """The draft role's answer for this step's block: k drafts and their k + 1 rows."""
         self.drafts, self.draft_rows = drafts, rows
+
+    def prefilled(self, role: str, cached_tokens: int) -> None:
+        """`role` answered a call of this generation (`Outcome.cached_tokens`). Its first answer
+        says how much of the prompt its prefix cache held; once every role has answered,
+        `Usage.cached_prompt_tokens` is the least of them (what the first step saved in every
+        role), at most the prompt's length. Later answers (decode steps, a re-prefill after a
+        failover) change nothing."""
+        if role in self._prompt_cached or role not in self.cached:
+            return
+        self._prompt_cached[role] = cached_tokens
+        if len(self._prompt_cached) == len(self.cached):
+            usage = self.sink.usage
+            usage.cached_prompt_tokens = min(usage.prompt_tokens, *self._prompt_cached.values())
 
     def progressed(self) -> None:
         """It made progress this step: a later preemption waits afresh."""

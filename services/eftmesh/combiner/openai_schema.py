@@ -236,7 +236,8 @@ def to_pb(body: ChatRequest | CompletionRequest, named: Collection[str], roles: 
 
 def usage_json(u: Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
 
 
 def _entry(token: str, logprob: float) -> dict[str, Any]:

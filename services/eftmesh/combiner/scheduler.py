@@ -336,6 +336,7 @@ class Scheduler:
                     self._upstream_failed(g, o.error)
                 else:
                     g.drafted(o.drafts, o.rows)
+                    g.prefilled(r, o.cached_tokens)
         return [g for g in live if g in self._running]
 
     def _score_phase(self, live: list[Generation]) -> dict[Generation, dict[str, torch.Tensor]]:
@@ -357,6 +358,7 @@ class Scheduler:
                     self._upstream_failed(g, o.error)
                 else:
                     rows[g][r] = o.rows
+                    g.prefilled(r, o.cached_tokens)
         for g in live:
             if g.k and g.req.speculation.draft_role in g.coef:
                 rows[g][g.req.speculation.draft_role] = g.draft_rows

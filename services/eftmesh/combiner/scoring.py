@@ -62,6 +62,8 @@ class Outcome:
     # keeps running (and may be given up on and moved); `pending` is done when it has ended.
     # The generation sits this step out and redoes it then. (GrpcScorer only.)
     pending: Future[Any] | None = None
+    # Of the tokens the call sent, how many the logit service's prefix cache held (ItemResult.cached_tokens)
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

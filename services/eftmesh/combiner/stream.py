@@ -38,6 +38,9 @@ class SpeculationStats:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens the logit services' prefix caches held at the generation's first step: the
+    # least over its roles (Generation.prefilled), since the step waits for the slowest prefill.
+    cached_prompt_tokens: int = 0
     # Calls (Score or Draft) the base role answered: one forward pass each.
     base_calls: int = 0
     speculation: SpeculationStats = field(default_factory=SpeculationStats)

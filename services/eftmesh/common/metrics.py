@@ -214,10 +214,15 @@ class LogitMetrics:
       when a call brings more items than one forward takes);
     - `eftmesh.logit.kv_tokens_used` against `eftmesh.logit.kv_tokens_capacity` (the pool's
       --kv-cache-tokens, rounded down to whole blocks): their ratio is the KV cache use.
+
+    Prefix caching (--prefix-cache), vLLM's figures: hit tokens over queried tokens is the hit
+    rate; `prefix_cache(name)` reads the engine's counter `name` (lookups, queried_tokens,
+    hit_tokens, evictions, blocks).
     """
 
     def __init__(self, m: Meter, role: str, sessions: Callable[[], int], evictions: Callable[[], int],
-                 kv_tokens_used: Callable[[], int] = lambda: 0, kv_tokens_capacity: Callable[[], int] = lambda: 0) -> None:
+                 kv_tokens_used: Callable[[], int] = lambda: 0, kv_tokens_capacity: Callable[[], int] = lambda: 0,
+                 prefix_cache: Callable[[str], int] = lambda name: 0) -> None:
         self.role = role
         self.duration = m.create_histogram(
             "eftmesh.logit.duration", unit="s", description="Score and Draft calls, forward passes included")
@@ -240,6 +245,20 @@ class LogitMetrics:
         m.create_observable_gauge("eftmesh.logit.kv_tokens_capacity",
                                   [gauge_callback(kv_tokens_capacity, **{"eftmesh.role": role})],
                                   unit="{token}", description="KV cache tokens the pool holds (--kv-cache-tokens in whole blocks)")
+
+        def read(name: str) -> list[Callable[[CallbackOptions], Iterable[Observation]]]:
+            return [gauge_callback(lambda: prefix_cache(name), **{"eftmesh.role": role})]
+
+        m.create_observable_counter("eftmesh.logit.prefix_cache.lookups", read("lookups"), unit="{lookup}",
+                                    description="Prefix cache lookups: items at a block boundary that could take cached blocks")
+        m.create_observable_counter("eftmesh.logit.prefix_cache.queried_tokens", read("queried_tokens"), unit="{token}",
+                                    description="Tokens the prefix cache lookups could have matched")
+        m.create_observable_counter("eftmesh.logit.prefix_cache.hit_tokens", read("hit_tokens"), unit="{token}",
+                                    description="Tokens taken from the prefix cache instead of run (over queried_tokens: the hit rate)")
+        m.create_observable_counter("eftmesh.logit.prefix_cache.evictions", read("evictions"), unit="{block}",
+                                    description="Unused cached blocks evicted for room (before any session is)")
+        m.create_observable_gauge("eftmesh.logit.prefix_cache.blocks", read("blocks"), unit="{block}",
+                                  description="Full KV blocks the prefix cache holds (shared or idle)")
 
 
 class RefusalCounter(grpc.ServerInterceptor):

@@ -3,12 +3,15 @@
 Beside the session store (sessions.py) and the pool (kvcache.py): an item is checked (ids,
 lengths, context), gets its session cut back to `start` (rollback) or a new one, then blocks
 for everything it will append; when the pool is short, idle sessions are evicted least
-recently used first, never one of the same call. The engine holds its lock around all of it.
+recently used first, never one of the same call. With prefix caching, an item at a block
+boundary (every new session) first takes the cached full blocks its tokens match (kvcache.py
+`match`), and only the rest is run. The engine holds its lock around all of it.
 No gRPC, no model here.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -55,7 +58,8 @@ class Want:
 
 @dataclass
 class Admitted:
-    """An admitted item: its index in the call, its session, ids and the rows it wants."""
+    """An admitted item: its index in the call, its session, the ids still to run (those past
+    the prefix cache's match), the rows it wants, and how many of its tokens the cache held."""
 
     index: int
     session_id: str
@@ -63,6 +67,7 @@ class Admitted:
     ids: list[int]
     rows: int
     k: int = 0
+    cached: int = 0
 
 
 class KVAdmission:
@@ -90,8 +95,10 @@ class KVAdmission:
                 if w.session_id in seen:
                     raise InvalidArgument(f"session {quote(w.session_id)} appears twice in one batch")
                 seen.add(w.session_id)
-                rows.append(Admitted(i, w.session_id, self.session_at(w.session_id, w.start, batch), ids, w.rows,
-                                     w.extra))
+                session = self.session_at(w.session_id, w.start, batch)
+                # The caller wants the logits of the last `rows` tokens: those always run.
+                cached = self.pool.match(session.table, ids, len(ids) - max(w.rows, 1))
+                rows.append(Admitted(i, w.session_id, session, ids[cached:], w.rows, w.extra, cached))
             except EftMeshError as e:
                 errors[i] = e
         admitted = []
@@ -101,7 +108,7 @@ class KVAdmission:
                 admitted.append(r)
             except ResourceExhausted as e:
                 errors[r.index] = e
-                if r.session.length == 0:
+                if r.session.length == r.cached:  # holds nothing of its own: a new session goes
                     self.sessions.release(r.session_id)
         return admitted
 
@@ -152,9 +159,10 @@ class KVAdmission:
 
     def reserve(self, session: Session, length: int, keep: Collection[str]) -> None:
         """Blocks for `length` tokens, evicting idle sessions (least recently used first, never
-        one of this batch) while the pool is short; evicts nothing when that could not suffice."""
-        need = self.pool.blocks_for(length) - len(session.table.blocks)
-        if need > self.pool.free_blocks + self.sessions.evictable_blocks(keep):
+        one of this batch) while the pool is short; evicts nothing when that could not suffice.
+        The pool's idle cached blocks count as free: they go first, before any session."""
+        need = self.pool.blocks_needed(session.table, length)
+        if need > self.pool.free_blocks and need > self.pool.free_blocks + self.evictable_blocks(keep):
             raise ResourceExhausted(
                 f"KV cache full: {need} blocks of {self.pool.block_size} tokens needed, "
                 f"{self.pool.free_blocks} free of {self.pool.num_blocks} and the rest held by active sessions; "
@@ -170,3 +178,9 @@ class KVAdmission:
                         f"KV cache full ({self.pool.capacity_tokens} tokens, every block held by active sessions): {e}; "
                         "retry when sessions finish, or raise --kv-cache-tokens"
                     ) from None
+
+    def evictable_blocks(self, keep: Collection[str]) -> int:
+        """Blocks that evicting every idle session outside `keep` would return to the pool: a
+        block shared with a session that stays is not one of them."""
+        held = Counter(b for s in self.sessions.idle(keep) for b in s.table.blocks)
+        return sum(1 for b, n in held.items() if self.pool.refs(b) == n)

@@ -40,6 +40,7 @@ def info_to_pb(info: EngineInfo, model_id: str, kv_bytes_per_token: float,
         execution=info.execution,
         cuda_graphs=info.cuda_graphs,
         graph_capture_s=info.graph_capture_s,
+        prefix_cache=info.prefix_cache,
     )
 
 
@@ -84,7 +85,8 @@ def results_to_pb(
         if r.error is not None:
             pb.append(logit_pb2.ItemResult(code=r.error.code.value[0], message=str(r.error)))
         else:
-            pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts))
+            pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts,
+                                           cached_tokens=r.cached_tokens))
             rows.append(r.rows)
     block = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=dtype)  # [sum rows, vocab]
     return tensors.to_pb(block, block.dtype), pb

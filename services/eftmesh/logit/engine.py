@@ -59,6 +59,7 @@ class EngineConfig:
     kv_block_size: int = 16  # --kv-block-size
     prefill_tokens: int = 2048  # --prefill-tokens: most padded tokens in one forward
     session_active_s: float = 1.0  # --session-active-window
+    prefix_cache: bool = True  # --prefix-cache / --no-prefix-cache
     graphs: GraphConfig = GraphConfig()  # --cuda-graphs, --cuda-graph-*
 
 
@@ -99,7 +100,7 @@ class ModelEngine:
         ctx = model_max_context(model.config)
         self.max_context = min(ctx, cfg.max_context) if cfg.max_context else ctx
         self.pool = PagedKVPool(cfg.kv_cache_tokens, cfg.kv_block_size, model.config.num_hidden_layers, self.device,
-                                self.dtype)
+                                self.dtype, prefix_cache=cfg.prefix_cache)
         # One session can never hold more than the whole pool: that is its context limit too, so
         # callers see it in Info and stop (finish reason CONTEXT) instead of failing.
         self.max_context = min(self.max_context, self.pool.capacity_tokens)
@@ -124,6 +125,7 @@ class ModelEngine:
             max_batch=self.max_batch,
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
             execution="static" if self.runner.static else "eager",
+            prefix_cache=cfg.prefix_cache,
         )
         self.sessions = SessionStore(cfg.max_sessions, cfg.session_idle_timeout_s,
                                      on_drop=lambda s: self.pool.free(s.table), active_s=cfg.session_active_s)
@@ -179,12 +181,15 @@ class ModelEngine:
         on CUDA, every static bucket is captured as a CUDA graph (logged, reported in Info)."""
         sid = "\x00warmup"
         n = max(2, min(32, self.max_context // 2))
+        # Each timed prefill must run all its tokens: no prefix cache (nor its entries) meanwhile.
+        self.pool.set_prefix_cache(False)
         try:
             self._timed(sid, 1)  # first touch: allocation, lazy initialisation
             one = min(self._timed(sid, 1) for _ in range(3))
             many = min(self._timed(sid, n) for _ in range(3))
         finally:
             self.release(sid)
+            self.pool.set_prefix_cache(self.config.prefix_cache)
         per_token = max(many - one, 0.0) / (n - 1)
         fixed = max(one - per_token, 0.0)
         self.merge_tokens = int(min(fixed / per_token, self.prefill_tokens)) if per_token > 0 else self.prefill_tokens
@@ -231,6 +236,14 @@ class ModelEngine:
     def kv_tokens_used(self) -> int:
         """Tokens the pool's allocated blocks can hold (what sessions occupy, rounded up to blocks)."""
         return self.pool.used_blocks * self.pool.block_size
+
+    def prefix_cache(self, name: str) -> int:
+        """A prefix cache figure for the metrics: `blocks` (registered full blocks) or a counter
+        of prefix.PrefixCache (lookups, queried_tokens, hit_tokens, evictions); 0 when off."""
+        p = self.pool.prefix
+        if p is None:
+            return 0
+        return len(p) if name == "blocks" else getattr(p, name)
 
     # --- single-session calls (LogitService.Score / Draft): a batch of one -----------------------
 
@@ -358,6 +371,8 @@ class ModelEngine:
         for res, err in zip(results, errors):
             if err is not None:
                 res.error = err
+        for r in admitted:
+            results[r.index].cached_tokens = r.cached
         return admitted
 
     def _run(self, rows: list[Admitted], results: list[ItemResult]) -> None:
@@ -394,7 +409,7 @@ class ModelEngine:
                 self.sessions.release(r.session_id)
             return
         for b, r in enumerate(rows):
-            r.session.table.length = past[b] + len(r.ids)
+            self.pool.commit(r.session.table, r.ids)  # its length, and the blocks it filled into the prefix cache
             res = results[r.index]
             res.rows = logits[b, keep - r.rows:]  # [r.rows, vocab]
             res.cache_length = r.session.table.length

@@ -43,6 +43,7 @@ class ItemResult:
 
     rows: torch.Tensor | None = None  # [rows, vocab_size] logits in the model's dtype, on the CPU
     cache_length: int = 0
+    cached_tokens: int = 0  # of the tokens sent, how many the prefix cache held (not run)
     drafts: list[int] = field(default_factory=list)
     error: EftMeshError | None = None
 
@@ -72,3 +73,4 @@ class EngineInfo:
     execution: str = "eager"
     cuda_graphs: int = 0
     graph_capture_s: float = 0.0
+    prefix_cache: bool = False  # --prefix-cache: full KV blocks shared by prefix (prefix.py)

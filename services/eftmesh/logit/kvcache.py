@@ -13,6 +13,11 @@ per layer into `[batch, heads, length, head_dim]` for attention. Rolling a sessi
 `start` tokens only shortens it (and frees the blocks past the new end): the stale slots are
 beyond its length, masked out, and overwritten by the next tokens.
 
+With prefix caching (prefix.py) a block may be shared: the pool counts references per block,
+a session's table may begin with blocks other sessions hold too, and a full block outlives its
+sessions as idle cache until the pool needs it. `free_blocks` counts those idle blocks as
+free: taking one evicts it first.
+
 Memory is budgeted in tokens, not sessions: waste is at most one partly filled block per
 session, so bytes per cached token stay close to the theoretical
 2 x layers x kv_heads x head_dim x dtype bytes.
@@ -22,11 +27,14 @@ No gRPC, no model loading here; the engine drives it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
+
+from eftmesh.logit.prefix import ROOT, PrefixCache, block_key
 
 
 class PoolExhausted(Exception):
@@ -35,17 +43,25 @@ class PoolExhausted(Exception):
 
 @dataclass
 class BlockTable:
-    """One session's blocks and how many tokens they hold."""
+    """One session's blocks and how many tokens they hold.
+
+    With prefix caching, also the ids of those tokens and the key of each full block (the
+    chain prefix.block_key builds), so that its full blocks can be registered and a later
+    append at a block boundary can be matched against the cache.
+    """
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    ids: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
 
 
 class PagedKVPool:
     """Fixed-size paged KV memory: block allocation, slot arithmetic and the per-layer tensors."""
 
     def __init__(
-        self, capacity_tokens: int, block_size: int, layers: int, device: torch.device, dtype: torch.dtype
+        self, capacity_tokens: int, block_size: int, layers: int, device: torch.device, dtype: torch.dtype,
+        prefix_cache: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
@@ -55,6 +71,8 @@ class PagedKVPool:
         self.num_blocks = capacity_tokens // block_size  # usable blocks; block 0 is scratch on top
         self.layers, self.device, self.dtype = layers, device, dtype
         self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low blocks first
+        self._refs = [0] * (self.num_blocks + 1)  # sessions holding each block (block 0: scratch, never)
+        self.prefix: PrefixCache | None = PrefixCache() if prefix_cache else None
         # per layer [num_slots, 2, kv_heads * head_dim] (keys, values) on the layer's device; None
         # until that layer's first update
         self.kv: list[torch.Tensor | None] = [None] * layers
@@ -66,32 +84,150 @@ class PagedKVPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a reserve may take: the free list and the idle cached blocks (evicted when taken)."""
+        return len(self._free) + (len(self.prefix.idle) if self.prefix is not None else 0)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks some session references (a shared block counts once)."""
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered full blocks, referenced or idle."""
+        return len(self.prefix) if self.prefix is not None else 0
+
+    def refs(self, block: int) -> int:
+        return self._refs[block]
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
+    def _take(self) -> int:
+        """A block for one more reference holder: a free one, else the least recently released
+        idle cached block (evicted). The caller has checked free_blocks."""
+        block = self._free.pop() if self._free else self.prefix.pop_idle()
+        self._refs[block] = 1
+        return block
+
+    def _drop(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0 and not (self.prefix is not None and self.prefix.released(block)):
+            self._free.append(block)
+
+    def _shared_tail(self, table: BlockTable) -> int | None:
+        """Index of the block the next write lands in when that block is registered (a session
+        cut back into a full cached block); None otherwise."""
+        if self.prefix is None or table.length % self.block_size == 0:
+            return None
+        i = table.length // self.block_size
+        return i if i < len(table.blocks) and table.blocks[i] in self.prefix.key_of else None
+
+    def blocks_needed(self, table: BlockTable, length: int) -> int:
+        """Blocks `reserve(table, length)` takes from free_blocks (a copy-on-write included)."""
+        grow = max(self.blocks_for(length) - len(table.blocks), 0)
+        i = self._shared_tail(table)
+        return grow + (1 if i is not None and self._refs[table.blocks[i]] > 1 else 0)
+
     def reserve(self, table: BlockTable, length: int) -> None:
-        """Grow `table` to hold `length` tokens; all or nothing."""
-        need = self.blocks_for(length) - len(table.blocks)
-        if need > len(self._free):
-            raise PoolExhausted(f"needs {need} more blocks of {self.block_size} tokens, {len(self._free)} free")
-        for _ in range(need):
-            table.blocks.append(self._free.pop())
+        """Grow `table` to hold `length` tokens, all or nothing; and make the block its next
+        write lands in its own: a registered block it holds alone is unregistered, one it
+        shares is copied (copy-on-write), so a cached block is never written."""
+        need = self.blocks_needed(table, length)
+        if need > self.free_blocks:
+            raise PoolExhausted(f"needs {need} more blocks of {self.block_size} tokens, {self.free_blocks} free")
+        i = self._shared_tail(table)
+        if i is not None:
+            old = table.blocks[i]
+            if self._refs[old] == 1:
+                self.prefix.unregister(old)
+            else:
+                table.blocks[i] = self._copy(old)
+                self._drop(old)
+        while len(table.blocks) < self.blocks_for(length):
+            table.blocks.append(self._take())
+
+    def _copy(self, block: int) -> int:
+        """A fresh block holding `block`'s keys and values (every allocated layer, on its device)."""
+        new, bs = self._take(), self.block_size
+        for kv in self.kv:
+            if kv is not None:
+                kv[new * bs:(new + 1) * bs].copy_(kv[block * bs:(block + 1) * bs])
+        return new
 
     def truncate(self, table: BlockTable, length: int) -> None:
-        """Cut `table` back to `length` tokens, freeing the blocks past it."""
+        """Cut `table` back to `length` tokens, releasing the blocks past it (last first, so an
+        idle cached prefix is evicted tail first)."""
         keep = self.blocks_for(length)
         while len(table.blocks) > keep:
-            self._free.append(table.blocks.pop())
+            self._drop(table.blocks.pop())
         table.length = min(table.length, length)
+        del table.ids[table.length:]
+        del table.keys[table.length // self.block_size:]
 
     def free(self, table: BlockTable) -> None:
         self.truncate(table, 0)
+
+    def match(self, table: BlockTable, ids: Sequence[int], most: int) -> int:
+        """Extend `table` (at a block boundary) by the longest run of cached full blocks that
+        holds ids[:most] block by block, taking them by reference; returns the tokens matched
+        (0 without a cache, or off a block boundary)."""
+        bs = self.block_size
+        if not self._tracked(table) or table.length % bs:
+            return 0
+        limit = min(most, len(ids)) // bs
+        if limit < 1:
+            return 0
+        parent = table.keys[-1] if table.keys else ROOT
+        matched = 0
+        for j in range(limit):
+            key = block_key(parent, ids[j * bs:(j + 1) * bs])
+            block = self.prefix.block_of.get(key)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                self.prefix.idle.pop(block)
+            self._refs[block] += 1
+            table.blocks.append(block)
+            table.keys.append(key)
+            parent, matched = key, matched + bs
+        table.ids.extend(ids[:matched])
+        table.length += matched
+        self.prefix.lookups += 1
+        self.prefix.queried_tokens += limit * bs
+        self.prefix.hit_tokens += matched
+        return matched
+
+    def commit(self, table: BlockTable, ids: Sequence[int]) -> None:
+        """After a forward wrote `ids` past the table's length: count them, and register the
+        blocks they filled."""
+        tracked = self._tracked(table)
+        table.length += len(ids)
+        if not tracked:
+            return
+        table.ids.extend(ids)
+        bs = self.block_size
+        while len(table.keys) < table.length // bs:
+            i = len(table.keys)
+            key = block_key(table.keys[-1] if table.keys else ROOT, table.ids[i * bs:(i + 1) * bs])
+            table.keys.append(key)
+            self.prefix.register(table.blocks[i], key)
+
+    def _tracked(self, table: BlockTable) -> bool:
+        """Whether the table's ids and keys follow its length (tables filled while the cache was
+        off do not, and are never matched nor registered)."""
+        return (self.prefix is not None and len(table.ids) == table.length
+                and len(table.keys) == table.length // self.block_size)
+
+    def set_prefix_cache(self, on: bool) -> None:
+        """Turn prefix caching on or off from now on. Turning it off forgets every registration
+        (idle cached blocks become free), so nothing cached before is matched again; sessions
+        held keep their blocks."""
+        if on and self.prefix is None:
+            self.prefix = PrefixCache()
+        elif not on and self.prefix is not None:
+            self._free.extend(reversed(self.prefix.clear()))
+            self.prefix = None
 
     def layer(self, layer_idx: int, kv_heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
         """Layer `layer_idx`'s tensor, allocated on `device` (where its keys arrive) at its first use."""

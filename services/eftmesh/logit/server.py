@@ -108,6 +108,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the paged KV cache holds, shared by all sessions; allocated at start (default: %(default)s)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
     p.add_argument("--session-active-window", type=float, default=1.0, help="seconds after its last use during which a session counts as in flight and is never evicted for room; a call that needs its blocks gets RESOURCE_EXHAUSTED instead (default: %(default)s)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="share full KV blocks between sessions whose tokens agree (a chat's history, a common system "
+                        "prompt): a new session takes the longest cached prefix and runs only the rest; unused cached "
+                        "blocks are evicted least recently used first, before idle sessions (default: on)")
     p.add_argument("--prefill-tokens", type=int, default=2048, help="most padded tokens in one prefill forward; longer prompts run alone (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: %(default)s)")
@@ -170,6 +174,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             kv_block_size=a.kv_block_size,
             prefill_tokens=a.prefill_tokens,
             session_active_s=a.session_active_window,
+            prefix_cache=a.prefix_cache,
             graphs=graphs,
         ),
         threads=a.threads,
@@ -281,7 +286,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
     store = engine.sessions
     servicer = LogitServicer(engine, metrics.LogitMetrics(
         metrics.meter(meter_provider, "eftmesh.logit"), cfg.role, lambda: len(store), lambda: store.evictions,
-        lambda: engine.kv_tokens_used, lambda: engine.pool.capacity_tokens))
+        lambda: engine.kv_tokens_used, lambda: engine.pool.capacity_tokens, engine.prefix_cache))
     if not cfg.expose_model_id:
         servicer.public_model_id = cfg.role
     server = Server(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from eftmesh.logit.kvcache import BlockTable
@@ -86,10 +86,10 @@ class SessionStore:
         self._sessions[session_id] = s
         return s
 
-    def evictable_blocks(self, keep: Collection[str]) -> int:
-        """Blocks that evicting every idle session outside `keep` would free."""
+    def idle(self, keep: Collection[str]) -> Iterator[Session]:
+        """The sessions evict_lru() may evict: idle ones outside `keep`."""
         cutoff = self._clock() - self.active_s
-        return sum(len(s.table.blocks) for sid, s in self._sessions.items() if sid not in keep and s.last_used <= cutoff)
+        return (s for sid, s in self._sessions.items() if sid not in keep and s.last_used <= cutoff)
 
     def evict_lru(self, keep: Collection[str]) -> bool:
         """Evict the least recently used idle session not in `keep`; False when there is none."""

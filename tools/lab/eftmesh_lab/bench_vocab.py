@@ -283,8 +283,8 @@ def free_ports(n: int) -> list[int]:
 class LogitProcesses:
     """One logit service process per role, all serving `model`; a context manager."""
 
-    def __init__(self, model: Path, a: argparse.Namespace, log_dir: Path) -> None:
-        self.model, self.a, self.log_dir = model, a, log_dir
+    def __init__(self, model: Path, a: argparse.Namespace, log_dir: Path, extra: Sequence[str] = ()) -> None:
+        self.model, self.a, self.log_dir, self.extra = model, a, log_dir, list(extra)
         self.ports = dict(zip(ROLES, free_ports(len(ROLES))))
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
@@ -298,7 +298,7 @@ class LogitProcesses:
                 args = [sys.executable, "-m", "eftmesh.logit", "--model", str(self.model), "--role", role,
                         "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.a.threads),
                         "--device", self.a.device, "--dtype", self.a.dtype,
-                        "--kv-cache-tokens", str(self.a.kv_cache_tokens)]
+                        "--kv-cache-tokens", str(self.a.kv_cache_tokens), *self.extra]
                 self.procs.append((role, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)))
             for role, proc in self.procs:
                 wait_serving(f"127.0.0.1:{self.ports[role]}", role, 300.0, proc)
@@ -346,7 +346,8 @@ class InProcessCombiner:
             server=ServerConfig(host="127.0.0.1", port=0, workers=max(64, 2 * most), max_concurrent_rpcs=max(256, 4 * most),
                                 grace_s=1.0),
             max_concurrent_generations=max(64, 2 * most),
-            scheduler=SchedulerConfig(max_batch=max(32, most)),
+            scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0)),
+            max_connection_age_s=getattr(a, "max_connection_age", 300.0),
         )
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
