@@ -20,6 +20,7 @@ import pytest
 
 from conftest import start_combiner, start_logit
 from eftmesh.combiner.discovery import READY, TERMINATING
+from eftmesh.combiner.monitor import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 from test_discovery import NS, FakeKubeApiServer, endpoint, endpoint_slice
 
@@ -144,7 +145,8 @@ def test_fake_api_server_terminating_pod_gets_no_new_sessions_and_its_pinned_one
         fake.apply(pod(p, i))
     others = {r: mesh.logits[r].server.port for r in ("base-small", "ft-small")}
     cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **others},
-                        upstream_targets={"base-large": TARGET})
+                        upstream_targets={"base-large": TARGET},
+                        policy=UpstreamPolicy(prefix_slack=None))  # least loaded: the spread is the point
     channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
     stub = generator_pb2_grpc.GeneratorStub(channel)
     pool = ThreadPoolExecutor(5)

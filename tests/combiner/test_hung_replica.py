@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from conftest import start_combiner, start_logit
+from eftmesh.combiner.monitor import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night",
@@ -60,14 +61,14 @@ def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, 
     hung.engine.score_batch = stuck_after_a_few_steps
     target = f"127.0.0.1:{hung.server.port},127.0.0.1:{healthy.server.port}"
     cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **{r: ls.server.port for r, ls in others.items()}},
-                        upstream_targets={"base-large": target})
+                        upstream_targets={"base-large": target},
+                        policy=UpstreamPolicy(prefix_slack=None))  # least loaded: both replicas get sessions
     try:
         address = f"127.0.0.1:{cs.server.port}"
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             futures = {p: pool.submit(stream, address, p) for p in PROMPTS}
             assert held.wait(60), "the hung replica never got its 12th call"
             got = {p: f.result(timeout=90) for p, f in futures.items()}
-            hung_for = time.monotonic()
         gate.set()  # it wakes: the held call runs late, for sessions that have moved on
         # every stream finished while the replica was still hung, with its own tokens
         assert {p: t for p, (t, _) in got.items()} == expected
@@ -80,7 +81,6 @@ def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, 
         while len(hung.engine.sessions) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(hung.engine.sessions) == 0, f"{len(hung.engine.sessions)} sessions left on the woken replica"
-        assert hung_for > 0
     finally:
         gate.set()
         cs.stop(0)

@@ -13,6 +13,7 @@ import pytest
 from conftest import free_ports, start_combiner, start_logit
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from eftmesh.combiner.monitor import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc, tensor_pb2
 
 
@@ -200,7 +201,8 @@ def test_a_session_refused_by_a_draining_replica_moves_to_another(tiny_family, d
     logits, fake, fake_port = draining_replica
     ports = {r: ls.server.port for r, ls in logits.items()}
     target = f"127.0.0.1:{fake_port},127.0.0.1:{ports['base-large']}"  # the fake gets the first session
-    cs = start_combiner(tiny_family["base-small"], ports, upstream_targets={"base-large": target})
+    cs = start_combiner(tiny_family["base-small"], ports, upstream_targets={"base-large": target},
+                        policy=UpstreamPolicy(prefix_slack=None))  # least loaded, first listed first
     try:
         client = _Client(cs.server.port)
         client.wait_status(SERVING, timeout=5)

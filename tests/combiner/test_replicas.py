@@ -271,7 +271,8 @@ def test_sessions_spread_over_replicas_and_each_stays_on_one(mesh, tiny_family, 
     seen = [count_sessions(ls) for ls in replicas]
     target = ",".join(f"127.0.0.1:{ls.server.port}" for ls in replicas)
     cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **ports},
-                        upstream_targets={"base-large": target})
+                        upstream_targets={"base-large": target},
+                        policy=UpstreamPolicy(prefix_slack=None))  # least loaded: the spread is the point
     try:
         address = f"127.0.0.1:{cs.server.port}"
         with ThreadPoolExecutor(4) as pool:
