@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -383,9 +382,8 @@ def test_an_item_one_upstream_refuses_fails_only_its_generation(mesh, tiny_famil
     cs = start_combiner(tiny_family["base-small"], ports)
     # The combiner caps its block to ft-capped's --max-k at start; undo that, as for a
     # replica restarted later with a smaller --max-k, so that k=4 reaches the service.
-    assert cs.servicer is not None and cs.servicer.defaults.speculation.max_k == 2
-    cs.servicer.defaults = dataclasses.replace(cs.servicer.defaults, speculation=dataclasses.replace(
-        cs.servicer.defaults.speculation, max_k=16))
+    assert cs.servicer is not None and cs.servicer.effective_defaults().speculation.max_k == 2
+    cs.decoder.cap._value = 16  # (the cap only ever goes down: this test sets it back by hand)
     ch, stub = stub_of(cs)
     mixed_calls: list[list[int]] = []
     inner = cs.scorer.draft_batch

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import mark_live, start_combiner, start_logit
 from eftmesh.combiner.replicas import ReplicaSet, parse_target, prefix_key, resolve_dns
-from eftmesh.combiner.scoring import ModelSpec
+from eftmesh.combiner.scoring import BlockCap, ModelSpec
 from eftmesh.combiner.server import parse_args
 from eftmesh.combiner.monitor import DOWN, LIVE, UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
@@ -214,7 +214,7 @@ def test_matches_refuses_a_replica_whose_max_k_is_below_the_k_cap() -> None:
         assert scorer._matches("base-large", replica(16), "b:2")
         assert not scorer._matches("base-large", replica(8), "b:2")  # no cap given: the first replica's
         assert scorer._matches("base-large", replica(0), "b:2")  # 0: not said (an older service)
-        scorer.k_cap = lambda: 4  # the combiner's cap, lowered by another role's --max-k
+        scorer.k_cap = BlockCap(4)  # the combiner's cap, lowered by another role's --max-k
         assert scorer._matches("base-large", replica(8), "b:2")
         assert scorer._matches("base-large", replica(4), "b:2")
         assert not scorer._matches("base-large", replica(3), "b:2")

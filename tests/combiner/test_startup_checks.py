@@ -84,7 +84,7 @@ def test_no_cap_when_every_max_k_is_large_enough(tiny_family, logits) -> None:
     ft = start_logit(tiny_family["ft-small"], "ft-small", max_k=32)
     cs = start_combiner(tiny_family["base-small"], ports(big) | {"ft-small": ft.server.port})
     try:
-        assert cs.servicer is not None and cs.servicer.defaults.speculation.max_k == 16
+        assert cs.servicer is not None and cs.servicer.effective_defaults().speculation.max_k == 16
     finally:
         cs.stop(0)
         ft.server.stop(0).wait()

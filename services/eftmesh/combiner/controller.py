@@ -6,9 +6,12 @@ how long it took.
 
 from __future__ import annotations
 
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from eftmesh.combiner.scoring import BlockCap
 
 
 @dataclass
@@ -42,14 +45,19 @@ class SpeculationController:
     cap walks down, to 0.
     """
 
-    max_k: int
+    cap: BlockCap | int  # the largest cap (BlockCap: the combiner's, shared; an int: fixed)
     explore_every: int = 16
     smoothing: float = 0.3
     _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
     _step: int = 0
 
+    @property
+    def max_k(self) -> int:
+        return self.cap.value if isinstance(self.cap, BlockCap) else self.cap
+
     def arms(self) -> list[int]:
-        caps = [0] + [c for c in (1, 2, 4, 8, 16, 32) if c < self.max_k] + [self.max_k]
+        top = self.max_k
+        caps = [0] + [c for c in (1, 2, 4, 8, 16, 32) if c < top] + [top]
         return sorted(set(caps))
 
     @staticmethod

@@ -15,7 +15,7 @@ from eftmesh.combiner.chat import ChatTemplates, TemplateError
 from eftmesh.combiner.decoding import Generation, GenerationRequest, encode_prompt
 from eftmesh.combiner.stream import Chunk, TokenSink
 from eftmesh.combiner.scheduler import Scheduler, SchedulerConfig
-from eftmesh.combiner.scoring import Scorer
+from eftmesh.combiner.scoring import BlockCap, Scorer
 from eftmesh.common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from eftmesh.common.metrics import CombinerMetrics
 
@@ -30,20 +30,23 @@ class Decoder:
         tokenizer: Any,
         vocab_size: int,
         config: SchedulerConfig = SchedulerConfig(),
-        max_k: int = 16,
+        max_k: BlockCap | int = 16,
         tracer: trace.Tracer | None = None,
         metrics: CombinerMetrics | None = None,
         **scheduler: Any,
     ) -> None:
-        """`scheduler`: Scheduler's keyword options (start=False, clock=... in tests)."""
+        """`max_k`: the block cap (the combiner's `BlockCap`, shared with the servicer and the
+        monitor; an int: fixed). `scheduler`: Scheduler's keyword options (start=False,
+        clock=... in tests)."""
         self.scorer = scorer
+        self.cap = max_k if isinstance(max_k, BlockCap) else BlockCap(max_k)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_id = tokenizer.eos_token_id
         # What ends a prompt's generation; a chat's adds its template's end-of-turn token(s).
         self._eos_ids = frozenset() if self.eos_token_id is None else frozenset([self.eos_token_id])
         self.chat = ChatTemplates(tokenizer)
-        self.scheduler = Scheduler(scorer, vocab_size, config, max_k, tracer, metrics, **scheduler)
+        self.scheduler = Scheduler(scorer, vocab_size, config, self.cap, tracer, metrics, **scheduler)
 
     def close(self) -> None:
         self.scheduler.close()

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.replicas import Replica, ReplicaSet, ReplicaState, Resolver, resolve_dns
-from eftmesh.combiner.scoring import ModelSpec, replica_mismatch
+from eftmesh.combiner.scoring import BlockCap, ModelSpec, replica_mismatch
 from eftmesh.common import tracing
 from eftmesh.common.errors import EftMeshError, Unavailable
 from eftmesh.common.metrics import CombinerMetrics, meter
@@ -142,9 +142,9 @@ class ReplicaMonitor:
         self._checked: set[str] = set()
         self.on_health: Callable[[bool], None] = lambda serving: None
         self.on_fatal: Callable[[EftMeshError], None] = lambda err: None
-        # The combiner's current block cap (its servicer's defaults.speculation.max_k, which
-        # cap_k lowers to the smallest --max-k); None: the role's first replica's max_k.
-        self.k_cap: Callable[[], int] | None = None
+        # The combiner's block cap (scoring.BlockCap, shared with the decoder and the servicer),
+        # which a new replica's --max-k must reach; None: the role's first replica's max_k.
+        self.k_cap: BlockCap | None = None
         self.fatal: EftMeshError | None = None
         self._serving: bool | None = None
         self._report_lock = threading.RLock()
@@ -396,7 +396,7 @@ class ReplicaMonitor:
         want = self.models[role]
         # The role's first replica is exempt from the --max-k check: its --max-k is what cap_k
         # lowers the cap to, right after this check.
-        cap = None if spec is want else (self.k_cap() if self.k_cap is not None else want.max_k)
+        cap = None if spec is want else (self.k_cap.value if self.k_cap is not None else want.max_k)
         why = replica_mismatch(want, spec, cap)
         if why is not None:
             log.error("%s replica %s %s: not used", role, address, why)

@@ -46,7 +46,7 @@ from opentelemetry import trace
 from eftmesh.combiner.batchmix import Workspace, mix_step, process_groups
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
-from eftmesh.combiner.scoring import Outcome, Scorer
+from eftmesh.combiner.scoring import BlockCap, Outcome, Scorer
 from eftmesh.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -97,7 +97,7 @@ class Scheduler:
         scorer: Scorer,
         vocab_size: int,
         config: SchedulerConfig = SchedulerConfig(),
-        max_k: int = 16,
+        max_k: BlockCap | int = 16,
         tracer: trace.Tracer | None = None,
         metrics: CombinerMetrics | None = None,
         *,

@@ -66,6 +66,29 @@ class Outcome:
     cached_tokens: int = 0
 
 
+class BlockCap:
+    """The combiner's largest speculative block (k): its --max-k, lowered to the smallest
+    --max-k a logit service reports as each role first answers (any role may draft, and a block
+    larger than its Draft takes would fail there). One value, made once and shared by whoever
+    needs it: request validation and Info (the servicer), the speculation controller's arms, and
+    the verification of new replicas (the monitor)."""
+
+    def __init__(self, configured: int) -> None:
+        self.configured = configured
+        self._value = configured
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def lower_to(self, limit: int) -> bool:
+        """Lower the cap to `limit` (never raise it); True if it changed."""
+        if limit >= self._value:
+            return False
+        self._value = limit
+        return True
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the combiner needs to know of one role's model."""

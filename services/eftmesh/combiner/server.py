@@ -30,7 +30,7 @@ from eftmesh.combiner.scheduler import SchedulerConfig
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults
 from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.combiner.replicas import parse_target
-from eftmesh.combiner.scoring import ModelSpec, check_compatible
+from eftmesh.combiner.scoring import BlockCap, ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.monitor import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
@@ -329,9 +329,11 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     measures = metrics.CombinerMetrics(metrics.meter(meter_provider, "eftmesh.combiner"))
     scorer = GrpcScorer(cfg.upstreams, cfg.policy, tracer_provider, metrics=measures)
     tracer = tracing.tracer(tracer_provider, "eftmesh.combiner")
-    decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cfg.defaults.speculation.max_k, tracer, measures)
+    # the block cap: --max-k, lowered by cap_k as the roles answer; one value for all who need it
+    cap = BlockCap(cfg.defaults.speculation.max_k)
+    decoder = Decoder(scorer, tokenizer, vocab, cfg.scheduler, cap, tracer, measures)
     servicer = GeneratorServicer(decoder, cfg.defaults, fp, cfg.max_concurrent_generations, tracer, measures)
-    scorer.k_cap = lambda: servicer.defaults.speculation.max_k  # replicas must take blocks this large
+    scorer.k_cap = cap  # new replicas must take blocks this large
     # gRPC's own refusals of generations (--max-concurrent-rpcs, --max-request-bytes), counted
     refusals = metrics.RefusalCounter(measures.rejected, {f"/{SERVICE_NAME}/{m}": m for m in ("Generate", "Complete")})
     try:
@@ -363,29 +365,28 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
         raise
     def check(models: Mapping[str, ModelSpec]) -> None:
         check_compatible(models, fp, vocab, tokenizer.eos_token_id)
-        cap_k(servicer, decoder, scorer.models)
+        cap_k(cap, cfg.defaults.speculation, scorer.models)
 
     return CombinerServer(server, decoder, scorer, tracer_provider, meter_provider, check=check, servicer=servicer,
                           http=http)
 
 
-def cap_k(servicer: GeneratorServicer, decoder: Decoder, models: Mapping[str, ModelSpec]) -> None:
+def cap_k(cap: BlockCap, spec: SpeculationDefaults, models: Mapping[str, ModelSpec]) -> None:
     """Cap the combiner's --max-k (and --k under it) to the smallest --max-k of the logit
     services that answered, saying so: any role may be a request's draft role, and a k larger
     than its Draft takes would fail every such request with the upstream's INVALID_ARGUMENT.
     Run as each role first answers; Info reports the cap."""
     said = {r: m.max_k for r, m in dict(models).items() if m.max_k > 0}
-    spec = servicer.defaults.speculation
-    if not said or min(said.values()) >= spec.max_k:
+    if not said:
         return
-    cap = min(said.values())
-    roles = ", ".join(f"{r} ({k})" for r, k in sorted(said.items()) if k == cap)
+    least = min(said.values())
+    before = cap.value
+    if not cap.lower_to(least):
+        return
+    roles = ", ".join(f"{r} ({k})" for r, k in sorted(said.items()) if k == least)
     log.warning("--max-k %d is more than the logit services' --max-k allows: capped to %d, the --max-k "
-                "of %s%s", spec.max_k, cap, roles,
-                f"; the fixed mode's --k {spec.k} too" if spec.k > cap else "")
-    capped = dataclasses.replace(spec, max_k=cap, k=min(spec.k, cap))
-    servicer.defaults = dataclasses.replace(servicer.defaults, speculation=capped)
-    decoder.scheduler.controller.max_k = min(decoder.scheduler.controller.max_k, cap)
+                "of %s%s", before, least, roles,
+                f"; the fixed mode's --k {spec.k} too" if spec.k > least else "")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,7 @@ gen_ai.request.*, gen_ai.usage.*, gen_ai.response.finish_reasons, and error.type
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -53,6 +54,18 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self.metrics = metrics or CombinerMetrics(meter(None, "eftmesh.combiner"))
         self._slots = threading.BoundedSemaphore(max_concurrent_generations)
         self._limit = max_concurrent_generations
+        self._capped: tuple[int, Defaults, Defaults] | None = None
+
+    def effective_defaults(self) -> Defaults:
+        """The configured defaults under the block cap the logit services allow (the decoder's
+        `BlockCap`): --max-k, and fixed mode's --k, at most the cap."""
+        cap, d = self.decoder.cap.value, self.defaults
+        if d.speculation.max_k <= cap:
+            return d
+        if self._capped is None or self._capped[:2] != (cap, d):
+            spec = dataclasses.replace(d.speculation, max_k=cap, k=min(d.speculation.k, cap))
+            self._capped = (cap, d, dataclasses.replace(d, speculation=spec))
+        return self._capped[2]
 
     @contextmanager
     def _slot(self) -> Iterator[None]:
@@ -80,7 +93,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         m, start, first, tokens, error = self.metrics, time.perf_counter(), None, 0, None
         attrs: dict[str, str] = {**gen_ai_attributes(), "rpc.method": rpc, **(extra or {})}
         try:
-            req = convert.request_from_pb(request, self.defaults, self.decoder.scorer.models)
+            req = convert.request_from_pb(request, self.effective_defaults(), self.decoder.scorer.models)
             attrs["gen_ai.request.model"] = req.composition.describe()
             if req.messages:
                 attrs["gen_ai.operation.name"] = GEN_AI_CHAT
@@ -176,4 +189,5 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def Info(
         self, request: generator_pb2.GeneratorInfoRequest, context: grpc.ServicerContext
     ) -> generator_pb2.GeneratorInfoResponse:
-        return convert.info_to_pb(self.defaults, self.decoder.scorer.models, self.fingerprint, self.decoder.vocab_size)
+        return convert.info_to_pb(self.effective_defaults(), self.decoder.scorer.models, self.fingerprint,
+                                  self.decoder.vocab_size)
