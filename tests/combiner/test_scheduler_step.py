@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from eftmesh.combiner.decoding import Generation, GenerationRequest, SpeculationConfig
-from eftmesh.combiner.scoring import Outcome
+from eftmesh.combiner.scoring import DraftCall, Outcome
 from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.decoder import Decoder
 from fake_scorer import RecordingScorer
@@ -83,13 +83,26 @@ def submit(d: Decoder, r: GenerationRequest) -> Generation:
     return g
 
 
-def run_out(d: Decoder, limit: int = 500) -> int:
-    """Step until nothing is left to step; returns the steps taken."""
+def run_out(d: Decoder, limit: int = 500, clock: FakeClock | None = None) -> int:
+    """Step until nothing is left to step; returns the steps taken. With `clock`, a step with
+    nothing to do while generations wait (backing off) moves the clock on 10 ms."""
     n = 0
-    while d.scheduler.step():
+    while d.scheduler.step() or (clock is not None and d.scheduler.load != (0, 0)):
+        if clock is not None:
+            clock.now += 0.01
         n += 1
         assert n < limit, "the scheduler never ran out of work"
     return n
+
+
+def chunks(g: Generation) -> list[Chunk]:
+    """The generation's chunks (the test fails on an error)."""
+    out = []
+    while not g.out.empty():
+        item = g.out.get()
+        assert not isinstance(item, BaseException), item
+        out.append(item)
+    return out
 
 
 def outcome(g: Generation) -> list[int] | BaseException:
@@ -233,3 +246,90 @@ def test_a_straggling_call_sets_its_generation_aside_and_the_others_step_on_with
     call.set_result({})  # answered (or moved): it rejoins and redoes its step
     run_out(d)
     assert [outcome(slow), outcome(fine)] == expected
+
+
+UPSCALE = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
+
+
+def test_max_batch_caps_the_running_batch_and_the_rest_wait(make):
+    reqs = [req(SHORT, 8)] + [req(p, 3 + i) for i, p in enumerate(LONG + [SHORT])]
+    expected = [alone(make, r) for r in reqs]
+    d, scorer, _ = make(SchedulerConfig(max_batch=2))
+    gens = [submit(d, r) for r in reqs]
+    d.scheduler.step()
+    assert d.scheduler.load == (2, 3)  # two running, three waiting
+    run_out(d)
+    assert [outcome(g) for g in gens] == expected
+    sizes = [len(step) for step in scorer.steps()]
+    assert max(sizes) == 2 and sizes.count(2) >= 4
+
+
+def test_times_count_steps_tokens_and_rows(make):
+    d, _, _ = make()
+    t = d.scheduler.times
+    g = submit(d, req(SHORT, 9))
+    run_out(d)
+    assert len(chunks(g)) == 9 and (t.steps, t.tokens, t.rows) == (9, 9, 9)  # plain: one of each per step
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    g = submit(d, GenerationRequest(SHORT, UPSCALE, GREEDY, seed=0, max_new_tokens=11, ignore_eos=True, seeded=True,
+                                    speculation=spec))
+    run_out(d)
+    got = chunks(g)
+    usage = got[-1].usage
+    assert sum(len(c.token_ids) for c in got) == 11 and t.steps == 9 + len(got) and t.tokens == 9 + 11
+    assert t.rows == 9 + len(got) + usage.speculation.drafted  # a block of k mixes k + 1 rows
+    assert usage.speculation.blocks >= 1 and t.draft_s > 0 and t.score_s > 0 and t.combine_s > 0
+
+
+@pytest.mark.parametrize("kind", ["score", "draft"])
+def test_a_preempted_generation_resumes_with_the_same_output_sampled_speculation_included(make, kind):
+    """RESOURCE_EXHAUSTED for one item (a verify at base-large, or a draft at ft-small): the
+    generation goes back to the queue, re-prefills, and, its step's random draws undone, gives
+    what it gives undisturbed; the other generation is untouched."""
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9)
+    reqs = [GenerationRequest(SHORT, UPSCALE, sampled, seed=7, max_new_tokens=14, ignore_eos=True, seeded=True,
+                              speculation=spec),
+            GenerationRequest(LONG[2], UPSCALE, GREEDY, seed=0, max_new_tokens=14, ignore_eos=True, seeded=True)]
+    expected = [alone(make, r) for r in reqs]
+    d, scorer, clock = make()
+    victim, other = (submit(d, r) for r in reqs)
+    refused: list[int] = []
+
+    def refuse(role: str, call: Any) -> EftMeshError | None:
+        target = isinstance(call, DraftCall) if kind == "draft" else role == "base-large"
+        if call.session_id in victim.sessions.values() and target and call.start >= 15 and not refused:
+            refused.append(call.start)
+            return ResourceExhausted("injected: KV cache full")
+        return None
+
+    scorer.refuse = refuse
+    run_out(d, clock=clock)
+    assert [outcome(victim), outcome(other)] == expected
+    assert refused, "no item was refused: nothing was preempted"
+    prefills = [len(c.tokens) for k, r, calls in scorer.calls if k == "score" and r == "base-large"
+                for c in calls if c.start == 0 and c.session_id == victim.sessions["base-large"]]
+    assert len(prefills) == 2 and prefills[1] > prefills[0] >= 10  # the prompt, then the whole sequence again
+    assert prefills[1] >= refused[0]
+
+
+def test_a_generation_preempted_twice_far_apart_is_not_timed_out(make):
+    """The queue timeout counts a preempted generation's wait from its last progress, not from
+    its first preemption."""
+    expected = alone(make, req(SHORT, 40))
+    d, scorer, clock = make(SchedulerConfig(queue_timeout_s=0.1))
+    g = submit(d, req(SHORT, 40))
+    refused: list[float] = []
+
+    def refuse(role: str, call: Any) -> EftMeshError | None:
+        clock.now += 0.003  # a call takes 3 ms (and run_out moves the clock 10 ms per step)
+        late = refused and clock.now - refused[0] > 0.25
+        if call.start > 0 and (not refused and call.start >= 13 or len(refused) == 1 and late):
+            refused.append(clock.now)
+            return ResourceExhausted("injected: KV cache full")
+        return None
+
+    scorer.refuse = refuse
+    run_out(d, clock=clock)
+    assert len(refused) == 2 and refused[1] - refused[0] > 0.1  # further apart than the queue timeout
+    assert outcome(g) == expected
