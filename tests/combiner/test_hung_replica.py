@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from conftest import start_combiner, start_logit
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.deadlines import DeadlinePolicy
+from eftmesh.combiner.monitor import DOWN, UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night",
@@ -81,6 +82,53 @@ def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, 
         while len(hung.engine.sessions) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(hung.engine.sessions) == 0, f"{len(hung.engine.sessions)} sessions left on the woken replica"
+    finally:
+        gate.set()
+        cs.stop(0)
+        for ls in (hung, healthy, *others.values()):
+            ls.server.stop(0).wait()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_replica_marked_down_has_its_calls_cancelled_at_once_not_at_their_deadline(mesh, tiny_family):
+    """The deadlines are set far out (a 20 s floor, as before a role's calls are timed); the
+    replica hangs mid-generation and the monitor marks it down (as three missed health probes
+    would): its calls in flight are cancelled then and their generations move, so no stream
+    waits anywhere near the deadline."""
+    reference = f"127.0.0.1:{mesh.combiner.server.port}"
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        expected = dict(zip(PROMPTS, (t for t, _ in pool.map(lambda p: stream(reference, p), PROMPTS))))
+    hung, healthy = (start_logit(tiny_family["base-large"], "base-large") for _ in range(2))
+    others = {r: start_logit(tiny_family[r], r) for r in ("base-small", "ft-small")}
+    gate, held = threading.Event(), threading.Event()
+    original, calls = hung.engine.score_batch, []
+
+    def stuck_after_a_few_steps(items, *args, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 12 and not gate.is_set():
+            held.set()
+            gate.wait(30)
+        return original(items, *args, **kwargs)
+
+    hung.engine.score_batch = stuck_after_a_few_steps
+    target = f"127.0.0.1:{hung.server.port},127.0.0.1:{healthy.server.port}"
+    policy = UpstreamPolicy(deadlines=DeadlinePolicy(floor_s=20.0, cap_s=30.0), prefix_slack=None)
+    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **{r: ls.server.port for r, ls in others.items()}},
+                        upstream_targets={"base-large": target}, policy=policy)
+    try:
+        address = f"127.0.0.1:{cs.server.port}"
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            futures = {p: pool.submit(stream, address, p) for p in PROMPTS}
+            assert held.wait(60), "the hung replica never got its 12th call"
+            replica = next(r for r in cs.scorer.replicas["base-large"].replicas()
+                           if r.address == f"127.0.0.1:{hung.server.port}")
+            cs.scorer._set_state("base-large", replica, DOWN, "health: 3 probes timed out (the test)")
+            got = {p: f.result(timeout=90) for p, f in futures.items()}
+        assert not gate.is_set()  # every stream finished while the replica was still hung
+        assert {p: t for p, (t, _) in got.items()} == expected
+        gaps = {p: round(g, 2) for p, (_, g) in got.items()}
+        assert max(gaps.values()) < 3.0, gaps  # not the 20 s deadline
     finally:
         gate.set()
         cs.stop(0)

@@ -229,6 +229,11 @@ class ReplicaMonitor:
         if before is not state and before is not UNVERIFIED:
             log.log(logging.INFO if state is LIVE else logging.WARNING, "%s replica %s is %s%s",
                     role, replica.address, state.value, f" ({why})" if why else "")
+        if state is DOWN and before is not DOWN:
+            self._on_down(role, replica)
+
+    def _on_down(self, role: str, replica: Replica) -> None:
+        """Called when a replica is marked down: the call path cancels its calls in flight."""
 
     def _monitor_loop(self, started: float) -> None:
         last_wait_log = time.monotonic()
