@@ -327,3 +327,16 @@ def test_fuzzed_chats_never_get_internal_and_leave_the_mesh_serving(demo_mesh) -
 
     run()
     assert list(_complete(demo_mesh, messages=[{"role": "user", "content": QUESTION}]).token_ids) == reference
+
+
+@pytest.mark.e2e
+def test_a_chats_second_turn_finds_its_history_in_every_roles_prefix_cache(demo_mesh) -> None:
+    """No client change: the second turn re-sends the first as messages, the combiner renders
+    them with the chat template, and the logit services find the rendered history cached."""
+    history = [{"role": "user", "content": "Tell me about the town and the people there. " + QUESTION}]  # new text
+    first = _complete(demo_mesh, messages=history)
+    assert first.usage.cached_prompt_tokens == 0
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And who lives next door?"}]
+    second = _complete(demo_mesh, messages=history)
+    assert second.usage.cached_prompt_tokens >= 16, second.usage  # at least the first turn's full blocks
+    assert second.usage.cached_prompt_tokens < second.usage.prompt_tokens
