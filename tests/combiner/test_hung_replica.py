@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -41,12 +45,33 @@ def stream(address: str, prompt: str) -> tuple[str, float]:
         return text, gap
 
 
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, tiny_family):
+def expected_texts(mesh) -> dict[str, str]:
+    """Each prompt's greedy text on the shared one-replica mesh."""
     reference = f"127.0.0.1:{mesh.combiner.server.port}"
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = dict(zip(PROMPTS, (t for t, _ in pool.map(lambda p: stream(reference, p), PROMPTS))))
+        return dict(zip(PROMPTS, (t for t, _ in pool.map(lambda p: stream(reference, p), PROMPTS))))
+
+
+@dataclass
+class HungMesh:
+    """Two base-large replicas, the first of which hangs at its 12th call (mid-generation)
+    until `gate` is set; `held` is set when it does. A combiner over them (least loaded
+    routing, so both replicas get sessions)."""
+
+    hung: Any
+    healthy: Any
+    others: dict[str, Any]
+    cs: Any
+    gate: threading.Event
+    held: threading.Event
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.cs.server.port}"
+
+
+@contextmanager
+def hung_mesh(tiny_family, deadlines: DeadlinePolicy = DeadlinePolicy()) -> Iterator[HungMesh]:
     hung, healthy = (start_logit(tiny_family["base-large"], "base-large") for _ in range(2))
     others = {r: start_logit(tiny_family[r], r) for r in ("base-small", "ft-small")}
     gate, held = threading.Event(), threading.Event()
@@ -63,25 +88,9 @@ def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, 
     target = f"127.0.0.1:{hung.server.port},127.0.0.1:{healthy.server.port}"
     cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **{r: ls.server.port for r, ls in others.items()}},
                         upstream_targets={"base-large": target},
-                        policy=UpstreamPolicy(prefix_slack=None))  # least loaded: both replicas get sessions
+                        policy=UpstreamPolicy(deadlines=deadlines, prefix_slack=None))
     try:
-        address = f"127.0.0.1:{cs.server.port}"
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            futures = {p: pool.submit(stream, address, p) for p in PROMPTS}
-            assert held.wait(60), "the hung replica never got its 12th call"
-            got = {p: f.result(timeout=90) for p, f in futures.items()}
-        gate.set()  # it wakes: the held call runs late, for sessions that have moved on
-        # every stream finished while the replica was still hung, with its own tokens
-        assert {p: t for p, (t, _) in got.items()} == expected
-        gaps = {p: round(g, 2) for p, (_, g) in got.items()}
-        # the floor (1 s) + a re-prefill; a stall until the replica woke would be HANG_S or more
-        assert max(gaps.values()) < 3.0, gaps
-        assert cs.scorer.deadlines.snapshot()["base-large"]["call_s"] is not None
-        # the sessions moved off it are released there once it answers again
-        deadline = time.monotonic() + 10
-        while len(hung.engine.sessions) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(hung.engine.sessions) == 0, f"{len(hung.engine.sessions)} sessions left on the woken replica"
+        yield HungMesh(hung, healthy, others, cs, gate, held)
     finally:
         gate.set()
         cs.stop(0)
@@ -91,46 +100,44 @@ def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, 
 
 @pytest.mark.slow
 @pytest.mark.e2e
+def test_a_hung_replica_costs_its_streams_a_re_prefill_and_nobody_a_stall(mesh, tiny_family):
+    expected = expected_texts(mesh)
+    with hung_mesh(tiny_family) as m:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            futures = {p: pool.submit(stream, m.address, p) for p in PROMPTS}
+            assert m.held.wait(60), "the hung replica never got its 12th call"
+            got = {p: f.result(timeout=90) for p, f in futures.items()}
+        m.gate.set()  # it wakes: the held call runs late, for sessions that have moved on
+        # every stream finished while the replica was still hung, with its own tokens
+        assert {p: t for p, (t, _) in got.items()} == expected
+        gaps = {p: round(g, 2) for p, (_, g) in got.items()}
+        # the floor (1 s) + a re-prefill; a stall until the replica woke would be HANG_S or more
+        assert max(gaps.values()) < 3.0, gaps
+        assert m.cs.scorer.deadlines.snapshot()["base-large"]["call_s"] is not None
+        # the sessions moved off it are released there once it answers again
+        deadline = time.monotonic() + 10
+        while len(m.hung.engine.sessions) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(m.hung.engine.sessions) == 0, f"{len(m.hung.engine.sessions)} sessions left on the woken replica"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_replica_marked_down_has_its_calls_cancelled_at_once_not_at_their_deadline(mesh, tiny_family):
     """The deadlines are set far out (a 20 s floor, as before a role's calls are timed); the
     replica hangs mid-generation and the monitor marks it down (as three missed health probes
     would): its calls in flight are cancelled then and their generations move, so no stream
     waits anywhere near the deadline."""
-    reference = f"127.0.0.1:{mesh.combiner.server.port}"
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = dict(zip(PROMPTS, (t for t, _ in pool.map(lambda p: stream(reference, p), PROMPTS))))
-    hung, healthy = (start_logit(tiny_family["base-large"], "base-large") for _ in range(2))
-    others = {r: start_logit(tiny_family[r], r) for r in ("base-small", "ft-small")}
-    gate, held = threading.Event(), threading.Event()
-    original, calls = hung.engine.score_batch, []
-
-    def stuck_after_a_few_steps(items, *args, **kwargs):
-        calls.append(len(items))
-        if len(calls) == 12 and not gate.is_set():
-            held.set()
-            gate.wait(30)
-        return original(items, *args, **kwargs)
-
-    hung.engine.score_batch = stuck_after_a_few_steps
-    target = f"127.0.0.1:{hung.server.port},127.0.0.1:{healthy.server.port}"
-    policy = UpstreamPolicy(deadlines=DeadlinePolicy(floor_s=20.0, cap_s=30.0), prefix_slack=None)
-    cs = start_combiner(tiny_family["base-small"], {"base-large": 0, **{r: ls.server.port for r, ls in others.items()}},
-                        upstream_targets={"base-large": target}, policy=policy)
-    try:
-        address = f"127.0.0.1:{cs.server.port}"
+    expected = expected_texts(mesh)
+    with hung_mesh(tiny_family, DeadlinePolicy(floor_s=20.0, cap_s=30.0)) as m:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            futures = {p: pool.submit(stream, address, p) for p in PROMPTS}
-            assert held.wait(60), "the hung replica never got its 12th call"
-            replica = next(r for r in cs.scorer.replicas["base-large"].replicas()
-                           if r.address == f"127.0.0.1:{hung.server.port}")
-            cs.scorer._set_state("base-large", replica, DOWN, "health: 3 probes timed out (the test)")
+            futures = {p: pool.submit(stream, m.address, p) for p in PROMPTS}
+            assert m.held.wait(60), "the hung replica never got its 12th call"
+            replica = next(r for r in m.cs.scorer.replicas["base-large"].replicas()
+                           if r.address == f"127.0.0.1:{m.hung.server.port}")
+            m.cs.scorer._set_state("base-large", replica, DOWN, "health: 3 probes timed out (the test)")
             got = {p: f.result(timeout=90) for p, f in futures.items()}
-        assert not gate.is_set()  # every stream finished while the replica was still hung
+        assert not m.gate.is_set()  # every stream finished while the replica was still hung
         assert {p: t for p, (t, _) in got.items()} == expected
         gaps = {p: round(g, 2) for p, (_, g) in got.items()}
         assert max(gaps.values()) < 3.0, gaps  # not the 20 s deadline
-    finally:
-        gate.set()
-        cs.stop(0)
-        for ls in (hung, healthy, *others.values()):
-            ls.server.stop(0).wait()

@@ -14,8 +14,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
+from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 from eftmesh.logit.runner import GraphConfig, batch_buckets, bucket_for, pow2_buckets
@@ -32,15 +33,7 @@ def tokenizer(tiny_family):
 
 @pytest.fixture(scope="module")
 def models(tokenizer):
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=N_POSITIONS, n_embd=32, n_layer=2, n_head=2,
-                                      initializer_range=0.2, tie_word_embeddings=False))
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=N_POSITIONS, initializer_range=0.2,
-                                         tie_word_embeddings=False))
-    return {"gpt2": gpt2.eval(), "llama": llama.eval()}
+    return tiny_models(len(tokenizer), N_POSITIONS, seed=0)
 
 
 def pair(model, tokenizer) -> tuple[ModelEngine, ModelEngine]:

@@ -159,7 +159,7 @@ class Scheduler:
         while True:
             with self._cv:
                 while not self._stop and not self._running and not self._waiting and not self._ready_held():
-                    self._cv.wait(timeout=0.05 if self._held else None)
+                    self._cv.wait()  # a held call's end notifies (Scheduler._hold)
                 if self._stop:
                     break
             if not self.step():  # everyone waiting is backing off after a full KV cache

@@ -108,6 +108,10 @@ class GrpcScorer(ReplicaMonitor):
             else:
                 gone.setdefault(r.address, (r, []))[1].append(i)
 
+        def sent(idx: list[int]) -> int:
+            """Tokens a call for `idx` sends."""
+            return sum(len(calls[i].tokens) - (0 if zero else calls[i].start) for i in idx)
+
         def move(replica: Replica, idx: list[int], why: str, rejoin: bool = False) -> dict[int, Outcome]:
             """Re-send `idx` on another live replica of the role (with `rejoin`, on this one if
             it comes back within `rejoin_wait_s`), or fail them UNAVAILABLE."""
@@ -129,7 +133,7 @@ class GrpcScorer(ReplicaMonitor):
             part = [calls[i] for i in idx]
             started = time.perf_counter()
             attrs = {"eftmesh.role": role, "rpc.method": method}
-            tokens = sum(len(c.tokens) - (0 if zero else c.start) for c in part)
+            tokens = sent(idx)
             other = bool(self._live_replicas(role, exclude=replica.address))
             timeout, derived = self.deadlines.deadline(role, tokens, failover=other)
             try:
@@ -193,8 +197,7 @@ class GrpcScorer(ReplicaMonitor):
         hold = None
         if attempt == 0 and jobs and (len(jobs) > 1 or self._live_replicas(role, exclude=jobs[0][0].address)):
             # another replica could take a straggler's sessions: the step need not wait for it
-            hold = self.deadlines.hold_after(role, max(
-                sum(len(calls[i].tokens) - (0 if zero else calls[i].start) for i in idx) for _, idx in jobs))
+            hold = self.deadlines.hold_after(role, max(sent(idx) for _, idx in jobs))
         if hold is None:  # the first call on this thread: no hand-off where nothing can be set aside
             pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
             results = [one(*jobs[0])] if jobs else []
