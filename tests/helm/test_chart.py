@@ -767,3 +767,35 @@ def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():
             assert {"name": "chat-template", "configMap": {"name": name + "-chat-template"}} in pod_spec(d)["volumes"]
         else:  # the others keep their tokenizer's template
             assert flag not in args and all(m["name"] != "chat-template" for m in mounts)
+
+
+def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_values():
+    from eftmesh.logit.runner import GraphConfig
+
+    defaults = by_kind(render(), "Deployment")
+    for name, d in defaults.items():  # the chart's defaults are the services' own
+        cfg = parse(name, container(d))
+        if name.endswith("-combiner"):
+            pol = cfg.policy
+            assert (pol.deadlines.margin, pol.deadlines.floor_s, pol.deadlines.straggler_factor) == (10, 1.0, 2)
+            assert pol.prefix_slack == 8
+        else:
+            assert cfg.engine.prefix_cache is True and cfg.engine.graphs == GraphConfig()
+    docs = by_kind(render({
+        "logit": {"defaults": {"cudaGraphs": {"maxBatch": 64, "maxQuery": 32}},
+                  "roles": {"base-small": {"prefixCache": False, "cudaGraphs": {"mode": "off"}}}},
+        "combiner": {"upstream": {"deadlineMargin": 20, "deadlineFloor": 2.5, "stragglerFactor": 3},
+                     "prefixRoutingSlack": -1},
+    }), "Deployment")
+    for name, d in docs.items():
+        cfg = parse(name, container(d))
+        if name.endswith("-combiner"):
+            pol = cfg.policy
+            assert (pol.deadlines.margin, pol.deadlines.floor_s, pol.deadlines.straggler_factor) == (20, 2.5, 3)
+            assert pol.prefix_slack is None  # -1: least loaded only
+        elif name.endswith("-base-small"):  # a role's own values override the defaults, false included
+            assert cfg.engine.prefix_cache is False
+            assert cfg.engine.graphs == GraphConfig(mode="off", max_batch=64, max_query=32)
+        else:
+            assert cfg.engine.prefix_cache is True
+            assert cfg.engine.graphs == GraphConfig(mode="auto", max_batch=64, max_query=32)
