@@ -64,6 +64,32 @@ def test_auto_runs_eagerly_on_a_cpu_and_static_is_reported_in_info(models, token
     assert (pb.execution, pb.cuda_graphs, pb.graph_capture_s) == ("static", 0, 0.0)
 
 
+def test_a_failed_capture_leaves_an_eager_service_that_says_so(models, tokenizer, caplog):
+    """TGI's choice: a CUDA graph capture that fails (out of memory, an op a graph cannot hold)
+    is logged and the service runs eagerly, instead of not starting. A fake here: the capture
+    (CUDA only) is replaced by one that fails after two buckets."""
+    eager, static = pair(models["gpt2"], tokenizer)
+    runner = static.runner
+
+    def failing() -> None:
+        runner.graphs.update({(1, 1, 64): None, (2, 1, 64): None})  # two buckets captured, then:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (a fake)")
+
+    runner.capture_graphs = True
+    runner._capture_all = failing
+    with caplog.at_level("ERROR", logger="eftmesh.logit.runner"):
+        static.warmup()
+    assert "CUDA graph capture failed after 2 of" in caplog.text and "OutOfMemoryError" in caplog.text
+    assert not runner.graphs and not runner.static and not runner.capture_graphs
+    assert (static.info.execution, static.info.cuda_graphs, static.info.graph_capture_s) == ("eager", 0, 0.0)
+    eager.warmup()
+    static_before = runner.static_steps
+    for items in ([ScoreItem("s", 0, list(range(5, 25)), 1)], [ScoreItem("s", 20, [7], 1)]):  # a prefill, a decode
+        a, b = eager.score_batch(items)[0], static.score_batch(items)[0]
+        assert b.error is None and torch.equal(a.rows, b.rows)  # the same eager path, the same logits
+    assert runner.static_steps == static_before  # the decode did not take the static path
+
+
 def test_bad_graph_settings_are_refused_with_the_flag_named():
     with pytest.raises(ValueError, match="--cuda-graphs"):
         GraphConfig(mode="sometimes")

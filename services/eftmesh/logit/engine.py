@@ -124,7 +124,7 @@ class ModelEngine:
             kv_block_size=cfg.kv_block_size,
             max_batch=self.max_batch,
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
-            execution="static" if self.runner.static else "eager",
+            execution=self.runner.execution,
             prefix_cache=cfg.prefix_cache,
         )
         self.sessions = SessionStore(cfg.max_sessions, cfg.session_idle_timeout_s,
@@ -197,9 +197,8 @@ class ModelEngine:
                  self.info.role, fixed * 1e3, per_token * 1e3, self.merge_tokens)
         with self._lock:
             seconds = self.runner.capture()
-        if self.runner.graphs:
-            self.info = dataclasses.replace(self.info, execution="cuda-graphs", cuda_graphs=len(self.runner.graphs),
-                                            graph_capture_s=round(seconds, 3))
+        self.info = dataclasses.replace(self.info, execution=self.runner.execution, cuda_graphs=len(self.runner.graphs),
+                                        graph_capture_s=round(seconds, 3) if self.runner.graphs else 0.0)
 
     def _timed(self, sid: str, n: int) -> float:
         """Seconds of one prefill of n tokens (a fresh session each time)."""

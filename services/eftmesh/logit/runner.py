@@ -297,12 +297,39 @@ class ModelRunner:
 
     # --- capture --------------------------------------------------------------------------------------
 
+    @property
+    def execution(self) -> str:
+        """How steps run now: "cuda-graphs", "static" or "eager" (LogitServiceInfo.execution)."""
+        return "cuda-graphs" if self.graphs else "static" if self.static else "eager"
+
     def capture(self) -> float:
         """Capture every (batch, query, context) bucket as a CUDA graph (largest first, all in
-        one memory pool); returns the seconds it took. A no-op unless graphs are on."""
+        one memory pool); returns the seconds it took. A no-op unless graphs are on.
+
+        A capture that fails (out of memory, an op in the model's code that a graph cannot
+        hold) does not stop the service: the error is logged with its traceback and every step
+        then runs eagerly, as TGI does when its CUDA graph warm-up fails; Info says "eager". An
+        error the device keeps (a sticky CUDA error) still fails the start, at the sync after."""
         if not self.capture_graphs:
             return 0.0
         started = time.perf_counter()
+        try:
+            self._capture_all()
+        except Exception:
+            log.exception("CUDA graph capture failed after %d of %d buckets: every step runs eagerly "
+                          "(--cuda-graphs off skips the capture)", len(self.graphs),
+                          len(self.batches) * len(self.queries) * len(self.contexts))
+            self.graphs.clear()
+            self.static = self.capture_graphs = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - started
+        if self.graphs:
+            log.info("captured %d CUDA graphs (batch %s x query %s x context %s) in %.1f s", len(self.graphs),
+                     self.batches, self.queries, self.contexts, self.capture_s)
+        return self.capture_s
+
+    def _capture_all(self) -> None:
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
         shapes = sorted(((b, q, c) for b in self.batches for q in self.queries for c in self.contexts),
@@ -320,8 +347,3 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     out = self._static_forward(*shape)
                 self.graphs[shape] = (graph, out)
-        torch.cuda.synchronize(self.device)
-        self.capture_s = time.perf_counter() - started
-        log.info("captured %d CUDA graphs (batch %s x query %s x context %s) in %.1f s", len(self.graphs),
-                 self.batches, self.queries, self.contexts, self.capture_s)
-        return self.capture_s

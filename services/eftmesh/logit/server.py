@@ -133,8 +133,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--hide-model-path", dest="expose_model_id", action="store_false", help="Info reports the role as model_id instead of --model (a local path or hub id) (default: --model is reported)")
     p.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="auto",
                    help="how decode and verify steps run: auto captures a CUDA graph per (batch, query, context) bucket "
-                        "at warm-up when the model is on one CUDA device and replays it (eager elsewhere, and for "
-                        "prefills and shapes past the buckets); off runs every step eagerly; static runs the "
+                        "at warm-up when the model is on one CUDA device and replays it (eager elsewhere, for "
+                        "prefills and shapes past the buckets, and everywhere if the capture fails: logged); off runs every step eagerly; static runs the "
                         "captured path's static shapes without capturing (debugging, and CI on a CPU) (default: %(default)s)")
     p.add_argument("--cuda-graph-max-batch", type=int, default=32,
                    help="largest batch bucket captured (buckets 1, 2, 4, 8, then multiples of 8) (default: %(default)s)")
