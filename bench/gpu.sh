@@ -10,7 +10,8 @@
 #      bfloat16): load-gpu.json, load-gpu.png
 #   4. the same on the real-shape family (1B base-large, SmolLM2-135M-shaped small roles):
 #      load-gpu-real.json, load-gpu-real.png
-#   5. the one-step profile (bench/gpu_profile.py): gpu-profile.txt (PROFILE=0 skips it)
+#   5. every figure above against issue 15's targets, one table (eftmesh_lab.gpu_targets): gpu-targets.json
+#   6. the one-step profile (bench/gpu_profile.py): gpu-profile.txt (PROFILE=0 skips it)
 # Results go to RESULTS_DIR (default bench/). Extra arguments go to both concurrency benchmarks
 # (e.g. --reps 1). PY picks the interpreter (default .venv's, made with `make install` when
 # missing); with another one, eftmesh and the lab are found under services/ and tools/lab/.
@@ -53,6 +54,9 @@ if [[ ${REAL:-1} != 0 ]]; then
     --concurrency 1,4,16,32 --port 50350 --out "$OUTDIR/load-gpu-real.json" --plot "$OUTDIR/load-gpu-real.png" "$@" || true
   echo "  ($((SECONDS - start)) s so far)"
 fi
+
+# the figures so far against issue 15's targets, one table (reads the JSON above; no GPU, instant)
+run "$PY" -m eftmesh_lab.gpu_targets --results "$OUTDIR" || true
 
 if [[ ${PROFILE:-1} != 0 ]]; then
   run "$PY" bench/gpu_profile.py --device cuda --out "$OUTDIR/gpu-profile.txt" | tail -n 40 || true
