@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig, batch_buckets, bucket_for, pow2_buckets
+from eftmesh.logit.runner import GraphConfig, batch_buckets, bucket_for, cache_argument, pow2_buckets
 
 SAME = 1e-5  # float32: static against eager
 N_POSITIONS = 128
@@ -88,6 +88,24 @@ def test_a_failed_capture_leaves_an_eager_service_that_says_so(models, tokenizer
         a, b = eager.score_batch(items)[0], static.score_batch(items)[0]
         assert b.error is None and torch.equal(a.rows, b.rows)  # the same eager path, the same logits
     assert runner.static_steps == static_before  # the decode did not take the static path
+
+
+def test_the_cache_goes_by_the_keyword_the_model_s_forward_takes(models):
+    # transformers 5.24 renamed past_key_values to cache; a forward with **kwargs would drop
+    # the wrong name silently and run without the paged cache
+    assert cache_argument(models["gpt2"]) == "cache" and cache_argument(models["llama"]) == "cache"
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids=None, **kwargs):
+            return None
+
+    assert cache_argument(Older()) == "past_key_values"
+    with pytest.raises(ValueError, match="takes no cache"):
+        cache_argument(NoCache())
 
 
 def test_bad_graph_settings_are_refused_with_the_flag_named():

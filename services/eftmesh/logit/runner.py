@@ -28,6 +28,7 @@ buckets are powers of two: at most 2x the context actually held.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -101,6 +102,18 @@ class StepBatch:
         return [len(x) for x in self.ids]
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword the model's forward takes its cache by: `cache` since transformers 5.24
+    (which renamed it), `past_key_values` before. A forward that takes **kwargs would drop the
+    other name silently and run without the paged cache, so it is looked up, never assumed."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(model).__name__}.forward takes no cache (neither `cache` nor `past_key_values`): "
+                     "eftmesh serves transformers causal LMs with a KV cache")
+
+
 class StaticView(Cache):
     """The `Cache` a static-shaped forward sees: `BatchView.update` over indices that live on
     the device (built there from the block tables), with no host-side state per step."""
@@ -127,6 +140,7 @@ class ModelRunner:
     def __init__(self, model: Any, pool: PagedKVPool, *, max_context: int, graphs: GraphConfig,
                  sharded: bool, floor_limit: int | None = None) -> None:
         self.model = model
+        self._cache_arg = cache_argument(model)
         # Rows are floored (core.mixing.floor_rows_) over the tokenizer's columns on the device,
         # so that the combiner mixes them as they come (ScoreBatchResponse.floored).
         self.floor_limit = floor_limit
@@ -197,7 +211,7 @@ class ModelRunner:
             input_ids=ids.to(self.device),
             attention_mask=view.attention_mask(self.dtype),
             position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
-            cache=view,
+            **{self._cache_arg: view},
             use_cache=True,
             logits_to_keep=cols.clamp_min(0).to(self._keep_device),
         )
@@ -260,7 +274,7 @@ class ModelRunner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions.clamp_max(self.max_context - 1),
-            cache=view,
+            **{self._cache_arg: view},
             use_cache=True,
             logits_to_keep=(new[:, None] - q + j[None, :]).clamp_min(0),  # [b, q]: the last q real columns
         )
