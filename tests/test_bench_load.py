@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from eftmesh_lab import bench_load
 from eftmesh_lab.bench_load import (
     FT,
     LARGE,
@@ -93,3 +94,20 @@ def test_one_gguf_in_every_role_is_loaded_once_and_lockstep_is_its_greedy_genera
     reference = family.models[LARGE].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                               min_new_tokens=10, do_sample=False, pad_token_id=family.pad_id)
     assert lockstep_generate(family, [prompt], 10) == [reference[0, ids.shape[1]:].tolist()]
+
+
+def test_a_run_of_some_systems_without_poisson_reports_the_rest_as_not_measured() -> None:
+    """bench/gpu.sh trims its real-shape run (--systems, --poisson-requests 0): ratios of the
+    systems left out and the Poisson ratio are 'not measured', never passes or failures."""
+    med = {"mesh-plain": {1: 100.0, 16: 700.0}, "lockstep": {1: 120.0, 16: 800.0}}
+    ratios, targets = bench_load.derive(med, None, "cpu")
+    assert ratios["mesh_plain1_over_lockstep1"] == pytest.approx(100 / 120)
+    assert ratios["mesh_adaptive16_over_mesh_plain16"] is None and ratios["poisson_ttft_p99_over_single"] is None
+    assert targets["mesh_adaptive16_over_mesh_plain16"]["pass"] is None
+    assert targets["poisson_ttft_p99_over_single"]["pass"] is None
+    out = {"concurrency": [1, 16], "tokens_per_s": {k: {str(n): v for n, v in row.items()} for k, row in med.items()},
+           "ratios": ratios, "targets": targets, "poisson": None, "kv_cache": {}}
+    table = bench_load.markdown(out)
+    assert "poisson (mesh-plain)" not in table and "| mesh_adaptive16_over_mesh_plain16 | - | >= 1.0 | not measured |" in table
+    with pytest.raises(SystemExit, match="--systems: unknown nope; choose from lockstep, hf-generate"):
+        bench_load.main(["--systems", "nope"])

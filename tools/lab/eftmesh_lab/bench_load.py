@@ -314,6 +314,9 @@ def run_poisson(client: MeshClient, prompts: Sequence[str], schedule: Sequence[A
 Runner = Callable[[Sequence[str], int], int]  # (prompts, max_new) -> new tokens made
 
 
+SYSTEMS = ("lockstep", "hf-generate", *MODES)
+
+
 def systems(family: Family, client: MeshClient) -> dict[str, Runner]:
     def lockstep(prompts: Sequence[str], max_new: int) -> int:
         return sum(len(t) for t in lockstep_generate(family, prompts, max_new))
@@ -368,10 +371,10 @@ def poisson_section(client: MeshClient, prompts: Sequence[str], peak: float, a: 
             "single_ttft_s": single, **res, "ttft_p99_over_single": res["ttft_p99_s"] / single}
 
 
-def derive(med: dict[str, dict[int, float]], poisson: dict, device: str) -> tuple[dict, dict]:
+def derive(med: dict[str, dict[int, float]], poisson: dict | None, device: str) -> tuple[dict, dict]:
     """The issue's ratios, and each target with its bound and whether it passed."""
     ratios: dict[str, float | None] = {name: ratio(med, num, den) for name, num, den in RATIOS}
-    ratios["poisson_ttft_p99_over_single"] = poisson["ttft_p99_over_single"]
+    ratios["poisson_ttft_p99_over_single"] = None if poisson is None else poisson["ttft_p99_over_single"]
     targets = TARGETS + (GPU_TARGETS if device.startswith("cuda") else ())
     return ratios, {
         name: {"value": ratios[name], "op": op, "bound": bound, "pass": check(ratios[name], op, bound)}
@@ -413,12 +416,12 @@ def markdown(out: dict) -> str:
         target = "|" if t is None else f"{t['op']} {t['bound']} | {PASSED[t['pass']]}"
         lines.append(f"| {name} | {shown} | {target} |")
     p = out["poisson"]
-    lines += ["", "| poisson (mesh-plain) | achieved tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | single TTFT | errors |",
+    lines += [] if p is None else ["", "| poisson (mesh-plain) | achieved tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | single TTFT | errors |",
               "|---|---|---|---|---|---|---|---|",
               f"| {p['load']:.0%} of {p['peak_tokens_per_s']:.1f} tokens/s, {p['requests']} requests | "
               f"{p['achieved_tokens_per_s']:.1f} | {p['ttft_p50_s'] * 1e3:.0f} ms | {p['ttft_p99_s'] * 1e3:.0f} ms | "
               f"{p['itl_p50_s'] * 1e3:.1f} ms | {p['itl_p99_s'] * 1e3:.1f} ms | {p['single_ttft_s'] * 1e3:.0f} ms | "
-              f"{sum(p['errors'].values())} |"]
+              f"{sum(p['errors'].values())} |"]  # (none: --poisson-requests 0)
     lines += ["", "| KV cache | tokens | block | bytes/token measured | theoretical | ratio |", "|---|---|---|---|---|---|"]
     for role, k in out.get("kv_cache", {}).items():
         lines.append(f"| {role} | {k['kv_cache_tokens']} | {k['block_size']} | {k['bytes_per_token']:.0f} | "
@@ -437,8 +440,9 @@ def plot(out: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8.0, 4.5))
     for name, row in out["tokens_per_s"].items():
         ax.plot(ns, [row[str(n)] for n in ns], "o-", label=name)
-    ax.axhline(out["poisson"]["achieved_tokens_per_s"], color="grey", ls=":",
-               label=f"poisson, mesh-plain at {out['poisson']['load']:.0%} of peak")
+    if out["poisson"]:
+        ax.axhline(out["poisson"]["achieved_tokens_per_s"], color="grey", ls=":",
+                   label=f"poisson, mesh-plain at {out['poisson']['load']:.0%} of peak")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("concurrent generations N")
@@ -469,7 +473,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of every model, e.g. cuda (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype (default: %(default)s)")
     p.add_argument("--poisson-load", type=float, default=0.7, help="Poisson arrival rate as a fraction of the peak mesh-plain throughput (default: %(default)s)")
-    p.add_argument("--poisson-requests", type=int, default=48, help="requests of the Poisson run (default: %(default)s)")
+    p.add_argument("--poisson-requests", type=int, default=48,
+                   help="requests of the Poisson run; 0 skips it (default: %(default)s)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="the systems to run, comma-separated (default: all: %(default)s); the ratios of those left "
+                        "out are 'not measured'")
     p.add_argument("--poisson-min", type=int, default=16, help="fewest new tokens of a Poisson request (default: %(default)s)")
     p.add_argument("--poisson-max", type=int, default=128, help="most new tokens of a Poisson request (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson schedule (default: %(default)s)")
@@ -484,6 +492,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     ns = sorted({int(n) for n in a.concurrency.split(",") if n})
+    chosen = [x for x in a.systems.split(",") if x]
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown or not chosen:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
     models = Path(a.models)
     if a.model:
         # One real model in every role: EFT reduces to the model itself, and the mesh's figures
@@ -504,9 +516,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     with LocalMesh(roles, a.port, a.threads, a.device, a.dtype, log_dir=Path("build/bench-load"), verbose=False,
                    combiner_args=combiner_args, logit_args=shlex.split(a.logit_args)) as lm:
         client = MeshClient(lm.address)
-        runs = sweep(systems(family, client), prompts, ns, a.max_new, a.reps)
+        runs = sweep({k: v for k, v in systems(family, client).items() if k in chosen}, prompts, ns, a.max_new, a.reps)
         med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
-        poisson = poisson_section(client, prompts, max(med["mesh-plain"].values()), a)
+        poisson = (poisson_section(client, prompts, max(med["mesh-plain"].values()), a)
+                   if a.poisson_requests > 0 and "mesh-plain" in med else None)
         client.close()
         kv = kv_stats(lm)
     ratios, targets = derive(med, poisson, a.device)
