@@ -380,13 +380,15 @@ class ModelEngine:
         prefill_tokens, and the padding they add is worth less than another forward."""
         groups: list[list[Admitted]] = []
         group: list[Admitted] = []
+        held = 0  # tokens of the rows in `group`
         for r in sorted(rows, key=lambda r: len(r.ids)):
             n, b = len(r.ids), len(group) + 1
-            waste = b * n - (sum(len(x.ids) for x in group) + n)  # padding if r joins (it is the longest)
+            waste = b * n - (held + n)  # padding if r joins (it is the longest)
             if group and (b > self.max_batch or b * n > self.prefill_tokens or waste > self.merge_tokens):
                 groups.append(group)
-                group = []
+                group, held = [], 0
             group.append(r)
+            held += n
         if group:
             groups.append(group)
         for g in groups:
