@@ -4,6 +4,7 @@ answers synchronously from real in-process engines (tiny random models) and can 
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,28 @@ def test_a_generation_preempted_twice_far_apart_is_not_timed_out(make):
     run_out(d, clock=clock)
     assert len(refused) == 2 and refused[1] - refused[0] > 0.1  # further apart than the queue timeout
     assert outcome(g) == expected
+
+
+SHARED = "A long system prompt that every request of a service shares, word for word, before its question."
+
+
+@pytest.mark.parametrize("caches", [True, False])
+def test_a_prompt_whose_prefix_the_caches_hold_costs_the_prefill_budget_only_its_new_tokens(make, caches):
+    """vLLM counts only the tokens a prefill still has to compute: once one request's prefill of
+    a shared prompt has completed, three more behind it join in one step within a budget that
+    holds a single whole prompt. Where a role has no prefix cache, each costs its whole prompt
+    (one per step)."""
+    n = len(make()[0].tokenizer.encode(SHARED))
+    assert n >= 40  # whole blocks of 16 hold most of it
+    expected = alone(make, req(SHARED, 4))
+    d, scorer, _ = make(SchedulerConfig(prefill_tokens=n - 8))
+    if not caches:
+        scorer.models = {r: dataclasses.replace(m, prefix_cache=False) for r, m in scorer.models.items()}
+    first = submit(d, req(SHARED, 4))
+    assert d.scheduler.step()  # its prefill, alone
+    later = [submit(d, req(SHARED, 4)) for _ in range(3)]
+    run_out(d)
+    assert [outcome(g) for g in [first, *later]] == [expected] * 4
+    prefills = [p for p in scorer.prefills() if p]
+    assert prefills == ([[n], [n, n, n]] if caches else [[n], [n], [n], [n]])
+    assert d.scheduler.prefixes.cached(first.ids) >= n - 16  # the whole sequence is remembered when it ends

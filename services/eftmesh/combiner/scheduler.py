@@ -46,6 +46,7 @@ from opentelemetry import trace
 from eftmesh.combiner.batchmix import Workspace, mix_step, process_groups
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
+from eftmesh.combiner.prefixes import PrefixEstimate
 from eftmesh.combiner.scoring import BlockCap, Outcome, Scorer
 from eftmesh.common.errors import (
     Cancelled,
@@ -115,6 +116,7 @@ class Scheduler:
         self.controller = SpeculationController(max_k)
         self.times = StepTimes()
         self._workspace = Workspace()  # the step's scores, reused (batchmix.Workspace)
+        self.prefixes = PrefixEstimate()  # what the services' prefix caches likely hold (prefixes.py)
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: list[Generation] = []
         # Generations sitting steps out while a straggling replica's call for them runs on
@@ -231,16 +233,20 @@ class Scheduler:
         # takes the KV cache room it needs.
         preempted = any(g.parked_since is not None for g in self._waiting)
         budget = self.config.prefill_tokens
+        # Prompts are counted less what the prefix caches likely hold only when every role has one.
+        models = getattr(self.scorer, "models", {})
+        cost_of = self.prefixes.uncached if models and all(m.prefix_cache for m in models.values()) else len
         joined: list[Generation] = []
         for g in list(self._waiting):
             if len(self._running) >= self.config.max_batch or (preempted and g.parked_since is None):
                 break
             if g.not_before > now:
                 continue  # backing off after a full KV cache
-            if budget < len(g.ids) and budget < self.config.prefill_tokens:
+            cost = cost_of(g.ids)  # what its prefill likely runs
+            if budget < cost and budget < self.config.prefill_tokens:
                 break  # this step's prefill budget is spent; the next step admits it
             else:
-                budget -= len(g.ids)
+                budget -= cost
                 self._waiting.remove(g)
                 if g.parked_since is None:
                     self.metrics.queue_wait.record(now - g.enqueued)
@@ -395,6 +401,8 @@ class Scheduler:
                 continue
             stepped[g] = before
             g.progressed()
+            if before == 0:  # its prompt's prefill completed in every role: likely cached there now
+                self.prefixes.remember(g.ids[:g.sink.usage.prompt_tokens])
         return stepped
 
     # --- leaving the batch ---------------------------------------------------------------------
@@ -416,6 +424,7 @@ class Scheduler:
     def _deliver(self, g: Generation) -> None:
         g.out.put(g.sink.take())
         if g.sink.finish_reason is not None:
+            self.prefixes.remember(g.ids)  # a chat's next turn re-sends it all
             self._leave(g)
 
     def _fail(self, g: Generation, err: BaseException) -> None:

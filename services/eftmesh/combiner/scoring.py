@@ -105,6 +105,7 @@ class ModelSpec:
     eos_token_id: int
     max_k: int = 0  # the largest k its Draft takes; 0: not said
     chat_template: str = ""  # its tokenizer's Jinja chat template; empty: none
+    prefix_cache: bool = False  # it shares cached KV blocks between sessions (--prefix-cache)
 
     @classmethod
     def from_info(cls, role: str, address: str, info: Any) -> ModelSpec:
@@ -118,6 +119,7 @@ class ModelSpec:
             )},
             max_k=int(getattr(info, "max_k", 0) or 0),
             chat_template=str(getattr(info, "chat_template", "") or ""),
+            prefix_cache=bool(getattr(info, "prefix_cache", False)),
         )
 
 

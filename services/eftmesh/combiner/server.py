@@ -144,7 +144,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--draft-cost-ratio", type=float, default=0.1, help="adaptive mode's c: one draft token's cost over one verify step; make bench measures it (default: %(default)s)")
     p.add_argument("--max-concurrent-generations", type=int, default=64, help="generations accepted at once, running or queued; more get RESOURCE_EXHAUSTED at once (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, help="generations stepped together (continuous batching); the rest of --max-concurrent-generations wait in the queue (default: %(default)s)")
-    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens admitted into the batch per step, so a joining prompt stalls the running generations little (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens admitted into the batch per step, so a joining prompt stalls the running generations little; "
+                        "a prompt counts only the tokens the logit services' prefix caches likely do not hold (default: %(default)s)")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a generation may wait for a batch slot or KV cache room before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="the longest one upstream call may take; past it a role with no other live replica fails UNAVAILABLE (default: %(default)s)")
     p.add_argument("--upstream-deadline-margin", type=float, default=10.0,
