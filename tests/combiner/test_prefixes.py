@@ -22,7 +22,7 @@ def test_a_prompt_is_cached_up_to_the_longest_remembered_chain_of_whole_blocks()
 
 
 def test_chains_key_a_block_by_everything_before_it():
-    a, b = chain([1, 2, 3, 4, 5, 6, 7, 8], 4), chain([9, 9, 9, 9, 5, 6, 7, 8], 4)
+    a, b = list(chain([1, 2, 3, 4, 5, 6, 7, 8], 4)), list(chain([9, 9, 9, 9, 5, 6, 7, 8], 4))
     assert len(a) == 2 and a[1] != b[1]  # the same second block after another first one
 
 

@@ -25,20 +25,20 @@ import collections
 import hashlib
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 BLOCK = 16  # tokens per remembered block: the logit services' default --kv-block-size
 CAPACITY = 1 << 16  # blocks remembered (~65k blocks: about 1M tokens of distinct prefixes, a few MB)
 
 
-def chain(ids: Sequence[int], block: int = BLOCK) -> list[bytes]:
-    """The key of every whole block of `ids`, each hashing its parent's key and its tokens."""
-    keys, parent = [], b""
+def chain(ids: Sequence[int], block: int = BLOCK) -> Iterator[bytes]:
+    """The key of every whole block of `ids` in order, each hashing its parent's key and its
+    tokens; lazily, so a lookup stops hashing at its first miss."""
+    parent = b""
     for i in range(len(ids) // block):
         parent = hashlib.blake2b(parent + array("q", ids[i * block:(i + 1) * block]).tobytes(),
                                  digest_size=16).digest()
-        keys.append(parent)
-    return keys
+        yield parent
 
 
 class PrefixEstimate:
@@ -73,7 +73,7 @@ class PrefixEstimate:
     def remember(self, ids: Sequence[int]) -> None:
         """The services ran `ids` (a completed prefill, a finished sequence): its whole blocks
         are likely cached now."""
-        keys = chain(ids, self.block)
+        keys = list(chain(ids, self.block))
         with self._lock:
             for key in keys:
                 self._keys[key] = None
