@@ -242,7 +242,9 @@ class Scheduler:
                 break
             if g.not_before > now:
                 continue  # backing off after a full KV cache
-            cost = cost_of(g.ids)  # what its prefill likely runs
+            # what its prefill likely runs; a preempted one in full (it left under KV pressure,
+            # when the caches evict)
+            cost = len(g.ids) if g.parked_since is not None else cost_of(g.ids)
             if budget < cost and budget < self.config.prefill_tokens:
                 break  # this step's prefill budget is spent; the next step admits it
             else:
