@@ -46,7 +46,9 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It wa
            "The sky above the port", "Someone must have slandered", "Last night I dreamt", "In a hole in the ground"]
 NEW = 48  # the combiner's --max-new-tokens-cap is 64 here
 WARM = 4  # chunks every stream has before the fault
-AFTER = 12  # tokens of a healthy stream timed after the fault
+AFTER = 24  # tokens of a healthy stream timed after the fault: enough that one slow step
+# (the moved sessions' re-prefill, a scheduling hiccup on a loaded machine) does not read as
+# a healthy stream held up (at 12, one such step of ~1 s read as 2.5x once beside a CPU hog)
 FREEZE_S = {"sigstop-20s": 20.0, "sigstop-40s": 40.0}
 MAX_GAP_S = 2.0
 
