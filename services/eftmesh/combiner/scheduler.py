@@ -234,8 +234,9 @@ class Scheduler:
         preempted = any(g.parked_since is not None for g in self._waiting)
         budget = self.config.prefill_tokens
         # Prompts are counted less what the prefix caches likely hold only when every role has one.
-        models = getattr(self.scorer, "models", {})
-        cost_of = self.prefixes.uncached if models and all(m.prefix_cache for m in models.values()) else len
+        # (tuple(): one atomic copy; the monitor adds a role's spec when it first answers)
+        specs = tuple(getattr(self.scorer, "models", {}).values())
+        cost_of = self.prefixes.uncached if specs and all(m.prefix_cache for m in specs) else len
         joined: list[Generation] = []
         for g in list(self._waiting):
             if len(self._running) >= self.config.max_batch or (preempted and g.parked_since is None):
