@@ -14,30 +14,29 @@ upper bound: a service may have evicted those blocks, or the prompt may land on 
 (prefix-aware routing sends prompts that begin alike to one replica). An overestimate makes a
 step prefill more than the budget planned, which costs that step time, never a wrong token.
 
-Keys chain like the services' (each block's key hashes its parent's key and its own tokens), so
-equal keys mean equal prefixes; the combiner does not need the services' block size to be exact:
-at its granularity (16 tokens) it errs by under a block per prompt.
+Keys are the services' own (common.blocks: each block's key hashes its parent's key and its
+tokens), so equal keys mean equal prefixes; the combiner does not need the services' block size
+to be exact: at its granularity (16 tokens) it errs by under a block per prompt.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
-from array import array
 from collections.abc import Iterator, Sequence
+
+from eftmesh.common.blocks import ROOT, block_key
 
 BLOCK = 16  # tokens per remembered block: the logit services' default --kv-block-size
 CAPACITY = 1 << 16  # blocks remembered (~65k blocks: about 1M tokens of distinct prefixes, a few MB)
 
 
 def chain(ids: Sequence[int], block: int = BLOCK) -> Iterator[bytes]:
-    """The key of every whole block of `ids` in order, each hashing its parent's key and its
-    tokens; lazily, so a lookup stops hashing at its first miss."""
-    parent = b""
+    """The key of every whole block of `ids` in order (the services' own keys, common.blocks);
+    lazily, so a lookup stops hashing at its first miss."""
+    parent = ROOT
     for i in range(len(ids) // block):
-        parent = hashlib.blake2b(parent + array("q", ids[i * block:(i + 1) * block]).tobytes(),
-                                 digest_size=16).digest()
+        parent = block_key(parent, ids[i * block:(i + 1) * block])
         yield parent
 
 

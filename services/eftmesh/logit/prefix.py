@@ -34,19 +34,10 @@ the registry of keys and the LRU of idle cached blocks.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
 
-ROOT = bytes(32)  # the parent key of a sequence's first block
+from eftmesh.common.blocks import ROOT, block_key  # noqa: F401 - the pool (kvcache.py) takes them from here
 
-
-def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:
-    """The key of a full block: BLAKE2b-256 of its parent's key and its token ids (int64)."""
-    h = hashlib.blake2b(parent, digest_size=32)
-    h.update(array("q", tokens).tobytes())
-    return h.digest()
 
 
 class PrefixCache:

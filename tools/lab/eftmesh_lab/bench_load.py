@@ -415,13 +415,13 @@ def markdown(out: dict) -> str:
         shown = "-" if value is None else f"{value:.2f}"
         target = "|" if t is None else f"{t['op']} {t['bound']} | {PASSED[t['pass']]}"
         lines.append(f"| {name} | {shown} | {target} |")
-    p = out["poisson"]
+    p = out["poisson"]  # None: --poisson-requests 0
     lines += [] if p is None else ["", "| poisson (mesh-plain) | achieved tokens/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | single TTFT | errors |",
               "|---|---|---|---|---|---|---|---|",
               f"| {p['load']:.0%} of {p['peak_tokens_per_s']:.1f} tokens/s, {p['requests']} requests | "
               f"{p['achieved_tokens_per_s']:.1f} | {p['ttft_p50_s'] * 1e3:.0f} ms | {p['ttft_p99_s'] * 1e3:.0f} ms | "
               f"{p['itl_p50_s'] * 1e3:.1f} ms | {p['itl_p99_s'] * 1e3:.1f} ms | {p['single_ttft_s'] * 1e3:.0f} ms | "
-              f"{sum(p['errors'].values())} |"]  # (none: --poisson-requests 0)
+              f"{sum(p['errors'].values())} |"]
     lines += ["", "| KV cache | tokens | block | bytes/token measured | theoretical | ratio |", "|---|---|---|---|---|---|"]
     for role, k in out.get("kv_cache", {}).items():
         lines.append(f"| {role} | {k['kv_cache_tokens']} | {k['block_size']} | {k['bytes_per_token']:.0f} | "

@@ -9,7 +9,7 @@ session holding the device sees at once what is met and what to look at next:
 engine-gpu.json (eftmesh_lab.bench_engine: the engine alone, eager and captured, for the demo
 base-large and the real 1B shape), load-gpu.json (bench_load on the demo family) and
 load-gpu-real.json (bench_load on the real-shape family). A file or a figure the run did not
-produce is "not measured", never a pass. Only reads JSON: no torch, no GPU.
+produce is "not measured", never a pass. Only reads JSON: no GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from eftmesh_lab.bench_load import PASSED, check
 
 REAL_MODEL = "real-shapes"  # bench/gpu.sh builds the 1B shape in build/real-shapes/base-large
 
@@ -99,19 +101,13 @@ def measure(t: Target, docs: dict[str, dict | None]) -> float | None:
     return profile.get("host_syncs_per_step" if "syncs" in t.name else "launches_per_step")
 
 
-def passed(value: float | None, op: str, bound: float) -> bool | None:
-    if value is None:
-        return None
-    return value >= bound if op == ">=" else value <= bound
-
-
 def evaluate(results: Path) -> dict[str, Any]:
     docs = {name: _load(results / name) for name in ("engine-gpu.json", "load-gpu.json", "load-gpu-real.json")}
     rows = []
     for t in TARGETS:
         v = measure(t, docs)
         rows.append({"family": t.family, "target": t.name, "value": v, "op": t.op, "bound": t.bound,
-                     "unit": t.unit, "pass": passed(v, t.op, t.bound), "source": t.source})
+                     "unit": t.unit, "pass": check(v, t.op, t.bound), "source": t.source})
     context = {}
     for family in ("demo", "real"):
         row = _engine_row(docs["engine-gpu.json"], family)
@@ -128,11 +124,10 @@ def evaluate(results: Path) -> dict[str, Any]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    word = {True: "yes", False: "**no**", None: "not measured"}
     lines = ["| family | target | measured | bound | pass |", "|---|---|---|---|---|"]
     for r in doc["targets"]:
         v = "-" if r["value"] is None else f"{r['value']:.2f} {r['unit']}".strip()
-        lines.append(f"| {r['family']} | {r['target']} | {v} | {(r['op'] + ' ' + format(r['bound'], 'g') + ' ' + r['unit']).strip()} | {word[r['pass']]} |")
+        lines.append(f"| {r['family']} | {r['target']} | {v} | {(r['op'] + ' ' + format(r['bound'], 'g') + ' ' + r['unit']).strip()} | {PASSED[r['pass']]} |")
     for family, e in doc["engine"].items():
         lines.append(f"\n{family} base-large: memory-bandwidth bound {e['bandwidth_bound_ms']} ms per step; eager decode "
                      f"{e['eager_decode_ms']} ms; capture {e['graph_capture_s']} s; modes run: {e['execution']}")
