@@ -1,0 +1,185 @@
+"""`make bench-hop`: where one step of the mesh goes, per role: the call, the service, the hop.
+
+Starts the demo mesh (logit services in their own processes, the combiner in another, loopback
+gRPC) with Prometheus metrics on, runs rounds of N concurrent greedy generations (EOS ignored),
+and reads the services' own histograms before and after each round:
+
+  client ms     the combiner's `eftmesh.upstream.duration`: from sending a role's call to having
+                its answer decoded (what a step waits for)
+  service ms    the logit service's `eftmesh.logit.duration`: the call inside its handler, the
+                wait for the engine included (`queue ms` of it) and the forward
+  hop ms        client - service: serialising, the two loopback crossings, gRPC's threads and the
+                wake-ups on both sides, and waiting for a core when the processes share them
+  outside ms    (plain mode) a step's wall time less its slowest role's call: the combiner's
+                mixing, sampling, delivery and scheduling between calls
+
+No timers are added to the services: these are the figures a production scrape shows, so the
+same table can be made from a deployed mesh's Prometheus. Repetitions are reported separately
+and as medians (the machine is shared: read the spread before a single number).
+
+    python -m eftmesh_lab.bench_hop --concurrency 1,16 --reps 3 --out bench/hop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from eftmesh_lab.bench import workload_prompts
+from eftmesh_lab.bench_load import MODES, ROLES, MeshClient, cycle, machine
+from eftmesh.launcher import LocalMesh, resolve_models
+
+# (metric family, what it becomes); Prometheus names of the OpenTelemetry instruments
+CLIENT, SERVICE, QUEUE, STEPS = ("eftmesh_upstream_duration_seconds", "eftmesh_logit_duration_seconds",
+                                 "eftmesh_logit_queue_duration_seconds", "eftmesh_batch_size")
+
+Sums = dict[tuple[str, str, str], tuple[float, float]]  # (family, role, method) -> (sum, count)
+
+
+def parse(text: str) -> Sums:
+    """Histogram sums and counts of the families above from one /metrics page, keyed by
+    (family, role, method); successful calls only where the family has a status."""
+    out: Sums = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in (CLIENT, SERVICE, QUEUE, STEPS):
+            continue
+        for s in fam.samples:
+            if s.labels.get("rpc_grpc_status_code", "OK") != "OK" or not s.name.endswith(("_sum", "_count")):
+                continue
+            key = (fam.name, s.labels.get("eftmesh_role", ""), s.labels.get("rpc_method", ""))
+            total, count = out.get(key, (0.0, 0.0))
+            out[key] = (total + s.value, count) if s.name.endswith("_sum") else (total, count + s.value)
+    return out
+
+
+def delta(before: Sums, after: Sums) -> Sums:
+    return {k: (v[0] - before.get(k, (0.0, 0.0))[0], v[1] - before.get(k, (0.0, 0.0))[1])
+            for k, v in after.items() if v[1] > before.get(k, (0.0, 0.0))[1]}
+
+
+def breakdown(d: Sums, wall_s: float, tokens: int, plain: bool) -> dict:
+    """One round's figures from the metric deltas `d`: tokens/s, steps, ms per step, and per
+    (role, method) the calls and the client, service, queue and hop ms per call."""
+    steps = int(d.get((STEPS, "", ""), (0.0, 0.0))[1])
+    calls: dict[str, dict] = {}
+    for (fam, role, method), (total, count) in sorted(d.items()):
+        if fam != CLIENT:
+            continue
+        service = d.get((SERVICE, role, method), (0.0, 0.0))
+        queue = d.get((QUEUE, role, method), (0.0, 0.0))
+        row = {"calls": int(count), "client_ms": 1e3 * total / count,
+               "service_ms": 1e3 * service[0] / service[1] if service[1] else None,
+               "queue_ms": 1e3 * queue[0] / queue[1] if queue[1] else None}
+        row["hop_ms"] = row["client_ms"] - row["service_ms"] if row["service_ms"] is not None else None
+        calls[f"{role} {method}"] = row
+    step_ms = 1e3 * wall_s / steps if steps else None
+    outside = None
+    if plain and step_ms is not None and calls:
+        # one ScoreBatch per role per plain step, all sent at once: the step waits for the slowest
+        outside = step_ms - max(r["client_ms"] * r["calls"] / steps for r in calls.values())
+    return {"tokens_per_s": tokens / wall_s, "steps": steps, "step_ms": step_ms, "outside_ms": outside, "calls": calls}
+
+
+def medians(rounds: Sequence[dict]) -> dict:
+    """Per-field medians over repetitions (fields missing or None in a round are skipped)."""
+    def med(xs: list) -> float | None:
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
+
+    keys = sorted({k for r in rounds for k in r["calls"]})
+    return {
+        **{f: med([r[f] for r in rounds]) for f in ("tokens_per_s", "steps", "step_ms", "outside_ms")},
+        "calls": {k: {f: med([r["calls"].get(k, {}).get(f) for r in rounds])
+                      for f in ("calls", "client_ms", "service_ms", "queue_ms", "hop_ms")} for k in keys},
+    }
+
+
+def scrape(ports: Sequence[int]) -> Sums:
+    out: Sums = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            out.update(parse(r.read().decode()))
+    return out
+
+
+def markdown(results: Mapping[str, dict]) -> str:
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = ["| N | tokens/s | step ms | outside ms | role call | calls | client ms | service ms | queue ms | hop ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, m in results.items():
+        for i, (name, c) in enumerate(m["calls"].items()):
+            head = f"| {n} | {m['tokens_per_s']:.1f} | {f(m['step_ms'])} | {f(m['outside_ms'])} |" if i == 0 else "| | | | |"
+            lines.append(f"{head} {name} | {c['calls']:.0f} | {f(c['client_ms'])} | {f(c['service_ms'])} | "
+                         f"{f(c['queue_ms'])} | {f(c['hop_ms'])} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="eftmesh-bench-hop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="models/demo", help="checkpoint per role (default: %(default)s; tiny random models when absent)")
+    p.add_argument("--concurrency", default="1,16", help="values of N, comma-separated (default: %(default)s)")
+    p.add_argument("--max-new", type=int, default=128, help="new tokens per generation, EOS ignored (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="rounds per N; each is reported and the medians too (default: %(default)s)")
+    p.add_argument("--mode", default="plain", choices=["plain", "adaptive"], help="speculation of every generation (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device of every model (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50450, help="first port of the mesh; metrics on port + 100 onwards (default: %(default)s)")
+    p.add_argument("--combiner-args", default="", help="extra combiner flags, one shell-quoted string (default: none)")
+    p.add_argument("--logit-args", default="", help="extra logit-service flags, one shell-quoted string (default: none)")
+    p.add_argument("--out", default="bench/hop.json", help="JSON results (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse_args(argv)
+    ns = sorted({int(n) for n in a.concurrency.split(",") if n})
+    models = Path(a.models)
+    roles = {r: path for r, path in resolve_models(models).items() if r in ROLES}
+    prompts = workload_prompts(models, "qa", max(ns))
+    speculation = MODES[f"mesh-{a.mode}"]
+    metrics = a.port + 100
+    print(f"starting the mesh on 127.0.0.1:{a.port}, metrics on {metrics}-{metrics + len(roles)} "
+          "(logs in build/bench-hop/)", flush=True)
+    combiner_args = ["--max-concurrent-generations", str(max(ns)), *shlex.split(a.combiner_args)]
+    with LocalMesh(roles, a.port, a.threads, a.device, a.dtype, log_dir=Path("build/bench-hop"), verbose=False,
+                   combiner_args=combiner_args, logit_args=shlex.split(a.logit_args), metrics_port=metrics) as lm:
+        ports = [metrics + i for i in range(len(roles) + 1)]
+        client = MeshClient(lm.address)
+        rounds: dict[int, list[dict]] = {}
+        for n in ns:
+            client.round(cycle(prompts, n), min(8, a.max_new), speculation)  # warm-up: first calls, deadlines
+            for rep in range(a.reps):
+                before = scrape(ports)
+                t0 = time.perf_counter()
+                tokens = client.round(cycle(prompts, n), a.max_new, speculation)
+                wall = time.perf_counter() - t0
+                r = breakdown(delta(before, scrape(ports)), wall, tokens, a.mode == "plain")
+                rounds.setdefault(n, []).append(r)
+                slowest = max(r["calls"].items(), key=lambda kv: kv[1]["client_ms"])
+                print(f"  N={n} rep {rep + 1}/{a.reps}: {r['tokens_per_s']:.1f} tokens/s, {r['step_ms']:.2f} ms/step; "
+                      f"slowest call {slowest[0]}: client {slowest[1]['client_ms']:.2f} ms = service "
+                      f"{slowest[1]['service_ms']:.2f} + hop {slowest[1]['hop_ms']:.2f}", flush=True)
+        client.close()
+    results = {str(n): medians(rs) for n, rs in rounds.items()}
+    out = {"what": "where a mesh step's time goes, per role, from the services' own metrics; medians over rounds",
+           "mode": a.mode, "max_new": a.max_new, "machine": machine(a.device), "args": vars(a),
+           "medians": results, "rounds": {str(n): rs for n, rs in rounds.items()}}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print("\n" + markdown(results) + "\n")
+    print(f"written to {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
