@@ -4,11 +4,10 @@ page of known figures, and one real run over a tiny mesh."""
 from __future__ import annotations
 
 import json
-import random
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port_block
 
 from eftmesh_lab import bench_hop
 
@@ -64,30 +63,13 @@ def test_the_breakdown_of_a_round_from_two_scrapes() -> None:
     assert "| | | | | base-small ScoreBatch | 20 | 6.00 | 2.00 | 0.10 | 4.00 |" in table
 
 
-def _free_block() -> int:
-    """A base port with base..base+3 and base+100..base+103 free (the mesh and its metrics)."""
-    for _ in range(50):
-        base = random.randrange(20000, 40000)
-        socks = []
-        try:
-            for p in [*range(base, base + 4), *range(base + 100, base + 104)]:
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of ports")
-
-
 @pytest.mark.slow
 def test_a_real_run_over_a_tiny_mesh(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "hop.json"
+    base = free_port_block(8)  # the mesh's 4 ports, then its 4 metrics ports
     bench_hop.main(["--models", str(tiny_family["base-large"].parent), "--concurrency", "1,2", "--reps", "1",
-                    "--max-new", "6", "--port", str(_free_block()), "--out", str(out)])
+                    "--max-new", "6", "--port", str(base), "--metrics-port", str(base + 4),
+                    "--out", str(out)])
     res = json.loads(out.read_text())
     for n in ("1", "2"):
         m = res["medians"][n]

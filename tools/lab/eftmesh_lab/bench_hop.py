@@ -134,7 +134,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device of every model (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype (default: %(default)s)")
-    p.add_argument("--port", type=int, default=50450, help="first port of the mesh; metrics on port + 100 onwards (default: %(default)s)")
+    p.add_argument("--port", type=int, default=50450, help="first port of the mesh (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="the combiner's Prometheus port, the logit services' on the next ones (default: --port + 100)")
     p.add_argument("--combiner-args", default="", help="extra combiner flags, one shell-quoted string (default: none)")
     p.add_argument("--logit-args", default="", help="extra logit-service flags, one shell-quoted string (default: none)")
     p.add_argument("--out", default="bench/hop.json", help="JSON results (default: %(default)s)")
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     roles = {r: path for r, path in resolve_models(models).items() if r in ROLES}
     prompts = workload_prompts(models, "qa", max(ns))
     speculation = MODES[f"mesh-{a.mode}"]
-    metrics = a.port + 100
+    metrics = a.port + 100 if a.metrics_port is None else a.metrics_port
     print(f"starting the mesh on 127.0.0.1:{a.port}, metrics on {metrics}-{metrics + len(roles)} "
           "(logs in build/bench-hop/)", flush=True)
     combiner_args = ["--max-concurrent-generations", str(max(ns)), *shlex.split(a.combiner_args)]
