@@ -313,9 +313,9 @@ class Scheduler:
         t.rows += sum(g.rows_per_role() for g in stepped)
         tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
         t.tokens += tokens  # counted before delivery: a client that has its tokens sees them counted
+        self.metrics.batch_size.record(len(live))  # and its step (bench-hop scrapes right after)
         for g in stepped:  # after the step's span ends, so a client never sees a step unfinished
             self._deliver(g)
-        self.metrics.batch_size.record(len(live))
         if cap is not None and not prefilling:
             self.controller.observe(len(live), cap, time.perf_counter() - started)
 
