@@ -6,8 +6,8 @@
 #   2. the engine alone, eager vs captured CUDA graphs, N = 1, 4, 16, 32, beside the
 #      memory-bandwidth bound, for the demo base-large and a real 1B shape (random weights built
 #      here from bench/real-shapes/*.json by eftmesh_lab.real_shapes): engine-gpu.json
-#   3. the concurrency benchmark on the demo family (every system at N = 1, 4, 16, 32, cuda,
-#      bfloat16): load-gpu.json, load-gpu.png
+#   3. the concurrency benchmark on the demo family (N = 1, 4, 16, 32, cuda, bfloat16; no fixed-k
+#      runs, 16 Poisson requests): load-gpu.json, load-gpu.png
 #   4. the same on the real-shape family (1B base-large, SmolLM2-135M-shaped small roles; no fixed-k
 #      runs, 16 Poisson requests): load-gpu-real.json, load-gpu-real.png
 #   5. every figure above against issue 15's targets, one table (eftmesh_lab.gpu_targets): gpu-targets.json
@@ -45,7 +45,9 @@ run "$PY" -m eftmesh_lab.bench_engine "${engine_models[@]}" --device cuda --dtyp
   --concurrency 1,4,16,32 --out "$OUTDIR/engine-gpu.json" || true
 echo "  ($((SECONDS - start)) s so far)"
 
+# no fixed-k runs and a short Poisson run here too: the lease is 15 minutes, device start included
 run "$PY" -m eftmesh_lab.bench_load --device cuda --dtype bfloat16 --concurrency 1,4,16,32 \
+  --systems lockstep,hf-generate,mesh-plain,mesh-adaptive --poisson-requests 16 \
   --out "$OUTDIR/load-gpu.json" --plot "$OUTDIR/load-gpu.png" "$@" || true
 echo "  ($((SECONDS - start)) s so far)"
 
