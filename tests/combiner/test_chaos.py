@@ -21,19 +21,19 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import start_combiner, wait_for
+from conftest import free_ports, start_combiner, wait_for
 from eftmesh.combiner.server import CombinerServer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
@@ -59,6 +59,7 @@ class Replica:
     proc: subprocess.Popen
     port: int
     metrics: int
+    log: Path
 
     @property
     def address(self) -> str:
@@ -77,18 +78,13 @@ class ChaosMesh:
         return f"127.0.0.1:{self.combiner.server.port}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(path, role: str) -> Replica:
-    port, metrics = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "eftmesh.logit", "--model", str(path), "--role", role,
-                             "--host", "127.0.0.1", "--port", str(port), "--health-port", "off", "--threads", "1",
-                             "--metrics-port", str(metrics)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return Replica(role, proc, port, metrics)
+def spawn(path, role: str, port: int, metrics: int, log_dir: Path) -> Replica:
+    log = log_dir / f"{role}-{port}.log"
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "eftmesh.logit", "--model", str(path), "--role", role,
+                                 "--host", "127.0.0.1", "--port", str(port), "--health-port", "off", "--threads", "1",
+                                 "--metrics-port", str(metrics)], stdout=out, stderr=subprocess.STDOUT)
+    return Replica(role, proc, port, metrics, log)
 
 
 def wait_serving(r: Replica) -> None:
@@ -96,7 +92,9 @@ def wait_serving(r: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(ch)
         deadline = time.monotonic() + 180
         while True:
-            assert r.proc.poll() is None, f"{r.role} exited with {r.proc.returncode}"
+            if r.proc.poll() is not None:
+                tail = "\n".join(r.log.read_text().splitlines()[-15:])
+                raise AssertionError(f"{r.role} on port {r.port} exited with {r.proc.returncode}; its log ends:\n{tail}")
             try:
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
                     return
@@ -104,6 +102,22 @@ def wait_serving(r: Replica) -> None:
                 pass
             assert time.monotonic() < deadline, f"{r.role} never became SERVING"
             time.sleep(0.2)
+
+
+def serving(r: Replica, path, log_dir: Path) -> Replica:
+    """`r` once SERVING; started again on other ports if the ones it was given were taken by
+    then (a port found free is released for the replica to bind, and another process on the
+    machine, a client's connection even, can take it first: a CI run lost the fixture so)."""
+    for attempt in range(3):
+        try:
+            wait_serving(r)
+            return r
+        except AssertionError:
+            if r.proc.poll() is None or attempt == 2 or not re.search(
+                    r"cannot bind|Address already in use", r.log.read_text()):
+                raise
+        r = spawn(path, r.role, *free_ports(2), log_dir)
+    raise AssertionError("unreachable")
 
 
 def sessions_held(r: Replica) -> int:
@@ -135,13 +149,16 @@ def time_to(chunks: list[tuple[float, int]], tokens: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def chaos(tiny_family) -> ChaosMesh:
-    replicas = {role: [spawn(tiny_family[role], role) for _ in range(2)] for role in ROLES}
+def chaos(tiny_family, tmp_path_factory) -> ChaosMesh:
+    # every port at once, so that no two of them can be the same (each replica: gRPC, metrics)
+    ports = iter(free_ports(2 * 2 * len(ROLES)))
+    logs = tmp_path_factory.mktemp("chaos-logs")
+    replicas = {role: [spawn(tiny_family[role], role, next(ports), next(ports), logs) for _ in range(2)] for role in ROLES}
     cs = None
     try:
-        for rs in replicas.values():
-            for r in rs:
-                wait_serving(r)
+        for role, rs in replicas.items():
+            for i in range(len(rs)):
+                rs[i] = serving(rs[i], tiny_family[role], logs)
         targets = {role: ",".join(r.address for r in rs) for role, rs in replicas.items()}
         cs = start_combiner(tiny_family["base-small"], dict.fromkeys(ROLES, 0), upstream_targets=targets)
         assert cs.scorer.wait_live(60)
