@@ -17,7 +17,7 @@ from eftmesh.common.errors import NotFound, ResourceExhausted
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
 from eftmesh.logit.kvcache import BlockTable, PagedKVPool
-from eftmesh.logit.prefix import ROOT, block_key
+from eftmesh.common.blocks import ROOT, block_key
 
 CPU = torch.device("cpu")
 SAME = 1e-5  # cached against uncached, float32

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from eftmesh.logit.prefix import ROOT, PrefixCache, block_key
+from eftmesh.common.blocks import ROOT, block_key
+from eftmesh.logit.prefix import PrefixCache
 
 
 class PoolExhausted(Exception):
@@ -46,7 +47,7 @@ class BlockTable:
     """One session's blocks and how many tokens they hold.
 
     With prefix caching, also the ids of those tokens and the key of each full block (the
-    chain prefix.block_key builds), so that its full blocks can be registered and a later
+    chain common.blocks.block_key builds), so that its full blocks can be registered and a later
     append at a block boundary can be matched against the cache.
     """
 
