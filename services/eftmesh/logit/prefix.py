@@ -10,8 +10,8 @@ only the rest; the cap is the caller's: at least its last `rows` tokens (whose l
 wants) are always run.
 
 Keys (common/blocks.py, shared with the combiner's estimate) are BLAKE2b digests (256 bits)
-of the parent's key and the block's ids as 64-bit integers. A collision would serve one prompt another prompt's keys and values, silently: so
-not Python's `hash()` of a tuple (64 bits, and by design easy to collide), which is why vLLM
+of the parent's key and the block's ids as 64-bit integers. A collision would serve one
+prompt another prompt's keys and values, silently: so not Python's `hash()` of a tuple (64 bits, and by design easy to collide), which is why vLLM
 moved its block hashes to SHA-256 (GHSA-rm76-4mrf-v9r8); BLAKE2b is as collision resistant and
 faster in CPython.
 
