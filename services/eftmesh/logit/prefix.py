@@ -11,9 +11,9 @@ wants) are always run.
 
 Keys (common/blocks.py, shared with the combiner's estimate) are BLAKE2b digests (256 bits)
 of the parent's key and the block's ids as 64-bit integers. A collision would serve one
-prompt another prompt's keys and values, silently: so not Python's `hash()` of a tuple (64 bits, and by design easy to collide), which is why vLLM
-moved its block hashes to SHA-256 (GHSA-rm76-4mrf-v9r8); BLAKE2b is as collision resistant and
-faster in CPython.
+prompt another prompt's keys and values, silently: so not Python's `hash()` of a tuple (64
+bits, and by design easy to collide), which is why vLLM moved its block hashes to SHA-256
+(GHSA-rm76-4mrf-v9r8); BLAKE2b is as collision resistant and faster in CPython.
 
 Only full blocks are registered, and writes only ever go past a session's length, so a
 registered block is never written, with one exception the pool handles before any write:
