@@ -61,8 +61,13 @@ def parse(text: str) -> Sums:
 
 
 def delta(before: Sums, after: Sums) -> Sums:
-    return {k: (v[0] - before.get(k, (0.0, 0.0))[0], v[1] - before.get(k, (0.0, 0.0))[1])
-            for k, v in after.items() if v[1] > before.get(k, (0.0, 0.0))[1]}
+    """What a round added: the series whose count grew, less what they held before it."""
+    out: Sums = {}
+    for k, (total, count) in after.items():
+        total0, count0 = before.get(k, (0.0, 0.0))
+        if count > count0:
+            out[k] = (total - total0, count - count0)
+    return out
 
 
 def breakdown(d: Sums, wall_s: float, tokens: int, plain: bool) -> dict:
