@@ -22,7 +22,7 @@ class LocalScorer:
         self.engines = dict(engines)
         self.models = {role: ModelSpec.from_info(role, "in-process", e.info) for role, e in self.engines.items()}
 
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+    def score_batch(self, role: str, calls: Sequence[ScoreCall], partial: bool = False) -> list[Outcome]:
         def send(cs: Sequence[ScoreCall], from_zero: bool) -> list[Outcome]:
             items = [ScoreItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.rows)
                      for c in cs]
@@ -30,7 +30,7 @@ class LocalScorer:
 
         return with_resend(calls, send)
 
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+    def draft_batch(self, role: str, calls: Sequence[DraftCall], partial: bool = False) -> list[Outcome]:
         def send(cs: Sequence[DraftCall], from_zero: bool) -> list[Outcome]:
             items = [DraftItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.k,
                                c.sampling, c.seed, c.vocab_limit) for c in cs]

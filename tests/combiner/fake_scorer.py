@@ -21,6 +21,7 @@ class RecordingScorer:
         self.inner = LocalScorer(engines)
         self.models = self.inner.models
         self.calls: list[tuple[str, str, list[Any]]] = []  # (kind, role, calls)
+        self.partial: list[tuple[str, str, bool]] = []  # (kind, role, partial) per batched call
         self.refuse: Callable[[str, ScoreCall | DraftCall], EftMeshError | None] = lambda role, call: None
 
     def _batch(self, kind: str, role: str, calls: Sequence[Any], inner: Callable[..., list[Outcome]]) -> list[Outcome]:
@@ -31,10 +32,12 @@ class RecordingScorer:
         got = iter(inner(role, ok) if ok else [])
         return [Outcome(error=e) if e is not None else next(got) for e in errors]
 
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
+    def score_batch(self, role: str, calls: Sequence[ScoreCall], partial: bool = False) -> list[Outcome]:
+        self.partial.append(("score", role, partial))
         return self._batch("score", role, calls, self.inner.score_batch)
 
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
+    def draft_batch(self, role: str, calls: Sequence[DraftCall], partial: bool = False) -> list[Outcome]:
+        self.partial.append(("draft", role, partial))
         return self._batch("draft", role, calls, self.inner.draft_batch)
 
     def release(self, sessions: Any) -> None:

@@ -249,6 +249,31 @@ def test_a_straggling_call_sets_its_generation_aside_and_the_others_step_on_with
     assert [outcome(slow), outcome(fine)] == expected
 
 
+def test_each_call_says_whether_the_step_has_generations_it_does_not_carry(make):
+    """`partial`: a straggling replica's generations may sit the step out only where others
+    can step on without them. The draft call carries only the speculating generations, and a
+    role not in every composition is scored for only some; a call carrying every generation
+    of the step is not partial (holding it back would only redo the same call)."""
+    spec = SpeculationConfig("ft-small", 2, adaptive=False)
+    eft = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
+    drafting = GenerationRequest(SHORT, eft, GREEDY, seed=0, max_new_tokens=6, ignore_eos=True, seeded=True,
+                                 speculation=spec)
+    d, scorer, _ = make()
+    submit(d, drafting)
+    d.scheduler.step()
+    d.scheduler.step()
+    alone_calls = set(scorer.partial)
+    assert ("draft", "ft-small", False) in alone_calls and not any(p for _, _, p in alone_calls)
+    submit(d, dataclasses.replace(drafting, speculation=None))
+    submit(d, req(LONG[0], 6))  # base-large alone: the small roles score only the other two
+    scorer.partial.clear()
+    d.scheduler.step()
+    d.scheduler.step()
+    assert set(scorer.partial) == {("draft", "ft-small", True), ("score", "base-large", False),
+                                   ("score", "base-small", True), ("score", "ft-small", True)}
+    run_out(d)
+
+
 UPSCALE = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
 
 

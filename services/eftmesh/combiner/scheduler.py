@@ -336,7 +336,8 @@ class Scheduler:
             return live
         roles = list(by_role)
         calls = {r: [g.draft_call(g.k, self.vocab_size) for g in by_role[r]] for r in roles}
-        results = self._fan_out([lambda r=r: self.scorer.draft_batch(r, calls[r]) for r in roles])
+        results = self._fan_out([lambda r=r: self.scorer.draft_batch(r, calls[r], len(calls[r]) < len(live))
+                                 for r in roles])  # partial: others step on without a straggler
         for r, outcomes in zip(roles, results):
             for g, o in zip(by_role[r], outcomes):
                 if o.pending is not None:
@@ -356,7 +357,7 @@ class Scheduler:
                 calls.setdefault(c.role, []).append((g, c))
         roles = list(calls)
         results: list[list[Outcome]] = self._fan_out(
-            [lambda r=r: self.scorer.score_batch(r, [c for _, c in calls[r]]) for r in roles]
+            [lambda r=r: self.scorer.score_batch(r, [c for _, c in calls[r]], len(calls[r]) < len(live)) for r in roles]
         )
         rows: dict[Generation, dict[str, torch.Tensor]] = {g: {} for g in live}
         for r, outcomes in zip(roles, results):

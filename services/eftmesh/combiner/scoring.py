@@ -128,12 +128,15 @@ class Scorer(Protocol):
 
     models: Mapping[str, ModelSpec]
 
-    def score_batch(self, role: str, calls: Sequence[ScoreCall]) -> list[Outcome]:
-        """Score every call (all of `role`); a call whose cache is gone is re-sent from 0."""
+    def score_batch(self, role: str, calls: Sequence[ScoreCall], partial: bool = False) -> list[Outcome]:
+        """Score every call (all of `role`); a call whose cache is gone is re-sent from 0.
+        `partial`: the step has generations these calls do not carry, which can go on without
+        a straggling replica's answer (see `Outcome.pending`)."""
         ...
 
-    def draft_batch(self, role: str, calls: Sequence[DraftCall]) -> list[Outcome]:
-        """Draft for every call (all of `role`); a call whose cache is gone is re-sent from 0."""
+    def draft_batch(self, role: str, calls: Sequence[DraftCall], partial: bool = False) -> list[Outcome]:
+        """Draft for every call (all of `role`); a call whose cache is gone is re-sent from 0.
+        `partial` as in `score_batch`."""
         ...
 
     def release(self, sessions: Mapping[str, str]) -> None:
