@@ -274,8 +274,8 @@ class ExhaustionSpy:
         scorer, inner_score, inner_draft = cs.scorer, cs.scorer.score_batch, cs.scorer.draft_batch
 
         def counted(inner: Callable[..., Any]) -> Callable[..., Any]:
-            def call(role: str, calls: Any) -> Any:
-                out = inner(role, calls)
+            def call(role: str, calls: Any, partial: bool = False) -> Any:
+                out = inner(role, calls, partial)
                 self.count += sum(isinstance(o.error, ResourceExhausted) for o in out)
                 return out
 
@@ -388,10 +388,10 @@ def test_an_item_one_upstream_refuses_fails_only_its_generation(mesh, tiny_famil
     mixed_calls: list[list[int]] = []
     inner = cs.scorer.draft_batch
 
-    def spy(role: str, calls: Any) -> Any:
+    def spy(role: str, calls: Any, partial: bool = False) -> Any:
         if role == "ft-capped":
             mixed_calls.append(sorted(c.k for c in calls))
-        return inner(role, calls)
+        return inner(role, calls, partial)
 
     cs.scorer.draft_batch = spy  # type: ignore[method-assign]
     try:

@@ -73,7 +73,8 @@ def test_a_late_replica_carrying_the_whole_call_is_set_aside_when_the_step_has_o
     assert got.pending is not None
     assert got.error is None and got.rows is None
     assert not got.pending.done()  # it was set aside before the replica answered
-    assert 2 * CALL_S * 0.9 <= waited < 1.0, f"waited {waited:.3f} s: the straggler wait is 2 x {CALL_S} s"
+    # the straggler wait is 2 x CALL_S; waiting for the call would take the 3 s of the late answer
+    assert 2 * CALL_S * 0.9 <= waited < 2.0, f"waited {waited:.3f} s"
     stub.answer()
     got.pending.result(timeout=5)  # the call runs on to its answer, which ends the hold
 
