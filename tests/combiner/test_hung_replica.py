@@ -1,6 +1,7 @@
 """A replica that hangs (answers nothing, its health still SERVING: a stuck model) costs the
 generations on it a re-prefill on the other replica after a derived deadline, not a stall of
-every stream; once it wakes, the sessions moved off it are released there.
+every stream; once it wakes, the sessions moved off it are released there. A draft replica that
+hangs while holding every drafting generation stalls only those.
 
 Real services on loopback, in-process; the hang is one call held in the replica's servicer
 (deterministic, unlike a signal: the call's worker thread waits on an event while the server
@@ -141,3 +142,66 @@ def test_a_replica_marked_down_has_its_calls_cancelled_at_once_not_at_their_dead
         assert {p: t for p, (t, _) in got.items()} == expected
         gaps = {p: round(g, 2) for p, (_, g) in got.items()}
         assert max(gaps.values()) < 3.0, gaps  # not the 20 s deadline
+
+
+def speculating_stream(address: str, prompt: str) -> tuple[str, float]:
+    """`stream`, drafting k=2 with ft-small every step (greedy: the same text as plain)."""
+    with grpc.insecure_channel(address) as ch:
+        req = generator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=NEW, ignore_eos=True,
+                                            sampling=tensor_pb2.SamplingParams(temperature=0.0),
+                                            speculation=generator_pb2.Speculation(
+                                                mode=generator_pb2.SPECULATION_MODE_FIXED, k=2))
+        text, last, gap = "", time.monotonic(), 0.0
+        for chunk in generator_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=120):
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
+            text += chunk.text
+        return text, gap
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_hung_draft_replica_holding_every_drafting_generation_stalls_only_those(mesh, tiny_family):
+    """Two ft-small replicas; one stream drafts with ft-small, five do not. The replica that
+    holds the drafting stream's session stops answering DraftBatch mid-generation (its
+    ScoreBatch still answers). The step's draft call then has that one replica only: the plain
+    streams step on without it (they do not use the draft call) instead of waiting for its
+    deadline (10 s here), and the drafting stream moves to the other replica at the deadline.
+    A CI run saw the plain streams held up so (2.4x in the chaos test) before the fix."""
+    expected = expected_texts(mesh)
+    a, b = (start_logit(tiny_family["ft-small"], "ft-small") for _ in range(2))
+    others = {r: start_logit(tiny_family[r], r) for r in ("base-large", "base-small")}
+    gate, held, drafts = threading.Event(), threading.Event(), []
+    for ls in (a, b):
+        def stuck_after_a_few_drafts(items, *args, _original=ls.engine.draft_batch, **kwargs):
+            drafts.append(len(items))
+            if len(drafts) == 6 and not gate.is_set():  # mid-generation: this replica's drafts hang
+                held.set()
+                gate.wait(30)
+            return _original(items, *args, **kwargs)
+
+        ls.engine.draft_batch = stuck_after_a_few_drafts
+    target = f"127.0.0.1:{a.server.port},127.0.0.1:{b.server.port}"
+    cs = start_combiner(tiny_family["base-small"], {**{r: ls.server.port for r, ls in others.items()}, "ft-small": 0},
+                        upstream_targets={"ft-small": target},
+                        policy=UpstreamPolicy(deadlines=DeadlinePolicy(floor_s=10.0, cap_s=30.0), prefix_slack=None))
+    try:
+        address = f"127.0.0.1:{cs.server.port}"
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            drafting = pool.submit(speculating_stream, address, PROMPTS[0])
+            plain = {p: pool.submit(stream, address, p) for p in PROMPTS[1:]}
+            assert held.wait(60), "the drafting stream's replica never got its 6th DraftBatch"
+            got = {p: f.result(timeout=90) for p, f in plain.items()}
+            assert not gate.is_set() and held.is_set()
+            gaps = {p: round(g, 2) for p, (_, g) in got.items()}
+            # the plain streams went on while the draft call hung (waiting for it: >= 10 s)
+            assert max(gaps.values()) < 5.0, gaps
+            text, gap = drafting.result(timeout=90)
+        assert {p: t for p, (t, _) in got.items()} == {p: expected[p] for p in PROMPTS[1:]}
+        assert text == expected[PROMPTS[0]]  # moved at its deadline, re-prefilled, exact
+        assert gap >= 5.0, f"the drafting stream's longest gap was {gap:.2f} s: its draft call never hung"
+    finally:
+        gate.set()
+        cs.stop(0)
+        for ls in (a, b, *others.values()):
+            ls.server.stop(0).wait()
