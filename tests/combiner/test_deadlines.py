@@ -58,3 +58,19 @@ def test_a_step_waits_for_a_straggler_a_smaller_multiple_of_the_same_estimate():
     fast = CallDeadlines(DeadlinePolicy(straggler_factor=2.0))
     fast.record("r", 0.001, 1)
     assert fast.hold_after("r", 1) == STRAGGLER_FLOOR_S  # never below a scheduler's time slice
+
+
+def test_a_draft_call_is_expected_to_take_its_forwards_not_one_steps_time():
+    """A draft role's calls mix one-forward ScoreBatches (the plain generations) with DraftBatches
+    of k + 1 forwards run one after another. The estimate is per forward, so a k = 8 draft is
+    neither set aside as a straggler nor given up on for taking nine forwards, and the drafts do
+    not stretch what a score call may take either."""
+    d = CallDeadlines(DeadlinePolicy(margin=10, floor_s=0.1, cap_s=30.0, straggler_factor=2.0))
+    for _ in range(10):
+        d.record("ft-small", 0.010, 1)  # a ScoreBatch: one forward of 10 ms
+        d.record("ft-small", 0.090, 5, forwards=9)  # a DraftBatch of k = 8: nine forwards
+    assert d.snapshot()["ft-small"]["call_s"] == pytest.approx(0.010)
+    assert d.hold_after("ft-small", 5, forwards=9) == pytest.approx(0.18)  # 2 x 9 x 10 ms: the draft is on time
+    assert d.hold_after("ft-small", 1) == pytest.approx(0.02)  # a score call still 2 x 10 ms
+    assert d.deadline("ft-small", 5, failover=True, forwards=9) == (pytest.approx(0.9), True)
+    assert d.deadline("ft-small", 1, failover=True) == (pytest.approx(0.1), True)  # 10 x 10 ms, the floor

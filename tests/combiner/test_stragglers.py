@@ -6,6 +6,7 @@ GrpcScorer over fake stubs (no network): one replica's DraftBatch is a future th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import Future
@@ -94,3 +95,17 @@ def test_a_late_replica_carrying_the_whole_step_is_waited_for(late):
     assert got.pending is None
     assert got.error is not None and "the test's answer" in str(got.error)
     assert waited >= 0.35
+
+
+def test_a_long_draft_is_given_the_time_of_its_forwards_before_it_counts_as_late(late):
+    """A DraftBatch of k = 8 runs nine forwards one after another: with the role's forwards
+    taking 50 ms, it is a straggler only after 2 x 9 x 50 ms, not after 2 x 50 ms (which would
+    set every long draft aside, every step, while the step had others to step)."""
+    scorer, stub, call = late
+    timer = threading.Timer(0.3, stub.answer)  # 6x one forward, well within nine
+    timer.start()
+    try:
+        (got,) = scorer.draft_batch("ft-small", [dataclasses.replace(call, k=8)], partial=True)
+    finally:
+        timer.join()
+    assert got.pending is None and got.error is not None and "the test's answer" in str(got.error)

@@ -6,11 +6,14 @@ generation of the step for all of it. So, as Envoy's and gRPC's outlier detectio
 on latency, each call gets a deadline derived from what that role's calls have taken:
 
     deadline = clamp(margin * expected, floor, cap)
-    expected = max(typical call, typical seconds per token sent * tokens sent)
+    expected = max(typical forward * forwards, typical seconds per token sent * tokens sent)
 
-with `typical call` an exponential moving average of successful calls that sent few tokens
-(decode and verify steps) and the per-token rate one of those that sent many (prefills), so
-that a long prompt is not mistaken for a hang.
+with `typical forward` an exponential moving average, over successful calls that sent few
+tokens (decode and verify steps, drafts), of their seconds per forward run one after another
+(a ScoreBatch runs one; a DraftBatch of k drafts runs k + 1: the catch-up, then one per draft),
+and the per-token rate one of those that sent many (prefills), so that neither a long prompt nor
+a long draft is mistaken for a hang. (A draft role's calls mix both kinds in every speculative
+step; a per-call average would set a k = 8 draft aside as a straggler every step.)
 The deadline applies only while another live replica of the role can take the call's
 sessions over: with none, waiting is the only way to an answer, and the call keeps the full
 `cap` (then fails UNAVAILABLE, naming the role). Before a role's first answer it is `cap`.
@@ -62,7 +65,7 @@ class DeadlinePolicy:
 
 @dataclass
 class _Role:
-    call_s: float | None = None  # moving average of a successful step's seconds (< PREFILL_TOKENS sent)
+    call_s: float | None = None  # moving average of a successful step's seconds per forward (< PREFILL_TOKENS sent)
     token_s: float | None = None  # moving average of seconds per token of prefill-sized calls
 
 
@@ -74,18 +77,20 @@ class CallDeadlines:
     _roles: dict[str, _Role] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, role: str, seconds: float, tokens: int) -> None:
-        """A successful call of `role` that sent `tokens` tokens took `seconds`."""
+    def record(self, role: str, seconds: float, tokens: int, forwards: int = 1) -> None:
+        """A successful call of `role` that sent `tokens` tokens and ran `forwards` forwards one
+        after another took `seconds`."""
         a = self.policy.smoothing
         with self._lock:
             r = self._roles.setdefault(role, _Role())
-            if tokens < PREFILL_TOKENS:  # steps: their cost is the forward's fixed cost
-                r.call_s = seconds if r.call_s is None else r.call_s + a * (seconds - r.call_s)
+            if tokens < PREFILL_TOKENS:  # steps: their cost is the forwards' fixed cost
+                per = seconds / max(1, forwards)
+                r.call_s = per if r.call_s is None else r.call_s + a * (per - r.call_s)
             else:  # prefills: their cost grows with the tokens
                 rate = seconds / tokens
                 r.token_s = rate if r.token_s is None else r.token_s + a * (rate - r.token_s)
 
-    def deadline(self, role: str, tokens: int, failover: bool) -> tuple[float, bool]:
+    def deadline(self, role: str, tokens: int, failover: bool, forwards: int = 1) -> tuple[float, bool]:
         """(seconds the call may take, whether that is a derived deadline). `failover`: another
         live replica of the role could take the call's sessions over."""
         p = self.policy
@@ -95,18 +100,19 @@ class CallDeadlines:
             token_s = None if r is None else r.token_s
         if not failover or (call_s is None and token_s is None):
             return p.cap_s, False
-        expected = max(call_s or 0.0, (token_s or 0.0) * tokens)
+        expected = max((call_s or 0.0) * max(1, forwards), (token_s or 0.0) * tokens)
         return min(p.cap_s, max(p.floor_s, p.margin * expected)), True
 
-    def hold_after(self, role: str, tokens: int) -> float | None:
-        """Seconds a step waits for a call of `role` sending `tokens` tokens before it goes on
-        without that call's generations; None before the role's first answer (nothing known)."""
+    def hold_after(self, role: str, tokens: int, forwards: int = 1) -> float | None:
+        """Seconds a step waits for a call of `role` sending `tokens` tokens and running
+        `forwards` forwards before it goes on without that call's generations; None before the
+        role's first answer (nothing known)."""
         p = self.policy
         with self._lock:
             r = self._roles.get(role)
             if r is None or (r.call_s is None and r.token_s is None):
                 return None
-            expected = max(r.call_s or 0.0, (r.token_s or 0.0) * tokens)
+            expected = max((r.call_s or 0.0) * max(1, forwards), (r.token_s or 0.0) * tokens)
         return max(STRAGGLER_FLOOR_S, p.straggler_factor * expected)
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:

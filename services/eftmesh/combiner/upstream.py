@@ -113,6 +113,10 @@ class GrpcScorer(ReplicaMonitor):
             """Tokens a call for `idx` sends."""
             return sum(len(calls[i].tokens) - (0 if zero else calls[i].start) for i in idx)
 
+        def forwards(idx: list[int]) -> int:
+            """Forwards a call for `idx` runs one after another: a draft's k + 1, a score's one."""
+            return 1 + max((c.k for i in idx if isinstance(c := calls[i], DraftCall)), default=0)
+
         def move(replica: Replica, idx: list[int], why: str, rejoin: bool = False) -> dict[int, Outcome]:
             """Re-send `idx` on another live replica of the role (with `rejoin`, on this one if
             it comes back within `rejoin_wait_s`), or fail them UNAVAILABLE."""
@@ -136,7 +140,7 @@ class GrpcScorer(ReplicaMonitor):
             attrs = {"eftmesh.role": role, "rpc.method": method}
             tokens = sent(idx)
             other = bool(self._live_replicas(role, exclude=replica.address))
-            timeout, derived = self.deadlines.deadline(role, tokens, failover=other)
+            timeout, derived = self.deadlines.deadline(role, tokens, failover=other, forwards=forwards(idx))
             try:
                 if other:
                     # Cancellable: the monitor cancels it at once if it marks the replica down
@@ -172,7 +176,7 @@ class GrpcScorer(ReplicaMonitor):
                 got = [Outcome(error=_call_error(role, replica, e, attempt, timeout)) for _ in part]
             else:
                 elapsed = time.perf_counter() - started
-                self.deadlines.record(role, elapsed, tokens)
+                self.deadlines.record(role, elapsed, tokens, forwards(idx))
                 self.metrics.upstream_duration.record(elapsed, {**attrs, "rpc.grpc.status_code": "OK"})
                 self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
@@ -198,7 +202,7 @@ class GrpcScorer(ReplicaMonitor):
         hold = None
         if attempt == 0 and jobs and (len(jobs) > 1 or self._live_replicas(role, exclude=jobs[0][0].address)):
             # another replica could take a straggler's sessions: the step need not wait for it
-            hold = self.deadlines.hold_after(role, max(sent(idx) for _, idx in jobs))
+            hold = self.deadlines.hold_after(role, max(sent(idx) for _, idx in jobs), max(forwards(idx) for _, idx in jobs))
         if hold is None:  # the first call on this thread: no hand-off where nothing can be set aside
             pending = [self._pool.submit(contextvars.copy_context().run, one, r, idx) for r, idx in jobs[1:]]
             results = [one(*jobs[0])] if jobs else []
