@@ -31,13 +31,15 @@ NEW = 40
 HANG_S = 6.0
 
 
-def stream(address: str, prompt: str) -> tuple[str, float]:
+PLAIN = generator_pb2.Speculation(mode=generator_pb2.SPECULATION_MODE_OFF)
+
+
+def stream(address: str, prompt: str, speculation: generator_pb2.Speculation = PLAIN) -> tuple[str, float]:
     """Greedy text of a streamed Generate, and the longest gap between its chunks."""
     with grpc.insecure_channel(address) as ch:
         req = generator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=NEW, ignore_eos=True,
                                             sampling=tensor_pb2.SamplingParams(temperature=0.0),
-                                            speculation=generator_pb2.Speculation(
-                                                mode=generator_pb2.SPECULATION_MODE_OFF))
+                                            speculation=speculation)
         text, last, gap = "", time.monotonic(), 0.0
         for chunk in generator_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=120):
             now = time.monotonic()
@@ -144,21 +146,6 @@ def test_a_replica_marked_down_has_its_calls_cancelled_at_once_not_at_their_dead
         assert max(gaps.values()) < 3.0, gaps  # not the 20 s deadline
 
 
-def speculating_stream(address: str, prompt: str) -> tuple[str, float]:
-    """`stream`, drafting k=2 with ft-small every step (greedy: the same text as plain)."""
-    with grpc.insecure_channel(address) as ch:
-        req = generator_pb2.GenerateRequest(prompt=prompt, max_new_tokens=NEW, ignore_eos=True,
-                                            sampling=tensor_pb2.SamplingParams(temperature=0.0),
-                                            speculation=generator_pb2.Speculation(
-                                                mode=generator_pb2.SPECULATION_MODE_FIXED, k=2))
-        text, last, gap = "", time.monotonic(), 0.0
-        for chunk in generator_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=120):
-            now = time.monotonic()
-            gap, last = max(gap, now - last), now
-            text += chunk.text
-        return text, gap
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_hung_draft_replica_holding_every_drafting_generation_stalls_only_those(mesh, tiny_family):
@@ -188,7 +175,9 @@ def test_a_hung_draft_replica_holding_every_drafting_generation_stalls_only_thos
     try:
         address = f"127.0.0.1:{cs.server.port}"
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            drafting = pool.submit(speculating_stream, address, PROMPTS[0])
+            # greedy, drafting k=2 with ft-small every step: the same text as plain
+            drafting = pool.submit(stream, address, PROMPTS[0], generator_pb2.Speculation(
+                mode=generator_pb2.SPECULATION_MODE_FIXED, k=2))
             plain = {p: pool.submit(stream, address, p) for p in PROMPTS[1:]}
             assert held.wait(60), "the drafting stream's replica never got its 6th DraftBatch"
             got = {p: f.result(timeout=90) for p, f in plain.items()}
