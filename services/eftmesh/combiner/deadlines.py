@@ -94,26 +94,26 @@ class CallDeadlines:
         """(seconds the call may take, whether that is a derived deadline). `failover`: another
         live replica of the role could take the call's sessions over."""
         p = self.policy
-        with self._lock:
-            r = self._roles.get(role)
-            call_s = None if r is None else r.call_s
-            token_s = None if r is None else r.token_s
-        if not failover or (call_s is None and token_s is None):
+        expected = self._expected(role, tokens, forwards)
+        if not failover or expected is None:
             return p.cap_s, False
-        expected = max((call_s or 0.0) * max(1, forwards), (token_s or 0.0) * tokens)
         return min(p.cap_s, max(p.floor_s, p.margin * expected)), True
 
     def hold_after(self, role: str, tokens: int, forwards: int = 1) -> float | None:
         """Seconds a step waits for a call of `role` sending `tokens` tokens and running
         `forwards` forwards before it goes on without that call's generations; None before the
         role's first answer (nothing known)."""
-        p = self.policy
+        expected = self._expected(role, tokens, forwards)
+        return None if expected is None else max(STRAGGLER_FLOOR_S, self.policy.straggler_factor * expected)
+
+    def _expected(self, role: str, tokens: int, forwards: int) -> float | None:
+        """Seconds a call of `role` sending `tokens` tokens and running `forwards` forwards is
+        expected to take (the module's formula); None before the role's first answer."""
         with self._lock:
             r = self._roles.get(role)
             if r is None or (r.call_s is None and r.token_s is None):
                 return None
-            expected = max((r.call_s or 0.0) * max(1, forwards), (r.token_s or 0.0) * tokens)
-        return max(STRAGGLER_FLOOR_S, p.straggler_factor * expected)
+            return max((r.call_s or 0.0) * forwards, (r.token_s or 0.0) * tokens)
 
     def snapshot(self) -> dict[str, dict[str, float | None]]:
         """role -> the estimates (for logs and tests)."""

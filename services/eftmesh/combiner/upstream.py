@@ -138,9 +138,9 @@ class GrpcScorer(ReplicaMonitor):
             part = [calls[i] for i in idx]
             started = time.perf_counter()
             attrs = {"eftmesh.role": role, "rpc.method": method}
-            tokens = sent(idx)
+            tokens, runs = sent(idx), forwards(idx)
             other = bool(self._live_replicas(role, exclude=replica.address))
-            timeout, derived = self.deadlines.deadline(role, tokens, failover=other, forwards=forwards(idx))
+            timeout, derived = self.deadlines.deadline(role, tokens, failover=other, forwards=runs)
             try:
                 if other:
                     # Cancellable: the monitor cancels it at once if it marks the replica down
@@ -176,7 +176,7 @@ class GrpcScorer(ReplicaMonitor):
                 got = [Outcome(error=_call_error(role, replica, e, attempt, timeout)) for _ in part]
             else:
                 elapsed = time.perf_counter() - started
-                self.deadlines.record(role, elapsed, tokens, forwards(idx))
+                self.deadlines.record(role, elapsed, tokens, runs)
                 self.metrics.upstream_duration.record(elapsed, {**attrs, "rpc.grpc.status_code": "OK"})
                 self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
