@@ -50,8 +50,13 @@ RUN pip install --no-cache-dir --no-deps --prefix=/install .
 
 # --- runtime images ----------------------------------------------------------------------------------
 FROM python:${PYTHON}-slim AS runtime-base
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HOME=/tmp/hf HF_HUB_OFFLINE=1
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HOME=/tmp/hf HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor TRITON_CACHE_DIR=/tmp/triton
 WORKDIR /app
+# A C++ compiler for --torch-compile: inductor writes C++ for a CPU step, and Triton builds its
+# GPU launcher with one (vLLM's images carry one too). Without it a compile fails, is logged,
+# and steps run uncompiled.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 eftmesh && useradd --system --uid 10001 --gid 10001 --no-create-home eftmesh
 EXPOSE 50050 50051 8000 9464
 

@@ -783,7 +783,8 @@ def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_
             assert cfg.engine.prefix_cache is True and cfg.engine.graphs == GraphConfig()
     docs = by_kind(render({
         "logit": {"defaults": {"cudaGraphs": {"maxBatch": 64, "maxQuery": 32}},
-                  "roles": {"base-small": {"prefixCache": False, "cudaGraphs": {"mode": "off"}}}},
+                  "roles": {"base-small": {"prefixCache": False, "cudaGraphs": {"mode": "off"}},
+                            "base-large": {"torchCompile": True}}},
         "combiner": {"upstream": {"deadlineMargin": 20, "deadlineFloor": 2.5, "stragglerFactor": 3},
                      "prefixRoutingSlack": -1},
     }), "Deployment")
@@ -798,4 +799,5 @@ def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_
             assert cfg.engine.graphs == GraphConfig(mode="off", max_batch=64, max_query=32)
         else:
             assert cfg.engine.prefix_cache is True
-            assert cfg.engine.graphs == GraphConfig(mode="auto", max_batch=64, max_query=32)
+            compiled = name.endswith("-base-large")
+            assert cfg.engine.graphs == GraphConfig(mode="auto", max_batch=64, max_query=32, compile=compiled)

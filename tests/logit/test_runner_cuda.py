@@ -7,6 +7,8 @@ Captured steps equal eager ones (float32 within 1e-5; bfloat16: the same greedy 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -32,11 +34,11 @@ def llama(vocab: int, dtype: torch.dtype) -> torch.nn.Module:
     return model.to("cuda", dtype).eval()
 
 
-def engines(tokenizer, dtype: torch.dtype) -> tuple[ModelEngine, ModelEngine]:
+def engines(tokenizer, dtype: torch.dtype, graphs: GraphConfig = GRAPHS) -> tuple[ModelEngine, ModelEngine]:
     model = llama(len(tokenizer), dtype)
     kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0)
     eager = ModelEngine(model, tokenizer, graphs=GraphConfig(mode="off"), **kw)
-    graphed = ModelEngine(model, tokenizer, graphs=GRAPHS, **kw)
+    graphed = ModelEngine(model, tokenizer, graphs=graphs, **kw)
     graphed.warmup()
     return eager, graphed
 
@@ -49,9 +51,14 @@ def test_warmup_captures_every_bucket_and_info_says_so(tokenizer):
     assert graphed.info.graph_capture_s > 0
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows):
-    eager, graphed = engines(tokenizer, torch.float32)
+@pytest.mark.parametrize("rows,compiled", [(1, False), (3, False), (8, False), (3, True)])
+def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows, compiled):
+    # compiled: --torch-compile, the compiled static forward then captured (one row count:
+    # a compile takes tens of seconds and bench/gpu.sh has minutes)
+    graphs = dataclasses.replace(GRAPHS, compile=compiled)
+    eager, graphed = engines(tokenizer, torch.float32, graphs)
+    assert graphed.info.execution == ("compiled+cuda-graphs" if compiled else "cuda-graphs")
+    compiles = graphed.runner.compiles
     g = torch.Generator().manual_seed(rows)
     seqs = {f"s{i}": torch.randint(0, len(tokenizer), (5 + 7 * i,), generator=g).tolist() for i in range(rows)}
     for e in (eager, graphed):
@@ -65,6 +72,7 @@ def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows):
             assert (w.rows.float() - r.rows.float()).abs().max().item() <= 1e-5
         for s in seqs.values():
             s.extend([7] * q)
+    assert graphed.runner.compiles == compiles  # replays: nothing compiled while serving
 
 
 def test_captured_bfloat16_greedy_tokens_equal_eager_over_64_steps(tokenizer):

@@ -41,6 +41,7 @@ def info_to_pb(info: EngineInfo, model_id: str, kv_bytes_per_token: float,
         cuda_graphs=info.cuda_graphs,
         graph_capture_s=info.graph_capture_s,
         prefix_cache=info.prefix_cache,
+        compile_s=info.compile_s,
     )
 
 

@@ -59,10 +59,17 @@ class GraphConfig:
     max_batch: int = 32  # largest captured batch bucket
     max_query: int = 8  # largest captured query length (decode 1; a verify of k drafts k + 1)
     max_context: int = 4096  # largest captured context bucket (tokens gathered per row)
+    # --torch-compile: the static forward compiled by torch.compile (inductor) at warm-up, on a
+    # CPU as on a GPU (where it is then captured). Off by default, as SGLang's
+    # --enable-torch-compile: it costs minutes of start-up per model on a small CPU.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in GRAPH_MODES:
             raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.mode!r}")
+        if self.compile and self.mode == "off":
+            raise ValueError("--torch-compile compiles the static-shaped steps, which --cuda-graphs off turns off: "
+                             "use --cuda-graphs auto (or static)")
         for name in ("max_batch", "max_query", "max_context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--cuda-graph-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -152,10 +159,18 @@ class ModelRunner:
         self._keep_device = list(model.base_model.parameters())[-1].device
         self.dtype = next(model.parameters()).dtype
         on_cuda = self.device.type == "cuda" and not sharded
-        self.static = graphs.mode == "static" or (graphs.mode == "auto" and on_cuda)
+        if sharded and (graphs.mode == "static" or graphs.compile):
+            raise ValueError("--cuda-graphs static and --torch-compile need the model on one device (no --device-map)")
+        self.static = graphs.mode == "static" or graphs.compile or (graphs.mode == "auto" and on_cuda)
         self.capture_graphs = graphs.mode == "auto" and on_cuda
-        if sharded and graphs.mode == "static":
-            raise ValueError("--cuda-graphs static needs the model on one device (no --device-map)")
+        # The static forward, compiled (--torch-compile) or not. Dynamic shapes: one compile
+        # serves every context bucket, and batch and query buckets past 1 (torch.compile
+        # specialises sizes 0 and 1), so warm-up compiles at most four graphs (compile_static).
+        self.compile, self._mode = graphs.compile, graphs.mode
+        self._step = self._static_forward  # compiled by compile_static, once the pool is allocated
+        self.compiles = 0  # graphs torch.compile made
+        self.compile_s = 0.0
+        self._warm = False  # warm-up done: a compile after it is logged
         bs = pool.block_size
         ctx = min(graphs.max_context, max_context)
         self.batches = batch_buckets(graphs.max_batch)
@@ -280,9 +295,12 @@ class ModelRunner:
             position_ids=positions.clamp_max(self.max_context - 1),
             **{self._cache_arg: view},
             use_cache=True,
-            logits_to_keep=(new[:, None] - q + j[None, :]).clamp_min(0),  # [b, q]: the last q real columns
         )
-        return floor_rows_(out.logits, self.floor_limit)  # [b, q, vocab]
+        logits = out.logits  # [b, q, vocab]: every query column
+        if q > 1:  # each row's last q real columns (padding columns come after them)
+            last = (new[:, None] - q + j[None, :]).clamp_min(0)  # [b, q]
+            logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return floor_rows_(logits, self.floor_limit)  # [b, q, vocab]
 
     def _static(self, batch: StepBatch, b: int, q: int, c: int) -> torch.Tensor:
         n = self._stage(batch, b, q, c)
@@ -292,7 +310,7 @@ class ModelRunner:
             graph[0].replay()
             logits = graph[1]
         else:
-            logits = self._static_forward(b, q, c)
+            logits = self._step(b, q, c)
         rows, keep = len(batch.ids), batch.keep
         # each row's last `keep` real columns: the static forward kept its last q
         want = logits[:rows, q - keep:]  # [rows, keep, vocab]
@@ -317,8 +335,59 @@ class ModelRunner:
 
     @property
     def execution(self) -> str:
-        """How steps run now: "cuda-graphs", "static" or "eager" (LogitServiceInfo.execution)."""
-        return "cuda-graphs" if self.graphs else "static" if self.static else "eager"
+        """How steps run now (LogitServiceInfo.execution): "cuda-graphs" or "compiled+cuda-graphs"
+        (replayed), "compiled" or "static" (static shapes, run as they come), or "eager"."""
+        if self.graphs:
+            return "compiled+cuda-graphs" if self.compile else "cuda-graphs"
+        return "compiled" if self.compile else "static" if self.static else "eager"
+
+    # --- torch.compile ----------------------------------------------------------------------------
+
+    def _inductor(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        """torch.compile's backend: inductor, counting what it compiles. A compile once warm-up
+        is over is a shape the warm-up did not cover: it stalls a step for as long as a compile
+        takes, so it is logged."""
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        if self._warm:
+            log.warning("torch.compile compiled the static forward again while serving (graph %d): a "
+                        "specialisation warm-up did not cover; this step waited for it", self.compiles)
+        return compile_fx(gm, example_inputs)
+
+    def compile_static(self) -> float:
+        """Compile the static forward for every specialisation serving can meet: batch and query
+        buckets of 1 and past 1 (each pair), at the smallest context. Returns the seconds it
+        took. A compile that fails (no C++ compiler for a CPU, no Triton for a GPU) does not stop
+        the service: the error is logged and steps run uncompiled, as without --torch-compile."""
+        if not self.compile:
+            return 0.0
+        started = time.perf_counter()
+        batches = sorted({self.batches[0], self.batches[-1]})
+        queries = sorted({self.queries[0], self.queries[-1]})
+        self._dev_in.zero_()  # every row padding: writes land in the scratch block
+        try:
+            with torch.inference_mode():
+                self._static_forward(batches[0], queries[0], self.contexts[0])  # the pool's layers allocated
+                # torch.compile keeps its graphs per code object, for every runner in the process,
+                # up to recompile_limit (8) before it falls back to eager: room for a few runners
+                # (tests, the in-process mesh), each with its four specialisations.
+                dynamo = torch._dynamo.config
+                dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+                dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 1024)
+                self._step = torch.compile(self._static_forward, dynamic=True, backend=self._inductor)
+                for b in batches:
+                    for q in queries:
+                        self._step(b, q, self.contexts[0])
+        except Exception:
+            log.exception("torch.compile failed: steps run uncompiled (drop --torch-compile to skip it)")
+            self.compile, self._step = False, self._static_forward
+            self.static = self._mode == "static" or self.capture_graphs
+        self.compile_s = time.perf_counter() - started
+        if self.compile:
+            log.info("torch.compile: %d graphs of the static forward (batch %s x query %s) in %.1f s",
+                     self.compiles, batches, queries, self.compile_s)
+        return self.compile_s
 
     def capture(self) -> float:
         """Capture every (batch, query, context) bucket as a CUDA graph (largest first, all in
@@ -328,6 +397,7 @@ class ModelRunner:
         hold) does not stop the service: the error is logged with its traceback and every step
         then runs eagerly, as TGI does when its CUDA graph warm-up fails; Info says "eager". An
         error the device keeps (a sticky CUDA error) still fails the start, at the sync after."""
+        self._warm = True  # a compile from here on is logged
         if not self.capture_graphs:
             return 0.0
         started = time.perf_counter()
@@ -358,10 +428,10 @@ class ModelRunner:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for shape in shapes[:1] + shapes[-1:]:  # lazy initialisation (cuBLAS handles, kernels)
-                    self._static_forward(*shape)
+                    self._step(*shape)
             torch.cuda.current_stream(self.device).wait_stream(side)
             for shape in shapes:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._static_forward(*shape)
+                    out = self._step(*shape)
                 self.graphs[shape] = (graph, out)
