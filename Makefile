@@ -11,7 +11,7 @@ LAB := tools/lab
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix eval load fuzz clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix bench-compile eval load fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -84,6 +84,9 @@ bench-load: $(STAMP) ## concurrency benchmark: tokens/s against N concurrent gen
 
 bench-hop: $(STAMP) ## where a mesh step's time goes per role (the call, the logit service, the hop between them) from the services' own metrics, N=1,16: bench/hop.json
 	$(PY) -m eftmesh_lab.bench_hop $(ARGS)
+
+bench-compile: $(STAMP) ## the logit services' --torch-compile against their eager step, two meshes and the lockstep loop side by side, N=1,4,16: bench/compile.json, bench/compile.png
+	$(PY) -m eftmesh_lab.bench_compile $(ARGS)
 
 bench-http: $(STAMP) ## the HTTP API's overhead: HTTP/SSE vs gRPC Generate tokens/s at 1 and 16 streams, side by side: bench/http.json
 	$(PY) -m eftmesh_lab.bench_http $(ARGS)

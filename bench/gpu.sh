@@ -12,6 +12,7 @@
 #      runs, 16 Poisson requests): load-gpu-real.json, load-gpu-real.png
 #   5. every figure above against issue 15's targets, one table (eftmesh_lab.gpu_targets): gpu-targets.json
 #   6. the one-step profile (bench/gpu_profile.py): gpu-profile.txt (PROFILE=0 skips it)
+#   7. the --torch-compile GPU test (compiled, then captured, == eager in float32): gpu-tests-compile.txt
 # Results go to RESULTS_DIR (default bench/). Extra arguments go to both concurrency benchmarks
 # (e.g. --reps 1). PY picks the interpreter (default .venv's, made with `make install` when
 # missing); with another one, eftmesh and the lab are found under services/ and tools/lab/.
@@ -34,7 +35,8 @@ echo "+ $PY -c 'import torch; ...'  # the GPU this runs on"
 start=$SECONDS
 run() { echo "+ $*"; "$@"; }
 
-run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py 2>&1 | tee "$OUTDIR/gpu-tests.txt" | tail -n 15 || true
+# the --torch-compile test (a compile takes tens of seconds) runs last, in whatever time is left
+run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py -k "not compiled" 2>&1 | tee "$OUTDIR/gpu-tests.txt" | tail -n 15 || true
 
 engine_models=(--model models/demo/base-large)
 if [[ ${REAL:-1} != 0 ]]; then
@@ -66,4 +68,5 @@ run "$PY" -m eftmesh_lab.gpu_targets --results "$OUTDIR" || true
 if [[ ${PROFILE:-1} != 0 ]]; then
   run "$PY" bench/gpu_profile.py --device cuda --out "$OUTDIR/gpu-profile.txt" | tail -n 40 || true
 fi
+run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py -k "compiled" 2>&1 | tee "$OUTDIR/gpu-tests-compile.txt" | tail -n 15 || true
 echo "done in $((SECONDS - start)) s: results in $OUTDIR/"

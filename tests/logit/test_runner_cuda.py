@@ -51,7 +51,8 @@ def test_warmup_captures_every_bucket_and_info_says_so(tokenizer):
     assert graphed.info.graph_capture_s > 0
 
 
-@pytest.mark.parametrize("rows,compiled", [(1, False), (3, False), (8, False), (3, True)])
+@pytest.mark.parametrize("rows,compiled", [(1, False), (3, False), (8, False), (3, True)],
+                         ids=["1", "3", "8", "3-compiled"])
 def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows, compiled):
     # compiled: --torch-compile, the compiled static forward then captured (one row count:
     # a compile takes tens of seconds and bench/gpu.sh has minutes)

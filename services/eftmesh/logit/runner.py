@@ -19,6 +19,9 @@ Two paths:
   step of a small model is host-bound, ~600 kernel launches dispatched from Python each
   step; a replay is one launch). Without a GPU the same static path runs eagerly
   (`--cuda-graphs static`), which is how CI checks that it equals the eager one.
+- compiled (`--torch-compile`): the static forward compiled by torch.compile at warm-up, then
+  captured on CUDA; on a CPU it runs as compiled C++, without the per-op Python that bounds a
+  small model's step there.
 
 Attention over the paged pool: PyTorch's SDPA has no paged form, so each layer gathers the
 batch's keys and values into a static [rows, context bucket] view (one `index_select`) and
