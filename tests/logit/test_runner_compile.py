@@ -22,11 +22,11 @@ from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit import runner as runner_module
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig
+from eftmesh.logit.runner import GraphConfig, StepBatch
 
 SAME = 1e-5  # float32: compiled against eager
 N_POSITIONS = 128
-COMPILED = GraphConfig(mode="auto", max_batch=8, max_query=4, max_context=64, compile=True)
+COMPILED = GraphConfig(mode="auto", max_batch=8, max_query=4, max_context=128, compile=True)  # contexts 64, 128
 # inductor's CPU code is C++: without a compiler the real compile cannot run here (the fallback
 # test below needs none)
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -170,3 +170,37 @@ def test_compiled_drafts_equal_eager_ones(compiled, tokenizer):
     for engine in (eager, fast):
         for it in items:
             engine.release(it.session_id)
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_contexts_that_grow_across_buckets_take_the_same_compiled_graphs(compiled, tokenizer):
+    """Two sessions decode and verify from 5 and 30 tokens to past 100: their contexts cross
+    from the 64 bucket to the 128 one, which warm-up never ran (it compiles at the smallest
+    context; the shapes are dynamic)."""
+    eager, fast = compiled["gpt2"]
+    assert fast.runner.contexts == [64, 128]
+    compiles = fast.runner.compiles
+    g = torch.Generator().manual_seed(5)
+    seqs = {f"g{n}": torch.randint(0, len(tokenizer), (n,), generator=g).tolist() for n in (5, 30)}
+    for engine in (eager, fast):
+        engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
+    contexts = set()
+    step = 0
+    while min(len(s) for s in seqs.values()) < 100:
+        q = 1 if step % 2 == 0 else 4  # a decode, then a verify of 3 drafts
+        items = [ScoreItem(sid, len(s), torch.randint(0, len(tokenizer), (q,), generator=g).tolist(), q)
+                 for sid, s in seqs.items()]
+        before = fast.runner.static_steps
+        for w, r in zip(eager.score_batch(items), fast.score_batch(items)):
+            assert w.error is None and r.error is None
+            assert (w.rows - r.rows).abs().max().item() <= SAME
+        assert fast.runner.static_steps == before + 1  # one compiled forward for both rows
+        contexts.add(fast.runner.bucket(StepBatch([], [len(s) for s in seqs.values()], [[0] * q] * 2, q))[2])
+        for it in items:
+            seqs[it.session_id].extend(it.tokens)
+        step += 1
+    assert contexts == {64, 128} and fast.runner.compiles == compiles
+    for engine in (eager, fast):
+        for sid in seqs:
+            engine.release(sid)
