@@ -2,7 +2,8 @@
 
     python -m eftmesh_lab.bench_engine --model build/real-shapes/base-large --device cuda --out bench/engine-gpu.json
 
-For each execution mode (`--cuda-graphs off`, then `auto`: captured on a GPU) the engine is
+For each execution mode (`--cuda-graphs off`, then `auto`: captured on a GPU; with
+`--torch-compile also`, then the captured steps compiled by torch.compile) the engine is
 built as the logit service builds it, warmed up (capture included, timed), and N sessions,
 each prefilled with a short prompt, are stepped one token at a time through `score_batch` (a
 generation's decode step, rows back on the CPU): the median milliseconds per step for each N.
@@ -15,6 +16,7 @@ torch.profiler pass over a few captured steps at N=1 counts, per step, the CPU-s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -105,19 +107,26 @@ def profile_counts(engine: ModelEngine, steps: int = 5) -> dict[str, float]:
 
 
 def run(model: str, device: str, dtype: str, ns: list[int], steps: int, graphs: GraphConfig,
-        hbm_gbps: float | None = None) -> dict[str, Any]:
+        hbm_gbps: float | None = None, compiled_only: bool = False) -> dict[str, Any]:
+    """Eager, then `graphs` (its mode, uncompiled), then with --torch-compile when graphs.compile;
+    compiled_only: that last mode alone (a run of its own, after the others)."""
     out: dict[str, Any] = {"model": model, "device": device, "dtype": dtype, "modes": {}}
     bandwidth = hbm_bandwidth(device, hbm_gbps)
-    for mode in ("off", graphs.mode):
-        cfg = EngineConfig(max_batch=max(ns), kv_cache_tokens=max(4096, max(ns) * 512),
-                           graphs=GraphConfig(mode, graphs.max_batch, graphs.max_query, graphs.max_context))
+    plain = dataclasses.replace(graphs, compile=False)
+    configs = {"off": GraphConfig("off", graphs.max_batch, graphs.max_query, graphs.max_context), graphs.mode: plain}
+    if graphs.compile:
+        configs[f"{graphs.mode}+compile"] = graphs
+    if compiled_only:
+        configs = {k: v for k, v in configs.items() if v.compile}
+    for mode, mode_graphs in configs.items():
+        cfg = EngineConfig(max_batch=max(ns), kv_cache_tokens=max(4096, max(ns) * 512), graphs=mode_graphs)
         started = time.perf_counter()
         engine = ModelEngine.from_pretrained(model, role="bench", device=device, dtype=dtype, config=cfg)
         load_s = time.perf_counter() - started
         engine.warmup()
         row: dict[str, Any] = {"execution": engine.info.execution, "cuda_graphs": engine.info.cuda_graphs,
-                               "graph_capture_s": engine.info.graph_capture_s, "load_s": round(load_s, 2),
-                               "decode_ms": {}}
+                               "graph_capture_s": engine.info.graph_capture_s, "compile_s": engine.info.compile_s,
+                               "load_s": round(load_s, 2), "decode_ms": {}}
         for n in ns:
             row["decode_ms"][str(n)] = round(decode_ms(engine, n, steps), 3)
             print(f"{model} [{row['execution']}] N={n}: {row['decode_ms'][str(n)]:.2f} ms per decode step", flush=True)
@@ -129,8 +138,6 @@ def run(model: str, device: str, dtype: str, ns: list[int], steps: int, graphs: 
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        if mode == graphs.mode:
-            break
     if bandwidth:
         out["hbm_bytes_per_s"] = bandwidth
         out["bandwidth_bound_ms"] = round(out["weight_bytes"] / bandwidth * 1e3, 4)
@@ -147,12 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "static"], help="the mode compared with off")
     p.add_argument("--cuda-graph-max-batch", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--cuda-graph-max-context", type=int, default=1024, help="(default: %(default)s)")
+    p.add_argument("--torch-compile", choices=["off", "also", "only"], default="off",
+                   help="also: a third mode, the same graphs compiled by torch.compile (--torch-compile); only: that "
+                        "mode alone (default: %(default)s)")
     p.add_argument("--hbm-gbps", type=float, default=None, help="HBM bandwidth, GB/s (default: by device name)")
     p.add_argument("--out", default="bench/engine-gpu.json", help="JSON results (default: %(default)s)")
     a = p.parse_args(argv)
     ns = [int(x) for x in a.concurrency.split(",")]
-    graphs = GraphConfig(a.cuda_graphs, a.cuda_graph_max_batch, 8, a.cuda_graph_max_context)
-    results = [run(m, a.device, a.dtype, ns, a.steps, graphs, a.hbm_gbps) for m in a.model]
+    graphs = GraphConfig(a.cuda_graphs, a.cuda_graph_max_batch, 8, a.cuda_graph_max_context,
+                         compile=a.torch_compile != "off")
+    results = [run(m, a.device, a.dtype, ns, a.steps, graphs, a.hbm_gbps, compiled_only=a.torch_compile == "only")
+               for m in a.model]
     doc = {"what": "decode step of one logit engine alone, eager vs captured, beside the memory-bandwidth bound",
            "machine": {"platform": platform.platform(), "torch": torch.__version__,
                        "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else a.device},
