@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from random_steps import fits, step, step_items
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
@@ -115,12 +116,6 @@ def test_bad_graph_settings_are_refused_with_the_flag_named():
         GraphConfig(max_batch=0)
 
 
-# One step of a random workload: per session, either a decode (1 token), a verify of k
-# drafts (k + 1 tokens, k + 1 rows), or a rollback of r tokens followed by a decode.
-step = st.lists(st.tuples(st.sampled_from(["decode", "verify", "rollback"]), st.integers(1, 5)), min_size=1,
-                max_size=11)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -134,16 +129,7 @@ def test_static_steps_equal_eager_ones_over_random_batches(models, tokenizer, ar
     for engine in (eager, static):  # prefills: eager in both
         engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
     for plan in steps:
-        items = []
-        for (kind, x), (sid, s) in zip(plan, seqs.items()):
-            if kind == "rollback":
-                del s[max(1, len(s) - x):]
-            start = len(s)
-            new = torch.randint(0, vocab, (x + 1 if kind == "verify" else 1,), generator=g).tolist()
-            if start + len(new) > N_POSITIONS:
-                continue
-            items.append(ScoreItem(sid, start, new, len(new)))
-            s.extend(new)
+        items = step_items(plan, seqs, vocab, g, N_POSITIONS)
         if not items:
             continue
         static_before = static.runner.static_steps
@@ -153,9 +139,7 @@ def test_static_steps_equal_eager_ones_over_random_batches(models, tokenizer, ar
             assert w.error is None and r.error is None
             assert w.cache_length == r.cache_length
             assert (w.rows - r.rows).abs().max().item() <= SAME
-        fits = max(len(it.tokens) for it in items) <= GRAPHS.max_query and \
-            max(it.start for it in items) + GRAPHS.max_query <= GRAPHS.max_context and len(items) <= GRAPHS.max_batch
-        if fits:  # every item in one bucket: at least one forward took the static path
+        if fits(items, GRAPHS.max_query, GRAPHS.max_context, GRAPHS.max_batch):  # every item in one bucket: at least one forward took the static path
             assert static.runner.static_steps > static_before
     for engine in (eager, static):
         for sid in seqs:

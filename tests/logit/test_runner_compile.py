@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from random_steps import fits, step, step_items
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit import runner as runner_module
@@ -103,12 +104,6 @@ def test_warm_up_compiles_and_info_says_so(compiled):
         assert eager.info.execution == "eager" and eager.info.compile_s == 0.0
 
 
-# One step of a random workload: per session, either a decode (1 token), a verify of k
-# drafts (k + 1 tokens, k + 1 rows), or a rollback of r tokens followed by a decode.
-step = st.lists(st.tuples(st.sampled_from(["decode", "verify", "rollback"]), st.integers(1, 5)), min_size=1,
-                max_size=11)
-
-
 @pytest.mark.slow
 @needs_cxx
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -124,16 +119,7 @@ def test_compiled_steps_equal_eager_ones_and_serving_never_compiles(compiled, to
     for engine in (eager, fast):  # prefills: eager in both
         engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
     for plan in steps:
-        items = []
-        for (kind, x), (sid, s) in zip(plan, seqs.items()):
-            if kind == "rollback":
-                del s[max(1, len(s) - x):]
-            start = len(s)
-            new = torch.randint(0, vocab, (x + 1 if kind == "verify" else 1,), generator=g).tolist()
-            if start + len(new) > N_POSITIONS:
-                continue
-            items.append(ScoreItem(sid, start, new, len(new)))
-            s.extend(new)
+        items = step_items(plan, seqs, vocab, g, N_POSITIONS)
         if not items:
             continue
         static_before = fast.runner.static_steps
@@ -141,9 +127,7 @@ def test_compiled_steps_equal_eager_ones_and_serving_never_compiles(compiled, to
             assert w.error is None and r.error is None
             assert w.cache_length == r.cache_length
             assert (w.rows - r.rows).abs().max().item() <= SAME
-        fits = max(len(it.tokens) for it in items) <= COMPILED.max_query and \
-            max(it.start for it in items) + COMPILED.max_query <= COMPILED.max_context and len(items) <= COMPILED.max_batch
-        if fits:  # every item in one bucket: at least one forward took the compiled path
+        if fits(items, COMPILED.max_query, COMPILED.max_context, COMPILED.max_batch):  # every item in one bucket: at least one forward took the compiled path
             assert fast.runner.static_steps > static_before
     for engine in (eager, fast):
         for sid in seqs:

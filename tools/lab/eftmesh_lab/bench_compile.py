@@ -15,7 +15,6 @@ time (`Info.compile_s`), the compiled mesh's start-up time, and its ratios to lo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import torch
 
 from eftmesh_lab.bench import workload_prompts
 from eftmesh_lab.bench_load import (COMPOSITION, MODES, ROLES, MeshClient, lockstep_generate, load_family, machine,
-                                    plot, sweep)
+                                    sweep, write)
 from eftmesh.launcher import LocalMesh, resolve_models
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -116,12 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "compiled_services": info, "compiled_startup_s": compiled_startup, "eager_startup_s": eager_startup,
         "poisson": None,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print("\n" + markdown(out) + "\n")
-    if a.plot:
-        plot(out, a.plot)
-    print(f"written to {a.out}" + (f" and {a.plot}" if a.plot else ""), flush=True)
+    write(out, markdown(out), a.out, a.plot)
 
 
 if __name__ == "__main__":

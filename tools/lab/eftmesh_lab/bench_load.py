@@ -531,12 +531,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
         "poisson": poisson, "kv_cache": kv, "ratios": ratios, "targets": targets,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print("\n" + markdown(out) + "\n")
-    if a.plot:
-        plot(out, a.plot)
-    print(f"written to {a.out}" + (f" and {a.plot}" if a.plot else ""), flush=True)
+    write(out, markdown(out), a.out, a.plot)
+
+
+def write(out: dict, table: str, path: str, plot_path: str) -> None:
+    """The results as JSON at `path`, their markdown table on stdout, the tokens/s plot at
+    `plot_path` (none when empty)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print("\n" + table + "\n")
+    if plot_path:
+        plot(out, plot_path)
+    print(f"written to {path}" + (f" and {plot_path}" if plot_path else ""), flush=True)
 
 
 if __name__ == "__main__":
