@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from eftmesh.logit.engine import ScoreItem
+from eftmesh.logit.engine import ModelEngine, ScoreItem
+from eftmesh.logit.runner import GraphConfig
 
 # One step of a random workload: per session, either a decode (1 token), a verify of k
 # drafts (k + 1 tokens, k + 1 rows), or a rollback of r tokens followed by a decode.
@@ -31,7 +32,35 @@ def step_items(plan: list[tuple[str, int]], seqs: dict[str, list[int]], vocab: i
     return items
 
 
-def fits(items: list[ScoreItem], max_query: int, max_context: int, max_batch: int) -> bool:
+def fits(items: list[ScoreItem], graphs: GraphConfig) -> bool:
     """Whether every item of the step lies in one static bucket."""
-    return (max(len(it.tokens) for it in items) <= max_query
-            and max(it.start for it in items) + max_query <= max_context and len(items) <= max_batch)
+    return (max(len(it.tokens) for it in items) <= graphs.max_query
+            and max(it.start for it in items) + graphs.max_query <= graphs.max_context
+            and len(items) <= graphs.max_batch)
+
+
+def assert_same_rows(eager: ModelEngine, other: ModelEngine, graphs: GraphConfig, prompts: list[int],
+                     steps: list[list[tuple[str, int]]], seed: int, positions: int, same: float) -> None:
+    """Run one random workload through both engines (same weights): every step's rows agree
+    within `same`, a step that fits a bucket takes `other`'s static path, and releasing every
+    session frees every block."""
+    vocab = eager.info.tokenizer_vocab_size  # len(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    seqs = {f"s{i}": torch.randint(0, vocab, (n,), generator=g).tolist() for i, n in enumerate(prompts)}
+    for engine in (eager, other):  # prefills: eager in both
+        engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
+    for plan in steps:
+        items = step_items(plan, seqs, vocab, g, positions)
+        if not items:
+            continue
+        static_before = other.runner.static_steps
+        for w, r in zip(eager.score_batch(items), other.score_batch(items)):
+            assert w.error is None and r.error is None
+            assert w.cache_length == r.cache_length
+            assert (w.rows - r.rows).abs().max().item() <= same
+        if fits(items, graphs):  # every item in one bucket: at least one forward took the static path
+            assert other.runner.static_steps > static_before
+    for engine in (eager, other):
+        for sid in seqs:
+            engine.release(sid)
+        assert engine.pool.free_blocks == engine.pool.num_blocks

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from random_steps import fits, step, step_items
+from random_steps import assert_same_rows, step
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
@@ -123,28 +123,7 @@ def test_bad_graph_settings_are_refused_with_the_flag_named():
        seed=st.integers(0, 2**16))
 def test_static_steps_equal_eager_ones_over_random_batches(models, tokenizer, arch, prompts, steps, seed):
     eager, static = pair(models[arch], tokenizer)
-    vocab = len(tokenizer)
-    g = torch.Generator().manual_seed(seed)
-    seqs = {f"s{i}": torch.randint(0, vocab, (n,), generator=g).tolist() for i, n in enumerate(prompts)}
-    for engine in (eager, static):  # prefills: eager in both
-        engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
-    for plan in steps:
-        items = step_items(plan, seqs, vocab, g, N_POSITIONS)
-        if not items:
-            continue
-        static_before = static.runner.static_steps
-        want = eager.score_batch(items)
-        got = static.score_batch(items)
-        for w, r in zip(want, got):
-            assert w.error is None and r.error is None
-            assert w.cache_length == r.cache_length
-            assert (w.rows - r.rows).abs().max().item() <= SAME
-        if fits(items, GRAPHS.max_query, GRAPHS.max_context, GRAPHS.max_batch):  # every item in one bucket: at least one forward took the static path
-            assert static.runner.static_steps > static_before
-    for engine in (eager, static):
-        for sid in seqs:
-            engine.release(sid)
-        assert engine.pool.free_blocks == engine.pool.num_blocks
+    assert_same_rows(eager, static, GRAPHS, prompts, steps, seed, N_POSITIONS, SAME)
 
 
 def test_static_drafts_equal_eager_ones_and_long_contexts_fall_back_to_eager(models, tokenizer):

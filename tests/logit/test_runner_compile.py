@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from random_steps import fits, step, step_items
+from random_steps import assert_same_rows, step
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit import runner as runner_module
@@ -110,29 +110,10 @@ def test_warm_up_compiles_and_info_says_so(compiled):
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompts=st.lists(st.integers(1, 20), min_size=1, max_size=11), steps=st.lists(step, min_size=1, max_size=6),
        seed=st.integers(0, 2**16))
-def test_compiled_steps_equal_eager_ones_and_serving_never_compiles(compiled, tokenizer, arch, prompts, steps, seed):
+def test_compiled_steps_equal_eager_ones_and_serving_never_compiles(compiled, arch, prompts, steps, seed):
     eager, fast = compiled[arch]
     compiles = fast.runner.compiles
-    vocab = len(tokenizer)
-    g = torch.Generator().manual_seed(seed)
-    seqs = {f"s{i}": torch.randint(0, vocab, (n,), generator=g).tolist() for i, n in enumerate(prompts)}
-    for engine in (eager, fast):  # prefills: eager in both
-        engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in seqs.items()])
-    for plan in steps:
-        items = step_items(plan, seqs, vocab, g, N_POSITIONS)
-        if not items:
-            continue
-        static_before = fast.runner.static_steps
-        for w, r in zip(eager.score_batch(items), fast.score_batch(items)):
-            assert w.error is None and r.error is None
-            assert w.cache_length == r.cache_length
-            assert (w.rows - r.rows).abs().max().item() <= SAME
-        if fits(items, COMPILED.max_query, COMPILED.max_context, COMPILED.max_batch):  # every item in one bucket: at least one forward took the compiled path
-            assert fast.runner.static_steps > static_before
-    for engine in (eager, fast):
-        for sid in seqs:
-            engine.release(sid)
-        assert engine.pool.free_blocks == engine.pool.num_blocks
+    assert_same_rows(eager, fast, COMPILED, prompts, steps, seed, N_POSITIONS, SAME)
     assert fast.runner.compiles == compiles  # warm-up covered every shape these steps took
 
 
