@@ -1,0 +1,112 @@
+"""What a CUDA graph captures stays on the device, checked on every CI run without a GPU.
+
+The runner's static forward (`ModelRunner._static_forward`) is the body a CUDA graph records.
+A capture fails, or the replayed step stalls, if that body syncs with the host (`.item()`,
+`.tolist()`, `bool(t)`, `nonzero`: data the host must wait for) or reads a host tensor (a
+pageable copy inside the step). The GPU test (test_runner_cuda.py) catches both with
+`torch.cuda.set_sync_debug_mode("error")`, but only where a GPU is. Here the same body runs on
+the meta device, where tensors have shapes and no data: a data-dependent host read raises, and
+a dispatch mode records every op and fails on any that reads or makes a CPU tensor (0-dim
+scalars aside: those are arguments, not copies). A model or transformers version that brings a
+host sync into the step fails here, for the tiny test models and for the real-shape family's
+own configs (bench/real-shapes: a 1B Llama and SmolLM2-135M, which cost nothing on meta).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import LlamaForCausalLM
+
+from eftmesh.logit.kvcache import PagedKVPool
+from eftmesh.logit.runner import GraphConfig, ModelRunner
+from eftmesh_lab import real_shapes
+from tiny_models import tiny_models
+
+META = torch.device("meta")
+GRAPHS = GraphConfig(mode="static", max_batch=4, max_query=4, max_context=128)
+# (batch, query, context) buckets: a decode step, verifies of several k, the second context bucket
+SHAPES = [(1, 1, 64), (2, 4, 64), (4, 2, 128), (3, 1, 128)]
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every aten op, and each one that reads or makes a host tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.ops += 1
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0 for t in tree_leaves((args, kwargs))):
+            self.host.append(f"{func} reads a host tensor")
+        out = func(*args, **kwargs)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(out)):
+            self.host.append(f"{func} makes a host tensor")
+        return out
+
+
+def meta_runner(model: torch.nn.Module, vocab: int) -> ModelRunner:
+    model = model.to(META).eval()
+    pool = PagedKVPool(2048, 16, model.config.num_hidden_layers, META, next(model.parameters()).dtype)
+    return ModelRunner(model, pool, max_context=256, graphs=GRAPHS, sharded=False, floor_limit=vocab)
+
+
+def captured_body(runner: ModelRunner, shape: tuple[int, int, int]) -> HostTraffic:
+    """Run the static forward of one bucket on meta; returns what it did."""
+    watch = HostTraffic()
+    with torch.inference_mode(), watch:
+        out = runner._static_forward(*shape)
+    b, q, _ = shape
+    assert out.device == META and tuple(out.shape[:2]) == (b, q)
+    return watch
+
+
+@pytest.fixture(scope="module")
+def runners() -> dict[str, ModelRunner]:
+    made = {name: meta_runner(m, 512) for name, m in tiny_models(512, 256, seed=0).items()}
+    for part, config in (("base-large", "base-large.json"), ("small", "small.json")):
+        with torch.device(META):
+            made[part] = meta_runner(LlamaForCausalLM(real_shapes.load_config(config)), real_shapes.VOCAB)
+    for r in made.values():  # the first step allocates the pool's layers
+        with torch.inference_mode():
+            r._static_forward(1, 1, 64)
+    return made
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "base-large", "small"])
+def test_the_captured_step_makes_no_host_sync_and_reads_no_host_tensor(runners, name):
+    for shape in SHAPES:
+        watch = captured_body(runners[name], shape)
+        assert watch.ops > 50  # the whole forward went through the mode
+        assert watch.host == [], f"{name} {shape}: {watch.host[:5]}"
+
+
+def test_the_check_fails_on_a_host_sync_and_on_a_host_tensor(runners, monkeypatch):
+    """The check can fail: a step that reads a value back (a host sync on a GPU) raises on meta,
+    and a step that mixes in a host-built tensor (a pageable copy on a GPU) is reported."""
+    runner = runners["llama"]
+    norm = runner.model.model.norm
+    real = type(norm).forward
+
+    def syncs(self: Any, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() > 1e9:  # data-dependent control flow
+            return x
+        return real(self, x)
+
+    monkeypatch.setattr(type(norm), "forward", syncs)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        captured_body(runner, (1, 1, 64))
+
+    def host_tensor(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return real(self, x) + torch.zeros(x.shape[-1]).to(x.device)  # built on the host, copied in
+
+    monkeypatch.setattr(type(norm), "forward", host_tensor)
+    watch = captured_body(runner, (1, 1, 64))
+    assert any("host tensor" in h for h in watch.host)
