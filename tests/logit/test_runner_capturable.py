@@ -10,6 +10,8 @@ a dispatch mode records every op and fails on any that reads or makes a CPU tens
 scalars aside: those are arguments, not copies). A model or transformers version that brings a
 host sync into the step fails here, for the tiny test models and for the real-shape family's
 own configs (bench/real-shapes: a 1B Llama and SmolLM2-135M, which cost nothing on meta).
+The whole static step (staging, the copy, the forward) is checked to move data between host
+and device in one op, the staged buffer's copy.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import LlamaForCausalLM
 
-from eftmesh.logit.kvcache import PagedKVPool
-from eftmesh.logit.runner import GraphConfig, ModelRunner
+from eftmesh.logit.kvcache import BlockTable, PagedKVPool
+from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
 from eftmesh_lab import real_shapes
 from tiny_models import tiny_models
 
@@ -34,21 +36,29 @@ SHAPES = [(1, 1, 64), (2, 4, 64), (4, 2, 128), (3, 1, 128)]
 
 
 class HostTraffic(TorchDispatchMode):
-    """Records every aten op, and each one that reads or makes a host tensor."""
+    """Records every aten op; each one that reads or makes a host tensor (`host`); and each one
+    that moves data between the host and the device, a host tensor and a device one in the same
+    op (`transfers`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
         self.host: list[str] = []
+        self.transfers: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self.ops += 1
-        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0 for t in tree_leaves((args, kwargs))):
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in ins):
             self.host.append(f"{func} reads a host tensor")
         out = func(*args, **kwargs)
-        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(out)):
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in outs):
             self.host.append(f"{func} makes a host tensor")
+        kinds = {t.device.type for t in ins + outs if t.device.type != "cpu" or t.dim() > 0}
+        if {"cpu", "meta"} <= kinds:
+            self.transfers.append(str(func))
         return out
 
 
@@ -86,6 +96,31 @@ def test_the_captured_step_makes_no_host_sync_and_reads_no_host_tensor(runners, 
         watch = captured_body(runners[name], shape)
         assert watch.ops > 50  # the whole forward went through the mode
         assert watch.host == [], f"{name} {shape}: {watch.host[:5]}"
+
+
+def test_a_static_step_moves_its_inputs_to_the_device_in_one_copy(runners):
+    """Issue 15's "inputs staged in pinned host memory and copied once": the whole static step
+    (`ModelRunner.forward`: staging, the copy, the forward) reads the host in exactly one op,
+    the copy of the staged buffer (on a GPU, one non-blocking copy from pinned memory), for a
+    decode step and a verify alike (the staging before it is host work, the logits stay on the
+    device). The eager path, for contrast, copies ids, positions, mask, slots and kept columns
+    one by one."""
+    runner = runners["llama"]
+    tables = [BlockTable(blocks=[1, 2, 3], length=40), BlockTable(blocks=[4, 5], length=20)]
+    decode = StepBatch(tables, [40, 20], [[7], [9]], 1)
+    verify = StepBatch(tables, [40, 20], [[7, 8, 9, 10], [9, 3, 4, 5]], 4)  # k = 3
+    for batch in (decode, verify):
+        assert runner.bucket(batch) is not None, "the batch fits a static bucket"
+        watch = HostTraffic()
+        with torch.inference_mode(), watch:
+            out = runner.forward(batch)
+        assert tuple(out.shape[:2]) == (2, batch.keep)
+        assert watch.transfers == ["aten.copy_.default"], watch.transfers
+    eager = HostTraffic()
+    # (its last op copies the logits to the host, which meta cannot: no data)
+    with torch.inference_mode(), eager, pytest.raises(NotImplementedError, match="meta"):
+        runner._eager(decode)
+    assert len(eager.transfers) >= 5, eager.transfers  # what the static path saves
 
 
 def test_the_check_fails_on_a_host_sync_and_on_a_host_tensor(runners, monkeypatch):
