@@ -653,6 +653,12 @@ def test_should_install_no_otlp_exporter_without_an_endpoint():
     ({"combiner": {"discovery": "kubernetes"}, "rbac": {"create": False}}, "needs rbac.create true"),
     ({"combiner": {"grpcRoute": {"enabled": True}}}, "combiner.grpcRoute.parentRefs"),
     ({"combiner": {"autoscaling": {"targetActiveGenerations": None}}}, "targetActiveGenerations or"),
+    ({"logit": {"roles": {"base-large": {"kvCacheMemory": "60 gigs"}}}}, "kvCacheMemory"),
+    ({"logit": {"roles": {"base-large": {"kvCacheMemory": "60GiB", "autoscaling": {"enabled": True}}}}},
+     "logit role base-large: autoscaling targets a share of kvCacheTokens, but kvCacheMemory sizes its cache"),
+    ({"logit": {"autoscalingEngine": "keda",
+                "roles": {"base-large": {"kvCacheMemory": "60GiB", "autoscaling": {"enabled": True}}}}},
+     "set kvCacheTokens instead"),
 ])
 def test_bad_values_should_fail_with_a_message_that_names_the_fix(values, message):
     with pytest.raises(helm_python.HelmError) as info:
@@ -769,7 +775,7 @@ def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():
             assert flag not in args and all(m["name"] != "chat-template" for m in mounts)
 
 
-def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_values():
+def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_follow_their_values():
     from eftmesh.logit.runner import GraphConfig
 
     defaults = by_kind(render(), "Deployment")
@@ -781,10 +787,12 @@ def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_
             assert pol.prefix_slack == 8
         else:
             assert cfg.engine.prefix_cache is True and cfg.engine.graphs == GraphConfig()
+            assert (cfg.engine.kv_cache_tokens, cfg.engine.kv_cache_memory) == (16384, None)
     docs = by_kind(render({
         "logit": {"defaults": {"cudaGraphs": {"maxBatch": 64, "maxQuery": 32}},
                   "roles": {"base-small": {"prefixCache": False, "cudaGraphs": {"mode": "off"}},
-                            "base-large": {"torchCompile": True}}},
+                            "base-large": {"torchCompile": True},
+                            "ft-small": {"kvCacheMemory": "2GiB"}}},
         "combiner": {"upstream": {"deadlineMargin": 20, "deadlineFloor": 2.5, "stragglerFactor": 3},
                      "prefixRoutingSlack": -1},
     }), "Deployment")
@@ -801,3 +809,5 @@ def test_prefix_cache_cuda_graphs_and_hung_replica_handling_should_follow_their_
             assert cfg.engine.prefix_cache is True
             compiled = name.endswith("-base-large")
             assert cfg.engine.graphs == GraphConfig(mode="auto", max_batch=64, max_query=32, compile=compiled)
+            # kvCacheMemory replaces --kv-cache-tokens (the services refuse both)
+            assert cfg.engine.kv_cache_memory == (2**31 if name.endswith("-ft-small") else None)

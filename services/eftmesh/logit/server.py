@@ -27,6 +27,7 @@ from eftmesh.common import loading, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import EngineConfig, ModelEngine
+from eftmesh.logit.kvsize import parse_size
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.runner import GRAPH_MODES, GraphConfig
 from eftmesh.logit.servicer import LogitServicer
@@ -105,7 +106,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-context", type=int, default=None, help="cap on tokens per session (default: the model's own limit)")
     p.add_argument("--max-k", type=int, default=32, help="largest k one Draft call may ask for (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="most sessions' steps (decode or verify) run in one batched forward (default: %(default)s)")
-    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the paged KV cache holds, shared by all sessions; allocated at start (default: %(default)s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help=f"tokens the paged KV cache holds, shared by all sessions; allocated at start (default: {EngineConfig.kv_cache_tokens})")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="size the KV cache by memory instead: bytes it may take, e.g. 4GiB, 512MiB or 16GB (KiB/MiB/GiB/TiB, "
+                        "or KB/MB/GB/TB in powers of 1000); it holds as many tokens as fit, at the model's own 2 x layers "
+                        "x kv heads x head dim x dtype bytes per token (measured at start, logged); give it or "
+                        "--kv-cache-tokens, not both (default: off)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
     p.add_argument("--session-active-window", type=float, default=1.0, help="seconds after its last use during which a session counts as in flight and is never evicted for room; a call that needs its blocks gets RESOURCE_EXHAUSTED instead (default: %(default)s)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -157,6 +164,16 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                              compile=a.torch_compile)
     except ValueError as e:
         p.error(str(e))
+    kv_memory = None
+    if a.kv_cache_memory is not None:
+        if a.kv_cache_tokens is not None:
+            p.error("--kv-cache-tokens and --kv-cache-memory both size the KV cache: give one of them")
+        try:
+            kv_memory = parse_size(a.kv_cache_memory)
+        except ValueError as e:
+            p.error(f"--kv-cache-memory: {e}")
+    if a.kv_cache_tokens is not None and a.kv_cache_tokens < 1:
+        p.error(f"--kv-cache-tokens must be >= 1, got {a.kv_cache_tokens}")
     if a.deletion_cost_interval is not None and a.deletion_cost_interval < 0:
         p.error(f"--deletion-cost-interval must be >= 0, got {a.deletion_cost_interval}")
     return LogitConfig(
@@ -177,7 +194,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             max_context=a.max_context,
             max_k=a.max_k,
             max_batch=a.max_batch,
-            kv_cache_tokens=a.kv_cache_tokens,
+            kv_cache_tokens=EngineConfig.kv_cache_tokens if a.kv_cache_tokens is None else a.kv_cache_tokens,
+            kv_cache_memory=kv_memory,
             kv_block_size=a.kv_block_size,
             prefill_tokens=a.prefill_tokens,
             session_active_s=a.session_active_window,
