@@ -111,6 +111,34 @@ def mesh(tiny_family: dict[str, Path]) -> Iterator[Mesh]:
         ls.server.stop(0).wait()
 
 
+def held_sessions(logits: dict[str, LogitServer]) -> dict[str, list[str]]:
+    """Role -> the sessions its service holds, each with its length and idle seconds."""
+    out = {}
+    for role, ls in logits.items():
+        store, now = ls.engine.sessions, time.monotonic()
+        out[role] = [f"{sid} ({s.length} tokens, idle {now - s.last_used:.1f} s)" for sid, s in list(store._sessions.items())]
+    return {r: v for r, v in out.items() if v}
+
+
+@pytest.fixture(autouse=True)
+def _shared_mesh_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on the shared mesh must leave it as it found it: no session, no KV block, within
+    a few seconds of its end (Release is fire-and-forget). One that does not fails here, in its
+    own teardown, naming what it left; the sessions are then released so that the tests after
+    it start clean instead of failing for it (their idle checks would see its leftovers)."""
+    yield
+    if "mesh" not in request.fixturenames:
+        return
+    mesh: Mesh = request.getfixturevalue("mesh")
+    if wait_for(idle(mesh.logits), 10.0):
+        return
+    left = held_sessions(mesh.logits)
+    for ls in mesh.logits.values():
+        for sid in list(ls.engine.sessions._sessions):
+            ls.engine.release(sid)
+    pytest.fail(f"this test left sessions on the shared mesh: {left}")
+
+
 def collect(*readers) -> dict[str, list]:
     """Metric name -> data points, from one collection of each InMemoryMetricReader."""
     out: dict[str, list] = defaultdict(list)
