@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import types
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -323,3 +324,39 @@ def test_a_dns_target_finds_the_replica(mesh, tiny_family, two_large):
         cs.stop(0)
     assert got == complete(f"127.0.0.1:{mesh.combiner.server.port}", PROMPTS[1]).text
     assert usable == [f"127.0.0.1:{port}"]  # localhost's ::1, if any, has no server: never verified
+
+
+def test_closing_waits_for_the_releases_still_in_flight(monkeypatch) -> None:
+    """A generation's Release is sent without waiting, as it ends; a combiner stopped right
+    after must not close the channels under it (that cancels the call, and the session would
+    hold KV cache on the logit service until its idle expiry). A fake stub answers the
+    Release later; close() waits for it, and for one that never answers only RELEASE_FLUSH_S."""
+    from concurrent.futures import Future
+
+    from eftmesh.combiner import upstream
+
+    scorer = GrpcScorer({"base-small": "a:1"})
+    (r,) = scorer.replicas["base-small"].replicas()
+    scorer._set_state("base-small", r, LIVE)
+    answered, never = Future(), Future()
+    sent = []
+
+    class Release:
+        @staticmethod
+        def future(request, timeout):
+            sent.append(request.session_id)
+            return answered if request.session_id == "s1" else never
+
+    r.stub = types.SimpleNamespace(Release=Release)
+    for sid in ("s1", "s2"):
+        assert scorer.replicas["base-small"].route(sid) is r
+    scorer.release({"base-small": "s1"})
+    scorer.release({"base-small": "s2"})
+    assert sent == ["s1", "s2"]
+    monkeypatch.setattr(upstream, "RELEASE_FLUSH_S", 0.5)
+    threading.Timer(0.2, answered.set_result, (None,)).start()
+    started = time.monotonic()
+    scorer.close()
+    took = time.monotonic() - started
+    assert answered.done() and 0.4 <= took < 3.0, took  # waited for s1, gave up on s2 at the flush limit
+    assert not scorer._releasing - {never}  # the answered one left the set

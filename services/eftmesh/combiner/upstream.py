@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # Releases of a session moved off a replica, until one finds it gone (see _release_orphans).
 ORPHAN_RELEASES = 3
+# Seconds close() waits for Releases still in flight (sent without waiting, as a generation
+# ends) before it closes the channels: closing them first would cancel those calls, and their
+# sessions would hold KV cache on the logit services until their idle expiry.
+RELEASE_FLUSH_S = 2.0
 
 
 class GrpcScorer(ReplicaMonitor):
@@ -58,6 +62,7 @@ class GrpcScorer(ReplicaMonitor):
         # released there once it answers again (else they would hold its KV cache until expiry)
         self._orphans: dict[tuple[str, str], dict[str, int]] = {}
         self._inflight: dict[tuple[str, str], set[Any]] = {}  # (role, address) -> cancellable calls
+        self._releasing: set[Any] = set()  # Release calls in flight (flushed by close)
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
         self.deadlines = CallDeadlines(policy.deadlines)
 
@@ -325,9 +330,25 @@ class GrpcScorer(ReplicaMonitor):
             except ValueError:  # its channel was closed meanwhile: nothing to release
                 continue
             # Best effort: a replica that is gone has nothing to release.
-            fut.add_done_callback(lambda f: f.exception())
+            with self._lock:
+                self._releasing.add(fut)
+            fut.add_done_callback(self._release_done)
+
+    def _release_done(self, fut: Any) -> None:
+        fut.exception()
+        with self._lock:
+            self._releasing.discard(fut)
 
     def close(self) -> None:
+        """Wait (at most RELEASE_FLUSH_S) for the Releases still in flight, then close."""
+        deadline = time.monotonic() + RELEASE_FLUSH_S
+        with self._lock:
+            pending = list(self._releasing)
+        for fut in pending:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 (best effort: gone, refused or timed out alike)
+                pass
         super().close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
