@@ -10,7 +10,7 @@ from concurrent import futures
 
 import grpc
 import pytest
-from conftest import free_ports, start_combiner, start_logit
+from conftest import free_ports, held_sessions, idle, start_combiner, start_logit, wait_for
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from eftmesh.combiner.monitor import UpstreamPolicy
@@ -141,6 +141,42 @@ def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
         logits["base-large"] = start_logit(tiny_family["base-large"], "base-large", port=port)
         client.wait_status(SERVING, timeout=10)
         assert client.complete().token_ids == expected  # the same greedy tokens as before
+    finally:
+        cs.stop(0)
+        for ls in logits.values():
+            ls.server.stop(0).wait()
+
+
+@pytest.mark.e2e
+def test_a_forward_out_of_memory_mid_generation_costs_a_retry_not_the_request(tiny_family):
+    """base-large runs out of memory in one decode forward (a fake: its runner raises CUDA's
+    OutOfMemoryError once, at the generation's fourth step): the service answers that item
+    RESOURCE_EXHAUSTED, the combiner preempts the generation (releases its caches, re-prefills
+    it after a back-off), and the client gets the same greedy tokens as without the failure."""
+    import torch
+
+    logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
+    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
+    try:
+        client = _Client(cs.server.port)
+        client.wait_status(SERVING, timeout=5)
+        expected = client.complete().token_ids
+        assert wait_for(idle(logits), 5.0)
+        runner = logits["base-large"].engine.runner
+        real, calls = runner.forward, []
+
+        def out_of_memory_once(batch):
+            calls.append(batch)
+            if len(calls) == 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (a fake)")
+            return real(batch)
+
+        runner.forward = out_of_memory_once
+        assert client.complete().token_ids == expected
+        # one call per token, plus the failed one; the call after it prefills the whole history
+        # again (its caches were released), not a decode of one token
+        assert len(calls) == len(expected) + 1 and calls[4].past == [0] and len(calls[4].ids[0]) > 3
+        assert wait_for(idle(logits), 5.0), held_sessions(logits)
     finally:
         cs.stop(0)
         for ls in logits.values():

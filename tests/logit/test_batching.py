@@ -473,3 +473,37 @@ def test_a_bfloat16_model_caches_and_returns_rows_in_bfloat16(models, tokenizer)
     with torch.inference_mode():
         want = model(input_ids=torch.tensor([s])).logits[0, -2:]
     assert (r.rows.float() - want.float()).abs().max().item() <= 0.05  # bf16 arithmetic, same model
+
+
+@pytest.mark.parametrize("failure,code", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a fake)"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("an op the model could not run (a fake)"), grpc.StatusCode.INTERNAL),
+], ids=["out-of-memory", "fault"])
+def test_a_failed_forward_fails_its_rows_alone_and_an_out_of_memory_one_asks_for_a_retry(models, tokenizer, failure, code):
+    """A forward that runs out of memory (a prefill's activations on a full GPU) is load, not a
+    fault: its rows get RESOURCE_EXHAUSTED with what to do, which the combiner meets as it does
+    a full KV cache (preempt, re-prefill later); any other failure is INTERNAL. Either way the
+    rows' sessions are dropped (their caches may hold part of the forward), the other items of
+    the call are served, and the next forward runs. A fake: the runner raises once."""
+    engine = engine_for(models["llama"], tokenizer)
+    held = seq(1, 5, 64)
+    assert engine.score_batch([ScoreItem("held", 0, held, 1)])[0].error is None
+    real, calls = engine.runner.forward, []
+
+    def fails_once(batch):
+        calls.append(len(batch.ids))
+        if len(calls) == 1:
+            raise failure
+        return real(batch)
+
+    engine.runner.forward = fails_once
+    # a decode and a 40-token prefill: too unequal to share a forward; the shorter runs first
+    decode, prefill = engine.score_batch([ScoreItem("held", 5, [7], 1), ScoreItem("new", 0, seq(2, 40, 64), 1)])
+    assert calls == [1, 1]
+    assert decode.error is not None and decode.error.code == code
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert "out of device memory" in str(decode.error) and "--prefill-tokens" in str(decode.error)
+    assert prefill.error is None and prefill.cache_length == 40  # the call's other item was served
+    assert engine.sessions.get("held") is None  # dropped: its caller starts it again at 0
+    again = engine.score_batch([ScoreItem("held", 0, held + [7], 1)])[0]
+    assert again.error is None and again.cache_length == 6

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from eftmesh.common.errors import EftMeshError, InvalidArgument
+from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, argmax_finite, make_generator, process, sample
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
@@ -416,9 +416,23 @@ class ModelEngine:
         try:
             logits = self.runner.forward(batch)  # [rows, keep, vocab] on the CPU
         except Exception as e:
-            log.exception("%s: forward of %d rows failed", self.info.role, len(rows))
-            for r in rows:
-                results[r.index].error = EngineFault(f"the model failed on this batch: {type(e).__name__}")
+            error: EftMeshError = EngineFault(f"the model failed on this batch: {type(e).__name__}")
+            if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+                # Out of memory for this forward's activations: load, not a fault. RESOURCE_EXHAUSTED,
+                # which the combiner meets as it does a full KV cache: preempt, retry later.
+                tokens = sum(len(r.ids) for r in rows)
+                log.warning("%s: out of memory in a forward of %d rows, %d new tokens: refused", self.info.role,
+                            len(rows), tokens)
+                if any(d.type == "cuda" for d in self.devices):
+                    torch.cuda.empty_cache()
+                error = ResourceExhausted(
+                    f"{self.info.role}: out of device memory for a forward of {len(rows)} rows and {tokens} new tokens: "
+                    "retry later; if it recurs, lower --prefill-tokens or --max-batch, or --kv-cache-tokens to leave "
+                    "the device more room", reason="out_of_memory")
+            else:
+                log.exception("%s: forward of %d rows failed", self.info.role, len(rows))
+            for r in rows:  # their caches may hold part of the forward: dropped
+                results[r.index].error = error
                 self.sessions.release(r.session_id)
             return
         for b, r in enumerate(rows):
