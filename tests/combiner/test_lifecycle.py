@@ -5,6 +5,9 @@ before its upstreams, a role's last replica lost and back, a draining replica's 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 import time
 from concurrent import futures
 
@@ -123,14 +126,25 @@ def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_fa
             ls.server.stop(0).wait()
 
 
-@pytest.mark.e2e
-def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
+@contextmanager
+def own_mesh(tiny_family) -> Iterator[tuple[dict[str, Any], Any, _Client, list[int]]]:
+    """A mesh of this test's own (logit services, combiner), serving; and a client with the
+    greedy tokens of its default completion."""
     logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
     cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
     try:
         client = _Client(cs.server.port)
         client.wait_status(SERVING, timeout=5)
-        expected = client.complete().token_ids
+        yield logits, cs, client, list(client.complete().token_ids)
+    finally:
+        cs.stop(0)
+        for ls in logits.values():
+            ls.server.stop(0).wait()
+
+
+@pytest.mark.e2e
+def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
+    with own_mesh(tiny_family) as (logits, cs, client, expected):
         port = logits["base-large"].server.port
         logits["base-large"].server.stop(0).wait()
         assert client.wait_status(NOT_SERVING, timeout=5) < 5
@@ -141,10 +155,6 @@ def test_the_last_replica_of_a_role_lost_and_back(tiny_family):
         logits["base-large"] = start_logit(tiny_family["base-large"], "base-large", port=port)
         client.wait_status(SERVING, timeout=10)
         assert client.complete().token_ids == expected  # the same greedy tokens as before
-    finally:
-        cs.stop(0)
-        for ls in logits.values():
-            ls.server.stop(0).wait()
 
 
 @pytest.mark.e2e
@@ -155,12 +165,7 @@ def test_a_forward_out_of_memory_mid_generation_costs_a_retry_not_the_request(ti
     it after a back-off), and the client gets the same greedy tokens as without the failure."""
     import torch
 
-    logits = {r: start_logit(p, r) for r, p in tiny_family.items()}
-    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
-    try:
-        client = _Client(cs.server.port)
-        client.wait_status(SERVING, timeout=5)
-        expected = client.complete().token_ids
+    with own_mesh(tiny_family) as (logits, _, client, expected):
         assert wait_for(idle(logits), 5.0)
         runner = logits["base-large"].engine.runner
         real, calls = runner.forward, []
@@ -177,10 +182,6 @@ def test_a_forward_out_of_memory_mid_generation_costs_a_retry_not_the_request(ti
         # again (its caches were released), not a decode of one token
         assert len(calls) == len(expected) + 1 and calls[4].past == [0] and len(calls[4].ids[0]) > 3
         assert wait_for(idle(logits), 5.0), held_sessions(logits)
-    finally:
-        cs.stop(0)
-        for ls in logits.values():
-            ls.server.stop(0).wait()
 
 
 class FakeDrainingLogit(logit_pb2_grpc.LogitServiceServicer):
