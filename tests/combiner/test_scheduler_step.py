@@ -17,8 +17,12 @@ from eftmesh.combiner.decoding import Generation, GenerationRequest, Speculation
 from eftmesh.combiner.scoring import DraftCall, Outcome
 from eftmesh.combiner.stream import Chunk
 from eftmesh.combiner.decoder import Decoder
+from conftest import collect, points
 from fake_scorer import RecordingScorer
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from eftmesh.combiner.scheduler import SchedulerConfig
+from eftmesh.common.metrics import CombinerMetrics
 from eftmesh.common.errors import Cancelled, EftMeshError, ResourceExhausted, Unavailable
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
@@ -157,9 +161,13 @@ def test_a_full_kv_cache_parks_a_generation_until_its_back_off_and_its_output_is
         return None
 
     scorer.refuse = full_once
+    reader = InMemoryMetricReader()
+    d.scheduler.metrics = CombinerMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"))
     for _ in range(3):
         d.scheduler.step()
     assert refused and d.scheduler.load == (0, 1)  # back in the queue, caches released
+    (point,) = points(collect(reader), "eftmesh.generations.preempted")  # counted, with the role that refused
+    assert point.value == 1 and dict(point.attributes) == {"eftmesh.role": "base-large"}
     assert g.parked == 1 and g.not_before > clock.now
     assert d.scheduler.step() is False  # backing off: nothing is admitted yet
     clock.now = g.not_before

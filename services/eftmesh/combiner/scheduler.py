@@ -343,7 +343,7 @@ class Scheduler:
                 if o.pending is not None:
                     self._hold(g, o.pending)
                 elif o.error is not None:
-                    self._upstream_failed(g, o.error)
+                    self._upstream_failed(g, o.error, r)
                 else:
                     g.drafted(o.drafts, o.rows)
                     g.prefilled(r, o.cached_tokens)
@@ -365,7 +365,7 @@ class Scheduler:
                 if o.pending is not None:
                     self._hold(g, o.pending)
                 elif o.error is not None:
-                    self._upstream_failed(g, o.error)
+                    self._upstream_failed(g, o.error, r)
                 else:
                     rows[g][r] = o.rows
                     g.prefilled(r, o.cached_tokens)
@@ -411,12 +411,13 @@ class Scheduler:
 
     # --- leaving the batch ---------------------------------------------------------------------
 
-    def _upstream_failed(self, g: Generation, err: EftMeshError) -> None:
+    def _upstream_failed(self, g: Generation, err: EftMeshError, role: str) -> None:
         """A role refused this generation's item: a full KV cache preempts it (back to the queue,
         caches released, re-prefilled later); anything else fails it."""
         if g not in self._running:
             return
         if isinstance(err, ResourceExhausted):
+            self.metrics.preempted.add(1, {"eftmesh.role": role})
             self._running.remove(g)
             self.scorer.release(g.sessions)
             g.park(self.clock())

@@ -181,6 +181,11 @@ class CombinerMetrics:
             "eftmesh.generations.rejected", unit="{generation}",
             description="Generations answered RESOURCE_EXHAUSTED, by rpc.method and eftmesh.reason: "
                         "concurrency_limit, queue_timeout, max_concurrent_rpcs, request_too_large, other")
+        self.preempted = m.create_counter(
+            "eftmesh.generations.preempted", unit="{generation}",
+            description="Generations sent back to the queue because a logit service refused one of their items "
+                        "RESOURCE_EXHAUSTED (a full KV cache, or a forward out of memory): their caches released, "
+                        "re-prefilled after a back-off, by role")
         self.acceptance = m.create_histogram(
             "eftmesh.speculation.acceptance", unit="1",
             description="Share of drafted tokens kept, per speculative generation")
