@@ -776,7 +776,7 @@ def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():
 
 
 def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_follow_their_values():
-    from eftmesh.logit.runner import GraphConfig
+    from eftmesh.logit.buckets import GraphConfig
 
     defaults = by_kind(render(), "Deployment")
     for name, d in defaults.items():  # the chart's defaults are the services' own

@@ -7,7 +7,7 @@ import torch
 from hypothesis import strategies as st
 
 from eftmesh.logit.engine import ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig
+from eftmesh.logit.buckets import GraphConfig
 
 # One step of a random workload: per session, either a decode (1 token), a verify of k
 # drafts (k + 1 tokens, k + 1 rows), or a rollback of r tokens followed by a decode.

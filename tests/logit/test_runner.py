@@ -20,7 +20,8 @@ from random_steps import assert_same_rows, step
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig, batch_buckets, bucket_for, cache_argument, pow2_buckets
+from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
+from eftmesh.logit.runner import cache_argument
 
 SAME = 1e-5  # float32: static against eager
 N_POSITIONS = 128
@@ -89,6 +90,40 @@ def test_a_failed_capture_leaves_an_eager_service_that_says_so(models, tokenizer
         a, b = eager.score_batch(items)[0], static.score_batch(items)[0]
         assert b.error is None and torch.equal(a.rows, b.rows)  # the same eager path, the same logits
     assert runner.static_steps == static_before  # the decode did not take the static path
+
+
+def test_recorded_buckets_share_one_output_buffer_and_their_replays_equal_eager(models, tokenizer):
+    """What a capture keeps, checked on a CPU: `_record_all` with a fake recorder (a CUDA graph
+    cannot be captured here) that runs the step's body once, as a capture does, and whose
+    replay runs it again, as a graph reruns its kernels. Every bucket writes its logits at the
+    start of one buffer, so the graphs keep one output and not one per bucket (the pool then
+    reuses each step's own logits for the next capture), and replays through those views give
+    the eager step's rows over decodes, verifies and rollbacks."""
+    eager, static = pair(models["llama"], tokenizer)
+    runner, replays = static.runner, []
+
+    def record(body):
+        body()
+
+        def replay():
+            replays.append(1)
+            body()
+        return replay
+
+    vocab = static.vocab_size
+    runner._record_all(record, vocab, torch.float32)
+    order = runner.capture_order()
+    assert set(runner.graphs) == set(order) and len(order) == len(runner.batches) * 3 * len(runner.contexts)
+    assert order[0] == (max(runner.batches), max(runner.queries), max(runner.contexts))  # largest first
+    outs = {shape: out for shape, (_, out) in runner.graphs.items()}
+    assert len({o.untyped_storage().data_ptr() for o in outs.values()}) == 1  # one buffer for all
+    assert all(o.shape == (b, q, vocab) and o.is_contiguous() and o.storage_offset() == 0
+               for (b, q, _), o in outs.items())
+    assert outs[order[0]].untyped_storage().nbytes() == max(runner.batches) * max(runner.queries) * vocab * 4
+    steps = [[("decode", 1), ("verify", 2), ("rollback", 3)], [("verify", 3), ("decode", 1), ("decode", 1)],
+             [("rollback", 2), ("verify", 1), ("verify", 3)]]
+    assert_same_rows(eager, static, GRAPHS, [5, 12, 3], steps, 7, N_POSITIONS, SAME)
+    assert len(replays) >= len(steps)
 
 
 def test_the_cache_goes_by_the_keyword_the_model_s_forward_takes(models):

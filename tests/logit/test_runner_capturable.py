@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaForCausalLM
 
 from eftmesh.logit.kvcache import BlockTable, PagedKVPool
-from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
+from eftmesh.logit.buckets import GraphConfig
+from eftmesh.logit.runner import ModelRunner, StepBatch
 from eftmesh_lab import real_shapes
 from tiny_models import tiny_models
 

@@ -23,7 +23,8 @@ from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit import runner as runner_module
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig, StepBatch
+from eftmesh.logit.buckets import GraphConfig
+from eftmesh.logit.runner import StepBatch
 
 SAME = 1e-5  # float32: compiled against eager
 N_POSITIONS = 128

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from eftmesh.logit.engine import ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig
+from eftmesh.logit.buckets import GraphConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,6 +49,10 @@ def test_warmup_captures_every_bucket_and_info_says_so(tokenizer):
     assert len(r.graphs) == len(r.batches) * len(r.queries) * len(r.contexts)
     assert graphed.info.execution == "cuda-graphs" and graphed.info.cuda_graphs == len(r.graphs)
     assert graphed.info.graph_capture_s > 0
+    # every graph writes its logits into one buffer (runner._record_all), and Info says what the
+    # capture kept: that buffer and the graphs' pool
+    assert len({out.untyped_storage().data_ptr() for _, out in r.graphs.values()}) == 1
+    assert graphed.info.graph_memory_bytes >= max(r.batches) * max(r.queries) * graphed.vocab_size * 4
 
 
 @pytest.mark.parametrize("rows,compiled", [(1, False), (3, False), (8, False), (3, True)],

@@ -34,7 +34,8 @@ from eftmesh.logit.kvcache import PagedKVPool
 from eftmesh.logit.kvsize import kv_tokens_for_memory, slot_bytes
 from eftmesh.logit.placement import check_full_attention, load_model, mask_swapper, model_devices, model_max_context
 from eftmesh.logit.items import DraftItem, EngineInfo, ItemResult, ScoreItem
-from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
+from eftmesh.logit.buckets import GraphConfig
+from eftmesh.logit.runner import ModelRunner, StepBatch
 from eftmesh.logit.sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class ModelEngine:
         r = self.runner
         self.info = dataclasses.replace(self.info, execution=r.execution, cuda_graphs=len(r.graphs),
                                         graph_capture_s=round(r.capture_s, 3) if r.graphs else 0.0,
+                                        graph_memory_bytes=r.graph_memory if r.graphs else 0,
                                         compile_s=round(r.compile_s, 3) if r.compile else 0.0)
 
     def _timed(self, sid: str, n: int) -> float:

@@ -68,10 +68,12 @@ class EngineInfo:
     kv_block_size: int
     max_batch: int
     chat_template: str = ""
-    # How steps run (ModelRunner.execution); with graphs, how many were captured and how long
-    # the capture took; with --torch-compile, how long the compile took (set by warmup()).
+    # How steps run (ModelRunner.execution); with graphs, how many were captured, how long the
+    # capture took and the device bytes it kept; with --torch-compile, how long the compile
+    # took (set by warmup()).
     execution: str = "eager"
     cuda_graphs: int = 0
     graph_capture_s: float = 0.0
     prefix_cache: bool = False  # --prefix-cache: full KV blocks shared by prefix (prefix.py)
     compile_s: float = 0.0
+    graph_memory_bytes: int = 0

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from eftmesh.logit.kvcache import BlockTable, PagedKVPool
-from eftmesh.logit.runner import GraphConfig, ModelRunner, StepBatch
+from eftmesh.logit.buckets import GraphConfig
+from eftmesh.logit.runner import ModelRunner, StepBatch
 
 
 def parse_size(text: str) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,62 +42,10 @@ import torch
 from transformers.cache_utils import Cache
 
 from eftmesh.core.mixing import floor_rows_
+from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
 from eftmesh.logit.kvcache import BatchView, BlockTable, PagedKVPool
 
 log = logging.getLogger(__name__)
-
-GRAPH_MODES = ("auto", "off", "static")
-
-
-@dataclass(frozen=True)
-class GraphConfig:
-    """Which steps run static-shaped, and captured (flags --cuda-graphs and --cuda-graph-*).
-
-    mode: "auto" captures CUDA graphs when the model is on one CUDA device, and runs eagerly
-    otherwise (on a CPU the padding of static shapes costs more than the dispatch it saves);
-    "off" always runs eagerly; "static" runs the static path without capturing (what CI
-    checks on the CPU, and a way to tell a capture problem from a shape problem).
-    """
-
-    mode: str = "auto"
-    max_batch: int = 32  # largest captured batch bucket
-    max_query: int = 8  # largest captured query length (decode 1; a verify of k drafts k + 1)
-    max_context: int = 4096  # largest captured context bucket (tokens gathered per row)
-    # --torch-compile: the static forward compiled by torch.compile (inductor) at warm-up, on a
-    # CPU as on a GPU (where it is then captured). Off by default, as SGLang's
-    # --enable-torch-compile: it costs minutes of start-up per model on a small CPU.
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in GRAPH_MODES:
-            raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {self.mode!r}")
-        if self.compile and self.mode == "off":
-            raise ValueError("--torch-compile compiles the static-shaped steps, which --cuda-graphs off turns off: "
-                             "use --cuda-graphs auto (or static)")
-        for name in ("max_batch", "max_query", "max_context"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--cuda-graph-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-
-
-def batch_buckets(max_batch: int) -> list[int]:
-    """vLLM's capture sizes: 1, 2, 4, 8, then multiples of 8, up to max_batch (included)."""
-    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
-    return sorted(set(sizes + [max_batch]))
-
-
-def pow2_buckets(limit: int, lowest: int = 1) -> list[int]:
-    """lowest, 2 * lowest, ... below `limit`, then `limit`."""
-    out, b = [], lowest
-    while b < limit:
-        out.append(b)
-        b *= 2
-    return out + [limit]
-
-
-def bucket_for(n: int, buckets: list[int]) -> int | None:
-    """The smallest bucket >= n; None when n exceeds them all."""
-    return next((b for b in buckets if b >= n), None)
-
 
 @dataclass
 class StepBatch:
@@ -180,7 +129,9 @@ class ModelRunner:
         self.queries = pow2_buckets(graphs.max_query)
         # context buckets are whole blocks: a row's block table is read in whole blocks
         self.contexts = sorted({-(-c // bs) * bs for c in pow2_buckets(ctx, lowest=min(ctx, max(64, bs)))})
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, query, context) -> (replay, the logits it writes: a view of one buffer all share)
+        self.graphs: dict[tuple[int, int, int], tuple[Callable[[], None], torch.Tensor]] = {}
+        self.graph_memory = 0  # device bytes the capture kept (its pool and the shared output)
         self.capture_s = 0.0
         self.static_steps = self.eager_steps = 0
         if self.static:
@@ -310,15 +261,15 @@ class ModelRunner:
         self._dev_in[:n].copy_(self._host_in[:n], non_blocking=True)
         graph = self.graphs.get((b, q, c))
         if graph is not None:
-            graph[0].replay()
+            graph[0]()  # replay: the bucket's logits land in graph[1]
             logits = graph[1]
         else:
             logits = self._step(b, q, c)
         rows, keep = len(batch.ids), batch.keep
         # each row's last `keep` real columns: the static forward kept its last q
         want = logits[:rows, q - keep:]  # [rows, keep, vocab]
-        if self.device.type != "cuda":
-            return want  # a new tensor each eager step: nothing reuses it
+        if self.device.type != "cuda":  # a new tensor each uncaptured step; a replay's is reused
+            return want if graph is None else want.clone()
         # One pinned copy back and one wait: the step's only host sync.
         out = self._pinned_out(want.shape, want.dtype)
         out.copy_(want, non_blocking=True)
@@ -411,30 +362,61 @@ class ModelRunner:
                           "(--cuda-graphs off skips the capture)", len(self.graphs),
                           len(self.batches) * len(self.queries) * len(self.contexts))
             self.graphs.clear()
+            self.graph_memory = 0
             self.static = self.capture_graphs = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - started
         if self.graphs:
-            log.info("captured %d CUDA graphs (batch %s x query %s x context %s) in %.1f s", len(self.graphs),
-                     self.batches, self.queries, self.contexts, self.capture_s)
+            log.info("captured %d CUDA graphs (batch %s x query %s x context %s) in %.1f s, keeping %.0f MiB",
+                     len(self.graphs), self.batches, self.queries, self.contexts, self.capture_s,
+                     self.graph_memory / 2**20)
         return self.capture_s
 
     def _capture_all(self) -> None:
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
-        shapes = sorted(((b, q, c) for b in self.batches for q in self.queries for c in self.contexts),
-                        key=lambda s: (s[0] * s[1] * s[2], s), reverse=True)
+
+        def record(body: Callable[[], None]) -> Callable[[], None]:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                body()
+            return graph.replay
+
         self._dev_in.zero_()  # every row padding: writes land in the scratch block
         with torch.inference_mode():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
+                shapes = self.capture_order()
                 for shape in shapes[:1] + shapes[-1:]:  # lazy initialisation (cuBLAS handles, kernels)
-                    self._step(*shape)
+                    probe = self._step(*shape)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            for shape in shapes:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._step(*shape)
-                self.graphs[shape] = (graph, out)
+            vocab, dtype = probe.shape[-1], probe.dtype
+            del probe
+            before = torch.cuda.memory_reserved(self.device)
+            self._record_all(record, vocab, dtype)
+            self.graph_memory = torch.cuda.memory_reserved(self.device) - before
+
+    def capture_order(self) -> list[tuple[int, int, int]]:
+        """Every (batch, query, context) bucket, largest first."""
+        return sorted(((b, q, c) for b in self.batches for q in self.queries for c in self.contexts),
+                      key=lambda s: (s[0] * s[1] * s[2], s), reverse=True)
+
+    def _record_all(self, record: Callable[[Callable[[], None]], Callable[[], None]], vocab: int,
+                    dtype: torch.dtype) -> None:
+        """Record every bucket's step with `record` (a CUDA graph capture; a fake in CPU tests),
+        largest first, each ending in a copy of its logits into one output buffer that every
+        graph shares. The step's own logits are then freed when its capture ends, so the graphs'
+        shared pool reuses them (and every other intermediate) for the next, smaller bucket: the
+        pool holds about one largest step's activations, not one [b, q, vocab] output per
+        bucket (196 by default; ~0.9 GB in bfloat16 at a 49k vocabulary). vLLM and SGLang keep
+        their graphs' outputs the same way; replays run one at a time, under the engine's lock."""
+        out = torch.empty(max(self.batches) * max(self.queries) * vocab, dtype=dtype, device=self.device)
+        for b, q, c in self.capture_order():
+            logits = out[: b * q * vocab].view(b, q, vocab)  # contiguous: one plain copy back per step
+
+            def body(b: int = b, q: int = q, c: int = c, logits: torch.Tensor = logits) -> None:
+                logits.copy_(self._step(b, q, c))
+
+            self.graphs[(b, q, c)] = (record(body), logits)

@@ -29,7 +29,7 @@ from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import EngineConfig, ModelEngine
 from eftmesh.logit.kvsize import parse_size
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
-from eftmesh.logit.runner import GRAPH_MODES, GraphConfig
+from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 

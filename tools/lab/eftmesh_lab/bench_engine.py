@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from eftmesh.logit.engine import EngineConfig, ModelEngine, ScoreItem
-from eftmesh.logit.runner import GraphConfig
+from eftmesh.logit.buckets import GraphConfig
 
 # Peak HBM bandwidth by device name (vendor figures, bytes/s); --hbm-gbps overrides.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
@@ -126,6 +126,7 @@ def run(model: str, device: str, dtype: str, ns: list[int], steps: int, graphs: 
         engine.warmup()
         row: dict[str, Any] = {"execution": engine.info.execution, "cuda_graphs": engine.info.cuda_graphs,
                                "graph_capture_s": engine.info.graph_capture_s, "compile_s": engine.info.compile_s,
+                               "graph_memory_bytes": engine.info.graph_memory_bytes,
                                "load_s": round(load_s, 2), "decode_ms": {}}
         for n in ns:
             row["decode_ms"][str(n)] = round(decode_ms(engine, n, steps), 3)

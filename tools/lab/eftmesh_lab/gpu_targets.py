@@ -116,6 +116,7 @@ def evaluate(results: Path) -> dict[str, Any]:
                 "bandwidth_bound_ms": row.get("bandwidth_bound_ms"),
                 "eager_decode_ms": row.get("modes", {}).get("off", {}).get("decode_ms"),
                 "graph_capture_s": (_captured(row) or {}).get("graph_capture_s"),
+                "graph_memory_bytes": (_captured(row) or {}).get("graph_memory_bytes"),
                 "execution": [m.get("execution") for m in row.get("modes", {}).values()],
             }
     missing = [name for name, doc in docs.items() if doc is None]
@@ -130,7 +131,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {r['family']} | {r['target']} | {v} | {(r['op'] + ' ' + format(r['bound'], 'g') + ' ' + r['unit']).strip()} | {PASSED[r['pass']]} |")
     for family, e in doc["engine"].items():
         lines.append(f"\n{family} base-large: memory-bandwidth bound {e['bandwidth_bound_ms']} ms per step; eager decode "
-                     f"{e['eager_decode_ms']} ms; capture {e['graph_capture_s']} s; modes run: {e['execution']}")
+                     f"{e['eager_decode_ms']} ms; capture {e['graph_capture_s']} s keeping "
+                     f"{e.get('graph_memory_bytes')} bytes; modes run: {e['execution']}")
     if doc["missing_files"]:
         lines.append(f"\nnot written by the run: {', '.join(doc['missing_files'])}")
     return "\n".join(lines)
