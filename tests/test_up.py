@@ -85,3 +85,31 @@ def test_up_model_serves_one_model_in_every_role(role, chat, tmp_path):
     assert "tokens in" in out and "ft-small alone" not in out, out  # no contrasts: every role is the same
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["base-large.log", "base-small.log", "combiner.log",
                                                                     "ft-small.log"]
+
+
+def test_up_passes_one_kv_sizing_and_compile_to_every_logit_service_in_their_own_words(capsys):
+    import argparse
+
+    from eftmesh.launcher import logit_flags
+    from eftmesh.logit.server import parse_args
+
+    p = argparse.ArgumentParser(prog="eftmesh up")
+
+    def ns(**kw):
+        return argparse.Namespace(**{"kv_cache_tokens": None, "kv_cache_memory": None, "gpu_memory_utilization": None,
+                                     "torch_compile": False, **kw})
+
+    assert logit_flags(p, ns()) == []
+    for given, engine in [(ns(kv_cache_memory="2GiB", torch_compile=True), {"kv_cache_memory": 2**31}),
+                          (ns(gpu_memory_utilization=0.3), {"gpu_memory_utilization": 0.3}),
+                          (ns(kv_cache_tokens=1024), {"kv_cache_tokens": 1024})]:
+        flags = logit_flags(p, given)
+        cfg = parse_args(["--model", "m", "--role", "base-large", *flags], environ={})  # what each service reads
+        assert {k: getattr(cfg.engine, k) for k in engine} == engine
+        assert cfg.engine.graphs.compile == given.torch_compile
+    for given, message in [(ns(kv_cache_tokens=8, gpu_memory_utilization=0.3),
+                            "--kv-cache-tokens and --gpu-memory-utilization each size the KV cache: give one of them"),
+                           (ns(gpu_memory_utilization=3.0), "0 < F <= 1, got 3")]:
+        with pytest.raises(SystemExit):
+            logit_flags(p, given)
+        assert message in capsys.readouterr().err

@@ -221,6 +221,19 @@ def _has_chat_template(address: str) -> bool:
     return "ft-small" in stub.Info(generator_pb2.GeneratorInfoRequest(), timeout=30).chat_roles
 
 
+def logit_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """The flags `up` passes every logit service: one KV cache sizing at most, and --torch-compile."""
+    sizing = [(flag, value) for flag, value in (("--kv-cache-tokens", a.kv_cache_tokens),
+                                                ("--kv-cache-memory", a.kv_cache_memory),
+                                                ("--gpu-memory-utilization", a.gpu_memory_utilization))
+              if value is not None]
+    if len(sizing) > 1:
+        p.error(f"{' and '.join(f for f, _ in sizing)} each size the KV cache: give one of them")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
+        p.error(f"--gpu-memory-utilization is a share of the GPU's memory, 0 < F <= 1, got {a.gpu_memory_utilization:g}")
+    return [x for flag, value in sizing for x in (flag, str(value))] + (["--torch-compile"] if a.torch_compile else [])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="eftmesh up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/demo", help="directory with one checkpoint per role (default: %(default)s); when it holds none, tiny random models are made in build/tiny")
@@ -232,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--question", default="What is the capital of France?",
                    help="with --model: the demo's chat question, when the model has a chat template (default: %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache tokens per logit service (default: the services' default)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="or size each logit service's KV cache by memory, e.g. 2GiB (their --kv-cache-memory) (default: off)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="or by each logit service's share of the GPU (their --gpu-memory-utilization): the three "
+                        "roles share one card here, so at most about 0.3 each (default: off)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the logit services (default: the services' default)")
     p.add_argument("--torch-compile", action="store_true",
@@ -251,8 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--port must be a fixed port (the logit services take the next ones), got {a.port}")
 
     roles = {r: a.model for r in ("base-large", "base-small", "ft-small")} if a.model else resolve_models(Path(a.models))
-    logit_args = ["--kv-cache-tokens", str(a.kv_cache_tokens)] if a.kv_cache_tokens else []
-    logit_args += ["--torch-compile"] if a.torch_compile else []
+    logit_args = logit_flags(p, a)
     combiner_args = [] if http_port is None else ["--http-port", str(http_port)]
     if {"base-large", "base-small", "ft-small"} <= set(roles) and not a.model:
         # the demo family's up-scaling by name, for HTTP clients' `model` (and gRPC's Composition.name)

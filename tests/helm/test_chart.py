@@ -659,6 +659,12 @@ def test_should_install_no_otlp_exporter_without_an_endpoint():
     ({"logit": {"autoscalingEngine": "keda",
                 "roles": {"base-large": {"kvCacheMemory": "60GiB", "autoscaling": {"enabled": True}}}}},
      "set kvCacheTokens instead"),
+    ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 0.9, "autoscaling": {"enabled": True}}}}},
+     "logit role base-large: autoscaling targets a share of kvCacheTokens, but gpuMemoryUtilization sizes its cache"),
+    ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 0.9, "kvCacheMemory": "60GiB"}}}},
+     "logit role base-large: kvCacheMemory and gpuMemoryUtilization both size the KV cache"),
+    ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 1.5}}}}, "gpuMemoryUtilization"),
+    ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 0}}}}, "gpuMemoryUtilization"),
 ])
 def test_bad_values_should_fail_with_a_message_that_names_the_fix(values, message):
     with pytest.raises(helm_python.HelmError) as info:
@@ -787,11 +793,12 @@ def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_fol
             assert pol.prefix_slack == 8
         else:
             assert cfg.engine.prefix_cache is True and cfg.engine.graphs == GraphConfig()
-            assert (cfg.engine.kv_cache_tokens, cfg.engine.kv_cache_memory) == (16384, None)
+            assert (cfg.engine.kv_cache_tokens, cfg.engine.kv_cache_memory, cfg.engine.gpu_memory_utilization) == (
+                16384, None, None)
     docs = by_kind(render({
         "logit": {"defaults": {"cudaGraphs": {"maxBatch": 64, "maxQuery": 32}},
                   "roles": {"base-small": {"prefixCache": False, "cudaGraphs": {"mode": "off"}},
-                            "base-large": {"torchCompile": True},
+                            "base-large": {"torchCompile": True, "gpuMemoryUtilization": 0.85},
                             "ft-small": {"kvCacheMemory": "2GiB"}}},
         "combiner": {"upstream": {"deadlineMargin": 20, "deadlineFloor": 2.5, "stragglerFactor": 3},
                      "prefixRoutingSlack": -1},
@@ -809,5 +816,6 @@ def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_fol
             assert cfg.engine.prefix_cache is True
             compiled = name.endswith("-base-large")
             assert cfg.engine.graphs == GraphConfig(mode="auto", max_batch=64, max_query=32, compile=compiled)
-            # kvCacheMemory replaces --kv-cache-tokens (the services refuse both)
+            # kvCacheMemory and gpuMemoryUtilization replace --kv-cache-tokens (the services refuse two)
             assert cfg.engine.kv_cache_memory == (2**31 if name.endswith("-ft-small") else None)
+            assert cfg.engine.gpu_memory_utilization == (0.85 if compiled else None)

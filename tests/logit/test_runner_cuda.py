@@ -111,3 +111,31 @@ def test_a_replayed_step_makes_no_host_sync_but_its_one_wait(tokenizer):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape[:2] == (1, 1) and out.device.type == "cpu"
+
+
+def test_a_share_of_the_card_sizes_the_cache_and_serving_stays_within_it(tokenizer):
+    """--gpu-memory-utilization against the real allocator (kvsize.CudaMemory): the pool takes
+    what the measured weights, activations and CUDA graphs leave of the share, and warm-up,
+    capture and the largest shapes served keep the card's reserved memory within it."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = llama(len(tokenizer), torch.bfloat16)
+    _, total = torch.cuda.mem_get_info()
+    room = 256 * 2**20
+    share = torch.cuda.memory_allocated() + room  # what is held now, and a quarter GiB
+    kw = dict(model_id="t", role="t", kv_block_size=16, session_active_s=0.0, prefill_tokens=256, max_batch=8, max_k=3)
+    with pytest.raises(ValueError, match="leaves nothing for the KV cache"):
+        ModelEngine(model, tokenizer, gpu_memory_utilization=torch.cuda.memory_allocated() / total, graphs=GRAPHS, **kw)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = ModelEngine(model, tokenizer, gpu_memory_utilization=share / total, graphs=GRAPHS, **kw)
+    engine.warmup()
+    assert engine.info.execution == "cuda-graphs"
+    assert room / 2 <= engine.pool.nbytes() < room  # most of it: a tiny model's activations are small
+    engine.score_batch([ScoreItem("p", 0, list(range(1, 250)), 1)])  # a prefill of --prefill-tokens
+    engine.score_batch([ScoreItem(f"v{i}", 0, [5] * 4, 4) for i in range(8)])  # the widest verify
+    engine.score_batch([ScoreItem(f"v{i}", 4, [6], 1) for i in range(8)])  # a replayed decode
+    slack = 32 * 2**20  # the caching allocator's rounding (2 MiB blocks, 20 MiB segments)
+    assert torch.cuda.max_memory_reserved() <= share + slack

@@ -31,7 +31,7 @@ from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, argmax_finite, make_generator, process, sample
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool
-from eftmesh.logit.kvsize import kv_tokens_for_memory, slot_bytes
+from eftmesh.logit.kvsize import kv_cache_tokens
 from eftmesh.logit.placement import check_full_attention, load_model, mask_swapper, model_devices, model_max_context
 from eftmesh.logit.items import DraftItem, EngineInfo, ItemResult, ScoreItem
 from eftmesh.logit.buckets import GraphConfig
@@ -59,6 +59,7 @@ class EngineConfig:
     max_batch: int = 64  # --max-batch: most items in one forward
     kv_cache_tokens: int = 16384  # --kv-cache-tokens
     kv_cache_memory: int | None = None  # --kv-cache-memory, bytes: sizes the cache in tokens instead (kvsize.py)
+    gpu_memory_utilization: float | None = None  # --gpu-memory-utilization: or by a share of the card (kvsize.py)
     kv_block_size: int = 16  # --kv-block-size
     prefill_tokens: int = 2048  # --prefill-tokens: most padded tokens in one forward
     session_active_s: float = 1.0  # --session-active-window
@@ -102,12 +103,8 @@ class ModelEngine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         ctx = model_max_context(model.config)
         self.max_context = min(ctx, cfg.max_context) if cfg.max_context else ctx
-        tokens = cfg.kv_cache_tokens
-        if cfg.kv_cache_memory is not None:
-            per_token = slot_bytes(model, self.dtype, len(self.devices))
-            tokens = kv_tokens_for_memory(cfg.kv_cache_memory, per_token, cfg.kv_block_size)
-            log.info("%s: --kv-cache-memory %.2f GiB at %d bytes per token: a KV cache of %d tokens", role,
-                     cfg.kv_cache_memory / 2**30, per_token, tokens)
+        tokens = kv_cache_tokens(model, cfg, dtype=self.dtype, devices=self.devices, max_context=self.max_context,
+                                 role=role)
         self.pool = PagedKVPool(tokens, cfg.kv_block_size, model.config.num_hidden_layers, self.device,
                                 self.dtype, prefix_cache=cfg.prefix_cache)
         # One session can never hold more than the whole pool: that is its context limit too, so

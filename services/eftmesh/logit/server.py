@@ -113,6 +113,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "or KB/MB/GB/TB in powers of 1000); it holds as many tokens as fit, at the model's own 2 x layers "
                         "x kv heads x head dim x dtype bytes per token (measured at start, logged); give it or "
                         "--kv-cache-tokens, not both (default: off)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="or size it by a share of the GPU (vLLM's flag, its meaning): this process may use F x the "
+                        "card's memory (0 < F <= 1), and the KV cache gets what the weights, the largest forward's "
+                        "activations and the CUDA graphs leave of it, all measured at start and logged; e.g. 0.9 on a "
+                        "dedicated GPU, 0.3 each for three roles on one card; one CUDA device only; give one of "
+                        "--kv-cache-tokens, --kv-cache-memory and this (default: off: a mesh's roles may share a card, "
+                        "and a token count keeps autoscaling's KV target meaningful)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
     p.add_argument("--session-active-window", type=float, default=1.0, help="seconds after its last use during which a session counts as in flight and is never evicted for room; a call that needs its blocks gets RESOURCE_EXHAUSTED instead (default: %(default)s)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -165,9 +172,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     except ValueError as e:
         p.error(str(e))
     kv_memory = None
+    sizing = [f for f, v in (("--kv-cache-tokens", a.kv_cache_tokens), ("--kv-cache-memory", a.kv_cache_memory),
+                             ("--gpu-memory-utilization", a.gpu_memory_utilization)) if v is not None]
+    if len(sizing) > 1:
+        p.error(f"{' and '.join(sizing)} {'both' if len(sizing) == 2 else 'all'} size the KV cache: give one of them")
+    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
+        p.error(f"--gpu-memory-utilization is a share of the GPU's memory, 0 < F <= 1, got {a.gpu_memory_utilization:g}")
     if a.kv_cache_memory is not None:
-        if a.kv_cache_tokens is not None:
-            p.error("--kv-cache-tokens and --kv-cache-memory both size the KV cache: give one of them")
         try:
             kv_memory = parse_size(a.kv_cache_memory)
         except ValueError as e:
@@ -196,6 +207,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             max_batch=a.max_batch,
             kv_cache_tokens=EngineConfig.kv_cache_tokens if a.kv_cache_tokens is None else a.kv_cache_tokens,
             kv_cache_memory=kv_memory,
+            gpu_memory_utilization=a.gpu_memory_utilization,
             kv_block_size=a.kv_block_size,
             prefill_tokens=a.prefill_tokens,
             session_active_s=a.session_active_window,
