@@ -122,8 +122,12 @@ def test_kv_tokens_used_against_capacity_per_role(service):
     (used,) = points(data, "eftmesh.logit.kv_tokens_used", **{"eftmesh.role": ROLE})
     assert cap.value == ls.engine.pool.capacity_tokens == 512
     assert used.value == ls.engine.kv_tokens_used >= 2 * 20 and 0 < used.value / cap.value <= 1
+    (usage,) = points(data, "eftmesh.logit.kv_cache.usage", **{"eftmesh.role": ROLE})  # what autoscaling targets
+    assert usage.value == used.value / cap.value
     release(stub, "k1", "k2")
-    assert points(collect(reader), "eftmesh.logit.kv_tokens_used", **{"eftmesh.role": ROLE})[0].value == 0
+    data = collect(reader)
+    assert points(data, "eftmesh.logit.kv_tokens_used", **{"eftmesh.role": ROLE})[0].value == 0
+    assert points(data, "eftmesh.logit.kv_cache.usage", **{"eftmesh.role": ROLE})[0].value == 0
 
 
 def test_failed_and_unwatched_lock_uses_record_no_wait(service):
@@ -158,5 +162,5 @@ def test_prometheus_shows_the_saturation_metrics_by_role(tiny_family):
 
     for name in ("eftmesh_logit_queue_duration_seconds_bucket", "eftmesh_logit_queue_duration_seconds_count",
                  "eftmesh_logit_batch_occupancy_bucket", "eftmesh_logit_kv_tokens_used",
-                 "eftmesh_logit_kv_tokens_capacity"):
+                 "eftmesh_logit_kv_tokens_capacity", "eftmesh_logit_kv_cache_usage"):
         assert has(name), (name, sorted({line.split("{")[0] for line in lines if line.startswith("eftmesh_logit")}))

@@ -332,16 +332,3 @@ checkov.io/skip3: "CKV_K8S_11=No CPU limit on purpose: CFS throttling of a forwa
 {{- fail "auth.enabled needs auth.existingSecret (a Secret whose auth.secretKey holds one token per line) or auth.tokens" }}
 {{- end }}
 {{- end }}
-
-{{/* A role's per-pod KV cache target for autoscaling (HPA and KEDA alike):
-targetKvCacheUtilization x kvCacheTokens tokens. It needs kvCacheTokens: with kvCacheMemory or
-gpuMemoryUtilization the token count is known only when the service starts. Takes (dict "role"
-ROLE "cfg" CFG). */}}
-{{- define "eftmesh.kvTokensTarget" -}}
-{{- range $key := list "kvCacheMemory" "gpuMemoryUtilization" }}
-{{- if index $.cfg $key }}
-{{- fail (printf "logit role %s: autoscaling targets a share of kvCacheTokens, but %s sizes its cache (the token count is known only at start): set kvCacheTokens instead, or turn autoscaling off" $.role $key) }}
-{{- end }}
-{{- end }}
-{{- mulf (float64 .cfg.kvCacheTokens) (float64 .cfg.autoscaling.targetKvCacheUtilization) | floor | int }}
-{{- end }}

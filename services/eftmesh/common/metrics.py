@@ -218,7 +218,9 @@ class LogitMetrics:
     - `eftmesh.logit.batch.occupancy`: items of a call over the engine's --max-batch (above 1
       when a call brings more items than one forward takes);
     - `eftmesh.logit.kv_tokens_used` against `eftmesh.logit.kv_tokens_capacity` (the pool's
-      --kv-cache-tokens, rounded down to whole blocks): their ratio is the KV cache use.
+      size in tokens, whole blocks), and their ratio `eftmesh.logit.kv_cache.usage` (0 to 1,
+      vLLM's `kv_cache_usage_perc`), which the chart's autoscalers target: a share of the
+      pool holds whichever flag sized it (tokens, bytes or a share of the card).
 
     Prefix caching (--prefix-cache), vLLM's figures: hit tokens over queried tokens is the hit
     rate; `prefix_cache(name)` reads the engine's counter `name` (lookups, queried_tokens,
@@ -250,6 +252,13 @@ class LogitMetrics:
         m.create_observable_gauge("eftmesh.logit.kv_tokens_capacity",
                                   [gauge_callback(kv_tokens_capacity, **{"eftmesh.role": role})],
                                   unit="{token}", description="KV cache tokens the pool holds (--kv-cache-tokens in whole blocks)")
+
+        def usage() -> float:
+            capacity = kv_tokens_capacity()
+            return kv_tokens_used() / capacity if capacity else 0.0
+
+        m.create_observable_gauge("eftmesh.logit.kv_cache.usage", [gauge_callback(usage, **{"eftmesh.role": role})],
+                                  unit="1", description="KV cache tokens held over the pool's (0 to 1): what autoscaling targets")
 
         def read(name: str) -> list[Callable[[CallbackOptions], Iterable[Observation]]]:
             return [gauge_callback(lambda: prefix_cache(name), **{"eftmesh.role": role})]
