@@ -11,7 +11,7 @@ LAB := tools/lab
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix bench-compile eval load fuzz clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix bench-chunked bench-compile eval load fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -100,6 +100,9 @@ bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per to
 
 bench-prefix: $(VENV)/.installed-real-models ## prefix caching on SmolLM2-135M-Instruct in every role (CPU): a chat's turn-2 TTFT over turn 1's (~1,500-token history) and 16 requests sharing a 1,000-token system prompt, --prefix-cache vs --no-prefix-cache side by side: bench/prefix.json, bench/prefix.png
 	$(PY) -m eftmesh_lab.bench_prefix $(ARGS)
+
+bench-chunked: $(VENV)/.installed-real-models ## chunked prefill on SmolLM2-135M-Instruct in every role (CPU): the running streams' longest wait while a 3,000-token prompt joins, --prefill-chunk 0 vs 512 side by side: bench/chunked.json, bench/chunked.png
+	$(PY) -m eftmesh_lab.bench_chunked $(ARGS)
 
 load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed) and the HTTP/SSE ones in load_tests/http/: load_tests/results/demo-cpu.json
 	$(VENV)/bin/eftmesh-load load_tests/*.json load_tests/http/*.json --local-mesh models/demo --out load_tests/results/demo-cpu.json --markdown $(ARGS)

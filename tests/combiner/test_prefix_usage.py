@@ -1,6 +1,7 @@
 """What a generation reports of the logit services' prefix caches: each call's cached tokens
 (Outcome.cached_tokens, as the in-process scorer passes them on), the least over the roles of
-their first answers as Usage.cached_prompt_tokens, and that figure in Generate's usage and in
+their answers to the prompt's first pass (one call, or one per piece of a chunked prompt) as
+Usage.cached_prompt_tokens, and that figure in Generate's usage and in
 the OpenAI-style usage.prompt_tokens_details.cached_tokens."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def test_the_in_process_scorer_passes_each_calls_cached_tokens_on(engines):
     scorer.release({"base-small": "b"})
 
 
-def test_cached_prompt_tokens_is_the_least_over_the_roles_of_their_first_answers(engines, tiny_family):
+def test_cached_prompt_tokens_is_the_least_over_the_roles_of_their_first_pass_answers(engines, tiny_family):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_family["base-small"]))
     d = Decoder(LocalScorer(engines), tokenizer, len(tokenizer), SchedulerConfig(), start=False)
     try:
@@ -48,14 +49,25 @@ def test_cached_prompt_tokens_is_the_least_over_the_roles_of_their_first_answers
                                         "of a good fortune must be in want of a wife.", DEFAULT_COMPOSITION,
                                         SamplingConfig(temperature=0.0), seed=0, max_new_tokens=4))
         usage = g.sink.usage
-        g.prefilled("base-large", 32)
-        g.prefilled("ft-small", 16)
+        g.prefilled("base-large", 0, 32)
+        g.prefilled("ft-small", 0, 16)
         assert usage.cached_prompt_tokens == 0  # base-small has not answered yet
-        g.prefilled("base-small", 48)
+        g.prefilled("base-small", 0, 48)
         assert usage.cached_prompt_tokens == 16
-        g.prefilled("ft-small", 0)  # a later call (a decode step, a re-prefill) changes nothing
-        g.prefilled("no-such-role", 0)
+        g.prefilled("ft-small", 0, 16)  # the same call again (a step redone after a straggler): once
+        g.prefilled("no-such-role", 0, 0)
         assert usage.cached_prompt_tokens == 16
+        # a chunked prompt (--prefill-chunk): each piece adds what each role's cache held of it
+        for role, n in (("base-large", 16), ("ft-small", 8), ("base-small", 16)):
+            g.prefilled(role, 16, n)
+        assert usage.prompt_tokens >= 24 and usage.cached_prompt_tokens == 24
+        usage.completion_tokens = 1  # a later call (a decode step) changes nothing
+        g.prefilled("ft-small", 32, 16)
+        assert usage.cached_prompt_tokens == 24
+        usage.completion_tokens = 0
+        g.restart()  # nor does a re-prefill after a preemption
+        g.prefilled("ft-small", 32, 16)
+        assert usage.cached_prompt_tokens == 24
     finally:
         d.close()
 

@@ -164,3 +164,14 @@ def test_the_combiner_has_more_workers_than_admitted_generations():
     assert cfg.scheduler == SchedulerConfig()
     with pytest.raises(SystemExit):
         parse_args([*base, "--max-concurrent-generations", "64", "--workers", "64"], environ={})
+
+
+def test_chunked_prefill_is_on_at_2048_tokens_and_a_negative_chunk_is_refused(capsys):
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--tokenizer", "x", "--no-default-delta"]
+    assert parse_args(base, environ={}).scheduler.prefill_chunk == 2048  # SGLang's --chunked-prefill-size default
+    assert parse_args([*base, "--prefill-chunk", "0"], environ={}).scheduler.prefill_chunk == 0  # off
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--prefill-chunk", "-1"], environ={})
+    assert "--prefill-chunk must be >= 0 (0: off), got -1" in capsys.readouterr().err

@@ -392,3 +392,99 @@ def test_a_prompt_whose_prefix_the_caches_hold_costs_the_prefill_budget_only_its
     prefills = [p for p in scorer.prefills() if p]
     assert prefills == ([[n], [n, n, n]] if caches else [[n], [n], [n], [n]])
     assert d.scheduler.prefixes.cached(first.ids) >= n - 16  # the whole sequence is remembered when it ends
+
+
+def pieces(scorer: SyncScorer, g: Generation, role: str = "base-large") -> list[tuple[int, int]]:
+    """(start, tokens sent) of each of `g`'s ScoreBatch items at `role`, step by step."""
+    return [(c.start, len(c.tokens) - c.start) for calls in scorer.steps(role) for c in calls
+            if c.session_id == g.sessions[role]]
+
+
+def test_a_long_prompt_runs_in_pieces_beside_the_running_batch_with_the_same_output(make):
+    """Chunked prefill (--prefill-chunk): a prompt longer than the chunk sends each role a piece
+    per step, samples nothing until its last piece, and the running generation decodes at
+    every step meanwhile; every output is what it is unchunked, alone."""
+    expected = [alone(make, req(SHORT, 12)), alone(make, req(LONG[0], 6))]
+    d, scorer, _ = make(SchedulerConfig(prefill_chunk=10, prefill_tokens=10))
+    short = submit(d, req(SHORT, 12))  # 10 tokens: no longer than a chunk, one prefill
+    assert d.scheduler.step() and d.scheduler.step()  # its prefill, a decode step
+    long = submit(d, req(LONG[0], 6))  # 27 tokens: pieces of 10, 10, then 7 with the first sample
+    third = submit(d, req(LONG[1], 4))  # waits while the long prompt's pieces use the prefill budget
+    run_out(d)
+    assert [outcome(short), outcome(long)] == expected
+    assert pieces(scorer, short)[:2] == [(0, 10), (10, 1)]
+    assert pieces(scorer, long)[:4] == [(0, 10), (10, 10), (20, 7), (27, 1)]
+    steps = scorer.steps()
+    at = [i for i, calls in enumerate(steps) if any(c.session_id == long.sessions["base-large"] for c in calls)]
+    # the first piece runs alone (prefill first); the next ones beside the short one's decode steps
+    assert [len(steps[i]) for i in at[:3]] == [1, 2, 2]
+    assert all(c.session_id != third.sessions["base-large"] for i in at[:3] for c in steps[i])  # it waited
+    assert outcome(third) == alone(make, req(LONG[1], 4))
+
+
+def test_chunked_prefill_keeps_speculation_preemption_and_every_role_exact(make):
+    """The draft role takes the pieces too (by ScoreBatch), a preemption in the middle of the
+    pieces re-sends them from the start, and the sampled, speculative output is unchanged."""
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    r = GenerationRequest(LONG[0], UPSCALE, SamplingConfig(temperature=1.0, top_p=0.9), seed=5, max_new_tokens=12,
+                          ignore_eos=True, seeded=True, speculation=spec)
+    expected = alone(make, r)
+    d, scorer, clock = make(SchedulerConfig(prefill_chunk=8))
+    g = submit(d, r)
+    refused: list[int] = []
+
+    def once_at_the_second_piece(role: str, call: Any) -> EftMeshError | None:
+        if role == "base-large" and call.start == 8 and not refused:
+            refused.append(call.start)
+            return ResourceExhausted("injected: KV cache full")
+        return None
+
+    scorer.refuse = once_at_the_second_piece
+    run_out(d, clock=clock)
+    assert outcome(g) == expected and refused == [8]
+    # 27 tokens in pieces of 8: refused at the second piece, then all over again
+    assert pieces(scorer, g)[:6] == [(0, 8), (8, 8), (0, 8), (8, 8), (16, 8), (24, 3 + 3)]  # the last: 3 + k drafts
+    assert pieces(scorer, g, "ft-small")[:3] == [(0, 8), (8, 8), (0, 8)]  # the draft role's pieces
+
+
+def test_a_chunked_prompt_takes_its_cached_prefix_piece_by_piece_and_says_so_in_its_usage(make):
+    """Pieces of a whole number of KV blocks keep prefix caching: the second run of a long
+    prompt skips its cached blocks in every piece, and `cached_prompt_tokens` sums them over
+    the pieces (the least over the roles), not just the first piece's."""
+    prompt = " ".join(LONG)  # 74 tokens: pieces of 16
+    first = alone(make, req(prompt, 4))  # its full blocks are cached now (blocks of 16)
+    d, scorer, _ = make(SchedulerConfig(prefill_chunk=16))
+    g = submit(d, req(prompt, 4))
+    run_out(d)
+    assert outcome(g) == first
+    assert [n for _, n in pieces(scorer, g)][:5] == [16, 16, 16, 16, 10]
+    assert g.sink.usage.cached_prompt_tokens >= 32  # more than one piece's worth
+    assert g.sink.usage.cached_prompt_tokens <= g.sink.usage.prompt_tokens
+
+
+def test_only_the_mixed_roles_lag_makes_pieces_and_every_piece_leaves_the_last_token_to_sample(make):
+    """A draft role outside the mix catches up in its own Draft calls, so its lag after plain
+    steps starts no piece; a piece never reaches the last token, which the step that samples
+    sends (an empty item would be refused)."""
+    d, _, _ = make()
+    spec = SpeculationConfig("ft-small", 3, adaptive=True)
+    g = d.prepare(GenerationRequest(LONG[0], BASE, GREEDY, seed=0, max_new_tokens=4, seeded=True, speculation=spec))
+    n = len(g.ids)  # 27
+    g.cached = {"base-large": n - 1, "ft-small": 0}  # plain steps since its last block
+    g.begin_step(None, chunk=8)
+    assert g.piece is None and g.behind == 1
+    g.undo_step()
+    g.cached = {"base-large": 0, "ft-small": 0}
+    g.begin_step(None, chunk=8)
+    assert g.piece == {"base-large": 8, "ft-small": 8} and g.k == 0
+    assert [(c.role, c.start, len(c.tokens), c.rows) for c in g.score_calls()] == [("base-large", 0, 8, 0),
+                                                                                  ("ft-small", 0, 8, 0)]
+    g.piece_done()
+    assert g.cached == {"base-large": 8, "ft-small": 8}
+    g.cached = {"base-large": 24 - 8, "ft-small": n - 1}
+    g.begin_step(None, chunk=8)  # 11 behind: a piece of 8 for base-large only
+    assert g.piece == {"base-large": 24}
+    g.cached = {"base-large": 18, "ft-small": 18}
+    g.begin_step(None, chunk=8)  # 9 behind, one more than a chunk: the piece stops short of the last token
+    assert g.piece == {"base-large": n - 1, "ft-small": n - 1}
+    g.undo_step()

@@ -801,6 +801,7 @@ def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_fol
             pol = cfg.policy
             assert (pol.deadlines.margin, pol.deadlines.floor_s, pol.deadlines.straggler_factor) == (10, 1.0, 2)
             assert pol.prefix_slack == 8
+            assert (cfg.scheduler.prefill_tokens, cfg.scheduler.prefill_chunk) == (512, 2048)
         else:
             assert cfg.engine.prefix_cache is True and cfg.engine.graphs == GraphConfig()
             assert (cfg.engine.kv_cache_tokens, cfg.engine.kv_cache_memory, cfg.engine.gpu_memory_utilization) == (
@@ -811,7 +812,7 @@ def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_fol
                             "base-large": {"torchCompile": True, "gpuMemoryUtilization": 0.85},
                             "ft-small": {"kvCacheMemory": "2GiB"}}},
         "combiner": {"upstream": {"deadlineMargin": 20, "deadlineFloor": 2.5, "stragglerFactor": 3},
-                     "prefixRoutingSlack": -1},
+                     "prefixRoutingSlack": -1, "prefillChunk": 0},
     }), "Deployment")
     for name, d in docs.items():
         cfg = parse(name, container(d))
@@ -819,6 +820,7 @@ def test_prefix_cache_cuda_graphs_kv_sizing_and_hung_replica_handling_should_fol
             pol = cfg.policy
             assert (pol.deadlines.margin, pol.deadlines.floor_s, pol.deadlines.straggler_factor) == (20, 2.5, 3)
             assert pol.prefix_slack is None  # -1: least loaded only
+            assert cfg.scheduler.prefill_chunk == 0  # chunked prefill off
         elif name.endswith("-base-small"):  # a role's own values override the defaults, false included
             assert cfg.engine.prefix_cache is False
             assert cfg.engine.graphs == GraphConfig(mode="off", max_batch=64, max_query=32)

@@ -193,6 +193,26 @@ def test_a_second_request_resending_a_history_runs_only_what_the_cache_lacks(mod
     assert_same(second, plain.score_batch([ScoreItem("turn2", 0, turn2, 2)])[0])
 
 
+def test_an_item_that_only_fills_the_cache_may_find_all_of_it_and_then_runs_nothing(models, tokenizer):
+    """rows 0 (a piece of a chunked prompt): no logit is wanted, so every cached full block of
+    its tokens is taken; with all of them cached no forward runs, and the session holds them
+    all, exactly as if they had run."""
+    cached, plain = engines(models["llama"], tokenizer)
+    piece = list(range(3, 19))  # 16 tokens: four full blocks of 4
+    cached.score_batch([ScoreItem("a", 0, piece + [50, 51], 1)])
+    ran = []
+    forward = cached._forward
+    cached._forward = lambda rows, results: (ran.extend(len(r.ids) for r in rows), forward(rows, results))
+    got = cached.score_batch([ScoreItem("b", 0, piece, 0)])[0]
+    assert got.error is None and got.cached_tokens == 16 and got.cache_length == 16 and ran == []
+    assert got.rows.shape == (0, cached.vocab_size)
+    # with rows 1 the last token runs, and one block less is taken
+    assert cached.score_batch([ScoreItem("c", 0, piece, 1)])[0].cached_tokens == 12 and ran == [4]
+    step = [ScoreItem("b", 16, [60], 1)]  # the next piece's (or token's) rows, as without the cache
+    plain.score_batch([ScoreItem("b", 0, piece, 0)])
+    assert_same(cached.score_batch(step)[0], plain.score_batch(step)[0])
+
+
 def test_a_failover_resend_and_a_draft_both_take_the_cached_prefix(models, tokenizer):
     cached, plain = engines(models["gpt2"], tokenizer)
     prompt = list(range(5, 26))  # 21 tokens

@@ -152,7 +152,9 @@ class Generation:
         rid = uuid.uuid4().hex
         self.sessions = {r: f"{rid}:{r}" for r in roles}  # role -> session id at its logit service
         self.cached = dict.fromkeys(roles, 0)  # role -> tokens of `ids` its cache is known to hold
-        self._prompt_cached: dict[str, int] = {}  # role -> prompt tokens its prefix cache held at its first call
+        # role -> {a call's start: prompt tokens its prefix cache held} over the prompt's first pass
+        self._prompt_cached: dict[str, dict[int, int]] = {}
+        self._first_pass = True  # until a preemption re-sends the prompt
         self.ctx = len(ids) + room  # smallest max context of the roles used
         self.room = room
         self.gen = make_generator(req.seed)
@@ -176,6 +178,15 @@ class Generation:
         self.k = 0
         self.drafts: list[int] = []
         self.draft_rows: torch.Tensor | None = None
+        # This step's piece of a long prompt (chunked prefill): role -> tokens its cache holds
+        # after it; None on a step that samples.
+        self.piece: dict[str, int] | None = None
+
+    @property
+    def behind(self) -> int:
+        """Tokens of `ids` some mixed role's cache does not hold yet (1 on a steady decode step;
+        a draft role outside the mix catches up in its own calls)."""
+        return len(self.ids) - min(self.cached[r] for r in self.coef)
 
     @property
     def load_aware(self) -> bool:
@@ -221,7 +232,11 @@ class Generation:
         return DraftCall(d, self.sessions[d], self.ids, self.cached[d], k, self.req.sampling, seed, vocab_size)
 
     def score_calls(self) -> list[ScoreCall]:
-        """Every role's share of this step: the newest token (plain), or the k drafts (a block)."""
+        """Every role's share of this step: the newest token (plain), the k drafts (a block),
+        or the next piece of a long prompt (every role, the draft role included; no rows back,
+        so a prefix cache may hold all of it)."""
+        if self.piece is not None:
+            return [ScoreCall(r, self.sessions[r], self.ids[:t], self.cached[r], 0) for r, t in self.piece.items()]
         if self.k == 0:
             return [ScoreCall(r, self.sessions[r], self.ids, self.cached[r], 1) for r in self.coef]
         d = self.req.speculation.draft_role
@@ -294,28 +309,45 @@ class Generation:
 
     # --- transitions: the scheduler changes a generation only through these -------------------
 
-    def begin_step(self, cap: int | None) -> None:
+    def begin_step(self, cap: int | None, chunk: int = 0) -> None:
         """It joins a step: its block size for it (0 = plain), under the scheduler's `cap`;
-        from now on some role may hold a cache of it."""
-        self.k = self.next_k(cap)
+        from now on some role may hold a cache of it. With `chunk` (--prefill-chunk), a
+        generation more than `chunk` tokens behind (a long prompt, a re-prefill) sends every
+        role its next `chunk` tokens instead, and samples nothing this step."""
+        n = len(self.ids)
+        if chunk and self.behind > chunk:  # each role keeps at least the last token for the step that samples
+            self.piece = {r: min(n - 1, c + chunk) for r, c in self.cached.items() if c < n - 1}
+            self.k = 0
+        else:
+            self.piece = None
+            self.k = self.next_k(cap)
         self.touched = True
+
+    def piece_done(self) -> None:
+        """Every role answered this step's piece: their caches hold it (progress: a later
+        preemption waits afresh)."""
+        self.cached.update(self.piece)
+        self.piece = None
+        self.progressed()
 
     def drafted(self, drafts: list[int], rows: torch.Tensor) -> None:
         """The draft role's answer for this step's block: k drafts and their k + 1 rows."""
         self.drafts, self.draft_rows = drafts, rows
 
-    def prefilled(self, role: str, cached_tokens: int) -> None:
-        """`role` answered a call of this generation (`Outcome.cached_tokens`). Its first answer
-        says how much of the prompt its prefix cache held; once every role has answered,
-        `Usage.cached_prompt_tokens` is the least of them (what the first step saved in every
-        role), at most the prompt's length. Later answers (decode steps, a re-prefill after a
-        failover) change nothing."""
-        if role in self._prompt_cached or role not in self.cached:
+    def prefilled(self, role: str, start: int, cached_tokens: int) -> None:
+        """`role` answered a call of this generation from `start` (`Outcome.cached_tokens`).
+        Its answers until the first token say how much of the prompt its prefix cache held (one
+        call, or one per piece of a chunked prompt, a redone call counted once); once every
+        role has answered, `Usage.cached_prompt_tokens` is the least of them (what the prefill
+        saved in every role), at most the prompt's length. Later answers (decode steps, a
+        re-prefill after a preemption or a failover) change nothing."""
+        usage = self.sink.usage
+        if role not in self.cached or not self._first_pass or usage.completion_tokens:
             return
-        self._prompt_cached[role] = cached_tokens
+        self._prompt_cached.setdefault(role, {})[start] = cached_tokens
         if len(self._prompt_cached) == len(self.cached):
-            usage = self.sink.usage
-            usage.cached_prompt_tokens = min(usage.prompt_tokens, *self._prompt_cached.values())
+            held = (sum(by_start.values()) for by_start in self._prompt_cached.values())
+            usage.cached_prompt_tokens = min(usage.prompt_tokens, *held)
 
     def progressed(self) -> None:
         """It made progress this step: a later preemption waits afresh."""
@@ -337,6 +369,7 @@ class Generation:
         preempted changes no output."""
         self.undo_step()
         self.cached = dict.fromkeys(self.cached, 0)
+        self._first_pass = not self._prompt_cached  # the re-sent prompt's answers are not the first pass's
 
     def undo_step(self) -> None:
         """Take back a step that did not complete (a straggling replica's call: it sits the step
@@ -345,7 +378,7 @@ class Generation:
         if self.k and self._gen_state is not None:
             self.gen.set_state(self._gen_state)
         self.k = 0
-        self.drafts, self.draft_rows = [], None
+        self.drafts, self.draft_rows, self.piece = [], None, None
 
 
 # A prompt longer than max_context * this many characters is refused before it is tokenised:

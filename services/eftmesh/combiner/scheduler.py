@@ -4,10 +4,10 @@ The combiner plays TGI's router (it owns the tokens, the queue and sampling) and
 service a shard that keeps its sessions' KV caches between calls. Each iteration:
 
   1. admit waiting generations while the batch has room and this step's prefill budget
-     (`prefill_tokens` prompt tokens) lasts, so a long prompt joining does not stall the
-     running ones for long; the first waiting one is always admitted. A step that admits
-     runs the newcomers alone (prefill first), so their first token does not wait for the
-     running batch's decode (never two such steps in a row);
+     (`prefill_tokens` prompt tokens, less the pieces of prompts chunking) lasts; the first
+     waiting one always goes. A step that admits runs the newcomers alone (prefill first),
+     never two such steps in a row. A prompt longer than `prefill_chunk` runs in pieces, one
+     per step beside the running batch's decode steps (chunked prefill, as in vLLM, SGLang);
   2. choose each generation's block size k (0 = a plain step);
   3. one DraftBatch per draft role carries every speculating generation's block;
   4. one ScoreBatch per role carries every generation's new tokens (plain steps, verifies of
@@ -65,10 +65,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Batching limits of one combiner (flags --max-batch, --prefill-tokens, --queue-timeout)."""
+    """Batching limits of one combiner (flags of the same names)."""
 
     max_batch: int = 32  # generations stepped together; more wait in the queue
     prefill_tokens: int = 512  # prompt tokens admitted per step (the first admission always goes)
+    prefill_chunk: int = 2048  # a longer prompt runs in pieces, one per step (chunked prefill); 0: off
     queue_timeout_s: float = 30.0  # longest wait for a batch slot or KV cache room
 
 
@@ -232,7 +233,9 @@ class Scheduler:
         # Preempted generations go first (vLLM's rule): while one is waiting, no new request
         # takes the KV cache room it needs.
         preempted = any(g.parked_since is not None for g in self._waiting)
-        budget = self.config.prefill_tokens
+        chunk = self.config.prefill_chunk
+        # the pieces of prompts chunking in the batch come out of this step's budget first
+        budget = self.config.prefill_tokens - sum(min(g.behind, chunk) for g in self._running if chunk and g.behind > 1)
         # Prompts are counted less what the prefix caches likely hold only when every role has one.
         # (tuple(): one atomic copy; the monitor adds a role's spec when it first answers)
         specs = tuple(getattr(self.scorer, "models", {}).values())
@@ -246,6 +249,7 @@ class Scheduler:
             # what its prefill likely runs; a preempted one in full (it left under KV pressure,
             # when the caches evict)
             cost = len(g.ids) if g.parked_since is not None else cost_of(g.ids)
+            cost = min(cost, chunk) if chunk else cost  # this step runs its first piece
             if budget < cost and budget < self.config.prefill_tokens:
                 break  # this step's prefill budget is spent; the next step admits it
             else:
@@ -293,9 +297,9 @@ class Scheduler:
             start = max(g.adaptive.k for g in aware if g.adaptive is not None)
             cap = self.controller.choose(len(live), lambda c: sum(g.expected_tokens(c) for g in live), start)
         # A step that prefills says nothing about steady-state speed: not a controller sample.
-        prefilling = any(not any(g.cached.values()) for g in live)
+        prefilling = any(not any(g.cached.values()) or g.behind > 1 for g in live)
         for g in live:
-            g.begin_step(cap)
+            g.begin_step(cap, self.config.prefill_chunk)
         links = [trace.Link(g.span_context) for g in live if g.span_context is not None and g.span_context.is_valid]
         attrs = {"eftmesh.batch.size": len(live), "eftmesh.batch.drafting": sum(1 for g in live if g.k)}
         t = self.times
@@ -346,7 +350,7 @@ class Scheduler:
                     self._upstream_failed(g, o.error, r)
                 else:
                     g.drafted(o.drafts, o.rows)
-                    g.prefilled(r, o.cached_tokens)
+                    g.prefilled(r, g.cached[r], o.cached_tokens)
         return [g for g in live if g in self._running]
 
     def _score_phase(self, live: list[Generation]) -> dict[Generation, dict[str, torch.Tensor]]:
@@ -368,19 +372,20 @@ class Scheduler:
                     self._upstream_failed(g, o.error, r)
                 else:
                     rows[g][r] = o.rows
-                    g.prefilled(r, o.cached_tokens)
+                    g.prefilled(r, g.cached[r], o.cached_tokens)
         for g in live:
             if g.k and g.req.speculation.draft_role in g.coef:
                 rows[g][g.req.speculation.draft_role] = g.draft_rows
         return {g: rows[g] for g in live if g in self._running}
 
-    def _combine(
-        self, live: list[Generation], rows: dict[Generation, dict[str, torch.Tensor]]
-    ) -> dict[Generation, int]:
+    def _combine(self, live: list[Generation], rows: dict[Generation, dict[str, torch.Tensor]]) -> dict[Generation, int]:
         """Mix every generation's rows at once, process them per sampling group, and let each
-        generation sample or verify. Returns the generations that stepped, with their token
-        counts before the step."""
-        gens = [g for g in live if g in rows]
+        generation sample or verify (a piece of a long prompt: nothing to sample yet). Returns
+        the generations that stepped, with their token counts before the step."""
+        pieces = {g for g in live if g in rows and g.piece is not None}
+        for g in pieces:
+            g.piece_done()
+        gens = [g for g in live if g in rows and g not in pieces]
         if not gens:
             return {}
         scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised

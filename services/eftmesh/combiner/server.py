@@ -146,6 +146,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--max-batch", type=int, default=32, help="generations stepped together (continuous batching); the rest of --max-concurrent-generations wait in the queue (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens admitted into the batch per step, so a joining prompt stalls the running generations little; "
                         "a prompt counts only the tokens the logit services' prefix caches likely do not hold (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, metavar="TOKENS",
+                   help="most tokens one generation sends a logit service per step: a longer prompt (or re-prefill) runs "
+                        "in pieces of this many tokens, one per step, beside the running generations' decode steps, so "
+                        "it delays them by a piece per step instead of by its whole prefill (chunked prefill, vLLM's and "
+                        "SGLang's default; the same output); 0: every prompt in one step (default: %(default)s)")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a generation may wait for a batch slot or KV cache room before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="the longest one upstream call may take; past it a role with no other live replica fails UNAVAILABLE (default: %(default)s)")
     p.add_argument("--upstream-deadline-margin", type=float, default=10.0,
@@ -228,6 +233,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                 "worker to be refused with RESOURCE_EXHAUSTED, or it waits in gRPC's queue instead")
     if a.max_batch < 1 or a.prefill_tokens < 1 or not a.queue_timeout > 0 or a.max_request_bytes < 1024:
         p.error("--max-batch and --prefill-tokens must be >= 1, --queue-timeout > 0, --max-request-bytes >= 1024")
+    if a.prefill_chunk < 0:
+        p.error(f"--prefill-chunk must be >= 0 (0: off), got {a.prefill_chunk}")
     if not 1 <= a.max_new_tokens <= a.max_new_tokens_cap:
         p.error("--max-new-tokens must be in [1, --max-new-tokens-cap]")
     if a.prefix_routing_slack < -1:
@@ -246,7 +253,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                               resolve_interval_s=a.resolve_interval, tls=tls.client_from_args(p, a, "upstream"),
                               prefix_slack=None if a.prefix_routing_slack < 0 else a.prefix_routing_slack),
         max_concurrent_generations=a.max_concurrent_generations,
-        scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, queue_timeout_s=a.queue_timeout),
+        scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk,
+                                  queue_timeout_s=a.queue_timeout),
         otlp=tracing.otlp_requested(env),
         otlp_metrics=metrics.otlp_requested(env),
         metrics_port=a.metrics_port,

@@ -96,8 +96,9 @@ class KVAdmission:
                     raise InvalidArgument(f"session {quote(w.session_id)} appears twice in one batch")
                 seen.add(w.session_id)
                 session = self.session_at(w.session_id, w.start, batch)
-                # The caller wants the logits of the last `rows` tokens: those always run.
-                cached = self.pool.match(session.table, ids, len(ids) - max(w.rows, 1))
+                # The caller wants the logits of the last `rows` tokens: those always run. An item
+                # that only fills the cache (rows 0: a piece of a chunked prompt) may find all of it.
+                cached = self.pool.match(session.table, ids, len(ids) - w.rows)
                 rows.append(Admitted(i, w.session_id, session, ids[cached:], w.rows, w.extra, cached))
             except EftMeshError as e:
                 errors[i] = e

@@ -392,7 +392,10 @@ class ModelEngine:
         groups: list[list[Admitted]] = []
         group: list[Admitted] = []
         held = 0  # tokens of the rows in `group`
-        for r in sorted(rows, key=lambda r: len(r.ids)):
+        for r in [r for r in rows if not r.ids]:  # rows 0, every token in the prefix cache: nothing to run
+            results[r.index].rows = torch.empty((0, self.vocab_size), dtype=self.dtype)
+            results[r.index].cache_length = r.session.table.length
+        for r in sorted([r for r in rows if r.ids], key=lambda r: len(r.ids)):
             n, b = len(r.ids), len(group) + 1
             waste = b * n - (held + n)  # padding if r joins (it is the longest)
             if group and (b > self.max_batch or b * n > self.prefill_tokens or waste > self.merge_tokens):

@@ -346,7 +346,8 @@ class InProcessCombiner:
             server=ServerConfig(host="127.0.0.1", port=0, workers=max(64, 2 * most), max_concurrent_rpcs=max(256, 4 * most),
                                 grace_s=1.0),
             max_concurrent_generations=max(64, 2 * most),
-            scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0)),
+            scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0),
+                                      prefill_chunk=getattr(a, "prefill_chunk", SchedulerConfig.prefill_chunk)),
             max_connection_age_s=getattr(a, "max_connection_age", 300.0),
         )
         self.reader = InMemoryMetricReader()
