@@ -181,12 +181,13 @@ class Scheduler:
         self._rejoin_held()
         with self._cv:
             joined = self._admit()
-        # Prefill first (as vLLM's scheduler does): a step that admits generations runs
-        # them alone, so their first token waits for their own prefill only, not for the
-        # running batch's decode too; the running generations lose no more time than if
-        # the prefill had shared their step (prefills run in forwards of their own anyway).
-        # Never twice in a row, so a stream of arrivals cannot starve the running batch.
-        prefill_only = bool(joined) and not self._last_prefill_only and len(joined) < len(self._running)
+        # Prefill first (as vLLM's scheduler does): a step that admits runs the newcomers alone,
+        # so their first token waits for their own prefill only, not for the running batch's
+        # decode too (which loses no more than if the prefill had shared its step). Never twice
+        # in a row, so arrivals cannot starve the running batch; never for newcomers that only
+        # send a piece of a long prompt (no first token to hurry: the piece joins the batch).
+        hurried = any(not self.config.prefill_chunk or g.behind <= self.config.prefill_chunk for g in joined)
+        prefill_only = hurried and not self._last_prefill_only and len(joined) < len(self._running)
         self._last_prefill_only = prefill_only
         batch = joined if prefill_only else list(self._running)
         if not batch:
