@@ -101,7 +101,7 @@ bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per to
 bench-prefix: $(VENV)/.installed-real-models ## prefix caching on SmolLM2-135M-Instruct in every role (CPU): a chat's turn-2 TTFT over turn 1's (~1,500-token history) and 16 requests sharing a 1,000-token system prompt, --prefix-cache vs --no-prefix-cache side by side: bench/prefix.json, bench/prefix.png
 	$(PY) -m eftmesh_lab.bench_prefix $(ARGS)
 
-bench-chunked: $(VENV)/.installed-real-models ## chunked prefill on SmolLM2-135M-Instruct in every role (CPU): the running streams' longest wait while a 3,000-token prompt joins, --prefill-chunk 0 vs 512 side by side: bench/chunked.json, bench/chunked.png
+bench-chunked: $(VENV)/.installed-real-models ## chunked prefill on SmolLM2-135M-Instruct in every role (CPU): the running streams' longest wait while a 2,000-token prompt joins, --prefill-chunk 0 vs 512 side by side: bench/chunked.json, bench/chunked.png
 	$(PY) -m eftmesh_lab.bench_chunked $(ARGS)
 
 load: $(STAMP) ## load-test the demo mesh with the ghz scenarios in load_tests/ (no ghz needed) and the HTTP/SSE ones in load_tests/http/: load_tests/results/demo-cpu.json

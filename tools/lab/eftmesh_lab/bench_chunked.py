@@ -77,17 +77,17 @@ def one_round(comb: InProcessCombiner, tokenizer: Any, a: argparse.Namespace, ta
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    first = long_times[0]
-
-    def gaps(times: list[float], lo: float, hi: float) -> list[float]:
-        # the wait for each chunk that arrived in [lo, hi], from the chunk before it
-        return [b - x for x, b in zip(times, times[1:]) if lo <= b and x <= hi]
-
-    stall = max(max(gaps(t, long_arrival, first), default=0.0) for t in arrivals)
-    every = sorted(g for t in arrivals for g in gaps(t, 0.0, float("inf")))
+    stall, p99 = waits(arrivals, long_arrival, long_times[0])
     tokens = sum(c[0] for c in counts) + a.long_new_tokens
-    return {"stall_s": stall, "itl_p99_s": every[int(0.99 * (len(every) - 1))], "long_ttft_s": first - long_arrival,
-            "tokens_per_s": tokens / wall}
+    return {"stall_s": stall, "itl_p99_s": p99, "long_ttft_s": long_times[0] - long_arrival, "tokens_per_s": tokens / wall}
+
+
+def waits(arrivals: list[list[float]], lo: float, hi: float) -> tuple[float, float]:
+    """From each stream's chunk arrival times: the longest wait between two chunks that overlaps
+    [lo, hi] (the long prompt's arrival to its first token), and the p99 of every wait."""
+    stall = max((b - x for t in arrivals for x, b in zip(t, t[1:]) if b >= lo and x <= hi), default=0.0)
+    every = sorted(b - x for t in arrivals for x, b in zip(t, t[1:]))
+    return stall, every[int(0.99 * (len(every) - 1))] if every else 0.0
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=4, help="running streams (default: %(default)s)")
     p.add_argument("--stream-tokens", type=int, default=96, help="new tokens per running stream (default: %(default)s)")
     p.add_argument("--warm-tokens", type=int, default=16, help="tokens every stream has before the long prompt joins (default: %(default)s)")
-    p.add_argument("--long-tokens", type=int, default=3000, help="tokens of the long prompt (default: %(default)s)")
+    p.add_argument("--long-tokens", type=int, default=2000, help="tokens of the long prompt (default: %(default)s)")
     p.add_argument("--long-new-tokens", type=int, default=8, help="new tokens of the long request (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="rounds per configuration, alternating; medians reported (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="the logit services' dtype (default: %(default)s)")
@@ -113,7 +113,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model = prepare_smollm2(Path(a.build_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    a.ns, a.max_new_tokens, a.block_size, a.queue_timeout = [a.streams + 1], a.stream_tokens, 4, 900.0
+    # a whole prefill of a few thousand tokens takes tens of seconds on a 2-core CPU: the
+    # combiners' --call-timeout (30 s) would give up on it
+    a.ns, a.max_new_tokens, a.block_size, a.queue_timeout, a.call_timeout = [a.streams + 1], a.stream_tokens, 4, 900.0, 600.0
     configs = {"whole": 0, "chunked": a.chunk}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     with LogitProcesses(model, a, Path(a.log_dir)) as procs:

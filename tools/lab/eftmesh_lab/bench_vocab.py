@@ -330,6 +330,8 @@ class InProcessCombiner:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+        from eftmesh.combiner.deadlines import DeadlinePolicy
+        from eftmesh.combiner.monitor import UpstreamPolicy
         from eftmesh.combiner.scheduler import SchedulerConfig
         from eftmesh.combiner.server import DEFAULT_COMPOSITION, CombinerConfig, build
         from eftmesh.combiner.servicer import Defaults, SpeculationDefaults
@@ -349,6 +351,7 @@ class InProcessCombiner:
             scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0),
                                       prefill_chunk=getattr(a, "prefill_chunk", SchedulerConfig.prefill_chunk)),
             max_connection_age_s=getattr(a, "max_connection_age", 300.0),
+            policy=UpstreamPolicy(deadlines=DeadlinePolicy(cap_s=getattr(a, "call_timeout", DeadlinePolicy.cap_s))),
         )
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
