@@ -489,3 +489,33 @@ def test_only_the_mixed_roles_lag_makes_pieces_and_every_piece_leaves_the_last_t
     g.begin_step(None, chunk=8)  # 9 behind, one more than a chunk: the piece stops short of the last token
     assert g.piece == {"base-large": n - 1, "ft-small": n - 1}
     g.undo_step()
+
+
+def test_a_straggling_piece_is_set_aside_and_redone_and_the_output_is_unchanged(make):
+    """A piece of a chunked prompt whose call straggles (Outcome.pending) costs its generation
+    that step, undone (no role's cache counts the piece), and it redoes the piece when the call
+    has ended; the other generation steps on, and both outputs are as unchunked, alone."""
+    reqs = [req(LONG[0], 6), req(SHORT, 8)]
+    expected = [alone(make, r) for r in reqs]
+    d, scorer, _ = make(SchedulerConfig(prefill_chunk=8))
+    long, other = (submit(d, r) for r in reqs)
+    d.scheduler.step()  # both prompts' first pieces (the short one's 10 tokens are two pieces too)
+    call: Future[Any] = Future()
+    answer = scorer._batch
+
+    def straggle(kind, role, calls, inner):
+        out = answer(kind, role, calls, inner)
+        if role == "base-large" and not call.done():
+            return [Outcome(pending=call) if c.session_id == long.sessions[role] and c.start == 8 else o
+                    for c, o in zip(calls, out)]
+        return out
+
+    scorer._batch = straggle
+    d.scheduler.step()  # the second piece straggles at base-large
+    assert long in d.scheduler._held and long.piece is None and long.cached["base-large"] == 8
+    d.scheduler.step()  # the other generation steps on alone
+    call.set_result({})
+    run_out(d)
+    assert [outcome(long), outcome(other)] == expected
+    starts = [s for s, _ in pieces(scorer, long)]
+    assert starts[:4] == [0, 8, 8, 16]  # the second piece sent twice: straggled, then redone
