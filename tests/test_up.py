@@ -108,7 +108,7 @@ def test_up_passes_one_kv_sizing_and_compile_to_every_logit_service_in_their_own
         assert {k: getattr(cfg.engine, k) for k in engine} == engine
         assert cfg.engine.graphs.compile == given.torch_compile
     for given, message in [(ns(kv_cache_tokens=8, gpu_memory_utilization=0.3),
-                            "--kv-cache-tokens and --gpu-memory-utilization each size the KV cache: give one of them"),
+                            "--kv-cache-tokens and --gpu-memory-utilization both size the KV cache: give one of them"),
                            (ns(gpu_memory_utilization=3.0), "0 < F <= 1, got 3")]:
         with pytest.raises(SystemExit):
             logit_flags(p, given)

@@ -21,6 +21,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from eftmesh.logit.flags import KV_SIZING, kv_sizing_error
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 ROLE_ORDER = ("base-large", "base-small", "ft-small", "ft-large", "ft-small-alt")
@@ -222,16 +223,14 @@ def _has_chat_template(address: str) -> bool:
 
 
 def logit_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
-    """The flags `up` passes every logit service: one KV cache sizing at most, and --torch-compile."""
-    sizing = [(flag, value) for flag, value in (("--kv-cache-tokens", a.kv_cache_tokens),
-                                                ("--kv-cache-memory", a.kv_cache_memory),
-                                                ("--gpu-memory-utilization", a.gpu_memory_utilization))
-              if value is not None]
-    if len(sizing) > 1:
-        p.error(f"{' and '.join(f for f, _ in sizing)} each size the KV cache: give one of them")
-    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
-        p.error(f"--gpu-memory-utilization is a share of the GPU's memory, 0 < F <= 1, got {a.gpu_memory_utilization:g}")
-    return [x for flag, value in sizing for x in (flag, str(value))] + (["--torch-compile"] if a.torch_compile else [])
+    """The flags `up` passes every logit service: one KV cache sizing at most (checked as the
+    services check it), and --torch-compile."""
+    values = (a.kv_cache_tokens, a.kv_cache_memory, a.gpu_memory_utilization)
+    sizing_error = kv_sizing_error(*values)
+    if sizing_error:
+        p.error(sizing_error)
+    sizing = [x for flag, value in zip(KV_SIZING, values) if value is not None for x in (flag, str(value))]
+    return sizing + (["--torch-compile"] if a.torch_compile else [])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -188,6 +188,10 @@ class Generation:
         a draft role outside the mix catches up in its own calls)."""
         return len(self.ids) - min(self.cached[r] for r in self.coef)
 
+    def in_pieces(self, chunk: int) -> bool:
+        """Whether its next step sends a piece of a long prompt (--prefill-chunk `chunk`; 0: off)."""
+        return bool(chunk) and self.behind > chunk
+
     @property
     def load_aware(self) -> bool:
         """Whether the scheduler may cap this generation's block size by measured load: adaptive
@@ -315,7 +319,7 @@ class Generation:
         generation more than `chunk` tokens behind (a long prompt, a re-prefill) sends every
         role its next `chunk` tokens instead, and samples nothing this step."""
         n = len(self.ids)
-        if chunk and self.behind > chunk:  # each role keeps at least the last token for the step that samples
+        if self.in_pieces(chunk):  # each role keeps at least the last token for the step that samples
             self.piece = {r: min(n - 1, c + chunk) for r, c in self.cached.items() if c < n - 1}
             self.k = 0
         else:

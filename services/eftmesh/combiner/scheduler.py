@@ -186,7 +186,7 @@ class Scheduler:
         # decode too (which loses no more than if the prefill had shared its step). Never twice
         # in a row, so arrivals cannot starve the running batch; never for newcomers that only
         # send a piece of a long prompt (no first token to hurry: the piece joins the batch).
-        hurried = any(not self.config.prefill_chunk or g.behind <= self.config.prefill_chunk for g in joined)
+        hurried = any(not g.in_pieces(self.config.prefill_chunk) for g in joined)
         prefill_only = hurried and not self._last_prefill_only and len(joined) < len(self._running)
         self._last_prefill_only = prefill_only
         batch = joined if prefill_only else list(self._running)

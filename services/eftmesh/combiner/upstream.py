@@ -397,8 +397,7 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
             err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[r.code], r.message)
             out.append(Outcome(error=err))
         else:
-            rows = block[at:at + r.rows] if r.rows else None  # 0: a piece of a chunked prompt, only cached
-            out.append(Outcome(rows=rows, drafts=list(r.drafts), cached_tokens=r.cached_tokens))
+            out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts), cached_tokens=r.cached_tokens))
             at += r.rows
     return out
 

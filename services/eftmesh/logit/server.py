@@ -30,6 +30,7 @@ from eftmesh.logit.engine import EngineConfig, ModelEngine
 from eftmesh.logit.kvsize import parse_size
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
+from eftmesh.logit.flags import kv_sizing_error
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -172,12 +173,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     except ValueError as e:
         p.error(str(e))
     kv_memory = None
-    sizing = [f for f, v in (("--kv-cache-tokens", a.kv_cache_tokens), ("--kv-cache-memory", a.kv_cache_memory),
-                             ("--gpu-memory-utilization", a.gpu_memory_utilization)) if v is not None]
-    if len(sizing) > 1:
-        p.error(f"{' and '.join(sizing)} {'both' if len(sizing) == 2 else 'all'} size the KV cache: give one of them")
-    if a.gpu_memory_utilization is not None and not 0 < a.gpu_memory_utilization <= 1:
-        p.error(f"--gpu-memory-utilization is a share of the GPU's memory, 0 < F <= 1, got {a.gpu_memory_utilization:g}")
+    sizing_error = kv_sizing_error(a.kv_cache_tokens, a.kv_cache_memory, a.gpu_memory_utilization)
+    if sizing_error:
+        p.error(sizing_error)
     if a.kv_cache_memory is not None:
         try:
             kv_memory = parse_size(a.kv_cache_memory)
