@@ -11,7 +11,7 @@ LAB := tools/lab
 PROTO_SRC := $(wildcard protos/eftmesh/v1/*.proto)
 GEN_DIR := services
 
-.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix bench-chunked bench-compile eval load fuzz clean
+.PHONY: help install protos check-protos lint test run models bench bench-load bench-hop bench-http bench-vocab bench-prefix bench-chunked bench-compile bench-native eval load fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -87,6 +87,9 @@ bench-hop: $(STAMP) ## where a mesh step's time goes per role (the call, the log
 
 bench-compile: $(STAMP) ## the logit services' --torch-compile against their eager step, two meshes and the lockstep loop side by side, N=1,4,16: bench/compile.json, bench/compile.png
 	$(PY) -m eftmesh_lab.bench_compile $(ARGS)
+
+bench-native: $(VENV)/.installed-real-models ## eftmesh's own forward (--model-impl native) against transformers': decode step ms per demo role and SmolLM2-135M in one process, and two meshes beside the lockstep loop, N=1,4,16: bench/native.json, bench/native.png
+	$(PY) -m eftmesh_lab.bench_native $(ARGS)
 
 bench-http: $(STAMP) ## the HTTP API's overhead: HTTP/SSE vs gRPC Generate tokens/s at 1 and 16 streams, side by side: bench/http.json
 	$(PY) -m eftmesh_lab.bench_http $(ARGS)

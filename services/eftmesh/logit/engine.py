@@ -65,6 +65,7 @@ class EngineConfig:
     session_active_s: float = 1.0  # --session-active-window
     prefix_cache: bool = True  # --prefix-cache / --no-prefix-cache
     graphs: GraphConfig = GraphConfig()  # --cuda-graphs, --cuda-graph-*
+    model_impl: str = "auto"  # --model-impl: eftmesh's own forward (native.py) or transformers'
 
 
 def tokenizer_chat_template(tokenizer: Any) -> str:
@@ -111,7 +112,8 @@ class ModelEngine:
         # callers see it in Info and stop (finish reason CONTEXT) instead of failing.
         self.max_context = min(self.max_context, self.pool.capacity_tokens)
         self.runner = ModelRunner(model, self.pool, max_context=self.max_context, graphs=cfg.graphs,
-                                  sharded=len(self.devices) > 1, floor_limit=min(len(tokenizer), self.vocab_size))
+                                  sharded=len(self.devices) > 1, floor_limit=min(len(tokenizer), self.vocab_size),
+                                  model_impl=cfg.model_impl)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
         self.info = EngineInfo(
             model_id=model_id,
@@ -131,6 +133,7 @@ class ModelEngine:
             max_batch=self.max_batch,
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
             execution=self.runner.execution,
+            model_impl="native" if self.runner.native is not None else "transformers",
             prefix_cache=cfg.prefix_cache,
         )
         self.sessions = SessionStore(cfg.max_sessions, cfg.session_idle_timeout_s,

@@ -77,3 +77,4 @@ class EngineInfo:
     prefix_cache: bool = False  # --prefix-cache: full KV blocks shared by prefix (prefix.py)
     compile_s: float = 0.0
     graph_memory_bytes: int = 0
+    model_impl: str = "transformers"  # whose forward runs the model (--model-impl): "native" or "transformers"

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache
 from eftmesh.core.mixing import floor_rows_
 from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
 from eftmesh.logit.kvcache import BatchView, BlockTable, PagedKVPool
+from eftmesh.logit.native import native_forward
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,11 @@ class ModelRunner:
     """Owns one model's forward: `forward(batch)` -> [rows, keep, vocab] logits on the CPU."""
 
     def __init__(self, model: Any, pool: PagedKVPool, *, max_context: int, graphs: GraphConfig,
-                 sharded: bool, floor_limit: int | None = None) -> None:
+                 sharded: bool, floor_limit: int | None = None, model_impl: str = "auto") -> None:
         self.model = model
         self._cache_arg = cache_argument(model)
+        # --model-impl: our forward of the model's architecture (native.py), else transformers'
+        self.native = native_forward(model, model_impl, sharded=sharded)
         # Rows are floored (core.mixing.floor_rows_) over the tokenizer's columns on the device,
         # so that the combiner mixes them as they come (ScoreBatchResponse.floored).
         self.floor_limit = floor_limit
@@ -176,15 +179,19 @@ class ModelRunner:
             ids[b, : new[b]] = torch.tensor(row, dtype=torch.long)
         # Each row keeps its last `keep` real query columns; the model projects only those.
         cols = torch.tensor(new)[:, None] - keep + torch.arange(keep)[None, :]  # [rows, keep]
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=view.attention_mask(self.dtype),
-            position_ids=view.positions.clamp_max(self.max_context - 1).to(self.device),
-            **{self._cache_arg: view},
-            use_cache=True,
-            logits_to_keep=cols.clamp_min(0).to(self._keep_device),
-        )
-        return floor_rows_(out.logits, self.floor_limit).to("cpu")  # [rows, keep, vocab]
+        logits = self._call(ids.to(self.device), view.positions.clamp_max(self.max_context - 1).to(self.device),
+                            view.attention_mask(self.dtype), view, cols.clamp_min(0).to(self._keep_device))
+        return floor_rows_(logits, self.floor_limit).to("cpu")  # [rows, keep, vocab]
+
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, view: Cache,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits [rows, keep or n, vocab] for query columns `keep` ([rows, keep];
+        all when None): through our forward where there is one (native.py), else transformers'."""
+        if self.native is not None:
+            return self.native(ids, positions, mask, view, keep)
+        extra = {} if keep is None else {"logits_to_keep": keep}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          **{self._cache_arg: view}, use_cache=True, **extra).logits
 
     # --- static ---------------------------------------------------------------------------------------
 
@@ -243,14 +250,7 @@ class ModelRunner:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
         view = StaticView(self.pool, write_slot.reshape(-1), read_slot.reshape(-1), b, q, c)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions.clamp_max(self.max_context - 1),
-            **{self._cache_arg: view},
-            use_cache=True,
-        )
-        logits = out.logits  # [b, q, vocab]: every query column
+        logits = self._call(ids, positions.clamp_max(self.max_context - 1), mask, view)  # [b, q, vocab]
         if q > 1:  # each row's last q real columns (padding columns come after them)
             last = (new[:, None] - q + j[None, :]).clamp_min(0)  # [b, q]
             logits = logits.gather(1, last[:, :, None].expand(-1, -1, logits.shape[-1]))

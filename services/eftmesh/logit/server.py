@@ -28,6 +28,7 @@ from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_
 from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import EngineConfig, ModelEngine
 from eftmesh.logit.kvsize import parse_size
+from eftmesh.logit.native import MODEL_IMPLS
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
 from eftmesh.logit.flags import kv_sizing_error
@@ -165,6 +166,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "CPU, far less Python per step; costs minutes of start-up on a small CPU (cached on disk for the "
                         "next start, TORCHINDUCTOR_CACHE_DIR); a failed compile is logged and steps run uncompiled "
                         "(default: off)")
+    p.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
+                   help="whose forward runs the model: auto runs eftmesh's own implementation of the architecture "
+                        "where it has one (GPT-2 and Llama: the same ops as transformers', bitwise equal in float32, "
+                        "without its per-layer Python) and transformers' otherwise; native insists (an error names "
+                        "what it does not cover); transformers always runs transformers' modeling code "
+                        "(default: %(default)s)")
     a = p.parse_args(argv)
     env = os.environ if environ is None else environ
     try:
@@ -211,6 +218,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             session_active_s=a.session_active_window,
             prefix_cache=a.prefix_cache,
             graphs=graphs,
+            model_impl=a.model_impl,
         ),
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,

@@ -15,6 +15,7 @@ time (`Info.compile_s`), the compiled mesh's start-up time, and its ratios to lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Sequence
@@ -37,8 +38,37 @@ def service_info(lm: LocalMesh) -> dict[str, dict]:
     for role, port in lm.ports.items():
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             i = logit_pb2_grpc.LogitServiceStub(ch).Info(logit_pb2.LogitServiceInfoRequest(), timeout=10)
-        out[role] = {"execution": i.execution, "compile_s": round(i.compile_s, 1)}
+        out[role] = {"execution": i.execution, "compile_s": round(i.compile_s, 1), "model_impl": i.model_impl}
     return out
+
+
+def sweep_meshes(a: argparse.Namespace, variants: dict[str, list[str]], log_dir: Path,
+                 ) -> tuple[dict, dict[str, dict], dict[str, float]]:
+    """One mesh per variant (name -> its logit services' extra flags) on ports a.port, +10, ...,
+    all up at once, swept beside `lockstep` with repetitions alternating between every system
+    (the idle meshes cost the measured one little: their processes wait on sockets). Returns
+    bench_load.sweep's runs, each mesh's services' Info and each mesh's start-up seconds."""
+    ns = sorted({int(n) for n in a.concurrency.split(",") if n})
+    roles = {r: path for r, path in resolve_models(Path(a.models)).items() if r in ROLES}
+    prompts = workload_prompts(Path(a.models), "qa", max(ns))
+    torch.set_num_threads(1)  # every system one thread per model, as the services run
+    family = load_family(roles, "cpu", "float32")
+    kw = dict(threads=1, device="cpu", dtype="float32", verbose=False,
+              combiner_args=["--max-concurrent-generations", str(max(ns))])
+    info, startup, clients = {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        for i, (name, args) in enumerate(variants.items()):
+            port = a.port + 10 * i
+            print(f"starting {name} on 127.0.0.1:{port} (logit flags: {' '.join(args) or 'none'})", flush=True)
+            started = time.perf_counter()
+            lm = stack.enter_context(LocalMesh(roles, port, log_dir=log_dir / name.replace(" ", "-"),
+                                               logit_args=args, **kw))
+            startup[name], info[name] = time.perf_counter() - started, service_info(lm)
+            print(f"  up in {startup[name]:.0f} s: {info[name]}", flush=True)
+            clients[name] = stack.enter_context(contextlib.closing(MeshClient(lm.address)))
+        runners = {"lockstep": lambda ps, m: sum(len(t) for t in lockstep_generate(family, ps, m)),
+                   **{name: plain(c) for name, c in clients.items()}}
+        return sweep(runners, prompts, ns, a.max_new, a.reps), info, startup
 
 
 def plain(client: MeshClient):
@@ -77,30 +107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     ns = sorted({int(n) for n in a.concurrency.split(",") if n})
-    roles = {r: path for r, path in resolve_models(Path(a.models)).items() if r in ROLES}
-    prompts = workload_prompts(Path(a.models), "qa", max(ns))
-    torch.set_num_threads(1)  # every system one thread per model, as the services run
-    family = load_family(roles, "cpu", "float32")
-    combiner_args = ["--max-concurrent-generations", str(max(ns))]
-    kw = dict(threads=1, device="cpu", dtype="float32", verbose=False, combiner_args=combiner_args)
-    started = time.perf_counter()
-    print(f"starting the eager mesh on 127.0.0.1:{a.port}", flush=True)
-    with LocalMesh(roles, a.port, log_dir=Path("build/bench-compile/eager"), **kw) as eager:
-        eager_startup = time.perf_counter() - started
-        print(f"starting the compiled mesh on 127.0.0.1:{a.port + 10} (--torch-compile: minutes on a small CPU, "
-              "less with inductor's cache warm)", flush=True)
-        started = time.perf_counter()
-        with LocalMesh(roles, a.port + 10, log_dir=Path("build/bench-compile/compiled"), logit_args=["--torch-compile"],
-                       **kw) as compiled:
-            compiled_startup = time.perf_counter() - started
-            info = service_info(compiled)
-            print(f"  compiled mesh up in {compiled_startup:.0f} s: {info}", flush=True)
-            clients = {"mesh-plain eager": MeshClient(eager.address), "mesh-plain compiled": MeshClient(compiled.address)}
-            runners = {"lockstep": lambda ps, m: sum(len(t) for t in lockstep_generate(family, ps, m)),
-                       **{name: plain(c) for name, c in clients.items()}}
-            runs = sweep(runners, prompts, ns, a.max_new, a.reps)
-            for c in clients.values():
-                c.close()
+    runs, info, startup = sweep_meshes(a, {SYSTEMS[1]: [], SYSTEMS[2]: ["--torch-compile"]}, Path("build/bench-compile"))
     med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
     out = {
         "what": "the logit services' --torch-compile against their eager step: EFT up-scaling, plain, greedy; "
@@ -112,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ratios": {f"{name} / lockstep": {str(n): med[name][n] / med["lockstep"][n] for n in ns}
                    for name in SYSTEMS[1:]} | {
                    "compiled / eager mesh": {str(n): med[SYSTEMS[2]][n] / med[SYSTEMS[1]][n] for n in ns}},
-        "compiled_services": info, "compiled_startup_s": compiled_startup, "eager_startup_s": eager_startup,
-        "poisson": None,
+        "compiled_services": info[SYSTEMS[2]], "compiled_startup_s": startup[SYSTEMS[2]],
+        "eager_startup_s": startup[SYSTEMS[1]], "poisson": None,
     }
     write(out, markdown(out), a.out, a.plot)
 
