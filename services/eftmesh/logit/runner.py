@@ -5,6 +5,10 @@ The engine (engine.py) owns sessions, admission and batching and hands the runne
 `past[b]`, with its block table. The runner returns the last `keep` columns' logits of every
 row, on the CPU, in one copy.
 
+The model call itself is eftmesh's own forward of the architecture where it has one
+(native.py, `--model-impl`: GPT-2 and Llama, bitwise equal to transformers'), transformers'
+otherwise; both paths below take either.
+
 Two paths:
 
 - eager: the shapes of the batch as they are; host-built indices and mask, copied to the

@@ -71,6 +71,19 @@ def sweep_meshes(a: argparse.Namespace, variants: dict[str, list[str]], log_dir:
         return sweep(runners, prompts, ns, a.max_new, a.reps), info, startup
 
 
+def mesh_tables(runs: dict, systems: Sequence[str], pair: str) -> dict:
+    """The JSON's tokens/s medians, every repetition, and ratios: each mesh over lockstep and
+    the second mesh over the first (named `pair`). systems: lockstep and the two meshes."""
+    med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
+    ns = sorted(med["lockstep"])
+    return {
+        "tokens_per_s": {name: {str(n): v for n, v in row.items()} for name, row in med.items()},
+        "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
+        "ratios": {f"{name} / lockstep": {str(n): med[name][n] / med["lockstep"][n] for n in ns}
+                   for name in systems[1:]} | {pair: {str(n): med[systems[2]][n] / med[systems[1]][n] for n in ns}},
+    }
+
+
 def plain(client: MeshClient):
     """A bench_load runner: one round of plain (speculation off) generations through `client`."""
     return lambda prompts, max_new: client.round(prompts, max_new, MODES["mesh-plain"])
@@ -108,17 +121,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
     ns = sorted({int(n) for n in a.concurrency.split(",") if n})
     runs, info, startup = sweep_meshes(a, {SYSTEMS[1]: [], SYSTEMS[2]: ["--torch-compile"]}, Path("build/bench-compile"))
-    med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
     out = {
         "what": "the logit services' --torch-compile against their eager step: EFT up-scaling, plain, greedy; "
                 "tokens/s medians over alternating repetitions, both meshes and lockstep in one run",
         "composition": COMPOSITION, "max_new": a.max_new, "concurrency": ns, "machine": machine("cpu"),
-        "args": {**vars(a), "dtype": "float32"},
-        "tokens_per_s": {name: {str(n): v for n, v in row.items()} for name, row in med.items()},
-        "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
-        "ratios": {f"{name} / lockstep": {str(n): med[name][n] / med["lockstep"][n] for n in ns}
-                   for name in SYSTEMS[1:]} | {
-                   "compiled / eager mesh": {str(n): med[SYSTEMS[2]][n] / med[SYSTEMS[1]][n] for n in ns}},
+        "args": {**vars(a), "dtype": "float32"}, **mesh_tables(runs, SYSTEMS, "compiled / eager mesh"),
         "compiled_services": info[SYSTEMS[2]], "compiled_startup_s": startup[SYSTEMS[2]],
         "eager_startup_s": startup[SYSTEMS[1]], "poisson": None,
     }

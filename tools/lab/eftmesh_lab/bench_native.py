@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from eftmesh_lab.bench_compile import sweep_meshes
+from eftmesh_lab.bench_compile import mesh_tables, sweep_meshes
 from eftmesh_lab.bench_load import COMPOSITION, ROLES, machine, write
 from eftmesh.launcher import resolve_models
 from eftmesh.logit.buckets import GraphConfig
@@ -113,18 +113,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = sorted({int(n) for n in a.concurrency.split(",") if n})
     variants = {SYSTEMS[1]: ["--model-impl", "transformers"], SYSTEMS[2]: ["--model-impl", "native"]}
     runs, info, startup = sweep_meshes(a, variants, Path("build/bench-native"))
-    med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
     out = {
         "what": "eftmesh's own forward (--model-impl native) against transformers' (--model-impl transformers): "
                 "decode step times in one process, and EFT up-scaling through two meshes beside lockstep, plain, "
                 "greedy; tokens/s medians over alternating repetitions",
         "composition": COMPOSITION, "max_new": a.max_new, "concurrency": ns, "machine": machine("cpu"),
         "args": {**vars(a), "dtype": "float32"}, "step": step,
-        "tokens_per_s": {name: {str(n): v for n, v in row.items()} for name, row in med.items()},
-        "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
-        "ratios": {f"{name} / lockstep": {str(n): med[name][n] / med["lockstep"][n] for n in ns}
-                   for name in SYSTEMS[1:]} | {
-                   "native / transformers mesh": {str(n): med[SYSTEMS[2]][n] / med[SYSTEMS[1]][n] for n in ns}},
+        **mesh_tables(runs, SYSTEMS, "native / transformers mesh"),
         "services": info, "startup_s": startup, "poisson": None,
     }
     write(out, markdown(out), a.out, a.plot)
