@@ -5,8 +5,8 @@ vLLM and SGLang run their own model implementations rather than transformers' (v
 `--model-impl auto` picks its own where it has one, transformers' otherwise), because a decode
 step of a small model is bound by the host. transformers' eager forward runs about the same
 aten ops as this one (1,081 against 1,050 per decode step of the 1B Llama shape), but wraps
-them in Python: module calls, hooks, decorators, keyword plumbing, output records, about a
-third of the demo base-large's decode step on a CPU (9 ms against 6). Here the weights stay
+them in Python: module calls, hooks, decorators, keyword plumbing, output records: about 4 ms
+of the demo base-large's 9 ms decode step on a CPU. Here the weights stay
 in the transformers model as loaded (nothing is copied or converted); only the forward is
 ours, and it reads them in place.
 
