@@ -34,9 +34,11 @@ def llama(vocab: int, dtype: torch.dtype) -> torch.nn.Module:
     return model.to("cuda", dtype).eval()
 
 
-def engines(tokenizer, dtype: torch.dtype, graphs: GraphConfig = GRAPHS) -> tuple[ModelEngine, ModelEngine]:
+def engines(tokenizer, dtype: torch.dtype, graphs: GraphConfig = GRAPHS,
+            kv_cache_dtype: str = "auto") -> tuple[ModelEngine, ModelEngine]:
     model = llama(len(tokenizer), dtype)
-    kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0)
+    kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0,
+              kv_cache_dtype=kv_cache_dtype)
     eager = ModelEngine(model, tokenizer, graphs=GraphConfig(mode="off"), **kw)
     graphed = ModelEngine(model, tokenizer, graphs=graphs, **kw)
     graphed.warmup()
@@ -80,8 +82,11 @@ def test_captured_decode_and_verify_equal_eager_in_float32(tokenizer, rows, comp
     assert graphed.runner.compiles == compiles  # replays: nothing compiled while serving
 
 
-def test_captured_bfloat16_greedy_tokens_equal_eager_over_64_steps(tokenizer):
-    eager, graphed = engines(tokenizer, torch.bfloat16)
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_captured_bfloat16_greedy_tokens_equal_eager_over_64_steps(tokenizer, kv):
+    """With the model's own cache, and with --kv-cache-dtype fp8 (its clamp, cast and byte
+    copies captured in the graphs too)."""
+    eager, graphed = engines(tokenizer, torch.bfloat16, kv_cache_dtype=kv)
     tokens = {}
     for name, e in (("eager", eager), ("graphed", graphed)):
         seq = [1, 2, 3, 4]

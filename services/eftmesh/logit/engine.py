@@ -30,7 +30,7 @@ from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhaust
 from eftmesh.common.tokenizer import fingerprint
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, argmax_finite, make_generator, process, sample
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
-from eftmesh.logit.kvcache import PagedKVPool
+from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
 from eftmesh.logit.placement import check_full_attention, load_model, mask_swapper, model_devices, model_max_context
 from eftmesh.logit.items import DraftItem, EngineInfo, ItemResult, ScoreItem
@@ -66,6 +66,7 @@ class EngineConfig:
     prefix_cache: bool = True  # --prefix-cache / --no-prefix-cache
     graphs: GraphConfig = GraphConfig()  # --cuda-graphs, --cuda-graph-*
     model_impl: str = "auto"  # --model-impl: eftmesh's own forward (native.py) or transformers'
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype: the model's dtype, or fp8 (kvcache.KV_DTYPES)
 
 
 def tokenizer_chat_template(tokenizer: Any) -> str:
@@ -104,10 +105,11 @@ class ModelEngine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         ctx = model_max_context(model.config)
         self.max_context = min(ctx, cfg.max_context) if cfg.max_context else ctx
-        tokens = kv_cache_tokens(model, cfg, dtype=self.dtype, devices=self.devices, max_context=self.max_context,
+        kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, self.dtype)
+        tokens = kv_cache_tokens(model, cfg, dtype=kv_dtype, devices=self.devices, max_context=self.max_context,
                                  role=role)
         self.pool = PagedKVPool(tokens, cfg.kv_block_size, model.config.num_hidden_layers, self.device,
-                                self.dtype, prefix_cache=cfg.prefix_cache)
+                                kv_dtype, prefix_cache=cfg.prefix_cache)
         # One session can never hold more than the whole pool: that is its context limit too, so
         # callers see it in Info and stop (finish reason CONTEXT) instead of failing.
         self.max_context = min(self.max_context, self.pool.capacity_tokens)
@@ -134,6 +136,7 @@ class ModelEngine:
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
             execution=self.runner.execution,
             model_impl="native" if self.runner.native is not None else "transformers",
+            kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
             prefix_cache=cfg.prefix_cache,
         )
         self.sessions = SessionStore(cfg.max_sessions, cfg.session_idle_timeout_s,

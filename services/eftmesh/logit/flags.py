@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 KV_SIZING = ("--kv-cache-tokens", "--kv-cache-memory", "--gpu-memory-utilization")
+# --kv-cache-dtype: what the paged KV cache stores (vLLM's names): the model's dtype, or 8-bit
+# floats, fp8 being fp8_e4m3 (kvcache.KV_DTYPES maps them to torch dtypes)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def kv_sizing_error(tokens: int | None, memory: str | None, utilization: float | None) -> str | None:

@@ -78,3 +78,4 @@ class EngineInfo:
     compile_s: float = 0.0
     graph_memory_bytes: int = 0
     model_impl: str = "transformers"  # whose forward runs the model (--model-impl): "native" or "transformers"
+    kv_cache_dtype: str = ""  # what the KV cache stores (--kv-cache-dtype): the model's dtype, or a float8 one

@@ -38,6 +38,19 @@ from eftmesh.common.blocks import ROOT, block_key
 from eftmesh.logit.prefix import PrefixCache
 
 
+# --kv-cache-dtype (flags.KV_CACHE_DTYPES) -> the pool's storage dtype; "auto" is the model's
+KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the pool stores keys and values in under --kv-cache-dtype `name`."""
+    if name == "auto":
+        return model_dtype
+    if name not in KV_DTYPES:
+        raise ValueError(f"--kv-cache-dtype must be auto or one of {', '.join(KV_DTYPES)}, got {name!r}")
+    return KV_DTYPES[name]
+
+
 class PoolExhausted(Exception):
     """Not enough free blocks for a request (after the caller's evictions)."""
 
@@ -71,6 +84,10 @@ class PagedKVPool:
         self.block_size = block_size
         self.num_blocks = capacity_tokens // block_size  # usable blocks; block 0 is scratch on top
         self.layers, self.device, self.dtype = layers, device, dtype
+        # An 8-bit float pool (--kv-cache-dtype fp8*): keys and values are clamped to its range
+        # (a cast past it gives NaN, not the largest value) and stored at scale 1, as vLLM does
+        # without calibrated scales; its bytes move as uint8 (index_copy_ has no float8 kernel).
+        self.fp8_max = torch.finfo(dtype).max if dtype in KV_DTYPES.values() else 0.0
         self._free = list(range(self.num_blocks, 0, -1))  # pop() hands out low blocks first
         self._refs = [0] * (self.num_blocks + 1)  # sessions holding each block (block 0: scratch, never)
         self.prefix: PrefixCache | None = PrefixCache() if prefix_cache else None
@@ -366,12 +383,18 @@ class BatchView(Cache):
         else:
             new = torch.stack((key_states, value_states), dim=2)  # [rows, heads, 2, n, dim]
             new = new.permute(0, 3, 2, 1, 4).reshape(rows * n, 2, heads * dim)
-        if new.dtype != kv.dtype:
-            new = new.to(kv.dtype)
-        kv.index_copy_(0, write_idx, new)  # [rows * n, 2, heads * dim]
         # Every op here runs once per layer per forward: the fewer, the less a decode step pays
         # in dispatch (CPU) and kernel launches (GPU).
-        k, v = kv.index_select(0, read_idx).view(rows, self.length, 2, heads, dim).unbind(2)
+        if self.pool.fp8_max:  # 8-bit floats, stored and gathered as their bytes
+            fp8 = self.pool.fp8_max
+            kv.view(torch.uint8).index_copy_(0, write_idx, new.clamp(-fp8, fp8).to(kv.dtype).view(torch.uint8))
+            kv = kv.view(torch.uint8).index_select(0, read_idx).view(kv.dtype).to(key_states.dtype)
+        else:
+            if new.dtype != kv.dtype:
+                new = new.to(kv.dtype)
+            kv.index_copy_(0, write_idx, new)  # [rows * n, 2, heads * dim]
+            kv = kv.index_select(0, read_idx)  # [rows * length, 2, heads * dim]
+        k, v = kv.view(rows, self.length, 2, heads, dim).unbind(2)
         return k.transpose(1, 2), v.transpose(1, 2)  # [rows, kv_heads, length, head_dim]
 
     # The model asks these of any cache; positions and the 4D mask are given explicitly.

@@ -31,7 +31,7 @@ from eftmesh.logit.kvsize import parse_size
 from eftmesh.logit.native import MODEL_IMPLS
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
-from eftmesh.logit.flags import kv_sizing_error
+from eftmesh.logit.flags import KV_CACHE_DTYPES, kv_sizing_error
 from eftmesh.logit.servicer import LogitServicer
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -122,6 +122,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "dedicated GPU, 0.3 each for three roles on one card; one CUDA device only; give one of "
                         "--kv-cache-tokens, --kv-cache-memory and this (default: off: a mesh's roles may share a card, "
                         "and a token count keeps autoscaling's KV target meaningful)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="what the paged KV cache stores (vLLM's flag): auto, the model's dtype; fp8 (= fp8_e4m3) or "
+                        "fp8_e5m2, one byte per value at scale 1 (values clamped to the format's range): half a "
+                        "bfloat16 cache's bytes per token, so twice the tokens in the same memory, at a small cost "
+                        "in accuracy (logits no longer exact); for GPUs (a CPU's float8 casts are slow) "
+                        "(default: %(default)s)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
     p.add_argument("--session-active-window", type=float, default=1.0, help="seconds after its last use during which a session counts as in flight and is never evicted for room; a call that needs its blocks gets RESOURCE_EXHAUSTED instead (default: %(default)s)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -219,6 +225,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
             prefix_cache=a.prefix_cache,
             graphs=graphs,
             model_impl=a.model_impl,
+            kv_cache_dtype=a.kv_cache_dtype,
         ),
         threads=a.threads,
         trust_remote_code=a.trust_remote_code,

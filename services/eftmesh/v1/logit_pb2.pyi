@@ -12,7 +12,7 @@ class LogitServiceInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LogitServiceInfoResponse(_message.Message):
-    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl")
+    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl", "kv_cache_dtype")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class LogitServiceInfoResponse(_message.Message):
     COMPILE_S_FIELD_NUMBER: _ClassVar[int]
     GRAPH_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     role: str
     vocab_size: int
@@ -63,7 +64,8 @@ class LogitServiceInfoResponse(_message.Message):
     compile_s: float
     graph_memory_bytes: int
     model_impl: str
-    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("session_id", "start", "tokens", "rows", "dtype")
