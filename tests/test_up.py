@@ -97,12 +97,14 @@ def test_up_passes_one_kv_sizing_and_compile_to_every_logit_service_in_their_own
 
     def ns(**kw):
         return argparse.Namespace(**{"kv_cache_tokens": None, "kv_cache_memory": None, "gpu_memory_utilization": None,
-                                     "torch_compile": False, **kw})
+                                     "kv_cache_dtype": "auto", "torch_compile": False, **kw})
 
     assert logit_flags(p, ns()) == []
     for given, engine in [(ns(kv_cache_memory="2GiB", torch_compile=True), {"kv_cache_memory": 2**31}),
                           (ns(gpu_memory_utilization=0.3), {"gpu_memory_utilization": 0.3}),
-                          (ns(kv_cache_tokens=1024), {"kv_cache_tokens": 1024})]:
+                          (ns(kv_cache_tokens=1024), {"kv_cache_tokens": 1024}),
+                          (ns(kv_cache_memory="1GiB", kv_cache_dtype="fp8"),
+                           {"kv_cache_memory": 2**30, "kv_cache_dtype": "fp8"})]:
         flags = logit_flags(p, given)
         cfg = parse_args(["--model", "m", "--role", "base-large", *flags], environ={})  # what each service reads
         assert {k: getattr(cfg.engine, k) for k in engine} == engine

@@ -21,7 +21,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from eftmesh.logit.flags import KV_SIZING, kv_sizing_error
+from eftmesh.logit.flags import KV_CACHE_DTYPES, KV_SIZING, kv_sizing_error
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 ROLE_ORDER = ("base-large", "base-small", "ft-small", "ft-large", "ft-small-alt")
@@ -224,13 +224,14 @@ def _has_chat_template(address: str) -> bool:
 
 def logit_flags(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
     """The flags `up` passes every logit service: one KV cache sizing at most (checked as the
-    services check it), and --torch-compile."""
+    services check it), --kv-cache-dtype when not auto, and --torch-compile."""
     values = (a.kv_cache_tokens, a.kv_cache_memory, a.gpu_memory_utilization)
     sizing_error = kv_sizing_error(*values)
     if sizing_error:
         p.error(sizing_error)
     sizing = [x for flag, value in zip(KV_SIZING, values) if value is not None for x in (flag, str(value))]
-    return sizing + (["--torch-compile"] if a.torch_compile else [])
+    dtype = ["--kv-cache-dtype", a.kv_cache_dtype] if a.kv_cache_dtype != "auto" else []
+    return sizing + dtype + (["--torch-compile"] if a.torch_compile else [])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -249,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                    help="or by each logit service's share of the GPU (their --gpu-memory-utilization): the three "
                         "roles share one card here, so at most about 0.3 each (default: off)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="what each logit service's KV cache stores (their --kv-cache-dtype): fp8 holds twice a "
+                        "bfloat16 cache's tokens in the same memory, lossy, for GPUs (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device for the logit services (default: the services' default)")
     p.add_argument("--torch-compile", action="store_true",
