@@ -21,7 +21,8 @@ from tiny_models import tiny_models
 from eftmesh.logit.buckets import GraphConfig
 from eftmesh.logit.convert import info_to_pb
 from eftmesh.logit.engine import ModelEngine, ScoreItem
-from eftmesh.logit.kvcache import BatchView, BlockTable, PagedKVPool, kv_storage_dtype
+from eftmesh.logit.flags import KV_CACHE_DTYPES
+from eftmesh.logit.kvcache import KV_DTYPES, BatchView, BlockTable, PagedKVPool, kv_storage_dtype
 from eftmesh.logit.placement import load_model
 from eftmesh.logit.server import parse_args
 
@@ -44,6 +45,7 @@ def test_the_flag_names_map_to_float8_dtypes_and_auto_keeps_the_models():
     assert kv_storage_dtype("auto", torch.bfloat16) is torch.bfloat16
     assert kv_storage_dtype("fp8", torch.float32) is kv_storage_dtype("fp8_e4m3", torch.float32) is torch.float8_e4m3fn
     assert kv_storage_dtype("fp8_e5m2", torch.bfloat16) is torch.float8_e5m2
+    assert ("auto", *KV_DTYPES) == KV_CACHE_DTYPES  # the flag's choices (flags.py, torch-free) are the map's
     with pytest.raises(ValueError, match="--kv-cache-dtype must be auto or one of fp8, fp8_e4m3, fp8_e5m2"):
         kv_storage_dtype("int4", torch.float32)
     assert parse_args(["--model", "m", "--role", "r", "--kv-cache-dtype", "fp8"]).engine.kv_cache_dtype == "fp8"

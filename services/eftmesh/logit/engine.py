@@ -135,7 +135,7 @@ class ModelEngine:
             max_batch=self.max_batch,
             chat_template=tokenizer_chat_template(tokenizer),  # --chat-template replaces it (logit.server.build)
             execution=self.runner.execution,
-            model_impl="native" if self.runner.native is not None else "transformers",
+            model_impl=self.runner.model_impl,
             kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
             prefix_cache=cfg.prefix_cache,
         )

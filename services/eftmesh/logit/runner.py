@@ -292,6 +292,11 @@ class ModelRunner:
     # --- capture --------------------------------------------------------------------------------------
 
     @property
+    def model_impl(self) -> str:
+        """Whose forward runs the model (LogitServiceInfo.model_impl): "native" or "transformers"."""
+        return "transformers" if self.native is None else "native"
+
+    @property
     def execution(self) -> str:
         """How steps run now (LogitServiceInfo.execution): "cuda-graphs" or "compiled+cuda-graphs"
         (replayed), "compiled" or "static" (static shapes, run as they come), or "eager"."""
