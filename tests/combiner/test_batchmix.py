@@ -49,3 +49,32 @@ def test_mix_step_equals_each_generation_mixed_alone():
         o, m = offsets[x], x.rows_per_role()
         alone = mix(rows[x], x.coef, V)
         torch.testing.assert_close(torch.log_softmax(scores[o:o + m], -1), alone, atol=1e-5, rtol=0)
+
+
+@dataclass(eq=False)
+class FakeSampler(FakeGeneration):
+    """A generation that samples: its own seeded generator."""
+
+    gen: torch.Generator = field(default_factory=torch.Generator)
+
+
+def test_draw_plain_draws_what_each_generation_would_sample_alone():
+    from eftmesh.combiner.batchmix import draw_plain, process_groups
+    from eftmesh.core.sampling import SamplingConfig, process, sample
+
+    hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5)
+    gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
+    gens[2].k = 2  # verifies a block: not a plain draw
+    sampling = {g: hot if i % 2 else cool for i, g in enumerate(gens)}
+    sampling[gens[4]] = SamplingConfig(temperature=0.0)  # greedy: no draw
+    offsets, n = {}, 0
+    for g in gens:
+        offsets[g], n = n, n + g.rows_per_role()
+    scores = torch.randn(n, 300, generator=torch.Generator().manual_seed(9))
+    scores[offsets[gens[5]]] = float("nan")  # a degenerate row fails alone
+    expected = {g: int(sample(process(scores[offsets[g]:offsets[g] + 1], sampling[g]), sampling[g],
+                              torch.Generator().manual_seed(s))[0])
+                for s, g in enumerate(gens) if s in (0, 1, 3)}
+    drawn = draw_plain(gens, process_groups(gens, sampling, offsets, scores))
+    assert set(drawn) == {gens[0], gens[1], gens[3], gens[5]}
+    assert {g: drawn[g] for g in expected} == expected and drawn[gens[5]] == -1

@@ -285,6 +285,27 @@ def test_each_call_says_whether_the_step_has_generations_it_does_not_carry(make)
 UPSCALE = Composition("base-large", (Delta("ft-small", "base-small", 1.0),))
 
 
+def test_sampled_generations_draw_the_same_tokens_batched_as_alone(make):
+    """The scheduler draws every sampled plain step of a batch in one `draw` (batchmix.draw_plain);
+    each generation's tokens are those it samples alone, beside greedy, other sampling settings
+    and sampled speculation."""
+    spec = SpeculationConfig("ft-small", 2, adaptive=False)
+
+    def sampled(prompt: str, seed: int, cfg: SamplingConfig, **kw: Any) -> GenerationRequest:
+        return GenerationRequest(prompt, UPSCALE, cfg, seed=seed, max_new_tokens=10, ignore_eos=True, seeded=True, **kw)
+
+    hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.8, top_k=40, top_p=0.9)
+    reqs = [sampled(SHORT, 1, hot), sampled(LONG[0], 2, hot), sampled(LONG[1], 3, cool), req(LONG[2], 10),
+            sampled(SHORT, 4, cool, speculation=spec), sampled(SHORT, 1, hot)]
+    expected = [alone(make, r) for r in reqs]
+    assert expected[0] == expected[5] and len({tuple(e) for e in expected[:3]}) == 3
+    d, scorer, _ = make()
+    gens = [submit(d, r) for r in reqs]
+    run_out(d)
+    assert [outcome(g) for g in gens] == expected
+    assert max(len(step) for step in scorer.steps()) == len(reqs)  # they did step together
+
+
 def test_max_batch_caps_the_running_batch_and_the_rest_wait(make):
     reqs = [req(SHORT, 8)] + [req(p, 3 + i) for i, p in enumerate(LONG + [SHORT])]
     expected = [alone(make, r) for r in reqs]

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from eftmesh.core.mixing import accumulate
-from eftmesh.core.sampling import SamplingConfig, process
+from eftmesh.core.sampling import SamplingConfig, draw, process, uniforms
 
 
 class Mixable(Protocol):
@@ -30,6 +30,12 @@ class Mixable(Protocol):
     coef: Mapping[str, float]  # role -> EFT coefficient (non-zero)
 
     def rows_per_role(self) -> int: ...
+
+
+class Drawable(Mixable, Protocol):
+    """A generation that samples: its own seeded generator."""
+
+    gen: torch.Generator
 
 
 def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -141,3 +147,16 @@ def process_groups(
             out[g] = p[at:at + g.rows_per_role()]
             at += g.rows_per_role()
     return out
+
+
+def draw_plain(gens: Sequence[Drawable], processed: Mapping[Drawable, torch.Tensor | None]) -> dict[Drawable, int]:
+    """Every sampled plain step's token (one row, `process_groups` gave it a tensor) in one
+    `core.sampling.draw` over their stacked rows, each row with one uniform from its own
+    generation's generator, what `sample` alone would take: batching changes no token. -1: that
+    row has no finite mass. The rows are exp'ed in place: the caller reads them no more."""
+    plain = [g for g in gens if processed[g] is not None and g.rows_per_role() == 1]
+    if not plain:
+        return {}
+    u = torch.cat([uniforms(g.gen) for g in plain])  # [rows]
+    tokens, ok = draw(joined([processed[g] for g in plain]), u, overwrite=True)
+    return {g: t if good else -1 for g, t, good in zip(plain, tokens.tolist(), ok.tolist())}

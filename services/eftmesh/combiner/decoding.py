@@ -41,6 +41,7 @@ from eftmesh.core.sampling import (
     check_argmax_finite,
     check_finite_mass,
     make_generator,
+    no_finite_mass,
     process,
     sample,
 )
@@ -250,7 +251,8 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, scores: torch.Tensor, p: torch.Tensor | None, target: torch.Tensor | None = None) -> None:
+    def finish(self, scores: torch.Tensor, p: torch.Tensor | None, target: torch.Tensor | None = None,
+               drawn: int | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
@@ -259,6 +261,9 @@ class Generation:
             p: the same rows after temperature / top-k / top-p (normalised), or None when greedy.
             target: greedy only: the argmax of each row of `scores`, when the caller has it
                 (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
+            drawn: a sampled plain step only: its token, when the caller has drawn it from p
+                with `core.sampling.draw` and one `uniforms(self.gen)` (what `sample` would
+                take); p is not read then. -1: its row had no finite mass (NoFiniteMass).
         """
         usage = self.sink.usage
         n = len(self.ids)
@@ -266,11 +271,16 @@ class Generation:
             if target is None:
                 target = argmax_rows(scores)  # [k + 1]
                 check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
-        else:
+        elif drawn is None:
             check_finite_mass(p)
+        elif drawn < 0:
+            raise no_finite_mass([0])
         usage.base_calls += 1
         if self.k == 0:
-            tok = int(target[0]) if p is None else int(sample(p, self.req.sampling, self.gen)[0])
+            if p is None:
+                tok = int(target[0])
+            else:
+                tok = drawn if drawn is not None else int(sample(p, self.req.sampling, self.gen)[0])
             for r in self.coef:
                 self.cached[r] = n
             self._emit([tok], scores)

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import torch
 from opentelemetry import trace
 
-from eftmesh.combiner.batchmix import Workspace, mix_step, process_groups
+from eftmesh.combiner.batchmix import Workspace, draw_plain, mix_step, process_groups
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
 from eftmesh.combiner.prefixes import PrefixEstimate
@@ -59,7 +59,6 @@ from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.core.sampling import NoFiniteMass, argmax_finite, check_argmax_finite
 
 log = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
 
@@ -394,6 +393,7 @@ class Scheduler:
         # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
         top, finite = argmax_finite(scores) if any(p is None for p in processed.values()) else (None, None)  # [n]
         all_finite = finite is None or bool(finite.all())
+        drawn = draw_plain(gens, processed)  # g -> token, for each sampled plain step
         stepped = {}
         for g in gens:
             o, m = offsets[g], g.rows_per_role()
@@ -401,7 +401,7 @@ class Scheduler:
             try:
                 if processed[g] is None and not all_finite and not bool(finite[o:o + m].all()):
                     check_argmax_finite(scores[o:o + m], top[o:o + m])  # raises NoFiniteMass, naming the rows
-                g.finish(scores[o:o + m], processed[g], None if top is None else top[o:o + m])
+                g.finish(scores[o:o + m], processed[g], None if top is None else top[o:o + m], drawn.get(g))
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
                 self._fail(g, InvalidArgument(str(e)))
                 continue

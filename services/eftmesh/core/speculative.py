@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eftmesh.core.sampling import argmax_rows
+from eftmesh.core.sampling import argmax_rows, draw_probs, uniforms
 
 
 @dataclass(frozen=True)
@@ -65,29 +65,30 @@ def verify_sampled(
         drafts: [k] int64 drafted token ids, x_i ~ q_i.
         q: [k, vocab] log-probabilities the drafts were drawn from.
         p: [k + 1, vocab] target log-probabilities.
-        generator: seeded generator; each call draws k uniforms, then one token.
+        generator: seeded generator; each call draws k float32 uniforms for the tests, then one
+            float64 uniform for the last token (`core.sampling.draw_probs`).
     """
     k = drafts.shape[0]
     assert q.dim() == 2 and q.shape[0] == k, f"q must be [k, vocab], got {tuple(q.shape)}"
     assert p.dim() == 2 and p.shape == (k + 1, q.shape[1]), f"p must be [k + 1, {q.shape[1]}], got {tuple(p.shape)}"
-    pq = p[:k].exp()  # [k, vocab]
-    qq = q.exp()  # [k, vocab]
     idx = drafts.view(k, 1)
-    p_x = pq.gather(1, idx).squeeze(1)  # [k]
-    q_x = qq.gather(1, idx).squeeze(1)  # [k]
+    # only the drafts' own probabilities for the test; a whole row's only for the last token
+    p_x = p[:k].gather(1, idx).squeeze(1).exp()  # [k]
+    q_x = q.gather(1, idx).squeeze(1).exp()  # [k]
     u = torch.rand(k, generator=generator, dtype=torch.float32)  # [k]
     # Keep draft i with probability min(1, p_i(x_i) / q_i(x_i)); stop at the first rejection.
     # At a rejection, sample from normalise(max(0, p_i - q_i)); if all k pass, sample the
     # bonus token from p_k. (u * q < p is the ratio test without dividing by q.)
     keep = (u * q_x < p_x).to(torch.int64)  # [k]
     accepted = int(torch.cumprod(keep, dim=0).sum())
+    last = uniforms(generator)  # [1]
+    target = p[accepted].exp()  # [vocab]
     if accepted == k:
-        probs = p[k].exp()
+        token, _ = draw_probs(target[None], last)
     else:
-        probs = (pq[accepted] - qq[accepted]).clamp_min(0.0)
-        if float(probs.sum()) <= 0.0:  # p_i == q_i in float: a rejection had probability 0
-            probs = pq[accepted]
-    token = torch.multinomial(probs, 1, generator=generator)
+        token, ok = draw_probs((target - q[accepted].exp()).clamp_min(0.0)[None], last)
+        if not bool(ok):  # p_i == q_i in float: a rejection had probability 0
+            token, _ = draw_probs(target[None], last)
     return Verdict(accepted, int(token))
 
 
