@@ -58,23 +58,29 @@ class FakeSampler(FakeGeneration):
     gen: torch.Generator = field(default_factory=torch.Generator)
 
 
-def test_draw_plain_draws_what_each_generation_would_sample_alone():
+def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_groups_takes_the_blocks():
     from eftmesh.combiner.batchmix import draw_plain, process_groups
-    from eftmesh.core.sampling import SamplingConfig, process, sample
+    from eftmesh.core.sampling import SamplingConfig, process, sample_rows, uniforms
 
-    hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5)
+    hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)
     gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
-    gens[2].k = 2  # verifies a block: not a plain draw
+    gens[2].k = 2  # verifies a block: processed, not drawn
     sampling = {g: hot if i % 2 else cool for i, g in enumerate(gens)}
-    sampling[gens[4]] = SamplingConfig(temperature=0.0)  # greedy: no draw
+    sampling[gens[4]] = SamplingConfig(temperature=0.0)  # greedy: neither
     offsets, n = {}, 0
     for g in gens:
         offsets[g], n = n, n + g.rows_per_role()
     scores = torch.randn(n, 300, generator=torch.Generator().manual_seed(9))
-    scores[offsets[gens[5]]] = float("nan")  # a degenerate row fails alone
-    expected = {g: int(sample(process(scores[offsets[g]:offsets[g] + 1], sampling[g]), sampling[g],
-                              torch.Generator().manual_seed(s))[0])
-                for s, g in enumerate(gens) if s in (0, 1, 3)}
-    drawn = draw_plain(gens, process_groups(gens, sampling, offsets, scores))
+    scores[offsets[gens[5]], 7] = float("nan")  # a degenerate row fails alone
+    expected = {}
+    for s, g in enumerate(gens):
+        if s in (0, 1, 3):
+            token, ok = sample_rows(scores[offsets[g]:offsets[g] + 1], sampling[g], uniforms(torch.Generator().manual_seed(s)))
+            assert ok.all()
+            expected[g] = int(token[0])
+    drawn = draw_plain(gens, sampling, offsets, scores)
     assert set(drawn) == {gens[0], gens[1], gens[3], gens[5]}
     assert {g: drawn[g] for g in expected} == expected and drawn[gens[5]] == -1
+    processed = process_groups(gens, sampling, offsets, scores)
+    o = offsets[gens[2]]
+    assert set(processed) == {gens[2]} and torch.equal(processed[gens[2]], process(scores[o:o + 3], cool))

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from eftmesh.core.mixing import accumulate
-from eftmesh.core.sampling import SamplingConfig, draw, process, uniforms
+from eftmesh.core.sampling import SamplingConfig, process, sample_rows, uniforms
 
 
 class Mixable(Protocol):
@@ -128,20 +128,18 @@ def mix_step(
 def process_groups(
     gens: Sequence[Mixable], sampling: Mapping[Mixable, SamplingConfig], offsets: Mapping[Mixable, int],
     scores: torch.Tensor,
-) -> dict[Mixable, torch.Tensor | None]:
-    """Temperature / top-k / top-p, one `process` per group of equal settings (row-wise, so a
-    generation's rows come out as they would alone); None for greedy generations, which need
-    only the argmax of their scores."""
+) -> dict[Mixable, torch.Tensor]:
+    """Temperature / top-k / top-p for every sampled block (k + 1 rows: a verification), one
+    `process` per group of equal settings (row-wise, so a generation's rows come out as they
+    would alone). Greedy generations need only the argmax of their scores; a sampled plain step
+    only its token (`draw_plain`)."""
     groups: dict[SamplingConfig, list[Mixable]] = {}
-    out: dict[Mixable, torch.Tensor | None] = {}
     for g in gens:
-        if sampling[g].greedy:
-            out[g] = None
-        else:
+        if not sampling[g].greedy and g.rows_per_role() > 1:
             groups.setdefault(sampling[g], []).append(g)
+    out: dict[Mixable, torch.Tensor] = {}
     for cfg, members in groups.items():
-        idx = torch.cat([torch.arange(offsets[g], offsets[g] + g.rows_per_role()) for g in members])
-        p = process(scores.index_select(0, idx), cfg)
+        p = process(scores.index_select(0, _rows(members, offsets)), cfg)
         at = 0
         for g in members:
             out[g] = p[at:at + g.rows_per_role()]
@@ -149,14 +147,24 @@ def process_groups(
     return out
 
 
-def draw_plain(gens: Sequence[Drawable], processed: Mapping[Drawable, torch.Tensor | None]) -> dict[Drawable, int]:
-    """Every sampled plain step's token (one row, `process_groups` gave it a tensor) in one
-    `core.sampling.draw` over their stacked rows, each row with one uniform from its own
-    generation's generator, what `sample` alone would take: batching changes no token. -1: that
-    row has no finite mass. The rows are exp'ed in place: the caller reads them no more."""
-    plain = [g for g in gens if processed[g] is not None and g.rows_per_role() == 1]
-    if not plain:
-        return {}
-    u = torch.cat([uniforms(g.gen) for g in plain])  # [rows]
-    tokens, ok = draw(joined([processed[g] for g in plain]), u, overwrite=True)
-    return {g: t if good else -1 for g, t, good in zip(plain, tokens.tolist(), ok.tolist())}
+def draw_plain(
+    gens: Sequence[Drawable], sampling: Mapping[Drawable, SamplingConfig], offsets: Mapping[Drawable, int],
+    scores: torch.Tensor,
+) -> dict[Drawable, int]:
+    """Every sampled plain step's token, one `sample_rows` per group of equal settings over its
+    stacked rows, each row with one uniform from its own generation's generator (what the
+    generation would take alone): batching changes no token. -1: that row has no finite mass."""
+    groups: dict[SamplingConfig, list[Drawable]] = {}
+    for g in gens:
+        if not sampling[g].greedy and g.rows_per_role() == 1:
+            groups.setdefault(sampling[g], []).append(g)
+    out: dict[Drawable, int] = {}
+    for cfg, members in groups.items():
+        u = torch.cat([uniforms(g.gen) for g in members])  # [rows]
+        tokens, ok = sample_rows(scores.index_select(0, _rows(members, offsets)), cfg, u)
+        out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
+    return out
+
+
+def _rows(members: Sequence[Mixable], offsets: Mapping[Mixable, int]) -> torch.Tensor:
+    return torch.cat([torch.arange(offsets[g], offsets[g] + g.rows_per_role()) for g in members])

@@ -43,7 +43,8 @@ from eftmesh.core.sampling import (
     make_generator,
     no_finite_mass,
     process,
-    sample,
+    sample_rows,
+    uniforms,
 )
 from eftmesh.core.speculative import AdaptiveBlockSize, accept_greedy, expected_tokens_per_block, verify_sampled
 
@@ -251,46 +252,46 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, scores: torch.Tensor, p: torch.Tensor | None, target: torch.Tensor | None = None,
+    def finish(self, scores: torch.Tensor, p: torch.Tensor | None = None, target: torch.Tensor | None = None,
                drawn: int | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
             scores: [k + 1, vocab] EFT log-probabilities up to a per-row constant (one row for
                 a plain step): `batchmix.mix_step` leaves them unnormalised.
-            p: the same rows after temperature / top-k / top-p (normalised), or None when greedy.
+            p: a sampled block's rows after temperature / top-k / top-p (`process`), when the
+                caller has them (else made here).
             target: greedy only: the argmax of each row of `scores`, when the caller has it
                 (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
-            drawn: a sampled plain step only: its token, when the caller has drawn it from p
-                with `core.sampling.draw` and one `uniforms(self.gen)` (what `sample` would
-                take); p is not read then. -1: its row had no finite mass (NoFiniteMass).
+            drawn: a sampled plain step only: its token, when the caller has drawn it with
+                `sample_rows` and one `uniforms(self.gen)` (what it would take here). -1: its
+                row had no finite mass (NoFiniteMass).
         """
         usage = self.sink.usage
         n = len(self.ids)
-        if p is None:  # greedy: the argmax of each row is all it needs
-            if target is None:
-                target = argmax_rows(scores)  # [k + 1]
-                check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
-        elif drawn is None:
-            check_finite_mass(p)
-        elif drawn < 0:
-            raise no_finite_mass([0])
+        cfg = self.req.sampling
+        if cfg.greedy and target is None:  # the argmax of each row is all it needs
+            target = argmax_rows(scores)  # [k + 1]
+            check_argmax_finite(scores, target)  # NoFiniteMass: the scheduler fails this generation alone
         usage.base_calls += 1
         if self.k == 0:
-            if p is None:
-                tok = int(target[0])
-            else:
-                tok = drawn if drawn is not None else int(sample(p, self.req.sampling, self.gen)[0])
+            if not cfg.greedy and drawn is None:
+                token, ok = sample_rows(scores, cfg, uniforms(self.gen))
+                drawn = int(token[0]) if bool(ok[0]) else -1
+            if drawn is not None and drawn < 0:
+                raise no_finite_mass([0])
+            tok = int(target[0]) if cfg.greedy else drawn
             for r in self.coef:
                 self.cached[r] = n
             self._emit([tok], scores)
             return
         k, x = self.k, torch.tensor(self.drafts, dtype=torch.int64)  # [k]
-        if p is None:
+        if cfg.greedy:
             verdict = accept_greedy(x, target)
         else:
-            V = p.shape[1]
-            q = process(self.draft_rows[:k, :V], self.req.sampling)  # [k, vocab]: what the drafts came from
+            p = process(scores, cfg) if p is None else p
+            check_finite_mass(p)
+            q = process(self.draft_rows[:k, :p.shape[1]], cfg)  # [k, vocab]: what the drafts came from
             check_finite_mass(q)
             verdict = verify_sampled(x, q, p, self.gen)
         m = verdict.accepted

@@ -385,23 +385,23 @@ class Scheduler:
         pieces = {g for g in live if g in rows and g.piece is not None}
         for g in pieces:
             g.piece_done()
-        gens = [g for g in live if g in rows and g not in pieces]
-        if not gens:
+        if not (gens := [g for g in live if g in rows and g not in pieces]):
             return {}
         scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised
-        processed = process_groups(gens, {g: g.req.sampling for g in gens}, offsets, scores)
+        sampling = {g: g.req.sampling for g in gens}
+        processed = process_groups(gens, sampling, offsets, scores)  # sampled blocks' rows
+        drawn = draw_plain(gens, sampling, offsets, scores)  # sampled plain steps' tokens
         # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
-        top, finite = argmax_finite(scores) if any(p is None for p in processed.values()) else (None, None)  # [n]
+        top, finite = argmax_finite(scores) if any(c.greedy for c in sampling.values()) else (None, None)  # [n]
         all_finite = finite is None or bool(finite.all())
-        drawn = draw_plain(gens, processed)  # g -> token, for each sampled plain step
         stepped = {}
         for g in gens:
             o, m = offsets[g], g.rows_per_role()
             before = g.sink.usage.completion_tokens
             try:
-                if processed[g] is None and not all_finite and not bool(finite[o:o + m].all()):
+                if sampling[g].greedy and not all_finite and not bool(finite[o:o + m].all()):
                     check_argmax_finite(scores[o:o + m], top[o:o + m])  # raises NoFiniteMass, naming the rows
-                g.finish(scores[o:o + m], processed[g], None if top is None else top[o:o + m], drawn.get(g))
+                g.finish(scores[o:o + m], processed.get(g), None if top is None else top[o:o + m], drawn.get(g))
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
                 self._fail(g, InvalidArgument(str(e)))
                 continue

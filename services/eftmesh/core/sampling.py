@@ -2,7 +2,9 @@
 
 The same functions process the combined EFT distribution in the combiner and the draft
 model's distribution in a logit service, so a speculative draft's q is exactly the
-distribution the draft token was drawn from.
+distribution the draft token was drawn from. `process` forms that distribution (verification
+needs it); `sample_rows` draws from it without forming it (a plain step needs only a token),
+by the CPU sampler in draws.py.
 
 Pure tensor code: no grpc, no transformers.
 """
@@ -13,6 +15,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from eftmesh.core.draws import cut, draw, draw_probs, exp
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -67,42 +71,33 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
     Returns:
         [rows, vocab] float32 log-probabilities of the processed distribution; filtered
-        tokens are -inf.
+        tokens are -inf. Top-k keeps every token tied with the k-th, top-p every token tied
+        with the last one it keeps (which of equal tokens to drop would be arbitrary).
     """
     assert logprobs.dim() == 2, f"expected [rows, vocab], got {tuple(logprobs.shape)}"
     x = logprobs.float()
     if cfg.greedy:
         return torch.log_softmax(x, dim=-1)
-    if cfg.temperature != 1.0:
-        x = _scale(x, cfg.temperature)
-    if 0 < cfg.top_k < x.shape[-1]:
-        # Ties with the k-th value are kept: which of equal tokens to drop is arbitrary.
-        kth = torch.topk(x, cfg.top_k, dim=-1).values[:, -1:]  # [rows, 1]
-        x = x.masked_fill(x < kth, -math.inf)
-    if cfg.top_p < 1.0:
-        x = _top_p(x, cfg.top_p)
-    return torch.log_softmax(x, dim=-1)
+    if not _filters(cfg, x.shape[1]):
+        return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature), dim=-1)
+    z = _scaled(x, cfg.temperature)
+    tau = cut(z, cfg.top_k, cfg.top_p).tau
+    return torch.log_softmax(z.masked_fill(z < tau[:, None], -math.inf), dim=-1)
 
 
-def _scale(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """x / temperature, shifted so each row's maximum is 0 first: the quotient is <= 0, so it
-    cannot overflow to +inf (it may underflow to -inf, which is the right limit), and -inf
-    entries stay -inf whatever the temperature (no -inf / inf = NaN)."""
+def _filters(cfg: SamplingConfig, vocab: int) -> bool:
+    return 0 < cfg.top_k < vocab or cfg.top_p < 1.0
+
+
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(x - max) / temperature, a new tensor: <= 0, so it cannot overflow to +inf (it may
+    underflow to -inf, the right limit), and -inf stays -inf. A row whose max is not finite is
+    left unshifted (it has no finite mass; callers flag it)."""
     m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.where(x == -math.inf, x, (x - m) / temperature)
-
-
-def _top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest prefix of tokens, by falling probability, whose mass reaches top_p."""
-    sorted_x, order = torch.sort(x, dim=-1, descending=True)  # [rows, vocab]
-    probs = torch.softmax(sorted_x, dim=-1)
-    # Mass strictly before each token: a token is kept while that mass is still below top_p,
-    # so the first token is always kept and the kept set is the smallest that reaches top_p.
-    before = torch.cumsum(probs, dim=-1) - probs
-    drop_sorted = before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return x.masked_fill(drop, -math.inf)
+    z = torch.sub(x, torch.where(torch.isfinite(m), m, 0.0))
+    # a temperature past float32's range would be inf here, and -inf / inf is NaN: its limit,
+    # every finite entry 0, is what float32's largest gives
+    return z if temperature == 1.0 else z.div_(min(temperature, torch.finfo(torch.float32).max))
 
 
 def sample(
@@ -130,67 +125,39 @@ def sample(
     return tokens
 
 
+def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the distribution `process(scores, cfg)` gives (up to float
+    rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
+    cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with one uniform per row. At
+    128k entries a row costs one pass to scale, one exp and a few small passes.
+
+    Args:
+        scores: [rows, vocab] log-probabilities or logits, any per-row shift.
+        cfg: a sampled (not greedy) configuration.
+        u: [rows] float64 uniforms in [0, 1) (`uniforms`), one per row.
+
+    Returns:
+        ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
+    """
+    assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
+    z = _scaled(scores.float(), cfg.temperature)  # a new tensor: draw may overwrite it
+    if not _filters(cfg, z.shape[1]):
+        return draw(z, u, overwrite=True)
+    where = cut(z, cfg.top_k, cfg.top_p)
+    tokens, ok = torch.zeros(z.shape[0], dtype=torch.int64), torch.zeros(z.shape[0], dtype=torch.bool)
+    for rows, values, cols in where.lists:  # the kept entries lead each candidate list (falling)
+        at, good = draw_probs(torch.where(values >= where.tau[rows, None], values.exp(), 0.0), u[rows])
+        tokens[rows], ok[rows] = cols.gather(1, at[:, None]).squeeze(1), good
+    if where.wide.numel():  # large kept sets: drawn from the rows' entries >= the cut
+        rows, tau = where.wide, where.tau[where.wide, None]
+        e = exp(z[rows]) if where.e is None else where.e[rows]
+        tokens[rows], ok[rows] = draw_probs(torch.where(z[rows] >= tau, e, 0.0), u[rows])
+    return tokens, ok
+
+
 def uniforms(generator: torch.Generator | None, n: int = 1) -> torch.Tensor:
     """[n] float64 uniforms in [0, 1) from `generator`: what one `draw` of n rows consumes."""
     return torch.rand(n, generator=generator, dtype=torch.float64)
-
-
-# Inverse-CDF sampling in two levels. torch.multinomial draws one row at a time and checks its
-# input in several passes: 2.7 ms per row of a 128k vocabulary on this project's CPU, so a
-# 16-stream sampled step spent 58 ms choosing tokens. `draw` does every row of a step at once in
-# about two passes over the rows: exp, then sums of blocks of DRAW_BLOCK entries (vectorised);
-# the token's block comes from the blocks' running sums (float64) and the token from the running
-# sum of that one block. Each row consumes one uniform from its own generator, so a row's token
-# does not depend on the rows beside it. (On a GPU vLLM draws exponential noise per entry and
-# takes argmax(p / noise); on a CPU that costs a random number per entry, ~40 ms per 16 rows of
-# 128k, where one uniform per row is free.)
-DRAW_BLOCK = 256
-
-
-def draw(logprobs: torch.Tensor, u: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row, drawn with probability proportional to exp(logprobs), by inverse CDF.
-
-    Args:
-        logprobs: [rows, vocab] float log-probabilities, any per-row shift (-inf: never drawn).
-        u: [rows] float64 uniforms in [0, 1), one per row (`uniforms`).
-        overwrite: write the probabilities into `logprobs` (no new [rows, vocab] tensor) when
-            the caller is done with them.
-
-    Returns:
-        ([rows] int64 tokens, [rows] bool: the row has finite probability mass). A row without
-        (all -inf, a NaN, +inf or a sum that overflows) gets a meaningless token and False.
-    """
-    probs = logprobs.exp_() if overwrite else logprobs.exp()
-    return draw_probs(probs, u)
-
-
-def draw_probs(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw` from probabilities: probs [rows, vocab] >= 0, any per-row scale."""
-    assert probs.dim() == 2 and u.shape == probs.shape[:1], f"probs [rows, vocab], u [rows]: {probs.shape}, {u.shape}"
-    rows, vocab = probs.shape
-    bs = DRAW_BLOCK
-    whole = vocab - vocab % bs
-    # float32 sums of 256 entries (relative error ~1e-7; a token's chance moves by that much of
-    # its block's mass), accumulated over blocks in float64
-    sums = probs[:, :whole].reshape(rows, whole // bs, bs).sum(-1, dtype=torch.float32)  # [rows, blocks]
-    if whole < vocab:
-        sums = torch.cat((sums, probs[:, whole:].sum(-1, keepdim=True, dtype=torch.float32)), 1)
-    running = sums.double().cumsum(-1)  # [rows, blocks]
-    total = running[:, -1]  # [rows]; NaN or inf when a row has NaN or +inf
-    ok = torch.isfinite(total) & (total > 0)
-    total = torch.where(ok, total, 1.0)
-    # u * total < total, so the block found holds mass; nextafter guards u * total rounding up
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [rows]
-    block = torch.searchsorted(running, target[:, None], right=True).clamp_max(running.shape[1] - 1)  # [rows, 1]
-    before = torch.where(block > 0, running.gather(1, (block - 1).clamp_min(0)), 0.0)  # [rows, 1]
-    cols = block * bs + torch.arange(bs, device=probs.device)  # [rows, bs]
-    inside = torch.where(cols < vocab, probs.gather(1, cols.clamp_max(vocab - 1)), 0.0)  # [rows, bs]
-    # first entry whose running sum passes what is left: right=True skips zero-probability entries;
-    # rounding between the block's sum and its running sum can leave nothing to pass: then its
-    # last entry with mass
-    at = torch.searchsorted(inside.double().cumsum(-1), target[:, None] - before, right=True)  # [rows, 1]
-    last = torch.where(inside > 0, torch.arange(bs, device=probs.device), -1).amax(-1, keepdim=True)
-    return (block * bs + torch.minimum(at, last)).view(rows), ok
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eftmesh.core.sampling import argmax_rows, draw_probs, uniforms
+from eftmesh.core.draws import draw_probs
+from eftmesh.core.sampling import argmax_rows, uniforms
 
 
 @dataclass(frozen=True)

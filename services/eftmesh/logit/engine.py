@@ -28,7 +28,7 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, argmax_finite, make_generator, process, sample
+from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, no_finite_mass, sample_rows, uniforms
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
@@ -39,7 +39,6 @@ from eftmesh.logit.runner import ModelRunner, StepBatch
 from eftmesh.logit.sessions import SessionStore
 
 log = logging.getLogger(__name__)
-
 # Padding tokens one forward's fixed cost is worth before warm-up measures it.
 DEFAULT_MERGE_TOKENS = 16
 
@@ -313,7 +312,7 @@ class ModelEngine:
     def draft_batch(self, items: Sequence[DraftItem]) -> list[ItemResult]:
         """Append each item's tokens, then draft its k tokens, all items stepping together.
 
-        Draft i of an item is drawn from `core.sampling.process(row_i[:vocab_limit].float(), sampling)`
+        Draft i of an item is drawn (`sample_rows`) from `process(row_i[:vocab_limit].float(), sampling)`
         with the item's own seeded generator, where row_i is exactly the row returned, so the
         combiner recomputes the q each draft came from (greedy items take the argmax of the
         row, which processing cannot change). The last draft is fed too, so its row (the bonus
@@ -353,7 +352,7 @@ class ModelEngine:
               chunks: dict[int, list[torch.Tensor]], gens: dict[int, torch.Generator]) -> None:
         """Draw each active item's next draft from its last row and make it the item's next
         input. Greedy items of one vocabulary limit share one argmax over their stacked rows;
-        sampled items draw with their own generators. A degenerate row fails its item alone."""
+        sampled items draw with their own generators."""
         greedy: dict[int, list[Admitted]] = {}
         for r in active:
             it = items[r.index]
@@ -362,10 +361,11 @@ class ModelEngine:
                 greedy.setdefault(limit, []).append(r)
                 continue
             row = chunks[r.index][-1][-1:, :limit].float()  # [1, limit]
-            try:
-                self._drafted(r, results, int(sample(process(row, it.sampling), it.sampling, gens[r.index])[0]))
-            except NoFiniteMass as e:
-                results[r.index].error = InvalidArgument(str(e))
+            token, ok = sample_rows(row, it.sampling, uniforms(gens[r.index]))  # process(row)'s distribution
+            if bool(ok[0]):
+                self._drafted(r, results, int(token[0]))
+            else:  # a degenerate row: this item fails alone
+                results[r.index].error = InvalidArgument(str(no_finite_mass([0])))
         for limit, group in greedy.items():
             rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
             top, finite = argmax_finite(rows)

@@ -1,0 +1,231 @@
+"""The CPU sampler (core/draws.py): inverse-CDF draws, and top-k / top-p cuts found without
+sorting the vocabulary, against float64 references that sort."""
+
+import math
+
+import pytest
+import torch
+
+from eftmesh.core import draws
+from eftmesh.core.draws import cut, draw
+from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample, sample_rows, uniforms
+
+
+def distance_from(probs: torch.Tensor, u: float, token: int) -> float:
+    """How far u * mass lies outside `token`'s interval of a float64 running sum over the whole
+    row (0: the token a float64 inverse CDF picks), relative to the row's mass."""
+    cdf = probs.double().cumsum(0)
+    target = u * float(cdf[-1])
+    lo = float(cdf[token - 1]) if token else 0.0
+    return max(lo - target, target - float(cdf[token]), 0.0) / float(cdf[-1])
+
+
+def random_rows(gen: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    """Log-probabilities as models make them: peaked, long tails, some tokens impossible."""
+    x = torch.randn(rows, vocab, generator=gen) * float(torch.empty(1).uniform_(0.5, 8.0, generator=gen))
+    x[torch.rand(rows, vocab, generator=gen) < 0.1] = -math.inf
+    x[:, int(torch.randint(vocab, (1,), generator=gen))] = 0.0  # each row has some mass
+    return torch.log_softmax(x, dim=-1)
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 255, 256, 257, 1000, 4096, 50_257])
+def test_draw_picks_the_token_a_float64_inverse_cdf_picks(vocab):
+
+    gen = torch.Generator().manual_seed(vocab)
+    lp = random_rows(gen, 64, vocab)
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -53  # the ends of [0, 1)
+    tokens, ok = draw(lp, u)
+    assert ok.all()
+    probs = lp.exp()
+    misses = 0
+    for i in range(64):
+        token = int(tokens[i])
+        assert probs[i, token] > 0, "an impossible token"
+        off = distance_from(probs[i], float(u[i]), token)
+        # float32 block sums (relative error ~1e-7) may move a draw to a neighbour of the boundary
+        assert off < 1e-5, (i, float(u[i]), off)
+        misses += off > 0
+    assert misses <= 2
+
+
+def test_draw_never_picks_an_impossible_token_and_follows_the_distribution():
+
+    p = torch.tensor([0.0, 0.25, 0.0, 0.5, 0.0, 0.25, 0.0])  # zeros at both ends and between
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 0.25, 0.75, 1.0 - 2.0 ** -53], dtype=torch.float64)  # exact boundaries
+    tokens, ok = draw(p.log().expand(n, -1), u)
+    assert ok.all()
+    assert tokens[:4].tolist() == [1, 3, 5, 5]
+    freq = torch.bincount(tokens, minlength=7).double() / n
+    torch.testing.assert_close(freq, p.double(), atol=0.01, rtol=0)
+
+
+def test_a_row_draws_the_same_token_alone_as_in_any_batch():
+
+    gen = torch.Generator().manual_seed(11)
+    lp = random_rows(gen, 48, 50_257)
+    u = torch.rand(48, generator=gen, dtype=torch.float64)
+    together, _ = draw(lp, u)
+    alone = torch.cat([draw(lp[i:i + 1], u[i:i + 1])[0] for i in range(48)])
+    assert torch.equal(together, alone)
+    order = torch.randperm(48, generator=gen)
+    assert torch.equal(draw(lp[order], u[order])[0], together[order])
+
+
+def test_draw_flags_exactly_the_rows_without_finite_mass_and_overwrite_spares_a_copy():
+
+    lp = torch.log_softmax(torch.randn(5, 300), -1)
+    lp[1] = -math.inf
+    lp[2, 7] = math.nan
+    lp[3, 9] = math.inf
+    u = torch.full((5,), 0.5, dtype=torch.float64)
+    tokens, ok = draw(lp.clone(), u)
+    assert ok.tolist() == [True, False, False, False, True]
+    assert torch.equal(draw(lp[[0, 4]], u[:2])[0], tokens[[0, 4]])  # the others are unaffected
+    mine = lp.clone()
+    again, _ = draw(mine, u, overwrite=True)
+    assert torch.equal(again[ok], tokens[ok])
+    torch.testing.assert_close(mine[0], lp[0].exp(), rtol=1e-6, atol=0)  # exp'ed in place (numpy's, within 2 ulp)
+
+
+def test_sample_takes_one_uniform_per_row_from_its_generator():
+    from eftmesh.core.sampling import uniforms
+
+    cfg = SamplingConfig()
+    rows = process(torch.randn(3, 500), cfg)
+    a = sample(rows, cfg, make_generator(5))
+    g = make_generator(5)
+    b, _ = draw(rows, uniforms(g, 3))
+    assert torch.equal(a, b)
+    assert torch.equal(g.get_state(), (lambda h: (uniforms(h, 3), h.get_state())[1])(make_generator(5)))
+
+
+# --- top-k and top-p cuts ---------------------------------------------------------------------
+
+
+def shaped_rows(gen: torch.Generator, rows: int, vocab: int, shape: str) -> torch.Tensor:
+    """Logits shaped as models make them: `peaked` (a trained model: a few tokens hold most of
+    the mass), `zipf` (a long tail), `flat` (near-uniform, a random model: nuclei of thousands)."""
+    if shape == "flat":
+        x = torch.randn(rows, vocab, generator=gen) * 0.3
+    else:
+        s = 1.1 if shape == "zipf" else 2.5
+        ranks = torch.arange(1, vocab + 1, dtype=torch.float32)
+        x = torch.stack([(-s * ranks.log())[torch.randperm(vocab, generator=gen)] for _ in range(rows)])
+        x += torch.randn(rows, vocab, generator=gen) * 0.5
+    x[torch.rand(rows, vocab, generator=gen) < 0.05] = -math.inf  # impossible tokens
+    return x
+
+
+def reference_kept(z: torch.Tensor, k: int, p: float) -> tuple[set[int], float]:
+    """One row's kept columns by a float64 sort (ties broken by column), and how close the mass
+    before the cut lies to p (relative): a cut that close may fall either side in float32."""
+    vals, order = torch.sort(z.double(), descending=True, stable=True)
+    finite = int(torch.isfinite(vals).sum())
+    vals, order = vals[:finite], order[:finite]
+    if 0 < k < finite:  # (k at least the finite entries: all of them)
+        kth = vals[k - 1]
+        n = int((vals >= kth).sum())
+        vals, order = vals[:n], order[:n]
+    margin = math.inf
+    if p < 1.0:
+        probs = torch.softmax(vals, 0)
+        before = probs.cumsum(0) - probs
+        n = max(1, int((before < p).sum()))
+        margin = float((before - p).abs().min())
+        n = int((vals >= vals[n - 1]).sum())  # ties with the last kept
+        vals, order = vals[:n], order[:n]
+    return set(order.tolist()), margin
+
+
+@pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])
+@pytest.mark.parametrize("vocab", [5, 31, 33, 1000, 50_257])
+def test_cut_keeps_what_a_float64_sort_keeps(shape, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    x = shaped_rows(gen, 6, vocab, shape)
+    for cfg in [SamplingConfig(1.0, top_p=0.9), SamplingConfig(0.7, top_p=0.95), SamplingConfig(1.0, top_p=0.5),
+                SamplingConfig(1.3, top_k=1), SamplingConfig(0.8, top_k=50), SamplingConfig(1.0, top_k=40, top_p=0.9),
+                SamplingConfig(1.0, top_k=vocab - 1), SamplingConfig(1.0, top_p=0.999)]:
+        p = process(x, cfg)
+        z = (x - x.amax(-1, keepdim=True)) / cfg.temperature
+        for i in range(x.shape[0]):
+            want, margin = reference_kept(z[i], cfg.top_k, cfg.top_p)
+            got = set(torch.isfinite(p[i]).nonzero().flatten().tolist())
+            assert got == want or margin < 1e-5, (cfg, i, len(got), len(want))
+        torch.testing.assert_close(torch.logsumexp(p, -1), torch.zeros(x.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_both_paths_of_a_cut_are_taken_and_agree():
+    """Peaked rows are cut among candidates, flat ones (nuclei of thousands) from their
+    histogram; forcing every row through the histogram gives the same cuts."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([shaped_rows(gen, 3, 20_000, "peaked"), shaped_rows(gen, 3, 20_000, "flat")])
+    z = x - x.amax(-1, keepdim=True)
+    c = cut(z, 0, 0.9)
+    assert sum(len(rows) for rows, _, _ in c.lists) == 3 and c.wide.tolist() == [3, 4, 5]
+    wide = draws._cut_wide(z, None, 0, 0.9)
+    assert torch.equal(wide, c.tau)
+    both = cut(z, 100, 0.9)
+    assert torch.equal(both.tau, draws._cut_wide(z, None, 100, 0.9))
+
+
+def test_ties_at_a_cut_are_all_kept_and_a_row_draws_alike_in_any_batch():
+    """bf16 rows tie often: the kept set holds every token equal to the last one kept, and a
+    row's token does not depend on the rows beside it (candidates in column order)."""
+    gen = torch.Generator().manual_seed(2)
+    x = shaped_rows(gen, 24, 8_000, "peaked").bfloat16().float()
+    x[0, :4] = x[0].amax() + 1  # a four-way tie at the top
+    p = process(x, SamplingConfig(1.0, top_k=1))
+    assert torch.isfinite(p[0]).sum() == 4
+    for cfg in [SamplingConfig(1.0, top_p=0.9), SamplingConfig(0.8, top_k=20), SamplingConfig(1.0, top_p=0.99)]:
+        u = torch.rand(24, generator=gen, dtype=torch.float64)
+        together, ok = sample_rows(x, cfg, u)
+        assert ok.all()
+        alone = torch.cat([sample_rows(x[i:i + 1], cfg, u[i:i + 1])[0] for i in range(24)])
+        assert torch.equal(together, alone)
+        order = torch.randperm(24, generator=gen)
+        assert torch.equal(sample_rows(x[order], cfg, u[order])[0], together[order])
+        assert torch.isfinite(process(x, cfg).gather(1, together[:, None])).all()  # a kept token
+
+
+@pytest.mark.parametrize("shape,cfg", [("peaked", SamplingConfig(0.7, top_p=0.9)),
+                                       ("zipf", SamplingConfig(1.0, top_k=30, top_p=0.95)),
+                                       ("flat", SamplingConfig(1.0, top_p=0.8)),
+                                       ("zipf", SamplingConfig(0.5))])
+def test_sample_rows_follows_the_processed_distribution(shape, cfg):
+    gen = torch.Generator().manual_seed(8)
+    x = shaped_rows(gen, 1, 3_000, shape)
+    n = 30_000
+    tokens, ok = sample_rows(x.expand(n, -1), cfg, torch.rand(n, generator=gen, dtype=torch.float64))
+    assert ok.all()
+    want = process(x, cfg).exp()[0].double()  # [vocab]
+    assert want[tokens].gt(0).all()
+    # mass by groups of tokens of falling probability: each group's share within sampling noise
+    order = want.argsort(descending=True)
+    group = torch.empty(3_000, dtype=torch.int64)
+    group[order] = torch.arange(3_000) * 10 // 3_000
+    got = torch.bincount(group[tokens], minlength=10).double() / n
+    expected = torch.zeros(10, dtype=torch.float64).index_add_(0, group, want)
+    torch.testing.assert_close(got, expected, atol=0.01, rtol=0)
+
+
+def test_rows_without_finite_mass_are_flagged_on_every_path():
+    x = shaped_rows(torch.Generator().manual_seed(1), 4, 2_000, "peaked")
+    x[1] = -math.inf
+    x[2, 5] = math.nan
+    u = torch.full((4,), 0.3, dtype=torch.float64)
+    for cfg in [SamplingConfig(1.0), SamplingConfig(0.7, top_k=10), SamplingConfig(1.0, top_p=0.9)]:
+        tokens, ok = sample_rows(x, cfg, u)
+        assert ok.tolist() == [True, False, False, True], cfg
+        assert torch.equal(tokens[[0, 3]], sample_rows(x[[0, 3]], cfg, u[:2])[0])
+
+
+def test_sample_and_sample_rows_each_take_one_uniform_per_row():
+    cfg = SamplingConfig(0.9, top_p=0.9)
+    x = shaped_rows(torch.Generator().manual_seed(4), 3, 500, "peaked")
+    g, h = make_generator(3), make_generator(3)
+    sample(process(x, cfg), cfg, g)
+    sample_rows(x, cfg, uniforms(h, 3))
+    assert torch.equal(g.get_state(), h.get_state())
