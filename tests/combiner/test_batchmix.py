@@ -56,6 +56,7 @@ class FakeSampler(FakeGeneration):
     """A generation that samples: its own seeded generator."""
 
     gen: torch.Generator = field(default_factory=torch.Generator)
+    draft_rows: torch.Tensor | None = None
 
 
 def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_groups_takes_the_blocks():
@@ -65,6 +66,7 @@ def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_gr
     hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)
     gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
     gens[2].k = 2  # verifies a block: processed, not drawn
+    gens[2].draft_rows = torch.randn(3, 310)  # the draft model's rows (a padded vocabulary)
     sampling = {g: hot if i % 2 else cool for i, g in enumerate(gens)}
     sampling[gens[4]] = SamplingConfig(temperature=0.0)  # greedy: neither
     offsets, n = {}, 0
@@ -83,4 +85,6 @@ def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_gr
     assert {g: drawn[g] for g in expected} == expected and drawn[gens[5]] == -1
     processed = process_groups(gens, sampling, offsets, scores)
     o = offsets[gens[2]]
-    assert set(processed) == {gens[2]} and torch.equal(processed[gens[2]], process(scores[o:o + 3], cool))
+    p, q = processed[gens[2]]
+    assert set(processed) == {gens[2]} and torch.equal(p, process(scores[o:o + 3], cool))
+    assert torch.equal(q, process(gens[2].draft_rows[:2, :300], cool))

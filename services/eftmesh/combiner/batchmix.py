@@ -38,6 +38,13 @@ class Drawable(Mixable, Protocol):
     gen: torch.Generator
 
 
+class Verifying(Mixable, Protocol):
+    """A generation verifying a block: its k drafts' rows from the draft role."""
+
+    k: int
+    draft_rows: torch.Tensor  # [k + 1, draft vocab]
+
+
 def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """The row-wise concatenation of `parts` ([n_i, width] each), as a view when they are
     adjacent row slices of one contiguous tensor (no copy), else as a new tensor."""
@@ -126,24 +133,27 @@ def mix_step(
 
 
 def process_groups(
-    gens: Sequence[Mixable], sampling: Mapping[Mixable, SamplingConfig], offsets: Mapping[Mixable, int],
+    gens: Sequence[Verifying], sampling: Mapping[Verifying, SamplingConfig], offsets: Mapping[Verifying, int],
     scores: torch.Tensor,
-) -> dict[Mixable, torch.Tensor]:
+) -> dict[Verifying, tuple[torch.Tensor, torch.Tensor]]:
     """Temperature / top-k / top-p for every sampled block (k + 1 rows: a verification), one
-    `process` per group of equal settings (row-wise, so a generation's rows come out as they
-    would alone). Greedy generations need only the argmax of their scores; a sampled plain step
-    only its token (`draw_plain`)."""
-    groups: dict[SamplingConfig, list[Mixable]] = {}
+    `process` per group of equal settings for the target rows p and one for the draft rows q
+    (row-wise, so a generation's rows come out as they would alone): g -> (p [k + 1, vocab],
+    q [k, vocab]). Greedy generations need only the argmax of their scores; a sampled plain
+    step only its token (`draw_plain`)."""
+    groups: dict[SamplingConfig, list[Verifying]] = {}
     for g in gens:
         if not sampling[g].greedy and g.rows_per_role() > 1:
             groups.setdefault(sampling[g], []).append(g)
-    out: dict[Mixable, torch.Tensor] = {}
+    out: dict[Verifying, tuple[torch.Tensor, torch.Tensor]] = {}
+    vocab = scores.shape[1]
     for cfg, members in groups.items():
         p = process(scores.index_select(0, _rows(members, offsets)), cfg)
-        at = 0
+        q = process(joined([g.draft_rows[:g.k, :vocab] for g in members]), cfg)  # what the drafts came from
+        at = at_q = 0
         for g in members:
-            out[g] = p[at:at + g.rows_per_role()]
-            at += g.rows_per_role()
+            out[g] = p[at:at + g.k + 1], q[at_q:at_q + g.k]
+            at, at_q = at + g.k + 1, at_q + g.k
     return out
 
 

@@ -252,15 +252,16 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, scores: torch.Tensor, p: torch.Tensor | None = None, target: torch.Tensor | None = None,
-               drawn: int | None = None) -> None:
+    def finish(self, scores: torch.Tensor, pq: tuple[torch.Tensor, torch.Tensor] | None = None,
+               target: torch.Tensor | None = None, drawn: int | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
             scores: [k + 1, vocab] EFT log-probabilities up to a per-row constant (one row for
                 a plain step): `batchmix.mix_step` leaves them unnormalised.
-            p: a sampled block's rows after temperature / top-k / top-p (`process`), when the
-                caller has them (else made here).
+            pq: a sampled block's rows after temperature / top-k / top-p (`process`): scores'
+                [k + 1, vocab] and the draft rows' [k, vocab], when the caller has them (else
+                made here).
             target: greedy only: the argmax of each row of `scores`, when the caller has it
                 (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
             drawn: a sampled plain step only: its token, when the caller has drawn it with
@@ -289,10 +290,9 @@ class Generation:
         if cfg.greedy:
             verdict = accept_greedy(x, target)
         else:
-            p = process(scores, cfg) if p is None else p
+            p, q = pq or (process(scores, cfg), process(self.draft_rows[:k, :scores.shape[1]], cfg))
             check_finite_mass(p)
-            q = process(self.draft_rows[:k, :p.shape[1]], cfg)  # [k, vocab]: what the drafts came from
-            check_finite_mass(q)
+            check_finite_mass(q)  # q: what the drafts came from
             verdict = verify_sampled(x, q, p, self.gen)
         m = verdict.accepted
         # Every cache holds n + k tokens; the first n + m are right. The next call's start

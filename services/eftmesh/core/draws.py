@@ -114,6 +114,18 @@ class Cut:
     wide: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     e: torch.Tensor | None = None
 
+    def log_mass(self, z: torch.Tensor) -> torch.Tensor:
+        """[rows] float32: log of each row's kept mass, sum(exp(z) over z >= tau), from the
+        candidate lists where a row has one (no pass over the row), else from the row."""
+        mass = torch.zeros(z.shape[0], dtype=torch.float64)
+        for rows, values, _ in self.lists:
+            mass[rows] = torch.where(values >= self.tau[rows, None], values.exp(), 0.0).sum(-1).double()
+        if self.wide.numel():
+            zr = z[self.wide]
+            e = exp(zr) if self.e is None else self.e[self.wide]
+            mass[self.wide] = torch.where(zr >= self.tau[self.wide, None], e, 0.0).sum(-1).double()
+        return mass.log().float()
+
 
 def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
     """Top-k (0: none; ties with the k-th kept), then top-p (1: none; the smallest set of the
@@ -183,35 +195,36 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
     todo = torch.cat((*hopeless, todo)).sort().values
     if todo.numel():
         out.wide = todo
-        out.tau[todo] = _cut_wide(z[todo], None if out.e is None else out.e[todo], k, p)
+        every = todo.numel() == rows_all  # (then no copy of the rows)
+        out.tau[todo] = _cut_wide(z if every else z[todo], out.e if every or out.e is None else out.e[todo], k, p)
     return out
 
 
 def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torch.Tensor:
-    """`cut` for rows whose kept set is large ([g, vocab]; e: exp(z) when known): top-k by topk;
-    top-p from a float64 histogram of each row's mass over z: every bin above the one where the
-    mass passes p is kept, and only that bin's entries are sorted. Returns tau [g]."""
+    """`cut` for rows whose kept set is large ([g, vocab]; e: exp(z) when known, not written):
+    top-k by topk; top-p from a float64 histogram of each row's mass over z: every bin above the
+    one where the mass passes p is kept, and only that bin's entries are sorted. Returns tau [g]."""
     g = z.shape[0]
     tau = torch.topk(z, k, dim=-1).values[:, -1] if k else torch.full((g,), -math.inf)
     if p >= 1.0:
         return tau
     e = exp(z) if e is None else e
-    if k:
-        e = torch.where(z >= tau[:, None], e, 0.0)
-    weights = e.double()
+    weights = (torch.where(z >= tau[:, None], e, 0.0) if k else e).double()  # top-p's share is of what top-k kept
     need = p * weights.sum(-1)  # [g]
-    bins = (z * -(HIST_BINS / HIST_NATS)).clamp_(0, HIST_BINS).int()  # [g, vocab]; 0: the top bin; -inf -> last
     span = HIST_BINS + 1
-    hist = torch.bincount((bins + torch.arange(g, dtype=torch.int32)[:, None] * span).view(-1), weights=weights.view(-1),
-                          minlength=g * span).view(g, span).cumsum(-1)  # [g, bins]: the mass down to each bin
+    # bin of each entry (0: the top one; below -HIST_NATS and -inf: the last), offset by row
+    bins = torch.mul(z, -(HIST_BINS / HIST_NATS)).clamp_(0, HIST_BINS).to(torch.int32)
+    bins += torch.arange(0, g * span, span, dtype=torch.int32)[:, None]
+    hist = torch.bincount(bins.view(-1), weights=weights.view(-1), minlength=g * span).view(g, span).cumsum(-1)
     # the bin where the mass passes p (the last one when rounding leaves need just above the total)
     b = (hist < need[:, None]).sum(-1).clamp_max(span - 1)  # [g]
     before = torch.where(b > 0, hist.gather(1, (b - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)  # [g]
-    inside = (bins == b[:, None]) & (e > 0)  # [g, vocab]: that bin's entries
+    inside = bins == (b + torch.arange(0, g * span, span))[:, None]  # [g, vocab]: that bin's entries
     for i in range(g):  # a row at a time: its bin's entries, a few hundred, sorted (a batched topk of
         # the widest bin's count over whole rows costs more than this loop at a step's row counts)
-        vals = z[i][inside[i]].sort(descending=True).values
-        if vals.numel():
+        vals = z[i][inside[i]]
+        vals = vals[vals >= tau[i]].sort(descending=True).values  # (top-k's cut; -inf never kept)
+        if vals.numel() and vals[0] > -math.inf:
             pe = vals.double().exp()
             kept = int(((float(before[i]) + pe.cumsum(0) - pe) < float(need[i])).sum())  # >= 1: before < need
             tau[i] = max(float(tau[i]), float(vals[max(kept, 1) - 1]))

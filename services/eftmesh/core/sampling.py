@@ -81,8 +81,11 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if not _filters(cfg, x.shape[1]):
         return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature), dim=-1)
     z = _scaled(x, cfg.temperature)
-    tau = cut(z, cfg.top_k, cfg.top_p).tau
-    return torch.log_softmax(z.masked_fill(z < tau[:, None], -math.inf), dim=-1)
+    where = cut(z, cfg.top_k, cfg.top_p)
+    # the kept entries less the log of their mass, the rest -inf: two passes over z (ours), where
+    # a mask and a log_softmax took five
+    out = z - where.log_mass(z)[:, None]
+    return out.masked_fill_(z < where.tau[:, None], -math.inf)
 
 
 def _filters(cfg: SamplingConfig, vocab: int) -> bool:
@@ -149,9 +152,11 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> t
         at, good = draw_probs(torch.where(values >= where.tau[rows, None], values.exp(), 0.0), u[rows])
         tokens[rows], ok[rows] = cols.gather(1, at[:, None]).squeeze(1), good
     if where.wide.numel():  # large kept sets: drawn from the rows' entries >= the cut
-        rows, tau = where.wide, where.tau[where.wide, None]
-        e = exp(z[rows]) if where.e is None else where.e[rows]
-        tokens[rows], ok[rows] = draw_probs(torch.where(z[rows] >= tau, e, 0.0), u[rows])
+        rows = where.wide
+        every = rows.numel() == z.shape[0]
+        zr = z if every else z[rows]
+        e = exp(zr) if where.e is None else where.e if every else where.e[rows]  # ours: written in place
+        tokens[rows], ok[rows] = draw_probs(e.masked_fill_(zr < where.tau[rows, None], 0.0), u[rows])
     return tokens, ok
 
 
