@@ -63,6 +63,14 @@ def draw_probs(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     assert probs.dim() == 2 and u.shape == probs.shape[:1], f"probs [rows, vocab], u [rows]: {probs.shape}, {u.shape}"
     rows, vocab = probs.shape
     bs = DRAW_BLOCK
+    if vocab <= bs:  # one block (a cut's candidate list): its running sum alone
+        running = probs.double().cumsum(-1)  # [rows, vocab]
+        total = running[:, -1]
+        ok = torch.isfinite(total) & (total > 0)
+        target = u * torch.where(ok, total, 1.0)
+        at = torch.searchsorted(running, target[:, None], right=True)  # [rows, 1]
+        last = torch.where(probs > 0, torch.arange(vocab, device=probs.device), -1).amax(-1, keepdim=True)
+        return torch.minimum(at, last).view(rows), ok
     whole = vocab - vocab % bs
     # float32 sums of 256 entries (relative error ~1e-7; a token's chance moves by that much of
     # its block's mass), accumulated over blocks in float64
@@ -167,12 +175,14 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
         count = (vals > floor[:, None]).sum(-1)  # [g]: the row's entries above floor, all here
         width = min(max(int(count.max()), k, 1), vals.shape[1])
         tv, ti = torch.topk(vals, width, dim=-1)  # [g, width], falling
-        # equal values back in column order: a row's draw must not depend on the rows beside
-        # it (topk may order ties either way; bf16 rows tie often)
-        order = ti.argsort(dim=-1)
-        order = order.gather(1, tv.gather(1, order).argsort(dim=-1, descending=True, stable=True))
-        tv, tc = tv.gather(1, order), cols.gather(1, ti.gather(1, order))
         here = torch.arange(width) < count[:, None]  # [g, width]: entries known to be the row's largest
+        if width > 1 and bool(((tv[:, 1:] == tv[:, :-1]) & here[:, 1:]).any()):
+            # equal values back in column order: a row's draw must not depend on the rows
+            # beside it (topk may order ties either way; bf16 rows tie often)
+            order = ti.argsort(dim=-1)
+            order = order.gather(1, tv.gather(1, order).argsort(dim=-1, descending=True, stable=True))
+            tv, ti = tv.gather(1, order), ti.gather(1, order)
+        tc = cols.gather(1, ti)
         tau, found = torch.full((g,), -math.inf), torch.ones(g, dtype=torch.bool)
         if k:  # every entry tied with the k-th is above floor too, so here
             tau, found = tv[:, k - 1], count >= k
