@@ -192,6 +192,7 @@ def draft_items(vocab: int) -> list[DraftItem]:
         DraftItem("c", 0, seq(23, 40, vocab), 5, SAMPLED, seed=7, vocab_limit=100),  # a prefill first
         DraftItem("d", 4, seq(24, 2, vocab), 4, SamplingConfig(temperature=0.8, top_p=0.9), seed=3),  # rollback
         DraftItem("e", 3, seq(25, 1, vocab), 2, GREEDY, seed=0, vocab_limit=200),
+        DraftItem("f", 0, seq(26, 7, vocab), 3, SAMPLED, seed=11),  # draws beside a, from stacked rows
     ]
 
 

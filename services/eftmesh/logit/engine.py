@@ -28,7 +28,7 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, no_finite_mass, sample_rows, uniforms
+from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, sample_rows, uniforms
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
@@ -351,25 +351,21 @@ class ModelEngine:
     def _draw(self, active: list[Admitted], items: Sequence[DraftItem], results: list[ItemResult],
               chunks: dict[int, list[torch.Tensor]], gens: dict[int, torch.Generator]) -> None:
         """Draw each active item's next draft from its last row and make it the item's next
-        input. Greedy items of one vocabulary limit share one argmax over their stacked rows;
-        sampled items draw with their own generators."""
-        greedy: dict[int, list[Admitted]] = {}
+        input. Items of one vocabulary limit and sampling setting draw together from their
+        stacked rows: greedy ones one argmax, sampled ones one `sample_rows` with a uniform from
+        each item's own generator (so batching changes no draft). A degenerate row fails its
+        item alone."""
+        groups: dict[tuple[int, SamplingConfig | None], list[Admitted]] = {}
         for r in active:
             it = items[r.index]
-            limit = it.vocab_limit or self.vocab_size
-            if it.sampling.greedy:
-                greedy.setdefault(limit, []).append(r)
-                continue
-            row = chunks[r.index][-1][-1:, :limit].float()  # [1, limit]
-            token, ok = sample_rows(row, it.sampling, uniforms(gens[r.index]))  # process(row)'s distribution
-            if bool(ok[0]):
-                self._drafted(r, results, int(token[0]))
-            else:  # a degenerate row: this item fails alone
-                results[r.index].error = InvalidArgument(str(no_finite_mass([0])))
-        for limit, group in greedy.items():
+            groups.setdefault((it.vocab_limit or self.vocab_size, None if it.sampling.greedy else it.sampling), []).append(r)
+        for (limit, sampling), group in groups.items():
             rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
-            top, finite = argmax_finite(rows)
-            for r, token, ok in zip(group, top.tolist(), finite.tolist()):
+            if sampling is None:
+                tokens, fine = argmax_finite(rows)
+            else:  # process(rows)'s distribution
+                tokens, fine = sample_rows(rows, sampling, torch.cat([uniforms(gens[r.index]) for r in group]))
+            for r, token, ok in zip(group, tokens.tolist(), fine.tolist()):
                 if ok:
                     self._drafted(r, results, token)
                 else:  # a degenerate row: this item fails alone
