@@ -26,7 +26,8 @@ def exp(x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
     and do not depend on where in an array a row lies (checked), so batching changes no draw."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
         a = x.numpy()
-        return x if overwrite and np.exp(a, out=a) is not None else torch.from_numpy(np.exp(a))
+        with np.errstate(over="ignore"):  # inf, as torch gives, without a RuntimeWarning
+            return x if overwrite and np.exp(a, out=a) is not None else torch.from_numpy(np.exp(a))
     return x.exp_() if overwrite else x.exp()
 
 
@@ -125,7 +126,7 @@ class Cut:
     def log_mass(self, z: torch.Tensor) -> torch.Tensor:
         """[rows] float32: log of each row's kept mass, sum(exp(z) over z >= tau), from the
         candidate lists where a row has one (no pass over the row), else from the row."""
-        mass = torch.zeros(z.shape[0], dtype=torch.float64)
+        mass = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
         for rows, values, _ in self.lists:
             mass[rows] = torch.where(values >= self.tau[rows, None], values.exp(), 0.0).sum(-1).double()
         if self.wide.numel():
@@ -144,7 +145,8 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
     """
     rows_all, vocab = z.shape
     bs, k, p = CUT_BLOCK, top_k if 0 < top_k < vocab else 0, top_p
-    out = Cut(torch.full((rows_all,), -math.inf))
+    dev = z.device
+    out = Cut(torch.full((rows_all,), -math.inf, device=dev), wide=torch.zeros(0, dtype=torch.int64, device=dev))
     whole = vocab - vocab % bs
     bmax = z[:, :whole].reshape(rows_all, -1, bs).amax(-1)  # [rows, blocks]
     if whole < vocab:
@@ -170,12 +172,12 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
         g = len(todo)
         floor = top[:, n]
         blocks = top_at[:, :n].sort(-1).values  # in column order
-        cols = (blocks[:, :, None] * bs + torch.arange(bs)).view(g, -1)  # [g, n * bs]
+        cols = (blocks[:, :, None] * bs + torch.arange(bs, device=dev)).view(g, -1)  # [g, n * bs]
         vals = torch.where(cols < vocab, z.reshape(-1)[todo[:, None] * vocab + cols.clamp_max(vocab - 1)], -math.inf)
         count = (vals > floor[:, None]).sum(-1)  # [g]: the row's entries above floor, all here
         width = min(max(int(count.max()), k, 1), vals.shape[1])
         tv, ti = torch.topk(vals, width, dim=-1)  # [g, width], falling
-        here = torch.arange(width) < count[:, None]  # [g, width]: entries known to be the row's largest
+        here = torch.arange(width, device=dev) < count[:, None]  # [g, width]: entries known to be the row's largest
         if width > 1 and bool(((tv[:, 1:] == tv[:, :-1]) & here[:, 1:]).any()):
             # equal values back in column order: a row's draw must not depend on the rows
             # beside it (topk may order ties either way; bf16 rows tie often)
@@ -183,7 +185,7 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
             order = order.gather(1, tv.gather(1, order).argsort(dim=-1, descending=True, stable=True))
             tv, ti = tv.gather(1, order), ti.gather(1, order)
         tc = cols.gather(1, ti)
-        tau, found = torch.full((g,), -math.inf), torch.ones(g, dtype=torch.bool)
+        tau, found = torch.full((g,), -math.inf, device=dev), torch.ones(g, dtype=torch.bool, device=dev)
         if k:  # every entry tied with the k-th is above floor too, so here
             tau, found = tv[:, k - 1], count >= k
         if p < 1.0:
@@ -215,7 +217,7 @@ def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torc
     top-k by topk; top-p from a float64 histogram of each row's mass over z: every bin above the
     one where the mass passes p is kept, and only that bin's entries are sorted. Returns tau [g]."""
     g = z.shape[0]
-    tau = torch.topk(z, k, dim=-1).values[:, -1] if k else torch.full((g,), -math.inf)
+    tau = torch.topk(z, k, dim=-1).values[:, -1] if k else torch.full((g,), -math.inf, device=z.device)
     if p >= 1.0:
         return tau
     e = exp(z) if e is None else e
@@ -224,12 +226,12 @@ def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torc
     span = HIST_BINS + 1
     # bin of each entry (0: the top one; below -HIST_NATS and -inf: the last), offset by row
     bins = torch.mul(z, -(HIST_BINS / HIST_NATS)).clamp_(0, HIST_BINS).to(torch.int32)
-    bins += torch.arange(0, g * span, span, dtype=torch.int32)[:, None]
+    bins += torch.arange(0, g * span, span, dtype=torch.int32, device=z.device)[:, None]
     hist = torch.bincount(bins.view(-1), weights=weights.view(-1), minlength=g * span).view(g, span).cumsum(-1)
     # the bin where the mass passes p (the last one when rounding leaves need just above the total)
     b = (hist < need[:, None]).sum(-1).clamp_max(span - 1)  # [g]
     before = torch.where(b > 0, hist.gather(1, (b - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)  # [g]
-    inside = bins == (b + torch.arange(0, g * span, span))[:, None]  # [g, vocab]: that bin's entries
+    inside = bins == (b + torch.arange(0, g * span, span, device=z.device))[:, None]  # [g, vocab]: that bin's entries
     for i in range(g):  # a row at a time: its bin's entries, a few hundred, sorted (a batched topk of
         # the widest bin's count over whole rows costs more than this loop at a step's row counts)
         vals = z[i][inside[i]]

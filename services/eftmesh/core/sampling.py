@@ -147,7 +147,8 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> t
     if not _filters(cfg, z.shape[1]):
         return draw(z, u, overwrite=True)
     where = cut(z, cfg.top_k, cfg.top_p)
-    tokens, ok = torch.zeros(z.shape[0], dtype=torch.int64), torch.zeros(z.shape[0], dtype=torch.bool)
+    tokens = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+    ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     for rows, values, cols in where.lists:  # the kept entries lead each candidate list (falling)
         at, good = draw_probs(torch.where(values >= where.tau[rows, None], values.exp(), 0.0), u[rows])
         tokens[rows], ok[rows] = cols.gather(1, at[:, None]).squeeze(1), good

@@ -67,7 +67,7 @@ def verify_sampled(
         q: [k, vocab] log-probabilities the drafts were drawn from.
         p: [k + 1, vocab] target log-probabilities.
         generator: seeded generator; each call draws k float32 uniforms for the tests, then one
-            float64 uniform for the last token (`core.sampling.draw_probs`).
+            float64 uniform for the last token (`core.draws.draw_probs`).
     """
     k = drafts.shape[0]
     assert q.dim() == 2 and q.shape[0] == k, f"q must be [k, vocab], got {tuple(q.shape)}"
