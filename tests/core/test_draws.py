@@ -229,3 +229,14 @@ def test_sample_and_sample_rows_each_take_one_uniform_per_row():
     sample(process(x, cfg), cfg, g)
     sample_rows(x, cfg, uniforms(h, 3))
     assert torch.equal(g.get_state(), h.get_state())
+
+
+def test_overwrite_gives_the_same_rows_and_tokens_without_a_copy():
+    x = shaped_rows(torch.Generator().manual_seed(6), 5, 3_000, "zipf")
+    u = torch.rand(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for cfg in [SamplingConfig(0.7), SamplingConfig(0.8, top_p=0.9), SamplingConfig(1.0, top_k=20)]:
+        mine = x.clone()
+        out = process(mine, cfg, overwrite=True)
+        assert torch.equal(out, process(x, cfg))
+        assert (out.data_ptr() == mine.data_ptr()) == (cfg.top_p < 1 or cfg.top_k > 0)  # (log_softmax: a new one)
+        assert torch.equal(sample_rows(x.clone(), cfg, u, overwrite=True)[0], sample_rows(x, cfg, u)[0])

@@ -148,7 +148,7 @@ def process_groups(
     out: dict[Verifying, tuple[torch.Tensor, torch.Tensor]] = {}
     vocab = scores.shape[1]
     for cfg, members in groups.items():
-        p = process(scores.index_select(0, _rows(members, offsets)), cfg)
+        p = process(scores.index_select(0, _rows(members, offsets)), cfg, overwrite=True)  # (a copy)
         q = process(joined([g.draft_rows[:g.k, :vocab] for g in members]), cfg)  # what the drafts came from
         at = at_q = 0
         for g in members:
@@ -171,7 +171,7 @@ def draw_plain(
     out: dict[Drawable, int] = {}
     for cfg, members in groups.items():
         u = torch.cat([uniforms(g.gen) for g in members])  # [rows]
-        tokens, ok = sample_rows(scores.index_select(0, _rows(members, offsets)), cfg, u)
+        tokens, ok = sample_rows(scores.index_select(0, _rows(members, offsets)), cfg, u, overwrite=True)  # (a copy)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out
 

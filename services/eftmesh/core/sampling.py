@@ -61,13 +61,15 @@ class SamplingConfig:
         return self.temperature < GREEDY_TEMPERATURE
 
 
-def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def process(logprobs: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = False) -> torch.Tensor:
     """Apply temperature, then top-k, then top-p, and renormalise.
 
     Args:
         logprobs: [rows, vocab] log-probabilities (or logits).
         cfg: the sampling configuration. Greedy configurations return the input
             renormalised: the argmax is taken by `sample`, and filters cannot change it.
+        overwrite: the rows may be written over (the caller's own float32 copy): no new
+            [rows, vocab] tensor, whose fresh pages cost more than the pass at 128k entries.
 
     Returns:
         [rows, vocab] float32 log-probabilities of the processed distribution; filtered
@@ -79,25 +81,26 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.greedy:
         return torch.log_softmax(x, dim=-1)
     if not _filters(cfg, x.shape[1]):
-        return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature), dim=-1)
-    z = _scaled(x, cfg.temperature)
+        return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature, overwrite), dim=-1)
+    z = _scaled(x, cfg.temperature, overwrite)
     where = cut(z, cfg.top_k, cfg.top_p)
-    # the kept entries less the log of their mass, the rest -inf: two passes over z (ours), where
-    # a mask and a log_softmax took five
-    out = z - where.log_mass(z)[:, None]
-    return out.masked_fill_(z < where.tau[:, None], -math.inf)
+    # the kept entries less the log of their mass, the rest -inf, in place: where a mask and a
+    # log_softmax took five passes and two new tensors
+    dropped = z < where.tau[:, None]
+    return z.sub_(where.log_mass(z)[:, None]).masked_fill_(dropped, -math.inf)
 
 
 def _filters(cfg: SamplingConfig, vocab: int) -> bool:
     return 0 < cfg.top_k < vocab or cfg.top_p < 1.0
 
 
-def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(x - max) / temperature, a new tensor: <= 0, so it cannot overflow to +inf (it may
-    underflow to -inf, the right limit), and -inf stays -inf. A row whose max is not finite is
-    left unshifted (it has no finite mass; callers flag it)."""
+def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False) -> torch.Tensor:
+    """(x - max) / temperature, a new tensor (x itself with `overwrite`): <= 0, so it cannot
+    overflow to +inf (it may underflow to -inf, the right limit), and -inf stays -inf. A row
+    whose max is not finite is left unshifted (it has no finite mass; callers flag it)."""
     m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
-    z = torch.sub(x, torch.where(torch.isfinite(m), m, 0.0))
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    z = x.sub_(m) if overwrite and x.dtype == torch.float32 else torch.sub(x, m)
     # a temperature past float32's range would be inf here, and -inf / inf is NaN: its limit,
     # every finite entry 0, is what float32's largest gives
     return z if temperature == 1.0 else z.div_(min(temperature, torch.finfo(torch.float32).max))
@@ -128,7 +131,8 @@ def sample(
     return tokens
 
 
-def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *,
+                overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
     cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with one uniform per row. At
@@ -138,12 +142,13 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor) -> t
         scores: [rows, vocab] log-probabilities or logits, any per-row shift.
         cfg: a sampled (not greedy) configuration.
         u: [rows] float64 uniforms in [0, 1) (`uniforms`), one per row.
+        overwrite: as `process`'s.
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
-    z = _scaled(scores.float(), cfg.temperature)  # a new tensor: draw may overwrite it
+    z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw(z, u, overwrite=True)
     where = cut(z, cfg.top_k, cfg.top_p)
