@@ -13,6 +13,7 @@ Every function works row by row, so a row's result does not depend on the rows b
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,14 +65,10 @@ def draw_probs(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     assert probs.dim() == 2 and u.shape == probs.shape[:1], f"probs [rows, vocab], u [rows]: {probs.shape}, {u.shape}"
     rows, vocab = probs.shape
     bs = DRAW_BLOCK
-    if vocab <= bs:  # one block (a cut's candidate list): its running sum alone
-        running = probs.double().cumsum(-1)  # [rows, vocab]
-        total = running[:, -1]
+    if vocab <= bs:  # one block (a cut's candidate list): no block level
+        total = probs.sum(-1, dtype=torch.float64)  # [rows]; NaN or inf when a row has NaN or +inf
         ok = torch.isfinite(total) & (total > 0)
-        target = u * torch.where(ok, total, 1.0)
-        at = torch.searchsorted(running, target[:, None], right=True)  # [rows, 1]
-        last = torch.where(probs > 0, torch.arange(vocab, device=probs.device), -1).amax(-1, keepdim=True)
-        return torch.minimum(at, last).view(rows), ok
+        return _pick(probs, _target(u, total, ok)[:, None]).view(rows), ok
     whole = vocab - vocab % bs
     # float32 sums of 256 entries (relative error ~1e-7; a token's chance moves by that much of
     # its block's mass), accumulated over blocks in float64
@@ -81,19 +78,28 @@ def draw_probs(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torc
     running = sums.double().cumsum(-1)  # [rows, blocks]
     total = running[:, -1]  # [rows]; NaN or inf when a row has NaN or +inf
     ok = torch.isfinite(total) & (total > 0)
-    total = torch.where(ok, total, 1.0)
-    # u * total < total, so the block found holds mass; nextafter guards u * total rounding up
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # [rows]
+    target = _target(u, total, ok)  # [rows]
     block = torch.searchsorted(running, target[:, None], right=True).clamp_max(running.shape[1] - 1)  # [rows, 1]
     before = torch.where(block > 0, running.gather(1, (block - 1).clamp_min(0)), 0.0)  # [rows, 1]
     cols = block * bs + torch.arange(bs, device=probs.device)  # [rows, bs]
     inside = torch.where(cols < vocab, probs.gather(1, cols.clamp_max(vocab - 1)), 0.0)  # [rows, bs]
-    # first entry whose running sum passes what is left: right=True skips zero-probability entries;
-    # rounding between the block's sum and its running sum can leave nothing to pass: then its
-    # last entry with mass
-    at = torch.searchsorted(inside.double().cumsum(-1), target[:, None] - before, right=True)  # [rows, 1]
-    last = torch.where(inside > 0, torch.arange(bs, device=probs.device), -1).amax(-1, keepdim=True)
-    return (block * bs + torch.minimum(at, last)).view(rows), ok
+    return (block * bs + _pick(inside, target[:, None] - before)).view(rows), ok
+
+
+def _target(u: torch.Tensor, total: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """u * total, below total (nextafter guards the product rounding up), so the entry found
+    holds mass; rows without mass get a harmless stand-in."""
+    total = torch.where(ok, total, 1.0)
+    return torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+
+
+def _pick(probs: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """[rows, 1] the first entry of each row of probs ([rows, n]) whose running sum passes
+    `left` ([rows, 1]): right=True skips zero-probability entries; rounding between a block's
+    sum and its running sum can leave nothing to pass: then the row's last entry with mass."""
+    at = torch.searchsorted(probs.double().cumsum(-1), left, right=True)
+    last = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), -1).amax(-1, keepdim=True)
+    return torch.minimum(at, last)
 
 
 # --- top-k and top-p cuts ---------------------------------------------------------------------
@@ -123,16 +129,25 @@ class Cut:
     wide: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     e: torch.Tensor | None = None
 
+    def kept(self, z: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The kept entries' probabilities, exp(z) where z >= tau and 0 elsewhere, group by
+        group: (row indices [g], probabilities [g, K], their columns [g, K]) for rows cut among
+        candidates (kept entries lead each list), (rows, [g, vocab], None) for the wide rows.
+        Written in place over `e` where the cut computed it."""
+        for rows, values, cols in self.lists:
+            yield rows, torch.where(values >= self.tau[rows, None], values.exp(), 0.0), cols
+        if self.wide.numel():
+            every = self.wide.numel() == z.shape[0]  # (then no copy of the rows)
+            zr = z if every else z[self.wide]
+            e = exp(zr) if self.e is None else self.e if every else self.e[self.wide]
+            yield self.wide, e.masked_fill_(zr < self.tau[self.wide, None], 0.0), None
+
     def log_mass(self, z: torch.Tensor) -> torch.Tensor:
-        """[rows] float32: log of each row's kept mass, sum(exp(z) over z >= tau), from the
+        """[rows] float32: log of each row's kept mass, sum(exp(z) over z >= tau): from the
         candidate lists where a row has one (no pass over the row), else from the row."""
         mass = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-        for rows, values, _ in self.lists:
-            mass[rows] = torch.where(values >= self.tau[rows, None], values.exp(), 0.0).sum(-1).double()
-        if self.wide.numel():
-            zr = z[self.wide]
-            e = exp(zr) if self.e is None else self.e[self.wide]
-            mass[self.wide] = torch.where(zr >= self.tau[self.wide, None], e, 0.0).sum(-1).double()
+        for rows, probs, _ in self.kept(z):
+            mass[rows] = probs.sum(-1).double()
         return mass.log().float()
 
 
@@ -208,7 +223,8 @@ def cut(z: torch.Tensor, top_k: int, top_p: float) -> Cut:
     if todo.numel():
         out.wide = todo
         every = todo.numel() == rows_all  # (then no copy of the rows)
-        out.tau[todo] = _cut_wide(z if every else z[todo], out.e if every or out.e is None else out.e[todo], k, p)
+        e = None if out.e is None else out.e if every else out.e[todo]
+        out.tau[todo] = _cut_wide(z if every else z[todo], e, k, p)
     return out
 
 

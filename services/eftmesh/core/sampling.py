@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eftmesh.core.draws import cut, draw, draw_probs, exp
+from eftmesh.core.draws import cut, draw, draw_probs
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -151,18 +151,11 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *,
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw(z, u, overwrite=True)
-    where = cut(z, cfg.top_k, cfg.top_p)
     tokens = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
     ok = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-    for rows, values, cols in where.lists:  # the kept entries lead each candidate list (falling)
-        at, good = draw_probs(torch.where(values >= where.tau[rows, None], values.exp(), 0.0), u[rows])
-        tokens[rows], ok[rows] = cols.gather(1, at[:, None]).squeeze(1), good
-    if where.wide.numel():  # large kept sets: drawn from the rows' entries >= the cut
-        rows = where.wide
-        every = rows.numel() == z.shape[0]
-        zr = z if every else z[rows]
-        e = exp(zr) if where.e is None else where.e if every else where.e[rows]  # ours: written in place
-        tokens[rows], ok[rows] = draw_probs(e.masked_fill_(zr < where.tau[rows, None], 0.0), u[rows])
+    for rows, probs, cols in cut(z, cfg.top_k, cfg.top_p).kept(z):  # candidate lists, then wide rows
+        at, ok[rows] = draw_probs(probs, u[rows])
+        tokens[rows] = at if cols is None else cols.gather(1, at[:, None]).squeeze(1)
     return tokens, ok
 
 

@@ -364,7 +364,8 @@ class ModelEngine:
             if sampling is None:
                 tokens, fine = argmax_finite(rows)
             else:  # process(rows)'s distribution
-                tokens, fine = sample_rows(rows, sampling, torch.cat([uniforms(gens[r.index]) for r in group]))
+                u = torch.cat([uniforms(gens[r.index]) for r in group])
+                tokens, fine = sample_rows(rows, sampling, u, overwrite=True)  # rows: cat's own copy
             for r, token, ok in zip(group, tokens.tolist(), fine.tolist()):
                 if ok:
                     self._drafted(r, results, token)
