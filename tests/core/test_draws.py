@@ -240,3 +240,82 @@ def test_overwrite_gives_the_same_rows_and_tokens_without_a_copy():
         assert torch.equal(out, process(x, cfg))
         assert (out.data_ptr() == mine.data_ptr()) == (cfg.top_p < 1 or cfg.top_k > 0)  # (log_softmax: a new one)
         assert torch.equal(sample_rows(x.clone(), cfg, u, overwrite=True)[0], sample_rows(x, cfg, u)[0])
+
+
+# --- nuclei drawn without a cut (draw_nucleus) ------------------------------------------------
+
+
+def row_uniforms(gens: list[torch.Generator]):
+    """`sample_rows`' first uniforms and its `more`, each row from its own generator, as the
+    combiner gives them; `taken` counts the uniforms each row took."""
+    taken = [0] * len(gens)
+
+    def more(rows: torch.Tensor) -> torch.Tensor:
+        for i in rows.tolist():
+            taken[i] += 1
+        return torch.cat([uniforms(gens[i]) for i in rows.tolist()])
+
+    return more(torch.arange(len(gens))), more, taken
+
+
+@pytest.mark.parametrize("top_p", [0.8, 0.3])
+def test_a_flat_nucleus_is_drawn_without_a_cut_as_the_processed_distribution(top_p):
+    """Flat rows (a random model's: nuclei of thousands) are not cut when the caller can give
+    more uniforms: a draw from the whole row is kept when it lies in the nucleus, so a row takes
+    1 / top_p uniforms on average, and the tokens follow `process`'s distribution."""
+    gen = torch.Generator().manual_seed(9)
+    x = shaped_rows(gen, 1, 3_000, "flat")
+    cfg = SamplingConfig(1.0, top_p=top_p)
+    n = 20_000
+    u, more, taken = row_uniforms([torch.Generator().manual_seed(i) for i in range(n)])
+    tokens, ok = sample_rows(x.expand(n, -1), cfg, u, more=more)
+    assert ok.all()
+    want = process(x, cfg).exp()[0].double()  # [vocab]
+    assert want[tokens].gt(0).all(), "a token outside the nucleus"
+    # a try is kept with probability a, the nucleus' share of the row (a little over top_p); after
+    # 1 + REDRAWS rejections a row takes one more uniform for its cut
+    a = float(torch.softmax(x[0].double(), 0)[want > 0].sum())
+    tries = sum((1 - a) ** i for i in range(draws.REDRAWS + 1)) + (1 - a) ** (draws.REDRAWS + 1)
+    assert abs(sum(taken) / n - tries) < 0.05 * tries
+    order = want.argsort(descending=True)
+    group = torch.empty(3_000, dtype=torch.int64)
+    group[order] = torch.arange(3_000) * 10 // 3_000
+    got = torch.bincount(group[tokens], minlength=10).double() / n
+    expected = torch.zeros(10, dtype=torch.float64).index_add_(0, group, want)
+    torch.testing.assert_close(got, expected, atol=0.012, rtol=0)
+
+
+def test_a_nucleus_rejected_too_often_is_cut_and_drawn_within(monkeypatch):
+    """After REDRAWS rejections a row is cut from its histogram and drawn within the cut: with
+    no redraws allowed, a small top-p sends most rows there, and they still draw only kept
+    tokens, as `process` distributes them."""
+    monkeypatch.setattr(draws, "REDRAWS", 0)
+    x = shaped_rows(torch.Generator().manual_seed(12), 1, 2_000, "flat")
+    cfg = SamplingConfig(1.0, top_p=0.2)
+    n = 6_000
+    u, more, taken = row_uniforms([torch.Generator().manual_seed(i) for i in range(n)])
+    tokens, ok = sample_rows(x.expand(n, -1), cfg, u, more=more)
+    assert ok.all() and max(taken) == 2 and sum(taken) > 1.5 * n  # most rows took the fallback's uniform
+    want = process(x, cfg).exp()[0].double()
+    assert want[tokens].gt(0).all()
+    inside = torch.zeros(2_000, dtype=torch.bool)
+    inside[want.argsort(descending=True)[:int(want.gt(0).sum()) // 2]] = True  # the likelier half of the nucleus
+    torch.testing.assert_close(inside[tokens].double().mean(), want[inside].sum(), atol=0.03, rtol=0)
+
+
+def test_a_row_draws_from_its_nucleus_alike_in_any_batch():
+    """Rows drawn without a cut take their redraws from their own generators: a row's token and
+    the uniforms it takes do not depend on the rows beside it; peaked rows in the same batch
+    are cut among candidates and take one uniform each."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([shaped_rows(gen, 6, 20_000, "flat"), shaped_rows(gen, 6, 20_000, "peaked")])
+    cfg = SamplingConfig(0.9, top_p=0.5)
+    seeds = list(range(100, 112))
+    u, more, taken = row_uniforms([make_generator(s) for s in seeds])
+    together, ok = sample_rows(x, cfg, u, more=more)
+    assert ok.all() and taken[6:] == [1] * 6 and max(taken[:6]) > 1
+    nucleus = process(x, cfg)
+    assert torch.isfinite(nucleus.gather(1, together[:, None])).all()
+    for i in range(12):
+        u1, more1, taken1 = row_uniforms([make_generator(seeds[i])])
+        assert int(sample_rows(x[i:i + 1], cfg, u1, more=more1)[0]) == int(together[i]) and taken1[0] == taken[i]

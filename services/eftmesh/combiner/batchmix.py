@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from eftmesh.core.mixing import accumulate
-from eftmesh.core.sampling import SamplingConfig, process, sample_rows, uniforms
+from eftmesh.core.sampling import SamplingConfig, per_row_uniforms, process, sample_rows
 
 
 class Mixable(Protocol):
@@ -162,7 +162,7 @@ def draw_plain(
     scores: torch.Tensor,
 ) -> dict[Drawable, int]:
     """Every sampled plain step's token, one `sample_rows` per group of equal settings over its
-    stacked rows, each row with one uniform from its own generation's generator (what the
+    stacked rows, each row with uniforms from its own generation's generator (what the
     generation would take alone): batching changes no token. -1: that row has no finite mass."""
     groups: dict[SamplingConfig, list[Drawable]] = {}
     for g in gens:
@@ -170,8 +170,8 @@ def draw_plain(
             groups.setdefault(sampling[g], []).append(g)
     out: dict[Drawable, int] = {}
     for cfg, members in groups.items():
-        u = torch.cat([uniforms(g.gen) for g in members])  # [rows]
-        tokens, ok = sample_rows(scores.index_select(0, _rows(members, offsets)), cfg, u, overwrite=True)  # (a copy)
+        u, more = per_row_uniforms([g.gen for g in members])
+        tokens, ok = sample_rows(scores.index_select(0, _rows(members, offsets)), cfg, u, overwrite=True, more=more)  # (a copy)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out
 

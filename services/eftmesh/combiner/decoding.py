@@ -44,7 +44,7 @@ from eftmesh.core.sampling import (
     no_finite_mass,
     process,
     sample_rows,
-    uniforms,
+    per_row_uniforms,
 )
 from eftmesh.core.speculative import AdaptiveBlockSize, accept_greedy, expected_tokens_per_block, verify_sampled
 
@@ -265,7 +265,7 @@ class Generation:
             target: greedy only: the argmax of each row of `scores`, when the caller has it
                 (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
             drawn: a sampled plain step only: its token, when the caller has drawn it with
-                `sample_rows` and one `uniforms(self.gen)` (what it would take here). -1: its
+                `sample_rows` and uniforms from `self.gen` (what it would take here). -1: its
                 row had no finite mass (NoFiniteMass).
         """
         usage = self.sink.usage
@@ -277,7 +277,8 @@ class Generation:
         usage.base_calls += 1
         if self.k == 0:
             if not cfg.greedy and drawn is None:
-                token, ok = sample_rows(scores, cfg, uniforms(self.gen))
+                u, more = per_row_uniforms([self.gen])
+                token, ok = sample_rows(scores, cfg, u, more=more)
                 drawn = int(token[0]) if bool(ok[0]) else -1
             if drawn is not None and drawn < 0:
                 raise no_finite_mass([0])

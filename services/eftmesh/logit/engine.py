@@ -28,7 +28,7 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, sample_rows, uniforms
+from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, per_row_uniforms, sample_rows
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
@@ -352,7 +352,7 @@ class ModelEngine:
               chunks: dict[int, list[torch.Tensor]], gens: dict[int, torch.Generator]) -> None:
         """Draw each active item's next draft from its last row and make it the item's next
         input. Items of one vocabulary limit and sampling setting draw together from their
-        stacked rows: greedy ones one argmax, sampled ones one `sample_rows` with a uniform from
+        stacked rows: greedy ones one argmax, sampled ones one `sample_rows` with uniforms from
         each item's own generator (so batching changes no draft). A degenerate row fails its
         item alone."""
         groups: dict[tuple[int, SamplingConfig | None], list[Admitted]] = {}
@@ -364,8 +364,8 @@ class ModelEngine:
             if sampling is None:
                 tokens, fine = argmax_finite(rows)
             else:  # process(rows)'s distribution
-                u = torch.cat([uniforms(gens[r.index]) for r in group])
-                tokens, fine = sample_rows(rows, sampling, u, overwrite=True)  # rows: cat's own copy
+                u, more = per_row_uniforms([gens[r.index] for r in group])
+                tokens, fine = sample_rows(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
             for r, token, ok in zip(group, tokens.tolist(), fine.tolist()):
                 if ok:
                     self._drafted(r, results, token)
