@@ -85,11 +85,9 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = Fa
     if not _filters(cfg, x.shape[1]):
         return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature, overwrite), dim=-1)
     z = _scaled(x, cfg.temperature, overwrite)
-    where = cut(z, cfg.top_k, cfg.top_p)
     # the kept entries less the log of their mass, the rest -inf, in place: where a mask and a
     # log_softmax took five passes and two new tensors
-    dropped = z < where.tau[:, None]
-    return z.sub_(where.log_mass(z)[:, None]).masked_fill_(dropped, -math.inf)
+    return cut(z, cfg.top_k, cfg.top_p).log_probs_(z)
 
 
 def _filters(cfg: SamplingConfig, vocab: int) -> bool:
