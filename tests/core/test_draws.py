@@ -220,6 +220,9 @@ def test_rows_without_finite_mass_are_flagged_on_every_path():
         tokens, ok = sample_rows(x, cfg, u)
         assert ok.tolist() == [True, False, False, True], cfg
         assert torch.equal(tokens[[0, 3]], sample_rows(x[[0, 3]], cfg, u[:2])[0])
+        p = process(x, cfg)  # what verification checks (check_finite_mass): those rows are not finite
+        assert (~torch.isfinite(p.amax(-1))).tolist() == [False, True, True, False], cfg
+        torch.testing.assert_close(torch.logsumexp(p[[0, 3]], -1), torch.zeros(2), atol=1e-5, rtol=0)
 
 
 def test_sample_and_sample_rows_each_take_one_uniform_per_row():

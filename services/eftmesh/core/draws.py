@@ -274,7 +274,8 @@ class Cut:
         wide[self.wide.numpy()] = True
         for i in np.flatnonzero(~done):
             dropped = a[i] < tau[i] if wide[i] else None
-            np.subtract(a[i], lm[i], out=a[i])
+            with np.errstate(invalid="ignore"):  # a row without mass: -inf - -inf is NaN, flagged
+                np.subtract(a[i], lm[i], out=a[i])
             if dropped is not None:
                 a[i][dropped] = -np.inf
         return z

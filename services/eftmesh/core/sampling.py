@@ -112,9 +112,10 @@ def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False) -> tor
     m = a.max(1, keepdims=True)  # [rows, 1]; NaN propagates, as torch's amax
     m[~np.isfinite(m)] = 0.0
     z = a if overwrite else np.empty(a.shape, np.float32)
-    np.subtract(a, m, out=z)
-    if temperature != 1.0:
-        np.divide(z, np.float32(t), out=z)
+    with np.errstate(over="ignore", invalid="ignore"):  # -inf (a tiny temperature) and NaN, as torch's
+        np.subtract(a, m, out=z)
+        if temperature != 1.0:
+            np.divide(z, np.float32(t), out=z)
     return x if overwrite else torch.from_numpy(z)
 
 
