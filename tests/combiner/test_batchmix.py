@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
+from eftmesh.combiner import batchmix
 from eftmesh.combiner.batchmix import joined, mix_step
 from eftmesh.core.mixing import mix
 
@@ -49,6 +51,37 @@ def test_mix_step_equals_each_generation_mixed_alone():
         o, m = offsets[x], x.rows_per_role()
         alone = mix(rows[x], x.coef, V)
         torch.testing.assert_close(torch.log_softmax(scores[o:o + m], -1), alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_first_two_roles_written_in_one_pass_give_the_same_sums_bitwise(dtype, monkeypatch):
+    """Where the first role (it covers every row) has coefficient 1, the second role's runs
+    inside its run are added in the same pass: the scores equal, bit for bit, the role-by-role
+    sums (x * 1, then + c * y, then the rest); bf16 rows (summed in float32) and a first role
+    with another coefficient take the two passes."""
+    g = torch.Generator().manual_seed(1)
+    up = {"big": 1.0, "ft": 1.0, "small": -1.0}
+    gens = [FakeGeneration(up, 0), FakeGeneration(up, 2), FakeGeneration({"big": 1.0, "ft": 2.0, "small": -2.0}, 1),
+            FakeGeneration({"big": 3.0, "ft": 1.0}, 0), FakeGeneration(up, 1)]
+    n = sum(x.rows_per_role() for x in gens)
+    blocks = {r: torch.randn(n, V + 2, generator=g).to(dtype) for r in up}
+    rows, at = {}, 0
+    for x in gens:
+        m = x.rows_per_role()
+        rows[x] = {r: blocks[r][at:at + m] for r in x.coef}
+        at += m
+    one_pass = []
+    real = batchmix._init_fused
+    monkeypatch.setattr(batchmix, "_init_fused", lambda *a: one_pass.append(real(*a)) or one_pass[-1])
+    scores, offsets = mix_step(gens, rows, V)
+    assert one_pass == [{(0, 4), (4, 6)} if dtype == torch.float32 else set()]  # ft's runs within big's first
+    for x in gens:
+        o, m = offsets[x], x.rows_per_role()
+        want = torch.mul(rows[x]["big"][:, :V], x.coef["big"], out=torch.empty(m, V))
+        for r in ("ft", "small"):
+            if r in x.coef:
+                want.add_(rows[x][r][:, :V], alpha=x.coef[r])
+        assert torch.equal(scores[o:o + m], want)
 
 
 @dataclass(eq=False)

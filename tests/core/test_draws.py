@@ -190,6 +190,17 @@ def test_ties_at_a_cut_are_all_kept_and_a_row_draws_alike_in_any_batch():
         assert torch.isfinite(process(x, cfg).gather(1, together[:, None])).all()  # a kept token
 
 
+def assert_shares(tokens: torch.Tensor, want: torch.Tensor, atol: float, groups: int = 10) -> None:
+    """The drawn tokens' mass by groups of tokens of falling probability under `want` ([vocab]
+    float64): each group's share within sampling noise (atol)."""
+    vocab = want.shape[0]
+    group = torch.empty(vocab, dtype=torch.int64)
+    group[want.argsort(descending=True)] = torch.arange(vocab) * groups // vocab
+    got = torch.bincount(group[tokens], minlength=groups).double() / tokens.shape[0]
+    expected = torch.zeros(groups, dtype=torch.float64).index_add_(0, group, want)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("shape,cfg", [("peaked", SamplingConfig(0.7, top_p=0.9)),
                                        ("zipf", SamplingConfig(1.0, top_k=30, top_p=0.95)),
                                        ("flat", SamplingConfig(1.0, top_p=0.8)),
@@ -202,13 +213,7 @@ def test_sample_rows_follows_the_processed_distribution(shape, cfg):
     assert ok.all()
     want = process(x, cfg).exp()[0].double()  # [vocab]
     assert want[tokens].gt(0).all()
-    # mass by groups of tokens of falling probability: each group's share within sampling noise
-    order = want.argsort(descending=True)
-    group = torch.empty(3_000, dtype=torch.int64)
-    group[order] = torch.arange(3_000) * 10 // 3_000
-    got = torch.bincount(group[tokens], minlength=10).double() / n
-    expected = torch.zeros(10, dtype=torch.float64).index_add_(0, group, want)
-    torch.testing.assert_close(got, expected, atol=0.01, rtol=0)
+    assert_shares(tokens, want, atol=0.01)
 
 
 def test_rows_without_finite_mass_are_flagged_on_every_path():
@@ -280,12 +285,7 @@ def test_a_flat_nucleus_is_drawn_without_a_cut_as_the_processed_distribution(top
     a = float(torch.softmax(x[0].double(), 0)[want > 0].sum())
     tries = sum((1 - a) ** i for i in range(draws.REDRAWS + 1)) + (1 - a) ** (draws.REDRAWS + 1)
     assert abs(sum(taken) / n - tries) < 0.05 * tries
-    order = want.argsort(descending=True)
-    group = torch.empty(3_000, dtype=torch.int64)
-    group[order] = torch.arange(3_000) * 10 // 3_000
-    got = torch.bincount(group[tokens], minlength=10).double() / n
-    expected = torch.zeros(10, dtype=torch.float64).index_add_(0, group, want)
-    torch.testing.assert_close(got, expected, atol=0.012, rtol=0)
+    assert_shares(tokens, want, atol=0.012)
 
 
 def test_a_nucleus_rejected_too_often_is_cut_and_drawn_within(monkeypatch):
