@@ -42,9 +42,9 @@ from eftmesh.core.sampling import (
     check_finite_mass,
     make_generator,
     no_finite_mass,
+    per_row_uniforms,
     process,
     sample_rows,
-    per_row_uniforms,
 )
 from eftmesh.core.speculative import AdaptiveBlockSize, accept_greedy, expected_tokens_per_block, verify_sampled
 
