@@ -145,13 +145,14 @@ def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[R
     fused = set()
     for first, end, c, parts in first_role:
         x, at = joined(parts), first
-        for f, e, c2, parts2 in second_role if c == 1.0 else ():
-            y = joined(parts2)
-            # (torch.add computes in its inputs' dtype: bf16 rows would be summed in bf16)
-            if first <= f and e <= end and x.dtype == y.dtype == torch.float32:
+        # (float32 rows only: torch.add computes in its inputs' dtype, so bf16 rows would be
+        # summed in bf16)
+        one_pass = c == 1.0 and x.dtype == torch.float32
+        for f, e, c2, parts2 in second_role if one_pass else ():
+            if first <= f and e <= end and parts2[0].dtype == torch.float32:  # (a role's rows share one dtype)
                 if at < f:
                     accumulate(scores[at:f], x[at - first:f - first], c, floored=True, init=True)
-                torch.add(x[f - first:e - first, :vocab], y[:, :vocab], alpha=c2, out=scores[f:e])
+                torch.add(x[f - first:e - first, :vocab], joined(parts2)[:, :vocab], alpha=c2, out=scores[f:e])
                 fused.add((f, e))
                 at = e
         if at < end:

@@ -134,7 +134,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
                 more: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
-    cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with one uniform per row. At
+    cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
     128k entries a row costs one pass to scale, one exp and a few small passes.
 
     Args:
