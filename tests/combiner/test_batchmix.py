@@ -90,16 +90,19 @@ class FakeSampler(FakeGeneration):
 
     gen: torch.Generator = field(default_factory=torch.Generator)
     draft_rows: torch.Tensor | None = None
+    drafts: list[int] = field(default_factory=list)
 
 
-def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_groups_takes_the_blocks():
-    from eftmesh.combiner.batchmix import draw_plain, process_groups
-    from eftmesh.core.sampling import SamplingConfig, process, sample_rows, uniforms
+def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone():
+    from eftmesh.combiner.batchmix import draw_plain, verify_groups
+    from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process, sample_rows, uniforms
+    from eftmesh.core.speculative import verify_sampled
 
     hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)
-    gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
-    gens[2].k = 2  # verifies a block: processed, not drawn
-    gens[2].draft_rows = torch.randn(3, 310)  # the draft model's rows (a padded vocabulary)
+    gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(9)]
+    for s in (2, 6, 7, 8):  # verify blocks: not drawn
+        gens[s].k = 2 if s != 7 else 3
+        gens[s].draft_rows = torch.randn(gens[s].k + 1, 310, generator=torch.Generator().manual_seed(s))  # a padded vocabulary
     sampling = {g: hot if i % 2 else cool for i, g in enumerate(gens)}
     sampling[gens[4]] = SamplingConfig(temperature=0.0)  # greedy: neither
     offsets, n = {}, 0
@@ -107,6 +110,15 @@ def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_gr
         offsets[g], n = n, n + g.rows_per_role()
     scores = torch.randn(n, 300, generator=torch.Generator().manual_seed(9))
     scores[offsets[gens[5]], 7] = float("nan")  # a degenerate row fails alone
+    scores[offsets[gens[8]], 3] = float("nan")  # (its first row: always read)
+    scores[offsets[gens[6]]:offsets[gens[6]] + 3] = gens[6].draft_rows[:, :300]
+    scores[offsets[gens[7]]] = gens[7].draft_rows[0, :300]
+    for g in (gens[2], gens[6], gens[7]):  # drafts drawn from q: some pass, some do not
+        q = process(g.draft_rows[:g.k, :300], sampling[g]).exp()  # what drafts are drawn from
+        g.drafts = [int(torch.multinomial(q[i], 1, generator=g.gen)) for i in range(g.k)]
+        g.gen.manual_seed(100 + g.k)
+    g8 = gens[8]
+    g8.drafts = [0, 1]
     expected = {}
     for s, g in enumerate(gens):
         if s in (0, 1, 3):
@@ -116,8 +128,12 @@ def test_draw_plain_draws_what_each_generation_would_sample_alone_and_process_gr
     drawn = draw_plain(gens, sampling, offsets, scores)
     assert set(drawn) == {gens[0], gens[1], gens[3], gens[5]}
     assert {g: drawn[g] for g in expected} == expected and drawn[gens[5]] == -1
-    processed = process_groups(gens, sampling, offsets, scores)
-    o = offsets[gens[2]]
-    p, q = processed[gens[2]]
-    assert set(processed) == {gens[2]} and torch.equal(p, process(scores[o:o + 3], cool))
-    assert torch.equal(q, process(gens[2].draft_rows[:2, :300], cool))
+    verdicts = verify_groups(gens, sampling, offsets, scores)
+    assert set(verdicts) == {gens[2], gens[6], gens[7], g8} and isinstance(verdicts[g8], NoFiniteMass)
+    for g in (gens[2], gens[6], gens[7]):  # alone: the same generator state gives the same verdict
+        o = offsets[g]
+        alone = verify_sampled(torch.tensor(g.drafts), g.draft_rows[:g.k], scores[o:o + g.k + 1],
+                               torch.Generator().manual_seed(100 + g.k), sampling[g])
+        assert verdicts[g] == alone
+    # p = q: every draft passes (the bonus token); p_0 = q_0 alone: the first passes
+    assert [verdicts[g].accepted for g in (gens[2], gens[6], gens[7])] == [0, 2, 1]

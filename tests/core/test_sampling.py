@@ -120,3 +120,31 @@ def test_check_argmax_finite_refuses_exactly_the_rows_without_finite_mass():
         t = torch.tensor(bad)
         with pytest.raises(NoFiniteMass):
             check_argmax_finite(t, argmax_rows(t))
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=5),
+    SamplingConfig(temperature=1.3, top_p=0.9), SamplingConfig(temperature=0.6, top_k=300, top_p=0.8),
+])
+def test_token_probs_are_the_processed_distribution_at_each_token(cfg):
+    from eftmesh.core.sampling import token_probs
+
+    gen = torch.Generator().manual_seed(3)
+    # peaked rows (cut among candidates), flat ones (cut from the whole row), a bf16-valued one
+    # (ties), and rows without finite mass: -inf everywhere, a NaN, +inf
+    rows = torch.cat((torch.randn(4, 5000, generator=gen) * 6, torch.randn(3, 5000, generator=gen) * 0.2,
+                      (torch.randn(1, 5000, generator=gen) * 2).bfloat16().float(), torch.full((3, 5000), -math.inf)))
+    rows[-2:, :100] = 0.0  # finite entries beside the NaN and the +inf
+    rows[-2, 700], rows[-1, 900] = float("nan"), math.inf
+    want = process(rows, cfg).exp()  # [rows, vocab]
+    drawn = torch.cat((torch.multinomial(want[:8], 1, generator=gen).view(-1), torch.zeros(3, dtype=torch.int64)))
+    for tokens in (want.argmax(-1), torch.randint(0, 5000, (11,), generator=gen), drawn):
+        before = rows.clone()
+        probs, ok = token_probs(rows, tokens, cfg)
+        torch.testing.assert_close(rows, before, rtol=0, atol=0, equal_nan=True)  # not written
+        assert ok.tolist() == [True] * 8 + [False] * 3
+        expected = want[torch.arange(8), tokens[:8]].double()
+        torch.testing.assert_close(probs[:8], expected, rtol=1e-5, atol=1e-12)
+        assert torch.equal(probs[:8] == 0, expected == 0)  # filtered out exactly where process drops it
+        probs_over, _ = token_probs(rows.clone(), tokens, cfg, overwrite=True)
+        assert torch.equal(probs_over[:8], probs[:8])

@@ -85,6 +85,43 @@ def test_the_same_test_rejects_a_sampler_told_the_wrong_q():
     assert chi2(first, P) > CHI2_CRIT_001[3]
 
 
+def test_verification_processes_p_and_q_with_the_request_settings():
+    # raw rows, processed inside (temperature, top-k, top-p): the first emitted token follows
+    # process(p), with drafts drawn from process(q); whole blocks of 3, rejections included
+    from eftmesh.core.sampling import SamplingConfig, process
+
+    cfg = SamplingConfig(temperature=0.8, top_k=4, top_p=0.95)
+    gen = torch.Generator().manual_seed(5)
+    # p keeps tokens 0, 1, 2, 4 (top-k drops two); q keeps 1, 2, 3, 5: drafts of 3 and 5 always fail
+    p_raw, q_raw = torch.tensor([1.0, 0.2, 0.8, -0.5, 0.5, 0.0]), torch.tensor([0.0, 0.9, 0.3, 0.6, -0.2, 0.7])
+    p_proc, q_proc = process(p_raw[None], cfg).exp()[0], process(q_raw[None], cfg).exp()[0]
+    first = torch.zeros(6)
+    for _ in range(4000):
+        drafts = torch.multinomial(q_proc, 3, replacement=True, generator=gen)
+        v = verify_sampled(drafts, q_raw.expand(3, -1), p_raw.expand(4, -1), gen, cfg)
+        first[(drafts[: v.accepted].tolist() + [v.next_token])[0]] += 1
+    kept = p_proc > 0
+    assert kept.tolist() == [True, True, True, False, True, False] and first[~kept].sum() == 0  # top-k / top-p's cut holds
+    assert chi2(first[kept], p_proc[kept]) < CHI2_CRIT_001[3]  # 4 kept tokens: 3 degrees of freedom
+
+
+def test_rows_after_a_rejection_are_never_read():
+    # draft 0 is forbidden by p, so it is always rejected; row 1 of p (NaN) is never read
+    p = torch.log(torch.tensor([[0.5, 0.5, 0.0], [float("nan"), 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]]))
+    q = torch.log(torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]))
+    v = verify_sampled(torch.tensor([2, 1]), q, p, torch.Generator().manual_seed(0))
+    assert v.accepted == 0 and v.next_token in (0, 1)
+
+
+def test_a_row_read_without_finite_mass_is_named():
+    from eftmesh.core.sampling import NoFiniteMass
+
+    p = torch.log(torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    q = torch.tensor([[float("nan"), 0.0, 0.0]])
+    with pytest.raises(NoFiniteMass, match=r"row\(s\) \[0\]"):
+        verify_sampled(torch.tensor([0]), q, p, torch.Generator().manual_seed(0))
+
+
 def test_seeded_verification_is_deterministic():
     lp = torch.log_softmax(torch.randn(5, 9, generator=torch.Generator().manual_seed(3)), -1)
     q = torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(4)), -1)

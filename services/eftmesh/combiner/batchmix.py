@@ -10,7 +10,7 @@ step) they are read where they lie, never concatenated first. The scores are lef
 unnormalised: greedy decoding and greedy verification need only their argmax, so only the
 rows a generation samples from or reports log-probabilities for are normalised.
 
-No gRPC here; the scheduler calls `mix_step` and `process_groups`.
+No gRPC here; the scheduler calls `mix_step`, `verify_groups` and `draw_plain`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Protocol
 import torch
 
 from eftmesh.core.mixing import accumulate
-from eftmesh.core.sampling import SamplingConfig, per_row_uniforms, process, sample_rows
+from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, per_row_uniforms, sample_rows
+from eftmesh.core.speculative import Block, Verdict, verify_blocks
 
 
 class Mixable(Protocol):
@@ -38,10 +39,11 @@ class Drawable(Mixable, Protocol):
     gen: torch.Generator
 
 
-class Verifying(Mixable, Protocol):
-    """A generation verifying a block: its k drafts' rows from the draft role."""
+class Verifying(Drawable, Protocol):
+    """A generation verifying a block: its k drafts, and their rows from the draft role."""
 
     k: int
+    drafts: list[int]  # [k]
     draft_rows: torch.Tensor  # [k + 1, draft vocab]
 
 
@@ -160,28 +162,22 @@ def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[R
     return fused
 
 
-def process_groups(
+def verify_groups(
     gens: Sequence[Verifying], sampling: Mapping[Verifying, SamplingConfig], offsets: Mapping[Verifying, int],
     scores: torch.Tensor,
-) -> dict[Verifying, tuple[torch.Tensor, torch.Tensor]]:
-    """Temperature / top-k / top-p for every sampled block (k + 1 rows: a verification), one
-    `process` per group of equal settings for the target rows p and one for the draft rows q
-    (row-wise, so a generation's rows come out as they would alone): g -> (p [k + 1, vocab],
-    q [k, vocab]). Greedy generations need only the argmax of their scores; a sampled plain
-    step only its token (`draw_plain`)."""
+) -> dict[Verifying, Verdict | NoFiniteMass]:
+    """Every sampled block's verdict (k + 1 rows: a verification), one `verify_blocks` per
+    group of equal settings, each block with its own generator: batching changes no verdict.
+    Greedy generations need only the argmax of their scores; a sampled plain step only its
+    token (`draw_plain`)."""
     groups: dict[SamplingConfig, list[Verifying]] = {}
     for g in gens:
         if not sampling[g].greedy and g.rows_per_role() > 1:
             groups.setdefault(sampling[g], []).append(g)
-    out: dict[Verifying, tuple[torch.Tensor, torch.Tensor]] = {}
-    vocab = scores.shape[1]
+    out: dict[Verifying, Verdict | NoFiniteMass] = {}
     for cfg, members in groups.items():
-        p = process(scores.index_select(0, _rows(members, offsets)), cfg, overwrite=True)  # (a copy)
-        q = process(joined([g.draft_rows[:g.k, :vocab] for g in members]), cfg)  # what the drafts came from
-        at = at_q = 0
-        for g in members:
-            out[g] = p[at:at + g.k + 1], q[at_q:at_q + g.k]
-            at, at_q = at + g.k + 1, at_q + g.k
+        blocks = [Block(torch.tensor(g.drafts, dtype=torch.int64), offsets[g], g.draft_rows, g.gen) for g in members]
+        out.update(zip(members, verify_blocks(scores, blocks, cfg)))
     return out
 
 

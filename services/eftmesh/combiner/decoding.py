@@ -14,7 +14,8 @@ Speculative block (the paper's section 4.3; `core.speculative` holds the rule):
   1. the draft role appends what its cache lacks and samples k tokens next to its model,
      returning them with their raw rows (k + 1 of them),
   2. every other role scores the same k drafts (k + 1 rows),
-  3. p = process(mix(rows)) for all k + 1 positions, q = process(draft rows),
+  3. p = mix(rows) for all k + 1 positions; each draft's probability under process(p_i) and
+     process(q_i) (q: the draft rows) while the drafts before it pass (`verify_blocks`),
   4. accept a prefix of the drafts plus one token; every cache rolls back to the accepted
      length through the next call's `start`.
 """
@@ -36,17 +37,16 @@ from eftmesh.combiner.chat import ChatMessage, check_messages
 from eftmesh.common.errors import InvalidArgument, quote
 from eftmesh.core.mixing import Composition, check_role_name
 from eftmesh.core.sampling import (
+    NoFiniteMass,
     SamplingConfig,
     argmax_rows,
     check_argmax_finite,
-    check_finite_mass,
     make_generator,
     no_finite_mass,
     per_row_uniforms,
-    process,
     sample_rows,
 )
-from eftmesh.core.speculative import AdaptiveBlockSize, accept_greedy, expected_tokens_per_block, verify_sampled
+from eftmesh.core.speculative import AdaptiveBlockSize, Verdict, accept_greedy, expected_tokens_per_block, verify_sampled
 
 
 # Limits on what a request may list (INVALID_ARGUMENT beyond them). Stop strings are short
@@ -252,16 +252,16 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
-    def finish(self, scores: torch.Tensor, pq: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def finish(self, scores: torch.Tensor, verdict: Verdict | NoFiniteMass | None = None,
                target: torch.Tensor | None = None, drawn: int | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
 
         Args:
             scores: [k + 1, vocab] EFT log-probabilities up to a per-row constant (one row for
                 a plain step): `batchmix.mix_step` leaves them unnormalised.
-            pq: a sampled block's rows after temperature / top-k / top-p (`process`): scores'
-                [k + 1, vocab] and the draft rows' [k, vocab], when the caller has them (else
-                made here).
+            verdict: a sampled block's verdict, when the caller has verified it with
+                `verify_blocks` and this generation's generator (what it would take here):
+                NoFiniteMass when a row it read had no finite mass.
             target: greedy only: the argmax of each row of `scores`, when the caller has it
                 (and has checked that scores[i, target[i]] is finite: `check_argmax_finite`).
             drawn: a sampled plain step only: its token, when the caller has drawn it with
@@ -291,10 +291,10 @@ class Generation:
         if cfg.greedy:
             verdict = accept_greedy(x, target)
         else:
-            p, q = pq or (process(scores, cfg), process(self.draft_rows[:k, :scores.shape[1]], cfg))
-            check_finite_mass(p)
-            check_finite_mass(q)  # q: what the drafts came from
-            verdict = verify_sampled(x, q, p, self.gen)
+            if verdict is None:  # (raises NoFiniteMass)
+                verdict = verify_sampled(x, self.draft_rows[:k], scores, self.gen, cfg)
+            elif isinstance(verdict, NoFiniteMass):
+                raise verdict
         m = verdict.accepted
         # Every cache holds n + k tokens; the first n + m are right. The next call's start
         # rolls each back (the token after them, verdict.next_token, is not in any cache).

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import torch
 from opentelemetry import trace
 
-from eftmesh.combiner.batchmix import Workspace, draw_plain, mix_step, process_groups
+from eftmesh.combiner.batchmix import Workspace, draw_plain, mix_step, verify_groups
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
 from eftmesh.combiner.prefixes import PrefixEstimate
@@ -389,7 +389,7 @@ class Scheduler:
             return {}
         scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised
         sampling = {g: g.req.sampling for g in gens}
-        processed = process_groups(gens, sampling, offsets, scores)  # sampled blocks' rows
+        verdicts = verify_groups(gens, sampling, offsets, scores)  # sampled blocks
         drawn = draw_plain(gens, sampling, offsets, scores)  # sampled plain steps' tokens
         # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
         top, finite = argmax_finite(scores) if any(c.greedy for c in sampling.values()) else (None, None)  # [n]
@@ -401,7 +401,7 @@ class Scheduler:
             try:
                 if sampling[g].greedy and not all_finite and not bool(finite[o:o + m].all()):
                     check_argmax_finite(scores[o:o + m], top[o:o + m])  # raises NoFiniteMass, naming the rows
-                g.finish(scores[o:o + m], processed.get(g), None if top is None else top[o:o + m], drawn.get(g))
+                g.finish(scores[o:o + m], verdicts.get(g), None if top is None else top[o:o + m], drawn.get(g))
             except NoFiniteMass as e:  # degenerate weights / settings: this request's fault alone
                 self._fail(g, InvalidArgument(str(e)))
                 continue

@@ -245,9 +245,14 @@ class Cut:
             yield self.wide, e.masked_fill_(zr < self.tau[self.wide, None], 0.0), None
 
     def log_mass(self, z: torch.Tensor) -> torch.Tensor:
-        """[rows] float32: log of each row's kept mass, sum(exp(z) over z >= tau): from the
-        candidate lists where a row has one (no pass over the row), else from the row (a
-        compare and a float32 dot product, as `draw_nucleus`). -inf for rows without mass."""
+        """[rows] float32: log of each row's kept mass (`mass`); -inf for rows without mass."""
+        with np.errstate(divide="ignore"):
+            return torch.from_numpy(np.log(self.mass(z)).astype(np.float32))
+
+    def mass(self, z: torch.Tensor) -> np.ndarray:
+        """[rows] float64: each row's kept mass, sum(exp(z) over z >= tau): from the candidate
+        lists where a row has one (no pass over the row), else from the row (a compare and a
+        float32 dot product, as `draw_nucleus`). 0 for rows without mass."""
         mass = np.zeros(z.shape[0])
         for rows, probs, _ in self.kept(z, wide=False):
             mass[rows.numpy()] = probs.sum(-1).double().numpy()
@@ -255,8 +260,7 @@ class Cut:
         for i in self.wide.tolist():
             e = exp(z[i]) if self.e is None else self.e[i]
             mass[i] = np.dot(e.numpy(), a[i] >= tau[i])
-        with np.errstate(divide="ignore"):
-            return torch.from_numpy(np.log(mass).astype(np.float32))
+        return mass
 
     def log_probs_(self, z: torch.Tensor) -> torch.Tensor:
         """z as the processed log-probabilities, in place: each kept entry less the log of its

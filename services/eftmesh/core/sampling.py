@@ -15,9 +15,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from eftmesh.core.draws import cut, draw, draw_nucleus, draw_probs
+from eftmesh.core.draws import cut, draw, draw_nucleus, draw_probs, exp
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -87,6 +88,37 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = Fa
     # the kept entries less the log of their mass, the rest -inf, in place: where a mask and a
     # log_softmax took five passes and two new tensors
     return cut(z, cfg.top_k, cfg.top_p).log_probs_(z)
+
+
+def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
+                overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's probability of one token under `process(scores, cfg)` (up to float
+    rounding), without forming the processed rows: what speculative verification's ratio test
+    reads of p and q. A row costs what a draw's cut does (temperature, the exp top-p's total
+    needs, the cut) and no write of the row.
+
+    Args:
+        scores: [rows, vocab] log-probabilities or logits, any per-row shift (CPU).
+        tokens: [rows] int64, one token per row.
+        cfg: a sampled (not greedy) configuration.
+        overwrite: as `process`'s.
+
+    Returns:
+        ([rows] float64 probabilities, 0 where the token is filtered out; [rows] bool: the row
+        has finite mass, its probability is meaningless otherwise).
+    """
+    assert scores.dim() == 2 and tokens.shape == scores.shape[:1] and not cfg.greedy, "[rows, vocab] scores, [rows] tokens"
+    z = _scaled(scores.float(), cfg.temperature, overwrite)
+    zt = z.gather(1, tokens.view(-1, 1)).view(-1).double().numpy()  # [rows]
+    if _filters(cfg, z.shape[1]):
+        where = cut(z, cfg.top_k, cfg.top_p)
+        mass, kept = where.mass(z), zt >= where.tau.double().numpy()
+    else:
+        mass, kept = exp(z, overwrite=True).sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
+    ok = np.isfinite(mass) & (mass > 0) & ~np.isnan(zt)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # rows not ok: meaningless
+        probs = np.where(kept & ok, np.exp(zt) / mass, 0.0)
+    return torch.from_numpy(probs), torch.from_numpy(ok)
 
 
 def _filters(cfg: SamplingConfig, vocab: int) -> bool:

@@ -19,12 +19,22 @@ Pure tensor code: no grpc, no transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from eftmesh.core.draws import draw_probs
-from eftmesh.core.sampling import argmax_rows, uniforms
+from eftmesh.core.sampling import (
+    NoFiniteMass,
+    SamplingConfig,
+    argmax_rows,
+    no_finite_mass,
+    process,
+    sample_rows,
+    token_probs,
+    uniforms,
+)
 
 
 @dataclass(frozen=True)
@@ -58,39 +68,112 @@ def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> Verdict:
 
 
 def verify_sampled(
-    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
+    drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None,
+    cfg: SamplingConfig = SamplingConfig(),
 ) -> Verdict:
-    """Stochastic verification (the speculative sampling rule).
+    """Stochastic verification (the speculative sampling rule) of one block: `verify_blocks`
+    with a block of one, so a generation verified alone and in a batch takes the same tokens.
 
     Args:
-        drafts: [k] int64 drafted token ids, x_i ~ q_i.
-        q: [k, vocab] log-probabilities the drafts were drawn from.
-        p: [k + 1, vocab] target log-probabilities.
+        drafts: [k] int64 drafted token ids, x_i ~ process(q_i, cfg).
+        q: [k, vocab] the raw draft rows the drafts were processed and drawn from.
+        p: [k + 1, vocab] the raw target rows (log-probabilities up to a per-row shift).
         generator: seeded generator; each call draws k float32 uniforms for the tests, then one
-            float64 uniform for the last token (`core.draws.draw_probs`).
+            float64 uniform for the last token.
+        cfg: the sampling settings both p and q are processed with (default: the rows as they
+            are, softmax-normalised).
+
+    Raises:
+        NoFiniteMass: a row the rule reads has no finite mass.
     """
     k = drafts.shape[0]
-    assert q.dim() == 2 and q.shape[0] == k, f"q must be [k, vocab], got {tuple(q.shape)}"
-    assert p.dim() == 2 and p.shape == (k + 1, q.shape[1]), f"p must be [k + 1, {q.shape[1]}], got {tuple(p.shape)}"
-    idx = drafts.view(k, 1)
-    # only the drafts' own probabilities for the test; a whole row's only for the last token
-    p_x = p[:k].gather(1, idx).squeeze(1).exp()  # [k]
-    q_x = q.gather(1, idx).squeeze(1).exp()  # [k]
-    u = torch.rand(k, generator=generator, dtype=torch.float32)  # [k]
-    # Keep draft i with probability min(1, p_i(x_i) / q_i(x_i)); stop at the first rejection.
-    # At a rejection, sample from normalise(max(0, p_i - q_i)); if all k pass, sample the
-    # bonus token from p_k. (u * q < p is the ratio test without dividing by q.)
-    keep = (u * q_x < p_x).to(torch.int64)  # [k]
-    accepted = int(torch.cumprod(keep, dim=0).sum())
-    last = uniforms(generator)  # [1]
-    target = p[accepted].exp()  # [vocab]
-    if accepted == k:
-        token, _ = draw_probs(target[None], last)
-    else:
-        token, ok = draw_probs((target - q[accepted].exp()).clamp_min(0.0)[None], last)
-        if not bool(ok):  # p_i == q_i in float: a rejection had probability 0
-            token, _ = draw_probs(target[None], last)
-    return Verdict(accepted, int(token))
+    assert q.dim() == 2 and q.shape[0] >= k, f"q must be [k, vocab], got {tuple(q.shape)}"
+    assert p.dim() == 2 and p.shape[0] == k + 1 and q.shape[1] >= p.shape[1], f"p must be [k + 1, vocab], got {tuple(p.shape)}"
+    verdict = verify_blocks(p, [Block(drafts, 0, q, generator)], cfg)[0]
+    if isinstance(verdict, NoFiniteMass):
+        raise verdict
+    return verdict
+
+
+@dataclass(frozen=True)
+class Block:
+    """One generation's block in `verify_blocks`."""
+
+    drafts: torch.Tensor  # [k] int64, k >= 1
+    first: int  # its rows in p: first .. first + k (p_0 .. p_k)
+    q: torch.Tensor  # [>= k, >= vocab] raw draft rows; row i is what draft i was drawn from
+    generator: torch.Generator | None
+
+
+def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig) -> list[Verdict | NoFiniteMass]:
+    """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
+    only at draft i (its probability under each, `sampling.token_probs`) and only while the
+    drafts before it pass; a whole processed row is formed only at a rejection (the residual
+    max(0, p_i - q_i)), and the bonus token is drawn from p_k's cut (`sampling.sample_rows`).
+    A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
+    at draft i costs 2(i + 1) and two processed rows. The rows of every block at one position
+    are done together, row by row, so a block's verdict does not depend on the blocks beside it.
+
+    Args:
+        p: [rows, vocab] raw target rows (any per-row shift); not written.
+        blocks: the blocks; each draws k float32 uniforms from its generator for the tests,
+            then one float64 uniform for its last token, whatever happens.
+        cfg: the sampling settings (sampled, not greedy) every block's p and q are processed with.
+
+    Returns:
+        Per block, its Verdict, or NoFiniteMass when a row it read has no finite mass.
+    """
+    assert not cfg.greedy and all(b.drafts.numel() > 0 for b in blocks), "sampled blocks of k >= 1 drafts"
+    p, vocab = p.float(), p.shape[1]  # (the combiner's scores are float32 already: no copy)
+    drafts = [b.drafts.tolist() for b in blocks]
+    tests = [torch.rand(len(d), generator=b.generator, dtype=torch.float32).tolist() for d, b in zip(drafts, blocks)]
+    last = torch.cat([uniforms(b.generator) for b in blocks]) if blocks else torch.zeros(0, dtype=torch.float64)
+    out: list[Verdict | NoFiniteMass | None] = [None] * len(blocks)
+    accepted = [0] * len(blocks)
+    # the rows a position reads, p's then q's, float32: one allocation for every position (fresh
+    # pages fault on first write, and a [16, 128k] copy's faults cost as much as its pass)
+    buf = torch.empty(2 * len(blocks), vocab)
+    testing, i = list(range(len(blocks))), 0
+    while testing := [j for j in testing if len(drafts[j]) > i]:
+        g = len(testing)
+        rows = buf[:2 * g]
+        torch.index_select(p, 0, torch.tensor([blocks[j].first + i for j in testing]), out=rows[:g])
+        for r, j in enumerate(testing, g):
+            rows[r].copy_(blocks[j].q[i, :vocab])  # (any dtype: rows travel in the model's)
+        x = torch.tensor([drafts[j][i] for j in testing])
+        probs, ok = token_probs(rows, torch.cat((x, x)), cfg, overwrite=True)  # [2g]: p_i(x_i), then q_i(x_i)
+        ok = (ok[:g] & ok[g:]).tolist()
+        # keep draft i with probability min(1, p_i(x_i) / q_i(x_i)) (u * q < p: no division by
+        # q); stop at the first rejection
+        keep = (torch.tensor([tests[j][i] for j in testing], dtype=torch.float64) * probs[g:] < probs[:g]).tolist()
+        still = []
+        for j, kp, good in zip(testing, keep, ok):
+            if not good:
+                out[j] = no_finite_mass([i])
+            elif kp:
+                accepted[j] = i + 1
+                still.append(j)
+        testing, i = still, i + 1
+    done = [j for j in range(len(blocks)) if out[j] is None]
+    bonus = [j for j in done if accepted[j] == blocks[j].drafts.shape[0]]
+    if bonus:  # every draft passed: the bonus token, from p_k
+        at = torch.tensor([blocks[j].first + accepted[j] for j in bonus])
+        rows = torch.index_select(p, 0, at, out=buf[:len(bonus)])
+        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=True)
+        for j, t, good in zip(bonus, tokens.tolist(), ok.tolist()):
+            out[j] = Verdict(accepted[j], t) if good else no_finite_mass([accepted[j]])
+    if rejected := [j for j in done if accepted[j] < blocks[j].drafts.shape[0]]:
+        # at a rejection the token comes from normalise(max(0, p_i - q_i)), whole rows
+        at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
+        target = process(p.index_select(0, at), cfg, overwrite=True).exp_()  # [g, vocab]
+        q_i = process(torch.stack([blocks[j].q[accepted[j], :vocab] for j in rejected]), cfg, overwrite=True)
+        tokens, ok = draw_probs((target - q_i.exp_()).clamp_min_(0.0), last[rejected])
+        if not bool(ok.all()):  # p_i == q_i in float there: that rejection had probability 0
+            bad = ~ok
+            tokens[bad] = draw_probs(target[bad], last[rejected][bad])[0]
+        for j, t in zip(rejected, tokens.tolist()):
+            out[j] = Verdict(accepted[j], t)
+    return out  # type: ignore[return-value]
 
 
 def expected_tokens_per_block(acceptance: float, k: int) -> float:
