@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -120,6 +122,40 @@ def test_a_row_read_without_finite_mass_is_named():
     q = torch.tensor([[float("nan"), 0.0, 0.0]])
     with pytest.raises(NoFiniteMass, match=r"row\(s\) \[0\]"):
         verify_sampled(torch.tensor([0]), q, p, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("min_rows", [1, 10**6])  # a position per call; every position in one call
+def test_a_batch_of_blocks_gets_the_verdicts_each_block_gets_alone(monkeypatch, min_rows):
+    from eftmesh.core import speculative
+    from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process
+
+    monkeypatch.setattr(speculative, "LAZY_MIN_ROWS", min_rows)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.8)
+    gen = torch.Generator().manual_seed(11)
+    blocks, p_parts, first = [], [], 0
+    for b in range(12):
+        k = 1 + b % 4
+        q = torch.randn(k + 1, 40, generator=gen)
+        p = q + 0.5 * torch.randn(k + 1, 40, generator=gen)  # near q: some drafts pass, some do not
+        drafts = torch.multinomial(process(q[:k], cfg).exp(), 1, generator=gen).view(-1)
+        if b == 3:
+            p[0], p[1] = q[0], float("nan")  # draft 0 always passes; the NaN row after it fails that block alone
+        if b == 5:
+            p[0, drafts[0]] = -math.inf  # draft 0 always rejected: the NaN row after it is never read
+            p[1] = float("nan")
+        blocks.append(speculative.Block(drafts, first, q, torch.Generator().manual_seed(100 + b)))
+        p_parts.append(p)
+        first += k + 1
+    together = speculative.verify_blocks(torch.cat(p_parts), blocks, cfg)
+    for b, (block, p) in enumerate(zip(blocks, p_parts)):
+        alone = speculative.verify_blocks(p, [speculative.Block(block.drafts, 0, block.q, torch.Generator().manual_seed(100 + b))], cfg)[0]
+        if isinstance(alone, NoFiniteMass):
+            assert isinstance(together[b], NoFiniteMass) and str(together[b]) == str(alone)
+        else:
+            assert together[b] == alone
+    assert isinstance(together[3], NoFiniteMass) and together[5].accepted == 0
+    accepted = [v.accepted for v in together if not isinstance(v, NoFiniteMass)]
+    assert 0 in accepted and any(a > 0 for a in accepted)  # rejections and passes both
 
 
 def test_seeded_verification_is_deterministic():
