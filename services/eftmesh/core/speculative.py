@@ -117,8 +117,10 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     drafts before it pass; a whole processed row is formed only at a rejection (the residual
     max(0, p_i - q_i)), and the bonus token is drawn from p_k's cut (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
-    at draft i costs 2(i + 1) and two processed rows. The rows of every block at one position
-    are done together, row by row, so a block's verdict does not depend on the blocks beside it.
+    at draft i costs 2(i + 1) and two processed rows. The blocks' rows at one position are done
+    in one call (with fewer than LAZY_MIN_ROWS, all their remaining positions are: rows past a
+    rejection are then read and ignored), row by row, so a block's verdict does not depend on
+    the blocks beside it.
 
     Args:
         p: [rows, vocab] raw target rows (any per-row shift); not written.
