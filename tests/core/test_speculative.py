@@ -143,7 +143,7 @@ def test_a_batch_of_blocks_gets_the_verdicts_each_block_gets_alone(monkeypatch, 
         if b == 5:
             p[0, drafts[0]] = -math.inf  # draft 0 always rejected: the NaN row after it is never read
             p[1] = float("nan")
-        blocks.append(speculative.Block(drafts, first, q, torch.Generator().manual_seed(100 + b)))
+        blocks.append(speculative.Block(drafts.tolist(), first, q, torch.Generator().manual_seed(100 + b)))
         p_parts.append(p)
         first += k + 1
     together = speculative.verify_blocks(torch.cat(p_parts), blocks, cfg)

@@ -176,7 +176,7 @@ def verify_groups(
             groups.setdefault(sampling[g], []).append(g)
     out: dict[Verifying, Verdict | NoFiniteMass] = {}
     for cfg, members in groups.items():
-        blocks = [Block(torch.tensor(g.drafts, dtype=torch.int64), offsets[g], g.draft_rows, g.gen) for g in members]
+        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen) for g in members]
         out.update(zip(members, verify_blocks(scores, blocks, cfg)))
     return out
 

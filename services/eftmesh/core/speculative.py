@@ -89,7 +89,7 @@ def verify_sampled(
     k = drafts.shape[0]
     assert q.dim() == 2 and q.shape[0] >= k, f"q must be [k, vocab], got {tuple(q.shape)}"
     assert p.dim() == 2 and p.shape[0] == k + 1 and q.shape[1] >= p.shape[1], f"p must be [k + 1, vocab], got {tuple(p.shape)}"
-    verdict = verify_blocks(p, [Block(drafts, 0, q, generator)], cfg)[0]
+    verdict = verify_blocks(p, [Block(drafts.tolist(), 0, q, generator)], cfg)[0]
     if isinstance(verdict, NoFiniteMass):
         raise verdict
     return verdict
@@ -105,7 +105,7 @@ LAZY_MIN_ROWS = 16
 class Block:
     """One generation's block in `verify_blocks`."""
 
-    drafts: torch.Tensor  # [k] int64, k >= 1
+    drafts: Sequence[int]  # [k], k >= 1
     first: int  # its rows in p: first .. first + k (p_0 .. p_k)
     q: torch.Tensor  # [>= k, >= vocab] raw draft rows; row i is what draft i was drawn from
     generator: torch.Generator | None
@@ -131,11 +131,13 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     Returns:
         Per block, its Verdict, or NoFiniteMass when a row it read has no finite mass.
     """
-    assert not cfg.greedy and all(b.drafts.numel() > 0 for b in blocks), "sampled blocks of k >= 1 drafts"
+    assert not cfg.greedy and all(len(b.drafts) > 0 for b in blocks), "sampled blocks of k >= 1 drafts"
+    if not blocks:
+        return []
     p, vocab = p.float(), p.shape[1]  # (the combiner's scores are float32 already: no copy)
-    drafts = [b.drafts.tolist() for b in blocks]
+    drafts = [b.drafts for b in blocks]
     tests = [torch.rand(len(d), generator=b.generator, dtype=torch.float32).tolist() for d, b in zip(drafts, blocks)]
-    last = torch.cat([uniforms(b.generator) for b in blocks]) if blocks else torch.zeros(0, dtype=torch.float64)
+    last = torch.cat([uniforms(b.generator) for b in blocks])
     out: list[Verdict | NoFiniteMass | None] = [None] * len(blocks)
     accepted = [0] * len(blocks)
     # the rows a call reads, p's then q's, float32: one allocation for every call (fresh pages
@@ -176,14 +178,14 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
             n += here
         testing, i = still, i + span
     done = [j for j in range(len(blocks)) if out[j] is None]
-    bonus = [j for j in done if accepted[j] == blocks[j].drafts.shape[0]]
+    bonus = [j for j in done if accepted[j] == len(drafts[j])]
     if bonus:  # every draft passed: the bonus token, from p_k
         at = torch.tensor([blocks[j].first + accepted[j] for j in bonus])
         rows = torch.index_select(p, 0, at, out=buf[:len(bonus)])
         tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=True)
         for j, t, good in zip(bonus, tokens.tolist(), ok.tolist()):
             out[j] = Verdict(accepted[j], t) if good else no_finite_mass([accepted[j]])
-    if rejected := [j for j in done if accepted[j] < blocks[j].drafts.shape[0]]:
+    if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
         # at a rejection the token comes from normalise(max(0, p_i - q_i)), whole rows
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
         target = process(p.index_select(0, at), cfg, overwrite=True).exp_()  # [g, vocab]
