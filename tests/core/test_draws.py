@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from eftmesh.core import draws
+from eftmesh.core import draws, sampling
 from eftmesh.core.draws import cut, draw
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample, sample_rows, uniforms
 
@@ -221,10 +221,15 @@ def test_rows_without_finite_mass_are_flagged_on_every_path():
     x[1] = -math.inf
     x[2, 5] = math.nan
     u = torch.full((4,), 0.3, dtype=torch.float64)
-    for cfg in [SamplingConfig(1.0), SamplingConfig(0.7, top_k=10), SamplingConfig(1.0, top_p=0.9)]:
-        tokens, ok = sample_rows(x, cfg, u)
+
+    def more(rows: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(rows),), 0.6, dtype=torch.float64)
+
+    for cfg, again in [(SamplingConfig(1.0), None), (SamplingConfig(0.7, top_k=10), None),
+                       (SamplingConfig(1.0, top_p=0.9), None), (SamplingConfig(1.0, top_p=0.9), more)]:
+        tokens, ok = sample_rows(x, cfg, u, more=again)  # (the last: drawn without a cut)
         assert ok.tolist() == [True, False, False, True], cfg
-        assert torch.equal(tokens[[0, 3]], sample_rows(x[[0, 3]], cfg, u[:2])[0])
+        assert torch.equal(tokens[[0, 3]], sample_rows(x[[0, 3]], cfg, u[:2], more=again)[0])
         p = process(x, cfg)  # what verification checks (check_finite_mass): those rows are not finite
         assert (~torch.isfinite(p.amax(-1))).tolist() == [False, True, True, False], cfg
         torch.testing.assert_close(torch.logsumexp(p[[0, 3]], -1), torch.zeros(2), atol=1e-5, rtol=0)
@@ -288,6 +293,31 @@ def test_a_flat_nucleus_is_drawn_without_a_cut_as_the_processed_distribution(top
     assert_shares(tokens, want, atol=0.012)
 
 
+@pytest.mark.parametrize("shape", ["peaked", "zipf"])
+def test_top_p_rows_are_drawn_without_a_cut_from_nucleus_min_p_on(shape):
+    """Top-p alone at p >= NUCLEUS_MIN_P, with more uniforms to give: trained models' rows too
+    are drawn from the whole row and kept when in the nucleus (no cut); the tokens follow
+    `process`'s distribution. Below NUCLEUS_MIN_P, rows whose cut lies among candidates are cut
+    and take one uniform each."""
+    gen = torch.Generator().manual_seed(21)
+    x = shaped_rows(gen, 1, 3_000, shape)
+    n = 20_000
+    for p in (sampling.NUCLEUS_MIN_P, 0.9):
+        cfg = SamplingConfig(0.8, top_p=p)
+        u, more, taken = row_uniforms([torch.Generator().manual_seed(i) for i in range(n)])
+        tokens, ok = sample_rows(x.expand(n, -1), cfg, u, more=more)
+        assert ok.all()
+        want = process(x, cfg).exp()[0].double()
+        assert want[tokens].gt(0).all(), "a token outside the nucleus"
+        a = float(torch.softmax(x[0].double() / 0.8, 0)[want > 0].sum())  # a try's chance to be kept
+        assert abs(sum(taken) / n - 1 / a) < 0.05 / a, "a row takes 1 / (the nucleus' share) tries"
+        assert_shares(tokens, want, atol=0.012)
+    below = SamplingConfig(0.8, top_p=sampling.NUCLEUS_MIN_P / 2)
+    u, more, taken = row_uniforms([torch.Generator().manual_seed(i) for i in range(200)])
+    tokens, ok = sample_rows(x.expand(200, -1), below, u, more=more)
+    assert ok.all() and taken == [1] * 200 and process(x, below).exp()[0][tokens].gt(0).all()
+
+
 def test_a_nucleus_rejected_too_often_is_cut_and_drawn_within(monkeypatch):
     """After REDRAWS rejections a row is cut from its histogram and drawn within the cut: with
     no redraws allowed, a small top-p sends most rows there, and they still draw only kept
@@ -308,8 +338,8 @@ def test_a_nucleus_rejected_too_often_is_cut_and_drawn_within(monkeypatch):
 
 def test_a_row_draws_from_its_nucleus_alike_in_any_batch():
     """Rows drawn without a cut take their redraws from their own generators: a row's token and
-    the uniforms it takes do not depend on the rows beside it; peaked rows in the same batch
-    are cut among candidates and take one uniform each."""
+    the uniforms it takes do not depend on the rows beside it (flat rows redraw; peaked rows'
+    nuclei hold nearly all their mass, and these take one uniform each)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.cat([shaped_rows(gen, 6, 20_000, "flat"), shaped_rows(gen, 6, 20_000, "peaked")])
     cfg = SamplingConfig(0.9, top_p=0.5)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.draws import cut, draw, draw_nucleus, draw_probs, exp
+from eftmesh.core.draws import cut, draw, draw_nucleus, draw_probs, exp, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -121,6 +121,15 @@ def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig,
     return torch.from_numpy(probs), torch.from_numpy(ok)
 
 
+# Top-p without top-k is drawn without a cut when p is at least this: a draw from the whole row
+# is kept when it lies in the nucleus (`draws.draw_nucleus`), which holds at least p of the mass,
+# so a row takes at most 1 / p tries on average, each a compare and a masked sum over the row.
+# That beats finding the cut among candidates: 0.38 against 0.65 ms for one row of 49,152
+# (SmolLM2, temperature 0.6, top-p 0.9) and 2.0 against 2.4 ms for 16 (this project's AVX2
+# EPYC); at p = 0.2 the two were level, and a smaller p on a flat row would redraw often.
+NUCLEUS_MIN_P = 0.5
+
+
 def _filters(cfg: SamplingConfig, vocab: int) -> bool:
     return 0 < cfg.top_k < vocab or cfg.top_p < 1.0
 
@@ -187,8 +196,16 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
     if not _filters(cfg, z.shape[1]):
         return draw(z, u, overwrite=True)
     tokens = torch.zeros(z.shape[0], dtype=torch.int64)
-    ok = torch.zeros(z.shape[0], dtype=torch.bool)
     nucleus = more is not None and not 0 < cfg.top_k < z.shape[1]  # top-p alone: no cut needed for a draw
+    if nucleus and cfg.top_p >= NUCLEUS_MIN_P:  # no cut at all (draws.draw_nucleus)
+        e = exp(z)
+        running = running_sums(e)
+        total = running[:, -1]
+        ok = torch.isfinite(total) & (total > 0)  # (as `draw`'s)
+        rows = ok.nonzero().flatten()
+        tokens[rows] = draw_nucleus(z, e, running, rows, cfg.top_p, u[rows], more)
+        return tokens, ok
+    ok = torch.zeros(z.shape[0], dtype=torch.bool)
     where = cut(z, cfg.top_k, cfg.top_p, wide=not nucleus)
     for rows, probs, cols in where.kept(z):  # candidate lists, then wide rows
         at, ok[rows] = draw_probs(probs, u[rows])
