@@ -120,6 +120,23 @@ def test_accumulate_reads_bfloat16_rows_into_float32_without_changing_them():
     torch.testing.assert_close(acc, 1 + 2 * x.float(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accumulate_weighs_half_precision_rows_in_float32(dtype):
+    """A first role's half-precision rows written with a weight (`init`, e.g. amplified's
+    ft-small in a batch led by another composition) are weighed in float32, not rounded to the
+    rows' 8 or 11 bits first (torch.mul computes in its inputs' dtype)."""
+    from eftmesh.core.mixing import accumulate
+
+    x = (torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 8).to(dtype)
+    want = x.double() * 1.3 - 0.7 * x.double()
+    acc = torch.empty(4, 300)
+    accumulate(acc, x, 1.3, init=True)
+    accumulate(acc, x, -0.7)
+    torch.testing.assert_close(acc.double(), want, atol=1e-5, rtol=1e-6)
+    accumulate(acc, x, 1.0, init=True)  # (weight 1: one pass, exact in any dtype)
+    assert torch.equal(acc, x.float())
+
+
 def test_mix_scores_normalised_equals_mix_batch_with_mixed_runs_and_weights(rows):
     from eftmesh.core.mixing import Term, mix_batch, mix_scores
 

@@ -195,7 +195,11 @@ def accumulate(acc: torch.Tensor, rows: torch.Tensor, weight: float, *, floored:
             hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
             x = (x.float() - hi).clamp_min_(LOGPROB_FLOOR)
     if init:
-        torch.mul(x, weight, out=acc)
+        if x.dtype in (torch.float32, torch.float64) or weight == 1.0:
+            torch.mul(x, weight, out=acc)
+        else:  # torch.mul computes in its inputs' dtype: bf16 rows times 1.5 would be rounded
+            # to bf16's 8 bits (0.06 nats on a logit of 20) before landing in float32
+            acc.copy_(x).mul_(weight)
     else:
         acc.add_(x, alpha=weight)
 
