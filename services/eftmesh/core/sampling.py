@@ -226,8 +226,13 @@ def per_row_uniforms(gens: Sequence[torch.Generator | None]) -> tuple[torch.Tens
     """`sample_rows`' uniforms for rows that each sample with their own generator: the first
     uniform of every row ([rows] float64), and `more` (a row that draws again takes its next
     uniform from its own generator), so a row's token never depends on the rows beside it."""
-    return (torch.cat([uniforms(g) for g in gens]),
-            lambda rows: torch.cat([uniforms(gens[i]) for i in rows.tolist()]))
+    return torch.cat([uniforms(g) for g in gens]), more_uniforms(gens)
+
+
+def more_uniforms(gens: Sequence[torch.Generator | None]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`sample_rows`' `more` for rows that each sample with their own generator: given row
+    indices, the next float64 uniform of each row's generator."""
+    return lambda rows: torch.cat([uniforms(gens[i]) for i in rows.tolist()])
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

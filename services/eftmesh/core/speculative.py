@@ -29,6 +29,7 @@ from eftmesh.core.sampling import (
     NoFiniteMass,
     SamplingConfig,
     argmax_rows,
+    more_uniforms,
     no_finite_mass,
     process,
     sample_rows,
@@ -79,7 +80,7 @@ def verify_sampled(
         q: [k, vocab] the raw draft rows the drafts were processed and drawn from.
         p: [k + 1, vocab] the raw target rows (log-probabilities up to a per-row shift).
         generator: seeded generator; each call draws k float32 uniforms for the tests, then one
-            float64 uniform for the last token.
+            float64 uniform for the last token (more for a bonus token's redraws: `verify_blocks`).
         cfg: the sampling settings both p and q are processed with (default: the rows as they
             are, softmax-normalised).
 
@@ -125,7 +126,9 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     Args:
         p: [rows, vocab] raw target rows (any per-row shift); not written.
         blocks: the blocks; each draws k float32 uniforms from its generator for the tests,
-            then one float64 uniform for its last token, whatever happens.
+            then one float64 uniform for its last token, whatever happens (and a bonus token
+            drawn from a top-p nucleus by rejection, `draws.draw_nucleus`, takes one more
+            float64 uniform per redraw).
         cfg: the sampling settings (sampled, not greedy) every block's p and q are processed with.
 
     Returns:
@@ -182,7 +185,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     if bonus:  # every draft passed: the bonus token, from p_k
         at = torch.tensor([blocks[j].first + accepted[j] for j in bonus])
         rows = torch.index_select(p, 0, at, out=buf[:len(bonus)])
-        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=True)
+        more = more_uniforms([blocks[j].generator for j in bonus])  # (top-p's nucleus, drawn by rejection)
+        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=True, more=more)
         for j, t, good in zip(bonus, tokens.tolist(), ok.tolist()):
             out[j] = Verdict(accepted[j], t) if good else no_finite_mass([accepted[j]])
     if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
