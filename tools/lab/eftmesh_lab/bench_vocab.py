@@ -302,7 +302,8 @@ class LogitProcesses:
             for role, port in self.ports.items():
                 log = open(self.log_dir / f"{role}.log", "w")  # noqa: SIM115 - lives as long as the process
                 args = [sys.executable, "-m", "eftmesh.logit", "--model", str(self.model), "--role", role,
-                        "--host", "127.0.0.1", "--port", str(port), "--threads", str(self.a.threads),
+                        # (--health-port 0: the default, --port + 1000, can be another role's free port)
+                        "--host", "127.0.0.1", "--port", str(port), "--health-port", "0", "--threads", str(self.a.threads),
                         "--device", self.a.device, "--dtype", self.a.dtype,
                         "--kv-cache-tokens", str(self.a.kv_cache_tokens), *self.extra]
                 self.procs.append((role, subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)))
