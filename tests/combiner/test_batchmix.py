@@ -90,6 +90,7 @@ class FakeSampler(FakeGeneration):
 
     gen: torch.Generator = field(default_factory=torch.Generator)
     draft_rows: torch.Tensor | None = None
+    draft_probs: list[float] = field(default_factory=list)  # (the drafter's q(x); [] here: read from the rows)
     drafts: list[int] = field(default_factory=list)
 
 

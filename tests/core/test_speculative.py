@@ -158,6 +158,42 @@ def test_a_batch_of_blocks_gets_the_verdicts_each_block_gets_alone(monkeypatch, 
     assert 0 in accepted and any(a > 0 for a in accepted)  # rejections and passes both
 
 
+@pytest.mark.parametrize("min_rows", [1, 10_000])
+def test_draft_probabilities_from_the_drafter_give_the_same_verdicts_without_reading_q(monkeypatch, min_rows):
+    """Blocks that bring each draft's q(x) (what the drafting logit service sends, computed by
+    token_probs from the same rows) get the verdicts they get when q(x) is read from their rows,
+    in a batch with blocks that do not; their q rows are then read only at a rejection (NaN in
+    every row before it fails nothing)."""
+    from eftmesh.core import speculative
+    from eftmesh.core.sampling import SamplingConfig, process, token_probs
+
+    monkeypatch.setattr(speculative, "LAZY_MIN_ROWS", min_rows)
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    gen = torch.Generator().manual_seed(5)
+    qs, ps, drafts, first = [], [], [], 0
+    for b in range(10):
+        k = 1 + b % 4
+        q = torch.randn(k + 1, 50, generator=gen)
+        qs.append(q)
+        ps.append(q + 0.6 * torch.randn(k + 1, 50, generator=gen))
+        drafts.append(torch.multinomial(process(q[:k], cfg).exp(), 1, generator=gen).view(-1))
+    p_all = torch.cat(ps)
+    firsts = [sum(len(d) + 1 for d in drafts[:b]) for b in range(10)]
+
+    def blocks(q_rows, with_probs):
+        return [speculative.Block(d.tolist(), f, q, torch.Generator().manual_seed(200 + b),
+                                  token_probs(qs[b][:len(d)], d, cfg)[0].tolist() if b in with_probs else None)
+                for b, (d, f, q) in enumerate(zip(drafts, firsts, q_rows))]
+
+    read = speculative.verify_blocks(p_all, blocks(qs, set()), cfg)
+    given = set(range(0, 10, 2)) | {9}
+    poisoned = [q.clone() for q in qs]
+    for b in given:
+        poisoned[b][:read[b].accepted] = math.nan  # rows of drafts that passed: never read now
+    assert speculative.verify_blocks(p_all, blocks(poisoned, given), cfg) == read
+    assert {v.accepted for v in read} >= {0} and any(v.accepted == len(d) for v, d in zip(read, drafts))
+
+
 def test_seeded_verification_is_deterministic():
     lp = torch.log_softmax(torch.randn(5, 9, generator=torch.Generator().manual_seed(3)), -1)
     q = torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(4)), -1)

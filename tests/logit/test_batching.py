@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from tiny_models import tiny_models
-from eftmesh.core.sampling import SamplingConfig
+from eftmesh.core.sampling import SamplingConfig, token_probs
 from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
 
 ATOL = 1e-4  # batched (padded, paged) rows against a plain forward
@@ -222,9 +222,16 @@ def test_draft_batch_equals_each_item_alone_and_a_full_forward(model, tokenizer)
         assert r.cache_length == one.cache_length == it.start + len(it.tokens) + it.k
         if it.vocab_limit:
             assert all(0 <= x < it.vocab_limit for x in r.drafts)
+        limit = it.vocab_limit or vocab
         if it.sampling.greedy:
-            limit = it.vocab_limit or vocab
-            assert r.drafts == [int(row[:limit].argmax()) for row in r.rows[:-1]]
+            assert r.drafts == [int(row[:limit].argmax()) for row in r.rows[:-1]] and r.draft_probs == []
+        else:  # each draft's q(x), what verification computes from the rows returned (up to
+            # float rounding: torch takes the exp of a buffer's last entries another way, and a
+            # token at the top-p boundary may fall either side in another batch)
+            want = token_probs(r.rows[:-1, :limit].float(), torch.tensor(r.drafts), it.sampling)[0]
+            torch.testing.assert_close(torch.tensor(r.draft_probs, dtype=torch.float64), want, rtol=1e-5, atol=0)
+            torch.testing.assert_close(torch.tensor(one.draft_probs, dtype=torch.float64), want, rtol=1e-5, atol=0)
+            assert len(r.draft_probs) == it.k and bool(((want > 0) & (want <= 1)).all())
         s = held.get(it.session_id, [])[: it.start] + list(it.tokens) + r.drafts
         full = full_logprobs(model, s)[-(it.k + 1):]  # each draft's row and the bonus row
         assert (logprobs(r.rows) - full).abs().max().item() <= ATOL

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from eftmesh.common.serving import ServerConfig
 from eftmesh.common.tensors import from_pb
 from eftmesh.common.tokenizer import fingerprint
+from eftmesh.core.sampling import SamplingConfig, token_probs
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.logit.server import LogitConfig, LogitServer
 from eftmesh.logit.server import build as build_logit
@@ -412,6 +413,13 @@ def test_draft_batch_equals_the_single_draft_rpc_per_item(batch_stub, stub):
                                                 sampling=it.sampling, seed=it.seed), timeout=30)
         assert list(r.drafts) == list(one.tokens)
         torch.testing.assert_close(log_softmax(got), from_pb(one.logprobs), atol=1e-5, rtol=0)
+        if it.sampling.temperature == 0:
+            assert list(r.draft_probs) == []
+        else:  # each draft's q(x) travels as a double: what token_probs gives from the rows on the wire
+            cfg = SamplingConfig(it.sampling.temperature, it.sampling.top_k, it.sampling.top_p)
+            want = token_probs(got[:-1], torch.tensor(list(r.drafts)), cfg)[0]
+            assert len(r.draft_probs) == it.k
+            torch.testing.assert_close(torch.tensor(list(r.draft_probs), dtype=torch.float64), want, rtol=1e-5, atol=0)
 
 
 def test_a_malformed_draft_item_fails_alone(batch_stub):

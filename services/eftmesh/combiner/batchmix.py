@@ -45,6 +45,7 @@ class Verifying(Drawable, Protocol):
     k: int
     drafts: list[int]  # [k]
     draft_rows: torch.Tensor  # [k + 1, draft vocab]
+    draft_probs: list[float]  # [k] each draft's q(x) from the draft role, or [] (not sent)
 
 
 Run = tuple[int, int, float, list[torch.Tensor]]  # (first row, end row, coefficient, row tensors)
@@ -176,7 +177,7 @@ def verify_groups(
             groups.setdefault(sampling[g], []).append(g)
     out: dict[Verifying, Verdict | NoFiniteMass] = {}
     for cfg, members in groups.items():
-        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen) for g in members]
+        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None) for g in members]
         out.update(zip(members, verify_blocks(scores, blocks, cfg)))
     return out
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +180,7 @@ class Generation:
         self.k = 0
         self.drafts: list[int] = []
         self.draft_rows: torch.Tensor | None = None
+        self.draft_probs: list[float] = []  # each draft's q(x), when the draft role sent them
         # This step's piece of a long prompt (chunked prefill): role -> tokens its cache holds
         # after it; None on a step that samples.
         self.piece: dict[str, int] | None = None
@@ -292,7 +293,7 @@ class Generation:
             verdict = accept_greedy(x, target)
         else:
             if verdict is None:  # (raises NoFiniteMass)
-                verdict = verify_sampled(x, self.draft_rows[:k], scores, self.gen, cfg)
+                verdict = verify_sampled(x, self.draft_rows[:k], scores, self.gen, cfg, self.draft_probs or None)
             elif isinstance(verdict, NoFiniteMass):
                 raise verdict
         m = verdict.accepted
@@ -346,9 +347,10 @@ class Generation:
         self.piece = None
         self.progressed()
 
-    def drafted(self, drafts: list[int], rows: torch.Tensor) -> None:
-        """The draft role's answer for this step's block: k drafts and their k + 1 rows."""
-        self.drafts, self.draft_rows = drafts, rows
+    def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = ()) -> None:
+        """The draft role's answer for this step's block: k drafts, their k + 1 rows and, for
+        sampled drafts, each one's q(x) when the role sent them (`Outcome.draft_probs`)."""
+        self.drafts, self.draft_rows, self.draft_probs = drafts, rows, list(probs)
 
     def prefilled(self, role: str, start: int, cached_tokens: int) -> None:
         """`role` answered a call of this generation from `start` (`Outcome.cached_tokens`).
@@ -394,7 +396,7 @@ class Generation:
         if self.k and self._gen_state is not None:
             self.gen.set_state(self._gen_state)
         self.k = 0
-        self.drafts, self.draft_rows, self.piece = [], None, None
+        self.drafts, self.draft_rows, self.draft_probs, self.piece = [], None, [], None
 
 
 # A prompt longer than max_context * this many characters is refused before it is tokenised:

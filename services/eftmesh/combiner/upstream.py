@@ -397,7 +397,8 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
             err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[r.code], r.message)
             out.append(Outcome(error=err))
         else:
-            out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts), cached_tokens=r.cached_tokens))
+            out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts), cached_tokens=r.cached_tokens,
+                               draft_probs=list(r.draft_probs)))
             at += r.rows
     return out
 

@@ -258,7 +258,7 @@ class Cut:
         float32 dot product, as `draw_nucleus`). 0 for rows without mass."""
         mass = np.zeros(z.shape[0])
         for rows, probs, _ in self.kept(z, wide=False):
-            mass[rows.numpy()] = probs.sum(-1).double().numpy()
+            mass[rows.numpy()] = probs.double().sum(-1).numpy()  # (float64: exact for most kept sets, so in any batch)
         a, tau = z.numpy(), self.tau.numpy()
         for i in self.wide.tolist():
             e = exp(z[i]) if self.e is None else self.e[i]

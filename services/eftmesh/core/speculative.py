@@ -70,7 +70,7 @@ def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> Verdict:
 
 def verify_sampled(
     drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None,
-    cfg: SamplingConfig = SamplingConfig(),
+    cfg: SamplingConfig = SamplingConfig(), q_probs: Sequence[float] | None = None,
 ) -> Verdict:
     """Stochastic verification (the speculative sampling rule) of one block: `verify_blocks`
     with a block of one, so a generation verified alone and in a batch takes the same tokens.
@@ -83,6 +83,8 @@ def verify_sampled(
             float64 uniform for the last token (more for a bonus token's redraws: `verify_blocks`).
         cfg: the sampling settings both p and q are processed with (default: the rows as they
             are, softmax-normalised).
+        q_probs: [k] each draft's probability under process(q_i, cfg), when the drafter sent
+            them (`Block.q_probs`); None: computed here from q.
 
     Raises:
         NoFiniteMass: a row the rule reads has no finite mass.
@@ -90,7 +92,7 @@ def verify_sampled(
     k = drafts.shape[0]
     assert q.dim() == 2 and q.shape[0] >= k, f"q must be [k, vocab], got {tuple(q.shape)}"
     assert p.dim() == 2 and p.shape[0] == k + 1 and q.shape[1] >= p.shape[1], f"p must be [k + 1, vocab], got {tuple(p.shape)}"
-    verdict = verify_blocks(p, [Block(drafts.tolist(), 0, q, generator)], cfg)[0]
+    verdict = verify_blocks(p, [Block(drafts.tolist(), 0, q, generator, q_probs)], cfg)[0]
     if isinstance(verdict, NoFiniteMass):
         raise verdict
     return verdict
@@ -110,6 +112,10 @@ class Block:
     first: int  # its rows in p: first .. first + k (p_0 .. p_k)
     q: torch.Tensor  # [>= k, >= vocab] raw draft rows; row i is what draft i was drawn from
     generator: torch.Generator | None
+    # [k] draft i's probability under process(q_i, cfg), as `sampling.token_probs` gives it (the
+    # drafting logit service sends them: ItemResult.draft_probs); None: read from q. With them
+    # a q row is read only at a rejection, for the residual.
+    q_probs: Sequence[float] | None = None
 
 
 def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig) -> list[Verdict | NoFiniteMass]:
@@ -118,7 +124,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     drafts before it pass; a whole processed row is formed only at a rejection (the residual
     max(0, p_i - q_i)), and the bonus token is drawn from p_k's cut (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
-    at draft i costs 2(i + 1) and two processed rows. The blocks' rows at one position are done
+    at draft i costs 2(i + 1) and two processed rows (half the token probabilities where the
+    block brings its drafts' own, `Block.q_probs`). The blocks' rows at one position are done
     in one call (with fewer than LAZY_MIN_ROWS, all their remaining positions are: rows past a
     rejection are then read and ignored), row by row, so a block's verdict does not depend on
     the blocks beside it.
@@ -153,18 +160,24 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
         # that reading lazily would skip
         span = 1 if 2 * len(testing) >= LAZY_MIN_ROWS else max(len(drafts[j]) - i for j in testing)
         at = [(j, t) for j in testing for t in range(i, min(i + span, len(drafts[j])))]
-        if buf.shape[0] < 2 * len(at):
-            buf = torch.empty(2 * len(at), vocab)
-        rows, g = buf[:2 * len(at)], len(at)
+        read = [r for r, (j, _) in enumerate(at) if blocks[j].q_probs is None]  # q rows to read
+        g = len(at)
+        if buf.shape[0] < g + len(read):
+            buf = torch.empty(g + len(read), vocab)
+        rows = buf[:g + len(read)]
         torch.index_select(p, 0, torch.tensor([blocks[j].first + t for j, t in at]), out=rows[:g])
-        for r, (j, t) in enumerate(at, g):
-            rows[r].copy_(blocks[j].q[t, :vocab])  # (any dtype: rows travel in the model's)
+        for r, a in enumerate(read, g):
+            rows[r].copy_(blocks[at[a][0]].q[at[a][1], :vocab])  # (any dtype: rows travel in the model's)
         x = torch.tensor([drafts[j][t] for j, t in at])
-        probs, ok = token_probs(rows, torch.cat((x, x)), cfg, overwrite=True)  # [2g]: p_t(x_t), then q_t(x_t)
+        probs, ok = token_probs(rows, torch.cat((x, x[read])), cfg, overwrite=True)  # p_t(x_t), then the q_t(x_t) read
+        q_at = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at],
+                            dtype=torch.float64)
+        q_ok = torch.ones(g, dtype=torch.bool)
+        q_at[read], q_ok[read] = probs[g:], ok[g:]
         # keep draft t with probability min(1, p_t(x_t) / q_t(x_t)) (u * q < p: no division by
         # q); stop at the first rejection (rows read past it are ignored)
-        keep = (torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64) * probs[g:] < probs[:g]).tolist()
-        good = (ok[:g] & ok[g:]).tolist()
+        keep = (torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64) * q_at < probs[:g]).tolist()
+        good = (ok[:g] & q_ok).tolist()
         still, n = [], 0
         for j in testing:
             here = min(i + span, len(drafts[j])) - i

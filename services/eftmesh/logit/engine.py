@@ -28,7 +28,7 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, per_row_uniforms, sample_rows
+from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, per_row_uniforms, sample_rows, token_probs
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
@@ -313,11 +313,10 @@ class ModelEngine:
         """Append each item's tokens, then draft its k tokens, all items stepping together.
 
         Draft i of an item is drawn (`sample_rows`) from `process(row_i[:vocab_limit].float(), sampling)`
-        with the item's own seeded generator, where row_i is exactly the row returned, so the
-        combiner recomputes the q each draft came from (greedy items take the argmax of the
-        row, which processing cannot change). The last draft is fed too, so its row (the bonus
-        row of verification) comes back and every cache holds start + n + k tokens. Each item
-        gets k + 1 rows; batching changes no item's drafts.
+        with the item's own seeded generator, where row_i is exactly the row returned (greedy:
+        its argmax), and a sampled draft's q(x_i) comes with it (`draft_probs`). The last draft
+        is fed too, so its row (verification's bonus row) comes back and every cache holds
+        start + n + k tokens. Each item gets k + 1 rows; batching changes no item's drafts.
         """
         results = [ItemResult() for _ in items]
         with self._lock, torch.inference_mode():
@@ -362,20 +361,24 @@ class ModelEngine:
         for (limit, sampling), group in groups.items():
             rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
             if sampling is None:
-                tokens, fine = argmax_finite(rows)
-            else:  # process(rows)'s distribution
+                (tokens, fine), probs = argmax_finite(rows), [None] * len(group)
+            else:  # process(rows)'s distribution; each draft's q(x) as verification would compute
+                # it from these rows, so the combiner reads a draft row only at a rejection
                 u, more = per_row_uniforms([gens[r.index] for r in group])
-                tokens, fine = sample_rows(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
-            for r, token, ok in zip(group, tokens.tolist(), fine.tolist()):
+                tokens, fine = sample_rows(rows, sampling, u, more=more)
+                probs = token_probs(rows, tokens, sampling, overwrite=True)[0].tolist()  # rows: cat's own copy
+            for r, token, ok, prob in zip(group, tokens.tolist(), fine.tolist(), probs):
                 if ok:
-                    self._drafted(r, results, token)
+                    self._drafted(r, results, token, prob)
                 else:  # a degenerate row: this item fails alone
                     results[r.index].error = InvalidArgument(
                         "the draft model's row has no finite probability mass: its logits are NaN or infinite")
 
     @staticmethod
-    def _drafted(r: Admitted, results: list[ItemResult], token: int) -> None:
+    def _drafted(r: Admitted, results: list[ItemResult], token: int, prob: float | None) -> None:
         results[r.index].drafts.append(token)
+        if prob is not None:
+            results[r.index].draft_probs.append(prob)
         r.ids, r.rows = [token], 1
 
     def _admit(self, wants: Sequence[Want | None], results: list[ItemResult]) -> list[Admitted]:

@@ -45,6 +45,8 @@ class ItemResult:
     cache_length: int = 0
     cached_tokens: int = 0  # of the tokens sent, how many the prefix cache held (not run)
     drafts: list[int] = field(default_factory=list)
+    # sampled drafts: each one's probability under the processed row it was drawn from
+    draft_probs: list[float] = field(default_factory=list)
     error: EftMeshError | None = None
 
 
