@@ -147,7 +147,22 @@ def six_token_family(tmp_path_factory):
     return paths
 
 
-def test_speculative_sampling_follows_the_plain_eft_distribution(six_token_family):
+def test_speculative_sampling_follows_the_plain_eft_distribution(six_token_family, monkeypatch):
+    """Sampled speculation over real engines follows the plain EFT distribution (chi-square),
+    with the drafter's own q(x) (ItemResult.draft_probs) in every verification."""
+    from eftmesh.combiner import batchmix
+    from eftmesh.core import speculative
+
+    carried = []
+
+    def spy(real):
+        def verify_blocks(p, blocks, cfg):
+            carried.extend(b.q_probs is not None and len(b.q_probs) == len(b.drafts) for b in blocks)
+            return real(p, blocks, cfg)
+        return verify_blocks
+
+    monkeypatch.setattr(batchmix, "verify_blocks", spy(batchmix.verify_blocks))
+    monkeypatch.setattr(speculative, "verify_blocks", spy(speculative.verify_blocks))
     torch.set_num_threads(1)
     engines = {r: ModelEngine.from_pretrained(str(p), role=r) for r, p in six_token_family.items()}
     tok = AutoTokenizer.from_pretrained(str(six_token_family["base-small"]))
@@ -206,3 +221,4 @@ def test_speculative_sampling_follows_the_plain_eft_distribution(six_token_famil
     assert df >= 10, f"too few cells ({df + 1}) for a meaningful test"
     print(f"chi-square {stat:.1f} over {df} df, critical value {crit}")
     assert stat < crit, f"chi-square {stat:.1f} over {df} df exceeds {crit} (significance 0.001)"
+    assert len(carried) >= n and all(carried), "every verified block brought its drafter's q(x)"
