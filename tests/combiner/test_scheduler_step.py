@@ -306,6 +306,38 @@ def test_sampled_generations_draw_the_same_tokens_batched_as_alone(make):
     assert max(len(step) for step in scorer.steps()) == len(reqs)  # they did step together
 
 
+def test_draft_probabilities_a_role_sends_amiss_are_ignored(make, monkeypatch):
+    """Each sampled draft's q(x) comes from the draft role (Outcome.draft_probs); a generation
+    verifies alike with them, without them (an older logit service), and with a wrong count or
+    a value outside (0, 1], which it ignores and reads q(x) from the rows instead."""
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    r = GenerationRequest(SHORT, UPSCALE, SamplingConfig(temperature=0.9, top_p=0.9), seed=5, max_new_tokens=12,
+                          ignore_eos=True, seeded=True, speculation=spec)
+    sent: list[tuple[list[int], list[float]]] = []
+
+    def run(amend):
+        d, scorer, _ = make()
+        real = scorer.inner.draft_batch
+
+        def draft_batch(role, calls):
+            out = real(role, calls)
+            sent.extend((o.drafts, o.draft_probs) for o in out)
+            return [dataclasses.replace(o, draft_probs=amend(o.draft_probs)) for o in out]
+
+        monkeypatch.setattr(scorer.inner, "draft_batch", draft_batch)
+        g = submit(d, r)
+        run_out(d)
+        return outcome(g)
+
+    base = run(lambda q: q)
+    assert sent and all(len(q) == len(x) and all(0 < v <= 1 for v in q) for x, q in sent)  # the role sent them
+    nan = float("nan")
+    for amend in (lambda q: [], lambda q: q[:-1], lambda q: [0.0] + q[1:], lambda q: [nan] + q[1:],
+                  lambda q: [2.0] + q[1:]):
+        assert run(amend) == base
+    assert len(base) == 12
+
+
 def test_max_batch_caps_the_running_batch_and_the_rest_wait(make):
     reqs = [req(SHORT, 8)] + [req(p, 3 + i) for i, p in enumerate(LONG + [SHORT])]
     expected = [alone(make, r) for r in reqs]

@@ -349,8 +349,10 @@ class Generation:
 
     def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = ()) -> None:
         """The draft role's answer for this step's block: k drafts, their k + 1 rows and, for
-        sampled drafts, each one's q(x) when the role sent them (`Outcome.draft_probs`)."""
-        self.drafts, self.draft_rows, self.draft_probs = drafts, rows, list(probs)
+        sampled drafts, each one's q(x) when the role sent them (`Outcome.draft_probs`; not one
+        per draft, or one outside (0, 1]: ignored, and q(x) is read from the rows instead)."""
+        good = len(probs) == len(drafts) and all(0.0 < q <= 1.0 for q in probs)  # (NaN fails too)
+        self.drafts, self.draft_rows, self.draft_probs = drafts, rows, list(probs) if good else []
 
     def prefilled(self, role: str, start: int, cached_tokens: int) -> None:
         """`role` answered a call of this generation from `start` (`Outcome.cached_tokens`).
