@@ -122,7 +122,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
     only at draft i (its probability under each, `sampling.token_probs`) and only while the
     drafts before it pass; a whole processed row is formed only at a rejection (the residual
-    max(0, p_i - q_i)), and the bonus token is drawn from p_k's cut (`sampling.sample_rows`).
+    max(0, p_i - q_i)), and the bonus token is drawn from p_k as a plain step's is
+    (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
     at draft i costs 2(i + 1) and two processed rows (half the token probabilities where the
     block brings its drafts' own, `Block.q_probs`). The blocks' rows at one position are done
