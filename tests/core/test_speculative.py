@@ -170,7 +170,7 @@ def test_draft_probabilities_from_the_drafter_give_the_same_verdicts_without_rea
     monkeypatch.setattr(speculative, "LAZY_MIN_ROWS", min_rows)
     cfg = SamplingConfig(temperature=0.8, top_p=0.9)
     gen = torch.Generator().manual_seed(5)
-    qs, ps, drafts, first = [], [], [], 0
+    qs, ps, drafts = [], [], []
     for b in range(10):
         k = 1 + b % 4
         q = torch.randn(k + 1, 50, generator=gen)
