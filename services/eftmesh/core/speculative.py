@@ -98,8 +98,9 @@ def verify_sampled(
     return verdict
 
 
-# Fewer rows than this in a verification call (p's and q's at one position of every block
-# still testing): the blocks' remaining positions go in one call instead. A call's fixed cost
+# Fewer rows than this in a verification call (p's, and q's where a block brought no q_probs,
+# at one position of every block still testing): the blocks' remaining positions go in one
+# call instead. A call's fixed cost
 # (~0.5 ms on this project's CPU, the cut's small numpy passes) is that of ~4 rows of 49,152.
 LAZY_MIN_ROWS = 16
 
@@ -159,7 +160,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
         # one position per call while the calls are wide; few blocks left (e.g. one stream):
         # all their remaining positions in one call, as a call's fixed cost outweighs the rows
         # that reading lazily would skip
-        span = 1 if 2 * len(testing) >= LAZY_MIN_ROWS else max(len(drafts[j]) - i for j in testing)
+        width = sum(1 if blocks[j].q_probs is not None else 2 for j in testing)  # rows per position
+        span = 1 if width >= LAZY_MIN_ROWS else max(len(drafts[j]) - i for j in testing)
         at = [(j, t) for j in testing for t in range(i, min(i + span, len(drafts[j])))]
         read = [r for r, (j, _) in enumerate(at) if blocks[j].q_probs is None]  # q rows to read
         g = len(at)
