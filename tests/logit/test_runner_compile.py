@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -26,7 +26,12 @@ from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 from eftmesh.logit.buckets import GraphConfig
 from eftmesh.logit.runner import StepBatch
 
-SAME = 1e-5  # float32: compiled against eager
+# float32, compiled against eager: inductor fuses and reorders the float32 reductions (norms,
+# matmul epilogues), so rows differ by rounding that grows with the logits' size. One random
+# workload (llama, prompts [5, 20], verify 3 / rollback 5 then verify 3 / decode 1, seed 65536)
+# differs by 1.1e-5 on logits of 3.7 (3e-6 relative), deterministically; a wrong mask, bucket
+# or cache position differs by O(1).
+SAME = 5e-5
 N_POSITIONS = 128
 COMPILED = GraphConfig(mode="auto", max_batch=8, max_query=4, max_context=128, compile=True)  # contexts 64, 128
 # inductor's CPU code is C++: without a compiler the real compile cannot run here (the fallback
@@ -111,6 +116,7 @@ def test_warm_up_compiles_and_info_says_so(compiled):
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompts=st.lists(st.integers(1, 20), min_size=1, max_size=11), steps=st.lists(step, min_size=1, max_size=6),
        seed=st.integers(0, 2**16))
+@example(prompts=[5, 20], steps=[[("verify", 3), ("rollback", 5)], [("verify", 3), ("decode", 1)]], seed=65536)  # (SAME's)
 def test_compiled_steps_equal_eager_ones_and_serving_never_compiles(compiled, arch, prompts, steps, seed):
     eager, fast = compiled[arch]
     compiles = fast.runner.compiles
