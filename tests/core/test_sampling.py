@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample
+from eftmesh.core.sampling import SamplingConfig, make_generator, process, processed_probs, sample
 
 PROBS = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15]])
 LP = PROBS.log()
@@ -50,6 +50,32 @@ def test_top_k_then_top_p():
     out = process(LP, SamplingConfig(top_k=3, top_p=0.8))
     # after top-k: {1: .40, 3: .30, 4: .15} renormalised to .47/.35/.18; 0.47+0.35 >= 0.8
     assert kept(out) == {1, 3}
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(1.0), SamplingConfig(0.6), SamplingConfig(1.3, top_k=40),
+                                 SamplingConfig(0.7, top_p=0.9), SamplingConfig(1.0, top_k=100, top_p=0.8)])
+def test_processed_probs_are_the_float64_processed_distribution(cfg):
+    """The sampler works in log2 units (exp2, draws.py): its probabilities equal a float64
+    softmax of x / temperature over the kept entries, and process() gives the same in nats."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3000, generator=gen) * 4
+    got = processed_probs(x, cfg)
+    z = x.double() / cfg.temperature
+    keep = torch.isfinite(process(x, cfg))  # (which entries a cut keeps: test_draws checks that)
+    want = torch.softmax(z.masked_fill(~keep, -math.inf), -1)
+    torch.testing.assert_close(got.double(), want, atol=1e-7, rtol=2e-6)
+    torch.testing.assert_close(process(x, cfg).exp().double(), want, atol=1e-7, rtol=2e-6)
+    assert torch.equal(got > 0, keep)
+
+
+def test_huge_temperatures_scale_without_nan():
+    """Past 1e30 the log2 scale (log2(e) / temperature) would be a float32 subnormal, which a
+    flush-to-zero mode reads as 0 (and -inf * 0 is NaN): it divides, then scales."""
+    x = torch.tensor([[0.0, -1.0, -math.inf, -5.0]])
+    for t in (1e29, 1e31, 3e38, math.inf):
+        z = processed_probs(x, SamplingConfig(min(t, 1e300)))
+        assert not torch.isnan(z).any()
+        torch.testing.assert_close(z, torch.tensor([[1 / 3, 1 / 3, 0.0, 1 / 3]]))
 
 
 def test_temperature_sharpens_and_flattens():

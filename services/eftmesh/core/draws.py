@@ -3,8 +3,15 @@ found without sorting the vocabulary.
 
 At a real vocabulary (128k entries) the combiner samples 16 rows of 8 MiB each per step. With
 torch.multinomial and a sort per row that cost 58 ms (plain sampling) to 190 ms (top-p) per
-step on this project's machine; here it is a few passes over the rows: an exp, block sums and
+step on this project's machine; here it is a few passes over the rows: an exp2, block sums and
 maxima, and small sorts over the few entries that matter.
+
+Rows here are in log2 units: z = log2 of the probabilities up to a per-row shift, and a
+probability is exp2(z). `sampling` scales the scores so ((x - max) * log2(e) / temperature, in
+the pass that divided by the temperature before), because torch's exp2 costs about half its
+exp: 1.2 against 2.2 ms over 16 rows of 128k on one core of this project's AVX2 EPYC (torch
+2.13; both are 1-ulp SLEEF kernels, exp2 skips the range reduction by ln 2), and the exp is the
+sampler's largest pass. (`draw` alone takes natural log-probabilities, as `process` gives.)
 
 Every function works row by row, so a row's result does not depend on the rows beside it
 (batching changes no generation's output). Pure tensor code: no grpc, no transformers.
@@ -20,38 +27,21 @@ import numpy as np
 import torch
 
 
-def _numpy_exp_is_faster() -> bool:
-    """Whether numpy's float32 exp runs its AVX-512 kernel here (numpy's own dispatch report).
-    With it numpy's exp takes 0.9 ms over 16 rows of 128k against torch's 1.7 (measured on an
-    AVX-512 machine); on an AVX2-only CPU numpy's is the slower one (5.5 ms against torch's
-    2.6, measured on an AVX2 EPYC), so the choice follows the CPU, once per process."""
-    try:
-        info = np.lib.introspect.opt_func_info(func_name="^exp$", signature="float32")
-        target = str(next(iter(info["exp"].values()))["current"])
-    except Exception:  # an older numpy, or a report of another shape: torch's exp
-        return False
-    return target == "X86_V4" or target.startswith("AVX512")
+LOG2E = 1.4426950408889634  # log2(e): z = log-probability * LOG2E
+LN2 = 0.6931471805599453  # ln(2): a log-probability = z * LN2
 
 
-NUMPY_EXP = _numpy_exp_is_faster()
-
-
-def exp(x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
-    """torch.exp(x) (in place with `overwrite`): the sampler's largest pass. A contiguous
-    float32 CPU tensor goes through numpy where numpy's exp is the faster (`NUMPY_EXP`). Its
-    values are within 2 ulp of torch's and do not depend on where in an array a row lies
-    (checked), so batching changes no draw."""
-    if NUMPY_EXP and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
-        a = x.numpy()
-        with np.errstate(over="ignore"):  # inf, as torch gives, without a RuntimeWarning
-            return x if overwrite and np.exp(a, out=a) is not None else torch.from_numpy(np.exp(a))
-    return x.exp_() if overwrite else x.exp()
+def exp2(z: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    """2 ** z (in place with `overwrite`): the sampler's largest pass. (numpy's exp2 was slower
+    than torch's here: 2.8 ms per 1M entries; an AVX-512 numpy's exp was the faster exp, 0.9
+    against torch's 1.7 ms over 16 rows of 128k, but torch's exp2 is as fast as that.)"""
+    return z.exp2_() if overwrite else z.exp2()
 
 
 # Inverse-CDF sampling in two levels. torch.multinomial draws one row at a time and checks its
 # input in several passes: 2.7 ms per row of a 128k vocabulary on this project's CPU, so a
 # 16-stream sampled step spent 58 ms choosing tokens. `draw` does every row of a step at once in
-# about two passes over the rows: exp, then sums of blocks of DRAW_BLOCK entries (vectorised);
+# about two passes over the rows: exp2, then sums of blocks of DRAW_BLOCK entries (vectorised);
 # the token's block comes from the blocks' running sums (float64) and the token from the running
 # sum of that one block. Each row consumes one uniform from its own generator, so a row's token
 # does not depend on the rows beside it. (On a GPU vLLM draws exponential noise per entry and
@@ -73,7 +63,7 @@ def draw(logprobs: torch.Tensor, u: torch.Tensor, *, overwrite: bool = False) ->
         ([rows] int64 tokens, [rows] bool: the row has finite probability mass). A row without
         (all -inf, a NaN, +inf or a sum that overflows) gets a meaningless token and False.
     """
-    return draw_probs(exp(logprobs, overwrite=overwrite), u)
+    return draw_probs(logprobs.exp_() if overwrite else logprobs.exp(), u)
 
 
 def draw_probs(probs: torch.Tensor, u: torch.Tensor, running: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +148,8 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
     finding where it ends.
 
     Args:
-        z: [rows, vocab] float32 (CPU), each row's maximum 0; e: exp(z); running: e's
-            `running_sums`. Every row in `rows` has finite mass.
+        z: [rows, vocab] float32 (CPU) in log2 units, each row's maximum 0; e: exp2(z);
+            running: e's `running_sums`. Every row in `rows` has finite mass.
         p: top-p, < 1.
         u: [g] float64 uniforms, one per row for the first draw.
         more: the uniforms for rows that draw again: given their indices in z ([m] int64), one
@@ -213,7 +203,8 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
 # arrays, where numpy's per-call cost is a fifth of torch's.
 CUT_BLOCK = 32
 CUT_TRIES = (32, 256)  # blocks searched (at least top_k + 1) before a row is cut from its histogram
-HIST_BINS, HIST_NATS = 1024, 40.0  # histogram bins over z in [-40, 0] (0.04 nats each); one bin below
+# histogram bins over z in [-HIST_SPAN, 0] (log2 units: 40 nats, 0.04 nats a bin); one bin below
+HIST_BINS, HIST_SPAN = 1024, 57.7
 
 
 @dataclass
@@ -223,7 +214,7 @@ class Cut:
     `lists` holds, for rows cut among candidates: (row indices [g], candidate values [g, K],
     falling, equal values in column order, their columns [g, K]); every kept entry of those
     rows is among their candidates. `wide` lists the rows cut from their whole row; `uncut` the
-    wide rows left uncut (`cut(wide=False)`: their tau is -inf). `e` is exp(z) and `running`
+    wide rows left uncut (`cut(wide=False)`: their tau is -inf). `e` is exp2(z) and `running`
     its `running_sums`, when the cut had to compute them (top-p without top-k)."""
 
     tau: torch.Tensor  # [rows] float32; -inf: keeps every entry (and rows without finite mass)
@@ -234,26 +225,26 @@ class Cut:
     running: torch.Tensor | None = None
 
     def kept(self, z: torch.Tensor, *, wide: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """The kept entries' probabilities, exp(z) where z >= tau and 0 elsewhere, group by
+        """The kept entries' probabilities, exp2(z) where z >= tau and 0 elsewhere, group by
         group: (row indices [g], probabilities [g, K], their columns [g, K]) for rows cut among
         candidates (kept entries lead each list), (rows, [g, vocab], None) for the wide rows.
         Written in place over `e` where the cut computed it. (Not the uncut rows; not the wide
         ones either when `wide` is False.)"""
         for rows, values, cols in self.lists:
-            yield rows, torch.where(values >= self.tau[rows, None], values.exp(), 0.0), cols
+            yield rows, torch.where(values >= self.tau[rows, None], values.exp2(), 0.0), cols
         if wide and self.wide.numel():
             every = self.wide.numel() == z.shape[0]  # (then no copy of the rows)
             zr = z if every else z[self.wide]
-            e = exp(zr) if self.e is None else self.e if every else self.e[self.wide]
+            e = exp2(zr) if self.e is None else self.e if every else self.e[self.wide]
             yield self.wide, e.masked_fill_(zr < self.tau[self.wide, None], 0.0), None
 
     def log_mass(self, z: torch.Tensor) -> torch.Tensor:
-        """[rows] float32: log of each row's kept mass (`mass`); -inf for rows without mass."""
+        """[rows] float32: log2 of each row's kept mass (`mass`); -inf for rows without mass."""
         with np.errstate(divide="ignore"):
-            return torch.from_numpy(np.log(self.mass(z)).astype(np.float32))
+            return torch.from_numpy(np.log2(self.mass(z)).astype(np.float32))
 
     def mass(self, z: torch.Tensor) -> np.ndarray:
-        """[rows] float64: each row's kept mass, sum(exp(z) over z >= tau): from the candidate
+        """[rows] float64: each row's kept mass, sum(exp2(z) over z >= tau): from the candidate
         lists where a row has one (no pass over the row), else from the row (a compare and a
         float32 dot product, as `draw_nucleus`). 0 for rows without mass."""
         mass = np.zeros(z.shape[0])
@@ -261,12 +252,12 @@ class Cut:
             mass[rows.numpy()] = probs.double().sum(-1).numpy()  # (float64: exact for most kept sets, so in any batch)
         a, tau = z.numpy(), self.tau.numpy()
         for i in self.wide.tolist():
-            e = exp(z[i]) if self.e is None else self.e[i]
+            e = exp2(z[i]) if self.e is None else self.e[i]
             mass[i] = np.dot(e.numpy(), a[i] >= tau[i])
         return mass
 
     def log_probs_(self, z: torch.Tensor) -> torch.Tensor:
-        """z as the processed log-probabilities, in place: each kept entry less the log of its
+        """z as the processed log2-probabilities, in place: each kept entry less the log2 of its
         row's kept mass, the rest -inf; rows without finite mass come out non-finite (callers
         flag them). A row cut among candidates is filled with -inf and its kept entries written
         back (no compare or mask over it); a wide row is done alone, in cache."""
@@ -293,8 +284,8 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
     largest entries whose mass reaches top_p of what top-k left, ties with its last entry kept).
 
     Args:
-        z: [rows, vocab] float32 CPU tensor, each row's maximum 0 (rows without finite mass:
-            skipped).
+        z: [rows, vocab] float32 CPU tensor in log2 units, each row's maximum 0 (rows without
+            finite mass: skipped).
         wide: cut the rows whose cut is not among candidates from their histogram; False
             leaves them in `uncut` (for `draw_nucleus`, which needs no cut).
     """
@@ -310,7 +301,7 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
     todo = np.flatnonzero(np.isfinite(bmax.max(1)))  # rows with finite mass
     total = None
     if p < 1.0 and not k:  # top-p's share is of the whole row's mass
-        out.e = exp(z)
+        out.e = exp2(z)
         out.running = running_sums(out.e)
         total = out.running[:, -1].numpy()  # [rows] float64
     tau_all = out.tau.numpy()
@@ -324,7 +315,7 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
         blocks = best[:, 1:]  # [g, n]
         if total is not None:  # rows whose n best blocks cannot hold p of the mass (nor can any
             # n blocks: CUT_BLOCK entries each, none above its max) go straight on
-            hope = np.exp(np.take_along_axis(b, blocks, 1).astype(np.float64)).sum(1) * bs >= p * total[todo]
+            hope = np.exp2(np.take_along_axis(b, blocks, 1).astype(np.float64)).sum(1) * bs >= p * total[todo]
             hopeless.append(todo[~hope])
             todo, floor, blocks = todo[hope], floor[hope], blocks[hope]
             if todo.size == 0:
@@ -353,7 +344,7 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
         if k:  # every entry tied with the k-th is above floor too, so here
             tau, found = tv[:, k - 1], count >= k
         if p < 1.0:
-            pe = np.where(here & (tv >= tau[:, None]), np.exp(tv).astype(np.float64), 0.0)  # [g, width]
+            pe = np.where(here & (tv >= tau[:, None]), np.exp2(tv).astype(np.float64), 0.0)  # [g, width]
             mass = pe.sum(1) if k else total[todo]  # [g]: what top-p's share is of
             cum = pe.cumsum(1)
             # a token is kept while the mass before it is below p: the first always is
@@ -380,7 +371,7 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
 
 
 def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torch.Tensor:
-    """`cut` for rows whose kept set is large ([g, vocab]; e: exp(z) when known, not written):
+    """`cut` for rows whose kept set is large ([g, vocab]; e: exp2(z) when known, not written):
     top-k by topk; top-p from a float64 histogram of each row's mass over z: every bin above the
     one where the mass passes p is kept, and only that bin's entries are sorted. Returns tau [g].
 
@@ -390,14 +381,14 @@ def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torc
     tau = torch.topk(z, k, dim=-1).values[:, -1].contiguous() if k else torch.full((g,), -math.inf)
     if p >= 1.0:
         return tau
-    e = exp(z) if e is None else e
+    e = exp2(z) if e is None else e
     a, ea, t = z.numpy(), e.numpy(), tau.numpy()
     span = HIST_BINS + 1
     for i in range(g):
         zi = a[i]
         w = np.where(zi >= t[i], ea[i], 0.0) if k else ea[i]  # top-p's share is of what top-k kept
-        # bin of each entry (0: the top one; below -HIST_NATS and -inf: the last)
-        bins = np.minimum(zi * np.float32(-HIST_BINS / HIST_NATS), np.float32(HIST_BINS)).astype(np.intp)
+        # bin of each entry (0: the top one; below -HIST_SPAN and -inf: the last)
+        bins = np.minimum(zi * np.float32(-HIST_BINS / HIST_SPAN), np.float32(HIST_BINS)).astype(np.intp)
         hist = np.bincount(bins, weights=w, minlength=span).cumsum()  # float64
         need = p * hist[-1]
         # the bin where the mass passes p (the last one when rounding leaves need just above the total)
@@ -406,7 +397,7 @@ def _cut_wide(z: torch.Tensor, e: torch.Tensor | None, k: int, p: float) -> torc
         vals = zi[bins == b]  # that bin's entries: a few hundred
         vals = -np.sort(-vals[vals >= t[i]])  # falling (top-k's cut; -inf never kept)
         if vals.size and vals[0] > -np.inf:
-            pe = np.exp(vals.astype(np.float64))
+            pe = np.exp2(vals.astype(np.float64))
             kept = int(((before + pe.cumsum() - pe) < need).sum())  # >= 1: before < need
             t[i] = max(t[i], vals[max(kept, 1) - 1])
     return tau

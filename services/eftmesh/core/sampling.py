@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.draws import cut, draw, draw_nucleus, draw_probs, exp, running_sums
+from eftmesh.core.draws import LN2, LOG2E, cut, draw, draw_nucleus, draw_probs, exp2, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -83,18 +83,30 @@ def process(logprobs: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = Fa
     if cfg.greedy:
         return torch.log_softmax(x, dim=-1)
     if not _filters(cfg, x.shape[1]):
-        return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature, overwrite), dim=-1)
+        return torch.log_softmax(x if cfg.temperature == 1.0 else _scaled(x, cfg.temperature, overwrite, log2=False), dim=-1)
     z = _scaled(x, cfg.temperature, overwrite)
-    # the kept entries less the log of their mass, the rest -inf, in place: where a mask and a
-    # log_softmax took five passes and two new tensors
-    return cut(z, cfg.top_k, cfg.top_p).log_probs_(z)
+    # the kept entries less the log2 of their mass, the rest -inf, in place (where a mask and a
+    # log_softmax took five passes and two new tensors), then in nats
+    return cut(z, cfg.top_k, cfg.top_p).log_probs_(z).mul_(LN2)
+
+
+def processed_probs(scores: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = False) -> torch.Tensor:
+    """process(scores, cfg).exp(), without the pass to nats and with the faster exp2: the
+    processed distribution's probabilities, [rows, vocab] float32, 0 where filtered out (a
+    speculative rejection's residual needs them). Sampled configurations only."""
+    assert scores.dim() == 2 and not cfg.greedy, "sampled rows: [rows, vocab]"
+    z = _scaled(scores.float(), cfg.temperature, overwrite)
+    if _filters(cfg, z.shape[1]):
+        return cut(z, cfg.top_k, cfg.top_p).log_probs_(z).exp2_()
+    e = exp2(z, overwrite=True)
+    return e.div_(e.sum(-1, keepdim=True, dtype=torch.float64).float())
 
 
 def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
                 overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's probability of one token under `process(scores, cfg)` (up to float
     rounding), without forming the processed rows: what speculative verification's ratio test
-    reads of p and q. A row costs what a draw's cut does (temperature, the exp top-p's total
+    reads of p and q. A row costs what a draw's cut does (temperature, the exp2 top-p's total
     needs, the cut) and no write of the row.
 
     Args:
@@ -114,11 +126,11 @@ def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig,
         where = cut(z, cfg.top_k, cfg.top_p)
         mass, kept = where.mass(z), zt >= where.tau.double().numpy()
     else:
-        mass, kept = exp(z, overwrite=True).sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
+        mass, kept = exp2(z, overwrite=True).sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
     ok = np.isfinite(mass) & (mass > 0) & ~np.isnan(zt)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # rows not ok: meaningless
-        probs = np.where(kept & ok, np.exp(zt) / mass, 0.0)
-    return torch.from_numpy(probs), torch.from_numpy(ok)
+        p = np.where(kept & ok, np.exp2(zt) / mass, 0.0)
+    return torch.from_numpy(p), torch.from_numpy(ok)
 
 
 # Top-p without top-k is drawn without a cut when p is at least this: a draw from the whole row
@@ -134,16 +146,23 @@ def _filters(cfg: SamplingConfig, vocab: int) -> bool:
     return 0 < cfg.top_k < vocab or cfg.top_p < 1.0
 
 
-def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False) -> torch.Tensor:
-    """(x - max) / temperature, a new tensor (x itself with `overwrite`): <= 0, so it cannot
-    overflow to +inf (it may underflow to -inf, the right limit), and -inf stays -inf. A row
-    whose max is not finite is left unshifted (it has no finite mass; callers flag it)."""
+def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False, *, log2: bool = True) -> torch.Tensor:
+    """(x - max) * log2(e) / temperature: the rows in log2 units (draws.py), for exp2; with
+    `log2=False`, (x - max) / temperature. A new tensor (x itself with `overwrite`): <= 0, so
+    it cannot overflow to +inf (it may underflow to -inf, the right limit), and -inf stays
+    -inf. A row whose max is not finite is left unshifted (it has no finite mass; callers flag
+    it). The one rounding of the product is that of the division before (relative 6e-8)."""
     m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
     m = torch.where(torch.isfinite(m), m, 0.0)
     z = x.sub_(m) if overwrite and x.dtype == torch.float32 else torch.sub(x, m)
     # a temperature past float32's range would be inf here, and -inf / inf is NaN: its limit,
     # every finite entry 0, is what float32's largest gives
-    return z if temperature == 1.0 else z.div_(min(temperature, torch.finfo(torch.float32).max))
+    t = min(temperature, torch.finfo(torch.float32).max)
+    if not log2:
+        return z if t == 1.0 else z.div_(t)
+    scale = LOG2E / t
+    # (a scale below float32's normal range could be flushed to 0, and -inf * 0 is NaN)
+    return z.mul_(scale) if scale > 1e-30 else z.div_(t).mul_(LOG2E)
 
 
 def sample(
@@ -176,7 +195,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
     cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
-    128k entries a row costs one pass to scale, one exp and a few small passes.
+    128k entries a row costs one pass to scale, one exp2 and a few small passes.
 
     Args:
         scores: [rows, vocab] log-probabilities or logits, any per-row shift (CPU).
@@ -192,13 +211,13 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
-    z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: draw may overwrite it
+    z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
-        return draw(z, u, overwrite=True)
+        return draw_probs(exp2(z, overwrite=True), u)
     tokens = torch.zeros(z.shape[0], dtype=torch.int64)
     nucleus = more is not None and not 0 < cfg.top_k < z.shape[1]  # top-p alone: no cut needed for a draw
     if nucleus and cfg.top_p >= NUCLEUS_MIN_P:  # no cut at all (draws.draw_nucleus)
-        e = exp(z)
+        e = exp2(z)
         running = running_sums(e)
         total = running[:, -1]
         ok = torch.isfinite(total) & (total > 0)  # (as `draw`'s)

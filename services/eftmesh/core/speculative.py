@@ -31,7 +31,7 @@ from eftmesh.core.sampling import (
     argmax_rows,
     more_uniforms,
     no_finite_mass,
-    process,
+    processed_probs,
     sample_rows,
     token_probs,
     uniforms,
@@ -208,9 +208,9 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
         # at a rejection the token comes from normalise(max(0, p_i - q_i)), whole rows
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
-        target = process(p.index_select(0, at), cfg, overwrite=True).exp_()  # [g, vocab]
-        q_i = process(torch.stack([blocks[j].q[accepted[j], :vocab] for j in rejected]), cfg, overwrite=True)
-        tokens, ok = draw_probs((target - q_i.exp_()).clamp_min_(0.0), last[rejected])
+        target = processed_probs(p.index_select(0, at), cfg, overwrite=True)  # [g, vocab]
+        q_i = processed_probs(torch.stack([blocks[j].q[accepted[j], :vocab] for j in rejected]), cfg, overwrite=True)
+        tokens, ok = draw_probs(q_i.neg_().add_(target).clamp_min_(0.0), last[rejected])
         if not bool(ok.all()):  # p_i == q_i in float there: that rejection had probability 0
             bad = ~ok
             tokens[bad] = draw_probs(target[bad], last[rejected][bad])[0]
