@@ -194,6 +194,51 @@ def test_draft_probabilities_from_the_drafter_give_the_same_verdicts_without_rea
     assert {v.accepted for v in read} >= {0} and any(v.accepted == len(d) for v, d in zip(read, drafts))
 
 
+@pytest.mark.parametrize("min_rows", [1, 10_000])
+def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_give(monkeypatch, min_rows):
+    """Rows whose top-p nucleus holds thousands of tokens are not cut for the ratio test
+    (sampling.token_prob_bounds: p(x) bounded, exactly 0 outside the nucleus); the tests the
+    intervals leave open are computed exactly. Verdicts equal those of exact probabilities
+    everywhere (the same uniforms), for blocks that bring q(x) and blocks whose q is read."""
+    from eftmesh.core import draws, sampling, speculative
+    from eftmesh.core.sampling import SamplingConfig, process, token_probs
+
+    monkeypatch.setattr(speculative, "LAZY_MIN_ROWS", min_rows)
+    cfg, vocab = SamplingConfig(temperature=1.0, top_p=0.75), 20_000
+    gen = torch.Generator().manual_seed(21)
+    qs, ps, drafts = [], [], []
+    for b in range(12):
+        k = 1 + b % 4
+        q = torch.randn(k + 1, vocab, generator=gen) * 0.3  # flat: a nucleus of ~15,000 tokens
+        qs.append(q)
+        ps.append(q + 0.15 * torch.randn(k + 1, vocab, generator=gen))
+        drafts.append(torch.multinomial(process(q[:k], cfg).exp(), 1, generator=gen).view(-1))
+    p_all = torch.cat(ps)
+    firsts = [sum(len(d) + 1 for d in drafts[:b]) for b in range(12)]
+    sent = set(range(0, 12, 3))
+
+    def verify() -> list:
+        return speculative.verify_blocks(p_all, [
+            speculative.Block(d.tolist(), f, q, torch.Generator().manual_seed(300 + b),
+                              token_probs(q[:len(d)], d, cfg)[0].tolist() if b in sent else None)
+            for b, (d, f, q) in enumerate(zip(drafts, firsts, qs))], cfg)
+
+    opened, bounded = [], []
+    real_exact, real_bounds = speculative._exact_tests, draws.nucleus_bounds
+    monkeypatch.setattr(speculative, "_exact_tests", lambda *a: opened.append(len(a[2])) or real_exact(*a))
+    monkeypatch.setattr(sampling, "nucleus_bounds", lambda *a: bounded.append(len(a[3])) or real_bounds(*a))
+    got = verify()
+    assert bounded and opened and sum(opened) < sum(bounded) / 3  # intervals decide most tests
+
+    def exact(rows, tokens, cfg, overwrite=False):
+        lo, ok = token_probs(rows, tokens, cfg, overwrite=overwrite)
+        return lo, lo, ok
+
+    monkeypatch.setattr(speculative, "token_prob_bounds", exact)
+    assert got == verify()
+    assert any(v.accepted < len(d) for v, d in zip(got, drafts)) and any(v.accepted == len(d) for v, d in zip(got, drafts))
+
+
 def test_seeded_verification_is_deterministic():
     lp = torch.log_softmax(torch.randn(5, 9, generator=torch.Generator().manual_seed(3)), -1)
     q = torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(4)), -1)

@@ -389,8 +389,8 @@ class Scheduler:
             return {}
         scores, offsets = mix_step(gens, rows, self.vocab_size, self._workspace)  # [n, vocab], unnormalised
         sampling = {g: g.req.sampling for g in gens}
-        verdicts = verify_groups(gens, sampling, offsets, scores)  # sampled blocks
-        drawn = draw_plain(gens, sampling, offsets, scores)  # sampled plain steps' tokens
+        verdicts = verify_groups(gens, sampling, offsets, scores, self._workspace)  # sampled blocks
+        drawn = draw_plain(gens, sampling, offsets, scores, self._workspace)  # sampled plain steps' tokens
         # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
         top, finite = argmax_finite(scores) if any(c.greedy for c in sampling.values()) else (None, None)  # [n]
         all_finite = finite is None or bool(finite.all())

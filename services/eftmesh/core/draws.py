@@ -186,6 +186,37 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
     return torch.from_numpy(tokens)
 
 
+def nucleus_bounds(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: torch.Tensor,
+                   tokens: torch.Tensor, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on each of z's `rows`' probability of its token under top-p (without top-k),
+    without finding where its nucleus ends: the test `draw_nucleus` makes (the token is in the
+    nucleus exactly when the mass strictly above it is below p of the row's mass T; else its
+    probability is 0), and, for a token inside, the nucleus mass M lies between
+    max(pT, the mass at or above the token) and T. A compare and a dot product per row, where
+    cutting a flat row of 128k from its histogram costs ~0.7 ms here.
+
+    Args:
+        z, e, running: as `draw_nucleus`'s (log2 units, each row's maximum 0; every row in
+            `rows` has finite mass).
+        rows: [g] int64 row indices; tokens: [g] int64, one token per row.
+        p: top-p, < 1.
+
+    Returns:
+        ([g] float64 lower bounds, [g] float64 upper bounds), equal (0) for a token outside.
+    """
+    a, ea, run = z.numpy(), e.numpy(), running.numpy()
+    r, t = rows.numpy(), tokens.numpy()
+    total = run[r, -1]  # [g]
+    v = a[r, t]  # [g] float32: each token's value
+    et = np.exp2(v.astype(np.float64))  # (as `sampling.token_probs` reads a token's mass)
+    above = np.array([np.dot(ea[i], a[i] > x) for i, x in zip(r, v)], dtype=np.float64)  # (as draw_nucleus)
+    need = p * total
+    inside = above < need
+    lo = np.where(inside, et / total, 0.0)
+    hi = np.where(inside, et / np.maximum(need, above + et), 0.0)
+    return lo, hi
+
+
 # --- top-k and top-p cuts ---------------------------------------------------------------------
 #
 # A row's kept tokens are its largest entries, so they lie in the blocks of CUT_BLOCK entries

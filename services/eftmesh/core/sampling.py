@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.draws import LN2, LOG2E, cut, draw, draw_nucleus, draw_probs, exp2, running_sums
+from eftmesh.core.draws import LN2, LOG2E, cut, draw, draw_nucleus, draw_probs, exp2, nucleus_bounds, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -119,18 +119,48 @@ def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig,
         ([rows] float64 probabilities, 0 where the token is filtered out; [rows] bool: the row
         has finite mass, its probability is meaningless otherwise).
     """
+    lo, _, ok = _token_probs(scores, tokens, cfg, overwrite, bounds=False)
+    return lo, ok
+
+
+def token_prob_bounds(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
+                      overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_probs` as an interval, for a test that the interval may decide: a row whose
+    top-p nucleus (top-p without top-k) is too wide to find among candidates (thousands of
+    tokens: a flat row) is not cut; its token's probability is bounded instead
+    (`draws.nucleus_bounds`: exact 0 outside the nucleus; inside, the nucleus mass lies
+    between p and 1 of the row's). Every other row's interval is its exact value.
+
+    Returns:
+        ([rows] float64 lower bounds, [rows] float64 upper bounds, [rows] bool: the row has
+        finite mass, as `token_probs`').
+    """
+    return _token_probs(scores, tokens, cfg, overwrite, bounds=True)
+
+
+def _token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, overwrite: bool,
+                 bounds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     assert scores.dim() == 2 and tokens.shape == scores.shape[:1] and not cfg.greedy, "[rows, vocab] scores, [rows] tokens"
     z = _scaled(scores.float(), cfg.temperature, overwrite)
     zt = z.gather(1, tokens.view(-1, 1)).view(-1).double().numpy()  # [rows]
+    where = None
     if _filters(cfg, z.shape[1]):
-        where = cut(z, cfg.top_k, cfg.top_p)
+        nucleus = bounds and not 0 < cfg.top_k < z.shape[1]  # (top-k's mass is not the row's)
+        where = cut(z, cfg.top_k, cfg.top_p, wide=not nucleus)
         mass, kept = where.mass(z), zt >= where.tau.double().numpy()
     else:
         mass, kept = exp2(z, overwrite=True).sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
+    if where is not None and where.uncut.numel():  # (rows with finite mass: mass() left them 0)
+        assert where.e is not None and where.running is not None  # (top-p alone computes them)
+        mass[where.uncut.numpy()] = where.running[where.uncut, -1].numpy()  # (for `ok`)
     ok = np.isfinite(mass) & (mass > 0) & ~np.isnan(zt)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # rows not ok: meaningless
-        p = np.where(kept & ok, np.exp2(zt) / mass, 0.0)
-    return torch.from_numpy(p), torch.from_numpy(ok)
+        lo = np.where(kept & ok, np.exp2(zt) / mass, 0.0)
+    hi = lo.copy()
+    if where is not None and where.uncut.numel():
+        r = where.uncut
+        lo[r.numpy()], hi[r.numpy()] = nucleus_bounds(z, where.e, where.running, r, tokens[r], cfg.top_p)
+    return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
 
 
 # Top-p without top-k is drawn without a cut when p is at least this: a draw from the whole row

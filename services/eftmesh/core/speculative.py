@@ -19,7 +19,7 @@ Pure tensor code: no grpc, no transformers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from eftmesh.core.sampling import (
     no_finite_mass,
     processed_probs,
     sample_rows,
+    token_prob_bounds,
     token_probs,
     uniforms,
 )
@@ -119,7 +120,8 @@ class Block:
     q_probs: Sequence[float] | None = None
 
 
-def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig) -> list[Verdict | NoFiniteMass]:
+def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
+                  scratch: Callable[[int, int], torch.Tensor] | None = None) -> list[Verdict | NoFiniteMass]:
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
     only at draft i (its probability under each, `sampling.token_probs`) and only while the
     drafts before it pass; a whole processed row is formed only at a rejection (the residual
@@ -139,6 +141,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
             drawn from a top-p nucleus by rejection, `draws.draw_nucleus`, takes one more
             float64 uniform per redraw).
         cfg: the sampling settings (sampled, not greedy) every block's p and q are processed with.
+        scratch: gives a [rows, vocab] float32 tensor to copy rows into (its contents garbage),
+            a buffer the caller keeps from step to step; None: a new one per call.
 
     Returns:
         Per block, its Verdict, or NoFiniteMass when a row it read has no finite mass.
@@ -152,9 +156,10 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
     last = torch.cat([uniforms(b.generator) for b in blocks])
     out: list[Verdict | NoFiniteMass | None] = [None] * len(blocks)
     accepted = [0] * len(blocks)
-    # the rows a call reads, p's then q's, float32: one allocation for every call (fresh pages
-    # fault on first write, and a [16, 128k] copy's faults cost as much as its pass)
-    buf = torch.empty(2 * len(blocks), vocab)
+    # the rows a call reads, p's then q's, float32: one buffer for every call, the caller's
+    # (fresh pages fault on first write, and a [16, 128k] copy's faults cost as much as its pass)
+    take = scratch or (lambda n, width: torch.empty(n, width))
+    buf = take(2 * len(blocks), vocab)
     testing, i = list(range(len(blocks))), 0
     while testing:
         # one position per call while the calls are wide; few blocks left (e.g. one stream):
@@ -166,20 +171,27 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
         read = [r for r, (j, _) in enumerate(at) if blocks[j].q_probs is None]  # q rows to read
         g = len(at)
         if buf.shape[0] < g + len(read):
-            buf = torch.empty(g + len(read), vocab)
+            buf = take(g + len(read), vocab)
         rows = buf[:g + len(read)]
         torch.index_select(p, 0, torch.tensor([blocks[j].first + t for j, t in at]), out=rows[:g])
         for r, a in enumerate(read, g):
             rows[r].copy_(blocks[at[a][0]].q[at[a][1], :vocab])  # (any dtype: rows travel in the model's)
         x = torch.tensor([drafts[j][t] for j, t in at])
-        probs, ok = token_probs(rows, torch.cat((x, x[read])), cfg, overwrite=True)  # p_t(x_t), then the q_t(x_t) read
-        q_at = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at],
+        # p_t(x_t), then the q_t(x_t) read, as intervals: a flat row's is not cut (below)
+        lo, hi, ok = token_prob_bounds(rows, torch.cat((x, x[read])), cfg, overwrite=True)
+        sent = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at],
                             dtype=torch.float64)
-        q_ok = torch.ones(g, dtype=torch.bool)
-        q_at[read], q_ok[read] = probs[g:], ok[g:]
+        q_lo, q_hi, q_ok = sent.clone(), sent, torch.ones(g, dtype=torch.bool)
+        q_lo[read], q_hi[read], q_ok[read] = lo[g:], hi[g:], ok[g:]
         # keep draft t with probability min(1, p_t(x_t) / q_t(x_t)) (u * q < p: no division by
-        # q); stop at the first rejection (rows read past it are ignored)
-        keep = (torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64) * q_at < probs[:g]).tolist()
+        # q); stop at the first rejection (rows read past it are ignored). The intervals decide
+        # almost every test; the few they leave open are computed exactly.
+        u = torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64)
+        keep = u * q_hi < lo[:g]
+        if bool((open_ := ~keep & (u * q_lo < hi[:g]) & ok[:g] & q_ok).any()):
+            keep[open_] = _exact_tests(p, blocks, [at[r] for r in open_.nonzero().flatten().tolist()],
+                                       [at[a] for a in read], u[open_], cfg)
+        keep = keep.tolist()
         good = (ok[:g] & q_ok).tolist()
         still, n = [], 0
         for j in testing:
@@ -217,6 +229,21 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig)
         for j, t in zip(rejected, tokens.tolist()):
             out[j] = Verdict(accepted[j], t)
     return out  # type: ignore[return-value]
+
+
+def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], read: list[tuple[int, int]],
+                 u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The ratio tests u * q_t(x_t) < p_t(x_t) that `token_prob_bounds`' intervals left open
+    ((block, position) pairs `at`), from exact token probabilities (whole rows cut); q from
+    the rows for the pairs in `read`, else as the block sent it."""
+    x = torch.tensor([blocks[j].drafts[t] for j, t in at])
+    pt, _ = token_probs(p.index_select(0, torch.tensor([blocks[j].first + t for j, t in at])), x, cfg, overwrite=True)
+    q = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at], dtype=torch.float64)
+    if mine := [i for i, pair in enumerate(at) if pair in read]:
+        vocab = p.shape[1]
+        rows = torch.stack([blocks[at[i][0]].q[at[i][1], :vocab].float() for i in mine])
+        q[mine] = token_probs(rows, x[mine], cfg, overwrite=True)[0]
+    return u * q < pt
 
 
 def expected_tokens_per_block(acceptance: float, k: int) -> float:
