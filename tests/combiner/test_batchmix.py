@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eftmesh.combiner import batchmix
-from eftmesh.combiner.batchmix import joined, mix_step
+from eftmesh.combiner.batchmix import Workspace, joined, mix_step
 from eftmesh.core.mixing import mix
 
 V = 11
@@ -94,6 +94,23 @@ class FakeSampler(FakeGeneration):
     drafts: list[int] = field(default_factory=list)
 
 
+def test_adjacent_plain_rows_are_scaled_into_the_scratch_buffer_with_the_same_tokens():
+    from eftmesh.combiner.batchmix import draw_plain
+    from eftmesh.core.sampling import SamplingConfig
+
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
+    offsets = {g: i for i, g in enumerate(gens)}
+    scores = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1)) * 3
+    before = scores.clone()
+    plain = draw_plain(gens, dict.fromkeys(gens, cfg), offsets, scores)
+    for s, g in enumerate(gens):
+        g.gen.manual_seed(s)
+    ws = Workspace()
+    assert draw_plain(gens, dict.fromkeys(gens, cfg), offsets, scores, ws) == plain
+    assert torch.equal(scores, before)  # scaled into the scratch, not over the scores
+
+
 def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone():
     from eftmesh.combiner.batchmix import draw_plain, verify_groups
     from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, process, sample_rows, uniforms
@@ -129,6 +146,11 @@ def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone
     drawn = draw_plain(gens, sampling, offsets, scores)
     assert set(drawn) == {gens[0], gens[1], gens[3], gens[5]}
     assert {g: drawn[g] for g in expected} == expected and drawn[gens[5]] == -1
+    for s in (0, 1, 3, 5):
+        gens[s].gen.manual_seed(s)
+    before = scores.clone()
+    assert draw_plain(gens, sampling, offsets, scores, Workspace()) == drawn  # rows copied to its scratch
+    assert torch.equal(before.nan_to_num(), scores.nan_to_num())  # the scores stay
     verdicts = verify_groups(gens, sampling, offsets, scores)
     assert set(verdicts) == {gens[2], gens[6], gens[7], g8} and isinstance(verdicts[g8], NoFiniteMass)
     for g in (gens[2], gens[6], gens[7]):  # alone: the same generator state gives the same verdict

@@ -206,9 +206,15 @@ def draw_plain(
     out: dict[Drawable, int] = {}
     for cfg, members in groups.items():
         u, more = per_row_uniforms([g.gen for g in members])
-        at = _rows(members, offsets)
-        rows = torch.index_select(scores, 0, at, out=workspace.scratch(len(at), scores.shape[1])) if workspace else scores[at]
-        tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)  # (a copy: the scores stay)
+        first, n = offsets[members[0]], len(members)
+        if workspace is None:
+            tokens, ok = sample_rows(scores[_rows(members, offsets)], cfg, u, overwrite=True, more=more)  # (a copy)
+        elif all(offsets[g] == first + i for i, g in enumerate(members)):  # (the usual step: adjacent rows)
+            # scaled straight into the scratch buffer (the scores stay): no copy pass first
+            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, out=workspace.scratch(n, scores.shape[1]))
+        else:
+            rows = torch.index_select(scores, 0, _rows(members, offsets), out=workspace.scratch(n, scores.shape[1]))
+            tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out
 
