@@ -352,3 +352,21 @@ def test_a_row_draws_from_its_nucleus_alike_in_any_batch():
     for i in range(12):
         u1, more1, taken1 = row_uniforms([make_generator(seeds[i])])
         assert int(sample_rows(x[i:i + 1], cfg, u1, more=more1)[0]) == int(together[i]) and taken1[0] == taken[i]
+
+
+@pytest.mark.parametrize("vocab", [1003, 49_152, 50_257, 128_256])
+def test_a_rows_probabilities_are_bitwise_those_it_gets_alone(vocab):
+    """torch's exp2 takes a buffer's last few entries by a scalar path; draws.exp2 keeps every
+    row's values what they are alone, wherever the row lies in a batch (one intra-op thread,
+    the combiner's default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        z = -torch.rand(9, vocab, generator=torch.Generator().manual_seed(vocab)) * 60
+        batch = draws.exp2(z)
+        for i in range(9):
+            assert torch.equal(batch[i:i + 1], draws.exp2(z[i:i + 1].clone()))
+            assert torch.equal(batch[i:i + 2], draws.exp2(z[i:i + 2].clone()))
+        assert torch.equal(draws.exp2(z.clone(), overwrite=True), batch)
+    finally:
+        torch.set_num_threads(threads)

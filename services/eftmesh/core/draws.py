@@ -31,11 +31,27 @@ LOG2E = 1.4426950408889634  # log2(e): z = log-probability * LOG2E
 LN2 = 0.6931471805599453  # ln(2): a log-probability = z * LN2
 
 
+# torch's CPU kernels take the last entries of a buffer (fewer than two vectors) by a scalar
+# exp2, which can differ from the vectorised one in the last bit: over a contiguous [rows, vocab]
+# buffer those are the last row's last entries only, so a row's values would depend on where it
+# lies in a batch. `exp2` runs the rows' first EXP2_SPLIT-aligned columns and their tails as two
+# 2-d calls instead: each row's entries then go the way they go alone (bitwise, checked, on one
+# intra-op thread: with several, torch splits the buffer between them wherever it falls).
+EXP2_SPLIT = 64
+
+
 def exp2(z: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
-    """2 ** z (in place with `overwrite`): the sampler's largest pass. (numpy's exp2 was slower
-    than torch's here: 2.8 ms per 1M entries; an AVX-512 numpy's exp was the faster exp, 0.9
-    against torch's 1.7 ms over 16 rows of 128k, but torch's exp2 is as fast as that.)"""
-    return z.exp2_() if overwrite else z.exp2()
+    """2 ** z (in place with `overwrite`): the sampler's largest pass, each row's values those
+    it gets alone (above). (numpy's exp2 was slower than torch's here: 2.8 ms per 1M entries;
+    an AVX-512 numpy's exp was the faster exp, 0.9 against torch's 1.7 ms over 16 rows of
+    128k, but torch's exp2 is as fast as that.)"""
+    w = z.shape[-1] - z.shape[-1] % EXP2_SPLIT
+    if z.dim() != 2 or z.shape[0] < 2 or w in (0, z.shape[-1]):
+        return z.exp2_() if overwrite else z.exp2()
+    out = z if overwrite else torch.empty_like(z)
+    torch.exp2(z[:, :w], out=out[:, :w])
+    torch.exp2(z[:, w:], out=out[:, w:])
+    return out
 
 
 # Inverse-CDF sampling in two levels. torch.multinomial draws one row at a time and checks its
