@@ -123,8 +123,9 @@ class Block:
 def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
                   scratch: Callable[[int, int], torch.Tensor] | None = None) -> list[Verdict | NoFiniteMass]:
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
-    only at draft i (its probability under each, `sampling.token_probs`) and only while the
-    drafts before it pass; a whole processed row is formed only at a rejection (the residual
+    only at draft i (its probability under each, `sampling.token_prob_bounds`: exact, or an
+    interval for a flat row, which decides the test unless the uniform falls inside it, when
+    that test is computed exactly) and only while the drafts before it pass; a whole processed row is formed only at a rejection (the residual
     max(0, p_i - q_i)), and the bonus token is drawn from p_k as a plain step's is
     (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
