@@ -31,13 +31,14 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_tiny_family(tmp_path_factory.mktemp("tiny"))
 
 
-def start_logit(path: Path, role: str, port: int = 0, **kwargs) -> LogitServer:
-    """A started logit service on loopback (port 0 picks a free port); keyword arguments set
-    LogitConfig's fields, or its EngineConfig's (kv_cache_tokens=..., max_batch=...)."""
+def start_logit(path: Path, role: str, port: int = 0, health_port: int | None = None, **kwargs) -> LogitServer:
+    """A started logit service on loopback (port 0 picks a free port; `health_port` as
+    ServerConfig's); keyword arguments set LogitConfig's fields, or its EngineConfig's
+    (kv_cache_tokens=..., max_batch=...)."""
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     engine = EngineConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-    cfg = LogitConfig(model=str(path), role=role, server=ServerConfig(host="127.0.0.1", port=port, grace_s=1.0),
-                      engine=engine, **kwargs)
+    server = ServerConfig(host="127.0.0.1", port=port, grace_s=1.0, health_port=health_port)
+    cfg = LogitConfig(model=str(path), role=role, server=server, engine=engine, **kwargs)
     ls = build_logit(cfg)
     ls.start()
     return ls

@@ -105,7 +105,10 @@ class _Client:
 
 @pytest.mark.e2e
 def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_family):
-    ports = dict(zip(tiny_family, free_ports(len(tiny_family))))
+    # every port chosen at once, health ports too: a service's default health port (its port +
+    # 1000) could be another's chosen port, which it would then take first
+    chosen = free_ports(2 * len(tiny_family))
+    ports, health = dict(zip(tiny_family, chosen)), dict(zip(tiny_family, chosen[len(tiny_family):]))
     t0 = time.monotonic()
     cs = start_combiner(tiny_family["base-small"], ports)  # nothing listens on those ports yet
     logits = []
@@ -116,7 +119,7 @@ def test_a_combiner_started_before_its_upstreams_serves_once_they_answer(tiny_fa
         err, took = client.refused()
         assert err.code() == grpc.StatusCode.UNAVAILABLE and took < 2.0
         assert "base-large" in err.details() and "waiting for" in err.details()
-        logits = [start_logit(tiny_family[r], r, port=p) for r, p in ports.items()]
+        logits = [start_logit(tiny_family[r], r, port=p, health_port=health[r]) for r, p in ports.items()]
         client.wait_status(SERVING, timeout=10)
         assert len(client.complete().token_ids) == 4
         assert cs.scorer.missing_roles() == []
