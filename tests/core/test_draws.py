@@ -370,3 +370,29 @@ def test_a_rows_probabilities_are_bitwise_those_it_gets_alone(vocab):
         assert torch.equal(draws.exp2(z.clone(), overwrite=True), batch)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+@pytest.mark.parametrize("cfg", [SamplingConfig(1.0), SamplingConfig(0.7), SamplingConfig(0.8, top_p=0.9),
+                                 SamplingConfig(1.0, top_p=0.3), SamplingConfig(0.9, top_k=20),
+                                 SamplingConfig(1.0, top_k=50, top_p=0.8)])
+def test_sample_with_probs_is_sample_rows_then_token_probs_bitwise(shape, cfg):
+    """What a drafting logit service sends (each draft and its q(x)) from one scaling of the
+    rows, bitwise what sample_rows then token_probs give; a row without mass is flagged alike."""
+    from eftmesh.core.sampling import sample_with_probs, token_probs
+
+    gen = torch.Generator().manual_seed(3)
+    x = shaped_rows(gen, 8, 20_000, shape)
+    x[5] = -math.inf  # no finite mass
+
+    def more_from(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda rows: torch.rand(len(rows), generator=g, dtype=torch.float64)
+
+    u = torch.rand(8, generator=gen, dtype=torch.float64)
+    tokens, ok = sample_rows(x.clone(), cfg, u, more=more_from(9))
+    probs, _ = token_probs(x.clone(), tokens, cfg)
+    t2, ok2, p2 = sample_with_probs(x.clone(), cfg, u, overwrite=True, more=more_from(9))
+    assert torch.equal(ok, ok2) and ok.tolist() == [True] * 5 + [False] + [True] * 2
+    assert torch.equal(tokens[ok], t2[ok]) and torch.equal(probs[ok], p2[ok])
+    assert (p2[ok] > 0).all()

@@ -326,7 +326,8 @@ class Cut:
         return z
 
 
-def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
+def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True, e: torch.Tensor | None = None,
+        running: torch.Tensor | None = None) -> Cut:
     """Top-k (0: none; ties with the k-th kept), then top-p (1: none; the smallest set of the
     largest entries whose mass reaches top_p of what top-k left, ties with its last entry kept).
 
@@ -335,6 +336,8 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
             finite mass: skipped).
         wide: cut the rows whose cut is not among candidates from their histogram; False
             leaves them in `uncut` (for `draw_nucleus`, which needs no cut).
+        e, running: exp2(z) and its `running_sums`, when the caller has them (top-p without
+            top-k needs them; not written).
     """
     rows_all, vocab = z.shape
     bs, k, p = CUT_BLOCK, top_k if 0 < top_k < vocab else 0, top_p
@@ -348,8 +351,8 @@ def cut(z: torch.Tensor, top_k: int, top_p: float, *, wide: bool = True) -> Cut:
     todo = np.flatnonzero(np.isfinite(bmax.max(1)))  # rows with finite mass
     total = None
     if p < 1.0 and not k:  # top-p's share is of the whole row's mass
-        out.e = exp2(z)
-        out.running = running_sums(out.e)
+        out.e = exp2(z) if e is None else e
+        out.running = running_sums(out.e) if running is None else running
         total = out.running[:, -1].numpy()  # [rows] float64
     tau_all = out.tau.numpy()
     hopeless: list[np.ndarray] = []

@@ -141,15 +141,23 @@ def token_prob_bounds(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingC
 def _token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, overwrite: bool,
                  bounds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     assert scores.dim() == 2 and tokens.shape == scores.shape[:1] and not cfg.greedy, "[rows, vocab] scores, [rows] tokens"
-    z = _scaled(scores.float(), cfg.temperature, overwrite)
+    return _token_probs_z(_scaled(scores.float(), cfg.temperature, overwrite), tokens, cfg, bounds)
+
+
+def _token_probs_z(z: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, bounds: bool,
+                   e: torch.Tensor | None = None, running: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_token_probs` of scaled rows z (written over without filters unless `e` = exp2(z) is
+    given, with its `running` sums: then neither is written)."""
     zt = z.gather(1, tokens.view(-1, 1)).view(-1).double().numpy()  # [rows]
     where = None
     if _filters(cfg, z.shape[1]):
         nucleus = bounds and not 0 < cfg.top_k < z.shape[1]  # (top-k's mass is not the row's)
-        where = cut(z, cfg.top_k, cfg.top_p, wide=not nucleus)
+        where = cut(z, cfg.top_k, cfg.top_p, wide=not nucleus, e=e, running=running)
         mass, kept = where.mass(z), zt >= where.tau.double().numpy()
     else:
-        mass, kept = exp2(z, overwrite=True).sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
+        e = exp2(z, overwrite=True) if e is None else e
+        mass, kept = e.sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
     if where is not None and where.uncut.numel():  # (rows with finite mass: mass() left them 0)
         assert where.e is not None and where.running is not None  # (top-p alone computes them)
         mass[where.uncut.numpy()] = where.running[where.uncut, -1].numpy()  # (for `ok`)
@@ -252,6 +260,36 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
     z = _scaled(scores.float(), cfg.temperature, overwrite, out=out)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw_probs(exp2(z, overwrite=True), u)
+    return _sample_scaled(z, cfg, u, more)[:2]
+
+
+def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, overwrite: bool = False,
+                      more: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_rows`' tokens and each one's `token_probs` (bitwise what the two calls give),
+    from one scaling of the rows: a drafting logit service sends each draft's q(x), and the
+    second call repeated the temperature, the exp2 and (top-p) the running sums.
+
+    Returns:
+        ([rows] int64 tokens, [rows] bool: the row has finite mass, [rows] float64 each token's
+        probability; both meaningless where the row has no finite mass).
+    """
+    assert scores.dim() == 2 and not cfg.greedy, "sample_with_probs draws sampled rows: [rows, vocab]"
+    z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
+    if not _filters(cfg, z.shape[1]):
+        e = exp2(z)  # (not over z: the probabilities read it)
+        running = running_sums(e)
+        tokens, ok = draw_probs(e, u, running)
+        return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e)[0]
+    tokens, ok, e, running = _sample_scaled(z, cfg, u, more)
+    return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e, running=running)[0]
+
+
+def _sample_scaled(z: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor,
+                   more: Callable[[torch.Tensor], torch.Tensor] | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`sample_rows` with filters, from scaled rows z (not written); also exp2(z) and its
+    running sums where the draw computed them and left them unwritten (else None)."""
     tokens = torch.zeros(z.shape[0], dtype=torch.int64)
     nucleus = more is not None and not 0 < cfg.top_k < z.shape[1]  # top-p alone: no cut needed for a draw
     if nucleus and cfg.top_p >= NUCLEUS_MIN_P:  # no cut at all (draws.draw_nucleus)
@@ -261,7 +299,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
         ok = torch.isfinite(total) & (total > 0)  # (as `draw`'s)
         rows = ok.nonzero().flatten()
         tokens[rows] = draw_nucleus(z, e, running, rows, cfg.top_p, u[rows], more)
-        return tokens, ok
+        return tokens, ok, e, running
     ok = torch.zeros(z.shape[0], dtype=torch.bool)
     where = cut(z, cfg.top_k, cfg.top_p, wide=not nucleus)
     for rows, probs, cols in where.kept(z):  # candidate lists, then wide rows
@@ -271,7 +309,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
         rows = where.uncut
         tokens[rows] = draw_nucleus(z, where.e, where.running, rows, cfg.top_p, u[rows], more)
         ok[rows] = True
-    return tokens, ok
+    return tokens, ok, None, None  # (the draw masked the cut's exp2 in place)
 
 
 def uniforms(generator: torch.Generator | None, n: int = 1) -> torch.Tensor:

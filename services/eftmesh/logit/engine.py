@@ -28,7 +28,7 @@ import torch
 
 from eftmesh.common.errors import EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.tokenizer import fingerprint
-from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, per_row_uniforms, sample_rows, token_probs
+from eftmesh.core.sampling import SamplingConfig, argmax_finite, make_generator, per_row_uniforms, sample_with_probs
 from eftmesh.logit.admission import Admitted, KVAdmission, Want, check_session_id
 from eftmesh.logit.kvcache import PagedKVPool, kv_storage_dtype
 from eftmesh.logit.kvsize import kv_cache_tokens
@@ -351,7 +351,7 @@ class ModelEngine:
               chunks: dict[int, list[torch.Tensor]], gens: dict[int, torch.Generator]) -> None:
         """Draw each active item's next draft from its last row and make it the item's next
         input. Items of one vocabulary limit and sampling setting draw together from their
-        stacked rows: greedy ones one argmax, sampled ones one `sample_rows` with uniforms from
+        stacked rows: greedy ones one argmax, sampled ones one `sample_with_probs` with uniforms from
         each item's own generator (so batching changes no draft). A degenerate row fails its
         item alone."""
         groups: dict[tuple[int, SamplingConfig | None], list[Admitted]] = {}
@@ -365,8 +365,8 @@ class ModelEngine:
             else:  # process(rows)'s distribution; each draft's q(x) as verification would compute
                 # it from these rows, so the combiner reads a draft row only at a rejection
                 u, more = per_row_uniforms([gens[r.index] for r in group])
-                tokens, fine = sample_rows(rows, sampling, u, more=more)
-                probs = token_probs(rows, tokens, sampling, overwrite=True)[0].tolist()  # rows: cat's own copy
+                tokens, fine, q = sample_with_probs(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
+                probs = q.tolist()
             for r, token, ok, prob in zip(group, tokens.tolist(), fine.tolist(), probs):
                 if ok:
                     self._drafted(r, results, token, prob)
