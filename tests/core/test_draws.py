@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from eftmesh.core import draws, sampling
-from eftmesh.core.draws import cut, draw
+from eftmesh.core import cuts, draws, sampling
+from eftmesh.core.cuts import cut
+from eftmesh.core.draws import draw
 from eftmesh.core.sampling import SamplingConfig, make_generator, process, sample, sample_rows, uniforms
 
 
@@ -165,10 +166,10 @@ def test_both_paths_of_a_cut_are_taken_and_agree():
     z = x - x.amax(-1, keepdim=True)
     c = cut(z, 0, 0.9)
     assert sum(len(rows) for rows, _, _ in c.lists) == 3 and c.wide.tolist() == [3, 4, 5]
-    wide = draws._cut_wide(z, None, 0, 0.9)
+    wide = cuts._cut_wide(z, None, 0, 0.9)
     assert torch.equal(wide, c.tau)
     both = cut(z, 100, 0.9)
-    assert torch.equal(both.tau, draws._cut_wide(z, None, 100, 0.9))
+    assert torch.equal(both.tau, cuts._cut_wide(z, None, 100, 0.9))
 
 
 def test_ties_at_a_cut_are_all_kept_and_a_row_draws_alike_in_any_batch():
@@ -288,7 +289,7 @@ def test_a_flat_nucleus_is_drawn_without_a_cut_as_the_processed_distribution(top
     # a try is kept with probability a, the nucleus' share of the row (a little over top_p); after
     # 1 + REDRAWS rejections a row takes one more uniform for its cut
     a = float(torch.softmax(x[0].double(), 0)[want > 0].sum())
-    tries = sum((1 - a) ** i for i in range(draws.REDRAWS + 1)) + (1 - a) ** (draws.REDRAWS + 1)
+    tries = sum((1 - a) ** i for i in range(cuts.REDRAWS + 1)) + (1 - a) ** (cuts.REDRAWS + 1)
     assert abs(sum(taken) / n - tries) < 0.05 * tries
     assert_shares(tokens, want, atol=0.012)
 
@@ -322,7 +323,7 @@ def test_a_nucleus_rejected_too_often_is_cut_and_drawn_within(monkeypatch):
     """After REDRAWS rejections a row is cut from its histogram and drawn within the cut: with
     no redraws allowed, a small top-p sends most rows there, and they still draw only kept
     tokens, as `process` distributes them."""
-    monkeypatch.setattr(draws, "REDRAWS", 0)
+    monkeypatch.setattr(cuts, "REDRAWS", 0)
     x = shaped_rows(torch.Generator().manual_seed(12), 1, 2_000, "flat")
     cfg = SamplingConfig(1.0, top_p=0.2)
     n = 6_000

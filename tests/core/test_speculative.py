@@ -200,7 +200,7 @@ def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_
     (sampling.token_prob_bounds: p(x) bounded, exactly 0 outside the nucleus); the tests the
     intervals leave open are computed exactly. Verdicts equal those of exact probabilities
     everywhere (the same uniforms), for blocks that bring q(x) and blocks whose q is read."""
-    from eftmesh.core import draws, sampling, speculative
+    from eftmesh.core import cuts, sampling, speculative
     from eftmesh.core.sampling import SamplingConfig, process, token_probs
 
     monkeypatch.setattr(speculative, "LAZY_MIN_ROWS", min_rows)
@@ -224,7 +224,7 @@ def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_
             for b, (d, f, q) in enumerate(zip(drafts, firsts, qs))], cfg)
 
     opened, bounded = [], []
-    real_exact, real_bounds = speculative._exact_tests, draws.nucleus_bounds
+    real_exact, real_bounds = speculative._exact_tests, cuts.nucleus_bounds
     monkeypatch.setattr(speculative, "_exact_tests", lambda *a: opened.append(len(a[2])) or real_exact(*a))
     monkeypatch.setattr(sampling, "nucleus_bounds", lambda *a: bounded.append(len(a[3])) or real_bounds(*a))
     got = verify()

@@ -4,7 +4,7 @@ The same functions process the combined EFT distribution in the combiner and the
 model's distribution in a logit service, so a speculative draft's q is exactly the
 distribution the draft token was drawn from. `process` forms that distribution (verification
 needs it); `sample_rows` draws from it without forming it (a plain step needs only a token),
-by the CPU sampler in draws.py.
+by the CPU sampler in draws.py and cuts.py.
 
 Pure tensor code: no grpc, no transformers.
 """
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.draws import LN2, LOG2E, cut, draw, draw_nucleus, draw_probs, exp2, nucleus_bounds, running_sums
+from eftmesh.core.cuts import cut, draw_nucleus, nucleus_bounds
+from eftmesh.core.draws import LN2, LOG2E, draw, draw_probs, exp2, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
 # point mass on the argmax in every float format anyway (a gap of 1e-3 in log-probability
@@ -128,7 +129,7 @@ def token_prob_bounds(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingC
     """`token_probs` as an interval, for a test that the interval may decide: a row whose
     top-p nucleus (top-p without top-k) is too wide to find among candidates (thousands of
     tokens: a flat row) is not cut; its token's probability is bounded instead
-    (`draws.nucleus_bounds`: exact 0 outside the nucleus; inside, the nucleus mass lies
+    (`cuts.nucleus_bounds`: exact 0 outside the nucleus; inside, the nucleus mass lies
     between p and 1 of the row's). Every other row's interval is its exact value.
 
     Returns:
@@ -172,7 +173,7 @@ def _token_probs_z(z: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, b
 
 
 # Top-p without top-k is drawn without a cut when p is at least this: a draw from the whole row
-# is kept when it lies in the nucleus (`draws.draw_nucleus`), which holds at least p of the mass,
+# is kept when it lies in the nucleus (`cuts.draw_nucleus`), which holds at least p of the mass,
 # so a row takes at most 1 / p tries on average, each a compare and a dot product over the row.
 # That beats finding the cut among candidates: 0.38 against 0.65 ms for one row of 49,152
 # (SmolLM2, temperature 0.6, top-p 0.9) and 2.0 against 2.4 ms for 16 (this project's AVX2
@@ -238,7 +239,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
-    cut (`draws.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
+    cut (`cuts.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
     128k entries a row costs one pass to scale, one exp2 and a few small passes.
 
     Args:
@@ -246,7 +247,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
         cfg: a sampled (not greedy) configuration.
         u: [rows] float64 uniforms in [0, 1) (`uniforms`), one per row.
         overwrite: as `process`'s.
-        more: further uniforms for rows that draw again (`draws.draw_nucleus`: given their
+        more: further uniforms for rows that draw again (`cuts.draw_nucleus`: given their
             indices, one uniform each from each row's own generator). With it a top-p nucleus
             of thousands is drawn from without being cut, and such a row may take more than
             one uniform; without it (None) every row takes exactly one.
@@ -292,7 +293,7 @@ def _sample_scaled(z: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor,
     running sums where the draw computed them and left them unwritten (else None)."""
     tokens = torch.zeros(z.shape[0], dtype=torch.int64)
     nucleus = more is not None and not 0 < cfg.top_k < z.shape[1]  # top-p alone: no cut needed for a draw
-    if nucleus and cfg.top_p >= NUCLEUS_MIN_P:  # no cut at all (draws.draw_nucleus)
+    if nucleus and cfg.top_p >= NUCLEUS_MIN_P:  # no cut at all (cuts.draw_nucleus)
         e = exp2(z)
         running = running_sums(e)
         total = running[:, -1]

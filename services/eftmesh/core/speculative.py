@@ -139,7 +139,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         p: [rows, vocab] raw target rows (any per-row shift); not written.
         blocks: the blocks; each draws k float32 uniforms from its generator for the tests,
             then one float64 uniform for its last token, whatever happens (and a bonus token
-            drawn from a top-p nucleus by rejection, `draws.draw_nucleus`, takes one more
+            drawn from a top-p nucleus by rejection, `cuts.draw_nucleus`, takes one more
             float64 uniform per redraw).
         cfg: the sampling settings (sampled, not greedy) every block's p and q are processed with.
         scratch: gives a [rows, vocab] float32 tensor to copy rows into (its contents garbage),
