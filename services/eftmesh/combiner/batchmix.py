@@ -186,9 +186,10 @@ def verify_groups(
         if not sampling[g].greedy and g.rows_per_role() > 1:
             groups.setdefault(sampling[g], []).append(g)
     out: dict[Verifying, Verdict | NoFiniteMass] = {}
+    workspace = workspace or Workspace()
     for cfg, members in groups.items():
         blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None) for g in members]
-        out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch if workspace else None)))
+        out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch)))
     return out
 
 
@@ -204,16 +205,16 @@ def draw_plain(
         if not sampling[g].greedy and g.rows_per_role() == 1:
             groups.setdefault(sampling[g], []).append(g)
     out: dict[Drawable, int] = {}
+    workspace = workspace or Workspace()
     for cfg, members in groups.items():
         u, more = per_row_uniforms([g.gen for g in members])
         first, n = offsets[members[0]], len(members)
-        if workspace is None:
-            tokens, ok = sample_rows(scores[_rows(members, offsets)], cfg, u, overwrite=True, more=more)  # (a copy)
-        elif all(offsets[g] == first + i for i, g in enumerate(members)):  # (the usual step: adjacent rows)
-            # scaled straight into the scratch buffer (the scores stay): no copy pass first
-            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, out=workspace.scratch(n, scores.shape[1]))
+        buf = workspace.scratch(n, scores.shape[1])  # (the scores stay: greedy rows and logprobs read them)
+        if all(offsets[g] == first + i for i, g in enumerate(members)):  # (the usual step: adjacent rows)
+            # scaled straight into the scratch buffer: the copy and the subtraction are one pass
+            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, out=buf)
         else:
-            rows = torch.index_select(scores, 0, _rows(members, offsets), out=workspace.scratch(n, scores.shape[1]))
+            rows = torch.index_select(scores, 0, _rows(members, offsets), out=buf)
             tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out

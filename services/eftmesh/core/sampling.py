@@ -120,7 +120,7 @@ def token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig,
         ([rows] float64 probabilities, 0 where the token is filtered out; [rows] bool: the row
         has finite mass, its probability is meaningless otherwise).
     """
-    lo, _, ok = _token_probs(scores, tokens, cfg, overwrite, bounds=False)
+    lo, _, ok = _token_probs_z(_scaled_for(scores, tokens, cfg, overwrite), tokens, cfg, bounds=False)
     return lo, ok
 
 
@@ -136,20 +136,19 @@ def token_prob_bounds(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingC
         ([rows] float64 lower bounds, [rows] float64 upper bounds, [rows] bool: the row has
         finite mass, as `token_probs`').
     """
-    return _token_probs(scores, tokens, cfg, overwrite, bounds=True)
+    return _token_probs_z(_scaled_for(scores, tokens, cfg, overwrite), tokens, cfg, bounds=True)
 
 
-def _token_probs(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, overwrite: bool,
-                 bounds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scaled_for(scores: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, overwrite: bool) -> torch.Tensor:
     assert scores.dim() == 2 and tokens.shape == scores.shape[:1] and not cfg.greedy, "[rows, vocab] scores, [rows] tokens"
-    return _token_probs_z(_scaled(scores.float(), cfg.temperature, overwrite), tokens, cfg, bounds)
+    return _scaled(scores.float(), cfg.temperature, overwrite)
 
 
 def _token_probs_z(z: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, bounds: bool,
                    e: torch.Tensor | None = None, running: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_token_probs` of scaled rows z (written over without filters unless `e` = exp2(z) is
-    given, with its `running` sums: then neither is written)."""
+    """`token_probs` (`token_prob_bounds` with `bounds`) of scaled rows z (written over without
+    filters unless `e` = exp2(z) is given, with its `running` sums: then neither is written)."""
     zt = z.gather(1, tokens.view(-1, 1)).view(-1).double().numpy()  # [rows]
     where = None
     if _filters(cfg, z.shape[1]):
@@ -159,16 +158,16 @@ def _token_probs_z(z: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, b
     else:
         e = exp2(z, overwrite=True) if e is None else e
         mass, kept = e.sum(-1, dtype=torch.float64).numpy(), np.ones(len(zt), bool)
-    if where is not None and where.uncut.numel():  # (rows with finite mass: mass() left them 0)
-        assert where.e is not None and where.running is not None  # (top-p alone computes them)
-        mass[where.uncut.numpy()] = where.running[where.uncut, -1].numpy()  # (for `ok`)
+    uncut = where.uncut if where is not None else torch.zeros(0, dtype=torch.int64)
+    if uncut.numel():  # (rows with finite mass: mass() left them 0)
+        assert where is not None and where.e is not None and where.running is not None  # (top-p alone computes them)
+        mass[uncut.numpy()] = where.running[uncut, -1].numpy()  # (for `ok`)
     ok = np.isfinite(mass) & (mass > 0) & ~np.isnan(zt)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # rows not ok: meaningless
         lo = np.where(kept & ok, np.exp2(zt) / mass, 0.0)
     hi = lo.copy()
-    if where is not None and where.uncut.numel():
-        r = where.uncut
-        lo[r.numpy()], hi[r.numpy()] = nucleus_bounds(z, where.e, where.running, r, tokens[r], cfg.top_p)
+    if uncut.numel():
+        lo[uncut.numpy()], hi[uncut.numpy()] = nucleus_bounds(z, where.e, where.running, uncut, tokens[uncut], cfg.top_p)
     return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
 
 
@@ -189,9 +188,8 @@ def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False, *, log
             out: torch.Tensor | None = None) -> torch.Tensor:
     """(x - max) * log2(e) / temperature: the rows in log2 units (draws.py), for exp2; with
     `log2=False`, (x - max) / temperature. A new tensor (x itself with `overwrite`, `out` if
-    given): <= 0, so
-    it cannot overflow to +inf (it may underflow to -inf, the right limit), and -inf stays
-    -inf. A row whose max is not finite is left unshifted (it has no finite mass; callers flag
+    given): <= 0, so it cannot overflow to +inf (it may underflow to -inf, the right limit),
+    and -inf stays -inf. A row whose max is not finite is left unshifted (it has no finite mass; callers flag
     it). The one rounding of the product is that of the division before (relative 6e-8)."""
     m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
     m = torch.where(torch.isfinite(m), m, 0.0)

@@ -125,8 +125,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
     only at draft i (its probability under each, `sampling.token_prob_bounds`: exact, or an
     interval for a flat row, which decides the test unless the uniform falls inside it, when
-    that test is computed exactly) and only while the drafts before it pass; a whole processed row is formed only at a rejection (the residual
-    max(0, p_i - q_i)), and the bonus token is drawn from p_k as a plain step's is
+    that test is computed exactly) and only while the drafts before it pass; a whole processed
+    row is formed only at a rejection (the residual max(0, p_i - q_i)), and the bonus token is drawn from p_k as a plain step's is
     (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
     at draft i costs 2(i + 1) and two processed rows (half the token probabilities where the
@@ -190,8 +190,9 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         u = torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64)
         keep = u * q_hi < lo[:g]
         if bool((open_ := ~keep & (u * q_lo < hi[:g]) & ok[:g] & q_ok).any()):
-            keep[open_] = _exact_tests(p, blocks, [at[r] for r in open_.nonzero().flatten().tolist()],
-                                       [at[a] for a in read], u[open_], cfg)
+            which, mine = open_.nonzero().flatten().tolist(), set(read)
+            keep[open_] = _exact_tests(p, blocks, [at[r] for r in which], x[which], q_hi[which],
+                                       [i for i, r in enumerate(which) if r in mine], u[open_], cfg)
         keep = keep.tolist()
         good = (ok[:g] & q_ok).tolist()
         still, n = [], 0
@@ -232,18 +233,16 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     return out  # type: ignore[return-value]
 
 
-def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], read: list[tuple[int, int]],
-                 u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], x: torch.Tensor,
+                 q: torch.Tensor, read: list[int], u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """The ratio tests u * q_t(x_t) < p_t(x_t) that `token_prob_bounds`' intervals left open
-    ((block, position) pairs `at`), from exact token probabilities (whole rows cut); q from
-    the rows for the pairs in `read`, else as the block sent it."""
-    x = torch.tensor([blocks[j].drafts[t] for j, t in at])
+    ((block, position) pairs `at`, drafts x), from exact token probabilities (whole rows cut):
+    q as the blocks sent it (a new tensor, written), computed from the rows at the indices
+    `read`."""
     pt, _ = token_probs(p.index_select(0, torch.tensor([blocks[j].first + t for j, t in at])), x, cfg, overwrite=True)
-    q = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at], dtype=torch.float64)
-    if mine := [i for i, pair in enumerate(at) if pair in read]:
-        vocab = p.shape[1]
-        rows = torch.stack([blocks[at[i][0]].q[at[i][1], :vocab].float() for i in mine])
-        q[mine] = token_probs(rows, x[mine], cfg, overwrite=True)[0]
+    if read:
+        rows = torch.stack([blocks[at[i][0]].q[at[i][1], :p.shape[1]].float() for i in read])
+        q[read] = token_probs(rows, x[read], cfg, overwrite=True)[0]
     return u * q < pt
 
 
