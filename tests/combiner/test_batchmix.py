@@ -109,6 +109,11 @@ def test_adjacent_plain_rows_are_scaled_into_the_scratch_buffer_with_the_same_to
     ws = Workspace()
     assert draw_plain(gens, dict.fromkeys(gens, cfg), offsets, scores, ws) == plain
     assert torch.equal(scores, before)  # scaled into the scratch, not over the scores
+    for s, g in enumerate(gens):  # the same rows apart (every other row): copied, then scaled
+        g.gen.manual_seed(s)
+    apart = torch.zeros(12, 5000)
+    apart[::2] = scores
+    assert draw_plain(gens, dict.fromkeys(gens, cfg), {g: 2 * i for i, g in enumerate(gens)}, apart, ws) == plain
 
 
 def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone():
