@@ -360,3 +360,21 @@ def test_closing_waits_for_the_releases_still_in_flight(monkeypatch) -> None:
     took = time.monotonic() - started
     assert answered.done() and 0.4 <= took < 3.0, took  # waited for s1, gave up on s2 at the flush limit
     assert not scorer._releasing - {never}  # the answered one left the set
+
+
+def test_upstream_channels_reconnect_within_the_rejoin_window() -> None:
+    """A call that finds a role's only replica gone waits rejoin_wait_s for it, but gRPC's
+    reconnect back-off decides when the channel sees it back: capped at 2 s, a replica back
+    after 1.0 s was seen only at ~1.6 s (measured: monitor.upstream_options), past the 1.5 s
+    default window. The cap follows the window: a sixth of it, within gRPC's 100 ms - 2 s."""
+    from eftmesh.combiner.monitor import upstream_options
+
+    def cap(window_s: float) -> int:
+        return dict(upstream_options(window_s))["grpc.max_reconnect_backoff_ms"]
+
+    assert cap(UpstreamPolicy().rejoin_wait_s) == 250
+    assert cap(0.0) == 100 and cap(60.0) == 2000
+    for window in (0.3, 1.5, 3.0, 12.0):  # reconnect tries at least ~5 times within any window
+        opts = dict(upstream_options(window))
+        assert opts["grpc.min_reconnect_backoff_ms"] <= cap(window) <= max(100, window * 1000 / 5)
+        assert opts["grpc.max_receive_message_length"] > 0  # the shared options come along
