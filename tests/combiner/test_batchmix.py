@@ -91,6 +91,7 @@ class FakeSampler(FakeGeneration):
     gen: torch.Generator = field(default_factory=torch.Generator)
     draft_rows: torch.Tensor | None = None
     draft_probs: list[float] = field(default_factory=list)  # (the drafter's q(x); [] here: read from the rows)
+    draft_probs_hi: list[float] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)
 
 
