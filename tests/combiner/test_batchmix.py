@@ -93,9 +93,13 @@ class FakeSampler(FakeGeneration):
     draft_probs: list[float] = field(default_factory=list)  # (the drafter's q(x); [] here: read from the rows)
     draft_probs_hi: list[float] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)
+    keeps_scores: bool = True  # (log-probabilities asked for: its rows must survive the draw)
 
 
-def test_adjacent_plain_rows_are_scaled_into_the_scratch_buffer_with_the_same_tokens():
+def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens():
+    """draw_plain's paths draw the same tokens: adjacent rows nobody reads afterwards scaled
+    over the scores, adjacent rows a generation reads afterwards (log-probabilities) scaled into
+    the scratch buffer, rows apart copied there first."""
     from eftmesh.combiner.batchmix import draw_plain
     from eftmesh.core.sampling import SamplingConfig
 
@@ -115,6 +119,12 @@ def test_adjacent_plain_rows_are_scaled_into_the_scratch_buffer_with_the_same_to
     apart = torch.zeros(12, 5000)
     apart[::2] = scores
     assert draw_plain(gens, dict.fromkeys(gens, cfg), {g: 2 * i for i, g in enumerate(gens)}, apart, ws) == plain
+    assert torch.equal(apart[::2], before)
+    for s, g in enumerate(gens):  # nobody reads them afterwards: scaled over the scores
+        g.gen.manual_seed(s)
+        g.keeps_scores = s == 9
+    assert draw_plain(gens, dict.fromkeys(gens, cfg), offsets, scores, ws) == plain
+    assert not torch.equal(scores, before)  # (written over)
 
 
 def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone():

@@ -38,6 +38,9 @@ class Drawable(Mixable, Protocol):
 
     gen: torch.Generator
 
+    @property
+    def keeps_scores(self) -> bool: ...  # its rows are read after its token is drawn (log-probabilities)
+
 
 class Verifying(Drawable, Protocol):
     """A generation verifying a block: its k drafts, and their rows from the draft role."""
@@ -200,7 +203,9 @@ def draw_plain(
 ) -> dict[Drawable, int]:
     """Every sampled plain step's token, one `sample_rows` per group of equal settings over its
     stacked rows, each row with uniforms from its own generation's generator (what the
-    generation would take alone): batching changes no token. -1: that row has no finite mass."""
+    generation would take alone): batching changes no token. -1: that row has no finite mass.
+    The usual group (adjacent rows, no log-probabilities asked for) is scaled over the scores,
+    which nothing reads afterwards; otherwise the rows go to the scratch buffer first."""
     groups: dict[SamplingConfig, list[Drawable]] = {}
     for g in gens:
         if not sampling[g].greedy and g.rows_per_role() == 1:
@@ -210,11 +215,17 @@ def draw_plain(
     for cfg, members in groups.items():
         u, more = per_row_uniforms([g.gen for g in members])
         first, n = offsets[members[0]], len(members)
-        buf = workspace.scratch(n, scores.shape[1])  # (the scores stay: greedy rows and logprobs read them)
-        if all(offsets[g] == first + i for i, g in enumerate(members)):  # (the usual step: adjacent rows)
-            # scaled straight into the scratch buffer: the copy and the subtraction are one pass
+        adjacent = all(offsets[g] == first + i for i, g in enumerate(members))
+        if adjacent and not any(g.keeps_scores for g in members):
+            # in place: writing a scratch buffer whose lines the step's new rows pushed out of the
+            # cache cost 0.3 ms per 16 rows of 49,152 more than a pass over the cached scores
+            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, overwrite=True)
+        elif adjacent:  # their rows stay (logprobs read them): scaled into the scratch buffer,
+            # the copy and the subtraction in one pass
+            buf = workspace.scratch(n, scores.shape[1])
             tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, out=buf)
         else:
+            buf = workspace.scratch(n, scores.shape[1])
             rows = torch.index_select(scores, 0, _rows(members, offsets), out=buf)
             tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})

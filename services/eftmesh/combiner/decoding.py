@@ -254,6 +254,10 @@ class Generation:
     def rows_per_role(self) -> int:
         return self.k + 1
 
+    @property
+    def keeps_scores(self) -> bool:  # its step's rows are read after its token is drawn
+        return bool(self.req.logprobs)
+
     def finish(self, scores: torch.Tensor, verdict: Verdict | NoFiniteMass | None = None,
                target: torch.Tensor | None = None, drawn: int | None = None) -> None:
         """Turn this step's mixed distribution into tokens.
@@ -443,8 +447,3 @@ def encode_prompt(tokenizer: Any, prompt: str, max_context: int, chat: bool = Fa
 def new_seed() -> int:
     """A random 63-bit seed for requests that set none."""
     return uuid.uuid4().int >> 65
-
-
-def deadline_from(time_remaining: float | None) -> float | None:
-    """Absolute monotonic deadline from gRPC's `context.time_remaining()`."""
-    return None if time_remaining is None else time.monotonic() + time_remaining

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from eftmesh.combiner import convert
-from eftmesh.combiner.decoding import GenerationRequest, deadline_from
+from eftmesh.combiner.decoding import GenerationRequest
 from eftmesh.combiner.stream import Chunk, TokenSink
 from eftmesh.combiner.convert import Defaults, SpeculationDefaults  # noqa: F401  (the servicer's configuration)
 from eftmesh.combiner.decoder import Decoder
@@ -191,3 +191,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     ) -> generator_pb2.GeneratorInfoResponse:
         return convert.info_to_pb(self.effective_defaults(), self.decoder.scorer.models, self.fingerprint,
                                   self.decoder.vocab_size)
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    """Absolute monotonic deadline from gRPC's `context.time_remaining()`."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
