@@ -205,23 +205,3 @@ def free_port_block(n: int, host: str = "127.0.0.1") -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"no block of {n} free ports on {host}")
-
-
-def check_draft_probs(r, want) -> bool:
-    """A drafting logit service's q(x) for each draft (`r`: an ItemResult, engine's or wire's)
-    against `want` ([k] float64, token_probs of the rows returned): exact where draft_probs
-    holds a number; NaN where the row was too flat to cut, and then every draft's bounds sent
-    (draft_prob_lower/upper), holding it. Returns whether any draft came as an interval."""
-    import torch
-
-    got = torch.tensor(list(r.draft_probs), dtype=torch.float64)
-    exact = ~got.isnan()
-    assert got.shape == want.shape
-    torch.testing.assert_close(got[exact], want[exact], rtol=1e-5, atol=0)
-    if bool(exact.all()):
-        assert list(r.draft_prob_lower) == list(r.draft_prob_upper) == []
-        return False
-    lo, hi = (torch.tensor(list(b), dtype=torch.float64) for b in (r.draft_prob_lower, r.draft_prob_upper))
-    assert torch.equal(lo[exact], got[exact]) and torch.equal(hi[exact], got[exact])
-    assert bool((lo <= want * (1 + 1e-5)).all() and (want <= hi * (1 + 1e-5)).all() and (lo[~exact] < hi[~exact]).all())
-    return True

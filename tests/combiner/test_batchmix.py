@@ -91,7 +91,6 @@ class FakeSampler(FakeGeneration):
     gen: torch.Generator = field(default_factory=torch.Generator)
     draft_rows: torch.Tensor | None = None
     draft_probs: list[float] = field(default_factory=list)  # (the drafter's q(x); [] here: read from the rows)
-    draft_probs_hi: list[float] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)
     keeps_scores: bool = True  # (log-probabilities asked for: its rows must survive the draw)
 

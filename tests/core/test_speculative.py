@@ -199,8 +199,7 @@ def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_
     """Rows whose top-p nucleus holds thousands of tokens are not cut for the ratio test
     (sampling.token_prob_bounds: p(x) bounded, exactly 0 outside the nucleus); the tests the
     intervals leave open are computed exactly. Verdicts equal those of exact probabilities
-    everywhere (the same uniforms), for blocks that bring q(x), blocks that bring intervals for
-    it (a drafter's flat rows) and blocks whose q is read."""
+    everywhere (the same uniforms), for blocks that bring q(x) and blocks whose q is read."""
     from eftmesh.core import cuts, sampling, speculative
     from eftmesh.core.sampling import SamplingConfig, process, token_probs
 
@@ -216,20 +215,12 @@ def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_
         drafts.append(torch.multinomial(process(q[:k], cfg).exp(), 1, generator=gen).view(-1))
     p_all = torch.cat(ps)
     firsts = [sum(len(d) + 1 for d in drafts[:b]) for b in range(12)]
-    sent, sent_bounds = set(range(0, 12, 3)), set(range(1, 12, 3))  # q(x) exact; q(x) as intervals
+    sent = set(range(0, 12, 3))
 
-    def q_sent(b: int, d: torch.Tensor, q: torch.Tensor, exact: bool) -> tuple[list | None, list | None]:
-        if b in sent or (b in sent_bounds and exact):
-            return token_probs(q[:len(d)], d, cfg)[0].tolist(), None
-        if b in sent_bounds:  # (what a drafting logit service sends for flat rows)
-            lo, hi, _ = sampling.token_prob_bounds(q[:len(d)], d, cfg)
-            assert bool((lo < hi).all())
-            return lo.tolist(), hi.tolist()
-        return None, None
-
-    def verify(exact: bool = False) -> list:
+    def verify() -> list:
         return speculative.verify_blocks(p_all, [
-            speculative.Block(d.tolist(), f, q, torch.Generator().manual_seed(300 + b), *q_sent(b, d, q, exact))
+            speculative.Block(d.tolist(), f, q, torch.Generator().manual_seed(300 + b),
+                              token_probs(q[:len(d)], d, cfg)[0].tolist() if b in sent else None)
             for b, (d, f, q) in enumerate(zip(drafts, firsts, qs))], cfg)
 
     opened, bounded = [], []
@@ -244,7 +235,7 @@ def test_flat_rows_verified_from_intervals_get_the_verdicts_exact_probabilities_
         return lo, lo, ok
 
     monkeypatch.setattr(speculative, "token_prob_bounds", exact)
-    assert got == verify(exact=True)
+    assert got == verify()
     assert any(v.accepted < len(d) for v, d in zip(got, drafts)) and any(v.accepted == len(d) for v, d in zip(got, drafts))
 
 
@@ -293,37 +284,3 @@ def test_adaptive_estimate_counts_only_tested_drafts():
     assert a.acceptance == pytest.approx(0.5)
     a.update(accepted=4, drafted=4)  # all 4 tested and kept
     assert a.acceptance == pytest.approx(1.0)
-
-
-def test_q_sent_as_intervals_gives_the_verdicts_exact_q_gives(monkeypatch):
-    """A drafting logit service sends a flat row's q(x) as an interval (ItemResult.
-    draft_prob_lower / _upper: sampling.token_prob_bounds, not cut). Verification decides each
-    test from it unless the uniform falls inside, and then computes q(x) from the draft row:
-    every verdict equals the one exact q(x) gives, with the same uniforms, and both kinds of
-    test happen."""
-    from eftmesh.core import sampling, speculative
-    from eftmesh.core.sampling import SamplingConfig, process, token_probs
-
-    cfg, vocab, n = SamplingConfig(temperature=1.0, top_p=0.6), 8_000, 48
-    gen = torch.Generator().manual_seed(5)
-    qs = [torch.randn(3, vocab, generator=gen) * 0.3 for _ in range(n)]  # flat: nuclei of thousands
-    p_all = torch.cat([q + 0.7 * torch.randn(3, vocab, generator=gen) for q in qs])  # ratios far from 1
-    drafts = [torch.multinomial(process(q[:2], cfg).exp(), 1, generator=gen).view(-1) for q in qs]
-
-    def verify(q_of) -> list:
-        return speculative.verify_blocks(p_all, [
-            speculative.Block(d.tolist(), 3 * b, q, torch.Generator().manual_seed(b), *q_of(q[:2], d))
-            for b, (d, q) in enumerate(zip(drafts, qs))], cfg)
-
-    def bounds(q, d):
-        lo, hi, _ = sampling.token_prob_bounds(q, d, cfg)
-        assert bool((lo < hi).all())
-        return lo.tolist(), hi.tolist()
-
-    opened = []
-    real = speculative._exact_tests
-    monkeypatch.setattr(speculative, "_exact_tests", lambda *a: opened.append(len(a[5])) or real(*a))
-    got = verify(bounds)
-    assert sum(opened) >= 3  # tests the intervals left open, their q(x) read from the rows
-    assert got == verify(lambda q, d: (token_probs(q, d, cfg)[0].tolist(), None))
-    assert {v.accepted for v in got} == {0, 1, 2}

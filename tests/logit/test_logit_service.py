@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import check_draft_probs, start_logit
+from conftest import start_logit
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -419,7 +419,7 @@ def test_draft_batch_equals_the_single_draft_rpc_per_item(batch_stub, stub):
             cfg = SamplingConfig(it.sampling.temperature, it.sampling.top_k, it.sampling.top_p)
             want = token_probs(got[:-1], torch.tensor(list(r.drafts)), cfg)[0]
             assert len(r.draft_probs) == it.k
-            check_draft_probs(r, want)  # (NaN and bounds where a row is too flat to cut)
+            torch.testing.assert_close(torch.tensor(list(r.draft_probs), dtype=torch.float64), want, rtol=1e-5, atol=0)
 
 
 def test_a_malformed_draft_item_fails_alone(batch_stub):

@@ -48,8 +48,7 @@ class Verifying(Drawable, Protocol):
     k: int
     drafts: list[int]  # [k]
     draft_rows: torch.Tensor  # [k + 1, draft vocab]
-    draft_probs: list[float]  # [k] each draft's q(x) from the draft role (a lower bound), or [] (not sent)
-    draft_probs_hi: list[float]  # [k] its upper bound (the same where exact), or []
+    draft_probs: list[float]  # [k] each draft's q(x) from the draft role, or [] (not sent)
 
 
 Run = tuple[int, int, float, list[torch.Tensor]]  # (first row, end row, coefficient, row tensors)
@@ -192,7 +191,7 @@ def verify_groups(
     out: dict[Verifying, Verdict | NoFiniteMass] = {}
     workspace = workspace or Workspace()
     for cfg, members in groups.items():
-        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None, g.draft_probs_hi or None) for g in members]
+        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None) for g in members]
         out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch)))
     return out
 

@@ -180,8 +180,7 @@ class Generation:
         self.k = 0
         self.drafts: list[int] = []
         self.draft_rows: torch.Tensor | None = None
-        self.draft_probs: list[float] = []  # each draft's q(x) (a lower bound), when the draft role sent them
-        self.draft_probs_hi: list[float] = []  # and its upper bound (the same where exact)
+        self.draft_probs: list[float] = []  # each draft's q(x), when the draft role sent them
         # This step's piece of a long prompt (chunked prefill): role -> tokens its cache holds
         # after it; None on a step that samples.
         self.piece: dict[str, int] | None = None
@@ -298,8 +297,7 @@ class Generation:
             verdict = accept_greedy(x, target)
         else:
             if verdict is None:  # (raises NoFiniteMass)
-                verdict = verify_sampled(x, self.draft_rows[:k], scores, self.gen, cfg, self.draft_probs or None,
-                                         self.draft_probs_hi or None)
+                verdict = verify_sampled(x, self.draft_rows[:k], scores, self.gen, cfg, self.draft_probs or None)
             elif isinstance(verdict, NoFiniteMass):
                 raise verdict
         m = verdict.accepted
@@ -353,18 +351,12 @@ class Generation:
         self.piece = None
         self.progressed()
 
-    def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = (),
-                lower: Sequence[float] = (), upper: Sequence[float] = ()) -> None:
+    def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = ()) -> None:
         """The draft role's answer for this step's block: k drafts, their k + 1 rows and, for
-        sampled drafts, each one's q(x) (`Outcome.draft_probs`), or its bounds where a row was
-        too flat to cut; not one per draft or outside (0, 1]: q(x) is read from the rows."""
-        k = len(drafts)
-        if len(lower) == len(upper) == k and all(0.0 < lo <= hi <= 1.0 for lo, hi in zip(lower, upper)):
-            lo, hi = list(lower), list(upper)
-        else:
-            lo = list(probs) if len(probs) == k and all(0.0 < q <= 1.0 for q in probs) else []
-            hi = lo
-        self.drafts, self.draft_rows, self.draft_probs, self.draft_probs_hi = drafts, rows, lo, hi
+        sampled drafts, each one's q(x) when the role sent them (`Outcome.draft_probs`; not one
+        per draft, or one outside (0, 1]: ignored, and q(x) is read from the rows instead)."""
+        good = len(probs) == len(drafts) and all(0.0 < q <= 1.0 for q in probs)  # (NaN fails too)
+        self.drafts, self.draft_rows, self.draft_probs = drafts, rows, list(probs) if good else []
 
     def prefilled(self, role: str, start: int, cached_tokens: int) -> None:
         """`role` answered a call of this generation from `start` (`Outcome.cached_tokens`).
@@ -410,7 +402,7 @@ class Generation:
         if self.k and self._gen_state is not None:
             self.gen.set_state(self._gen_state)
         self.k = 0
-        self.drafts, self.draft_rows, self.draft_probs, self.draft_probs_hi, self.piece = [], None, [], [], None
+        self.drafts, self.draft_rows, self.draft_probs, self.piece = [], None, [], None
 
 
 # A prompt longer than max_context * this many characters is refused before it is tokenised:

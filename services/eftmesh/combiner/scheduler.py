@@ -349,7 +349,7 @@ class Scheduler:
                 elif o.error is not None:
                     self._upstream_failed(g, o.error, r)
                 else:
-                    g.drafted(o.drafts, o.rows, o.draft_probs, o.draft_prob_lower, o.draft_prob_upper)
+                    g.drafted(o.drafts, o.rows, o.draft_probs)
                     g.prefilled(r, g.cached[r], o.cached_tokens)
         return [g for g in live if g in self._running]
 

@@ -64,11 +64,8 @@ class Outcome:
     pending: Future[Any] | None = None
     # Of the tokens the call sent, how many the logit service's prefix cache held (ItemResult.cached_tokens)
     cached_tokens: int = 0
-    # DraftCall only, sampled drafts: each draft's q(x) (ItemResult.draft_probs, NaN where only
-    # bounded); empty: not sent. Its bounds, where some draft has no exact q(x): else empty
+    # DraftCall only, sampled drafts: each draft's q(x) (ItemResult.draft_probs); empty: not sent
     draft_probs: list[float] = field(default_factory=list)
-    draft_prob_lower: list[float] = field(default_factory=list)
-    draft_prob_upper: list[float] = field(default_factory=list)
 
 
 class BlockCap:

@@ -398,8 +398,7 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
             out.append(Outcome(error=err))
         else:
             out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts), cached_tokens=r.cached_tokens,
-                               draft_probs=list(r.draft_probs), draft_prob_lower=list(r.draft_prob_lower),
-                               draft_prob_upper=list(r.draft_prob_upper)))
+                               draft_probs=list(r.draft_probs)))
             at += r.rows
     return out
 

@@ -263,18 +263,15 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
 
 
 def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, overwrite: bool = False,
-                      more: Callable[[torch.Tensor], torch.Tensor] | None = None, bounds: bool = False,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      more: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sample_rows`' tokens and each one's `token_probs` (bitwise what the two calls give),
     from one scaling of the rows: a drafting logit service sends each draft's q(x), and the
-    second call repeated the temperature, the exp2 and (top-p) the running sums. With `bounds`,
-    each one's `token_prob_bounds` instead: a flat row's nucleus is then not cut (a drafter
-    cutting 16 flat rows of 128k spent ~8 ms a draft step there) and its q(x) is an interval.
+    second call repeated the temperature, the exp2 and (top-p) the running sums.
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass, [rows] float64 each token's
-        probability, or its lower bound, and [rows] float64 its upper bound (the same tensor
-        without `bounds`); all meaningless where the row has no finite mass).
+        probability; both meaningless where the row has no finite mass).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_with_probs draws sampled rows: [rows, vocab]"
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
@@ -282,11 +279,9 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
         e = exp2(z)  # (not over z: the probabilities read it)
         running = running_sums(e)
         tokens, ok = draw_probs(e, u, running)
-        q = _token_probs_z(z, tokens, cfg, False, e=e)[0]
-        return tokens, ok, q, q
+        return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e)[0]
     tokens, ok, e, running = _sample_scaled(z, cfg, u, more)
-    lo, hi, _ = _token_probs_z(z, tokens, cfg, bounds, e=e, running=running)
-    return tokens, ok, lo, hi if bounds else lo
+    return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e, running=running)[0]
 
 
 def _sample_scaled(z: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor,

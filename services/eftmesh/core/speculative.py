@@ -72,7 +72,6 @@ def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> Verdict:
 def verify_sampled(
     drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None,
     cfg: SamplingConfig = SamplingConfig(), q_probs: Sequence[float] | None = None,
-    q_hi: Sequence[float] | None = None,
 ) -> Verdict:
     """Stochastic verification (the speculative sampling rule) of one block: `verify_blocks`
     with a block of one, so a generation verified alone and in a batch takes the same tokens.
@@ -86,8 +85,7 @@ def verify_sampled(
         cfg: the sampling settings both p and q are processed with (default: the rows as they
             are, softmax-normalised).
         q_probs: [k] each draft's probability under process(q_i, cfg), when the drafter sent
-            them (`Block.q_probs`); None: computed here from q. q_hi: their upper bounds, where
-            the drafter sent intervals (`Block.q_hi`).
+            them (`Block.q_probs`); None: computed here from q.
 
     Raises:
         NoFiniteMass: a row the rule reads has no finite mass.
@@ -95,7 +93,7 @@ def verify_sampled(
     k = drafts.shape[0]
     assert q.dim() == 2 and q.shape[0] >= k, f"q must be [k, vocab], got {tuple(q.shape)}"
     assert p.dim() == 2 and p.shape[0] == k + 1 and q.shape[1] >= p.shape[1], f"p must be [k + 1, vocab], got {tuple(p.shape)}"
-    verdict = verify_blocks(p, [Block(drafts.tolist(), 0, q, generator, q_probs, q_hi)], cfg)[0]
+    verdict = verify_blocks(p, [Block(drafts.tolist(), 0, q, generator, q_probs)], cfg)[0]
     if isinstance(verdict, NoFiniteMass):
         raise verdict
     return verdict
@@ -120,10 +118,6 @@ class Block:
     # drafting logit service sends them: ItemResult.draft_probs); None: read from q. With them
     # a q row is read only at a rejection, for the residual.
     q_probs: Sequence[float] | None = None
-    # [k] upper bounds of those, where the drafter bounded a flat row's q(x) instead of cutting
-    # it (`sampling.token_prob_bounds`; q_probs then holds the lower bounds); None: exact. An
-    # interval the uniform falls inside is settled from the q row (`_exact_tests`).
-    q_hi: Sequence[float] | None = None
 
 
 def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
@@ -188,9 +182,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         lo, hi, ok = token_prob_bounds(rows, torch.cat((x, x[read])), cfg, overwrite=True)
         sent = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at],
                             dtype=torch.float64)
-        sent_hi = torch.tensor([_upper(blocks[j], t) for j, t in at], dtype=torch.float64)
-        bounded = sent < sent_hi  # sent as an interval: an open test reads the q row
-        q_lo, q_hi, q_ok = sent, sent_hi, torch.ones(g, dtype=torch.bool)
+        q_lo, q_hi, q_ok = sent.clone(), sent, torch.ones(g, dtype=torch.bool)
         q_lo[read], q_hi[read], q_ok[read] = lo[g:], hi[g:], ok[g:]
         # keep draft t with probability min(1, p_t(x_t) / q_t(x_t)) (u * q < p: no division by
         # q); stop at the first rejection (rows read past it are ignored). The intervals decide
@@ -198,7 +190,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         u = torch.tensor([tests[j][t] for j, t in at], dtype=torch.float64)
         keep = u * q_hi < lo[:g]
         if bool((open_ := ~keep & (u * q_lo < hi[:g]) & ok[:g] & q_ok).any()):
-            which, mine = open_.nonzero().flatten().tolist(), set(read) | set(bounded.nonzero().flatten().tolist())
+            which, mine = open_.nonzero().flatten().tolist(), set(read)
             keep[open_] = _exact_tests(p, blocks, [at[r] for r in which], x[which], q_hi[which],
                                        [i for i, r in enumerate(which) if r in mine], u[open_], cfg)
         keep = keep.tolist()
@@ -239,13 +231,6 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         for j, t in zip(rejected, tokens.tolist()):
             out[j] = Verdict(accepted[j], t)
     return out  # type: ignore[return-value]
-
-
-def _upper(block: Block, t: int) -> float:
-    """Block's sent upper bound of draft t's q(x) (NaN: not sent)."""
-    if block.q_probs is None:
-        return math.nan
-    return block.q_probs[t] if block.q_hi is None else block.q_hi[t]
 
 
 def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], x: torch.Tensor,

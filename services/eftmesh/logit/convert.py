@@ -90,8 +90,7 @@ def results_to_pb(
             pb.append(logit_pb2.ItemResult(code=r.error.code.value[0], message=str(r.error)))
         else:
             pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts,
-                                           cached_tokens=r.cached_tokens, draft_probs=r.draft_probs,
-                                           draft_prob_lower=r.draft_prob_lower, draft_prob_upper=r.draft_prob_upper))
+                                           cached_tokens=r.cached_tokens, draft_probs=r.draft_probs))
             rows.append(r.rows)
     block = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=dtype)  # [sum rows, vocab]
     return tensors.to_pb(block, block.dtype), pb

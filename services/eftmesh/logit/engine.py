@@ -365,9 +365,8 @@ class ModelEngine:
             else:  # process(rows)'s distribution; each draft's q(x) as verification would compute
                 # it from these rows, so the combiner reads a draft row only at a rejection
                 u, more = per_row_uniforms([gens[r.index] for r in group])
-                # (a flat row's q(x) as an interval: no cut, ~0.5 ms a row of 128k)
-                tokens, fine, q, q_hi = sample_with_probs(rows, sampling, u, overwrite=True, more=more, bounds=True)
-                probs = list(zip(q.tolist(), q_hi.tolist()))
+                tokens, fine, q = sample_with_probs(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
+                probs = q.tolist()
             for r, token, ok, prob in zip(group, tokens.tolist(), fine.tolist(), probs):
                 if ok:
                     self._drafted(r, results, token, prob)
@@ -376,8 +375,10 @@ class ModelEngine:
                         "the draft model's row has no finite probability mass: its logits are NaN or infinite")
 
     @staticmethod
-    def _drafted(r: Admitted, results: list[ItemResult], token: int, prob: tuple[float, float] | None) -> None:
-        results[r.index].add_draft(token, prob, r.k)
+    def _drafted(r: Admitted, results: list[ItemResult], token: int, prob: float | None) -> None:
+        results[r.index].drafts.append(token)
+        if prob is not None:
+            results[r.index].draft_probs.append(prob)
         r.ids, r.rows = [token], 1
 
     def _admit(self, wants: Sequence[Want | None], results: list[ItemResult]) -> list[Admitted]:

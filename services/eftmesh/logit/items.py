@@ -5,7 +5,6 @@ the engine's description (what `LogitService.Info` reports). Plain data; the eng
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,23 +45,9 @@ class ItemResult:
     cache_length: int = 0
     cached_tokens: int = 0  # of the tokens sent, how many the prefix cache held (not run)
     drafts: list[int] = field(default_factory=list)
-    # sampled drafts: each one's probability under the processed row it was drawn from, NaN
-    # where bounded instead (a flat row); then every draft's bounds (equal where exact), else []
+    # sampled drafts: each one's probability under the processed row it was drawn from
     draft_probs: list[float] = field(default_factory=list)
-    draft_prob_lower: list[float] = field(default_factory=list)
-    draft_prob_upper: list[float] = field(default_factory=list)
     error: EftMeshError | None = None
-
-    def add_draft(self, token: int, prob: tuple[float, float] | None, k: int) -> None:
-        """Draft `token`, with its probability's (lower, upper) bounds when sampled (equal:
-        exact); the bounds are kept only when some of the item's k drafts has no exact value."""
-        self.drafts.append(token)
-        if prob is not None:
-            self.draft_probs.append(prob[0] if prob[0] == prob[1] else math.nan)
-            self.draft_prob_lower.append(prob[0])
-            self.draft_prob_upper.append(prob[1])
-            if len(self.draft_probs) == k and not any(math.isnan(q) for q in self.draft_probs):
-                self.draft_prob_lower, self.draft_prob_upper = [], []
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ class ScoreBatchRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ...) -> None: ...
 
 class ItemResult(_message.Message):
-    __slots__ = ("code", "message", "rows", "cache_length", "drafts", "cached_tokens", "draft_probs", "draft_prob_lower", "draft_prob_upper")
+    __slots__ = ("code", "message", "rows", "cache_length", "drafts", "cached_tokens", "draft_probs")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -156,8 +156,6 @@ class ItemResult(_message.Message):
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_PROB_LOWER_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_PROB_UPPER_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     rows: int
@@ -165,9 +163,7 @@ class ItemResult(_message.Message):
     drafts: _containers.RepeatedScalarFieldContainer[int]
     cached_tokens: int
     draft_probs: _containers.RepeatedScalarFieldContainer[float]
-    draft_prob_lower: _containers.RepeatedScalarFieldContainer[float]
-    draft_prob_upper: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., cache_length: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., draft_probs: _Optional[_Iterable[float]] = ..., draft_prob_lower: _Optional[_Iterable[float]] = ..., draft_prob_upper: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., cache_length: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., draft_probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreBatchResponse(_message.Message):
     __slots__ = ("logits", "results", "floored")
