@@ -137,6 +137,25 @@ def test_accumulate_weighs_half_precision_rows_in_float32(dtype):
     assert torch.equal(acc, x.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_converted_in_a_scratch_buffer_add_the_same_sums(dtype):
+    """With a scratch buffer, half-precision rows are converted to float32 there before they are
+    added (torch's float32 += bf16 add takes a slow mixed-dtype path): the same sums, bit for
+    bit, as the mixed add; the rows themselves are not written."""
+    from eftmesh.core.mixing import accumulate
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 310, generator=g) * 6).to(dtype)  # (a padded vocabulary: 300 used)
+    before = x.clone()
+    base = torch.randn(5, 300, generator=g)
+    for w in (1.0, -1.0, 1.3, -0.37):
+        mixed, converted = base.clone(), base.clone()
+        accumulate(mixed, x, w)
+        accumulate(converted, x, w, scratch=torch.full((8, 300), float("nan")))
+        assert torch.equal(mixed, converted)
+    assert torch.equal(x, before)
+
+
 def test_mix_scores_normalised_equals_mix_batch_with_mixed_runs_and_weights(rows):
     from eftmesh.core.mixing import Term, mix_batch, mix_scores
 

@@ -149,7 +149,9 @@ def mix_step(
             if (i == 0 and init) or (i == 1 and (first, end) in fused):
                 continue
             # rows are floored where they enter the combiner (upstream.py, inprocess.LocalScorer)
-            accumulate(scores[first:end], joined(parts), c, floored=True)
+            x = joined(parts)
+            accumulate(scores[first:end], x, c, floored=True,
+                       scratch=None if x.dtype == torch.float32 else workspace.scratch(end - first, vocab_size))
     return scores, offsets
 
 
