@@ -96,3 +96,29 @@ def test_the_combiner_runs_one_torch_thread_unless_told() -> None:
     base = ["--upstream", "base-large=h:1", "--no-default-delta", "--tokenizer", "x"]
     assert parse_args(base).threads == 1
     assert parse_args([*base, "--threads", "4"]).threads == 4
+
+
+@pytest.mark.parametrize("floored", [True, False])
+def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
+    """A ScoreBatch answer's bf16 rows (a GPU model's) become float32 as the answer is read
+    (upstream._outcomes, in the thread that waited for it), exactly; an older service's
+    unfloored rows are floored too, and the wire's bytes are never written."""
+    import math
+
+    import torch
+
+    from eftmesh.combiner.upstream import _outcomes
+    from eftmesh.common import tensors
+    from eftmesh.core.mixing import LOGPROB_FLOOR, floor_rows_
+
+    rows = (torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 5).bfloat16()
+    rows[1, 7] = -math.inf  # (a half-precision model's impossible token)
+    resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows, rows.dtype), floored=floored,
+                                        results=[logit_pb2.ItemResult(rows=2), logit_pb2.ItemResult(rows=1)])
+    wire = bytes(resp.logits.data)
+    got = _outcomes("ft-small", resp)
+    assert [o.rows.dtype for o in got] == [torch.float32] * 2 and [o.rows.shape[0] for o in got] == [2, 1]
+    want = rows.float() if floored else floor_rows_(rows.float())
+    assert torch.equal(torch.cat([o.rows for o in got]), want)
+    assert bytes(resp.logits.data) == wire
+    assert floored or float(got[0].rows[1, 7]) >= float(rows[1].float().amax()) + LOGPROB_FLOOR
