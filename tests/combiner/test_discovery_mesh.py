@@ -20,7 +20,7 @@ import pytest
 
 from conftest import start_combiner, start_logit
 from eftmesh.combiner.discovery import READY, TERMINATING
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 from test_discovery import NS, FakeKubeApiServer, endpoint, endpoint_slice
 

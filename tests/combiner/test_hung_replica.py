@@ -22,7 +22,8 @@ import pytest
 
 from conftest import start_combiner, start_logit
 from eftmesh.combiner.deadlines import DeadlinePolicy
-from eftmesh.combiner.monitor import DOWN, UpstreamPolicy
+from eftmesh.combiner.monitor import DOWN
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "It was a dark night",

@@ -16,7 +16,7 @@ import pytest
 from conftest import free_ports, held_sessions, idle, start_combiner, start_logit, wait_for
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, logit_pb2, logit_pb2_grpc, tensor_pb2
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import start_combiner, start_logit
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
 
 pytestmark = pytest.mark.e2e

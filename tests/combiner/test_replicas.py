@@ -19,7 +19,8 @@ from conftest import mark_live, start_combiner, start_logit
 from eftmesh.combiner.replicas import ReplicaSet, parse_target, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import BlockCap, ModelSpec
 from eftmesh.combiner.server import parse_args
-from eftmesh.combiner.monitor import DOWN, LIVE, UpstreamPolicy
+from eftmesh.combiner.monitor import DOWN, LIVE
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
@@ -365,9 +366,11 @@ def test_closing_waits_for_the_releases_still_in_flight(monkeypatch) -> None:
 def test_upstream_channels_reconnect_within_the_rejoin_window() -> None:
     """A call that finds a role's only replica gone waits rejoin_wait_s for it, but gRPC's
     reconnect back-off decides when the channel sees it back: capped at 2 s, a replica back
-    after 1.0 s was seen only at ~1.6 s (measured: monitor.upstream_options), past the 1.5 s
+    after 1.0 s was seen only at ~1.6 s (measured: UpstreamPolicy.channel_options), past the 1.5 s
     default window. The cap follows the window: a sixth of it, within gRPC's 100 ms - 2 s."""
-    from eftmesh.combiner.monitor import upstream_options
+
+    def upstream_options(window_s: float) -> list:
+        return UpstreamPolicy(rejoin_wait_s=window_s).channel_options()
 
     def cap(window_s: float) -> int:
         return dict(upstream_options(window_s))["grpc.max_reconnect_backoff_ms"]

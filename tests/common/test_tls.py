@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from eftmesh.combiner.server import DEFAULT_COMPOSITION, CombinerConfig
 from eftmesh.combiner.server import build as build_combiner
 from eftmesh.combiner.servicer import Defaults
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh import cli
 from eftmesh.common import tls
 from eftmesh.common.serving import Server, ServerConfig

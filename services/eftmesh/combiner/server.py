@@ -32,7 +32,7 @@ from eftmesh.combiner.servicer import GeneratorServicer
 from eftmesh.combiner.replicas import parse_target
 from eftmesh.combiner.scoring import BlockCap, ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
-from eftmesh.combiner.monitor import UpstreamPolicy
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
 from eftmesh.common import auth, loading, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError

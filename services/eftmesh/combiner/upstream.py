@@ -24,7 +24,8 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.combiner.deadlines import CallDeadlines
-from eftmesh.combiner.monitor import DOWN, DRAINING, LIVE, ReplicaMonitor, UpstreamPolicy, brief
+from eftmesh.combiner.monitor import DOWN, DRAINING, LIVE, ReplicaMonitor, brief
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.replicas import Replica, Resolver, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors

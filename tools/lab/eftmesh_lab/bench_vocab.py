@@ -338,7 +338,7 @@ class InProcessCombiner:
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
         from eftmesh.combiner.deadlines import DeadlinePolicy
-        from eftmesh.combiner.monitor import UpstreamPolicy
+        from eftmesh.combiner.policy import UpstreamPolicy
         from eftmesh.combiner.scheduler import SchedulerConfig
         from eftmesh.combiner.server import DEFAULT_COMPOSITION, CombinerConfig, build
         from eftmesh.combiner.servicer import Defaults, SpeculationDefaults
