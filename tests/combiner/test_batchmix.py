@@ -96,9 +96,9 @@ class FakeSampler(FakeGeneration):
 
 
 def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens():
-    """draw_plain's paths draw the same tokens: adjacent rows nobody reads afterwards scaled
-    over the scores, adjacent rows a generation reads afterwards (log-probabilities) scaled into
-    the scratch buffer, rows apart copied there first."""
+    """draw_plain's two paths draw the same tokens: adjacent rows nobody reads afterwards
+    scaled over the scores; rows a generation reads afterwards (log-probabilities), or rows
+    apart, copied to the scratch buffer first, the scores left as they were."""
     from eftmesh.combiner.batchmix import draw_plain
     from eftmesh.core.sampling import SamplingConfig
 

@@ -206,7 +206,7 @@ def draw_plain(
     stacked rows, each row with uniforms from its own generation's generator (what the
     generation would take alone): batching changes no token. -1: that row has no finite mass.
     The usual group (adjacent rows, no log-probabilities asked for) is scaled over the scores,
-    which nothing reads afterwards; otherwise the rows go to the scratch buffer first."""
+    which nothing reads afterwards; otherwise the rows are copied to the scratch buffer first."""
     groups: dict[SamplingConfig, list[Drawable]] = {}
     for g in gens:
         if not sampling[g].greedy and g.rows_per_role() == 1:
@@ -216,19 +216,13 @@ def draw_plain(
     for cfg, members in groups.items():
         u, more = per_row_uniforms([g.gen for g in members])
         first, n = offsets[members[0]], len(members)
-        adjacent = all(offsets[g] == first + i for i, g in enumerate(members))
-        if adjacent and not any(g.keeps_scores for g in members):
+        if all(offsets[g] == first + i for i, g in enumerate(members)) and not any(g.keeps_scores for g in members):
             # in place: writing a scratch buffer whose lines the step's new rows pushed out of the
             # cache cost 0.3 ms per 16 rows of 49,152 more than a pass over the cached scores
-            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, overwrite=True)
-        elif adjacent:  # their rows stay (logprobs read them): scaled into the scratch buffer,
-            # the copy and the subtraction in one pass
-            buf = workspace.scratch(n, scores.shape[1])
-            tokens, ok = sample_rows(scores[first:first + n], cfg, u, more=more, out=buf)
-        else:
-            buf = workspace.scratch(n, scores.shape[1])
-            rows = torch.index_select(scores, 0, _rows(members, offsets), out=buf)
-            tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
+            rows = scores[first:first + n]
+        else:  # rows apart, or read afterwards (logprobs): a copy
+            rows = torch.index_select(scores, 0, _rows(members, offsets), out=workspace.scratch(n, scores.shape[1]))
+        tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out
 

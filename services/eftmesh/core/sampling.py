@@ -184,19 +184,15 @@ def _filters(cfg: SamplingConfig, vocab: int) -> bool:
     return 0 < cfg.top_k < vocab or cfg.top_p < 1.0
 
 
-def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False, *, log2: bool = True,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def _scaled(x: torch.Tensor, temperature: float, overwrite: bool = False, *, log2: bool = True) -> torch.Tensor:
     """(x - max) * log2(e) / temperature: the rows in log2 units (draws.py), for exp2; with
-    `log2=False`, (x - max) / temperature. A new tensor (x itself with `overwrite`, `out` if
-    given): <= 0, so it cannot overflow to +inf (it may underflow to -inf, the right limit),
-    and -inf stays -inf. A row whose max is not finite is left unshifted (it has no finite mass; callers flag
+    `log2=False`, (x - max) / temperature. A new tensor (x itself with `overwrite`): <= 0, so
+    it cannot overflow to +inf (it may underflow to -inf, the right limit), and -inf stays
+    -inf. A row whose max is not finite is left unshifted (it has no finite mass; callers flag
     it). The one rounding of the product is that of the division before (relative 6e-8)."""
     m = x.amax(dim=-1, keepdim=True)  # [rows, 1]
     m = torch.where(torch.isfinite(m), m, 0.0)
-    if out is not None:
-        z = torch.sub(x, m, out=out)
-    else:
-        z = x.sub_(m) if overwrite and x.dtype == torch.float32 else torch.sub(x, m)
+    z = x.sub_(m) if overwrite and x.dtype == torch.float32 else torch.sub(x, m)
     # a temperature past float32's range would be inf here, and -inf / inf is NaN: its limit,
     # every finite entry 0, is what float32's largest gives
     t = min(temperature, torch.finfo(torch.float32).max)
@@ -233,8 +229,7 @@ def sample(
 
 
 def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, overwrite: bool = False,
-                more: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                more: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
     cut (`cuts.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
@@ -249,14 +244,12 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
             indices, one uniform each from each row's own generator). With it a top-p nucleus
             of thousands is drawn from without being cut, and such a row may take more than
             one uniform; without it (None) every row takes exactly one.
-        out: where to write the scaled rows ([rows, vocab] float32, e.g. a buffer the caller
-            reuses); the scores are then not written (the copy and the scaling are one pass).
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
-    z = _scaled(scores.float(), cfg.temperature, overwrite, out=out)  # ours: the draw may overwrite it
+    z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw_probs(exp2(z, overwrite=True), u)
     return _sample_scaled(z, cfg, u, more)[:2]
