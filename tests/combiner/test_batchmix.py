@@ -95,14 +95,17 @@ class FakeSampler(FakeGeneration):
     keeps_scores: bool = True  # (log-probabilities asked for: its rows must survive the draw)
 
 
-def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens():
+@pytest.mark.parametrize("cfg,fused", [(dict(temperature=0.8, top_p=0.9), True), (dict(temperature=0.8, top_k=50), False)])
+def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens(cfg, fused):
     """draw_plain's two paths draw the same tokens: adjacent rows nobody reads afterwards
     scaled over the scores; rows a generation reads afterwards (log-probabilities), or rows
-    apart, copied to the scratch buffer first, the scores left as they were."""
+    apart, copied to the scratch buffer first, the scores left as they were. A fused draw (no
+    top-k: `cuts.draw_fused`) only reads the rows, on every path."""
     from eftmesh.combiner.batchmix import draw_plain
-    from eftmesh.core.sampling import SamplingConfig
+    from eftmesh.core.sampling import SamplingConfig, _fusable
 
-    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    cfg = SamplingConfig(**cfg)
+    assert _fusable(torch.zeros(1, 5000), cfg, lambda r: r) == fused
     gens = [FakeSampler(k=0, gen=torch.Generator().manual_seed(s)) for s in range(6)]
     offsets = {g: i for i, g in enumerate(gens)}
     scores = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1)) * 3
@@ -123,7 +126,7 @@ def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens()
         g.gen.manual_seed(s)
         g.keeps_scores = s == 9
     assert draw_plain(gens, dict.fromkeys(gens, cfg), offsets, scores, ws) == plain
-    assert not torch.equal(scores, before)  # (written over)
+    assert torch.equal(scores, before) == fused  # (written over, unless fused)
 
 
 def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone():

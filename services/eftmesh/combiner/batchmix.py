@@ -205,8 +205,9 @@ def draw_plain(
     """Every sampled plain step's token, one `sample_rows` per group of equal settings over its
     stacked rows, each row with uniforms from its own generation's generator (what the
     generation would take alone): batching changes no token. -1: that row has no finite mass.
-    The usual group (adjacent rows, no log-probabilities asked for) is scaled over the scores,
-    which nothing reads afterwards; otherwise the rows are copied to the scratch buffer first."""
+    The usual draw (no top-k) only reads the rows (`cuts.draw_fused`); others scale them: over
+    the scores when the rows are adjacent and nothing reads them afterwards, else in a copy in
+    the scratch buffer."""
     groups: dict[SamplingConfig, list[Drawable]] = {}
     for g in gens:
         if not sampling[g].greedy and g.rows_per_role() == 1:

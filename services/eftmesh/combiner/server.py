@@ -39,6 +39,7 @@ from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tls import ServerTLS
 from eftmesh.common.tokenizer import fingerprint
+from eftmesh.core import fused
 from eftmesh.core.mixing import Composition, Delta
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc
@@ -331,6 +332,7 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=cfg.otlp)
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision, flag="--tokenizer")
+    fused.warm()  # the sampler's compiled kernels, before any request needs them
     fp, vocab = fingerprint(tokenizer), len(tokenizer)
     if meter_provider is None:
         meter_provider = metrics.make_meter_provider("eftmesh-combiner", otlp=cfg.otlp_metrics,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eftmesh.core.draws import draw_probs, draw_target, exp2, inverse_cdf, running_sums
+from eftmesh.core.draws import DRAW_BLOCK, draw_probs, draw_target, exp2, inverse_cdf, running_sums
 
 
 # A nucleus (top-p without top-k) need not be cut to be drawn from: a token drawn from the
@@ -68,10 +68,58 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
         uu = more(torch.from_numpy(rows_np[pending])).numpy()
     # still rejected (p is small for so flat a row): cut those rows, then draw within the cut
     r = torch.from_numpy(rows_np[pending])
-    zr, er = z[r], e[r]
-    er.masked_fill_(zr < _cut_wide(zr, er, 0, p)[:, None], 0.0)
-    tokens[pending] = draw_probs(er, torch.from_numpy(uu))[0].numpy()
+    tokens[pending] = _draw_cut(z[r], e[r], p, uu)
     return torch.from_numpy(tokens)
+
+
+def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
+               more: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw_nucleus` from unscaled rows, each try one compiled pass per row (`fused.nucleus_try`:
+    the scale, exp2 and block sums into a one-row buffer, the draw, the nucleus test); x is
+    only read. Same rule and the same uniforms: one per try, `more` for the rows that draw
+    again (p >= 1: one try, always kept, `more` unused).
+
+    Args:
+        x: [rows, vocab] float32 CPU scores, any per-row shift; z = (x - max) * scale.
+        scale: log2(e) / temperature (a normal float32).
+        p: top-p (>= 1: none). u: [rows] float64 uniforms, one per row.
+
+    Returns:
+        ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless
+        otherwise), as `draws.draw_probs`.
+    """
+    from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
+
+    rows, vocab = x.shape
+    x = x if x.stride(1) == 1 or vocab == 1 else x.contiguous()
+    stride = x.stride(0) if rows > 1 else vocab  # (0: rows broadcast from one, `expand`)
+    flat = x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy()  # every row, no copy
+    m = x.numpy().max(1)  # [rows]; NaN or +inf: no finite mass
+    ok = np.isfinite(m)
+    tokens = np.zeros(rows, np.int64)
+    pending = np.flatnonzero(ok)
+    uu, s = u.numpy()[pending], np.float32(scale)
+    e, sums = np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
+    for _ in range(REDRAWS + 1):
+        t, kept = np.empty(len(pending), np.int64), np.empty(len(pending), np.bool_)
+        fused.nucleus_try(flat, pending * stride, vocab, m[pending], s, p, uu, t, kept, e, sums)
+        tokens[pending[kept]] = t[kept]
+        pending = pending[~kept]
+        if pending.size == 0:
+            return torch.from_numpy(tokens), torch.from_numpy(ok)
+        assert more is not None, "a nucleus draw (p < 1) needs more uniforms"
+        uu = more(torch.from_numpy(pending)).numpy()
+    r = torch.from_numpy(pending)  # as draw_nucleus: cut those rows, then draw within the cut
+    z = (x[r] - torch.from_numpy(m[pending])[:, None]).mul_(s)
+    tokens[pending] = _draw_cut(z, exp2(z), p, uu)
+    return torch.from_numpy(tokens), torch.from_numpy(ok)
+
+
+def _draw_cut(z: torch.Tensor, e: torch.Tensor, p: float, u: np.ndarray) -> np.ndarray:
+    """[g] int64: one token per row of z ([g, vocab] log2 units, e = exp2(z), written over)
+    from its top-p nucleus, cut from its histogram (`_cut_wide`), with uniforms u ([g])."""
+    e.masked_fill_(z < _cut_wide(z, e, 0, p)[:, None], 0.0)
+    return draw_probs(e, torch.from_numpy(u))[0].numpy()
 
 
 def nucleus_bounds(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: torch.Tensor,

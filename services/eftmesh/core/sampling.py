@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.cuts import cut, draw_nucleus, nucleus_bounds
+from eftmesh.core.cuts import cut, draw_fused, draw_nucleus, nucleus_bounds
 from eftmesh.core.draws import LN2, LOG2E, draw, draw_probs, exp2, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
@@ -249,6 +249,8 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
+    if _fusable(scores, cfg, more):  # the usual case: one compiled pass per row, the rows only read
+        return draw_fused(scores, LOG2E / cfg.temperature, cfg.top_p, u, more)
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw_probs(exp2(z, overwrite=True), u)
@@ -267,6 +269,9 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
         probability; both meaningless where the row has no finite mass).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_with_probs draws sampled rows: [rows, vocab]"
+    if _fusable(scores, cfg, more):  # (the draw only reads the rows)
+        tokens, ok = draw_fused(scores, LOG2E / cfg.temperature, cfg.top_p, u, more)
+        return tokens, ok, token_probs(scores, tokens, cfg, overwrite=overwrite)[0]
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         e = exp2(z)  # (not over z: the probabilities read it)
@@ -275,6 +280,14 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
         return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e)[0]
     tokens, ok, e, running = _sample_scaled(z, cfg, u, more)
     return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e, running=running)[0]
+
+
+def _fusable(scores: torch.Tensor, cfg: SamplingConfig, more: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
+    """Whether `cuts.draw_fused` draws these rows: float32 on the CPU, no top-k, and top-p
+    either off or drawn by rejection (`more` given, p >= NUCLEUS_MIN_P); a temperature whose
+    scale log2(e) / t is a normal float32 (`_scaled`'s other case divides first)."""
+    return (scores.dtype == torch.float32 and scores.device.type == "cpu" and LOG2E / cfg.temperature > 1e-30
+            and not 0 < cfg.top_k < scores.shape[1] and (cfg.top_p >= 1.0 or (more is not None and cfg.top_p >= NUCLEUS_MIN_P)))
 
 
 def _sample_scaled(z: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor,

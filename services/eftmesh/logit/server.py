@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from eftmesh.common import loading, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
+from eftmesh.core import fused
 from eftmesh.logit import deletion_cost
 from eftmesh.logit.engine import EngineConfig, ModelEngine
 from eftmesh.logit.kvsize import parse_size
@@ -256,6 +257,8 @@ class LogitServer:
         pod's deletion cost (with --deletion-cost-interval)."""
         self.server.start()
         self.engine.warmup()
+        if self.engine.device.type == "cpu":  # drafts are sampled where their rows are: here, by compiled kernels
+            fused.warm()
         self.server.set_serving()
         engine = self.engine
         self.deletion_cost_updater = deletion_cost.start_from_env(lambda: engine.live_sessions, self.deletion_cost_interval_s)

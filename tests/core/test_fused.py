@@ -1,0 +1,165 @@
+"""The fused sampler (core/fused.py, `cuts.draw_fused`): its exp2 against float64, and its draws
+against the torch path (`cuts.draw_nucleus`) that it replaces for whole-row draws."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eftmesh.core import cuts, draws, fused
+from eftmesh.core.draws import DRAW_BLOCK, LOG2E, exp2, running_sums
+from eftmesh.core.sampling import SamplingConfig, _fusable, _scaled, sample_rows
+
+from tests.core.test_draws import distance_from, row_uniforms, shaped_rows
+
+
+def scaled_exp2(x: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """fused.exp2_scaled over one row: (2 ** ((x - max) * scale), block sums, total)."""
+    e, sums = np.empty_like(x), np.empty(-(-len(x) // DRAW_BLOCK), np.float32)
+    total = fused.exp2_scaled(x, x.max(), np.float32(scale), e, sums)
+    return e, sums, total
+
+
+def test_exp2_is_float32_exact_to_1e7_and_0_below_the_normal_range():
+    """2 ** z within 1.2e-7 relative of float64's wherever it is a normal float32 (torch's exp2
+    is within 1 ulp, 6e-8): at the polynomial's seams (half-integers), at 0, and deep in the
+    tail; 0 at and below 2 ** -127 and at -inf; the block sums and the total are the float32
+    and float64 sums of those values."""
+    gen = np.random.default_rng(0)
+    z = np.concatenate([-gen.random(20_000) * 126.0, -np.arange(0, 126) - 0.5, -np.arange(0, 126.0),
+                        np.nextafter(-np.arange(0, 126) - 0.5, 0).astype(np.float64), [-126.49]]).astype(np.float32)
+    x = np.concatenate([[np.float32(0.0)], z])  # max 0: z as it is, at scale 1
+    e, sums, total = scaled_exp2(x, 1.0)
+    want = np.exp2(x.astype(np.float64))
+    normal = x >= -126
+    rel = np.abs(e[normal] - want[normal]) / want[normal]
+    assert rel.max() < 1.2e-7, f"worst relative error {rel.max():.3g} at z = {x[normal][rel.argmax()]}"
+    assert (e[~normal] >= 0).all() and (e[~normal] <= 2.0 ** -126).all()
+
+    tail = np.array([0.0, -127.0, -127.5, -150.0, -1e30, -np.inf], np.float32)
+    assert scaled_exp2(tail, 1.0)[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+    blocks = np.pad(e, (0, -len(e) % DRAW_BLOCK)).reshape(-1, DRAW_BLOCK)
+    np.testing.assert_allclose(sums, blocks.sum(1, dtype=np.float64), rtol=1e-6)
+    assert total == pytest.approx(float(want.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [1003, 49_152, 50_257, 128_256])
+def test_a_rows_values_are_those_of_torchs_path_and_the_same_in_any_batch(vocab):
+    """exp2_scaled gives what `_scaled` then `draws.exp2` give, to float rounding; its block sums
+    are `running_sums`' steps. A row's draw is computed by itself (one row at a time, the
+    vectorised loop and its scalar tail rounding alike), so its token does not depend on where
+    the row lies in a batch or on the rows beside it."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = shaped_rows(gen, 6, vocab, "zipf")
+    z = _scaled(x.clone(), 0.7)
+    want = exp2(z)
+    for i in range(6):
+        e, sums, total = scaled_exp2(x[i].numpy(), LOG2E / 0.7)
+        torch.testing.assert_close(torch.from_numpy(e), want[i], rtol=3e-7, atol=0)
+        torch.testing.assert_close(torch.from_numpy(sums).double().cumsum(0), running_sums(want[i:i + 1])[0], rtol=1e-6, atol=0)
+    cfg = SamplingConfig(0.7, top_p=0.9)
+    seeds = [7, 8, 9, 10, 11, 12]
+    u, more, taken = row_uniforms([torch.Generator().manual_seed(s) for s in seeds])
+    together, ok = sample_rows(x, cfg, u, more=more)
+    for i in range(6):
+        for lo, hi in ((i, i + 1), (max(i - 2, 0), i + 1)):
+            u1, more1, taken1 = row_uniforms([torch.Generator().manual_seed(s) for s in seeds[lo:hi]])
+            alone, _ = sample_rows(x[lo:hi].clone(), cfg, u1, more=more1)
+            assert int(alone[-1]) == int(together[i]) and taken1[-1] == taken[i]
+
+
+@pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])
+@pytest.mark.parametrize("top_p", [1.0, 0.95, 0.6])
+def test_the_fused_draw_takes_the_torch_paths_tokens_and_uniforms(shape, top_p):
+    """`draw_fused` (one compiled pass per row) and `draw_nucleus` over torch's passes make the
+    same draws with the same uniforms: the same rule, so the same tokens wherever no uniform
+    falls within float rounding (~1e-7 of a row's mass) of a token's edge (none here), and the
+    same number of tries. At top_p 1 every first draw is kept."""
+    gen = torch.Generator().manual_seed(31)
+    x = shaped_rows(gen, 48, 5_000, shape)
+    cfg = SamplingConfig(0.8, top_p=top_p)
+    assert _fusable(x, cfg, lambda r: r)
+    seeds = range(200, 248)
+    u, more, taken = row_uniforms([torch.Generator().manual_seed(s) for s in seeds])
+    tokens, ok = cuts.draw_fused(x, LOG2E / 0.8, top_p, u, more)
+    z = _scaled(x.clone(), 0.8)
+    e = exp2(z)
+    running = running_sums(e)
+    u2, more2, taken2 = row_uniforms([torch.Generator().manual_seed(s) for s in seeds])
+    if top_p < 1.0:
+        want = cuts.draw_nucleus(z, e, running, torch.arange(48), top_p, u2, more2)
+    else:
+        want = draws.draw_probs(e, u2, running)[0]
+    assert ok.all() and torch.equal(tokens, want) and taken == taken2
+    if top_p == 1.0:
+        assert taken == [1] * 48
+        assert max(distance_from(exp2(z[i]), float(u[i]), int(tokens[i])) for i in range(48)) < 1e-6
+    if shape == "flat" and top_p == 0.6:
+        assert max(taken) > 1, "flat rows at a small top-p redraw"
+
+
+def test_rows_without_finite_mass_are_flagged_and_impossible_tokens_never_drawn():
+    """A row with a NaN or +inf, or all -inf, is flagged (its token meaningless); -inf entries
+    are never drawn; broadcast rows (`expand`, row stride 0) and rows of a strided view are read
+    where they lie."""
+    gen = torch.Generator().manual_seed(5)
+    x = shaped_rows(gen, 7, 3_000, "zipf")
+    x[1, 17], x[3, 4], x[5] = math.nan, math.inf, -math.inf
+    u = torch.rand(7, generator=gen, dtype=torch.float64)
+    tokens, ok = cuts.draw_fused(x, LOG2E, 1.0, u, None)
+    assert ok.tolist() == [True, False, True, False, True, False, True]
+    assert torch.isfinite(x[ok].gather(1, tokens[ok, None])).all()
+    many = x[0:1].expand(4_000, -1)
+    drawn, ok = cuts.draw_fused(many, LOG2E, 1.0, torch.rand(4_000, generator=gen, dtype=torch.float64), None)
+    assert ok.all() and torch.isfinite(x[0, drawn]).all() and drawn.unique().numel() > 10
+    wide = torch.cat([x, x], 1)[:, 1_000:4_000]  # row stride 6,000, not contiguous
+    assert not wide.is_contiguous()
+    t1, ok1 = cuts.draw_fused(wide, LOG2E, 1.0, u, None)
+    t2, ok2 = cuts.draw_fused(wide.contiguous(), LOG2E, 1.0, u, None)
+    assert torch.equal(ok1, ok2) and torch.equal(t1[ok1], t2[ok2])
+
+
+def test_only_the_whole_row_draws_are_fused():
+    """Top-k, a top-p below NUCLEUS_MIN_P or without more uniforms (each row one uniform), other
+    dtypes and a temperature whose scale is not a normal float32 take torch's path."""
+    x = torch.zeros(2, 100)
+    more = lambda r: r  # noqa: E731
+    assert _fusable(x, SamplingConfig(1.0), None) and _fusable(x, SamplingConfig(0.5, top_p=0.9), more)
+    assert not _fusable(x, SamplingConfig(1.0, top_p=0.9), None)
+    assert not _fusable(x, SamplingConfig(1.0, top_p=0.3), more)
+    assert not _fusable(x, SamplingConfig(1.0, top_k=5), more)
+    assert not _fusable(x.double(), SamplingConfig(1.0), more)
+    assert not _fusable(x, SamplingConfig(1e36), more)
+
+
+def test_the_inverse_cdf_takes_draws_rules_at_exact_edges():
+    """Exact cases of `draws.inverse_cdf`'s rules (searchsorted right): a target equal to a
+    running sum goes past it, to the next block or entry with mass; and when rounding leaves
+    nothing in the block to pass, the block's last entry with mass is taken."""
+    x = np.full(2 * DRAW_BLOCK, -np.inf, np.float32)
+    x[[0, 1, DRAW_BLOCK]] = 0.0  # masses 1, 1 (block 0) and 1 (block 1), exact in any sum
+    flat, one = torch.from_numpy(x)[None], torch.tensor([0.0], dtype=torch.float64)
+    at = {u: int(cuts.draw_fused(flat, 1.0, 1.0, one + u, None)[0][0]) for u in (0.0, 1 / 3, 2 / 3 - 1e-9)}
+    assert at == {0.0: 0, 1 / 3: 1, 2 / 3 - 1e-9: 1}  # 1/3 of the mass 3: the target is 1, entry 0's end
+    e = np.zeros(DRAW_BLOCK, np.float32)
+    e[[3, 7]] = 1.0
+    assert fused._inverse_cdf(e, np.array([2.0], np.float32), 1.0) == 7
+    assert fused._inverse_cdf(e, np.array([2.5], np.float32), 2.2) == 7  # block sum rounded above its entries
+    two = np.concatenate([e, e])
+    assert fused._inverse_cdf(two, np.array([2.0, 2.0], np.float32), 2.0) == DRAW_BLOCK + 3
+
+
+def test_warm_compiles_the_kernel_that_draws_use():
+    """`warm` (run by the services at start) compiles the very specialisation the draws then
+    call: no request compiles (a second specialisation would cost a second or so)."""
+    fused.warm()
+    assert len(fused.nucleus_try.signatures) == 1
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "zipf"))
+    for cfg in (SamplingConfig(0.7), SamplingConfig(1.0, top_p=0.9)):
+        u, more, _ = row_uniforms([torch.Generator().manual_seed(i) for i in range(4)])
+        sample_rows(scores[1:3], cfg, u[:2], more=more)
+        sample_rows(scores[0:1].expand(3, -1), cfg, u[:3], more=more)
+    assert len(fused.nucleus_try.signatures) == 1
