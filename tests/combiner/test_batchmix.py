@@ -84,6 +84,38 @@ def test_the_first_two_roles_written_in_one_pass_give_the_same_sums_bitwise(dtyp
         assert torch.equal(scores[o:o + m], want)
 
 
+def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch):
+    """Three float32 roles, each one run over every row (one composition, base-large's
+    coefficient 1) are mixed in one compiled pass (`fused.mix3`), bitwise the two torch passes
+    (one torch.add, then add_); rows wider than the vocabulary (padding columns) are read where
+    they lie. Any other step (a role's coefficient changes between runs) takes the torch passes."""
+    from eftmesh.core import fused
+
+    calls = []
+    real = fused.mix3
+    monkeypatch.setattr(fused, "mix3", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    up = {"big": 1.0, "ft": 1.5, "small": -1.5}
+    gens = [FakeGeneration(up, k) for k in (0, 2, 1, 0)]
+    n = sum(x.rows_per_role() for x in gens)
+    blocks = {r: torch.randn(n, V + 2, generator=g) * 4 for r in up}
+    rows, at = {}, 0
+    for x in gens:
+        m = x.rows_per_role()
+        rows[x] = {r: blocks[r][at:at + m] for r in up}
+        at += m
+    scores, _ = mix_step(gens, rows, V)
+    want = torch.add(blocks["big"][:, :V], blocks["ft"][:, :V], alpha=1.5).add_(blocks["small"][:, :V], alpha=-1.5)
+    assert calls == [1] and torch.equal(scores, want)
+    assert len(real.signatures) == 1  # the one `fused.warm` compiles
+    gens[2].coef = {"big": 1.0, "ft": 2.0, "small": -2.0}  # two runs of ft and small: torch's passes
+    scores, _ = mix_step(gens, rows, V)
+    assert calls == [1]
+    mixed = torch.cat([torch.add(blocks["big"][o:o + m, :V], blocks["ft"][o:o + m, :V], alpha=c).add_(
+        blocks["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
+    assert torch.equal(scores, mixed)
+
+
 @dataclass(eq=False)
 class FakeSampler(FakeGeneration):
     """A generation that samples: its own seeded generator."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from eftmesh.core.mixing import accumulate
@@ -141,6 +142,8 @@ def mix_step(
     order = sorted(runs, key=lambda r: sum(e - f for f, e, _, _ in runs[r]) != n)
     init = bool(order) and sum(e - f for f, e, _, _ in runs[order[0]]) == n
     scores = workspace.take(n, vocab_size)  # [n, vocab] float32
+    if init and _mix3(scores, [runs[r] for r in order]):
+        return scores, offsets
     if not init:
         scores.zero_()
     fused = _init_fused(scores, runs[order[0]], runs[order[1]] if len(order) > 1 else [], vocab_size) if init else set()
@@ -153,6 +156,31 @@ def mix_step(
             accumulate(scores[first:end], x, c, floored=True,
                        scratch=None if x.dtype == torch.float32 else workspace.scratch(end - first, vocab_size))
     return scores, offsets
+
+
+def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> bool:
+    """The usual step (three float32 roles, each one run over every row, the first with
+    coefficient 1: EFT's large + w * (ft - small) over a batch of one composition) mixed in one
+    pass (`core.fused.mix3`: bitwise the sums of the passes below). False: not that step."""
+    n, vocab = scores.shape
+    if len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles) or roles[0][0][2] != 1.0:
+        return False
+    rows = [joined(r[0][3]) for r in roles]
+    if any(x.dtype != torch.float32 or x.stride(1) != 1 for x in rows):
+        return False
+    from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
+
+    flat = [_flat(x, vocab) for x in (scores, *rows)]
+    fused.mix3(flat[0][0], flat[0][1], flat[1][0], flat[1][1], flat[2][0], flat[2][1], np.float32(roles[1][0][2]),
+               flat[3][0], flat[3][1], np.float32(roles[2][0][2]), vocab)
+    return True
+
+
+def _flat(x: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """x's rows ([n, >= vocab], unit column stride) as one flat float array (no copy) and each
+    row's start in it."""
+    n, stride = x.shape[0], x.stride(0)
+    return x.as_strided(((n - 1) * stride + vocab,), (1,)).numpy(), np.arange(n, dtype=np.int64) * stride
 
 
 def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[Run], vocab: int) -> set[tuple[int, int]]:
