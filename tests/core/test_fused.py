@@ -163,3 +163,35 @@ def test_warm_compiles_the_kernel_that_draws_use():
         sample_rows(scores[1:3], cfg, u[:2], more=more)
         sample_rows(scores[0:1].expand(3, -1), cfg, u[:3], more=more)
     assert len(fused.nucleus_try.signatures) == 1
+
+
+@pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.3])
+def test_token_probabilities_read_where_the_rows_lie_bound_and_equal_token_probs(shape, top_p):
+    """`token_probs_at` (verification's p_t(x_t), the rows read in place): its interval holds
+    `token_probs`' value, and is that value, within float rounding, at top_p 1 and outside the
+    nucleus (0); exact, it is `token_probs`' value (the cut `cuts._cut_wide` makes, from a
+    float64 histogram) for every token, likely or not. Rows at any spacing; a row without
+    finite mass is flagged."""
+    from eftmesh.core.sampling import token_probs, token_probs_at
+
+    gen = torch.Generator().manual_seed(13)
+    x = shaped_rows(gen, 30, 6_000, shape)
+    x[7, 3] = math.nan
+    cfg = SamplingConfig(0.8, top_p=top_p)
+    likely = torch.multinomial(torch.softmax(x.nan_to_num(0.0) / 0.8, -1), 1, generator=gen).view(-1)
+    anywhere = torch.randint(6_000, (30,), generator=gen)
+    for tokens in (likely, anywhere):
+        want, ok = token_probs(x.clone(), tokens, cfg)
+        for rows in (torch.arange(30), torch.arange(29, -1, -1), torch.arange(0, 30, 3)):
+            lo, hi, fine = token_probs_at(x, rows, tokens[rows], cfg, exact=False)
+            w = want[rows]
+            assert torch.equal(fine, ok[rows]) and not fine[rows == 7].any()
+            w, lo, hi = w[fine], lo[fine], hi[fine]
+            assert (lo <= w * (1 + 1e-6)).all() and (w <= hi * (1 + 1e-6)).all()
+            assert torch.equal(lo == 0, w == 0) and torch.equal(hi == 0, w == 0)
+            if top_p == 1.0:
+                torch.testing.assert_close(lo, w, rtol=3e-7, atol=0) and torch.testing.assert_close(hi, w, rtol=3e-7, atol=0)
+            exact, same, fine = token_probs_at(x, rows, tokens[rows], cfg, exact=True)
+            assert torch.equal(exact, same) and torch.equal(fine, ok[rows])
+            torch.testing.assert_close(exact[fine], want[rows][fine], rtol=3e-7, atol=0)

@@ -91,15 +91,13 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
     from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
 
     rows, vocab = x.shape
-    x = x if x.stride(1) == 1 or vocab == 1 else x.contiguous()
-    stride = x.stride(0) if rows > 1 else vocab  # (0: rows broadcast from one, `expand`)
-    flat = x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy()  # every row, no copy
+    x, flat, stride = _flat_rows(x)
     m = x.numpy().max(1)  # [rows]; NaN or +inf: no finite mass
     ok = np.isfinite(m)
     tokens = np.zeros(rows, np.int64)
     pending = np.flatnonzero(ok)
     uu, s = u.numpy()[pending], np.float32(scale)
-    e, sums = np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
+    e, sums = _row_scratch(vocab)
     for _ in range(REDRAWS + 1):
         t, kept = np.empty(len(pending), np.int64), np.empty(len(pending), np.bool_)
         fused.nucleus_try(flat, pending * stride, vocab, m[pending], s, p, uu, t, kept, e, sums)
@@ -113,6 +111,56 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
     z = (x[r] - torch.from_numpy(m[pending])[:, None]).mul_(s)
     tokens[pending] = _draw_cut(z, exp2(z), p, uu)
     return torch.from_numpy(tokens), torch.from_numpy(ok)
+
+
+def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
+                      exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
+    x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
+    temperature, one compiled pass or three per row: `nucleus_bounds`' interval
+    (`fused.token_bounds`), or with `exact` the cut's value (`fused.token_exact`).
+
+    Returns:
+        ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
+        row has finite mass; 0, 0 where it has not).
+    """
+    from eftmesh.core import fused
+
+    x, flat, stride = _flat_rows(x)
+    a, vocab = x.numpy(), x.shape[1]
+    if len(rows) > 1 and (np.diff(rows) == rows[1] - rows[0]).all() and rows[1] > rows[0]:  # evenly spaced
+        m = a[rows[0]:rows[-1] + 1:rows[1] - rows[0]].max(1)  # (a view: no copy of the rows)
+    else:
+        m = a[rows].max(1)
+    ok = np.isfinite(m)
+    good = np.flatnonzero(ok)
+    lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
+    at, toks, s = rows[good] * stride, tokens[good], np.float32(scale)
+    e, sums = _row_scratch(vocab)
+    if exact:
+        out = np.empty(len(good))
+        fused.token_exact(flat, at, vocab, m[good], s, p, toks, out, e, sums, np.empty(HIST_BINS + 1),
+                          np.empty(vocab, np.float32))
+        lo[good] = hi[good] = out
+    else:
+        glo, ghi = np.empty(len(good)), np.empty(len(good))
+        fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, e, sums)
+        lo[good], hi[good] = glo, ghi
+    return lo, hi, ok
+
+
+def _flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, int]:
+    """x ([rows, vocab] float32 CPU; copied only when its columns are not adjacent), its rows
+    as one flat array (no copy), and the row stride in it (0: rows broadcast from one)."""
+    rows, vocab = x.shape
+    x = x if x.stride(1) == 1 or vocab == 1 else x.contiguous()
+    stride = x.stride(0) if rows > 1 else vocab
+    return x, x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy(), stride
+
+
+def _row_scratch(vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """A row's exp2 and its block sums: the fused kernels' one-row buffers (stay in L2)."""
+    return np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
 
 
 def _draw_cut(z: torch.Tensor, e: torch.Tensor, p: float, u: np.ndarray) -> np.ndarray:

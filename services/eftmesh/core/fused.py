@@ -36,6 +36,8 @@ from numba.extending import intrinsic
 
 from eftmesh.core.draws import DRAW_BLOCK
 
+_HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the histogram's z range (cuts imports this module)
+
 log = logging.getLogger("eftmesh.core.fused")
 
 # reassociation lets the compiler vectorise the block sums (a fixed order for a given row
@@ -143,6 +145,76 @@ def nucleus_try(flat, starts, vocab, m, scale, p, u, tokens, accepted, e, sums):
         accepted[i] = p >= 1.0 or _mass_above(row, m[i], scale, e, (row[t] - m[i]) * scale) < p * total
 
 
+@njit(nogil=True, boundscheck=False)
+def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # type: ignore[no-untyped-def]
+    """Bounds on each row's probability of its token under top-p (without top-k) after the
+    temperature: `cuts.nucleus_bounds`' interval, one pass per row (`nucleus_try`'s exp2 and
+    test). Exact (lo = hi) at p >= 1 and for a token outside the nucleus (0); inside, the
+    nucleus mass lies between max(p T, the mass at or above the token) and T, the row's.
+
+    Args: as `nucleus_try`'s, and tokens: [g] int64, one per row; lo, hi: [g] float64 out.
+    """
+    for i in range(starts.shape[0]):
+        row = flat[starts[i]:starts[i] + vocab]
+        total = exp2_scaled(row, m[i], scale, e, sums)
+        v = (row[tokens[i]] - m[i]) * scale
+        et = np.exp2(np.float64(v))  # (as `sampling.token_probs` reads a token's mass)
+        if p >= 1.0:
+            lo[i] = hi[i] = et / total
+            continue
+        above = _mass_above(row, m[i], scale, e, v)
+        if above < p * total:
+            lo[i], hi[i] = et / total, et / max(p * total, above + et)
+        else:
+            lo[i] = hi[i] = 0.0
+
+
+@njit(nogil=True, boundscheck=False)
+def token_exact(flat, starts, vocab, m, scale, p, tokens, out, e, sums, hist, vals):  # type: ignore[no-untyped-def]
+    """Each row's probability of its token under top-p (without top-k) after the temperature,
+    exactly: the nucleus is cut as `cuts._cut_wide` cuts it (a float64 histogram of the row's
+    mass over z, the bin where the mass passes p sorted), its mass summed in float32.
+
+    Args: as `token_bounds`', and out: [g] float64; hist: [bins + 1] float64 and vals: [vocab]
+    float32 scratch (bins = len(hist) - 1 over z in [-span, 0], `cuts.HIST_BINS`).
+    """
+    bins = hist.shape[0] - 1
+    per = np.float32(-bins / _HIST_SPAN)
+    for i in range(starts.shape[0]):
+        row, mi = flat[starts[i]:starts[i] + vocab], m[i]
+        total = exp2_scaled(row, mi, scale, e, sums)
+        v = (row[tokens[i]] - mi) * scale
+        if p >= 1.0:
+            out[i] = np.exp2(np.float64(v)) / total
+            continue
+        hist[:] = 0.0
+        for j in range(vocab):
+            hist[np.intp(min((row[j] - mi) * scale * per, np.float32(bins)))] += e[j]
+        need = p * hist.sum()
+        b, cum, before = 0, 0.0, 0.0
+        while b < bins and cum + hist[b] < need:  # the bin where the mass passes p
+            cum += hist[b]
+            b += 1
+        before = cum
+        n = 0
+        for j in range(vocab):
+            z = (row[j] - mi) * scale
+            if np.intp(min(z * per, np.float32(bins))) == b and z > -np.inf:
+                vals[n] = z
+                n += 1
+        tau = np.float32(-np.inf)
+        if n:
+            kept = np.sort(vals[:n])[::-1]  # falling
+            run = before
+            for k in range(n):  # a token is kept while the mass before it is below p
+                if k > 0 and run >= need:
+                    break
+                tau = kept[k]
+                run += np.exp2(np.float64(kept[k]))
+        mass = _mass_above(row, mi, scale, e, np.nextafter(tau, np.float32(-np.inf)))  # z >= tau
+        out[i] = np.exp2(np.float64(v)) / mass if v >= tau else 0.0
+
+
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False)
 def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab):  # type: ignore[no-untyped-def]
     """EFT's usual mix, three roles in one pass: out row i = a_i + cb * b_i + cc * c_i (float32),
@@ -169,4 +241,7 @@ def warm() -> None:
                 np.empty(2, np.float32))
     one, at, f = np.zeros(vocab, np.float32), np.zeros(1, np.int64), np.float32(1.0)
     mix3(one, at, one, at, one, at, f, one, at, f, vocab)
+    lo, hi, m = np.empty(1), np.empty(1), np.zeros(1, np.float32)
+    token_bounds(one, at, vocab, m, f, 0.9, at, lo, hi, one.copy(), np.empty(2, np.float32))
+    token_exact(one, at, vocab, m, f, 0.9, at, lo, one.copy(), np.empty(2, np.float32), np.empty(9), one.copy())
     log.info("sampler kernels compiled in %.2f s", time.perf_counter() - start)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.cuts import cut, draw_fused, draw_nucleus, nucleus_bounds
+from eftmesh.core.cuts import cut, draw_fused, draw_nucleus, nucleus_bounds, token_probs_fused
 from eftmesh.core.draws import LN2, LOG2E, draw, draw_probs, exp2, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
@@ -283,11 +283,28 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
 
 
 def _fusable(scores: torch.Tensor, cfg: SamplingConfig, more: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
-    """Whether `cuts.draw_fused` draws these rows: float32 on the CPU, no top-k, and top-p
-    either off or drawn by rejection (`more` given, p >= NUCLEUS_MIN_P); a temperature whose
-    scale log2(e) / t is a normal float32 (`_scaled`'s other case divides first)."""
-    return (scores.dtype == torch.float32 and scores.device.type == "cpu" and LOG2E / cfg.temperature > 1e-30
-            and not 0 < cfg.top_k < scores.shape[1] and (cfg.top_p >= 1.0 or (more is not None and cfg.top_p >= NUCLEUS_MIN_P)))
+    """Whether `cuts.draw_fused` draws these rows: `fusable_rows`, and top-p either off or
+    drawn by rejection (`more` given, p >= NUCLEUS_MIN_P)."""
+    return fusable_rows(scores, cfg) and (cfg.top_p >= 1.0 or (more is not None and cfg.top_p >= NUCLEUS_MIN_P))
+
+
+def fusable_rows(scores: torch.Tensor, cfg: SamplingConfig) -> bool:
+    """Whether the fused kernels (core/fused.py) read these rows: float32 on the CPU, no top-k,
+    a temperature whose scale log2(e) / t is a normal float32 (`_scaled`'s other case divides
+    first)."""
+    return (scores.dtype == torch.float32 and scores.device.type == "cpu" and not cfg.greedy
+            and LOG2E / cfg.temperature > 1e-30 and not 0 < cfg.top_k < scores.shape[1])
+
+
+def token_probs_at(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
+                   exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_prob_bounds` (with `exact`, `token_probs` as an interval lo = hi) of scores'
+    `rows` ([g] int64 indices) and `tokens` ([g]), read where they lie: no copy, one compiled
+    pass per row (`cuts.token_probs_fused`); `fusable_rows` scores only. Every row's interval
+    holds its exact value (an interval wherever it is in the nucleus, unless exact)."""
+    assert fusable_rows(scores, cfg) and rows.shape == tokens.shape, "fusable [n, vocab] scores, [g] rows and tokens"
+    lo, hi, ok = token_probs_fused(scores, rows.numpy(), tokens.numpy(), LOG2E / cfg.temperature, cfg.top_p, exact=exact)
+    return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
 
 
 def _sample_scaled(z: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor,

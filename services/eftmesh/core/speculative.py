@@ -29,12 +29,14 @@ from eftmesh.core.sampling import (
     NoFiniteMass,
     SamplingConfig,
     argmax_rows,
+    fusable_rows,
     more_uniforms,
     no_finite_mass,
     processed_probs,
     sample_rows,
     token_prob_bounds,
     token_probs,
+    token_probs_at,
     uniforms,
 )
 
@@ -152,6 +154,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     if not blocks:
         return []
     p, vocab = p.float(), p.shape[1]  # (the combiner's scores are float32 already: no copy)
+    fused = fusable_rows(p, cfg)
     drafts = [b.drafts for b in blocks]
     tests = [torch.rand(len(d), generator=b.generator, dtype=torch.float32).tolist() for d, b in zip(drafts, blocks)]
     last = torch.cat([uniforms(b.generator) for b in blocks])
@@ -171,15 +174,19 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         at = [(j, t) for j in testing for t in range(i, min(i + span, len(drafts[j])))]
         read = [r for r, (j, _) in enumerate(at) if blocks[j].q_probs is None]  # q rows to read
         g = len(at)
-        if buf.shape[0] < g + len(read):
-            buf = take(g + len(read), vocab)
-        rows = buf[:g + len(read)]
-        torch.index_select(p, 0, torch.tensor([blocks[j].first + t for j, t in at]), out=rows[:g])
-        for r, a in enumerate(read, g):
-            rows[r].copy_(blocks[at[a][0]].q[at[a][1], :vocab])  # (any dtype: rows travel in the model's)
         x = torch.tensor([drafts[j][t] for j, t in at])
-        # p_t(x_t), then the q_t(x_t) read, as intervals: a flat row's is not cut (below)
-        lo, hi, ok = token_prob_bounds(rows, torch.cat((x, x[read])), cfg, overwrite=True)
+        where = torch.tensor([blocks[j].first + t for j, t in at])
+        if fused and not read:  # p_t(x_t) as intervals, read where the rows lie (core/fused.py)
+            lo, hi, ok = token_probs_at(p, where, x, cfg, exact=False)
+        else:
+            if buf.shape[0] < g + len(read):
+                buf = take(g + len(read), vocab)
+            rows = buf[:g + len(read)]
+            torch.index_select(p, 0, where, out=rows[:g])
+            for r, a in enumerate(read, g):
+                rows[r].copy_(blocks[at[a][0]].q[at[a][1], :vocab])  # (any dtype: rows travel in the model's)
+            # p_t(x_t), then the q_t(x_t) read, as intervals: a flat row's is not cut (below)
+            lo, hi, ok = token_prob_bounds(rows, torch.cat((x, x[read])), cfg, overwrite=True)
         sent = torch.tensor([math.nan if blocks[j].q_probs is None else blocks[j].q_probs[t] for j, t in at],
                             dtype=torch.float64)
         q_lo, q_hi, q_ok = sent.clone(), sent, torch.ones(g, dtype=torch.bool)
@@ -192,7 +199,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         if bool((open_ := ~keep & (u * q_lo < hi[:g]) & ok[:g] & q_ok).any()):
             which, mine = open_.nonzero().flatten().tolist(), set(read)
             keep[open_] = _exact_tests(p, blocks, [at[r] for r in which], x[which], q_hi[which],
-                                       [i for i, r in enumerate(which) if r in mine], u[open_], cfg)
+                                       [i for i, r in enumerate(which) if r in mine], u[open_], cfg, fused)
         keep = keep.tolist()
         good = (ok[:g] & q_ok).tolist()
         still, n = [], 0
@@ -213,10 +220,14 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     done = [j for j in range(len(blocks)) if out[j] is None]
     bonus = [j for j in done if accepted[j] == len(drafts[j])]
     if bonus:  # every draft passed: the bonus token, from p_k
-        at = torch.tensor([blocks[j].first + accepted[j] for j in bonus])
-        rows = torch.index_select(p, 0, at, out=buf[:len(bonus)])
+        at = [blocks[j].first + accepted[j] for j in bonus]
+        step = at[1] - at[0] if len(at) > 1 else 1
+        if step > 0 and at == list(range(at[0], at[0] + step * len(at), step)):  # evenly spaced (equal k):
+            rows, mine = p[at[0]::step][:len(at)], False  # a view (a fused draw reads it where it lies)
+        else:
+            rows, mine = torch.index_select(p, 0, torch.tensor(at), out=buf[:len(bonus)]), True
         more = more_uniforms([blocks[j].generator for j in bonus])  # (top-p's nucleus, drawn by rejection)
-        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=True, more=more)
+        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=mine, more=more)
         for j, t, good in zip(bonus, tokens.tolist(), ok.tolist()):
             out[j] = Verdict(accepted[j], t) if good else no_finite_mass([accepted[j]])
     if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
@@ -234,12 +245,16 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
 
 
 def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], x: torch.Tensor,
-                 q: torch.Tensor, read: list[int], u: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+                 q: torch.Tensor, read: list[int], u: torch.Tensor, cfg: SamplingConfig, fused: bool) -> torch.Tensor:
     """The ratio tests u * q_t(x_t) < p_t(x_t) that `token_prob_bounds`' intervals left open
-    ((block, position) pairs `at`, drafts x), from exact token probabilities (whole rows cut):
-    q as the blocks sent it (a new tensor, written), computed from the rows at the indices
-    `read`."""
-    pt, _ = token_probs(p.index_select(0, torch.tensor([blocks[j].first + t for j, t in at])), x, cfg, overwrite=True)
+    ((block, position) pairs `at`, drafts x), from exact token probabilities (whole rows cut;
+    `fused`: by `token_probs_at`, the rows read where they lie): q as the blocks sent it (a new
+    tensor, written), computed from the rows at the indices `read`."""
+    where = torch.tensor([blocks[j].first + t for j, t in at])
+    if fused:
+        pt = token_probs_at(p, where, x, cfg, exact=True)[0]
+    else:
+        pt, _ = token_probs(p.index_select(0, where), x, cfg, overwrite=True)
     if read:
         rows = torch.stack([blocks[at[i][0]].q[at[i][1], :p.shape[1]].float() for i in read])
         q[read] = token_probs(rows, x[read], cfg, overwrite=True)[0]
