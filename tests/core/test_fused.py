@@ -154,15 +154,20 @@ def test_the_inverse_cdf_takes_draws_rules_at_exact_edges():
 def test_warm_compiles_the_kernel_that_draws_use():
     """`warm` (run by the services at start) compiles the very specialisation the draws then
     call: no request compiles (a second specialisation would cost a second or so)."""
+    from eftmesh.core.sampling import token_probs_at
+
     fused.warm()
-    assert len(fused.nucleus_try.signatures) == 1
+    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_at_least, fused.mix3)
+    assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
     gen = torch.Generator().manual_seed(2)
-    scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "zipf"))
+    scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "flat"))
     for cfg in (SamplingConfig(0.7), SamplingConfig(1.0, top_p=0.9)):
         u, more, _ = row_uniforms([torch.Generator().manual_seed(i) for i in range(4)])
         sample_rows(scores[1:3], cfg, u[:2], more=more)
         sample_rows(scores[0:1].expand(3, -1), cfg, u[:3], more=more)
-    assert len(fused.nucleus_try.signatures) == 1
+        for exact in (False, True):
+            token_probs_at(scores, torch.tensor([0, 2, 3]), torch.tensor([5, 9, 1]), cfg, exact=exact)
+    assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
 
 
 @pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])

@@ -117,8 +117,8 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
                       exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
     x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
-    temperature, one compiled pass or three per row: `nucleus_bounds`' interval
-    (`fused.token_bounds`), or with `exact` the cut's value (`fused.token_exact`).
+    temperature, one compiled pass per row: `nucleus_bounds`' interval (`fused.token_bounds`), or
+    with `exact` the cut's value (`fused.nucleus_bin`, then its bin sorted: `_cut_wide`'s cut).
 
     Returns:
         ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
@@ -137,12 +137,19 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
     at, toks, s = rows[good] * stride, tokens[good], np.float32(scale)
     e, sums = _row_scratch(vocab)
-    if exact:
-        out = np.empty(len(good))
-        fused.token_exact(flat, at, vocab, m[good], s, p, toks, out, e, sums, np.empty(HIST_BINS + 1),
-                          np.empty(vocab, np.float32))
-        lo[good] = hi[good] = out
-    else:
+    if exact and p < 1.0:  # the cut as _cut_wide makes it: a histogram, then its boundary bin sorted
+        hist, vals = np.empty(HIST_BINS + 1), np.empty(vocab, np.float32)
+        for i, start, mi, t in zip(good, at, m[good], toks):
+            row = flat[start:start + vocab]
+            n, before, need = fused.nucleus_bin(row, mi, s, p, e, sums, hist, vals)
+            tau = np.float32(-np.inf)
+            if n:
+                kept = -np.sort(-vals[:n])  # falling
+                pe = np.exp2(kept.astype(np.float64))
+                tau = kept[max(int(((before + pe.cumsum() - pe) < need).sum()), 1) - 1]
+            v = (row[t] - mi) * s
+            lo[i] = hi[i] = np.exp2(np.float64(v)) / fused.mass_at_least(row, mi, s, e, tau) if v >= tau else 0.0
+    else:  # (p >= 1: the bounds are exact)
         glo, ghi = np.empty(len(good)), np.empty(len(good))
         fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, e, sums)
         lo[good], hi[good] = glo, ghi

@@ -170,49 +170,43 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
 
 
 @njit(nogil=True, boundscheck=False)
-def token_exact(flat, starts, vocab, m, scale, p, tokens, out, e, sums, hist, vals):  # type: ignore[no-untyped-def]
-    """Each row's probability of its token under top-p (without top-k) after the temperature,
-    exactly: the nucleus is cut as `cuts._cut_wide` cuts it (a float64 histogram of the row's
-    mass over z, the bin where the mass passes p sorted), its mass summed in float32.
+def nucleus_bin(row, m, scale, p, e, sums, hist, vals):  # type: ignore[no-untyped-def]
+    """Where one row's top-p nucleus ends, to a bin: `cuts._cut_wide`'s float64 histogram of the
+    row's mass over z (bins = len(hist) - 1 over [-span, 0], `cuts.HIST_BINS`; the last takes
+    everything below), the bin where the mass passes p, and that bin's entries. Leaves e =
+    2 ** z for `mass_at_least`.
 
-    Args: as `token_bounds`', and out: [g] float64; hist: [bins + 1] float64 and vals: [vocab]
-    float32 scratch (bins = len(hist) - 1 over z in [-span, 0], `cuts.HIST_BINS`).
+    Returns:
+        (n: the bin's finite entries, their z in vals[:n] (in row order); the float64 mass of
+        the bins above it; the mass the nucleus needs, p times the histogram's total).
     """
     bins = hist.shape[0] - 1
     per = np.float32(-bins / _HIST_SPAN)
-    for i in range(starts.shape[0]):
-        row, mi = flat[starts[i]:starts[i] + vocab], m[i]
-        total = exp2_scaled(row, mi, scale, e, sums)
-        v = (row[tokens[i]] - mi) * scale
-        if p >= 1.0:
-            out[i] = np.exp2(np.float64(v)) / total
-            continue
-        hist[:] = 0.0
-        for j in range(vocab):
-            hist[np.intp(min((row[j] - mi) * scale * per, np.float32(bins)))] += e[j]
-        need = p * hist.sum()
-        b, cum, before = 0, 0.0, 0.0
-        while b < bins and cum + hist[b] < need:  # the bin where the mass passes p
-            cum += hist[b]
-            b += 1
-        before = cum
-        n = 0
-        for j in range(vocab):
-            z = (row[j] - mi) * scale
-            if np.intp(min(z * per, np.float32(bins))) == b and z > -np.inf:
-                vals[n] = z
-                n += 1
-        tau = np.float32(-np.inf)
-        if n:
-            kept = np.sort(vals[:n])[::-1]  # falling
-            run = before
-            for k in range(n):  # a token is kept while the mass before it is below p
-                if k > 0 and run >= need:
-                    break
-                tau = kept[k]
-                run += np.exp2(np.float64(kept[k]))
-        mass = _mass_above(row, mi, scale, e, np.nextafter(tau, np.float32(-np.inf)))  # z >= tau
-        out[i] = np.exp2(np.float64(v)) / mass if v >= tau else 0.0
+    exp2_scaled(row, m, scale, e, sums)
+    hist[:] = 0.0
+    for j in range(row.shape[0]):
+        hist[np.intp(min((row[j] - m) * scale * per, np.float32(bins)))] += e[j]
+    need = p * hist.sum()
+    b, before = 0, 0.0
+    while b < bins and before + hist[b] < need:
+        before += hist[b]
+        b += 1
+    n = 0
+    for j in range(row.shape[0]):
+        z = (row[j] - m) * scale
+        if np.intp(min(z * per, np.float32(bins))) == b and z > -np.inf:
+            vals[n] = z
+            n += 1
+    return n, before, need
+
+
+@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+def mass_at_least(row, m, scale, e, tau):  # type: ignore[no-untyped-def]
+    """float32 sum of e where (row - m) * scale >= tau."""
+    acc = np.float32(0.0)
+    for j in range(row.shape[0]):
+        acc += e[j] if (row[j] - m) * scale >= tau else np.float32(0.0)
+    return acc
 
 
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False)
@@ -229,19 +223,24 @@ def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab):  # type: ignore
             o[j] = (x[j] + cb * y[j]) + cc * z[j]
 
 
-def warm() -> None:
-    """Compile the kernels now (about a second, once per process), not in the first request
-    that samples."""
-    if nucleus_try.signatures:
-        return
-    start = time.perf_counter()
+def warm(*, draws_only: bool = False) -> None:
+    """Compile the kernels now, once per process, not in the first request that needs them:
+    ~1 s for the draw (what a logit service drafting on the CPU uses: `draws_only`), ~2.5 s for
+    all of them (the combiner's: mixing and verification too)."""
     vocab = DRAW_BLOCK + 3
-    nucleus_try(np.zeros(2 * vocab, np.float32), np.array([0, vocab]), vocab, np.zeros(2, np.float32), np.float32(1.0),
-                0.9, np.full(2, 0.5), np.empty(2, np.int64), np.empty(2, np.bool_), np.empty(vocab, np.float32),
-                np.empty(2, np.float32))
-    one, at, f = np.zeros(vocab, np.float32), np.zeros(1, np.int64), np.float32(1.0)
-    mix3(one, at, one, at, one, at, f, one, at, f, vocab)
-    lo, hi, m = np.empty(1), np.empty(1), np.zeros(1, np.float32)
-    token_bounds(one, at, vocab, m, f, 0.9, at, lo, hi, one.copy(), np.empty(2, np.float32))
-    token_exact(one, at, vocab, m, f, 0.9, at, lo, one.copy(), np.empty(2, np.float32), np.empty(9), one.copy())
-    log.info("sampler kernels compiled in %.2f s", time.perf_counter() - start)
+    one, at, f, m = np.zeros(vocab, np.float32), np.zeros(1, np.int64), np.float32(1.0), np.zeros(1, np.float32)
+    calls = [(nucleus_try, lambda: nucleus_try(one, at, vocab, m, f, 0.9, np.full(1, 0.5), np.empty(1, np.int64),
+                                               np.empty(1, np.bool_), one.copy(), np.empty(2, np.float32)))]
+    if not draws_only:
+        calls += [(mix3, lambda: mix3(one, at, one, at, one, at, f, one, at, f, vocab)),
+                  (token_bounds, lambda: token_bounds(one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1), one.copy(),
+                                                      np.empty(2, np.float32))),
+                  (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty(9),
+                                                    one.copy())),
+                  (mass_at_least, lambda: mass_at_least(one, f, f, one, f))]
+    start = time.perf_counter()
+    todo = [call for kernel, call in calls if not kernel.signatures]
+    for call in todo:
+        call()
+    if todo:
+        log.info("%d sampler kernels compiled in %.2f s", len(todo), time.perf_counter() - start)

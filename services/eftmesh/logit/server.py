@@ -258,7 +258,7 @@ class LogitServer:
         self.server.start()
         self.engine.warmup()
         if self.engine.device.type == "cpu":  # drafts are sampled where their rows are: here, by compiled kernels
-            fused.warm()
+            fused.warm(draws_only=True)
         self.server.set_serving()
         engine = self.engine
         self.deletion_cost_updater = deletion_cost.start_from_env(lambda: engine.live_sessions, self.deletion_cost_interval_s)
