@@ -94,6 +94,7 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
     calls = []
     real = fused.mix3
     monkeypatch.setattr(fused, "mix3", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", 0)  # (these rows are few: torch's passes otherwise)
     g = torch.Generator().manual_seed(4)
     up = {"big": 1.0, "ft": 1.5, "small": -1.5}
     gens = [FakeGeneration(up, k) for k in (0, 2, 1, 0)]
@@ -114,6 +115,9 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
     mixed = torch.cat([torch.add(blocks["big"][o:o + m, :V], blocks["ft"][o:o + m, :V], alpha=c).add_(
         blocks["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
     assert torch.equal(scores, mixed)
+    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes
+    gens[2].coef = up
+    assert torch.equal(mix_step(gens, rows, V)[0], want) and calls == [1]
 
 
 @dataclass(eq=False)

@@ -158,12 +158,20 @@ def mix_step(
     return scores, offsets
 
 
+# Below this many entries a role's rows stay in L2 between torch's two passes, and the kernel's
+# call (~15 us more than torch's two) costs more than the pass it saves: one row of 128k mixed
+# in 94 us against 80, 16 rows of 49,152 in 453 against 503 (this project's CPU).
+MIX3_MIN_ENTRIES = 1 << 18
+
+
 def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> bool:
     """The usual step (three float32 roles, each one run over every row, the first with
     coefficient 1: EFT's large + w * (ft - small) over a batch of one composition) mixed in one
-    pass (`core.fused.mix3`: bitwise the sums of the passes below). False: not that step."""
+    pass (`core.fused.mix3`: bitwise the sums of the passes below), when it is large enough to
+    gain by it. False: not that step."""
     n, vocab = scores.shape
-    if len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles) or roles[0][0][2] != 1.0:
+    if (n * vocab < MIX3_MIN_ENTRIES or len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles)
+            or roles[0][0][2] != 1.0):
         return False
     rows = [joined(r[0][3]) for r in roles]
     if any(x.dtype != torch.float32 or x.stride(1) != 1 for x in rows):
