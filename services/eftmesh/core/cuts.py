@@ -138,10 +138,10 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     at, toks, s = rows[good] * stride, tokens[good], np.float32(scale)
     e, sums = _row_scratch(vocab)
     if exact and p < 1.0:  # the cut as _cut_wide makes it: a histogram, then its boundary bin sorted
-        hist, vals = np.empty(HIST_BINS + 1), np.empty(vocab, np.float32)
+        hist, bins, vals = np.empty((4, HIST_BINS + 1)), np.empty(vocab, np.int32), np.empty(vocab, np.float32)
         for i, start, mi, t in zip(good, at, m[good], toks):
             row = flat[start:start + vocab]
-            n, before, need = fused.nucleus_bin(row, mi, s, p, e, sums, hist, vals)
+            n, before, need = fused.nucleus_bin(row, mi, s, p, e, sums, hist, bins, vals)
             tau = np.float32(-np.inf)
             if n:
                 kept = -np.sort(-vals[:n])  # falling

@@ -169,34 +169,58 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
             lo[i] = hi[i] = 0.0
 
 
+@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+def _bins(row, m, scale, per, last, at):  # type: ignore[no-untyped-def]
+    """at[j] = the histogram bin of entry j: z * per (z <= 0, per < 0) truncated, at most `last`."""
+    for j in range(row.shape[0]):
+        at[j] = np.int32(min((row[j] - m) * scale * per, last))
+
+
 @njit(nogil=True, boundscheck=False)
-def nucleus_bin(row, m, scale, p, e, sums, hist, vals):  # type: ignore[no-untyped-def]
+def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-untyped-def]
     """Where one row's top-p nucleus ends, to a bin: `cuts._cut_wide`'s float64 histogram of the
-    row's mass over z (bins = len(hist) - 1 over [-span, 0], `cuts.HIST_BINS`; the last takes
-    everything below), the bin where the mass passes p, and that bin's entries. Leaves e =
-    2 ** z for `mass_at_least`.
+    row's mass over z (hist: [4, bins + 1] scratch, bins over [-span, 0], `cuts.HIST_BINS`; the
+    last takes everything below), the bin where the mass passes p, and that bin's entries.
+    Four interleaved histograms, summed after: a flat row's entries fall in a few bins, and one
+    histogram's adds would wait on each other. Leaves e = 2 ** z for `mass_at_least`.
+
+    Args: row [vocab] float32 scores; m its maximum; scale, p as `nucleus_try`'s; e [vocab] and
+    sums float32 scratch as there; at [vocab] int32 and vals [vocab] float32 scratch.
 
     Returns:
         (n: the bin's finite entries, their z in vals[:n] (in row order); the float64 mass of
         the bins above it; the mass the nucleus needs, p times the histogram's total).
     """
-    bins = hist.shape[0] - 1
+    bins = hist.shape[1] - 1
     per = np.float32(-bins / _HIST_SPAN)
     exp2_scaled(row, m, scale, e, sums)
-    hist[:] = 0.0
-    for j in range(row.shape[0]):
-        hist[np.intp(min((row[j] - m) * scale * per, np.float32(bins)))] += e[j]
-    need = p * hist.sum()
+    _bins(row, m, scale, per, np.float32(bins), at)
+    hist[:, :] = 0.0
+    vocab = row.shape[0]
+    whole = vocab - vocab % 4
+    for j in range(0, whole, 4):
+        hist[0, at[j]] += e[j]
+        hist[1, at[j + 1]] += e[j + 1]
+        hist[2, at[j + 2]] += e[j + 2]
+        hist[3, at[j + 3]] += e[j + 3]
+    for j in range(whole, vocab):
+        hist[0, at[j]] += e[j]
+    total = 0.0
+    for b in range(bins + 1):
+        hist[0, b] += hist[1, b] + hist[2, b] + hist[3, b]
+        total += hist[0, b]
+    need = p * total
     b, before = 0, 0.0
-    while b < bins and before + hist[b] < need:
-        before += hist[b]
+    while b < bins and before + hist[0, b] < need:
+        before += hist[0, b]
         b += 1
     n = 0
-    for j in range(row.shape[0]):
-        z = (row[j] - m) * scale
-        if np.intp(min(z * per, np.float32(bins))) == b and z > -np.inf:
-            vals[n] = z
-            n += 1
+    for j in range(vocab):
+        if at[j] == b:
+            z = (row[j] - m) * scale
+            if z > -np.inf:
+                vals[n] = z
+                n += 1
     return n, before, need
 
 
@@ -235,8 +259,8 @@ def warm(*, draws_only: bool = False) -> None:
         calls += [(mix3, lambda: mix3(one, at, one, at, one, at, f, one, at, f, vocab)),
                   (token_bounds, lambda: token_bounds(one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1), one.copy(),
                                                       np.empty(2, np.float32))),
-                  (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty(9),
-                                                    one.copy())),
+                  (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),
+                                                    np.empty(vocab, np.int32), one.copy())),
                   (mass_at_least, lambda: mass_at_least(one, f, f, one, f))]
     start = time.perf_counter()
     todo = [call for kernel, call in calls if not kernel.signatures]
