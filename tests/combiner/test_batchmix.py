@@ -105,19 +105,23 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
         m = x.rows_per_role()
         rows[x] = {r: blocks[r][at:at + m] for r in up}
         at += m
-    scores, _ = mix_step(gens, rows, V)
+    blocks["ft"][2, 3] = float("nan")  # (a NaN row: its maximum NaN, as numpy's)
+    ws = Workspace()
+    scores, _ = mix_step(gens, rows, V, ws)
     want = torch.add(blocks["big"][:, :V], blocks["ft"][:, :V], alpha=1.5).add_(blocks["small"][:, :V], alpha=-1.5)
-    assert calls == [1] and torch.equal(scores, want)
+    assert calls == [1] and torch.equal(scores.nan_to_num(), want.nan_to_num())
+    fine = torch.arange(n) != 2
+    assert ws.maxima[2].isnan() and torch.equal(ws.maxima[fine], want[fine].amax(1))  # the rows' maxima, taken on the way
     assert len(real.signatures) == 1  # the one `fused.warm` compiles
     gens[2].coef = {"big": 1.0, "ft": 2.0, "small": -2.0}  # two runs of ft and small: torch's passes
-    scores, _ = mix_step(gens, rows, V)
-    assert calls == [1]
+    scores, _ = mix_step(gens, rows, V, ws)
+    assert calls == [1] and ws.maxima is None
     mixed = torch.cat([torch.add(blocks["big"][o:o + m, :V], blocks["ft"][o:o + m, :V], alpha=c).add_(
         blocks["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
-    assert torch.equal(scores, mixed)
+    assert torch.equal(scores.nan_to_num(), mixed.nan_to_num())
     monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes
     gens[2].coef = up
-    assert torch.equal(mix_step(gens, rows, V)[0], want) and calls == [1]
+    assert torch.equal(mix_step(gens, rows, V)[0].nan_to_num(), want.nan_to_num()) and calls == [1]
 
 
 @dataclass(eq=False)

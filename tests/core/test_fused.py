@@ -200,3 +200,25 @@ def test_token_probabilities_read_where_the_rows_lie_bound_and_equal_token_probs
             exact, same, fine = token_probs_at(x, rows, tokens[rows], cfg, exact=True)
             assert torch.equal(exact, same) and torch.equal(fine, ok[rows])
             torch.testing.assert_close(exact[fine], want[rows][fine], rtol=3e-7, atol=0)
+
+
+def test_row_maxima_from_the_caller_change_nothing():
+    """The step's mix takes the rows' maxima on the way (`fused.mix3`) and hands them down:
+    the draws and token probabilities are those computed without them, bitwise."""
+    from eftmesh.core.sampling import token_probs_at
+
+    gen = torch.Generator().manual_seed(17)
+    x = shaped_rows(gen, 9, 4_000, "zipf")
+    x[4, 0] = math.nan
+    maxima = torch.from_numpy(x.numpy().max(1))
+    for cfg in (SamplingConfig(0.7), SamplingConfig(0.9, top_p=0.8)):
+        u, more, taken = row_uniforms([torch.Generator().manual_seed(i) for i in range(9)])
+        u2, more2, taken2 = row_uniforms([torch.Generator().manual_seed(i) for i in range(9)])
+        a, ok = sample_rows(x, cfg, u, more=more)
+        b, ok2 = sample_rows(x, cfg, u2, more=more2, row_max=maxima)
+        assert torch.equal(ok, ok2) and not ok[4] and torch.equal(a[ok], b[ok]) and taken == taken2
+        rows, tokens = torch.tensor([8, 4, 1, 0]), torch.tensor([3, 3, 999, 12])
+        for exact in (False, True):
+            want = token_probs_at(x, rows, tokens, cfg, exact=exact)
+            got = token_probs_at(x, rows, tokens, cfg, exact=exact, row_max=maxima)
+            assert all(torch.equal(w, g) for w, g in zip(want, got))

@@ -79,11 +79,15 @@ class Workspace:
     A fresh [rows, 128k] float32 tensor is megabytes that the allocator maps anew each step,
     and first writes to new pages fault: at 80 rows (16 verifies of 4 drafts) writing a
     fresh buffer took 26 ms where writing a reused one takes 3. The scores live only within
-    one step (the scheduler's thread), so one buffer serves every step."""
+    one step (the scheduler's thread), so one buffer serves every step. `maxima`: the scores'
+    row maxima when the step's mix took them on the way (`fused.mix3`), else None; the fused
+    draws and verification then skip their own pass for them."""
 
     def __init__(self) -> None:
         self._buf = torch.empty(0)
         self._scratch = torch.empty(0)
+        self._lanes = np.empty(16, np.float32)
+        self.maxima: torch.Tensor | None = None  # [rows] float32, this step's
 
     def take(self, rows: int, vocab_size: int) -> torch.Tensor:
         """A [rows, vocab_size] float32 view of the score buffer; its contents are garbage."""
@@ -142,7 +146,8 @@ def mix_step(
     order = sorted(runs, key=lambda r: sum(e - f for f, e, _, _ in runs[r]) != n)
     init = bool(order) and sum(e - f for f, e, _, _ in runs[order[0]]) == n
     scores = workspace.take(n, vocab_size)  # [n, vocab] float32
-    if init and _mix3(scores, [runs[r] for r in order]):
+    workspace.maxima = _mix3(scores, [runs[r] for r in order], workspace._lanes) if init else None
+    if workspace.maxima is not None:
         return scores, offsets
     if not init:
         scores.zero_()
@@ -164,24 +169,25 @@ def mix_step(
 MIX3_MIN_ENTRIES = 1 << 18
 
 
-def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> bool:
+def _mix3(scores: torch.Tensor, roles: list[list[Run]], lanes: np.ndarray) -> torch.Tensor | None:
     """The usual step (three float32 roles, each one run over every row, the first with
     coefficient 1: EFT's large + w * (ft - small) over a batch of one composition) mixed in one
     pass (`core.fused.mix3`: bitwise the sums of the passes below), when it is large enough to
-    gain by it. False: not that step."""
+    gain by it. Returns the rows' maxima ([n] float32), or None: not that step."""
     n, vocab = scores.shape
     if (n * vocab < MIX3_MIN_ENTRIES or len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles)
             or roles[0][0][2] != 1.0):
-        return False
+        return None
     rows = [joined(r[0][3]) for r in roles]
     if any(x.dtype != torch.float32 or x.stride(1) != 1 for x in rows):
-        return False
+        return None
     from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
 
     flat = [_flat(x, vocab) for x in (scores, *rows)]
+    maxima = np.empty(n, np.float32)
     fused.mix3(flat[0][0], flat[0][1], flat[1][0], flat[1][1], flat[2][0], flat[2][1], np.float32(roles[1][0][2]),
-               flat[3][0], flat[3][1], np.float32(roles[2][0][2]), vocab)
-    return True
+               flat[3][0], flat[3][1], np.float32(roles[2][0][2]), vocab, maxima, lanes)
+    return torch.from_numpy(maxima)
 
 
 def _flat(x: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +236,7 @@ def verify_groups(
     workspace = workspace or Workspace()
     for cfg, members in groups.items():
         blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None) for g in members]
-        out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch)))
+        out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch, row_max=workspace.maxima)))
     return out
 
 
@@ -253,13 +259,16 @@ def draw_plain(
     for cfg, members in groups.items():
         u, more = per_row_uniforms([g.gen for g in members])
         first, n = offsets[members[0]], len(members)
+        maxima = workspace.maxima
         if all(offsets[g] == first + i for i, g in enumerate(members)) and not any(g.keeps_scores for g in members):
             # in place: writing a scratch buffer whose lines the step's new rows pushed out of the
             # cache cost 0.3 ms per 16 rows of 49,152 more than a pass over the cached scores
-            rows = scores[first:first + n]
+            rows, row_max = scores[first:first + n], None if maxima is None else maxima[first:first + n]
         else:  # rows apart, or read afterwards (logprobs): a copy
-            rows = torch.index_select(scores, 0, _rows(members, offsets), out=workspace.scratch(n, scores.shape[1]))
-        tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more)
+            at = _rows(members, offsets)
+            rows = torch.index_select(scores, 0, at, out=workspace.scratch(n, scores.shape[1]))
+            row_max = None if maxima is None else maxima[at]
+        tokens, ok = sample_rows(rows, cfg, u, overwrite=True, more=more, row_max=row_max)
         out.update({g: t if good else -1 for g, t, good in zip(members, tokens.tolist(), ok.tolist())})
     return out
 

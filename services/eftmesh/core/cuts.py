@@ -73,7 +73,8 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
 
 
 def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
-               more: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+               more: Callable[[torch.Tensor], torch.Tensor] | None,
+               row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`draw_nucleus` from unscaled rows, each try one compiled pass per row (`fused.nucleus_try`:
     the scale, exp2 and block sums into a one-row buffer, the draw, the nucleus test); x is
     only read. Same rule and the same uniforms: one per try, `more` for the rows that draw
@@ -83,6 +84,7 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
         x: [rows, vocab] float32 CPU scores, any per-row shift; z = (x - max) * scale.
         scale: log2(e) / temperature (a normal float32).
         p: top-p (>= 1: none). u: [rows] float64 uniforms, one per row.
+        row_max: [rows] float32, x's row maxima when the caller has them; None: taken here.
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless
@@ -92,7 +94,7 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
 
     rows, vocab = x.shape
     x, flat, stride = _flat_rows(x)
-    m = x.numpy().max(1)  # [rows]; NaN or +inf: no finite mass
+    m = x.numpy().max(1) if row_max is None else row_max.numpy()  # [rows]; NaN or +inf: no finite mass
     ok = np.isfinite(m)
     tokens = np.zeros(rows, np.int64)
     pending = np.flatnonzero(ok)
@@ -114,11 +116,12 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
 
 
 def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
-                      exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      exact: bool, m: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
     x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
     temperature, one compiled pass per row: `nucleus_bounds`' interval (`fused.token_bounds`), or
     with `exact` the cut's value (`fused.nucleus_bin`, then its bin sorted: `_cut_wide`'s cut).
+    m: [g] float32, the rows' maxima when the caller has them; None: taken here.
 
     Returns:
         ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
@@ -128,10 +131,9 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
 
     x, flat, stride = _flat_rows(x)
     a, vocab = x.numpy(), x.shape[1]
-    if len(rows) > 1 and (np.diff(rows) == rows[1] - rows[0]).all() and rows[1] > rows[0]:  # evenly spaced
-        m = a[rows[0]:rows[-1] + 1:rows[1] - rows[0]].max(1)  # (a view: no copy of the rows)
-    else:
-        m = a[rows].max(1)
+    if m is None:
+        evenly = len(rows) > 1 and rows[1] > rows[0] and (np.diff(rows) == rows[1] - rows[0]).all()
+        m = a[rows[0]:rows[-1] + 1:rows[1] - rows[0]].max(1) if evenly else a[rows].max(1)  # (evenly: a view)
     ok = np.isfinite(m)
     good = np.flatnonzero(ok)
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))

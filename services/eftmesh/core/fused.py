@@ -234,17 +234,33 @@ def mass_at_least(row, m, scale, e, tau):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False)
-def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab):  # type: ignore[no-untyped-def]
+def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes):  # type: ignore[no-untyped-def]
     """EFT's usual mix, three roles in one pass: out row i = a_i + cb * b_i + cc * c_i (float32),
-    row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts). Bitwise what torch gives
-    role by role (`batchmix.mix_step`: a + cb * b in one torch.add, then += cc * c): each add is
-    one fused multiply-add, as torch's vectorised add with alpha is. One read of each role's
-    rows and one write, where the two torch passes read and wrote the scores twice: 1.5 against
-    2.0 ms over 16 rows of 128k on this project's CPU, the rows fresh from the wire."""
+    row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts), and maxima[i] its maximum
+    (NaN where it holds a NaN: what the draws' max gives). Bitwise what torch gives role by role
+    (`batchmix.mix_step`: a + cb * b in one torch.add, then += cc * c): each add is one fused
+    multiply-add, as torch's vectorised add with alpha is. One read of each role's rows and one
+    write, where the two torch passes read and wrote the scores twice (1.5 against 2.0 ms over
+    16 rows of 128k on this project's CPU, the rows fresh from the wire), and the maximum the
+    draw needs taken on the way, not by one more pass over the rows. `lanes`: [16] float32
+    scratch, sixteen running maxima (one would make the loop wait on each compare)."""
+    whole = vocab - vocab % 16
     for i in range(out_at.shape[0]):
         o, x, y, z = out[out_at[i]:], a[a_at[i]:], b[b_at[i]:], c[c_at[i]:]  # (slices: indices known >= 0)
-        for j in range(vocab):
-            o[j] = (x[j] + cb * y[j]) + cc * z[j]
+        lanes[:] = -np.inf
+        for j in range(0, whole, 16):
+            for k in range(16):
+                v = (x[j + k] + cb * y[j + k]) + cc * z[j + k]
+                o[j + k] = v
+                lanes[k] = np.maximum(lanes[k], v)
+        top = np.float32(-np.inf)
+        for k in range(16):
+            top = np.maximum(top, lanes[k])
+        for j in range(whole, vocab):
+            v = (x[j] + cb * y[j]) + cc * z[j]
+            o[j] = v
+            top = np.maximum(top, v)
+        maxima[i] = top
 
 
 def warm(*, draws_only: bool = False) -> None:
@@ -256,7 +272,7 @@ def warm(*, draws_only: bool = False) -> None:
     calls = [(nucleus_try, lambda: nucleus_try(one, at, vocab, m, f, 0.9, np.full(1, 0.5), np.empty(1, np.int64),
                                                np.empty(1, np.bool_), one.copy(), np.empty(2, np.float32)))]
     if not draws_only:
-        calls += [(mix3, lambda: mix3(one, at, one, at, one, at, f, one, at, f, vocab)),
+        calls += [(mix3, lambda: mix3(one, at, one, at, one, at, f, one, at, f, vocab, m, np.empty(16, np.float32))),
                   (token_bounds, lambda: token_bounds(one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1), one.copy(),
                                                       np.empty(2, np.float32))),
                   (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),

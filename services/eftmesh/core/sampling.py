@@ -229,7 +229,8 @@ def sample(
 
 
 def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, overwrite: bool = False,
-                more: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                more: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the distribution `process(scores, cfg)` gives (up to float
     rounding), without forming it: temperature, then the kept entries alone when top-k or top-p
     cut (`cuts.cut`), drawn by inverse CDF (`draws.draw_probs`) with a uniform per row. At
@@ -244,13 +245,15 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
             indices, one uniform each from each row's own generator). With it a top-p nucleus
             of thousands is drawn from without being cut, and such a row may take more than
             one uniform; without it (None) every row takes exactly one.
+        row_max: [rows] float32, each row's maximum when the caller has it (the step's mix
+            took it: `fused.mix3`), for the fused draw; None: taken here.
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_rows draws sampled rows: [rows, vocab]"
     if _fusable(scores, cfg, more):  # the usual case: one compiled pass per row, the rows only read
-        return draw_fused(scores, LOG2E / cfg.temperature, cfg.top_p, u, more)
+        return draw_fused(scores, LOG2E / cfg.temperature, cfg.top_p, u, more, row_max)
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         return draw_probs(exp2(z, overwrite=True), u)
@@ -297,13 +300,16 @@ def fusable_rows(scores: torch.Tensor, cfg: SamplingConfig) -> bool:
 
 
 def token_probs_at(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
-                   exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   exact: bool, row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_prob_bounds` (with `exact`, `token_probs` as an interval lo = hi) of scores'
     `rows` ([g] int64 indices) and `tokens` ([g]), read where they lie: no copy, one compiled
     pass per row (`cuts.token_probs_fused`); `fusable_rows` scores only. Every row's interval
-    holds its exact value (an interval wherever it is in the nucleus, unless exact)."""
+    holds its exact value (an interval wherever it is in the nucleus, unless exact). row_max:
+    [n] float32, every score row's maximum when the caller has them (as `sample_rows`')."""
     assert fusable_rows(scores, cfg) and rows.shape == tokens.shape, "fusable [n, vocab] scores, [g] rows and tokens"
-    lo, hi, ok = token_probs_fused(scores, rows.numpy(), tokens.numpy(), LOG2E / cfg.temperature, cfg.top_p, exact=exact)
+    m = None if row_max is None else row_max.numpy()[rows.numpy()]
+    lo, hi, ok = token_probs_fused(scores, rows.numpy(), tokens.numpy(), LOG2E / cfg.temperature, cfg.top_p, exact=exact,
+                                   m=m)
     return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
 
 

@@ -123,7 +123,8 @@ class Block:
 
 
 def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
-                  scratch: Callable[[int, int], torch.Tensor] | None = None) -> list[Verdict | NoFiniteMass]:
+                  scratch: Callable[[int, int], torch.Tensor] | None = None,
+                  row_max: torch.Tensor | None = None) -> list[Verdict | NoFiniteMass]:
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
     only at draft i (its probability under each, `sampling.token_prob_bounds`: exact, or an
     interval for a flat row, which decides the test unless the uniform falls inside it, when
@@ -146,6 +147,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         cfg: the sampling settings (sampled, not greedy) every block's p and q are processed with.
         scratch: gives a [rows, vocab] float32 tensor to copy rows into (its contents garbage),
             a buffer the caller keeps from step to step; None: a new one per call.
+        row_max: [rows] float32, p's row maxima when the caller has them (the step's mix took
+            them); the compiled passes then skip theirs.
 
     Returns:
         Per block, its Verdict, or NoFiniteMass when a row it read has no finite mass.
@@ -177,7 +180,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         x = torch.tensor([drafts[j][t] for j, t in at])
         where = torch.tensor([blocks[j].first + t for j, t in at])
         if fused and not read:  # p_t(x_t) as intervals, read where the rows lie (core/fused.py)
-            lo, hi, ok = token_probs_at(p, where, x, cfg, exact=False)
+            lo, hi, ok = token_probs_at(p, where, x, cfg, exact=False, row_max=row_max)
         else:
             if buf.shape[0] < g + len(read):
                 buf = take(g + len(read), vocab)
@@ -199,7 +202,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         if bool((open_ := ~keep & (u * q_lo < hi[:g]) & ok[:g] & q_ok).any()):
             which, mine = open_.nonzero().flatten().tolist(), set(read)
             keep[open_] = _exact_tests(p, blocks, [at[r] for r in which], x[which], q_hi[which],
-                                       [i for i, r in enumerate(which) if r in mine], u[open_], cfg, fused)
+                                       [i for i, r in enumerate(which) if r in mine], u[open_], cfg, fused, row_max)
         keep = keep.tolist()
         good = (ok[:g] & q_ok).tolist()
         still, n = [], 0
@@ -227,7 +230,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         else:
             rows, mine = torch.index_select(p, 0, torch.tensor(at), out=buf[:len(bonus)]), True
         more = more_uniforms([blocks[j].generator for j in bonus])  # (top-p's nucleus, drawn by rejection)
-        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=mine, more=more)
+        tokens, ok = sample_rows(rows, cfg, last[bonus], overwrite=mine, more=more,
+                                 row_max=None if row_max is None else row_max[torch.tensor(at)])
         for j, t, good in zip(bonus, tokens.tolist(), ok.tolist()):
             out[j] = Verdict(accepted[j], t) if good else no_finite_mass([accepted[j]])
     if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
@@ -245,14 +249,15 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
 
 
 def _exact_tests(p: torch.Tensor, blocks: Sequence[Block], at: list[tuple[int, int]], x: torch.Tensor,
-                 q: torch.Tensor, read: list[int], u: torch.Tensor, cfg: SamplingConfig, fused: bool) -> torch.Tensor:
+                 q: torch.Tensor, read: list[int], u: torch.Tensor, cfg: SamplingConfig, fused: bool,
+                 row_max: torch.Tensor | None) -> torch.Tensor:
     """The ratio tests u * q_t(x_t) < p_t(x_t) that `token_prob_bounds`' intervals left open
     ((block, position) pairs `at`, drafts x), from exact token probabilities (whole rows cut;
     `fused`: by `token_probs_at`, the rows read where they lie): q as the blocks sent it (a new
     tensor, written), computed from the rows at the indices `read`."""
     where = torch.tensor([blocks[j].first + t for j, t in at])
     if fused:
-        pt = token_probs_at(p, where, x, cfg, exact=True)[0]
+        pt = token_probs_at(p, where, x, cfg, exact=True, row_max=row_max)[0]
     else:
         pt, _ = token_probs(p.index_select(0, where), x, cfg, overwrite=True)
     if read:
