@@ -7,8 +7,8 @@ rows are 8 MiB each pass, past this project's CPU's caches (an L2 of 512 KiB per
 step's draw cost 4.6 ms. Here one compiled loop per row does the scale, the exp2 and the block
 sums into a one-row scratch buffer that stays in L2, draws by inverse CDF and runs the nucleus
 test over that buffer; the rows themselves are only read (callers need no copy). 16 rows of
-128k: ~1.5 ms. The GPU anchors do the same with fused sampling kernels (FlashInfer's top-p
-sampling is this rejection loop in one CUDA kernel, which vLLM uses).
+128k: ~1.2 ms in the kernel. The GPU anchors do the same with fused sampling kernels
+(FlashInfer's top-p sampling is this rejection loop in one CUDA kernel, which vLLM uses).
 
 The exp2 is a polynomial (Cephes' exp2f: a degree-6 polynomial on [-1/2, 1/2] and the power
 of two put in the exponent bits), within 1.2e-7 relative of float64's (torch's exp2: 6e-8);
@@ -18,10 +18,14 @@ multiply-adds in both), and each row is computed alone, so a row's values and to
 depend on where it lies in the batch (tests/core/test_fused.py checks it). Entries 2**-127 and
 more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 
-`mix3` is the step's usual mix (three float32 roles, `batchmix.mix_step`) in one pass.
+The others: `token_bounds` (verification's p(x) interval, the same pass and test),
+`nucleus_bin` and `mass_at_least` (the exact cut for the tests an interval leaves open), and
+`mix3` (the step's usual mix, three float32 roles, in one pass that also takes each row's
+maximum, which the draws then need not read the rows for).
 
-Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (about a
-second); services call `warm` at start so that no request pays it.
+Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1-2.5
+s); services call `warm` at start so that no request pays it. They are not cached on disk
+(`cache=True` needs a writable directory, and the chart's pods have a read-only root).
 """
 
 from __future__ import annotations
