@@ -156,9 +156,9 @@ def test_speculative_sampling_follows_the_plain_eft_distribution(six_token_famil
     carried = []
 
     def spy(real):
-        def verify_blocks(p, blocks, cfg, *rest):
+        def verify_blocks(p, blocks, cfg, *rest, **kw):
             carried.extend(b.q_probs is not None and len(b.q_probs) == len(b.drafts) for b in blocks)
-            return real(p, blocks, cfg, *rest)
+            return real(p, blocks, cfg, *rest, **kw)
         return verify_blocks
 
     monkeypatch.setattr(batchmix, "verify_blocks", spy(batchmix.verify_blocks))
