@@ -157,7 +157,7 @@ def test_warm_compiles_the_kernel_that_draws_use():
     from eftmesh.core.sampling import token_probs_at
 
     fused.warm()
-    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_at_least, fused.mix3)
+    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fused.mix3)
     assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
     gen = torch.Generator().manual_seed(2)
     scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "flat"))

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from eftmesh.core.cuts import flat_rows
 from eftmesh.core.mixing import accumulate
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, per_row_uniforms, sample_rows
 from eftmesh.core.speculative import Block, Verdict, verify_blocks
@@ -86,7 +87,6 @@ class Workspace:
     def __init__(self) -> None:
         self._buf = torch.empty(0)
         self._scratch = torch.empty(0)
-        self._lanes = np.empty(16, np.float32)
         self.maxima: torch.Tensor | None = None  # [rows] float32, this step's
 
     def take(self, rows: int, vocab_size: int) -> torch.Tensor:
@@ -146,7 +146,7 @@ def mix_step(
     order = sorted(runs, key=lambda r: sum(e - f for f, e, _, _ in runs[r]) != n)
     init = bool(order) and sum(e - f for f, e, _, _ in runs[order[0]]) == n
     scores = workspace.take(n, vocab_size)  # [n, vocab] float32
-    workspace.maxima = _mix3(scores, [runs[r] for r in order], workspace._lanes) if init else None
+    workspace.maxima = _mix3(scores, [runs[r] for r in order]) if init else None
     if workspace.maxima is not None:
         return scores, offsets
     if not init:
@@ -169,7 +169,7 @@ def mix_step(
 MIX3_MIN_ENTRIES = 1 << 18
 
 
-def _mix3(scores: torch.Tensor, roles: list[list[Run]], lanes: np.ndarray) -> torch.Tensor | None:
+def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
     """The usual step (three float32 roles, each one run over every row, the first with
     coefficient 1: EFT's large + w * (ft - small) over a batch of one composition) mixed in one
     pass (`core.fused.mix3`: bitwise the sums of the passes below), when it is large enough to
@@ -183,18 +183,17 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]], lanes: np.ndarray) -> to
         return None
     from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
 
-    flat = [_flat(x, vocab) for x in (scores, *rows)]
+    (out, o), (a, x), (b, y), (c, z) = [_rows_at(t, vocab) for t in (scores, *rows)]
     maxima = np.empty(n, np.float32)
-    fused.mix3(flat[0][0], flat[0][1], flat[1][0], flat[1][1], flat[2][0], flat[2][1], np.float32(roles[1][0][2]),
-               flat[3][0], flat[3][1], np.float32(roles[2][0][2]), vocab, maxima, lanes)
+    fused.mix3(out, o, a, x, b, y, np.float32(roles[1][0][2]), c, z, np.float32(roles[2][0][2]), vocab, maxima,
+               np.empty(16, np.float32))
     return torch.from_numpy(maxima)
 
 
-def _flat(x: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """x's rows ([n, >= vocab], unit column stride) as one flat float array (no copy) and each
-    row's start in it."""
-    n, stride = x.shape[0], x.stride(0)
-    return x.as_strided(((n - 1) * stride + vocab,), (1,)).numpy(), np.arange(n, dtype=np.int64) * stride
+def _rows_at(x: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """x's rows as one flat array (`cuts.flat_rows`: no copy) and each row's start in it."""
+    _, flat, stride = flat_rows(x, vocab)
+    return flat, np.arange(x.shape[0], dtype=np.int64) * stride
 
 
 def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[Run], vocab: int) -> set[tuple[int, int]]:

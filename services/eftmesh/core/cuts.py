@@ -93,7 +93,7 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
     from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
 
     rows, vocab = x.shape
-    x, flat, stride = _flat_rows(x)
+    x, flat, stride = flat_rows(x)
     m = x.numpy().max(1) if row_max is None else row_max.numpy()  # [rows]; NaN or +inf: no finite mass
     ok = np.isfinite(m)
     tokens = np.zeros(rows, np.int64)
@@ -129,7 +129,7 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     """
     from eftmesh.core import fused
 
-    x, flat, stride = _flat_rows(x)
+    x, flat, stride = flat_rows(x)
     a, vocab = x.numpy(), x.shape[1]
     if m is None:
         evenly = len(rows) > 1 and rows[1] > rows[0] and (np.diff(rows) == rows[1] - rows[0]).all()
@@ -150,7 +150,8 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
                 pe = np.exp2(kept.astype(np.float64))
                 tau = kept[max(int(((before + pe.cumsum() - pe) < need).sum()), 1) - 1]
             v = (row[t] - mi) * s
-            lo[i] = hi[i] = np.exp2(np.float64(v)) / fused.mass_at_least(row, mi, s, e, tau) if v >= tau else 0.0
+            kept_mass = fused.mass_above(row, mi, s, e, np.nextafter(tau, np.float32(-np.inf)))  # z >= tau
+            lo[i] = hi[i] = np.exp2(np.float64(v)) / kept_mass if v >= tau else 0.0
     else:  # (p >= 1: the bounds are exact)
         glo, ghi = np.empty(len(good)), np.empty(len(good))
         fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, e, sums)
@@ -158,11 +159,13 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     return lo, hi, ok
 
 
-def _flat_rows(x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, int]:
-    """x ([rows, vocab] float32 CPU; copied only when its columns are not adjacent), its rows
-    as one flat array (no copy), and the row stride in it (0: rows broadcast from one)."""
-    rows, vocab = x.shape
-    x = x if x.stride(1) == 1 or vocab == 1 else x.contiguous()
+def flat_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, np.ndarray, int]:
+    """x ([rows, >= width] float32 CPU; copied only when its columns are not adjacent), the
+    first `width` (default: all) columns of its rows as one flat array (no copy; row i at
+    i * stride), and the row stride (0: rows broadcast from one): how the compiled kernels
+    (core/fused.py) read rows where they lie."""
+    rows, vocab = x.shape[0], x.shape[1] if width is None else width
+    x = x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
     stride = x.stride(0) if rows > 1 else vocab
     return x, x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy(), stride
 

@@ -19,7 +19,7 @@ depend on where it lies in the batch (tests/core/test_fused.py checks it). Entri
 more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 
 The others: `token_bounds` (verification's p(x) interval, the same pass and test),
-`nucleus_bin` and `mass_at_least` (the exact cut for the tests an interval leaves open), and
+`nucleus_bin` and `mass_above` (the exact cut for the tests an interval leaves open), and
 `mix3` (the step's usual mix, three float32 roles, in one pass that also takes each row's
 maximum, which the draws then need not read the rows for).
 
@@ -45,7 +45,8 @@ _HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the histogram's z range (cuts
 log = logging.getLogger("eftmesh.core.fused")
 
 # reassociation lets the compiler vectorise the block sums (a fixed order for a given row
-# length, so still one result per row); no "contract", "nnan" or "ninf": NaN and inf stay IEEE
+# length, so still one result per row), contraction makes the polynomial fused multiply-adds
+# (in the vectorised loop and its tail alike); no "nnan" or "ninf": NaN and inf stay IEEE
 _FAST = {"reassoc", "nsz", "contract"}
 
 # Cephes' exp2f coefficients: 2**f = 1 + f * P(f) on [-1/2, 1/2]
@@ -117,7 +118,7 @@ def _inverse_cdf(e, sums, target):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=_FAST, nogil=True, boundscheck=False)
-def _mass_above(x, m, scale, e, v):  # type: ignore[no-untyped-def]
+def mass_above(x, m, scale, e, v):  # type: ignore[no-untyped-def]
     """float32 sum of e where (x - m) * scale > v (each entry's z computed as exp2_scaled did)."""
     acc = np.float32(0.0)
     for j in range(x.shape[0]):
@@ -146,7 +147,7 @@ def nucleus_try(flat, starts, vocab, m, scale, p, u, tokens, accepted, e, sums):
         target = min(u[i] * total, np.nextafter(total, 0.0))  # below total, as `draws.draw_target`
         t = _inverse_cdf(e, sums, target)
         tokens[i] = t
-        accepted[i] = p >= 1.0 or _mass_above(row, m[i], scale, e, (row[t] - m[i]) * scale) < p * total
+        accepted[i] = p >= 1.0 or mass_above(row, m[i], scale, e, (row[t] - m[i]) * scale) < p * total
 
 
 @njit(nogil=True, boundscheck=False)
@@ -166,7 +167,7 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
         if p >= 1.0:
             lo[i] = hi[i] = et / total
             continue
-        above = _mass_above(row, m[i], scale, e, v)
+        above = mass_above(row, m[i], scale, e, v)
         if above < p * total:
             lo[i], hi[i] = et / total, et / max(p * total, above + et)
         else:
@@ -186,7 +187,7 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
     row's mass over z (hist: [4, bins + 1] scratch, bins over [-span, 0], `cuts.HIST_BINS`; the
     last takes everything below), the bin where the mass passes p, and that bin's entries.
     Four interleaved histograms, summed after: a flat row's entries fall in a few bins, and one
-    histogram's adds would wait on each other. Leaves e = 2 ** z for `mass_at_least`.
+    histogram's adds would wait on each other. Leaves e = 2 ** z for `mass_above`.
 
     Args: row [vocab] float32 scores; m its maximum; scale, p as `nucleus_try`'s; e [vocab] and
     sums float32 scratch as there; at [vocab] int32 and vals [vocab] float32 scratch.
@@ -226,15 +227,6 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
                 vals[n] = z
                 n += 1
     return n, before, need
-
-
-@njit(fastmath=_FAST, nogil=True, boundscheck=False)
-def mass_at_least(row, m, scale, e, tau):  # type: ignore[no-untyped-def]
-    """float32 sum of e where (row - m) * scale >= tau."""
-    acc = np.float32(0.0)
-    for j in range(row.shape[0]):
-        acc += e[j] if (row[j] - m) * scale >= tau else np.float32(0.0)
-    return acc
 
 
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False)
@@ -281,7 +273,7 @@ def warm(*, draws_only: bool = False) -> None:
                                                       np.empty(2, np.float32))),
                   (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),
                                                     np.empty(vocab, np.int32), one.copy())),
-                  (mass_at_least, lambda: mass_at_least(one, f, f, one, f))]
+                  (mass_above, lambda: mass_above(one, f, f, one, f))]
     start = time.perf_counter()
     todo = [call for kernel, call in calls if not kernel.signatures]
     for call in todo:
