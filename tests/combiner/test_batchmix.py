@@ -140,7 +140,7 @@ def test_plain_rows_are_scaled_in_place_unless_read_later_with_the_same_tokens(c
     """draw_plain's two paths draw the same tokens: adjacent rows nobody reads afterwards
     scaled over the scores; rows a generation reads afterwards (log-probabilities), or rows
     apart, copied to the scratch buffer first, the scores left as they were. A fused draw (no
-    top-k: `cuts.draw_fused`) only reads the rows, on every path."""
+    top-k: `fusedrows.draw_fused`) only reads the rows, on every path."""
     from eftmesh.combiner.batchmix import draw_plain
     from eftmesh.core.sampling import SamplingConfig, _fusable
 

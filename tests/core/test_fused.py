@@ -1,4 +1,4 @@
-"""The fused sampler (core/fused.py, `cuts.draw_fused`): its exp2 against float64, and its draws
+"""The fused sampler (core/fused.py, `fusedrows.draw_fused`): its exp2 against float64, and its draws
 against the torch path (`cuts.draw_nucleus`) that it replaces for whole-row draws."""
 
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from eftmesh.core import cuts, draws, fused
+from eftmesh.core import cuts, draws, fused, fusedrows
 from eftmesh.core.draws import DRAW_BLOCK, LOG2E, exp2, running_sums
-from eftmesh.core.sampling import SamplingConfig, _fusable, _scaled, sample_rows
+from eftmesh.core.sampling import SamplingConfig, _fusable, _scaled, processed_probs, sample_rows
 
 from tests.core.test_draws import distance_from, row_uniforms, shaped_rows
 
@@ -83,7 +83,7 @@ def test_the_fused_draw_takes_the_torch_paths_tokens_and_uniforms(shape, top_p):
     assert _fusable(x, cfg, lambda r: r)
     seeds = range(200, 248)
     u, more, taken = row_uniforms([torch.Generator().manual_seed(s) for s in seeds])
-    tokens, ok = cuts.draw_fused(x, LOG2E / 0.8, top_p, u, more)
+    tokens, ok = fusedrows.draw_fused(x, LOG2E / 0.8, top_p, u, more)
     z = _scaled(x.clone(), 0.8)
     e = exp2(z)
     running = running_sums(e)
@@ -108,16 +108,16 @@ def test_rows_without_finite_mass_are_flagged_and_impossible_tokens_never_drawn(
     x = shaped_rows(gen, 7, 3_000, "zipf")
     x[1, 17], x[3, 4], x[5] = math.nan, math.inf, -math.inf
     u = torch.rand(7, generator=gen, dtype=torch.float64)
-    tokens, ok = cuts.draw_fused(x, LOG2E, 1.0, u, None)
+    tokens, ok = fusedrows.draw_fused(x, LOG2E, 1.0, u, None)
     assert ok.tolist() == [True, False, True, False, True, False, True]
     assert torch.isfinite(x[ok].gather(1, tokens[ok, None])).all()
     many = x[0:1].expand(4_000, -1)
-    drawn, ok = cuts.draw_fused(many, LOG2E, 1.0, torch.rand(4_000, generator=gen, dtype=torch.float64), None)
+    drawn, ok = fusedrows.draw_fused(many, LOG2E, 1.0, torch.rand(4_000, generator=gen, dtype=torch.float64), None)
     assert ok.all() and torch.isfinite(x[0, drawn]).all() and drawn.unique().numel() > 10
     wide = torch.cat([x, x], 1)[:, 1_000:4_000]  # row stride 6,000, not contiguous
     assert not wide.is_contiguous()
-    t1, ok1 = cuts.draw_fused(wide, LOG2E, 1.0, u, None)
-    t2, ok2 = cuts.draw_fused(wide.contiguous(), LOG2E, 1.0, u, None)
+    t1, ok1 = fusedrows.draw_fused(wide, LOG2E, 1.0, u, None)
+    t2, ok2 = fusedrows.draw_fused(wide.contiguous(), LOG2E, 1.0, u, None)
     assert torch.equal(ok1, ok2) and torch.equal(t1[ok1], t2[ok2])
 
 
@@ -141,7 +141,7 @@ def test_the_inverse_cdf_takes_draws_rules_at_exact_edges():
     x = np.full(2 * DRAW_BLOCK, -np.inf, np.float32)
     x[[0, 1, DRAW_BLOCK]] = 0.0  # masses 1, 1 (block 0) and 1 (block 1), exact in any sum
     flat, one = torch.from_numpy(x)[None], torch.tensor([0.0], dtype=torch.float64)
-    at = {u: int(cuts.draw_fused(flat, 1.0, 1.0, one + u, None)[0][0]) for u in (0.0, 1 / 3, 2 / 3 - 1e-9)}
+    at = {u: int(fusedrows.draw_fused(flat, 1.0, 1.0, one + u, None)[0][0]) for u in (0.0, 1 / 3, 2 / 3 - 1e-9)}
     assert at == {0.0: 0, 1 / 3: 1, 2 / 3 - 1e-9: 1}  # 1/3 of the mass 3: the target is 1, entry 0's end
     e = np.zeros(DRAW_BLOCK, np.float32)
     e[[3, 7]] = 1.0
@@ -157,7 +157,8 @@ def test_warm_compiles_the_kernel_that_draws_use():
     from eftmesh.core.sampling import token_probs_at
 
     fused.warm()
-    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fused.mix3)
+    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fused.mix3, fused.residual_draw,
+               fused.exp2_scaled)
     assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
     gen = torch.Generator().manual_seed(2)
     scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "flat"))
@@ -167,6 +168,8 @@ def test_warm_compiles_the_kernel_that_draws_use():
         sample_rows(scores[0:1].expand(3, -1), cfg, u[:3], more=more)
         for exact in (False, True):
             token_probs_at(scores, torch.tensor([0, 2, 3]), torch.tensor([5, 9, 1]), cfg, exact=exact)
+        for q in (scores[:2], scores[:2].bfloat16()):
+            fusedrows.residual_draw_fused(scores, np.array([1, 3]), q, LOG2E / cfg.temperature, cfg.top_p, np.full(2, 0.5))
     assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
 
 
@@ -222,3 +225,33 @@ def test_row_maxima_from_the_caller_change_nothing():
             want = token_probs_at(x, rows, tokens, cfg, exact=exact)
             got = token_probs_at(x, rows, tokens, cfg, exact=exact, row_max=maxima)
             assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+@pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.4])
+def test_a_rejections_token_is_the_torch_paths_residual_draw(shape, top_p):
+    """`fusedrows.residual_draw_fused` (a speculative rejection's token from max(0, P - Q), the
+    processed rows never formed) takes the token the torch path takes with the same uniform
+    (`processed_probs`, the residual, `draw_probs`), for draft rows in float32 and bfloat16 and
+    target rows at any spacing; where the residual has no mass (Q == P, or a draft row without
+    finite mass), it draws from P as that path does."""
+    gen = torch.Generator().manual_seed(29)
+    cfg = SamplingConfig(0.7, top_p=top_p)
+    p = shaped_rows(gen, 24, 5_000, shape)
+    p[6] = p[6].bfloat16().float()  # (a row a bfloat16 draft row can equal)
+    for q_dtype in (torch.float32, torch.bfloat16):
+        q = (p[1::2] + torch.randn(12, 5_000, generator=gen) * 0.7).to(q_dtype)  # (other rows: other nuclei)
+        q[3] = p[6]  # Q == P: no residual
+        q[5, 9] = math.nan  # no finite mass
+        rows = torch.arange(0, 24, 2)
+        u = torch.rand(12, generator=gen, dtype=torch.float64)
+        got = fusedrows.residual_draw_fused(p, rows.numpy(), q, LOG2E / 0.7, top_p, u.numpy())
+        target = processed_probs(p[rows].clone(), cfg)
+        want, ok = draws.draw_probs(processed_probs(q.float(), cfg).neg_().add_(target).clamp_min_(0.0), u)
+        assert not ok[3] and not ok[5] and ok.any()  # (peaked rows: nuclei of one token, often the same: no residual either)
+        want[~ok] = draws.draw_probs(target[~ok], u[~ok])[0]
+        assert got.tolist() == want.tolist()
+        assert all(target[i, t] > 0 for i, t in enumerate(got.tolist()))
+        alone = [int(fusedrows.residual_draw_fused(p, rows[i:i + 1].numpy(), q[i:i + 1], LOG2E / 0.7, top_p, u[i:i + 1].numpy())[0])
+                 for i in (0, 7, 11)]
+        assert alone == [got[0], got[7], got[11]]

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from eftmesh.core.cuts import flat_rows
+from eftmesh.core.fusedrows import flat_rows
 from eftmesh.core.mixing import accumulate
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, per_row_uniforms, sample_rows
 from eftmesh.core.speculative import Block, Verdict, verify_blocks
@@ -191,7 +191,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
 
 
 def _rows_at(x: torch.Tensor, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """x's rows as one flat array (`cuts.flat_rows`: no copy) and each row's start in it."""
+    """x's rows as one flat array (`fusedrows.flat_rows`: no copy) and each row's start in it."""
     _, flat, stride = flat_rows(x, vocab)
     return flat, np.arange(x.shape[0], dtype=np.int64) * stride
 
@@ -246,7 +246,7 @@ def draw_plain(
     """Every sampled plain step's token, one `sample_rows` per group of equal settings over its
     stacked rows, each row with uniforms from its own generation's generator (what the
     generation would take alone): batching changes no token. -1: that row has no finite mass.
-    The usual draw (no top-k) only reads the rows (`cuts.draw_fused`); others scale them: over
+    The usual draw (no top-k) only reads the rows (`fusedrows.draw_fused`); others scale them: over
     the scores when the rows are adjacent and nothing reads them afterwards, else in a copy in
     the scratch buffer."""
     groups: dict[SamplingConfig, list[Drawable]] = {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eftmesh.core.draws import DRAW_BLOCK, draw_probs, draw_target, exp2, inverse_cdf, running_sums
+from eftmesh.core.draws import draw_probs, draw_target, exp2, inverse_cdf, running_sums
 
 
 # A nucleus (top-p without top-k) need not be cut to be drawn from: a token drawn from the
@@ -68,114 +68,11 @@ def draw_nucleus(z: torch.Tensor, e: torch.Tensor, running: torch.Tensor, rows: 
         uu = more(torch.from_numpy(rows_np[pending])).numpy()
     # still rejected (p is small for so flat a row): cut those rows, then draw within the cut
     r = torch.from_numpy(rows_np[pending])
-    tokens[pending] = _draw_cut(z[r], e[r], p, uu)
+    tokens[pending] = draw_cut(z[r], e[r], p, uu)
     return torch.from_numpy(tokens)
 
 
-def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
-               more: Callable[[torch.Tensor], torch.Tensor] | None,
-               row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw_nucleus` from unscaled rows, each try one compiled pass per row (`fused.nucleus_try`:
-    the scale, exp2 and block sums into a one-row buffer, the draw, the nucleus test); x is
-    only read. Same rule and the same uniforms: one per try, `more` for the rows that draw
-    again (p >= 1: one try, always kept, `more` unused).
-
-    Args:
-        x: [rows, vocab] float32 CPU scores, any per-row shift; z = (x - max) * scale.
-        scale: log2(e) / temperature (a normal float32).
-        p: top-p (>= 1: none). u: [rows] float64 uniforms, one per row.
-        row_max: [rows] float32, x's row maxima when the caller has them; None: taken here.
-
-    Returns:
-        ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless
-        otherwise), as `draws.draw_probs`.
-    """
-    from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
-
-    rows, vocab = x.shape
-    x, flat, stride = flat_rows(x)
-    m = x.numpy().max(1) if row_max is None else row_max.numpy()  # [rows]; NaN or +inf: no finite mass
-    ok = np.isfinite(m)
-    tokens = np.zeros(rows, np.int64)
-    pending = np.flatnonzero(ok)
-    uu, s = u.numpy()[pending], np.float32(scale)
-    e, sums = _row_scratch(vocab)
-    for _ in range(REDRAWS + 1):
-        t, kept = np.empty(len(pending), np.int64), np.empty(len(pending), np.bool_)
-        fused.nucleus_try(flat, pending * stride, vocab, m[pending], s, p, uu, t, kept, e, sums)
-        tokens[pending[kept]] = t[kept]
-        pending = pending[~kept]
-        if pending.size == 0:
-            return torch.from_numpy(tokens), torch.from_numpy(ok)
-        assert more is not None, "a nucleus draw (p < 1) needs more uniforms"
-        uu = more(torch.from_numpy(pending)).numpy()
-    r = torch.from_numpy(pending)  # as draw_nucleus: cut those rows, then draw within the cut
-    z = (x[r] - torch.from_numpy(m[pending])[:, None]).mul_(s)
-    tokens[pending] = _draw_cut(z, exp2(z), p, uu)
-    return torch.from_numpy(tokens), torch.from_numpy(ok)
-
-
-def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
-                      exact: bool, m: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
-    x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
-    temperature, one compiled pass per row: `nucleus_bounds`' interval (`fused.token_bounds`), or
-    with `exact` the cut's value (`fused.nucleus_bin`, then its bin sorted: `_cut_wide`'s cut).
-    m: [g] float32, the rows' maxima when the caller has them; None: taken here.
-
-    Returns:
-        ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
-        row has finite mass; 0, 0 where it has not).
-    """
-    from eftmesh.core import fused
-
-    x, flat, stride = flat_rows(x)
-    a, vocab = x.numpy(), x.shape[1]
-    if m is None:
-        evenly = len(rows) > 1 and rows[1] > rows[0] and (np.diff(rows) == rows[1] - rows[0]).all()
-        m = a[rows[0]:rows[-1] + 1:rows[1] - rows[0]].max(1) if evenly else a[rows].max(1)  # (evenly: a view)
-    ok = np.isfinite(m)
-    good = np.flatnonzero(ok)
-    lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
-    at, toks, s = rows[good] * stride, tokens[good], np.float32(scale)
-    e, sums = _row_scratch(vocab)
-    if exact and p < 1.0:  # the cut as _cut_wide makes it: a histogram, then its boundary bin sorted
-        hist, bins, vals = np.empty((4, HIST_BINS + 1)), np.empty(vocab, np.int32), np.empty(vocab, np.float32)
-        for i, start, mi, t in zip(good, at, m[good], toks):
-            row = flat[start:start + vocab]
-            n, before, need = fused.nucleus_bin(row, mi, s, p, e, sums, hist, bins, vals)
-            tau = np.float32(-np.inf)
-            if n:
-                kept = -np.sort(-vals[:n])  # falling
-                pe = np.exp2(kept.astype(np.float64))
-                tau = kept[max(int(((before + pe.cumsum() - pe) < need).sum()), 1) - 1]
-            v = (row[t] - mi) * s
-            kept_mass = fused.mass_above(row, mi, s, e, np.nextafter(tau, np.float32(-np.inf)))  # z >= tau
-            lo[i] = hi[i] = np.exp2(np.float64(v)) / kept_mass if v >= tau else 0.0
-    else:  # (p >= 1: the bounds are exact)
-        glo, ghi = np.empty(len(good)), np.empty(len(good))
-        fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, e, sums)
-        lo[good], hi[good] = glo, ghi
-    return lo, hi, ok
-
-
-def flat_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, np.ndarray, int]:
-    """x ([rows, >= width] float32 CPU; copied only when its columns are not adjacent), the
-    first `width` (default: all) columns of its rows as one flat array (no copy; row i at
-    i * stride), and the row stride (0: rows broadcast from one): how the compiled kernels
-    (core/fused.py) read rows where they lie."""
-    rows, vocab = x.shape[0], x.shape[1] if width is None else width
-    x = x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
-    stride = x.stride(0) if rows > 1 else vocab
-    return x, x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy(), stride
-
-
-def _row_scratch(vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """A row's exp2 and its block sums: the fused kernels' one-row buffers (stay in L2)."""
-    return np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
-
-
-def _draw_cut(z: torch.Tensor, e: torch.Tensor, p: float, u: np.ndarray) -> np.ndarray:
+def draw_cut(z: torch.Tensor, e: torch.Tensor, p: float, u: np.ndarray) -> np.ndarray:
     """[g] int64: one token per row of z ([g, vocab] log2 units, e = exp2(z), written over)
     from its top-p nucleus, cut from its histogram (`_cut_wide`), with uniforms u ([g])."""
     e.masked_fill_(z < _cut_wide(z, e, 0, p)[:, None], 0.0)

@@ -19,8 +19,9 @@ depend on where it lies in the batch (tests/core/test_fused.py checks it). Entri
 more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 
 The others: `token_bounds` (verification's p(x) interval, the same pass and test),
-`nucleus_bin` and `mass_above` (the exact cut for the tests an interval leaves open), and
-`mix3` (the step's usual mix, three float32 roles, in one pass that also takes each row's
+`nucleus_bin` and `mass_above` (the exact cut for the tests an interval leaves open, and for a
+rejection's rows), `residual_draw` (a rejection's token from max(0, p - q) over two processed
+rows, never formed as tensors), and `mix3` (the step's usual mix, three float32 roles, in one pass that also takes each row's
 maximum, which the draws then need not read the rows for).
 
 Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1-2.5
@@ -175,6 +176,40 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
 
 
 @njit(fastmath=_FAST, nogil=True, boundscheck=False)
+def _residual_blocks(x, mx, tx, wx, y, my, ty, wy, scale, e, sums):  # type: ignore[no-untyped-def]
+    """e = max(0, P - Q) for one pair of rows, P = 2 ** zx * wx where zx >= tx (else 0),
+    zx = (x - mx) * scale, and Q likewise from y; sums as `exp2_scaled`'s. Returns the float64
+    total. Rows finite or -inf (a finite maximum): no NaN arises."""
+    vocab = x.shape[0]
+    total = 0.0
+    for b in range(sums.shape[0]):
+        acc = np.float32(0.0)
+        for j in range(b * DRAW_BLOCK, min((b + 1) * DRAW_BLOCK, vocab)):
+            zx, zy = (x[j] - mx) * scale, (y[j] - my) * scale
+            a = _exp2(zx) * wx if zx >= tx else np.float32(0.0)
+            c = _exp2(zy) * wy if zy >= ty else np.float32(0.0)
+            r = a - c
+            r = r if r > np.float32(0.0) else np.float32(0.0)
+            e[j] = r
+            acc += r
+        sums[b] = acc
+        total += acc
+    return total
+
+
+@njit(nogil=True, boundscheck=False)
+def residual_draw(x, mx, tx, wx, y, my, ty, wy, scale, u, e, sums):  # type: ignore[no-untyped-def]
+    """The token a speculative rejection takes, for one row: drawn with uniform u from
+    normalise(max(0, P - Q)) (P from target row x, Q from draft row y, each processed:
+    `_residual_blocks`), by inverse CDF as `draws.draw_probs` draws; -1 where that has no mass
+    (P == Q in float32; the caller then draws from P). e, sums: scratch as `nucleus_try`'s."""
+    total = _residual_blocks(x, mx, tx, wx, y, my, ty, wy, scale, e, sums)
+    if not 0.0 < total < np.inf:
+        return -1
+    return _inverse_cdf(e, sums, min(u * total, np.nextafter(total, 0.0)))
+
+
+@njit(fastmath=_FAST, nogil=True, boundscheck=False)
 def _bins(row, m, scale, per, last, at):  # type: ignore[no-untyped-def]
     """at[j] = the histogram bin of entry j: z * per (z <= 0, per < 0) truncated, at most `last`."""
     for j in range(row.shape[0]):
@@ -273,7 +308,8 @@ def warm(*, draws_only: bool = False) -> None:
                                                       np.empty(2, np.float32))),
                   (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),
                                                     np.empty(vocab, np.int32), one.copy())),
-                  (mass_above, lambda: mass_above(one, f, f, one, f))]
+                  (mass_above, lambda: mass_above(one, f, f, one, f)),
+                  (residual_draw, lambda: residual_draw(one, f, f, f, one, f, f, f, f, 0.5, one.copy(), np.empty(2, np.float32)))]
     start = time.perf_counter()
     todo = [call for kernel, call in calls if not kernel.signatures]
     for call in todo:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eftmesh.core.cuts import cut, draw_fused, draw_nucleus, nucleus_bounds, token_probs_fused
+from eftmesh.core.cuts import cut, draw_nucleus, nucleus_bounds
+from eftmesh.core.fusedrows import draw_fused, token_probs_fused
 from eftmesh.core.draws import LN2, LOG2E, draw, draw_probs, exp2, running_sums
 
 # Temperatures below this are greedy decoding: at such a temperature the distribution is a
@@ -286,7 +287,7 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
 
 
 def _fusable(scores: torch.Tensor, cfg: SamplingConfig, more: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:
-    """Whether `cuts.draw_fused` draws these rows: `fusable_rows`, and top-p either off or
+    """Whether `fusedrows.draw_fused` draws these rows: `fusable_rows`, and top-p either off or
     drawn by rejection (`more` given, p >= NUCLEUS_MIN_P)."""
     return fusable_rows(scores, cfg) and (cfg.top_p >= 1.0 or (more is not None and cfg.top_p >= NUCLEUS_MIN_P))
 
@@ -303,7 +304,7 @@ def token_probs_at(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tenso
                    exact: bool, row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_prob_bounds` (with `exact`, `token_probs` as an interval lo = hi) of scores'
     `rows` ([g] int64 indices) and `tokens` ([g]), read where they lie: no copy, one compiled
-    pass per row (`cuts.token_probs_fused`); `fusable_rows` scores only. Every row's interval
+    pass per row (`fusedrows.token_probs_fused`); `fusable_rows` scores only. Every row's interval
     holds its exact value (an interval wherever it is in the nucleus, unless exact). row_max:
     [n] float32, every score row's maximum when the caller has them (as `sample_rows`')."""
     assert fusable_rows(scores, cfg) and rows.shape == tokens.shape, "fusable [n, vocab] scores, [g] rows and tokens"

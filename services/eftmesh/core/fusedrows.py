@@ -1,0 +1,185 @@
+"""The compiled kernels (core/fused.py) over torch rows, read where they lie: the usual draw
+(`draw_fused`), verification's token probabilities (`token_probs_fused`) and a speculative
+rejection's token (`residual_draw_fused`).
+
+Every function works row by row, so a row's result does not depend on the rows beside it. Rows
+are float32 CPU scores with any per-row shift; z = (x - the row's maximum) * scale, in log2
+units as in draws.py and cuts.py. Pure tensor code: no grpc, no transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from eftmesh.core.cuts import HIST_BINS, REDRAWS, draw_cut
+from eftmesh.core.draws import DRAW_BLOCK, exp2
+
+_NEG_INF = np.float32(-np.inf)
+
+
+def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
+               more: Callable[[torch.Tensor], torch.Tensor] | None,
+               row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cuts.draw_nucleus` from unscaled rows, each try one compiled pass per row
+    (`fused.nucleus_try`: the scale, exp2 and block sums into a one-row buffer, the draw, the
+    nucleus test); x is only read. Same rule and the same uniforms: one per try, `more` for the
+    rows that draw again (p >= 1: one try, always kept, `more` unused).
+
+    Args:
+        x: [rows, vocab] float32 CPU scores, any per-row shift; z = (x - max) * scale.
+        scale: log2(e) / temperature (a normal float32).
+        p: top-p (>= 1: none). u: [rows] float64 uniforms, one per row.
+        row_max: [rows] float32, x's row maxima when the caller has them; None: taken here.
+
+    Returns:
+        ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless
+        otherwise), as `draws.draw_probs`.
+    """
+    from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
+
+    rows, vocab = x.shape
+    x, flat, stride = flat_rows(x)
+    m = x.numpy().max(1) if row_max is None else row_max.numpy()  # [rows]; NaN or +inf: no finite mass
+    ok = np.isfinite(m)
+    tokens = np.zeros(rows, np.int64)
+    pending = np.flatnonzero(ok)
+    uu, s = u.numpy()[pending], np.float32(scale)
+    scratch = _Scratch(vocab)
+    for _ in range(REDRAWS + 1):
+        t, kept = np.empty(len(pending), np.int64), np.empty(len(pending), np.bool_)
+        fused.nucleus_try(flat, pending * stride, vocab, m[pending], s, p, uu, t, kept, scratch.e, scratch.sums)
+        tokens[pending[kept]] = t[kept]
+        pending = pending[~kept]
+        if pending.size == 0:
+            return torch.from_numpy(tokens), torch.from_numpy(ok)
+        assert more is not None, "a nucleus draw (p < 1) needs more uniforms"
+        uu = more(torch.from_numpy(pending)).numpy()
+    r = torch.from_numpy(pending)  # as draw_nucleus: cut those rows, then draw within the cut
+    z = (x[r] - torch.from_numpy(m[pending])[:, None]).mul_(s)
+    tokens[pending] = draw_cut(z, exp2(z), p, uu)
+    return torch.from_numpy(tokens), torch.from_numpy(ok)
+
+
+def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
+                      exact: bool, m: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
+    x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
+    temperature, one compiled pass per row: `cuts.nucleus_bounds`' interval
+    (`fused.token_bounds`), or with `exact` the cut's value (`nucleus_cut`).
+    m: [g] float32, the rows' maxima when the caller has them; None: taken here.
+
+    Returns:
+        ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
+        row has finite mass; 0, 0 where it has not).
+    """
+    from eftmesh.core import fused
+
+    x, flat, stride = flat_rows(x)
+    m = _row_maxima(x.numpy(), rows) if m is None else m
+    ok = np.isfinite(m)
+    good = np.flatnonzero(ok)
+    lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
+    at, toks, s, vocab = rows[good] * stride, tokens[good], np.float32(scale), x.shape[1]
+    scratch = _Scratch(vocab)
+    if exact and p < 1.0:
+        for i, start, mi, t in zip(good, at, m[good], toks):
+            row = flat[start:start + vocab]
+            tau, kept = nucleus_cut(row, mi, s, p, scratch)
+            v = (row[t] - mi) * s
+            lo[i] = hi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
+    else:  # (p >= 1: the bounds are exact)
+        glo, ghi = np.empty(len(good)), np.empty(len(good))
+        fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, scratch.e, scratch.sums)
+        lo[good], hi[good] = glo, ghi
+    return lo, hi, ok
+
+
+def nucleus_cut(row: np.ndarray, m: np.float32, s: np.float32, p: float, scratch: _Scratch) -> tuple[np.float32, float]:
+    """Where one row's top-p nucleus ends, as `cuts._cut_wide` cuts it (a float64 histogram of
+    the row's mass over z, `fused.nucleus_bin`, then its boundary bin sorted), and the mass it
+    keeps: (tau: z >= tau is kept; the float32 sum of 2 ** z there). p >= 1: (-inf, the row's
+    float64 total, as `fused.exp2_scaled` sums it). row: [vocab] float32, m its finite maximum."""
+    from eftmesh.core import fused
+
+    if p >= 1.0:
+        return _NEG_INF, fused.exp2_scaled(row, m, s, scratch.e, scratch.sums)
+    vals = scratch.vals
+    n, before, need = fused.nucleus_bin(row, m, s, p, scratch.e, scratch.sums, scratch.hist, scratch.bins, vals)
+    tau = _NEG_INF
+    if n:
+        kept = -np.sort(-vals[:n])  # falling
+        pe = np.exp2(kept.astype(np.float64))
+        tau = kept[max(int(((before + pe.cumsum() - pe) < need).sum()), 1) - 1]
+    return tau, float(fused.mass_above(row, m, s, scratch.e, np.nextafter(tau, _NEG_INF)))  # z >= tau
+
+
+def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor, scale: float, top_p: float,
+                        u: np.ndarray, p_max: np.ndarray | None = None) -> np.ndarray:
+    """The tokens speculative rejections take: row i from normalise(max(0, P_i - Q_i)), P_i p's
+    row rows[i] and Q_i q's row i, each processed (temperature, then top-p without top-k:
+    `nucleus_cut`), the processed rows never formed: two cuts, then one compiled pass over the
+    pair that takes the residual, its block sums and the draw (`fused.residual_draw`). Where the
+    residual has no mass (P_i == Q_i in float32, or q's row has no finite mass), the token is
+    drawn from P_i with the same uniform, as the torch path (`processed_probs`, `draw_probs`).
+
+    Args:
+        p: [n, vocab] float32 CPU target scores (read in place); rows: [g] int64, each with
+            finite mass. q: [g, >= vocab] draft scores, any float dtype (a float32 copy is made
+            when they are not float32 rows with adjacent columns).
+        scale: log2(e) / temperature; top_p: top-p (>= 1: none). u: [g] float64 uniforms.
+        p_max: [g] float32, p's rows' maxima when the caller has them.
+
+    Returns:
+        [g] int64 tokens.
+    """
+    from eftmesh.core import fused
+
+    p, flat, stride = flat_rows(p)
+    vocab = p.shape[1]
+    qa = q[:, :vocab].float().contiguous().numpy()
+    mp = _row_maxima(p.numpy(), rows) if p_max is None else p_max
+    mq = qa.max(1)
+    s, scratch, tokens = np.float32(scale), _Scratch(vocab), np.empty(len(rows), np.int64)
+    for i, (start, mx, my) in enumerate(zip(rows * stride, mp, mq)):
+        x = flat[start:start + vocab]
+        tx, kx = nucleus_cut(x, mx, s, top_p, scratch)
+        wx = np.float32(1.0 / kx)
+        t = -1
+        if np.isfinite(my):
+            ty, ky = nucleus_cut(qa[i], my, s, top_p, scratch)
+            t = fused.residual_draw(x, mx, tx, wx, qa[i], my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
+        if t < 0:  # (Q's weight 0: P alone)
+            t = fused.residual_draw(x, mx, tx, wx, x, mx, tx, np.float32(0.0), s, u[i], scratch.e, scratch.sums)
+        tokens[i] = t
+    return tokens
+
+
+def flat_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, np.ndarray, int]:
+    """x ([rows, >= width] float32 CPU; copied only when its columns are not adjacent), the
+    first `width` (default: all) columns of its rows as one flat array (no copy; row i at
+    i * stride), and the row stride (0: rows broadcast from one): how the compiled kernels
+    (core/fused.py) read rows where they lie."""
+    rows, vocab = x.shape[0], x.shape[1] if width is None else width
+    x = x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
+    stride = x.stride(0) if rows > 1 else vocab
+    return x, x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy(), stride
+
+
+def _row_maxima(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[g] float32: the maxima of a's `rows` (NaN or +inf: no finite mass); evenly spaced rows
+    through a view, not a gathered copy."""
+    evenly = len(rows) > 1 and rows[1] > rows[0] and (np.diff(rows) == rows[1] - rows[0]).all()
+    return a[rows[0]:rows[-1] + 1:rows[1] - rows[0]].max(1) if evenly else a[rows].max(1)
+
+
+class _Scratch:
+    """One row's buffers for the kernels, made once per call (np.empty: a page is mapped only
+    when a kernel first writes it): its exp2 and their block sums (stay in L2), and for a cut
+    the histograms, each entry's bin and the boundary bin's values."""
+
+    def __init__(self, vocab: int) -> None:
+        self.e, self.sums = np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
+        self.hist, self.bins, self.vals = np.empty((4, HIST_BINS + 1)), np.empty(vocab, np.int32), np.empty(vocab, np.float32)
