@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 
 from eftmesh.core.draws import DRAW_BLOCK
 
-_HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the histogram's z range (cuts imports this module)
+_HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the widest z range of a histogram
 
 log = logging.getLogger("eftmesh.core.fused")
 
@@ -219,8 +219,8 @@ def _bins(row, m, scale, per, last, at):  # type: ignore[no-untyped-def]
 @njit(nogil=True, boundscheck=False)
 def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-untyped-def]
     """Where one row's top-p nucleus ends, to a bin: `cuts._cut_wide`'s float64 histogram of the
-    row's mass over z (hist: [4, bins + 1] scratch, bins over [-span, 0], `cuts.HIST_BINS`; the
-    last takes everything below), the bin where the mass passes p, and that bin's entries.
+    row's mass over z (hist: [4, bins + 1] scratch, `cuts.HIST_BINS`, over the z range the cut can
+    lie in, at most [-57.7, 0]; the last takes everything below), the bin where the mass passes p, and that bin's entries.
     Four interleaved histograms, summed after: a flat row's entries fall in a few bins, and one
     histogram's adds would wait on each other. Leaves e = 2 ** z for `mass_above`.
 
@@ -231,12 +231,16 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
         (n: the bin's finite entries, their z in vals[:n] (in row order); the float64 mass of
         the bins above it; the mass the nucleus needs, p times the histogram's total).
     """
-    bins = hist.shape[1] - 1
-    per = np.float32(-bins / _HIST_SPAN)
-    exp2_scaled(row, m, scale, e, sums)
+    bins, vocab = hist.shape[1] - 1, row.shape[0]
+    total = exp2_scaled(row, m, scale, e, sums)
+    # the nucleus ends above z_low = log2((1 - p) T / vocab) (the entries below it, fewer than
+    # vocab, hold less than (1 - p) of the mass T), so the bins need only span [z_low - 1, 0]: a
+    # flat row's entries then spread over hundreds of bins, not the few dozen [-57.7, 0] gives
+    # them (4,000 entries in the boundary bin of a flat 128k row; the adds wait on each other)
+    span = min(_HIST_SPAN, np.float32(1.0 - np.log2((1.0 - p) * total / vocab)))
+    per = np.float32(-bins / span)
     _bins(row, m, scale, per, np.float32(bins), at)
     hist[:, :] = 0.0
-    vocab = row.shape[0]
     whole = vocab - vocab % 4
     for j in range(0, whole, 4):
         hist[0, at[j]] += e[j]

