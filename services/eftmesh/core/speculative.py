@@ -129,11 +129,13 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     """The speculative sampling rule for many blocks at once, lazily: p_i and q_i are read
     only at draft i (its probability under each, `sampling.token_prob_bounds`: exact, or an
     interval for a flat row, which decides the test unless the uniform falls inside it, when
-    that test is computed exactly) and only while the drafts before it pass; a whole processed
-    row is formed only at a rejection (the residual max(0, p_i - q_i)), and the bonus token is drawn from p_k as a plain step's is
+    that test is computed exactly) and only while the drafts before it pass; at a rejection the
+    token comes from the residual max(0, p_i - q_i) (on rows the compiled kernels read, drawn
+    from two nucleus cuts and one pass over the pair, `fusedrows.residual_draw_fused`; else from
+    whole processed rows), and the bonus token is drawn from p_k as a plain step's is
     (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
-    at draft i costs 2(i + 1) and two processed rows (half the token probabilities where the
+    at draft i costs 2(i + 1) and a residual draw over two rows (half the token probabilities where the
     block brings its drafts' own, `Block.q_probs`). The blocks' rows at one position are done
     in one call (with fewer than LAZY_MIN_ROWS, all their remaining positions are: rows past a
     rejection are then read and ignored), row by row, so a block's verdict does not depend on
@@ -239,7 +241,7 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         # at a rejection the token comes from normalise(max(0, p_i - q_i))
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
         q_rows = torch.stack([blocks[j].q[accepted[j], :vocab] for j in rejected])
-        if fused:  # two cuts and one pass per pair, the processed rows never formed (1.7 -> ~0.5 ms per row of 128k)
+        if fused and q_rows.device.type == "cpu":  # two cuts and one pass per pair, the processed rows never formed
             tokens = torch.from_numpy(residual_draw_fused(p, at.numpy(), q_rows, LOG2E / cfg.temperature, cfg.top_p,
                                                           last[rejected].numpy(), None if row_max is None else row_max[at].numpy()))
         else:
