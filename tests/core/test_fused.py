@@ -2,6 +2,7 @@
 against the torch path (`cuts.draw_nucleus`) that it replaces for whole-row draws."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -255,3 +256,48 @@ def test_a_rejections_token_is_the_torch_paths_residual_draw(shape, top_p):
         alone = [int(fusedrows.residual_draw_fused(p, rows[i:i + 1].numpy(), q[i:i + 1], LOG2E / 0.7, top_p, u[i:i + 1].numpy())[0])
                  for i in (0, 7, 11)]
         assert alone == [got[0], got[7], got[11]]
+
+
+def test_rows_shared_among_threads_give_the_same_results():
+    """`fusedrows.set_threads` (the combiner's --threads) shares each call's rows among a pool
+    of threads, each with its own scratch buffers: draws, token probabilities (bounds and
+    exact), residual draws and the mix are those of one thread, bitwise."""
+    from eftmesh.combiner import batchmix
+    from eftmesh.core.sampling import token_probs_at
+
+    gen = torch.Generator().manual_seed(31)
+    x = torch.cat([shaped_rows(gen, 5, 4_000, s) for s in ("peaked", "zipf", "flat")])  # [15, 4000]
+    q = x[::3] + torch.randn(5, 4_000, generator=gen)
+    rows, tokens = torch.arange(14, -1, -1), torch.randint(4_000, (15,), generator=gen)
+    roles = [torch.randn(40, 8_000, generator=gen) for _ in range(3)]
+    cfg = SamplingConfig(0.8, top_p=0.9)
+
+    def everything():
+        u, more, _ = row_uniforms([torch.Generator().manual_seed(i) for i in range(15)])
+        out = [sample_rows(x, cfg, u, more=more)]
+        out += [token_probs_at(x, rows, tokens, cfg, exact=exact) for exact in (False, True)]
+        out.append(fusedrows.residual_draw_fused(x, np.arange(0, 15, 3), q, LOG2E / 0.8, 0.9, np.linspace(0, 0.99, 5)))
+        scores = torch.empty(40, 8_000)
+        maxima = batchmix._mix3(scores, [[(0, 40, c, [r])] for c, r in zip((1.0, 0.5, -0.5), roles)])
+        return out + [scores, maxima]
+
+    one = everything()
+    try:
+        for n in (2, 3):
+            fusedrows.set_threads(n)
+            for rows_n in (1, 2, 7, 40):  # every row in exactly one share, the shares in as many threads
+                shares: list[tuple[int, int]] = []
+                names: set[str] = set()
+
+                def note(lo, hi, shares=shares, names=names):
+                    shares.append((lo, hi))
+                    names.add(threading.current_thread().name)
+
+                fusedrows.by_rows(rows_n, note)
+                assert sorted(r for lo, hi in shares for r in range(lo, hi)) == list(range(rows_n))
+                assert len(shares) == min(n, rows_n) and (len(names) > 1) == (len(shares) > 1)  # (this thread and the pool's)
+            again = everything()
+            flat = [(a, b) for x, y in zip(one, again) for a, b in (zip(x, y) if isinstance(x, tuple) else [(x, y)])]
+            assert len(flat) == 11 and all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in flat)
+    finally:
+        fusedrows.set_threads(1)

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from eftmesh.core.fusedrows import flat_rows
+from eftmesh.core.fusedrows import by_rows, flat_rows
 from eftmesh.core.mixing import accumulate
 from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, per_row_uniforms, sample_rows
 from eftmesh.core.speculative import Block, Verdict, verify_blocks
@@ -184,9 +184,9 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
     from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
 
     (out, o), (a, x), (b, y), (c, z) = [_rows_at(t, vocab) for t in (scores, *rows)]
-    maxima = np.empty(n, np.float32)
-    fused.mix3(out, o, a, x, b, y, np.float32(roles[1][0][2]), c, z, np.float32(roles[2][0][2]), vocab, maxima,
-               np.empty(16, np.float32))
+    maxima, cb, cc = np.empty(n, np.float32), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
+    by_rows(n, lambda lo, hi: fused.mix3(out, o[lo:hi], a, x[lo:hi], b, y[lo:hi], cb, c, z[lo:hi], cc, vocab, maxima[lo:hi],
+                                         np.empty(16, np.float32)))
     return torch.from_numpy(maxima)
 
 

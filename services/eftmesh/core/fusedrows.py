@@ -2,14 +2,17 @@
 (`draw_fused`), verification's token probabilities (`token_probs_fused`) and a speculative
 rejection's token (`residual_draw_fused`).
 
-Every function works row by row, so a row's result does not depend on the rows beside it. Rows
-are float32 CPU scores with any per-row shift; z = (x - the row's maximum) * scale, in log2
-units as in draws.py and cuts.py. Pure tensor code: no grpc, no transformers.
+Every function works row by row, so a row's result does not depend on the rows beside it, nor
+on how many threads share the rows (`set_threads`: the kernels release the GIL, and each thread
+takes a contiguous share of the rows with scratch buffers of its own). Rows are float32 CPU
+scores with any per-row shift; z = (x - the row's maximum) * scale, in log2 units as in
+draws.py and cuts.py. Pure tensor code: no grpc, no transformers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,6 +21,33 @@ from eftmesh.core.cuts import HIST_BINS, REDRAWS, draw_cut
 from eftmesh.core.draws import DRAW_BLOCK, exp2
 
 _NEG_INF = np.float32(-np.inf)
+
+# The threads the kernels' rows are shared among (`set_threads`); 1: the caller's thread alone.
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+
+
+def set_threads(n: int) -> None:
+    """Share each call's rows among n threads (the combiner's --threads). Threads in a pool
+    that wait on a queue, not OpenMP's, which spin on cores the logit services may share."""
+    global _threads, _pool
+    if _pool is not None:
+        _pool.shutdown()
+    _threads, _pool = max(1, n), ThreadPoolExecutor(n, thread_name_prefix="eftmesh-rows") if n > 1 else None
+
+
+def by_rows(n: int, work: Callable[[int, int], None]) -> None:
+    """work(lo, hi) over rows [0, n), in `set_threads` contiguous shares (the first in this
+    thread), or at once with one thread or fewer rows than threads."""
+    if _pool is None or n < 2:
+        work(0, n)
+        return
+    k = min(_threads, n)
+    cuts = [n * i // k for i in range(k + 1)]
+    rest = [_pool.submit(work, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+    work(cuts[0], cuts[1])
+    for f in rest:
+        f.result()
 
 
 def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
@@ -38,8 +68,6 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless
         otherwise), as `draws.draw_probs`.
     """
-    from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
-
     rows, vocab = x.shape
     x, flat, stride = flat_rows(x)
     m = x.numpy().max(1) if row_max is None else row_max.numpy()  # [rows]; NaN or +inf: no finite mass
@@ -47,10 +75,8 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
     tokens = np.zeros(rows, np.int64)
     pending = np.flatnonzero(ok)
     uu, s = u.numpy()[pending], np.float32(scale)
-    scratch = _Scratch(vocab)
     for _ in range(REDRAWS + 1):
-        t, kept = np.empty(len(pending), np.int64), np.empty(len(pending), np.bool_)
-        fused.nucleus_try(flat, pending * stride, vocab, m[pending], s, p, uu, t, kept, scratch.e, scratch.sums)
+        t, kept = _nucleus_tries(flat, pending * stride, vocab, m[pending], s, p, uu)
         tokens[pending[kept]] = t[kept]
         pending = pending[~kept]
         if pending.size == 0:
@@ -61,6 +87,21 @@ def draw_fused(x: torch.Tensor, scale: float, p: float, u: torch.Tensor,
     z = (x[r] - torch.from_numpy(m[pending])[:, None]).mul_(s)
     tokens[pending] = draw_cut(z, exp2(z), p, uu)
     return torch.from_numpy(tokens), torch.from_numpy(ok)
+
+
+def _nucleus_tries(flat: np.ndarray, at: np.ndarray, vocab: int, m: np.ndarray, s: np.float32, p: float,
+                   u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One `fused.nucleus_try` per row (rows at `at` in flat): ([g] tokens, [g] kept)."""
+    from eftmesh.core import fused  # (numba: compiled on first use; services `fused.warm()` at start)
+
+    t, kept = np.empty(len(at), np.int64), np.empty(len(at), np.bool_)
+
+    def tries(lo: int, hi: int) -> None:
+        scratch = _Scratch(vocab, cut=False)
+        fused.nucleus_try(flat, at[lo:hi], vocab, m[lo:hi], s, p, u[lo:hi], t[lo:hi], kept[lo:hi], scratch.e, scratch.sums)
+
+    by_rows(len(at), tries)
+    return t, kept
 
 
 def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
@@ -82,18 +123,22 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     ok = np.isfinite(m)
     good = np.flatnonzero(ok)
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
-    at, toks, s, vocab = rows[good] * stride, tokens[good], np.float32(scale), x.shape[1]
-    scratch = _Scratch(vocab)
-    if exact and p < 1.0:
-        for i, start, mi, t in zip(good, at, m[good], toks):
-            row = flat[start:start + vocab]
-            tau, kept = nucleus_cut(row, mi, s, p, scratch)
-            v = (row[t] - mi) * s
-            lo[i] = hi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
-    else:  # (p >= 1: the bounds are exact)
-        glo, ghi = np.empty(len(good)), np.empty(len(good))
-        fused.token_bounds(flat, at, vocab, m[good], s, p, toks, glo, ghi, scratch.e, scratch.sums)
-        lo[good], hi[good] = glo, ghi
+    at, toks, s, vocab, mg = rows[good] * stride, tokens[good], np.float32(scale), x.shape[1], m[good]
+    glo, ghi = np.empty(len(good)), np.empty(len(good))
+
+    def probs(a: int, b: int) -> None:
+        scratch = _Scratch(vocab, cut=exact and p < 1.0)
+        if exact and p < 1.0:
+            for i in range(a, b):
+                row = flat[at[i]:at[i] + vocab]
+                tau, kept = nucleus_cut(row, mg[i], s, p, scratch)
+                v = (row[toks[i]] - mg[i]) * s
+                glo[i] = ghi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
+        else:  # (p >= 1: the bounds are exact)
+            fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], glo[a:b], ghi[a:b], scratch.e, scratch.sums)
+
+    by_rows(len(good), probs)
+    lo[good], hi[good] = glo, ghi
     return lo, hi, ok
 
 
@@ -142,18 +187,23 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor, scal
     qa = q[:, :vocab].float().contiguous().numpy()
     mp = _row_maxima(p.numpy(), rows) if p_max is None else p_max
     mq = qa.max(1)
-    s, scratch, tokens = np.float32(scale), _Scratch(vocab), np.empty(len(rows), np.int64)
-    for i, (start, mx, my) in enumerate(zip(rows * stride, mp, mq)):
-        x = flat[start:start + vocab]
-        tx, kx = nucleus_cut(x, mx, s, top_p, scratch)
-        wx = np.float32(1.0 / kx)
-        t = -1
-        if np.isfinite(my):
-            ty, ky = nucleus_cut(qa[i], my, s, top_p, scratch)
-            t = fused.residual_draw(x, mx, tx, wx, qa[i], my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
-        if t < 0:  # (Q's weight 0: P alone)
-            t = fused.residual_draw(x, mx, tx, wx, x, mx, tx, np.float32(0.0), s, u[i], scratch.e, scratch.sums)
-        tokens[i] = t
+    s, tokens, starts = np.float32(scale), np.empty(len(rows), np.int64), rows * stride
+
+    def draws(lo: int, hi: int) -> None:
+        scratch = _Scratch(vocab)
+        for i in range(lo, hi):
+            x, mx, my = flat[starts[i]:starts[i] + vocab], mp[i], mq[i]
+            tx, kx = nucleus_cut(x, mx, s, top_p, scratch)
+            wx = np.float32(1.0 / kx)
+            t = -1
+            if np.isfinite(my):
+                ty, ky = nucleus_cut(qa[i], my, s, top_p, scratch)
+                t = fused.residual_draw(x, mx, tx, wx, qa[i], my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
+            if t < 0:  # (Q's weight 0: P alone)
+                t = fused.residual_draw(x, mx, tx, wx, x, mx, tx, np.float32(0.0), s, u[i], scratch.e, scratch.sums)
+            tokens[i] = t
+
+    by_rows(len(rows), draws)
     return tokens
 
 
@@ -180,6 +230,7 @@ class _Scratch:
     when a kernel first writes it): its exp2 and their block sums (stay in L2), and for a cut
     the histograms, each entry's bin and the boundary bin's values."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, vocab: int, *, cut: bool = True) -> None:
         self.e, self.sums = np.empty(vocab, np.float32), np.empty(-(-vocab // DRAW_BLOCK), np.float32)
-        self.hist, self.bins, self.vals = np.empty((4, HIST_BINS + 1)), np.empty(vocab, np.int32), np.empty(vocab, np.float32)
+        if cut:
+            self.hist, self.bins, self.vals = np.empty((4, HIST_BINS + 1)), np.empty(vocab, np.int32), np.empty(vocab, np.float32)

@@ -370,6 +370,7 @@ class InProcessCombiner:
             scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0),
                                       prefill_chunk=getattr(a, "prefill_chunk", SchedulerConfig.prefill_chunk)),
             max_connection_age_s=getattr(a, "max_connection_age", 300.0),
+            threads=getattr(a, "combiner_threads", None),  # (torch's, and the compiled kernels' rows)
             policy=UpstreamPolicy(deadlines=DeadlinePolicy(cap_s=getattr(a, "call_timeout", DeadlinePolicy.cap_s))),
         )
         self.reader = InMemoryMetricReader()
@@ -509,7 +510,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="the logit services' dtype; rows travel in it (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="the logit services' torch device (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
-    p.add_argument("--combiner-threads", type=int, default=1, help="torch threads of the combiner, in this process (default: %(default)s)")
+    p.add_argument("--combiner-threads", type=int, default=1,
+                   help="the combiner's --threads, in this process: torch's, and the compiled kernels' rows (default: %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=4096, help="each logit service's KV cache, in tokens (default: %(default)s)")
     p.add_argument("--build-dir", default="build", help="where the models are made and kept (default: %(default)s)")
     p.add_argument("--log-dir", default="build/bench-vocab", help="logit service logs (default: %(default)s)")
