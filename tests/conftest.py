@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+# The compiled sampler kernels (core/fused.py) cached on disk for every process the tests start
+# (set before eftmesh is imported: fused.py reads it then): hundreds of services would each
+# compile them for 1-3.6 s. numba keys its cache on fused.py's own source; a constant it imports
+# (draws.DRAW_BLOCK) changed elsewhere needs `rm -r build/numba-cache`.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "build" / "numba-cache"))
+
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest

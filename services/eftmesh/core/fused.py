@@ -21,17 +21,18 @@ more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 The others: `token_bounds` (verification's p(x) interval, the same pass and test),
 `nucleus_bin` and `mass_above` (the exact cut for the tests an interval leaves open, and for a
 rejection's rows), `residual_draw` (a rejection's token from max(0, p - q) over two processed
-rows, never formed as tensors), and `mix3` (the step's usual mix, three float32 roles, in one pass that also takes each row's
-maximum, which the draws then need not read the rows for).
+rows, never formed as tensors), and `mix3` (the step's usual mix, three float32 roles, in one
+pass that also takes each row's maximum, which the draws then need not read the rows for).
 
-Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1-2.5
-s); services call `warm` at start so that no request pays it. They are not cached on disk
-(`cache=True` needs a writable directory, and the chart's pods have a read-only root).
+Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1.2 s
+for the draw, 3.6 s for all of them); services call `warm` at start so that no request pays it.
+They are cached on disk only where NUMBA_CACHE_DIR is set (below).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -44,6 +45,12 @@ from eftmesh.core.draws import DRAW_BLOCK
 _HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the widest z range of a histogram
 
 log = logging.getLogger("eftmesh.core.fused")
+
+# Compiled kernels are cached on disk only where NUMBA_CACHE_DIR names a writable directory
+# (the test suite's, which starts hundreds of services: each would compile for 1-3.6 s). A
+# service does not by default: numba's cache needs a writable directory, and the chart's pods
+# have a read-only root filesystem.
+_CACHE = bool(os.environ.get("NUMBA_CACHE_DIR"))
 
 # reassociation lets the compiler vectorise the block sums (a fixed order for a given row
 # length, so still one result per row), contraction makes the polynomial fused multiply-adds
@@ -76,7 +83,7 @@ def _exp2(z):  # type: ignore[no-untyped-def]
     return (np.float32(1.0) + f * poly) * _bits_as_float((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+@njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
 def exp2_scaled(x, m, scale, out, sums):  # type: ignore[no-untyped-def]
     """out = 2 ** ((x - m) * scale) for one row ([vocab] float32, m its maximum) and
     sums[b] = float32 sum of out's block b of DRAW_BLOCK entries; returns the float64 total
@@ -94,7 +101,7 @@ def exp2_scaled(x, m, scale, out, sums):  # type: ignore[no-untyped-def]
     return total
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def _inverse_cdf(e, sums, target):  # type: ignore[no-untyped-def]
     """The entry of e where its running sum passes `target` (< the float64 sum of `sums`): the
     block from the block sums, then the entry from the running sum of that one block;
@@ -118,7 +125,7 @@ def _inverse_cdf(e, sums, target):  # type: ignore[no-untyped-def]
     return last
 
 
-@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+@njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
 def mass_above(x, m, scale, e, v):  # type: ignore[no-untyped-def]
     """float32 sum of e where (x - m) * scale > v (each entry's z computed as exp2_scaled did)."""
     acc = np.float32(0.0)
@@ -127,7 +134,7 @@ def mass_above(x, m, scale, e, v):  # type: ignore[no-untyped-def]
     return acc
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def nucleus_try(flat, starts, vocab, m, scale, p, u, tokens, accepted, e, sums):  # type: ignore[no-untyped-def]
     """One draw for each of `starts`' rows, from the whole row, kept when it lies in the row's
     top-p nucleus: the mass strictly above its z is below p of the row's (`cuts.draw_nucleus`'s
@@ -151,7 +158,7 @@ def nucleus_try(flat, starts, vocab, m, scale, p, u, tokens, accepted, e, sums):
         accepted[i] = p >= 1.0 or mass_above(row, m[i], scale, e, (row[t] - m[i]) * scale) < p * total
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # type: ignore[no-untyped-def]
     """Bounds on each row's probability of its token under top-p (without top-k) after the
     temperature: `cuts.nucleus_bounds`' interval, one pass per row (`nucleus_try`'s exp2 and
@@ -175,7 +182,7 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
             lo[i] = hi[i] = 0.0
 
 
-@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+@njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
 def _residual_blocks(x, mx, tx, wx, y, my, ty, wy, scale, e, sums):  # type: ignore[no-untyped-def]
     """e = max(0, P - Q) for one pair of rows, P = 2 ** zx * wx where zx >= tx (else 0),
     zx = (x - mx) * scale, and Q likewise from y; sums as `exp2_scaled`'s. Returns the float64
@@ -197,7 +204,7 @@ def _residual_blocks(x, mx, tx, wx, y, my, ty, wy, scale, e, sums):  # type: ign
     return total
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def residual_draw(x, mx, tx, wx, y, my, ty, wy, scale, u, e, sums):  # type: ignore[no-untyped-def]
     """The token a speculative rejection takes, for one row: drawn with uniform u from
     normalise(max(0, P - Q)) (P from target row x, Q from draft row y, each processed:
@@ -209,7 +216,7 @@ def residual_draw(x, mx, tx, wx, y, my, ty, wy, scale, u, e, sums):  # type: ign
     return _inverse_cdf(e, sums, min(u * total, np.nextafter(total, 0.0)))
 
 
-@njit(fastmath=_FAST, nogil=True, boundscheck=False)
+@njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
 def _bins(row, m, scale, per, last, at):  # type: ignore[no-untyped-def]
     """at[j] = the histogram bin of entry j: z * per (z <= 0, per < 0) truncated, at most `last`.
     Returns how many entries fall in the last bin."""
@@ -221,7 +228,7 @@ def _bins(row, m, scale, per, last, at):  # type: ignore[no-untyped-def]
     return low
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def _scatter(at, e, hist, low):  # type: ignore[no-untyped-def]
     """hist[k, at[j]] += e[j] over the four interleaved histograms (k = j % 4; a vocabulary's
     tail of fewer than four entries into the first). `low`: how many entries fall in the last
@@ -264,11 +271,12 @@ def _scatter(at, e, hist, low):  # type: ignore[no-untyped-def]
         hist[0, at[j]] += e[j]
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, cache=_CACHE)
 def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-untyped-def]
     """Where one row's top-p nucleus ends, to a bin: `cuts._cut_wide`'s float64 histogram of the
-    row's mass over z (hist: [4, bins + 1] scratch, `cuts.HIST_BINS`, over the z range the cut can
-    lie in, at most [-57.7, 0]; the last takes everything below), the bin where the mass passes p, and that bin's entries.
+    row's mass over z (hist: [4, bins + 1] scratch, `cuts.HIST_BINS`, over the z range the cut
+    can lie in, at most [-57.7, 0]; the last takes everything below), the bin where the mass
+    passes p, and that bin's entries.
     Four interleaved histograms, summed after: a flat row's entries fall in a few bins, and one
     histogram's adds would wait on each other. Leaves e = 2 ** z for `mass_above`.
 
@@ -315,7 +323,7 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
     return n, before, need
 
 
-@njit(fastmath={"contract"}, nogil=True, boundscheck=False)
+@njit(fastmath={"contract"}, nogil=True, boundscheck=False, cache=_CACHE)
 def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes):  # type: ignore[no-untyped-def]
     """EFT's usual mix, three roles in one pass: out row i = a_i + cb * b_i + cc * c_i (float32),
     row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts), and maxima[i] its maximum
