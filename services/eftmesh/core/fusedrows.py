@@ -37,8 +37,8 @@ def set_threads(n: int) -> None:
 
 
 def by_rows(n: int, work: Callable[[int, int], None]) -> None:
-    """work(lo, hi) over rows [0, n), in `set_threads` contiguous shares (the first in this
-    thread), or at once with one thread or fewer rows than threads."""
+    """work(lo, hi) over rows [0, n), in `set_threads` contiguous shares (at most one per row;
+    the first in this thread), or at once with one thread or one row."""
     if _pool is None or n < 2:
         work(0, n)
         return
