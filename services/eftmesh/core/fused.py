@@ -288,12 +288,12 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
         the bins above it; the mass the nucleus needs, p times the histogram's total).
     """
     bins, vocab = hist.shape[1] - 1, row.shape[0]
-    total = exp2_scaled(row, m, scale, e, sums)
+    mass = exp2_scaled(row, m, scale, e, sums)  # (T below; the histogram's own total is summed after)
     # the nucleus ends above z_low = log2((1 - p) T / vocab) (the entries below it, fewer than
     # vocab, hold less than (1 - p) of the mass T), so the bins need only span [z_low - 1, 0]: a
     # flat row's entries then spread over hundreds of bins, not the few dozen [-57.7, 0] gives
     # them (4,000 entries in the boundary bin of a flat 128k row; the adds wait on each other)
-    span = min(_HIST_SPAN, np.float32(1.0 - np.log2((1.0 - p) * total / vocab)))
+    span = min(_HIST_SPAN, np.float32(1.0 - np.log2((1.0 - p) * mass / vocab)))
     per = np.float32(-bins / span)
     low = _bins(row, m, scale, per, np.float32(bins), at)
     hist[:, :] = 0.0

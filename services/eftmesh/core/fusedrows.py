@@ -33,7 +33,8 @@ def set_threads(n: int) -> None:
     global _threads, _pool
     if _pool is not None:
         _pool.shutdown()
-    _threads, _pool = max(1, n), ThreadPoolExecutor(n, thread_name_prefix="eftmesh-rows") if n > 1 else None
+    # (n - 1 pool threads: the calling thread takes the first share itself)
+    _threads, _pool = max(1, n), ThreadPoolExecutor(n - 1, thread_name_prefix="eftmesh-rows") if n > 1 else None
 
 
 def by_rows(n: int, work: Callable[[int, int], None]) -> None:

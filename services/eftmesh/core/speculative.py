@@ -135,8 +135,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     whole processed rows), and the bonus token is drawn from p_k as a plain step's is
     (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
-    at draft i costs 2(i + 1) and a residual draw over two rows (half the token probabilities where the
-    block brings its drafts' own, `Block.q_probs`). The blocks' rows at one position are done
+    at draft i costs 2(i + 1) and a residual draw over two rows (half the token probabilities
+    where the block brings its drafts' own, `Block.q_probs`). The blocks' rows at one position are done
     in one call (with fewer than LAZY_MIN_ROWS, all their remaining positions are: rows past a
     rejection are then read and ignored), row by row, so a block's verdict does not depend on
     the blocks beside it.
