@@ -675,6 +675,7 @@ def test_should_install_no_otlp_exporter_without_an_endpoint():
      "logit role base-large: kvCacheMemory and gpuMemoryUtilization both size the KV cache"),
     ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 1.5}}}}, "gpuMemoryUtilization"),
     ({"logit": {"roles": {"base-large": {"gpuMemoryUtilization": 0}}}}, "gpuMemoryUtilization"),
+    ({"combiner": {"threads": 0}}, "threads"),
 ])
 def test_bad_values_should_fail_with_a_message_that_names_the_fix(values, message):
     with pytest.raises(helm_python.HelmError) as info:
@@ -770,6 +771,12 @@ def test_reflection_model_path_and_request_size_should_follow_their_values():
         assert "--no-reflection" not in args and "--hide-model-path" not in args
         if name.endswith("-combiner"):
             assert "--max-request-bytes=4194304" in args
+            assert parse(name, container(d)).threads == 1  # as the pod's CPU request
+
+
+def test_the_combiner_s_threads_should_follow_its_value():
+    [d] = [d for n, d in by_kind(render({"combiner": {"threads": 2}}), "Deployment").items() if n.endswith("-combiner")]
+    assert parse("eft-combiner", container(d)).threads == 2
 
 
 def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():

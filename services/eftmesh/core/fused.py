@@ -46,10 +46,11 @@ _HIST_SPAN = np.float32(57.7)  # `cuts.HIST_SPAN`: the widest z range of a histo
 
 log = logging.getLogger("eftmesh.core.fused")
 
-# Compiled kernels are cached on disk only where NUMBA_CACHE_DIR names a writable directory
-# (the test suite's, which starts hundreds of services: each would compile for 1-3.6 s). A
-# service does not by default: numba's cache needs a writable directory, and the chart's pods
-# have a read-only root filesystem.
+# Compiled kernels are cached on disk only where NUMBA_CACHE_DIR names a directory (numba's
+# cache beside the source needs a writable package directory, which an image's is not): the
+# test suite's (hundreds of services started: each would compile for 1-3.6 s) and the image's
+# (/tmp/numba-cache, the pod's emptyDir: a restarted container loads them). Where it cannot
+# be written, numba compiles as if it were unset.
 _CACHE = bool(os.environ.get("NUMBA_CACHE_DIR"))
 
 # reassociation lets the compiler vectorise the block sums (a fixed order for a given row
@@ -374,4 +375,5 @@ def warm(*, draws_only: bool = False) -> None:
     for call in todo:
         call()
     if todo:
-        log.info("%d sampler kernels compiled in %.2f s", len(todo), time.perf_counter() - start)
+        log.info("%d sampler kernels compiled (or loaded from NUMBA_CACHE_DIR) in %.2f s", len(todo),
+                 time.perf_counter() - start)
