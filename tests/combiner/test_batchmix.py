@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,31 @@ def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone
         assert verdicts[g] == alone
     # p = q: every draft passes (the bonus token); p_0 = q_0 alone: the first passes
     assert [verdicts[g].accepted for g in (gens[2], gens[6], gens[7])] == [0, 2, 1]
+
+
+def test_the_fused_mix_reads_rows_from_several_responses_in_place_with_the_same_sums():
+    """A step whose rows come from more than one response per role (generations drafting and
+    not in one step, answers of two calls) is mixed in runs that read each response where it
+    lies: bitwise the scores and maxima of the same rows in one tensor, and no copy."""
+    g = torch.Generator().manual_seed(2)
+    vocab, n = 30_000, 12  # (n x vocab over MIX3_MIN_ENTRIES: the fused mix)
+    whole = [torch.randn(n, vocab + 3, generator=g) for _ in range(3)]
+    coefs = (1.0, 0.75, -0.75)
+    want = torch.empty(n, vocab)
+    want_max = batchmix._mix3(want, [[(0, n, c, [w])] for c, w in zip(coefs, whole)])
+    # role 0: one response; role 1: two responses (rows 0-4, 5-11); role 2: three, the middle
+    # one holding its rows with a gap and out of order within its storage
+    split1 = [whole[1][:5].clone(), whole[1][5:].clone()]
+    spread = torch.empty(20, vocab + 3)
+    spread[10:14], spread[2:4] = whole[2][3:7], whole[2][7:9]
+    split2 = [whole[2][:3].clone(), spread[10:14], spread[2:4], whole[2][9:].clone()]
+    roles = [[(0, n, coefs[0], [whole[0][i:i + 1] for i in range(n)])], [(0, n, coefs[1], split1)],
+             [(0, n, coefs[2], split2)]]
+    segments = batchmix._segments([r[0][3] for r in roles], n, vocab)
+    assert [(lo, hi) for lo, hi, _ in segments] == [(0, 3), (3, 5), (5, 9), (9, 12)]
+    for _, _, rows in segments:  # every run reads its rows where they lie
+        for (flat, _), parts in zip(rows, [r[0][3] for r in roles]):
+            assert any(np.shares_memory(flat, p.numpy()) for p in parts)
+    got = torch.empty(n, vocab)
+    got_max = batchmix._mix3(got, roles)
+    assert torch.equal(got, want) and torch.equal(got_max, want_max)
