@@ -11,7 +11,7 @@ draws.py and cuts.py. Pure tensor code: no grpc, no transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -162,8 +162,8 @@ def nucleus_cut(row: np.ndarray, m: np.float32, s: np.float32, p: float, scratch
     return tau, float(fused.mass_above(row, m, s, scratch.e, np.nextafter(tau, _NEG_INF)))  # z >= tau
 
 
-def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor, scale: float, top_p: float,
-                        u: np.ndarray, p_max: np.ndarray | None = None) -> np.ndarray:
+def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Sequence[torch.Tensor], scale: float,
+                        top_p: float, u: np.ndarray, p_max: np.ndarray | None = None) -> np.ndarray:
     """The tokens speculative rejections take: row i from normalise(max(0, P_i - Q_i)), P_i p's
     row rows[i] and Q_i q's row i, each processed (temperature, then top-p without top-k:
     `nucleus_cut`), the processed rows never formed: two cuts, then one compiled pass over the
@@ -173,8 +173,9 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor, scal
 
     Args:
         p: [n, vocab] float32 CPU target scores (read in place); rows: [g] int64, each with
-            finite mass. q: [g, >= vocab] draft scores, any float dtype (a float32 copy is made
-            when they are not float32 rows with adjacent columns).
+            finite mass. q: the g draft rows ([>= vocab] each, any float dtype: a float32 copy
+            of a row is made when it is not float32 with adjacent columns), as a [g, >= vocab]
+            tensor or a sequence of rows (read where they lie: the draft role's response).
         scale: log2(e) / temperature; top_p: top-p (>= 1: none). u: [g] float64 uniforms.
         p_max: [g] float32, p's rows' maxima when the caller has them.
 
@@ -185,21 +186,21 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor, scal
 
     p, flat, stride = flat_rows(p)
     vocab = p.shape[1]
-    qa = q[:, :vocab].float().contiguous().numpy()
     mp = _row_maxima(p.numpy(), rows) if p_max is None else p_max
-    mq = qa.max(1)
     s, tokens, starts = np.float32(scale), np.empty(len(rows), np.int64), rows * stride
 
     def draws(lo: int, hi: int) -> None:
         scratch = _Scratch(vocab)
         for i in range(lo, hi):
-            x, mx, my = flat[starts[i]:starts[i] + vocab], mp[i], mq[i]
+            x, mx = flat[starts[i]:starts[i] + vocab], mp[i]
+            y = q[i][:vocab].float().contiguous().numpy()
+            my = y.max()
             tx, kx = nucleus_cut(x, mx, s, top_p, scratch)
             wx = np.float32(1.0 / kx)
             t = -1
             if np.isfinite(my):
-                ty, ky = nucleus_cut(qa[i], my, s, top_p, scratch)
-                t = fused.residual_draw(x, mx, tx, wx, qa[i], my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
+                ty, ky = nucleus_cut(y, my, s, top_p, scratch)
+                t = fused.residual_draw(x, mx, tx, wx, y, my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
             if t < 0:  # (Q's weight 0: P alone)
                 t = fused.residual_draw(x, mx, tx, wx, x, mx, tx, np.float32(0.0), s, u[i], scratch.e, scratch.sums)
             tokens[i] = t

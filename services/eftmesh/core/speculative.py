@@ -240,13 +240,13 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     if rejected := [j for j in done if accepted[j] < len(drafts[j])]:
         # at a rejection the token comes from normalise(max(0, p_i - q_i))
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
-        q_rows = torch.stack([blocks[j].q[accepted[j], :vocab] for j in rejected])
-        if fused and q_rows.device.type == "cpu":  # two cuts and one pass per pair, the processed rows never formed
+        q_rows = [blocks[j].q[accepted[j], :vocab] for j in rejected]  # (views: read in place)
+        if fused and all(r.device.type == "cpu" for r in q_rows):  # two cuts and one pass per pair, the processed rows never formed
             tokens = torch.from_numpy(residual_draw_fused(p, at.numpy(), q_rows, LOG2E / cfg.temperature, cfg.top_p,
                                                           last[rejected].numpy(), None if row_max is None else row_max[at].numpy()))
         else:
             target = processed_probs(p.index_select(0, at), cfg, overwrite=True)  # [g, vocab]
-            tokens, ok = draw_probs(processed_probs(q_rows, cfg, overwrite=True).neg_().add_(target).clamp_min_(0.0),
+            tokens, ok = draw_probs(processed_probs(torch.stack(q_rows), cfg, overwrite=True).neg_().add_(target).clamp_min_(0.0),
                                     last[rejected])
             if not bool(ok.all()):  # p_i == q_i in float there: that rejection had probability 0
                 bad = ~ok
