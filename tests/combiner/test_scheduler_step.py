@@ -129,6 +129,22 @@ def alone(make, r: GenerationRequest) -> list[int]:
     return outcome(g)
 
 
+def test_a_consumer_of_the_whole_answer_is_woken_for_its_first_chunk_and_its_last_only(make):
+    """Complete and a non-streamed HTTP request join the chunks: the scheduler hands them the
+    first step's tokens (time to first token) and the rest at the end, one chunk, not one per
+    step; the joined chunks are the streamed generation's."""
+    d, _, _ = make()
+    streamed, whole = submit(d, req(SHORT, 9)), submit(d, req(SHORT, 9))
+    whole.streams = False
+    assert d.scheduler.step() and d.scheduler.step()
+    assert whole.out.qsize() == 1 and streamed.out.qsize() == 2  # (the second step: nothing for `whole`)
+    run_out(d)
+    a, b = chunks(streamed), chunks(whole)
+    assert len(a) == 9 and len(b) == 2 and b[1].finish_reason is not None and b[1].usage is not None
+    assert [t for c in b for t in c.token_ids] == [t for c in a for t in c.token_ids]
+    assert "".join(c.text for c in b) == "".join(c.text for c in a) and len(b[0].token_ids) == 1
+
+
 def test_a_step_with_nothing_to_do_says_so(make):
     d, scorer, _ = make()
     assert d.scheduler.step() is False and scorer.calls == []

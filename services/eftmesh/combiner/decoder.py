@@ -92,9 +92,12 @@ class Decoder:
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] = lambda: False,
         on_finish: Callable[[TokenSink], None] | None = None,
+        stream: bool = True,
     ) -> Iterator[Chunk]:
-        """Yields a chunk per plain step or speculative block; the last one finishes."""
+        """Yields a chunk per plain step or speculative block; the last one finishes. Not
+        `stream` (the caller joins the chunks): the first chunk, then the rest as one."""
         g = self.prepare(req, deadline, is_cancelled)
+        g.streams = stream
         self.scheduler.submit(g)
         try:
             while True:

@@ -175,6 +175,10 @@ class Generation:
         self._gen_state: torch.Tensor | None = None  # its generator before this step drew anything
         self.span_context: Any = None  # the generation's span, linked from the steps it shares
         self.out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()  # to the consumer
+        # False: the consumer reads the whole answer (Complete, an HTTP request without
+        # "stream"), so it is woken for its first chunk and its last only (Scheduler._deliver)
+        self.streams = True
+        self.woken = False  # a chunk was put on `out`
         self.touched = False  # some role may hold a cache of it
         # This step's block: k drafts and the draft role's rows ([k + 1, vocab_d]).
         self.k = 0

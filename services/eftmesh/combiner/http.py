@@ -119,7 +119,7 @@ class _CallContext:
 class _Run:
     """One generation on its own thread; its chunks (then None, or the exception) on a queue."""
 
-    def __init__(self, servicer: GeneratorServicer, msg: Any, route: str) -> None:
+    def __init__(self, servicer: GeneratorServicer, msg: Any, route: str, stream: bool = True) -> None:
         self.ctx = _CallContext()
         self.queue: asyncio.Queue[Chunk | BaseException | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -135,7 +135,7 @@ class _Run:
                 return False
 
         def produce() -> None:
-            chunks = servicer.run(msg, self.ctx, route, attrs)
+            chunks = servicer.run(msg, self.ctx, route, attrs, stream)
             try:
                 for chunk in chunks:
                     if not deliver(chunk) or not self.ctx.is_active():
@@ -312,7 +312,7 @@ class HttpApi:
                 return _validation_error(e)
             except EftMeshError as e:
                 return from_exception(e)
-            run = _Run(self.servicer, msg, route)
+            run = _Run(self.servicer, msg, route, bool(req.stream))
             try:
                 first = await run.next()
             except asyncio.CancelledError:

@@ -15,17 +15,17 @@ service a shard that keeps its sessions' KV caches between calls. Each iteration
   5. mix all rows at once (`batchmix.mix_step`, `[rows, vocab]`, role by role), apply
      temperature / top-k / top-p per group of equal settings, then each generation samples or verifies
      with its own seeded generator, so batching changes no generation's output;
-  6. stream the chunks; finished, failed and cancelled generations leave and their caches
-     are released. A generation whose upstream item failed fails alone.
+  6. stream the chunks (a consumer of the whole answer gets its first and its last); finished,
+     failed and cancelled generations leave, their caches released. A generation whose
+     upstream item failed fails alone.
 
 A full KV cache (an item's RESOURCE_EXHAUSTED) preempts that generation as vLLM does: its
 caches are released, it goes back to the front of the queue and re-prefills when admitted;
 waiting longer than `queue_timeout_s` fails it with RESOURCE_EXHAUSTED.
 
-Speculation under load: a batched verify of k drafts costs k + 1 rows per generation, which
-on a saturated device approaches k + 1 plain steps, while its yield per block stays
-(1 - a^(k+1)) / (1 - a). `SpeculationController` times whole steps under each cap on k and
-keeps the cap with the most expected tokens per second, timing its neighbours now and then.
+Speculation under load: a verify of k drafts costs k + 1 rows per generation (on a saturated
+device nearly k + 1 plain steps) for (1 - a^(k+1)) / (1 - a) tokens; `SpeculationController`
+times steps under each cap on k and keeps the fastest in expected tokens per second.
 """
 
 from __future__ import annotations
@@ -48,13 +48,7 @@ from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
 from eftmesh.combiner.prefixes import PrefixEstimate
 from eftmesh.combiner.scoring import BlockCap, Outcome, Scorer
-from eftmesh.common.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    EftMeshError,
-    InvalidArgument,
-    ResourceExhausted,
-)
+from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.core.sampling import NoFiniteMass, argmax_finite, check_argmax_finite
 
@@ -433,7 +427,11 @@ class Scheduler:
         self._fail(g, err)
 
     def _deliver(self, g: Generation) -> None:
-        g.out.put(g.sink.take())
+        # a consumer of the whole answer is woken for its first tokens (time to first token) and
+        # its last only: 32 handler threads woken per step took the GIL from this one (docs/batching.md)
+        if g.streams or not g.woken or g.sink.finish_reason is not None:
+            g.out.put(g.sink.take())
+            g.woken = True
         if g.sink.finish_reason is not None:
             self.prefixes.remember(g.ids)  # a chat's next turn re-sends it all
             self._leave(g)

@@ -81,10 +81,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     def run(
         self, request: generator_pb2.GenerateRequest | generator_pb2.CompleteRequest,
-        context: CallContext, rpc: str, extra: Mapping[str, str] | None = None,
+        context: CallContext, rpc: str, extra: Mapping[str, str] | None = None, stream: bool = True,
     ) -> Iterator[Chunk]:
         """One generation, from the request message on (the gRPC methods and the HTTP API,
-        `combiner.http`, both come here; `extra`: more metric attributes, e.g. http.route),
+        `combiner.http`, both come here; `extra`: more metric attributes, e.g. http.route;
+        not `stream`: the caller joins the chunks, `Decoder.generate`),
         with its metrics: duration by outcome
         (refusals included: invalid, RESOURCE_EXHAUSTED at admission, ...), and for successful
         generations time to first token and time per output token; tokens, speculation
@@ -97,7 +98,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             attrs["gen_ai.request.model"] = req.composition.describe()
             if req.messages:
                 attrs["gen_ai.operation.name"] = GEN_AI_CHAT
-            for chunk in self._traced(req, context, attrs):
+            for chunk in self._traced(req, context, attrs, stream):
                 if chunk.token_ids:
                     if first is None:
                         first = time.perf_counter() - start
@@ -126,7 +127,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 if tokens > 1:
                     m.time_per_output_token.record((elapsed - first) / (tokens - 1), attrs)
 
-    def _traced(self, req: GenerationRequest, context: CallContext, base: Mapping[str, str]) -> Iterator[Chunk]:
+    def _traced(self, req: GenerationRequest, context: CallContext, base: Mapping[str, str],
+                stream: bool = True) -> Iterator[Chunk]:
         """The generation span (GenAI semantic conventions, plus eftmesh.* figures); admission
         happens inside it, so a refused generation is a span with error.type too."""
         attrs = {
@@ -167,6 +169,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                             deadline=deadline_from(context.time_remaining()),
                             is_cancelled=lambda: not context.is_active(),
                             on_finish=on_finish,
+                            stream=stream,
                         )
                     finally:
                         self.metrics.active.add(-1)
@@ -184,7 +187,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def Complete(
         self, request: generator_pb2.CompleteRequest, context: grpc.ServicerContext
     ) -> generator_pb2.CompleteResponse:
-        return convert.complete_to_pb(self.run(request, context, "Complete"))
+        return convert.complete_to_pb(self.run(request, context, "Complete", stream=False))
 
     def Info(
         self, request: generator_pb2.GeneratorInfoRequest, context: grpc.ServicerContext
