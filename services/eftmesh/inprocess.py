@@ -42,3 +42,6 @@ class LocalScorer:
     def release(self, sessions: Mapping[str, str]) -> None:
         for role, sid in sessions.items():
             self.engines[role].release(sid)
+
+    def flush_releases(self) -> None:  # (every release is done at once here)
+        pass

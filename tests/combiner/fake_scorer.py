@@ -22,6 +22,8 @@ class RecordingScorer:
         self.models = self.inner.models
         self.calls: list[tuple[str, str, list[Any]]] = []  # (kind, role, calls)
         self.partial: list[tuple[str, str, bool]] = []  # (kind, role, partial) per batched call
+        self.released: list[tuple[int, list[str]]] = []  # (batched calls made before, roles) per release
+        self.flushed: list[int] = []  # batched calls made before each flush_releases
         self.refuse: Callable[[str, ScoreCall | DraftCall], EftMeshError | None] = lambda role, call: None
 
     def _batch(self, kind: str, role: str, calls: Sequence[Any], inner: Callable[..., list[Outcome]]) -> list[Outcome]:
@@ -41,7 +43,12 @@ class RecordingScorer:
         return self._batch("draft", role, calls, self.inner.draft_batch)
 
     def release(self, sessions: Any) -> None:
+        self.released.append((len(self.calls), sorted(sessions)))
         self.inner.release(sessions)
+
+    def flush_releases(self) -> None:
+        self.flushed.append(len(self.calls))
+        self.inner.flush_releases()
 
     def steps(self, role: str = "base-large") -> list[list[ScoreCall]]:
         """Each step's ScoreBatch items for `role` (every composition here scores base-large)."""

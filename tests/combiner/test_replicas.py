@@ -334,7 +334,7 @@ def test_closing_waits_for_the_releases_still_in_flight(monkeypatch) -> None:
     Release later; close() waits for it, and for one that never answers only RELEASE_FLUSH_S."""
     from concurrent.futures import Future
 
-    from eftmesh.combiner import upstream
+    from eftmesh.combiner import releases
 
     scorer = GrpcScorer({"base-small": "a:1"})
     (r,) = scorer.replicas["base-small"].replicas()
@@ -354,7 +354,7 @@ def test_closing_waits_for_the_releases_still_in_flight(monkeypatch) -> None:
     scorer.release({"base-small": "s1"})
     scorer.release({"base-small": "s2"})
     assert sent == ["s1", "s2"]
-    monkeypatch.setattr(upstream, "RELEASE_FLUSH_S", 0.5)
+    monkeypatch.setattr(releases, "RELEASE_FLUSH_S", 0.5)
     threading.Timer(0.2, answered.set_result, (None,)).start()
     started = time.monotonic()
     scorer.close()
@@ -381,3 +381,79 @@ def test_upstream_channels_reconnect_within_the_rejoin_window() -> None:
         opts = dict(upstream_options(window))
         assert opts["grpc.min_reconnect_backoff_ms"] <= cap(window) <= max(100, window * 1000 / 5)
         assert opts["grpc.max_receive_message_length"] > 0  # the shared options come along
+
+
+def test_finished_sessions_are_released_by_the_next_batched_call_or_by_a_release_call() -> None:
+    """A replica whose Info says batch_release drops finished sessions when the combiner's next
+    ScoreBatch there names them (`release`), not by a Release call each; its last session (no
+    call may follow) goes by Release calls, the pending ones with it, and so does what no call
+    carried by the next health round. A replica without batch_release (an older service) gets a
+    Release call each, as before. A failed call's releases go the orphans' way. Fake stubs."""
+    import grpc
+    import torch
+
+    from eftmesh.common import tensors
+    from eftmesh.combiner.scoring import ScoreCall
+    from eftmesh.v1 import logit_pb2
+
+    scorer = GrpcScorer({"base-small": "a:1"})
+    (r,) = scorer.replicas["base-small"].replicas()
+    scorer._set_state("base-small", r, LIVE)
+    released, carried, fail = [], [], []
+
+    class Release:
+        @staticmethod
+        def future(request, timeout):
+            released.append(request.session_id)
+            from concurrent.futures import Future
+            f = Future()
+            f.set_result(logit_pb2.ReleaseResponse(released=True))
+            return f
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return "refused (a test)"
+
+    def score_batch(request, timeout):
+        carried.append(list(request.release))
+        if fail:
+            raise Refused()
+        rows = torch.zeros(len(request.items), 4)
+        return logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows, rows.dtype), floored=True,
+                                            results=[logit_pb2.ItemResult(rows=1) for _ in request.items])
+
+    r.stub = types.SimpleNamespace(Release=Release, ScoreBatch=score_batch)
+    for sid in ("s1", "s2", "s3"):
+        assert scorer.replicas["base-small"].route(sid) is r
+
+    def step(*sids: str) -> None:
+        scorer.score_batch("base-small", [ScoreCall("base-small", s, [1, 2], 1, 1) for s in sids])
+
+    r.batch_release = False  # an older service: a Release call each
+    scorer.release({"base-small": "s1"})
+    assert released == ["s1"]
+    r.batch_release = True
+    scorer.release({"base-small": "s2"})  # s3 still pinned there: its next call carries it
+    assert released == ["s1"]
+    step("s3")
+    assert carried == [["s2"]] and released == ["s1"]
+    step("s3")
+    assert carried[-1] == []  # carried once
+    assert scorer.replicas["base-small"].route("s4") is r
+    scorer.release({"base-small": "s4"})
+    scorer._after_round()  # no call carried it: the health round sends it
+    assert released == ["s1", "s4"]
+    assert scorer.replicas["base-small"].route("s5") is r
+    scorer.release({"base-small": "s5"})
+    fail.append(True)
+    step("s3")  # refused: its releases are orphans, released once the replica answers
+    assert carried[-1] == ["s5"] and scorer._orphans == {("base-small", "a:1"): {"s5": 0}}
+    scorer._orphans.clear()
+    assert scorer.replicas["base-small"].route("s6") is r
+    scorer.release({"base-small": "s6"})  # pending: s3 is still there
+    scorer.release({"base-small": "s3"})  # the last: both by Release calls at once
+    assert released == ["s1", "s4", "s6", "s3"] and scorer._to_release == {}
+    scorer.close()

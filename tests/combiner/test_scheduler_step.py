@@ -145,6 +145,18 @@ def test_a_consumer_of_the_whole_answer_is_woken_for_its_first_chunk_and_its_las
     assert "".join(c.text for c in b) == "".join(c.text for c in a) and len(b[0].token_ids) == 1
 
 
+def test_the_scorer_is_told_to_send_its_kept_releases_when_the_batch_empties(make):
+    """A finished generation's releases may wait for the next call to their replica
+    (ScoreBatch's `release`); once no generation runs, none may come: the scheduler says so."""
+    d, scorer, _ = make()
+    short, longer = submit(d, req(SHORT, 3)), submit(d, req(SHORT, 6))
+    run_out(d)
+    assert outcome(short) and outcome(longer)
+    assert [roles for _, roles in scorer.released] == [["base-large"], ["base-large"]]
+    (first, _), (second, _) = scorer.released
+    assert first < second and scorer.flushed == [second]  # not when `short` left, `longer` still running
+
+
 def test_a_step_with_nothing_to_do_says_so(make):
     d, scorer, _ = make()
     assert d.scheduler.step() is False and scorer.calls == []

@@ -302,6 +302,26 @@ def test_release_of_an_unknown_session_is_not_an_error(stub):
     assert stub.Release(logit_pb2.ReleaseRequest(session_id=new_session()), timeout=10).released is False
 
 
+def test_a_batched_call_drops_the_sessions_its_release_names_before_its_items(stub):
+    """ScoreBatch's and DraftBatch's `release` (Info.batch_release): what the combiner's next
+    call carries instead of a Release each; unknown ids are ignored."""
+    assert stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=10).batch_release is True
+    a, b, c = new_session(), new_session(), new_session()
+    for sid in (a, b):
+        score(stub, sid, 0, TOKENS[:3], 1)
+    resp = stub.ScoreBatch(logit_pb2.ScoreBatchRequest(items=[score_item(c, 0, TOKENS[:2], 1)],
+                                                       release=[a, new_session()]), timeout=30)
+    assert [r.code for r in resp.results] == [OK]
+    stub.DraftBatch(logit_pb2.DraftBatchRequest(items=[draft_item(c, 2, TOKENS[2:3], 1, seed=0)], release=[b]),
+                    timeout=30)
+    for sid in (a, b):  # gone: a Release finds nothing, a call past the prompt NOT_FOUND
+        assert stub.Release(logit_pb2.ReleaseRequest(session_id=sid), timeout=10).released is False
+        with pytest.raises(grpc.RpcError) as e:
+            score(stub, sid, 3, [1], 1)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.Release(logit_pb2.ReleaseRequest(session_id=c), timeout=10).released is True
+
+
 # --- ScoreBatch / DraftBatch ------------------------------------------------------------------
 
 BATCH_KV_TOKENS, BATCH_BLOCK = 64, 8  # 8 blocks: four sessions of MAX_CONTEXT tokens fill the pool twice over

@@ -266,6 +266,7 @@ class ReplicaMonitor:
                 verified[(role, r.address)] = False
                 continue
             spec = ModelSpec.from_info(role, self.addresses[role], got)
+            r.batch_release = bool(getattr(got, "batch_release", False))
             if not dict.__contains__(self.models, role):
                 self.models.setdefault(role, spec)
                 fresh[role] = spec
@@ -382,6 +383,7 @@ class ReplicaMonitor:
             return False
         if not self._matches(role, ModelSpec.from_info(role, self.addresses[role], info), replica.address):
             return False
+        replica.batch_release = bool(getattr(info, "batch_release", False))  # (perhaps a new version)
         self._set_state(role, replica, LIVE)
         self._report(not self.missing_roles())
         return True

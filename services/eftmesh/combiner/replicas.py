@@ -152,6 +152,7 @@ class Replica:
     suspect_until: float = 0.0  # missed a call's deadline: no new session before this, whatever its health says
     down_until: float = 0.0  # monotonic time before which no new session is sent here
     sessions: set[str] = field(default_factory=set)
+    batch_release: bool = False  # its Info says ScoreBatch and DraftBatch take `release` (upstream.py)
 
     @property
     def draining(self) -> bool:

@@ -446,3 +446,5 @@ class Scheduler:
         self._held.pop(g, None)
         if g.touched:
             self.scorer.release(g.sessions)
+            if not self._running:  # no call may follow to carry the releases
+                self.scorer.flush_releases()

@@ -142,7 +142,12 @@ class Scorer(Protocol):
         ...
 
     def release(self, sessions: Mapping[str, str]) -> None:
-        """Drop role -> session_id caches; best effort, never raises."""
+        """Drop role -> session_id caches; best effort, never raises. May wait for a later call
+        to the same replica (`flush_releases`)."""
+        ...
+
+    def flush_releases(self) -> None:
+        """Send now the releases kept for a later call: the batch emptied, none may come."""
         ...
 
 

@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from eftmesh.combiner.deadlines import CallDeadlines
 from eftmesh.combiner.monitor import DOWN, DRAINING, LIVE, ReplicaMonitor, brief
 from eftmesh.combiner.policy import UpstreamPolicy
+from eftmesh.combiner.releases import SessionReleases
 from eftmesh.combiner.replicas import Replica, Resolver, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
 from eftmesh.common import tensors
@@ -37,15 +38,8 @@ from eftmesh.v1 import logit_pb2
 
 log = logging.getLogger(__name__)
 
-# Releases of a session moved off a replica, until one finds it gone (see _release_orphans).
-ORPHAN_RELEASES = 3
-# Seconds close() waits for Releases still in flight (sent without waiting, as a generation
-# ends) before it closes the channels: closing them first would cancel those calls, and their
-# sessions would hold KV cache on the logit services until their idle expiry.
-RELEASE_FLUSH_S = 2.0
 
-
-class GrpcScorer(ReplicaMonitor):
+class GrpcScorer(SessionReleases, ReplicaMonitor):
     """`Scorer` over logit services reached by gRPC: a `ReplicaSet` per role, each session
     pinned to the replica that holds its KV cache, every replica's health watched
     (`ReplicaMonitor`)."""
@@ -60,11 +54,8 @@ class GrpcScorer(ReplicaMonitor):
         metrics: CombinerMetrics | None = None,
     ) -> None:
         super().__init__(addresses, policy, tracer_provider, resolver, metrics)
-        # (role, address) -> session id -> Release attempts: sessions moved off a replica,
-        # released there once it answers again (else they would hold its KV cache until expiry)
-        self._orphans: dict[tuple[str, str], dict[str, int]] = {}
+        self._init_releases()
         self._inflight: dict[tuple[str, str], set[Any]] = {}  # (role, address) -> cancellable calls
-        self._releasing: set[Any] = set()  # Release calls in flight (flushed by close)
         self._pool = ThreadPoolExecutor(max_workers=max(4, len(self.replicas) * fanout_threads_per_role), thread_name_prefix="upstream")
         self.deadlines = CallDeadlines(policy.deadlines)
 
@@ -143,6 +134,8 @@ class GrpcScorer(ReplicaMonitor):
 
         def one(replica: Replica, idx: list[int]) -> dict[int, Outcome]:
             part = [calls[i] for i in idx]
+            request = build(part, zero)
+            request.release.extend(released := self._take_releases(role, replica))
             started = time.perf_counter()
             attrs = {"eftmesh.role": role, "rpc.method": method}
             tokens, runs = sent(idx), forwards(idx)
@@ -153,17 +146,18 @@ class GrpcScorer(ReplicaMonitor):
                     # Cancellable: the monitor cancels it at once if it marks the replica down
                     # (its health stopped answering) before the deadline (which may be the full
                     # --call-timeout before the role's first answers are timed).
-                    resp = self._cancellable(role, replica, getattr(replica.stub, method).future(
-                        build(part, zero), timeout=timeout))
+                    resp = self._cancellable(role, replica, getattr(replica.stub, method).future(request, timeout=timeout))
                 else:
                     # Nowhere to move its sessions: a blocking call, not .future(), whose answer
                     # comes through the channel's own thread, ~0.2-0.3 ms more per call here.
-                    resp = getattr(replica.stub, method)(build(part, zero), timeout=timeout)
+                    resp = getattr(replica.stub, method)(request, timeout=timeout)
             except grpc.FutureCancelledError:  # the monitor marked the replica down meanwhile
+                self._orphan_all(role, replica, released)
                 self.metrics.upstream_failovers.add(len(part), {**_cause("health"), "eftmesh.role": role,
                                                                 "rpc.grpc.status_code": "CANCELLED"})
                 return move(replica, idx, f"was marked down ({replica.why or 'health'}) during the call")
             except grpc.RpcError as e:
+                self._orphan_all(role, replica, released)  # (released once it answers again)
                 code = e.code()
                 # every attempt is timed, failed ones too (a re-sent call is another attempt)
                 self.metrics.upstream_duration.record(time.perf_counter() - started, {
@@ -274,83 +268,10 @@ class GrpcScorer(ReplicaMonitor):
             return Unavailable(f"upstream {role} has no live replica ({self.addresses[role]}: {replica.address} {why})")
         return Unavailable(f"upstream {role}: {replica.address} {why}, and {attempt} re-sends found no other replica")
 
-    def _orphan(self, role: str, replica: Replica, session_id: str) -> None:
-        with self._lock:
-            self._orphans.setdefault((role, replica.address), {}).setdefault(session_id, 0)
-
-    def _release_orphans(self) -> None:
-        """Release, on each replica that is live again, the sessions moved off it. A call that
-        hung there may still run when it wakes and re-create its session, so a session is
-        released until a Release finds it gone (at most ORPHAN_RELEASES times)."""
-        with self._lock:
-            snapshot = {key: list(sids) for key, sids in self._orphans.items()}
-        for (role, address), sids in snapshot.items():
-            replica = next((r for r in self.replicas[role].replicas() if r.address == address), None)
-            if replica is None:  # it left the role: nothing to release
-                with self._lock:
-                    self._orphans.pop((role, address), None)
-                continue
-            if replica.state not in (LIVE, DRAINING):
-                continue
-            for sid in sids:
-                if self.replicas[role].pinned(sid) is replica:  # it moved back there: in use
-                    with self._lock:
-                        self._orphans.get((role, address), {}).pop(sid, None)
-                    continue
-                try:
-                    fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=sid),
-                                                      timeout=self.policy.health_timeout_s)
-                except ValueError:  # its channel was closed meanwhile
-                    continue
-                fut.add_done_callback(lambda f, key=(role, address), sid=sid: self._released(key, sid, f))
-
-    def _released(self, key: tuple[str, str], sid: str, fut: Any) -> None:
-        try:
-            held = fut.result().released
-        except (grpc.RpcError, grpc.FutureCancelledError):
-            return  # not answering yet: the next round tries again
-        with self._lock:
-            sids = self._orphans.get(key, {})
-            tries = sids.get(sid, 0) + 1
-            if not held or tries >= ORPHAN_RELEASES:
-                sids.pop(sid, None)
-                if not sids:
-                    self._orphans.pop(key, None)
-            elif sid in sids:
-                sids[sid] = tries
-
-    def _after_round(self) -> None:
-        self._release_orphans()
-
-    def release(self, sessions: Mapping[str, str]) -> None:
-        for role, sid in sessions.items():
-            replica = self.replicas[role].unpin(sid)
-            if replica is None:
-                continue
-            try:
-                fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=sid), timeout=5.0)
-            except ValueError:  # its channel was closed meanwhile: nothing to release
-                continue
-            # Best effort: a replica that is gone has nothing to release.
-            with self._lock:
-                self._releasing.add(fut)
-            fut.add_done_callback(self._release_done)
-
-    def _release_done(self, fut: Any) -> None:
-        fut.exception()
-        with self._lock:
-            self._releasing.discard(fut)
-
     def close(self) -> None:
-        """Wait (at most RELEASE_FLUSH_S) for the Releases still in flight, then close."""
-        deadline = time.monotonic() + RELEASE_FLUSH_S
-        with self._lock:
-            pending = list(self._releasing)
-        for fut in pending:
-            try:
-                fut.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 (best effort: gone, refused or timed out alike)
-                pass
+        """Send the releases no call has carried, wait (at most RELEASE_FLUSH_S) for the
+        Releases in flight, then close."""
+        self._flush_and_wait()
         super().close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -12,7 +12,7 @@ class LogitServiceInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LogitServiceInfoResponse(_message.Message):
-    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl", "kv_cache_dtype")
+    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl", "kv_cache_dtype", "batch_release")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class LogitServiceInfoResponse(_message.Message):
     GRAPH_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_RELEASE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     role: str
     vocab_size: int
@@ -65,7 +66,8 @@ class LogitServiceInfoResponse(_message.Message):
     graph_memory_bytes: int
     model_impl: str
     kv_cache_dtype: str
-    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    batch_release: bool
+    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., batch_release: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("session_id", "start", "tokens", "rows", "dtype")
@@ -142,10 +144,12 @@ class ScoreItem(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "release")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoreItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ...) -> None: ...
+    release: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ItemResult(_message.Message):
     __slots__ = ("code", "message", "rows", "cache_length", "drafts", "cached_tokens", "draft_probs")
@@ -194,10 +198,12 @@ class DraftItem(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_tensor_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
 
 class DraftBatchRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "release")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[DraftItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ...) -> None: ...
+    release: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DraftBatchResponse(_message.Message):
     __slots__ = ("logits", "results", "floored")
