@@ -64,6 +64,13 @@ def test_the_breakdown_of_a_round_from_two_scrapes() -> None:
 
 
 @pytest.mark.slow
+def test_spread_varies_the_new_tokens_around_max_new_with_the_same_total() -> None:
+    assert bench_hop.spread(16, 128, 0.0) == [128] * 16 and bench_hop.spread(1, 128, 1.0) == [128]
+    news = bench_hop.spread(16, 128, 1.0)
+    assert news[0] == 64 and news[-1] == 192 and news == sorted(news) and len(set(news)) == 16
+    assert abs(sum(news) - 16 * 128) <= 8  # (rounding)
+
+
 def test_a_real_run_over_a_tiny_mesh(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "hop.json"
     base = free_port_block(8)  # the mesh's 4 ports, then its 4 metrics ports

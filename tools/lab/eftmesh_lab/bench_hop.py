@@ -129,11 +129,22 @@ def markdown(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def spread(n: int, max_new: int, width: float) -> list[int]:
+    """New tokens for n generations, evenly over max_new x [1 - width/2, 1 + width/2] (`--spread`)."""
+    if n == 1 or width <= 0:
+        return [max_new] * n
+    return [max(1, round(max_new * (1 - width / 2 + width * i / (n - 1)))) for i in range(n)]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="eftmesh-bench-hop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="models/demo", help="checkpoint per role (default: %(default)s; tiny random models when absent)")
     p.add_argument("--concurrency", default="1,16", help="values of N, comma-separated (default: %(default)s)")
     p.add_argument("--max-new", type=int, default=128, help="new tokens per generation, EOS ignored (default: %(default)s)")
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="new tokens vary over --max-new x [1 - spread/2, 1 + spread/2] across a round's generations "
+                        "(same total), so they finish on different steps as in a steady state; 0: all alike, "
+                        "finishing together (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="rounds per N; each is reported and the medians too (default: %(default)s)")
     p.add_argument("--mode", default="plain", choices=["plain", "adaptive"], help="speculation of every generation (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
@@ -169,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for rep in range(a.reps):
                 before = scrape(ports)
                 t0 = time.perf_counter()
-                tokens = client.round(cycle(prompts, n), a.max_new, speculation)
+                tokens = client.round(cycle(prompts, n), spread(n, a.max_new, a.spread), speculation)
                 wall = time.perf_counter() - t0
                 r = breakdown(delta(before, scrape(ports)), wall, tokens, a.mode == "plain")
                 rounds.setdefault(n, []).append(r)

@@ -243,10 +243,12 @@ class MeshClient:
             ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
-    def round(self, prompts: Sequence[str], max_new: int, speculation: dict) -> int:
-        """All prompts sent at once, one client thread each; completion tokens of the round."""
+    def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict) -> int:
+        """All prompts sent at once, one client thread each (`max_new`: for all, or one per
+        prompt); completion tokens of the round."""
+        news = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            futs = [pool.submit(self.complete, p, max_new, i, speculation) for i, p in enumerate(prompts)]
+            futs = [pool.submit(self.complete, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
