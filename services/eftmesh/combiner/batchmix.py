@@ -184,14 +184,13 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
     if (n * vocab < MIX3_MIN_ENTRIES or len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles)
             or roles[0][0][2] != 1.0):
         return None
-    parts = [r[0][3] for r in roles]
-    if any(x.dtype != torch.float32 or x.stride(1) != 1 for p in parts for x in p):
+    if (segments := _segments([r[0][3] for r in roles], n, vocab)) is None:
         return None
     from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
 
     out, o = _rows_at(scores, vocab)
     maxima, cb, cc = np.empty(n, np.float32), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
-    for lo, hi, ((a, x), (b, y), (c, z)) in _segments(parts, n, vocab):
+    for lo, hi, ((a, x), (b, y), (c, z)) in segments:
         by_rows(hi - lo, lambda s, e, lo=lo, a=a, x=x, b=b, y=y, c=c, z=z: fused.mix3(
             out, o[lo + s:lo + e], a, x[s:e], b, y[s:e], cb, c, z[s:e], cc, vocab, maxima[lo + s:lo + e],
             np.empty(16, np.float32)))
@@ -201,15 +200,20 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
 Rows = tuple[np.ndarray, np.ndarray]  # (a flat float32 array, each row's start in it)
 
 
-def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple[int, int, list[Rows]]]:
+def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple[int, int, list[Rows]]] | None:
     """The step's rows [0, n) in as few runs as the kernel can read in place: [(first row, end
     row, each role's Rows for those rows)]. One run where every role's parts are adjacent slices
     of one response (the usual step); else one per stretch of rows whose parts share a storage
     in every role, never a copy: the rows of a step that mixes generations drafting and not, or
-    answers from two calls, were a 40 MB concatenation at 80 rows of 128k (3.4 ms)."""
+    answers from two calls, were a 40 MB concatenation at 80 rows of 128k (3.4 ms). None: some
+    rows are not float32 with adjacent columns (the kernel's)."""
     views = [_adjacent(p) for p in parts]
-    if all(v is not None for v in views):
+    if all(v is not None for v in views):  # (a view's parts share its dtype and column stride)
+        if any(v.dtype != torch.float32 or v.stride(1) != 1 for v in views):
+            return None
         return [(0, n, [_rows_at(v, vocab) for v in views])]
+    if any(x.dtype != torch.float32 or x.stride(1) != 1 for p in parts for x in p):
+        return None
     keys, starts, refs = [], [], []  # per role: each row's storage, start in it, and a tensor on it
     for ps in parts:
         k = [(p.untyped_storage().data_ptr(), p.shape[0]) for p in ps]

@@ -58,7 +58,7 @@ class SessionReleases:
         with self._lock:
             snapshot = {key: list(sids) for key, sids in self._orphans.items()}
         for (role, address), sids in snapshot.items():
-            replica = next((r for r in self.replicas[role].replicas() if r.address == address), None)
+            replica = self._replica_at(role, address)
             if replica is None:  # it left the role: nothing to release
                 with self._lock:
                     self._orphans.pop((role, address), None)
@@ -129,7 +129,7 @@ class SessionReleases:
         with self._lock:
             pending, self._to_release = self._to_release, {}
         for (role, address), sids in pending.items():
-            replica = next((r for r in self.replicas[role].replicas() if r.address == address), None)
+            replica = self._replica_at(role, address)
             if replica is None:  # it left the role: nothing to release
                 continue
             if replica.state not in (LIVE, DRAINING):
@@ -137,6 +137,9 @@ class SessionReleases:
                 continue
             for sid in sids:
                 self._send_release(replica, sid)
+
+    def _replica_at(self, role: str, address: str) -> Replica | None:
+        return next((r for r in self.replicas[role].replicas() if r.address == address), None)
 
     def _send_release(self, replica: Replica, sid: str) -> None:
         try:
