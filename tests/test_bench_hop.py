@@ -4,6 +4,8 @@ page of known figures, and one real run over a tiny mesh."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,22 @@ def test_the_breakdown_of_a_round_from_two_scrapes() -> None:
     assert "| | | | | base-small ScoreBatch | 20 | 6.00 | 2.00 | 0.10 | 4.00 |" in table
 
 
+def test_cpu_per_step_reads_each_process_and_divides_by_the_steps() -> None:
+    before = bench_hop.cpu_seconds({"self-again": os.getpid(), "gone": 2 ** 22 + 7})  # (no such pid: skipped)
+    assert set(before) == {"client", "self-again"}
+    t = time.process_time()
+    while time.process_time() - t < 0.2:  # burn 0.2 s of this process's CPU
+        pass
+    after = bench_hop.cpu_seconds({"self-again": os.getpid()})
+    per = bench_hop.cpu_per_step(before, after, steps=10)
+    assert set(per) == {"client", "self-again"}
+    assert 15.0 <= per["client"] <= 40.0  # 0.2 s over 10 steps, in clock ticks; a slow machine adds a little
+    r = {"tokens_per_s": 1.0, "steps": 10, "step_ms": 1.0, "outside_ms": None, "calls": {}, "cpu_ms_per_step": per}
+    m = bench_hop.medians([r, {**r, "cpu_ms_per_step": {"client": 0.0}}, r])
+    assert m["cpu_ms_per_step"]["client"] == per["client"] and m["cpu_ms_per_step"]["self-again"] == per["self-again"]
+    assert f"N = 16: client {per['client']:.2f}" in bench_hop.markdown({"16": m})
+
+
 @pytest.mark.slow
 def test_spread_varies_the_new_tokens_around_max_new_with_the_same_total() -> None:
     assert bench_hop.spread(16, 128, 0.0) == [128] * 16 and bench_hop.spread(1, 128, 1.0) == [128]
@@ -88,3 +106,17 @@ def test_a_real_run_over_a_tiny_mesh(tiny_family: dict[str, Path], tmp_path: Pat
             # a call's time at the client covers its time in the service
             assert c["client_ms"] >= c["service_ms"] > 0 and c["hop_ms"] >= 0
         assert 0 <= m["outside_ms"] < m["step_ms"]
+        assert set(m["cpu_ms_per_step"]) == {"client", "combiner", "base-large", "base-small", "ft-small"}
+
+
+@pytest.mark.slow
+def test_a_streaming_run_counts_the_streamed_tokens(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "hop.json"
+    base = free_port_block(8)
+    bench_hop.main(["--models", str(tiny_family["base-large"].parent), "--concurrency", "2", "--reps", "1",
+                    "--max-new", "5", "--stream", "--port", str(base), "--metrics-port", str(base + 4),
+                    "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["stream"] is True
+    m = res["rounds"]["2"][0]
+    assert round(m["tokens_per_s"] * m["steps"] * m["step_ms"] / 1e3) == 2 * 5  # tokens / wall, wall = steps x step

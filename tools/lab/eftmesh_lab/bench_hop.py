@@ -1,8 +1,9 @@
 """`make bench-hop`: where one step of the mesh goes, per role: the call, the service, the hop.
 
 Starts the demo mesh (logit services in their own processes, the combiner in another, loopback
-gRPC) with Prometheus metrics on, runs rounds of N concurrent greedy generations (EOS ignored),
-and reads the services' own histograms before and after each round:
+gRPC) with Prometheus metrics on, runs rounds of N concurrent greedy generations (EOS ignored;
+Complete calls, or streaming Generate calls with --stream), and reads the services' own
+histograms before and after each round:
 
   client ms     the combiner's `eftmesh.upstream.duration`: from sending a role's call to having
                 its answer decoded (what a step waits for)
@@ -12,6 +13,8 @@ and reads the services' own histograms before and after each round:
                 wake-ups on both sides, and waiting for a core when the processes share them
   outside ms    (plain mode) a step's wall time less its slowest role's call: the combiner's
                 mixing, sampling, delivery and scheduling between calls
+  CPU ms        per process and step (Linux /proc): the combiner, each logit service, and this
+                benchmark's own gRPC client threads; where the machine's cores went
 
 No timers are added to the services: these are the figures a production scrape shows, so the
 same table can be made from a deployed mesh's Prometheus. Repetitions are reported separately
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import time
@@ -102,6 +106,8 @@ def medians(rounds: Sequence[dict]) -> dict:
     keys = sorted({k for r in rounds for k in r["calls"]})
     return {
         **{f: med([r[f] for r in rounds]) for f in ("tokens_per_s", "steps", "step_ms", "outside_ms")},
+        "cpu_ms_per_step": {k: med([r.get("cpu_ms_per_step", {}).get(k) for r in rounds])
+                            for k in sorted({k for r in rounds for k in r.get("cpu_ms_per_step", {})})},
         "calls": {k: {f: med([r["calls"].get(k, {}).get(f) for r in rounds])
                       for f in ("calls", "client_ms", "service_ms", "queue_ms", "hop_ms")} for k in keys},
     }
@@ -115,6 +121,25 @@ def scrape(ports: Sequence[int]) -> Sums:
     return out
 
 
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far, from /proc (Linux; {} elsewhere):
+    name -> seconds. This process is "client", the benchmark's own gRPC client threads."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for name, pid in {"client": os.getpid(), **pids}.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+    return out
+
+
+def cpu_per_step(before: Mapping[str, float], after: Mapping[str, float], steps: int) -> dict[str, float]:
+    """CPU ms each process used per step over a round (where a 2-core machine's cores went)."""
+    return {k: 1e3 * (after[k] - before[k]) / steps for k in after if k in before and steps}
+
+
 def markdown(results: Mapping[str, dict]) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -126,6 +151,10 @@ def markdown(results: Mapping[str, dict]) -> str:
             head = f"| {n} | {m['tokens_per_s']:.1f} | {f(m['step_ms'])} | {f(m['outside_ms'])} |" if i == 0 else "| | | | |"
             lines.append(f"{head} {name} | {c['calls']:.0f} | {f(c['client_ms'])} | {f(c['service_ms'])} | "
                          f"{f(c['queue_ms'])} | {f(c['hop_ms'])} |")
+    cpu = [f"N = {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.get("cpu_ms_per_step", {}).items())
+           for n, m in results.items() if m.get("cpu_ms_per_step")]
+    if cpu:  # where the cores went: a 2-core machine's processes share them
+        lines += ["", "CPU ms per step, per process (client: this benchmark's gRPC client): " + "; ".join(cpu)]
     return "\n".join(lines)
 
 
@@ -145,6 +174,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="new tokens vary over --max-new x [1 - spread/2, 1 + spread/2] across a round's generations "
                         "(same total), so they finish on different steps as in a steady state; 0: all alike, "
                         "finishing together (default: %(default)s)")
+    p.add_argument("--stream", action="store_true",
+                   help="streaming Generate calls, read chunk by chunk as a chat client reads (default: Complete, "
+                        "the whole answer at once)")
     p.add_argument("--reps", type=int, default=3, help="rounds per N; each is reported and the medians too (default: %(default)s)")
     p.add_argument("--mode", default="plain", choices=["plain", "adaptive"], help="speculation of every generation (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
@@ -174,24 +206,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                    combiner_args=combiner_args, logit_args=shlex.split(a.logit_args), metrics_port=metrics) as lm:
         ports = [metrics + i for i in range(len(roles) + 1)]
         client = MeshClient(lm.address)
+        pids = {name: proc.pid for name, proc in lm.procs}
         rounds: dict[int, list[dict]] = {}
         for n in ns:
-            client.round(cycle(prompts, n), min(8, a.max_new), speculation)  # warm-up: first calls, deadlines
+            client.round(cycle(prompts, n), min(8, a.max_new), speculation, a.stream)  # warm-up: first calls, deadlines
             for rep in range(a.reps):
-                before = scrape(ports)
+                before, cpu0 = scrape(ports), cpu_seconds(pids)
                 t0 = time.perf_counter()
-                tokens = client.round(cycle(prompts, n), spread(n, a.max_new, a.spread), speculation)
+                tokens = client.round(cycle(prompts, n), spread(n, a.max_new, a.spread), speculation, a.stream)
                 wall = time.perf_counter() - t0
                 r = breakdown(delta(before, scrape(ports)), wall, tokens, a.mode == "plain")
+                r["cpu_ms_per_step"] = cpu_per_step(cpu0, cpu_seconds(pids), r["steps"])
                 rounds.setdefault(n, []).append(r)
                 slowest = max(r["calls"].items(), key=lambda kv: kv[1]["client_ms"])
                 print(f"  N={n} rep {rep + 1}/{a.reps}: {r['tokens_per_s']:.1f} tokens/s, {r['step_ms']:.2f} ms/step; "
                       f"slowest call {slowest[0]}: client {slowest[1]['client_ms']:.2f} ms = service "
-                      f"{slowest[1]['service_ms']:.2f} + hop {slowest[1]['hop_ms']:.2f}", flush=True)
+                      f"{slowest[1]['service_ms']:.2f} + hop {slowest[1]['hop_ms']:.2f}; CPU ms per step: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_step"].items()), flush=True)
         client.close()
     results = {str(n): medians(rs) for n, rs in rounds.items()}
     out = {"what": "where a mesh step's time goes, per role, from the services' own metrics; medians over rounds",
-           "mode": a.mode, "max_new": a.max_new, "machine": machine(a.device), "args": vars(a),
+           "mode": a.mode, "stream": a.stream, "max_new": a.max_new, "machine": machine(a.device), "args": vars(a),
            "medians": results, "rounds": {str(n): rs for n, rs in rounds.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -243,12 +243,20 @@ class MeshClient:
             ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
-    def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict) -> int:
+    def generate(self, prompt: str, max_new: int, seed: int, speculation: dict) -> int:
+        """`complete`, but as a streaming Generate read chunk by chunk (as a chat client reads)."""
+        req = generator_pb2.GenerateRequest(
+            prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new,
+            ignore_eos=True, speculation=speculation)
+        return sum(len(c.token_ids) for c in self.stub.Generate(req, timeout=900))
+
+    def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict, stream: bool = False) -> int:
         """All prompts sent at once, one client thread each (`max_new`: for all, or one per
-        prompt); completion tokens of the round."""
+        prompt; `stream`: streaming Generate calls, else Complete); completion tokens of the round."""
         news = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
+        call = self.generate if stream else self.complete
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            futs = [pool.submit(self.complete, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
+            futs = [pool.submit(call, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
