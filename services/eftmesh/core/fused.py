@@ -57,6 +57,11 @@ _CACHE = bool(os.environ.get("NUMBA_CACHE_DIR"))
 # length, so still one result per row), contraction makes the polynomial fused multiply-adds
 # (in the vectorised loop and its tail alike); no "nnan" or "ninf": NaN and inf stay IEEE
 _FAST = {"reassoc", "nsz", "contract"}
+# ... except where a difference must be exactly 0 for equal inputs: in max(0, P - Q), P's product
+# contracted into the subtraction (fma(e, w, -Q), skipping P's rounding) leaves rounding noise
+# where P == Q, and the token is drawn from that noise. LLVM does that where the `zx >= tx` select
+# folds into a masked FMA (AVX-512, not AVX2), so the residual is compiled without contraction
+_FAST_EXACT_SUB = {"reassoc", "nsz"}
 
 # Cephes' exp2f coefficients: 2**f = 1 + f * P(f) on [-1/2, 1/2]
 _P0, _P1, _P2 = np.float32(1.535336188319500e-4), np.float32(1.339887440266574e-3), np.float32(9.618437357674640e-3)
@@ -183,7 +188,7 @@ def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi, e, sums):  # 
             lo[i] = hi[i] = 0.0
 
 
-@njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
+@njit(fastmath=_FAST_EXACT_SUB, nogil=True, boundscheck=False, cache=_CACHE)
 def _residual_blocks(x, mx, tx, wx, y, my, ty, wy, scale, e, sums):  # type: ignore[no-untyped-def]
     """e = max(0, P - Q) for one pair of rows, P = 2 ** zx * wx where zx >= tx (else 0),
     zx = (x - mx) * scale, and Q likewise from y; sums as `exp2_scaled`'s. Returns the float64
