@@ -175,3 +175,14 @@ def test_chunked_prefill_is_on_at_2048_tokens_and_a_negative_chunk_is_refused(ca
     with pytest.raises(SystemExit):
         parse_args([*base, "--prefill-chunk", "-1"], environ={})
     assert "--prefill-chunk must be >= 0 (0: off), got -1" in capsys.readouterr().err
+
+
+def test_the_stream_interval_is_one_token_by_default_and_zero_is_refused(capsys):
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--tokenizer", "x", "--no-default-delta"]
+    assert parse_args(base, environ={}).scheduler.stream_interval == 1  # vLLM's and SGLang's default: every token
+    assert parse_args([*base, "--stream-interval", "8"], environ={}).scheduler.stream_interval == 8
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--stream-interval", "0"], environ={})
+    assert "--stream-interval must be >= 1 (tokens), got 0" in capsys.readouterr().err

@@ -157,6 +157,26 @@ def test_the_scorer_is_told_to_send_its_kept_releases_when_the_batch_empties(mak
     assert first < second and scorer.flushed == [second]  # not when `short` left, `longer` still running
 
 
+def test_a_stream_interval_sends_the_first_token_at_once_then_every_interval_tokens(make):
+    """--stream-interval 3 (vLLM's and SGLang's stream_interval): a streaming consumer gets its
+    first token alone, then three at a time, and the rest with the finish; the chunks join to
+    what interval 1 streams. A consumer of the whole answer still gets two."""
+    d, _, _ = make(SchedulerConfig(stream_interval=3))
+    spaced, whole = submit(d, req(SHORT, 11)), submit(d, req(SHORT, 11))
+    whole.streams = False
+    run_out(d)
+    every, _, _ = make()
+    each = submit(every, req(SHORT, 11))
+    run_out(every)
+    a, b, w = chunks(each), chunks(spaced), chunks(whole)
+    assert [len(c.token_ids) for c in a] == [1] * 11
+    assert [len(c.token_ids) for c in b] == [1, 3, 3, 3, 1] and b[-1].finish_reason is not None
+    assert [len(c.token_ids) for c in w] == [1, 10]
+    for got in (b, w):
+        assert [t for c in got for t in c.token_ids] == [t for c in a for t in c.token_ids]
+        assert "".join(c.text for c in got) == "".join(c.text for c in a)
+
+
 def test_a_step_with_nothing_to_do_says_so(make):
     d, scorer, _ = make()
     assert d.scheduler.step() is False and scorer.calls == []

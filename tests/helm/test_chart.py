@@ -774,9 +774,11 @@ def test_reflection_model_path_and_request_size_should_follow_their_values():
             assert parse(name, container(d)).threads == 1  # as the pod's CPU request
 
 
-def test_the_combiner_s_threads_should_follow_its_value():
-    [d] = [d for n, d in by_kind(render({"combiner": {"threads": 2}}), "Deployment").items() if n.endswith("-combiner")]
-    assert parse("eft-combiner", container(d)).threads == 2
+def test_the_combiner_s_threads_and_stream_interval_should_follow_their_values():
+    [d] = [d for n, d in by_kind(render({"combiner": {"threads": 2, "streamInterval": 4}}), "Deployment").items()
+           if n.endswith("-combiner")]
+    cfg = parse("eft-combiner", container(d))
+    assert cfg.threads == 2 and cfg.scheduler.stream_interval == 4
 
 
 def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():

@@ -119,6 +119,11 @@ class TokenSink:
                 self.text, self.finish_reason = self.text[:cut], FinishReason.STOP
         return self.finish_reason is not None
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens added since the last `take`."""
+        return len(self._pending.token_ids)
+
     def take(self) -> Chunk:
         """The chunk accumulated since the last call."""
         end = len(self.text) if self.finish_reason else self._stops.safe_length(self.text)
