@@ -65,6 +65,15 @@ def test_the_breakdown_of_a_round_from_two_scrapes() -> None:
     assert "| | | | | base-small ScoreBatch | 20 | 6.00 | 2.00 | 0.10 | 4.00 |" in table
 
 
+def test_stream_figures_summarise_what_the_readers_saw() -> None:
+    chunks = [(0.010, [0.002, 0.004], 3), (0.030, [0.006] * 5 + [0.100], 7)]
+    f = bench_hop.stream_figures(chunks, tokens=20)
+    assert f["ttft_ms"] == pytest.approx(20.0) and f["tokens_per_chunk"] == 2.0
+    assert f["chunk_gap_ms_p50"] == pytest.approx(6.0) and f["chunk_gap_ms_max"] == pytest.approx(100.0)
+    assert f["chunk_gap_ms_p99"] == pytest.approx(100.0)  # (8 gaps: the 99th percentile is the largest)
+    assert bench_hop.stream_figures([], 0)["ttft_ms"] is None
+
+
 def test_cpu_per_step_reads_each_process_and_divides_by_the_steps() -> None:
     before = bench_hop.cpu_seconds({"self-again": os.getpid(), "gone": 2 ** 22 + 7})  # (no such pid: skipped)
     assert set(before) == {"client", "self-again"}
@@ -120,3 +129,7 @@ def test_a_streaming_run_counts_the_streamed_tokens(tiny_family: dict[str, Path]
     assert res["stream"] is True
     m = res["rounds"]["2"][0]
     assert round(m["tokens_per_s"] * m["steps"] * m["step_ms"] / 1e3) == 2 * 5  # tokens / wall, wall = steps x step
+    st = m["stream"]
+    assert st["tokens_per_chunk"] == 1.0  # --stream-interval 1: a chunk per token
+    assert 0 < st["ttft_ms"] and 0 < st["chunk_gap_ms_p50"] <= st["chunk_gap_ms_p99"] <= st["chunk_gap_ms_max"]
+    assert "What the streams' readers saw" in bench_hop.markdown(res["medians"])

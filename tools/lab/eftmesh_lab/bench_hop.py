@@ -15,6 +15,8 @@ histograms before and after each round:
                 mixing, sampling, delivery and scheduling between calls
   CPU ms        per process and step (Linux /proc): the combiner, each logit service, and this
                 benchmark's own gRPC client threads; where the machine's cores went
+  stream        (--stream) what the readers saw: median time to first token, the gaps between
+                chunks that carry tokens (median, p99, max), tokens per chunk
 
 No timers are added to the services: these are the figures a production scrape shows, so the
 same table can be made from a deployed mesh's Prometheus. Repetitions are reported separately
@@ -106,6 +108,8 @@ def medians(rounds: Sequence[dict]) -> dict:
     keys = sorted({k for r in rounds for k in r["calls"]})
     return {
         **{f: med([r[f] for r in rounds]) for f in ("tokens_per_s", "steps", "step_ms", "outside_ms")},
+        **({"stream": {k: med([r["stream"][k] for r in rounds]) for k in rounds[0]["stream"]}}
+           if all("stream" in r for r in rounds) else {}),
         "cpu_ms_per_step": {k: med([r.get("cpu_ms_per_step", {}).get(k) for r in rounds])
                             for k in sorted({k for r in rounds for k in r.get("cpu_ms_per_step", {})})},
         "calls": {k: {f: med([r["calls"].get(k, {}).get(f) for r in rounds])
@@ -119,6 +123,17 @@ def scrape(ports: Sequence[int]) -> Sums:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             out.update(parse(r.read().decode()))
     return out
+
+
+def stream_figures(chunks: Sequence[tuple[float, Sequence[float], int]], tokens: int) -> dict:
+    """What a streaming round's readers saw (`MeshClient.generate`'s timings): median time to
+    first token, the gap between token-carrying chunks (median, p99, max), tokens per chunk; ms."""
+    gaps = sorted(g for _, gs, _ in chunks for g in gs)
+    n = sum(c for _, _, c in chunks)
+    pick = (lambda q: 1e3 * gaps[min(len(gaps) - 1, int(q * len(gaps)))]) if gaps else (lambda q: None)
+    return {"ttft_ms": 1e3 * statistics.median(t for t, _, _ in chunks) if chunks else None,
+            "chunk_gap_ms_p50": pick(0.5), "chunk_gap_ms_p99": pick(0.99), "chunk_gap_ms_max": 1e3 * gaps[-1] if gaps else None,
+            "tokens_per_chunk": tokens / n if n else None}
 
 
 def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
@@ -155,6 +170,10 @@ def markdown(results: Mapping[str, dict]) -> str:
            for n, m in results.items() if m.get("cpu_ms_per_step")]
     if cpu:  # where the cores went: a 2-core machine's processes share them
         lines += ["", "CPU ms per step, per process (client: this benchmark's gRPC client): " + "; ".join(cpu)]
+    streams = [f"N = {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in m["stream"].items() if v is not None)
+               for n, m in results.items() if m.get("stream")]
+    if streams:
+        lines += ["", "What the streams' readers saw (ms; tokens per chunk): " + "; ".join(streams)]
     return "\n".join(lines)
 
 
@@ -213,16 +232,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             for rep in range(a.reps):
                 before, cpu0 = scrape(ports), cpu_seconds(pids)
                 t0 = time.perf_counter()
-                tokens = client.round(cycle(prompts, n), spread(n, a.max_new, a.spread), speculation, a.stream)
+                chunks: list[tuple[float, list[float], int]] = []
+                tokens = client.round(cycle(prompts, n), spread(n, a.max_new, a.spread), speculation, a.stream, chunks)
                 wall = time.perf_counter() - t0
                 r = breakdown(delta(before, scrape(ports)), wall, tokens, a.mode == "plain")
+                if a.stream:
+                    r["stream"] = stream_figures(chunks, tokens)
                 r["cpu_ms_per_step"] = cpu_per_step(cpu0, cpu_seconds(pids), r["steps"])
                 rounds.setdefault(n, []).append(r)
                 slowest = max(r["calls"].items(), key=lambda kv: kv[1]["client_ms"])
                 print(f"  N={n} rep {rep + 1}/{a.reps}: {r['tokens_per_s']:.1f} tokens/s, {r['step_ms']:.2f} ms/step; "
                       f"slowest call {slowest[0]}: client {slowest[1]['client_ms']:.2f} ms = service "
                       f"{slowest[1]['service_ms']:.2f} + hop {slowest[1]['hop_ms']:.2f}; CPU ms per step: "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_step"].items()), flush=True)
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_step"].items())
+                      + ("; stream: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stream"].items() if v is not None)
+                         if "stream" in r else ""), flush=True)
         client.close()
     results = {str(n): medians(rs) for n, rs in rounds.items()}
     out = {"what": "where a mesh step's time goes, per role, from the services' own metrics; medians over rounds",

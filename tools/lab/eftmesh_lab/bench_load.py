@@ -243,20 +243,34 @@ class MeshClient:
             ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
-    def generate(self, prompt: str, max_new: int, seed: int, speculation: dict) -> int:
-        """`complete`, but as a streaming Generate read chunk by chunk (as a chat client reads)."""
+    def generate(self, prompt: str, max_new: int, seed: int, speculation: dict,
+                 chunks: list[tuple[float, list[float], int]] | None = None) -> int:
+        """`complete`, but as a streaming Generate read chunk by chunk (as a chat client reads).
+        `chunks`: where to append (time to first token, the gaps between token-carrying chunks,
+        their number), seconds."""
         req = generator_pb2.GenerateRequest(
             prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new,
             ignore_eos=True, speculation=speculation)
-        return sum(len(c.token_ids) for c in self.stub.Generate(req, timeout=900))
+        start, times, tokens = time.perf_counter(), [], 0
+        for c in self.stub.Generate(req, timeout=900):
+            if c.token_ids:
+                times.append(time.perf_counter())
+                tokens += len(c.token_ids)
+        if chunks is not None and times:
+            chunks.append((times[0] - start, [b - a for a, b in itertools.pairwise(times)], len(times)))
+        return tokens
 
-    def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict, stream: bool = False) -> int:
+    def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict, stream: bool = False,
+              chunks: list[tuple[float, list[float], int]] | None = None) -> int:
         """All prompts sent at once, one client thread each (`max_new`: for all, or one per
-        prompt; `stream`: streaming Generate calls, else Complete); completion tokens of the round."""
+        prompt; `stream`: streaming Generate calls, timed into `chunks` as `generate` says,
+        else Complete); completion tokens of the round."""
         news = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
-        call = self.generate if stream else self.complete
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            futs = [pool.submit(call, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
+            if stream:
+                futs = [pool.submit(self.generate, p, m, i, speculation, chunks) for i, (p, m) in enumerate(zip(prompts, news))]
+            else:
+                futs = [pool.submit(self.complete, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
