@@ -399,12 +399,13 @@ def test_finished_sessions_are_released_by_the_next_batched_call_or_by_a_release
     scorer = GrpcScorer({"base-small": "a:1"})
     (r,) = scorer.replicas["base-small"].replicas()
     scorer._set_state("base-small", r, LIVE)
-    released, carried, fail = [], [], []
+    released, carried, fail, calls = [], [], [], []
 
     class Release:
         @staticmethod
         def future(request, timeout):
-            released.append(request.session_id)
+            released.extend([request.session_id, *request.session_ids])
+            calls.append([request.session_id, *request.session_ids])
             from concurrent.futures import Future
             f = Future()
             f.set_result(logit_pb2.ReleaseResponse(released=True))
@@ -456,4 +457,16 @@ def test_finished_sessions_are_released_by_the_next_batched_call_or_by_a_release
     scorer.release({"base-small": "s6"})  # pending: s3 is still there
     scorer.release({"base-small": "s3"})  # the last: both by Release calls at once
     assert released == ["s1", "s4", "s6", "s3"] and scorer._to_release == {}
+    assert len(calls) == 4  # (an older service's Release reads session_id alone)
+    r.release_many = True  # Info.release_many: the last session's Release takes the pending ones too
+    for sid in ("s7", "s8", "s9"):
+        assert scorer.replicas["base-small"].route(sid) is r
+    scorer.release({"base-small": "s7"})
+    scorer.release({"base-small": "s8"})
+    scorer.release({"base-small": "s9"})
+    assert calls[4:] == [["s7", "s8", "s9"]]
+    assert scorer.replicas["base-small"].route("s10") is r and scorer.replicas["base-small"].route("s11") is r
+    scorer.release({"base-small": "s10"})
+    scorer._after_round()  # and a flush takes what no call carried in one
+    assert calls[5:] == [["s10"]]
     scorer.close()

@@ -302,6 +302,27 @@ def test_release_of_an_unknown_session_is_not_an_error(stub):
     assert stub.Release(logit_pb2.ReleaseRequest(session_id=new_session()), timeout=10).released is False
 
 
+def test_one_release_drops_every_session_it_names(stub):
+    """Release's `session_ids` (Info.release_many): the combiner's finished sessions in one call
+    where no batched call will carry them; `released` says whether any cache was held."""
+    assert stub.Info(logit_pb2.LogitServiceInfoRequest(), timeout=10).release_many is True
+    a, b, c = new_session(), new_session(), new_session()
+    for sid in (a, b, c):
+        score(stub, sid, 0, TOKENS[:3], 1)
+    assert stub.Release(logit_pb2.ReleaseRequest(session_id=a, session_ids=[b, new_session()]), timeout=10).released
+    for sid in (a, b):
+        assert stub.Release(logit_pb2.ReleaseRequest(session_id=sid), timeout=10).released is False
+    assert stub.Release(logit_pb2.ReleaseRequest(session_ids=[new_session(), c]), timeout=10).released is True
+    assert stub.Release(logit_pb2.ReleaseRequest(session_ids=[a, c]), timeout=10).released is False
+    d = new_session()
+    score(stub, d, 0, TOKENS[:3], 1)
+    for bad in (logit_pb2.ReleaseRequest(), logit_pb2.ReleaseRequest(session_id=d, session_ids=["x" * 300])):
+        with pytest.raises(grpc.RpcError) as e:  # an empty or over-long id anywhere: nothing dropped
+            stub.Release(bad, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stub.Release(logit_pb2.ReleaseRequest(session_id=d), timeout=10).released is True
+
+
 def test_a_batched_call_drops_the_sessions_its_release_names_before_its_items(stub):
     """ScoreBatch's and DraftBatch's `release` (Info.batch_release): what the combiner's next
     call carries instead of a Release each; unknown ids are ignored."""

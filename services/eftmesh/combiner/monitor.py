@@ -267,6 +267,7 @@ class ReplicaMonitor:
                 continue
             spec = ModelSpec.from_info(role, self.addresses[role], got)
             r.batch_release = bool(getattr(got, "batch_release", False))
+            r.release_many = bool(getattr(got, "release_many", False))
             if not dict.__contains__(self.models, role):
                 self.models.setdefault(role, spec)
                 fresh[role] = spec
@@ -384,6 +385,7 @@ class ReplicaMonitor:
         if not self._matches(role, ModelSpec.from_info(role, self.addresses[role], info), replica.address):
             return False
         replica.batch_release = bool(getattr(info, "batch_release", False))  # (perhaps a new version)
+        replica.release_many = bool(getattr(info, "release_many", False))
         self._set_state(role, replica, LIVE)
         self._report(not self.missing_roles())
         return True

@@ -6,7 +6,7 @@ A generation that ends releases its session on each role's replica. A replica wh
 (their `release` field): no call of their own, and dropped before that call's items need the
 room. A replica's last session (no call may follow), a replica without the field (an older
 service), and whatever no call has carried by the next health round go by Release calls,
-sent without waiting. Sessions moved off a failed replica, and releases a failed call carried,
+sent without waiting (one for all of them where its Info says `release_many`). Sessions moved off a failed replica, and releases a failed call carried,
 are orphans: released there once it answers again.
 """
 
@@ -110,8 +110,7 @@ class SessionReleases:
                 with self._lock:
                     self._to_release.setdefault((role, replica.address), []).append(sid)
                 continue
-            for s in [*self._take_releases(role, replica), sid]:
-                self._send_release(replica, s)
+            self._send_release(replica, [*self._take_releases(role, replica), sid])
 
     def _take_releases(self, role: str, replica: Replica) -> list[str]:
         with self._lock:
@@ -135,21 +134,25 @@ class SessionReleases:
             if replica.state not in (LIVE, DRAINING):
                 self._orphan_all(role, replica, sids)
                 continue
-            for sid in sids:
-                self._send_release(replica, sid)
+            self._send_release(replica, sids)
 
     def _replica_at(self, role: str, address: str) -> Replica | None:
         return next((r for r in self.replicas[role].replicas() if r.address == address), None)
 
-    def _send_release(self, replica: Replica, sid: str) -> None:
-        try:
-            fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=sid), timeout=5.0)
-        except ValueError:  # its channel was closed meanwhile: nothing to release
-            return
-        # Best effort: a replica that is gone has nothing to release.
-        with self._lock:
-            self._releasing.add(fut)
-        fut.add_done_callback(self._release_done)
+    def _send_release(self, replica: Replica, sids: list[str]) -> None:
+        """Release calls, sent without waiting: one for all of `sids` where the replica's Info
+        says `release_many` (when a lockstep round's generations end together, 16 streams took
+        48 calls, ~0.25 ms each on the scheduler's thread), else one each."""
+        calls = [sids] if replica.release_many else [[sid] for sid in sids]
+        for first, *more in calls:
+            try:
+                fut = replica.stub.Release.future(logit_pb2.ReleaseRequest(session_id=first, session_ids=more), timeout=5.0)
+            except ValueError:  # its channel was closed meanwhile: nothing to release
+                return
+            # Best effort: a replica that is gone has nothing to release.
+            with self._lock:
+                self._releasing.add(fut)
+            fut.add_done_callback(self._release_done)
 
     def _release_done(self, fut: Any) -> None:
         fut.exception()

@@ -153,6 +153,7 @@ class Replica:
     down_until: float = 0.0  # monotonic time before which no new session is sent here
     sessions: set[str] = field(default_factory=set)
     batch_release: bool = False  # its Info says ScoreBatch and DraftBatch take `release` (upstream.py)
+    release_many: bool = False  # its Info says one Release takes many sessions (`session_ids`; releases.py)
 
     @property
     def draining(self) -> bool:

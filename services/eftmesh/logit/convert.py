@@ -46,6 +46,7 @@ def info_to_pb(info: EngineInfo, model_id: str, kv_bytes_per_token: float,
         model_impl=info.model_impl,
         kv_cache_dtype=info.kv_cache_dtype,
         batch_release=True,  # ScoreBatch and DraftBatch read `release` (servicer.py)
+        release_many=True,  # Release reads `session_ids` (servicer.py)
     )
 
 

@@ -14,6 +14,7 @@ import grpc
 from eftmesh.common import tensors
 from eftmesh.common.metrics import LogitMetrics, meter, outcome
 from eftmesh.logit import convert
+from eftmesh.logit.admission import check_session_id
 from eftmesh.logit.engine import ItemResult, ModelEngine
 from eftmesh.v1 import logit_pb2, logit_pb2_grpc
 
@@ -137,7 +138,12 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     def Release(
         self, request: logit_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> logit_pb2.ReleaseResponse:
-        return logit_pb2.ReleaseResponse(released=self.engine.release(request.session_id))
+        # session_id may be left empty when session_ids names the sessions; every id is checked
+        # before any is dropped, so a bad one (INVALID_ARGUMENT) drops none
+        ids = [*([request.session_id] if request.session_id or not request.session_ids else []), *request.session_ids]
+        for sid in ids:
+            check_session_id(sid)
+        return logit_pb2.ReleaseResponse(released=any([self.engine.release(sid) for sid in ids]))
 
     def _release(self, session_ids: Sequence[str]) -> None:
         """A batched call's `release`: the sessions the caller has finished with, dropped before

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from eftmesh.v1 import tensor_pb2 as eftmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x66tmesh/v1/logit.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"\x19\n\x17LogitServiceInfoRequest\"\x81\x05\n\x18LogitServiceInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tokenizer_vocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\n \x01(\x01\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\x05\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\r \x01(\r\x12\x15\n\rkv_block_size\x18\x0e \x01(\r\x12\x11\n\tmax_batch\x18\x0f \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x10 \x01(\x01\x12&\n\x1ekv_bytes_per_token_theoretical\x18\x11 \x01(\x01\x12\x15\n\rchat_template\x18\x12 \x01(\t\x12\x11\n\texecution\x18\x13 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x14 \x01(\r\x12\x17\n\x0fgraph_capture_s\x18\x15 \x01(\x01\x12\x14\n\x0cprefix_cache\x18\x16 \x01(\x08\x12\x11\n\tcompile_s\x18\x17 \x01(\x01\x12\x1a\n\x12graph_memory_bytes\x18\x18 \x01(\x04\x12\x12\n\nmodel_impl\x18\x19 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x1a \x01(\t\x12\x15\n\rbatch_release\x18\x1b \x01(\x08\"q\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.eftmesh.v1.DType\"K\n\rScoreResponse\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r\"\x9d\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\r\"[\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"L\n\tScoreItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\"J\n\x11ScoreBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.eftmesh.v1.ScoreItem\x12\x0f\n\x07release\x18\x02 \x03(\t\"\x8b\x01\n\nItemResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_length\x18\x04 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x05 \x03(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64raft_probs\x18\x07 \x03(\x01\"r\n\x12ScoreBatchResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.eftmesh.v1.ItemResult\x12\x0f\n\x07\x66loored\x18\x03 \x01(\x08\"\x9a\x01\n\tDraftItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\r\"J\n\x11\x44raftBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.eftmesh.v1.DraftItem\x12\x0f\n\x07release\x18\x02 \x03(\t\"r\n\x12\x44raftBatchResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.eftmesh.v1.ItemResult\x12\x0f\n\x07\x66loored\x18\x03 \x01(\x08\x32\xbb\x03\n\x0cLogitService\x12Q\n\x04Info\x12#.eftmesh.v1.LogitServiceInfoRequest\x1a$.eftmesh.v1.LogitServiceInfoResponse\x12<\n\x05Score\x12\x18.eftmesh.v1.ScoreRequest\x1a\x19.eftmesh.v1.ScoreResponse\x12<\n\x05\x44raft\x12\x18.eftmesh.v1.DraftRequest\x1a\x19.eftmesh.v1.DraftResponse\x12\x42\n\x07Release\x12\x1a.eftmesh.v1.ReleaseRequest\x1a\x1b.eftmesh.v1.ReleaseResponse\x12K\n\nScoreBatch\x12\x1d.eftmesh.v1.ScoreBatchRequest\x1a\x1e.eftmesh.v1.ScoreBatchResponse\x12K\n\nDraftBatch\x12\x1d.eftmesh.v1.DraftBatchRequest\x1a\x1e.eftmesh.v1.DraftBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x66tmesh/v1/logit.proto\x12\neftmesh.v1\x1a\x17\x65\x66tmesh/v1/tensor.proto\"\x19\n\x17LogitServiceInfoRequest\"\x97\x05\n\x18LogitServiceInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tokenizer_vocab_size\x18\x04 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x1e\n\x16session_idle_timeout_s\x18\n \x01(\x01\x12\x14\n\x0c\x65os_token_id\x18\x0b \x01(\x05\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\r \x01(\r\x12\x15\n\rkv_block_size\x18\x0e \x01(\r\x12\x11\n\tmax_batch\x18\x0f \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x10 \x01(\x01\x12&\n\x1ekv_bytes_per_token_theoretical\x18\x11 \x01(\x01\x12\x15\n\rchat_template\x18\x12 \x01(\t\x12\x11\n\texecution\x18\x13 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x14 \x01(\r\x12\x17\n\x0fgraph_capture_s\x18\x15 \x01(\x01\x12\x14\n\x0cprefix_cache\x18\x16 \x01(\x08\x12\x11\n\tcompile_s\x18\x17 \x01(\x01\x12\x1a\n\x12graph_memory_bytes\x18\x18 \x01(\x04\x12\x12\n\nmodel_impl\x18\x19 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x1a \x01(\t\x12\x15\n\rbatch_release\x18\x1b \x01(\x08\x12\x14\n\x0crelease_many\x18\x1c \x01(\x08\"q\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.eftmesh.v1.DType\"K\n\rScoreResponse\x12$\n\x08logprobs\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r\"\x9d\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\r\"[\n\rDraftResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\r\"9\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"L\n\tScoreItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0c\n\x04rows\x18\x04 \x01(\r\"J\n\x11ScoreBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.eftmesh.v1.ScoreItem\x12\x0f\n\x07release\x18\x02 \x03(\t\"\x8b\x01\n\nItemResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_length\x18\x04 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x05 \x03(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x64raft_probs\x18\x07 \x03(\x01\"r\n\x12ScoreBatchResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.eftmesh.v1.ItemResult\x12\x0f\n\x07\x66loored\x18\x03 \x01(\x08\"\x9a\x01\n\tDraftItem\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\t\n\x01k\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.eftmesh.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x13\n\x0bvocab_limit\x18\x07 \x01(\r\"J\n\x11\x44raftBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.eftmesh.v1.DraftItem\x12\x0f\n\x07release\x18\x02 \x03(\t\"r\n\x12\x44raftBatchResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.eftmesh.v1.Tensor\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.eftmesh.v1.ItemResult\x12\x0f\n\x07\x66loored\x18\x03 \x01(\x08\x32\xbb\x03\n\x0cLogitService\x12Q\n\x04Info\x12#.eftmesh.v1.LogitServiceInfoRequest\x1a$.eftmesh.v1.LogitServiceInfoResponse\x12<\n\x05Score\x12\x18.eftmesh.v1.ScoreRequest\x1a\x19.eftmesh.v1.ScoreResponse\x12<\n\x05\x44raft\x12\x18.eftmesh.v1.DraftRequest\x1a\x19.eftmesh.v1.DraftResponse\x12\x42\n\x07Release\x12\x1a.eftmesh.v1.ReleaseRequest\x1a\x1b.eftmesh.v1.ReleaseResponse\x12K\n\nScoreBatch\x12\x1d.eftmesh.v1.ScoreBatchRequest\x1a\x1e.eftmesh.v1.ScoreBatchResponse\x12K\n\nDraftBatch\x12\x1d.eftmesh.v1.DraftBatchRequest\x1a\x1e.eftmesh.v1.DraftBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,33 +35,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGITSERVICEINFOREQUEST']._serialized_start=63
   _globals['_LOGITSERVICEINFOREQUEST']._serialized_end=88
   _globals['_LOGITSERVICEINFORESPONSE']._serialized_start=91
-  _globals['_LOGITSERVICEINFORESPONSE']._serialized_end=732
-  _globals['_SCOREREQUEST']._serialized_start=734
-  _globals['_SCOREREQUEST']._serialized_end=847
-  _globals['_SCORERESPONSE']._serialized_start=849
-  _globals['_SCORERESPONSE']._serialized_end=924
-  _globals['_DRAFTREQUEST']._serialized_start=927
-  _globals['_DRAFTREQUEST']._serialized_end=1084
-  _globals['_DRAFTRESPONSE']._serialized_start=1086
-  _globals['_DRAFTRESPONSE']._serialized_end=1177
-  _globals['_RELEASEREQUEST']._serialized_start=1179
-  _globals['_RELEASEREQUEST']._serialized_end=1215
-  _globals['_RELEASERESPONSE']._serialized_start=1217
-  _globals['_RELEASERESPONSE']._serialized_end=1252
-  _globals['_SCOREITEM']._serialized_start=1254
-  _globals['_SCOREITEM']._serialized_end=1330
-  _globals['_SCOREBATCHREQUEST']._serialized_start=1332
-  _globals['_SCOREBATCHREQUEST']._serialized_end=1406
-  _globals['_ITEMRESULT']._serialized_start=1409
-  _globals['_ITEMRESULT']._serialized_end=1548
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1550
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1664
-  _globals['_DRAFTITEM']._serialized_start=1667
-  _globals['_DRAFTITEM']._serialized_end=1821
-  _globals['_DRAFTBATCHREQUEST']._serialized_start=1823
-  _globals['_DRAFTBATCHREQUEST']._serialized_end=1897
-  _globals['_DRAFTBATCHRESPONSE']._serialized_start=1899
-  _globals['_DRAFTBATCHRESPONSE']._serialized_end=2013
-  _globals['_LOGITSERVICE']._serialized_start=2016
-  _globals['_LOGITSERVICE']._serialized_end=2459
+  _globals['_LOGITSERVICEINFORESPONSE']._serialized_end=754
+  _globals['_SCOREREQUEST']._serialized_start=756
+  _globals['_SCOREREQUEST']._serialized_end=869
+  _globals['_SCORERESPONSE']._serialized_start=871
+  _globals['_SCORERESPONSE']._serialized_end=946
+  _globals['_DRAFTREQUEST']._serialized_start=949
+  _globals['_DRAFTREQUEST']._serialized_end=1106
+  _globals['_DRAFTRESPONSE']._serialized_start=1108
+  _globals['_DRAFTRESPONSE']._serialized_end=1199
+  _globals['_RELEASEREQUEST']._serialized_start=1201
+  _globals['_RELEASEREQUEST']._serialized_end=1258
+  _globals['_RELEASERESPONSE']._serialized_start=1260
+  _globals['_RELEASERESPONSE']._serialized_end=1295
+  _globals['_SCOREITEM']._serialized_start=1297
+  _globals['_SCOREITEM']._serialized_end=1373
+  _globals['_SCOREBATCHREQUEST']._serialized_start=1375
+  _globals['_SCOREBATCHREQUEST']._serialized_end=1449
+  _globals['_ITEMRESULT']._serialized_start=1452
+  _globals['_ITEMRESULT']._serialized_end=1591
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1593
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1707
+  _globals['_DRAFTITEM']._serialized_start=1710
+  _globals['_DRAFTITEM']._serialized_end=1864
+  _globals['_DRAFTBATCHREQUEST']._serialized_start=1866
+  _globals['_DRAFTBATCHREQUEST']._serialized_end=1940
+  _globals['_DRAFTBATCHRESPONSE']._serialized_start=1942
+  _globals['_DRAFTBATCHRESPONSE']._serialized_end=2056
+  _globals['_LOGITSERVICE']._serialized_start=2059
+  _globals['_LOGITSERVICE']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

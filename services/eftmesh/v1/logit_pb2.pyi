@@ -12,7 +12,7 @@ class LogitServiceInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LogitServiceInfoResponse(_message.Message):
-    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl", "kv_cache_dtype", "batch_release")
+    __slots__ = ("model_id", "role", "vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "max_sessions", "session_idle_timeout_s", "eos_token_id", "max_k", "kv_cache_tokens", "kv_block_size", "max_batch", "kv_bytes_per_token", "kv_bytes_per_token_theoretical", "chat_template", "execution", "cuda_graphs", "graph_capture_s", "prefix_cache", "compile_s", "graph_memory_bytes", "model_impl", "kv_cache_dtype", "batch_release", "release_many")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class LogitServiceInfoResponse(_message.Message):
     MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BATCH_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_MANY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     role: str
     vocab_size: int
@@ -67,7 +68,8 @@ class LogitServiceInfoResponse(_message.Message):
     model_impl: str
     kv_cache_dtype: str
     batch_release: bool
-    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., batch_release: _Optional[bool] = ...) -> None: ...
+    release_many: bool
+    def __init__(self, model_id: _Optional[str] = ..., role: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_idle_timeout_s: _Optional[float] = ..., eos_token_id: _Optional[int] = ..., max_k: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., kv_bytes_per_token: _Optional[float] = ..., kv_bytes_per_token_theoretical: _Optional[float] = ..., chat_template: _Optional[str] = ..., execution: _Optional[str] = ..., cuda_graphs: _Optional[int] = ..., graph_capture_s: _Optional[float] = ..., prefix_cache: _Optional[bool] = ..., compile_s: _Optional[float] = ..., graph_memory_bytes: _Optional[int] = ..., model_impl: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., batch_release: _Optional[bool] = ..., release_many: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("session_id", "start", "tokens", "rows", "dtype")
@@ -120,10 +122,12 @@ class DraftResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "session_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
