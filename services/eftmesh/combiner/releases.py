@@ -6,8 +6,9 @@ A generation that ends releases its session on each role's replica. A replica wh
 (their `release` field): no call of their own, and dropped before that call's items need the
 room. A replica's last session (no call may follow), a replica without the field (an older
 service), and whatever no call has carried by the next health round go by Release calls,
-sent without waiting (one for all of them where its Info says `release_many`). Sessions moved off a failed replica, and releases a failed call carried,
-are orphans: released there once it answers again.
+sent without waiting (one for all that are due where its Info says `release_many`). Sessions
+moved off a failed replica, and releases a failed call carried, are orphans: released there
+once it answers again.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "SGLang's default; the same output); 0: every prompt in one step (default: %(default)s)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="TOKENS",
                    help="a streaming generation's tokens go out this many at a time (the first and the last at once); "
-                        "each message costs the combiner ~0.1 ms of CPU, so at many concurrent streams a larger "
+                        "each message costs the combiner ~0.15-0.2 ms of CPU, so at many concurrent streams a larger "
                         "interval buys throughput for burstier streams (vLLM's and SGLang's --stream-interval) "
                         "(default: %(default)s: every step)")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a generation may wait for a batch slot or KV cache room before RESOURCE_EXHAUSTED (default: %(default)s)")
