@@ -162,6 +162,30 @@ def test_the_sse_stream_on_the_wire(http_mesh):
     assert [e["choices"][0]["finish_reason"] for e in events[:-2]].count(None) == len(events) - 3
 
 
+def test_an_sse_stream_goes_out_stream_interval_tokens_at_a_time(http_mesh, demo_logits):
+    """--stream-interval reaches the HTTP API too (it is the scheduler's): with 3, a 7-token
+    completion streams its first token alone, then 3, then 3 with the finish, where interval 1
+    (the module's combiner) sends them one by one; the same text."""
+    from eftmesh.combiner.scheduler import SchedulerConfig
+
+    body = {"model": "default", "prompt": PROMPTS[1], "temperature": 0, "max_tokens": 7, "stream": True,
+            "ignore_eos": True, "logprobs": 0, "speculation": {"mode": "off"}}  # (a block's tokens share a chunk)
+    cs = httpmesh.http_combiner(demo_logits, scheduler=SchedulerConfig(stream_interval=3))
+    try:
+        assert cs.wait_serving(60)
+        spaced = request(cs.http.port, "POST", "/v1/completions", body).events()
+        every = request(http_mesh.port, "POST", "/v1/completions", body).events()
+    finally:
+        cs.stop(0)
+    sizes, text = [], []  # tokens per event (its logprobs list each token), and the joined text
+    for events in (spaced, every):
+        choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+        sizes.append([len(c["logprobs"]["tokens"]) for c in choices if c["logprobs"]["tokens"]])
+        text.append("".join(c["text"] for c in choices))
+    assert sizes == [[1, 3, 3], [1] * 7] and text[0] == text[1]
+    assert [e for e in spaced[:-1] if e["choices"]][-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_the_load_runners_http_mode(http_mesh):
     """An HTTP/SSE scenario (load_tests/http/) through eftmesh-load: the same report as gRPC's,
     with time to first token, inter-token latency and statuses as HTTP spells them."""
