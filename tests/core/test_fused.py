@@ -258,6 +258,21 @@ def test_a_rejections_token_is_the_torch_paths_residual_draw(shape, top_p):
         assert alone == [got[0], got[7], got[11]]
 
 
+def test_a_kernels_scratch_lies_apart_from_every_other_array():
+    """`fusedrows.apart`: the kernels' output buffers keep APART_BYTES of their own allocation on
+    each side, so no row they read can lie right next to them (where LLVM's overlap check sends
+    the loop down its scalar path: slower, and block sums in another order)."""
+    for dtype in (np.float32, np.int32):
+        a = fusedrows.apart(1000, dtype)
+        assert a.shape == (1000,) and a.dtype == dtype and a.flags.c_contiguous
+        start, end = a.ctypes.data, a.ctypes.data + a.nbytes
+        base = a.base
+        assert start - base.ctypes.data >= fusedrows.APART_BYTES
+        assert base.ctypes.data + base.nbytes - end >= fusedrows.APART_BYTES
+    s = fusedrows._Scratch(5000)
+    assert all(b.base is not None and b.base.nbytes >= b.nbytes + 2 * fusedrows.APART_BYTES for b in (s.e, s.bins, s.vals))
+
+
 def test_rows_shared_among_threads_give_the_same_results():
     """`fusedrows.set_threads` (the combiner's --threads) shares each call's rows among a pool
     of threads, each with its own scratch buffers: draws, token probabilities (bounds and
