@@ -140,7 +140,9 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
     ) -> logit_pb2.ReleaseResponse:
         # session_id may be left empty when session_ids names the sessions; every id is checked
         # before any is dropped, so a bad one (INVALID_ARGUMENT) drops none
-        ids = [*([request.session_id] if request.session_id or not request.session_ids else []), *request.session_ids]
+        ids = list(request.session_ids)
+        if request.session_id or not ids:
+            ids.insert(0, request.session_id)
         for sid in ids:
             check_session_id(sid)
         return logit_pb2.ReleaseResponse(released=any([self.engine.release(sid) for sid in ids]))

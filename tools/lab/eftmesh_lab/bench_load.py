@@ -25,6 +25,7 @@ file, a plot of tokens/s against N, and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import itertools
 import json
@@ -266,11 +267,9 @@ class MeshClient:
         prompt; `stream`: streaming Generate calls, timed into `chunks` as `generate` says,
         else Complete); completion tokens of the round."""
         news = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
+        call = functools.partial(self.generate, chunks=chunks) if stream else self.complete
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            if stream:
-                futs = [pool.submit(self.generate, p, m, i, speculation, chunks) for i, (p, m) in enumerate(zip(prompts, news))]
-            else:
-                futs = [pool.submit(self.complete, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
+            futs = [pool.submit(call, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
