@@ -178,9 +178,11 @@ class ModelRunner:
         new = batch.new
         n, keep = max(new), batch.keep
         view = BatchView(self.pool, batch.tables, batch.past, new, n)
-        ids = torch.zeros((len(new), n), dtype=torch.long)  # [rows, n]; padding id 0
-        for b, row in enumerate(batch.ids):
-            ids[b, : new[b]] = torch.tensor(row, dtype=torch.long)
+        flat: list[int] = []  # one list, one tensor (a tensor per row costs ~10 us each)
+        for row in batch.ids:
+            flat += row
+            flat += [0] * (n - len(row))
+        ids = torch.tensor(flat, dtype=torch.long).view(len(new), n)  # [rows, n]; padding id 0
         # Each row keeps its last `keep` real query columns; the model projects only those.
         cols = torch.tensor(new)[:, None] - keep + torch.arange(keep)[None, :]  # [rows, keep]
         logits = self._call(ids.to(self.device), view.positions.clamp_max(self.max_context - 1).to(self.device),
