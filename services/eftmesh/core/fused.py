@@ -347,19 +347,28 @@ def nucleus_bin(row, m, scale, p, e, sums, hist, at, vals):  # type: ignore[no-u
         before += hist[0, b]
         b += 1
     n = 0
-    for c in range(0, vocab, 64):  # (a vectorised count first: most 64-entry chunks hold none of the bin's)
-        end = min(c + 64, vocab)
+    # (a vectorised count first: most 64-entry chunks hold none of the bin's; whole chunks with
+    # the constant trip count, as exp2_scaled's blocks, then the tail)
+    whole = vocab - vocab % 64
+    for c in range(0, whole, 64):
         hits = 0
-        for j in range(c, end):
-            hits += at[j] == b
+        for k in range(64):
+            hits += at[c + k] == b
         if hits:
-            for j in range(c, end):
-                if at[j] == b:
-                    z = (row[j] - m) * scale
-                    if z > -np.inf:
-                        vals[n] = z
-                        n += 1
-    return n, before, need
+            n = _gather_bin(row, m, scale, at, b, vals, n, c, c + 64)
+    return _gather_bin(row, m, scale, at, b, vals, n, whole, vocab), before, need
+
+
+@njit(inline="always")
+def _gather_bin(row, m, scale, at, b, vals, n, lo, hi):  # type: ignore[no-untyped-def]
+    """Append to vals[n:] the finite z of row[lo:hi]'s entries in bin b; returns the new n."""
+    for j in range(lo, hi):
+        if at[j] == b:
+            z = (row[j] - m) * scale
+            if z > -np.inf:
+                vals[n] = z
+                n += 1
+    return n
 
 
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False, cache=_CACHE)
