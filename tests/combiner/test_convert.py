@@ -122,3 +122,32 @@ def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
     assert torch.equal(torch.cat([o.rows for o in got]), want)
     assert bytes(resp.logits.data) == wire
     assert floored or float(got[0].rows[1, 7]) >= float(rows[1].float().amax()) + LOGPROB_FLOOR
+
+
+def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
+    """`upstream._outcomes` over a response mixing OK items (rows 1 and 2, one with drafts),
+    an item error and a draining refusal: each OK item gets its own rows, in order; and a
+    response whose row counts do not add up to its tensor is read item by item as before."""
+    import torch
+
+    from eftmesh.combiner.upstream import ReplicaDraining, _outcomes
+    from eftmesh.common import tensors
+    from eftmesh.common.errors import DRAINING_PREFIX, NotFound
+
+    rows = torch.arange(4 * 6, dtype=torch.float32).view(4, 6)
+    results = [logit_pb2.ItemResult(rows=1, cached_tokens=3),
+               logit_pb2.ItemResult(code=5, message="no session s1"),  # NOT_FOUND
+               logit_pb2.ItemResult(rows=2, drafts=[7, 8], draft_probs=[0.5, 0.25]),
+               logit_pb2.ItemResult(code=14, message=f"{DRAINING_PREFIX} replica r"),  # UNAVAILABLE
+               logit_pb2.ItemResult(rows=1)]
+    resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True, results=results)
+    got = _outcomes("base-large", resp)
+    assert torch.equal(got[0].rows, rows[0:1]) and got[0].cached_tokens == 3 and got[0].drafts == []
+    assert isinstance(got[1].error, NotFound) and got[1].rows is None
+    assert torch.equal(got[2].rows, rows[1:3]) and got[2].drafts == [7, 8] and got[2].draft_probs == [0.5, 0.25]
+    assert isinstance(got[3].error, ReplicaDraining)
+    assert torch.equal(got[4].rows, rows[3:4])
+    short = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True,
+                                         results=[logit_pb2.ItemResult(rows=1), logit_pb2.ItemResult(rows=2)])
+    got = _outcomes("base-large", short)
+    assert torch.equal(got[0].rows, rows[0:1]) and torch.equal(got[1].rows, rows[1:3])

@@ -61,10 +61,12 @@ class GrpcScorer(SessionReleases, ReplicaMonitor):
 
     def score_batch(self, role: str, calls: Sequence[ScoreCall], partial: bool = False) -> list[Outcome]:
         def build(cs: Sequence[ScoreCall], zero: bool) -> logit_pb2.ScoreBatchRequest:
-            return logit_pb2.ScoreBatchRequest(items=[
-                logit_pb2.ScoreItem(session_id=c.session_id, start=s, tokens=c.tokens[s:], rows=c.rows)
-                for c in cs for s in [0 if zero else c.start]
-            ])
+            request = logit_pb2.ScoreBatchRequest()
+            add = request.items.add  # (in place: a ScoreItem made first is then copied in, ~0.6 us more each)
+            for c in cs:
+                s = 0 if zero else c.start
+                add(session_id=c.session_id, start=s, tokens=c.tokens[s:], rows=c.rows)
+            return request
 
         return with_resend(calls, lambda cs, zero: self._batched(role, "ScoreBatch", cs, build, zero, partial=partial))
 
@@ -320,18 +322,38 @@ def _outcomes(role: str, resp: Any) -> list[Outcome]:
             floor_rows_(block)
     elif block is not None and not resp.floored:  # an older logit service: floor here (a copy: the wire's bytes are read-only)
         block = floor_rows_(block.clone())
-    out, at = [], 0
-    for r in resp.results:
-        if r.code == grpc.StatusCode.UNAVAILABLE.value[0] and r.message.startswith(DRAINING_PREFIX):
-            out.append(Outcome(error=ReplicaDraining(f"upstream {role}: {r.message}")))
-        elif r.code:
-            kind = _ITEM_ERRORS.get(r.code)
-            err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[r.code], r.message)
+    results = resp.results
+    # one view per item from one split (slicing item by item cost ~1.4 us more each, and this
+    # runs for every item of every role's call, every step: ~6 us an item before, ~3 now)
+    sizes = [r.rows for r in results if not r.code]
+    views = iter(block.split(sizes) if block is not None and sum(sizes) == block.shape[0] else _sliced(block, sizes))
+    out = []
+    for r in results:
+        if code := r.code:
+            if code == _UNAVAILABLE and r.message.startswith(DRAINING_PREFIX):
+                out.append(Outcome(error=ReplicaDraining(f"upstream {role}: {r.message}")))
+                continue
+            kind = _ITEM_ERRORS.get(code)
+            err = kind(f"upstream {role}: {r.message}") if kind else UpstreamItemError(role, _CODES[code], r.message)
             out.append(Outcome(error=err))
-        else:
-            out.append(Outcome(rows=block[at:at + r.rows], drafts=list(r.drafts), cached_tokens=r.cached_tokens,
+        elif drafts := r.drafts:  # (a score's items have no drafts, nor their probabilities)
+            out.append(Outcome(rows=next(views), drafts=list(drafts), cached_tokens=r.cached_tokens,
                                draft_probs=list(r.draft_probs)))
-            at += r.rows
+        else:
+            out.append(Outcome(rows=next(views), cached_tokens=r.cached_tokens))
+    return out
+
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def _sliced(block: torch.Tensor | None, sizes: list[int]) -> list[Any]:
+    """Each item's rows sliced in turn: a response whose row counts do not add up to its
+    tensor (which no eftmesh logit service sends) reads as the item-by-item slicing read it."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(block[at:at + n])  # type: ignore[index]
+        at += n
     return out
 
 
