@@ -108,7 +108,7 @@ def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
     import torch
 
     from eftmesh.combiner.upstream import _outcomes
-    from eftmesh.common import tensors
+    from eftmesh.common import rowswire, tensors
     from eftmesh.core.mixing import LOGPROB_FLOOR, floor_rows_
 
     rows = (torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 5).bfloat16()
@@ -116,7 +116,7 @@ def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
     resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows, rows.dtype), floored=floored,
                                         results=[logit_pb2.ItemResult(rows=2), logit_pb2.ItemResult(rows=1)])
     wire = bytes(resp.logits.data)
-    got = _outcomes("ft-small", resp)
+    got = _outcomes("ft-small", rowswire.as_answer(resp))
     assert [o.rows.dtype for o in got] == [torch.float32] * 2 and [o.rows.shape[0] for o in got] == [2, 1]
     want = rows.float() if floored else floor_rows_(rows.float())
     assert torch.equal(torch.cat([o.rows for o in got]), want)
@@ -131,7 +131,7 @@ def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
     import torch
 
     from eftmesh.combiner.upstream import ReplicaDraining, _outcomes
-    from eftmesh.common import tensors
+    from eftmesh.common import rowswire, tensors
     from eftmesh.common.errors import DRAINING_PREFIX, NotFound
 
     rows = torch.arange(4 * 6, dtype=torch.float32).view(4, 6)
@@ -141,7 +141,7 @@ def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
                logit_pb2.ItemResult(code=14, message=f"{DRAINING_PREFIX} replica r"),  # UNAVAILABLE
                logit_pb2.ItemResult(rows=1)]
     resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True, results=results)
-    got = _outcomes("base-large", resp)
+    got = _outcomes("base-large", rowswire.deserializer(logit_pb2.ScoreBatchResponse)(resp.SerializeToString()))
     assert torch.equal(got[0].rows, rows[0:1]) and got[0].cached_tokens == 3 and got[0].drafts == []
     assert isinstance(got[1].error, NotFound) and got[1].rows is None
     assert torch.equal(got[2].rows, rows[1:3]) and got[2].drafts == [7, 8] and got[2].draft_probs == [0.5, 0.25]
@@ -149,5 +149,5 @@ def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
     assert torch.equal(got[4].rows, rows[3:4])
     short = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True,
                                          results=[logit_pb2.ItemResult(rows=1), logit_pb2.ItemResult(rows=2)])
-    got = _outcomes("base-large", short)
+    got = _outcomes("base-large", rowswire.as_answer(short))
     assert torch.equal(got[0].rows, rows[0:1]) and torch.equal(got[1].rows, rows[1:3])

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.replicas import Replica, ReplicaSet, ReplicaState, Resolver, resolve_dns
 from eftmesh.combiner.scoring import BlockCap, ModelSpec, replica_mismatch
-from eftmesh.common import tracing
+from eftmesh.common import rowswire, tracing
 from eftmesh.common.errors import EftMeshError, Unavailable
 from eftmesh.common.metrics import CombinerMetrics, meter
 from eftmesh.common.tls import channel as tls_channel, target_host
@@ -85,7 +85,7 @@ class ReplicaMonitor:
             raw = tls_channel(address, policy.tls, options, server_name)
             self._health_stubs[address] = health_pb2_grpc.HealthStub(raw)
             channel = tracing.traced_channel(raw, tracer_provider)
-            return channel, logit_pb2_grpc.LogitServiceStub(channel)
+            return channel, rows_stub(channel)
 
         self._stop = threading.Event()
         self._wake = threading.Event()  # a membership change: check at once, not at the next tick
@@ -402,3 +402,19 @@ class ReplicaMonitor:
 def brief(err: grpc.RpcError) -> str:
     """A call error in a few words, for logs of who the combiner waits for."""
     return f"{err.code().name}: {err.details()}"
+
+
+def rows_stub(channel: grpc.Channel) -> logit_pb2_grpc.LogitServiceStub:
+    """A LogitService stub whose batched calls read their answers' rows where gRPC received
+    them (`rowswire.deserializer`: a `RowsAnswer`, the rows not copied) instead of as messages."""
+    stub = logit_pb2_grpc.LogitServiceStub(channel)
+    for method, answer in (("ScoreBatch", logit_pb2.ScoreBatchResponse), ("DraftBatch", logit_pb2.DraftBatchResponse)):
+        request = getattr(logit_pb2, f"{method}Request")
+        setattr(stub, method, channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=request.SerializeToString,
+                                                  response_deserializer=rowswire.deserializer(answer),
+                                                  _registered_method=True))
+    return stub
+
+
+SERVICE = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+

@@ -29,7 +29,7 @@ from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.releases import SessionReleases
 from eftmesh.combiner.replicas import Replica, Resolver, prefix_key, resolve_dns
 from eftmesh.combiner.scoring import C, DraftCall, Outcome, ScoreCall, with_resend
-from eftmesh.common import tensors
+from eftmesh.common import rowswire, tensors
 from eftmesh.common.convert import sampling_to_pb
 from eftmesh.common.errors import DRAINING_PREFIX, EftMeshError, NotFound, ResourceExhausted, Unavailable
 from eftmesh.common.metrics import CombinerMetrics
@@ -178,10 +178,11 @@ class GrpcScorer(SessionReleases, ReplicaMonitor):
                     return move(replica, idx, why)
                 got = [Outcome(error=_call_error(role, replica, e, attempt, timeout)) for _ in part]
             else:
+                resp = rowswire.as_answer(resp)
                 elapsed = time.perf_counter() - started
                 self.deadlines.record(role, elapsed, tokens, runs)
                 self.metrics.upstream_duration.record(elapsed, {**attrs, "rpc.grpc.status_code": "OK"})
-                self.metrics.upstream_bytes.add(len(resp.logits.data), {"eftmesh.role": role})
+                self.metrics.upstream_bytes.add(len(resp.data), {"eftmesh.role": role})
                 got = _outcomes(role, resp)
                 refused = [i for i, o in zip(idx, got) if isinstance(o.error, ReplicaDraining)]
                 if refused:
@@ -307,15 +308,17 @@ class UpstreamItemError(EftMeshError):
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-def _outcomes(role: str, resp: Any) -> list[Outcome]:
-    """Per-item outcomes of a ScoreBatch / DraftBatch response; rows sliced from its one tensor,
-    floored (`core.mixing.floor_rows_`) as everything the combiner mixes, and in float32.
+def _outcomes(role: str, answer: rowswire.RowsAnswer) -> list[Outcome]:
+    """Per-item outcomes of a ScoreBatch / DraftBatch answer (`rowswire`: its rows where gRPC
+    received them); rows sliced from its one tensor, floored (`core.mixing.floor_rows_`) as
+    everything the combiner mixes, and in float32.
 
     Half-precision rows (a GPU model's bf16) are converted here, in the thread that waited for
     this role's answer, while the other roles may still be computing: the mix then takes its
     float32 path, where a float32 += bf16 add is torch's slow mixed-dtype one (a bf16 step's
     mix took 3.4 ms over 16 rows of 128k on this CPU, a float32 one 1.8 ms)."""
-    block = tensors.from_pb(resp.logits) if resp.logits.shape else None  # [sum rows, vocab]
+    resp = answer.message
+    block = tensors.from_buffer(answer.data, resp.logits.dtype, resp.logits.shape) if resp.logits.shape else None  # [sum rows, vocab]
     if block is not None and block.dtype in (torch.bfloat16, torch.float16):
         block = block.float()  # (exact; a new tensor, so it may be floored in place)
         if not resp.floored:

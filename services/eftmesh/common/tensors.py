@@ -1,10 +1,13 @@
-"""Tensor <-> protobuf at the edge: raw little-endian bytes, one copy to encode, none to decode."""
+"""Tensor <-> protobuf at the edge: raw little-endian bytes (a batched answer's rows travel
+through `common.rowswire`, copied once each way)."""
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from eftmesh.v1 import tensor_pb2
@@ -37,17 +40,33 @@ def to_pb(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tensor_pb2.Ten
     return tensor_pb2.Tensor(dtype=_TO_PB[dtype], shape=list(c.shape), data=raw)
 
 
-def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
-    """Decode a Tensor message; checks that the byte count matches the shape.
+def wire_dtype(dtype: torch.dtype) -> int:
+    """The wire dtype enum of a torch dtype (float32, float16 or bfloat16)."""
+    return _TO_PB[dtype]
 
-    The tensor reads the message's bytes where they lie (no copy: at a real vocabulary a
-    step's rows are megabytes per role), so it is read-only: callers never write into it in
-    place (torch cannot enforce that on a borrowed buffer, and says so once per process)."""
-    dtype = torch_dtype(msg.dtype)
-    n = math.prod(msg.shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(msg.data) != n * itemsize:
-        raise ValueError(f"tensor of shape {list(msg.shape)} needs {n * itemsize} bytes, got {len(msg.data)}")
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a numpy array (no copy; bfloat16, which numpy lacks,
+    as its int16 bits): what `rowswire.RowsReply` sends."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_pb(msg: tensor_pb2.Tensor) -> torch.Tensor:
+    """Decode a Tensor message; checks that the byte count matches the shape. Reading
+    `msg.data` copies the bytes out of the message (protobuf makes a Python bytes object of
+    them): a batched answer's rows come through `rowswire` and `from_buffer` instead."""
+    return from_buffer(msg.data, msg.dtype, msg.shape)
+
+
+def from_buffer(data: bytes | memoryview, dtype: int, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor over `data` (a wire dtype enum, a shape), where the bytes lie: no copy, so the
+    tensor is read-only (callers never write into it in place; torch cannot enforce that on a
+    borrowed buffer, and says so once per process)."""
+    torch_type = torch_dtype(dtype)
+    n = math.prod(shape)
+    itemsize = torch.empty((), dtype=torch_type).element_size()
+    if len(data) != n * itemsize:
+        raise ValueError(f"tensor of shape {list(shape)} needs {n * itemsize} bytes, got {len(data)}")
     if n == 0:
-        return torch.empty(tuple(msg.shape), dtype=dtype)
-    return torch.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+        return torch.empty(tuple(shape), dtype=torch_type)
+    return torch.frombuffer(data, dtype=torch_type).reshape(tuple(shape))

@@ -5,10 +5,11 @@ ValueError becomes INVALID_ARGUMENT in `common.convert.invalid_argument`, the on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from eftmesh.common import tensors
+from eftmesh.common import rowswire, tensors
 from eftmesh.common.convert import invalid_argument, sampling_from_pb
 from eftmesh.common.errors import InvalidArgument
 from eftmesh.core.sampling import SamplingConfig
@@ -81,18 +82,21 @@ def draft_items_from_pb(items: Sequence[logit_pb2.DraftItem]) -> tuple[list[Draf
     return good, where, bad
 
 
-def results_to_pb(
-    results: Sequence[ItemResult], vocab: int, dtype: torch.dtype
-) -> tuple[tensor_pb2.Tensor, list[logit_pb2.ItemResult]]:
-    """Every successful item's rows as one [rows, vocab] tensor in the model's dtype (0 rows
-    when none succeeded), plus per-item results."""
-    pb, rows = [], []
+def results_to_reply(results: Sequence[ItemResult], vocab: int, dtype: torch.dtype, response: Any) -> rowswire.RowsReply:
+    """A batched answer (`response`: an empty ScoreBatchResponse or DraftBatchResponse, filled
+    here) for gRPC to serialise with `rowswire.serialize`: per-item results, and every
+    successful item's rows, in order, as one [rows, vocab] tensor in the model's dtype (0 rows
+    when none succeeded) whose bytes are copied once, into the bytes sent."""
+    add, parts, rows = response.results.add, [], 0
     for r in results:
         if r.error is not None:
-            pb.append(logit_pb2.ItemResult(code=r.error.code.value[0], message=str(r.error)))
+            add(code=r.error.code.value[0], message=str(r.error))
         else:
-            pb.append(logit_pb2.ItemResult(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts,
-                                           cached_tokens=r.cached_tokens, draft_probs=r.draft_probs))
-            rows.append(r.rows)
-    block = torch.cat(rows) if rows else torch.empty((0, vocab), dtype=dtype)  # [sum rows, vocab]
-    return tensors.to_pb(block, block.dtype), pb
+            add(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts, cached_tokens=r.cached_tokens,
+                draft_probs=r.draft_probs)
+            parts.append(tensors.as_array(r.rows.contiguous()))  # (a view: the rows are contiguous already)
+            rows += r.rows.shape[0]
+            dtype = r.rows.dtype
+    response.logits.dtype = tensors.wire_dtype(dtype)
+    response.logits.shape[:] = [rows, vocab]
+    return rowswire.RowsReply(response, parts)

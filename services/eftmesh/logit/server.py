@@ -33,12 +33,11 @@ from eftmesh.logit.native import MODEL_IMPLS
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
 from eftmesh.logit.flags import KV_CACHE_DTYPES, kv_sizing_error
-from eftmesh.logit.servicer import LogitServicer
-from eftmesh.v1 import logit_pb2, logit_pb2_grpc
+from eftmesh.logit.servicer import SERVICE, LogitServicer, add_to_server
 
 log = logging.getLogger("eftmesh.logit")
 
-SERVICE_NAME = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+SERVICE_NAME = SERVICE
 
 # After the drain (sessions all released, or the grace over), calls still in flight get this
 # long before the server stops: a pod needs a termination grace of preStop + --grace + this.
@@ -344,7 +343,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
         servicer.public_model_id = cfg.role
     server = Server(
         dataclasses.replace(cfg.server, reflection=cfg.reflection),
-        [lambda s: logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, s)],
+        [lambda s: add_to_server(servicer, s)],
         [SERVICE_NAME],
         tracer_provider,
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from eftmesh.common import tensors
+from eftmesh.common import rowswire, tensors
 from eftmesh.common.metrics import LogitMetrics, meter, outcome
 from eftmesh.logit import convert
 from eftmesh.logit.admission import check_session_id
@@ -155,22 +155,51 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
 
     def ScoreBatch(
         self, request: logit_pb2.ScoreBatchRequest, context: grpc.ServicerContext
-    ) -> logit_pb2.ScoreBatchResponse:
+    ) -> rowswire.RowsReply:
         self._release(request.release)
         items = convert.score_items_from_pb(request.items)
         with self._measured("ScoreBatch", sum(len(it.tokens) for it in items), len(items)):
             results = self.engine.score_batch(items)
-        logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
-        return logit_pb2.ScoreBatchResponse(logits=logits, results=pb, floored=True)  # the runner floors every row
+        # the runner floors every row; the rows' bytes are copied once, as gRPC sends them (rowswire)
+        return convert.results_to_reply(results, self.engine.vocab_size, self.engine.dtype,
+                                        logit_pb2.ScoreBatchResponse(floored=True))
 
     def DraftBatch(
         self, request: logit_pb2.DraftBatchRequest, context: grpc.ServicerContext
-    ) -> logit_pb2.DraftBatchResponse:
+    ) -> rowswire.RowsReply:
         self._release(request.release)
         items, where, bad = convert.draft_items_from_pb(request.items)
         results = [ItemResult(error=bad.get(i)) for i in range(len(request.items))]
         with self._measured("DraftBatch", sum(len(it.tokens) + it.k for it in items), len(items)):
             for i, r in zip(where, self.engine.draft_batch(items)):
                 results[i] = r
-        logits, pb = convert.results_to_pb(results, self.engine.vocab_size, self.engine.dtype)
-        return logit_pb2.DraftBatchResponse(logits=logits, results=pb, floored=True)
+        return convert.results_to_reply(results, self.engine.vocab_size, self.engine.dtype,
+                                        logit_pb2.DraftBatchResponse(floored=True))
+
+
+SERVICE = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+# The batched calls, whose answers `rowswire.serialize` writes (their rows copied once).
+_ROWS_METHODS = ("ScoreBatch", "DraftBatch")
+
+
+class _Handlers:
+    """Stands in for a server in the generated registration, to keep its method handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, _service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = handlers
+
+
+def add_to_server(servicer: LogitServicer, server: grpc.Server) -> None:
+    """The generated `add_LogitServiceServicer_to_server`, with the batched calls' answers
+    serialised by `rowswire.serialize` (standard protobuf bytes, written with one copy of the rows)."""
+    made = _Handlers()
+    logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, made)
+    handlers = {name: h._replace(response_serializer=rowswire.serialize) if name in _ROWS_METHODS else h
+                for name, h in made.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
