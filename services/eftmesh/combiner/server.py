@@ -34,7 +34,7 @@ from eftmesh.combiner.scoring import BlockCap, ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
-from eftmesh.common import auth, loading, metrics, tls, tracing
+from eftmesh.common import auth, loading, memory, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tls import ServerTLS
@@ -413,6 +413,7 @@ def cap_k(cap: BlockCap, spec: SpeculationDefaults, models: Mapping[str, ModelSp
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    memory.keep_freed_memory()  # before the step's buffers are first made (common/memory.py)
     try:  # a bad TLS or token file is a message naming its flag, not a traceback from deep in build()
         tls.check_server(cfg.server.tls)
         tls.check_client(cfg.policy.tls, "upstream")

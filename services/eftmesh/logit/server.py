@@ -23,7 +23,7 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.common import loading, metrics, tls, tracing
+from eftmesh.common import loading, memory, metrics, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.core import fused
 from eftmesh.logit import deletion_cost
@@ -354,6 +354,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    memory.keep_freed_memory()  # before the step's buffers are first made (common/memory.py)
     try:  # before the model loads: a bad TLS file is a message naming its flag, not a traceback
         tls.check_server(cfg.server.tls)
         if cfg.chat_template_file:

@@ -354,10 +354,12 @@ class InProcessCombiner:
         from eftmesh.combiner.scheduler import SchedulerConfig
         from eftmesh.combiner.server import DEFAULT_COMPOSITION, CombinerConfig, build
         from eftmesh.combiner.servicer import Defaults, SpeculationDefaults
+        from eftmesh.common.memory import keep_freed_memory
         from eftmesh.common.serving import CHANNEL_OPTIONS, ServerConfig
         from eftmesh.core.sampling import SamplingConfig
         from eftmesh.v1 import generator_pb2_grpc
 
+        keep_freed_memory()  # as the combiner's main() does (common/memory.py)
         most = max(a.ns)
         cfg = CombinerConfig(
             upstreams={r: f"127.0.0.1:{p}" for r, p in ports.items()},
