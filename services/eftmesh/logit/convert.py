@@ -96,7 +96,7 @@ def results_to_reply(results: Sequence[ItemResult], vocab: int, dtype: torch.dty
                 draft_probs=r.draft_probs)
             parts.append(tensors.as_array(r.rows.contiguous()))  # (a view: the rows are contiguous already)
             rows += r.rows.shape[0]
-            dtype = r.rows.dtype
+            dtype, vocab = r.rows.dtype, r.rows.shape[1]  # (the rows' own: what torch.cat's block had)
     response.logits.dtype = tensors.wire_dtype(dtype)
     response.logits.shape[:] = [rows, vocab]
     return rowswire.RowsReply(response, parts)
