@@ -404,16 +404,13 @@ def brief(err: grpc.RpcError) -> str:
     return f"{err.code().name}: {err.details()}"
 
 
-LOGIT_SERVICE = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
-
-
 def rows_stub(channel: grpc.Channel) -> logit_pb2_grpc.LogitServiceStub:
     """A LogitService stub whose batched calls read their answers' rows where gRPC received
     them (`rowswire.deserializer`: a `RowsAnswer`, the rows not copied) instead of as messages."""
     stub = logit_pb2_grpc.LogitServiceStub(channel)
     for method, answer in (("ScoreBatch", logit_pb2.ScoreBatchResponse), ("DraftBatch", logit_pb2.DraftBatchResponse)):
         request = getattr(logit_pb2, f"{method}Request")
-        setattr(stub, method, channel.unary_unary(f"/{LOGIT_SERVICE}/{method}", request_serializer=request.SerializeToString,
+        setattr(stub, method, channel.unary_unary(f"/{rowswire.LOGIT_SERVICE}/{method}", request_serializer=request.SerializeToString,
                                                   response_deserializer=rowswire.deserializer(answer),
                                                   _registered_method=True))
     return stub

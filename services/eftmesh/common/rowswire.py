@@ -41,6 +41,10 @@ assert all(m.DESCRIPTOR.fields_by_name["logits"].number == _LOGITS
            for m in (logit_pb2.ScoreBatchResponse, logit_pb2.DraftBatchResponse))
 assert tensor_pb2.Tensor.DESCRIPTOR.fields_by_name["data"].number == _DATA
 
+# The service whose two batched calls these are (the logit service registers their serializer,
+# the combiner's stubs their deserializer)
+LOGIT_SERVICE = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
+
 _LEN = 2  # the wire type of length-delimited fields (messages, bytes, packed repeated)
 _LOGITS_KEY = (_LOGITS << 3) | _LEN  # one byte: 0x0a
 _DATA_KEY = bytes([(_DATA << 3) | _LEN])

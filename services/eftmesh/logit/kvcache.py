@@ -292,9 +292,9 @@ class PagedKVPool:
         Returns:
             [rows, cols] int64 slot indices.
         """
-        return torch.from_numpy(self._slots(block_array(tables), positions.numpy(), valid.numpy()))
+        return torch.from_numpy(self.slot_array(block_array(tables), positions.numpy(), valid.numpy()))
 
-    def _slots(self, table: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def slot_array(self, table: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """`slots` over a `block_array` table, in numpy: a batch's index arithmetic is a dozen
         small ops, which numpy runs in ~1 us each where torch's dispatch costs ~5-10."""
         bs = self.block_size
@@ -329,7 +329,7 @@ class BatchView(Cache):
         rows = len(tables)
         self.rows, self.n = rows, n
         self.length = max(p + n for p in past)  # columns of the gathered keys
-        # The index arithmetic runs in numpy (PagedKVPool._slots): at 32 rows torch's per-op
+        # The index arithmetic runs in numpy (PagedKVPool.slot_array): at 32 rows torch's per-op
         # dispatch made this ~1.1 ms of a logit service's CPU per step.
         past_a = np.array(past, dtype=np.int64)  # [rows]
         new_a = np.array(new, dtype=np.int64)  # [rows]
@@ -341,8 +341,8 @@ class BatchView(Cache):
         read_valid = read_pos < (past_a + new_a)[:, None]
         dev = pool.device
         table = block_array(tables)
-        write_idx = torch.from_numpy(pool._slots(table, positions, write_valid).reshape(-1))  # [rows * n]
-        read_idx = torch.from_numpy(pool._slots(table, read_pos, read_valid).reshape(-1))  # [rows * length]
+        write_idx = torch.from_numpy(pool.slot_array(table, positions, write_valid).reshape(-1))  # [rows * n]
+        read_idx = torch.from_numpy(pool.slot_array(table, read_pos, read_valid).reshape(-1))  # [rows * length]
         self.positions = torch.from_numpy(positions)
         # A query at position q sees every column <= q of its own row: its cached past, the new
         # tokens up to itself, and (for padding queries only) stale or scratch slots after the

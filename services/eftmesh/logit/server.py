@@ -23,7 +23,7 @@ import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from eftmesh.common import loading, memory, metrics, tls, tracing
+from eftmesh.common import loading, memory, metrics, rowswire, tls, tracing
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.core import fused
 from eftmesh.logit import deletion_cost
@@ -33,11 +33,9 @@ from eftmesh.logit.native import MODEL_IMPLS
 from eftmesh.logit.placement import DTYPES, parse_device_map, parse_max_memory
 from eftmesh.logit.buckets import GRAPH_MODES, GraphConfig
 from eftmesh.logit.flags import KV_CACHE_DTYPES, kv_sizing_error
-from eftmesh.logit.servicer import SERVICE, LogitServicer, add_to_server
+from eftmesh.logit.servicer import LogitServicer, add_to_server
 
 log = logging.getLogger("eftmesh.logit")
-
-SERVICE_NAME = SERVICE
 
 # After the drain (sessions all released, or the grace over), calls still in flight get this
 # long before the server stops: a pod needs a termination grace of preStop + --grace + this.
@@ -344,7 +342,7 @@ def build(cfg: LogitConfig, engine: ModelEngine | None = None, tracer_provider: 
     server = Server(
         dataclasses.replace(cfg.server, reflection=cfg.reflection),
         [lambda s: add_to_server(servicer, s)],
-        [SERVICE_NAME],
+        [rowswire.LOGIT_SERVICE],
         tracer_provider,
     )
     return LogitServer(server, engine, tracer_provider, meter_provider,

@@ -177,7 +177,6 @@ class LogitServicer(logit_pb2_grpc.LogitServiceServicer):
                                         logit_pb2.DraftBatchResponse(floored=True))
 
 
-SERVICE = logit_pb2.DESCRIPTOR.services_by_name["LogitService"].full_name
 # The batched calls, whose answers `rowswire.serialize` writes (their rows copied once).
 _ROWS_METHODS = ("ScoreBatch", "DraftBatch")
 
@@ -201,5 +200,5 @@ def add_to_server(servicer: LogitServicer, server: grpc.Server) -> None:
     logit_pb2_grpc.add_LogitServiceServicer_to_server(servicer, made)
     handlers = {name: h._replace(response_serializer=rowswire.serialize) if name in _ROWS_METHODS else h
                 for name, h in made.handlers.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(rowswire.LOGIT_SERVICE, handlers),))
+    server.add_registered_method_handlers(rowswire.LOGIT_SERVICE, handlers)
