@@ -56,7 +56,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from eftmesh.logit import engine as engine_mod
-from eftmesh.logit import kvcache
+from eftmesh.logit import kvcache, placement
 from eftmesh.logit.engine import ModelEngine, ScoreItem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -444,7 +444,7 @@ def sync_debug(out: Report, title: str, step: Callable[[], Any], device: torch.d
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(engine_mod.DTYPES),
+    p.add_argument("--dtype", default=None, choices=sorted(placement.DTYPES),
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--models", default=str(ROOT / "models" / "demo"))
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per measurement (default: %(default)s)")
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     hf = lock = None
     if section("plain transformers (AutoModelForCausalLM + DynamicCache)", 10):
         with guard("plain transformers"):
-            hf = AutoModelForCausalLM.from_pretrained(large, dtype=engine_mod.DTYPES[dtype]).to(device).eval()
+            hf = AutoModelForCausalLM.from_pretrained(large, dtype=placement.DTYPES[dtype]).to(device).eval()
             out(f"  attn_implementation {getattr(hf.config, '_attn_implementation', '?')}, cache kwarg {cache_kwarg(hf)}")
             for style in ("plain", "lockstep"):
                 for n in (1, a.batch):
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         with guard("lockstep"):
             fam = {"base-large": hf}
             for r in ("base-small", "ft-small"):
-                fam[r] = AutoModelForCausalLM.from_pretrained(str(models / r), dtype=engine_mod.DTYPES[dtype]).to(device).eval()
+                fam[r] = AutoModelForCausalLM.from_pretrained(str(models / r), dtype=placement.DTYPES[dtype]).to(device).eval()
             lock = LockstepGen(fam, 1, device)
             for n in (1, a.batch):
                 g = LockstepGen(fam, n, device)
