@@ -15,7 +15,10 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig, token_probs
+from eftmesh.common import rowswire, tensors
+from eftmesh.logit import convert
 from eftmesh.logit.engine import DraftItem, ItemResult, ModelEngine, ScoreItem
+from eftmesh.v1 import logit_pb2
 
 ATOL = 1e-4  # batched (padded, paged) rows against a plain forward
 SAME = 1e-5  # batched against the same item alone
@@ -202,6 +205,25 @@ def prepare_draft_sessions(engine: ModelEngine, vocab: int) -> dict[str, list[in
     for r in engine.score_batch([ScoreItem(sid, 0, s, 1) for sid, s in held.items()]):
         assert r.error is None
     return held
+
+
+def test_a_draft_answer_copies_each_forward_s_rows_without_joining_them(models, tokenizer):
+    """A drafted item keeps its k + 1 rows as its k + 1 forwards gave them (ItemResult.pieces);
+    the answer copies each piece into the bytes it sends, which parse to the joined rows, and
+    joins nothing itself. Reading `rows` joins them, once."""
+    vocab = len(tokenizer)
+    engine = engine_for(models["llama"], tokenizer)
+    items = [DraftItem("a", 0, seq(1, 5, vocab), 3, GREEDY, seed=0), DraftItem("b", 0, seq(2, 4, vocab), 2, SAMPLED, seed=1)]
+    results = engine.draft_batch(items)
+    assert [len(r.pieces) for r in results] == [4, 3] and all(r.error is None for r in results)
+    pieces = [list(r.pieces) for r in results]
+    reply = convert.results_to_reply(results, vocab, engine.dtype, logit_pb2.DraftBatchResponse(floored=True))
+    assert [len(r.pieces) for r in results] == [4, 3]  # answering joined nothing
+    msg = logit_pb2.DraftBatchResponse.FromString(rowswire.serialize(reply))  # protobuf's own parse
+    assert [r.rows for r in msg.results] == [4, 3]
+    assert torch.equal(tensors.from_pb(msg.logits), torch.cat([torch.cat(p) for p in pieces]))
+    joined = results[0].rows
+    assert torch.equal(joined, torch.cat(pieces[0])) and results[0].pieces == [joined] and results[0].rows is joined
 
 
 def test_draft_batch_equals_each_item_alone_and_a_full_forward(model, tokenizer):

@@ -86,17 +86,19 @@ def results_to_reply(results: Sequence[ItemResult], vocab: int, dtype: torch.dty
     """A batched answer (`response`: an empty ScoreBatchResponse or DraftBatchResponse, filled
     here) for gRPC to serialise with `rowswire.serialize`: per-item results, and every
     successful item's rows, in order, as one [rows, vocab] tensor in the model's dtype (0 rows
-    when none succeeded) whose bytes are copied once, into the bytes sent."""
+    when none succeeded) whose bytes are copied once, into the bytes sent: each item's pieces
+    (`ItemResult.pieces`) are copied from where its forwards left them, never joined first."""
     add, parts, rows = response.results.add, [], 0
     for r in results:
         if r.error is not None:
             add(code=r.error.code.value[0], message=str(r.error))
         else:
-            add(rows=r.rows.shape[0], cache_length=r.cache_length, drafts=r.drafts, cached_tokens=r.cached_tokens,
+            n = sum(p.shape[0] for p in r.pieces)
+            add(rows=n, cache_length=r.cache_length, drafts=r.drafts, cached_tokens=r.cached_tokens,
                 draft_probs=r.draft_probs)
-            parts.append(tensors.as_array(r.rows.contiguous()))  # (a view: the rows are contiguous already)
-            rows += r.rows.shape[0]
-            dtype, vocab = r.rows.dtype, r.rows.shape[1]  # (the rows' own: what torch.cat's block had)
+            parts += [tensors.as_array(p.contiguous()) for p in r.pieces]  # (views: each piece is contiguous)
+            rows += n
+            dtype, vocab = r.pieces[0].dtype, r.pieces[0].shape[1]  # (the rows' own width)
     response.logits.dtype = tensors.wire_dtype(dtype)
     response.logits.shape[:] = [rows, vocab]
     return rowswire.RowsReply(response, parts)

@@ -344,7 +344,7 @@ class ModelEngine:
             for r in live:
                 res = results[r.index]
                 if res.error is None:
-                    res.rows = torch.cat(chunks[r.index])  # [k + 1, vocab]
+                    res.pieces = chunks[r.index]  # k + 1 rows, joined only if read (ItemResult.rows)
         return results
 
     def _draw(self, active: list[Admitted], items: Sequence[DraftItem], results: list[ItemResult],
