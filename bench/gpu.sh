@@ -12,9 +12,9 @@
 #      runs, 16 Poisson requests): load-gpu-real.json, load-gpu-real.png
 #   5. every figure above against issue 15's targets, one table (eftmesh_lab.gpu_targets): gpu-targets.json
 #   6. the one-step profile (bench/gpu_profile.py): gpu-profile.txt (PROFILE=0 skips it)
-#   7. --torch-compile, in whatever time is left: the engine alone with its captured steps compiled,
-#      engine-gpu-compile.json; the compiled GPU test (compiled, then captured, == eager in float32),
-#      gpu-tests-compile.txt
+#   7. --torch-compile, in whatever time is left: the compiled GPU test (compiled, then captured,
+#      == eager in float32), gpu-tests-compile.txt; then the engine alone with its captured steps
+#      compiled, engine-gpu-compile.json
 # Results go to RESULTS_DIR (default bench/). Extra arguments go to both concurrency benchmarks
 # (e.g. --reps 1). PY picks the interpreter (default .venv's, made with `make install` when
 # missing); with another one, eftmesh and the lab are found under services/ and tools/lab/.
@@ -42,7 +42,7 @@ run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py -k "n
 
 engine_models=(--model models/demo/base-large)
 if [[ ${REAL:-1} != 0 ]]; then
-  run "$PY" -m eftmesh_lab.real_shapes --out build/real-shapes --device cuda --dtype bfloat16
+  run "$PY" -m eftmesh_lab.real_shapes --out build/real-shapes --device cuda --dtype bfloat16 || true
   engine_models+=(--model build/real-shapes/base-large)
 fi
 run "$PY" -m eftmesh_lab.bench_engine "${engine_models[@]}" --device cuda --dtype bfloat16 \
@@ -70,10 +70,10 @@ run "$PY" -m eftmesh_lab.gpu_targets --results "$OUTDIR" || true
 if [[ ${PROFILE:-1} != 0 ]]; then
   run "$PY" bench/gpu_profile.py --device cuda --out "$OUTDIR/gpu-profile.txt" | tail -n 40 || true
 fi
-# --torch-compile on the GPU, in whatever time is left: the engine alone with its captured steps
-# compiled (against engine-gpu.json's captured ones), then the compiled GPU test
+# --torch-compile on the GPU, in whatever time is left: the compiled GPU test (correctness first),
+# then the engine alone with its captured steps compiled (against engine-gpu.json's captured ones)
+run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py -k "compiled" 2>&1 | tee "$OUTDIR/gpu-tests-compile.txt" | tail -n 15 || true
+echo "  ($((SECONDS - start)) s so far)"
 run "$PY" -m eftmesh_lab.bench_engine "${engine_models[@]}" --device cuda --dtype bfloat16 \
   --concurrency 1,4,16,32 --torch-compile only --out "$OUTDIR/engine-gpu-compile.json" || true
-echo "  ($((SECONDS - start)) s so far)"
-run "$PY" -m pytest -q -p no:cacheprovider tests/logit/test_runner_cuda.py -k "compiled" 2>&1 | tee "$OUTDIR/gpu-tests-compile.txt" | tail -n 15 || true
 echo "done in $((SECONDS - start)) s: results in $OUTDIR/"

@@ -39,8 +39,8 @@ def test_every_command_of_the_gpu_run_parses_its_arguments(tmp_path):
     assert len(passed) == len(started) and not failed, (failed, run.stdout[-3000:], run.stderr[-3000:])
     targets = [e["target"] for e in started]
     assert targets == ["-c", "pytest", "eftmesh_lab.real_shapes", "eftmesh_lab.bench_engine", "eftmesh_lab.bench_load",
-                       "eftmesh_lab.bench_load", "eftmesh_lab.gpu_targets", "bench/gpu_profile.py",
-                       "eftmesh_lab.bench_engine", "pytest"]
+                       "eftmesh_lab.bench_load", "eftmesh_lab.gpu_targets", "bench/gpu_profile.py", "pytest",
+                       "eftmesh_lab.bench_engine"]
     assert all(e["collected"] > 0 for e in passed if e["target"] == "pytest")
     parsed = [e["parsed"] for e in passed if "parsed" in e]
     shapes = parsed[0]["out"]

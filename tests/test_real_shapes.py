@@ -4,6 +4,7 @@ shapes run only where a GPU is: bench/gpu.sh)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,3 +47,28 @@ def test_a_tiny_family_builds_and_the_engine_benchmark_runs_on_it(tmp_path):
     assert res["modes"]["static"]["execution"] == "static" and res["modes"]["off"]["execution"] == "eager"
     assert all(v > 0 for m in res["modes"].values() for v in m["decode_ms"].values())
     assert res["bandwidth_bound_ms"] == pytest.approx(res["weight_bytes"] / 100e9 * 1e3, rel=1e-3)
+
+
+def test_the_profile_counts_only_what_runs_inside_a_step():
+    """profile_counts' tally (per_step): a launch or sync inside a step's range counts; the
+    synchronize torch.profiler makes when it stops, outside every step, does not (on the GPU it
+    made a correct engine's one sync a step read as 1.4). The ranges are what record_function
+    names: checked on a real CPU profile."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with record_function(bench_engine.STEP):
+                torch.ones(3).sum()
+    steps = [e for e in prof.events() if e.name == bench_engine.STEP]
+    assert len(steps) == 2 and all(e.time_range.end >= e.time_range.start for e in steps)
+
+    def ev(name: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [ev(bench_engine.STEP, 0, 10), ev("cudaGraphLaunch", 1, 2), ev("cudaMemcpyAsync", 3, 4),
+              ev("cudaEventSynchronize", 5, 9), ev(bench_engine.STEP, 20, 30), ev("cudaGraphLaunch", 21, 22),
+              ev("cudaEventSynchronize", 23, 29), ev("cudaDeviceSynchronize", 31, 40), ev("cudaLaunchKernel", 41, 42)]
+    got = bench_engine.per_step(events, 2)
+    assert got["host_syncs_per_step"] == 1.0 and got["launches_per_step"] == 1.5
+    assert got["by_name"] == {"cudaGraphLaunch": 1.0, "cudaMemcpyAsync": 0.5, "cudaEventSynchronize": 1.0}

@@ -98,6 +98,9 @@ def test_the_share_of_the_card_less_weights_activations_and_graphs_is_the_cache(
         kv_memory_for_utilization(0.81, p)
 
 
+WORKSPACE = 2 * MiB  # the fake's cuBLAS workspace of a new stream
+
+
 class FakeCudaMemory:
     """A fake of kvsize.CudaMemory (the CUDA allocator's statistics; there is no GPU here): a
     card of `total` bytes with `free` of them free; the tensors held read `weights`, and each
@@ -124,6 +127,9 @@ class FakeCudaMemory:
     def free_total(self) -> tuple[int, int]:
         return self.free, self.total
 
+    def stream_workspace(self) -> int:
+        return WORKSPACE
+
 
 def test_the_profile_runs_the_largest_prefill_verify_and_captured_step(models, tokenizer):
     model = models["llama"]
@@ -139,7 +145,8 @@ def test_the_profile_runs_the_largest_prefill_verify_and_captured_step(models, t
     assert p.weights == 5 * MiB and (p.total, p.free) == (100 * MiB, 80 * MiB)
     # the first forward allocates the throwaway pool, which is not an activation
     assert p.activations == 6 * MiB
-    assert p.graphs == 1 * MiB + 8 * 4 * vocab * 4  # the step, and the output buffer the graphs share
+    # the step, the output buffer the graphs share, and their capture stream's workspace
+    assert p.graphs == 1 * MiB + 8 * 4 * vocab * 4 + WORKSPACE
     short = profile_memory(model, torch.float32, max_context=128, prefill_tokens=4096, max_batch=2, max_k=32,
                            block_size=16, graphs=None, memory=FakeCudaMemory(100 * MiB, 80 * MiB, 0, [0, 0]))
     assert short.shapes == ("prefill 1 x 128", "verify 2 x 33") and short.graphs == 0  # the model's context caps it

@@ -21,7 +21,8 @@ from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
-from eftmesh.logit.runner import cache_argument
+from eftmesh.logit.kvcache import BlockTable
+from eftmesh.logit.runner import StepBatch, cache_argument
 
 SAME = 1e-5  # float32: static against eager
 N_POSITIONS = 128
@@ -124,6 +125,93 @@ def test_recorded_buckets_share_one_output_buffer_and_their_replays_equal_eager(
              [("rollback", 2), ("verify", 1), ("verify", 3)]]
     assert_same_rows(eager, static, GRAPHS, [5, 12, 3], steps, 7, N_POSITIONS, SAME)
     assert len(replays) >= len(steps)
+
+
+class FakeCuda:
+    """A fake of the torch.cuda calls `ModelRunner._capture_all` makes (this machine has no GPU):
+    a graph's capture records which bucket it held and on which stream, memory_reserved reads a
+    falling figure, and the capture of bucket `fail_at` raises as a failed capture does. What it
+    checks is the capture code's own course, which CPU tests otherwise never run."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.capturing = False
+        self.captures: list[object] = []  # the stream of each capture
+        self.reserved = 10**9
+        self.emptied = 0
+        self.fail_at = fail_at
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other: object) -> None:
+                pass
+
+        class Graph:
+            def replay(self) -> None:
+                pass
+
+        class graph:  # noqa: N801 (torch.cuda.graph's name)
+            def __init__(self, g: object, pool: object = None, stream: object = None) -> None:
+                self.stream = stream
+
+            def __enter__(self) -> None:
+                if len(fake.captures) == fake.fail_at:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+                fake.capturing = True
+                fake.captures.append(self.stream)
+
+            def __exit__(self, *exc: object) -> None:
+                fake.capturing = False
+
+        self.Stream, self.CUDAGraph, self.graph = Stream, Graph, graph
+
+    def install(self, monkeypatch) -> None:
+        import contextlib
+
+        for name, value in {"Stream": self.Stream, "CUDAGraph": self.CUDAGraph, "graph": self.graph,
+                            "synchronize": lambda *a: None, "graph_pool_handle": lambda: object(),
+                            "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda *a: self.Stream(),
+                            "device": lambda d: contextlib.nullcontext(), "empty_cache": self._empty,
+                            "memory_reserved": self._reserved}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def _empty(self) -> None:
+        self.emptied += 1
+
+    def _reserved(self, *a: object) -> int:
+        self.reserved -= 1000  # the capture released more than the graphs took
+        return self.reserved
+
+
+def test_the_capture_warms_each_bucket_up_and_records_it_on_the_runner_s_own_stream(models, tokenizer, monkeypatch):
+    _, static = pair(models["llama"], tokenizer)
+    runner = static.runner
+    cuda = FakeCuda()
+    cuda.install(monkeypatch)
+    ran: list[tuple[tuple[int, int, int], bool]] = []
+    step = runner._step
+    monkeypatch.setattr(runner, "_step", lambda *shape: ran.append((shape, cuda.capturing)) or step(*shape))
+    runner.capture_graphs = True
+    runner.capture()
+    order = runner.capture_order()
+    assert list(runner.graphs) == order and runner.execution == "cuda-graphs"
+    # every capture on one stream, the runner's own (not torch.cuda.graph's process-wide default)
+    assert len(cuda.captures) == len(order) and all(s is runner._capture_stream for s in cuda.captures)
+    assert runner._capture_stream is not None
+    # each bucket ran once outside a capture, just before its capture (vLLM's and SGLang's warm-up)
+    pairs = ran[1:]  # (the first run, the probe of the logits' width)
+    assert pairs == [x for shape in order for x in ((shape, False), (shape, True))]
+    assert cuda.emptied == 1 and runner.graph_memory == 0  # released first; never below 0
+
+
+def test_a_failed_capture_runs_every_step_eagerly_and_says_so(models, tokenizer, monkeypatch):
+    """Under --torch-compile too: Info says "eager", not "compiled", when the capture failed."""
+    _, static = pair(models["llama"], tokenizer)
+    runner = static.runner
+    FakeCuda(fail_at=3).install(monkeypatch)
+    runner.capture_graphs, runner.compile = True, True  # as with --torch-compile
+    runner.capture()
+    assert runner.graphs == {} and runner.execution == "eager" and runner._step == runner._static_forward
+    assert runner.bucket(StepBatch([BlockTable(blocks=[1], length=3)], [3], [[5]], 1)) is None  # eager
 
 
 def test_the_cache_goes_by_the_keyword_the_model_s_forward_takes(models):

@@ -144,6 +144,13 @@ class CudaMemory:
         free, total = torch.cuda.mem_get_info(self.device)
         return int(free), int(total)
 
+    def stream_workspace(self) -> int:
+        """The cuBLAS (and cuBLASLt) workspace a stream's first matrix product allocates: the
+        graphs' capture stream gets its own (runner._capture_all), kept while they live. torch's
+        own figure where it has one (2.13), else 32 MiB, its largest default (Hopper's)."""
+        sizes = [getattr(torch.backends.cuda, f, None) for f in ("cublas_workspace_size", "cublaslt_workspace_size")]
+        return sum(int(f()) for f in sizes if f is not None) or 32 * 2**20
+
 
 def profile_memory(model: Any, dtype: torch.dtype, *, max_context: int, prefill_tokens: int, max_batch: int,
                    max_k: int, block_size: int, graphs: GraphConfig | None, memory: Any) -> MemoryProfile:
@@ -152,8 +159,8 @@ def profile_memory(model: Any, dtype: torch.dtype, *, max_context: int, prefill_
     one prefill of --prefill-tokens, and the widest verify (max-batch rows of max-k + 1 tokens,
     all kept, as many as a forward of --prefill-tokens holds); with CUDA graphs, the largest
     bucket's static step, which is about what the capture keeps (its graphs share one pool
-    and one output buffer: runner._record_all); `graphs` None: no capture. The pool's own
-    bytes are not counted."""
+    and one output buffer: runner._record_all), and the capture stream's cuBLAS workspace;
+    `graphs` None: no capture. The pool's own bytes are not counted."""
     layers, device = model.config.num_hidden_layers, model.get_input_embeddings().weight.device
     memory.settle()
     weights = memory.allocated()
@@ -187,7 +194,8 @@ def profile_memory(model: Any, dtype: torch.dtype, *, max_context: int, prefill_
         base = memory.allocated()
         with torch.inference_mode():
             out = static._static_forward(b, q, c)
-        graph_bytes = memory.peak() - base + out.numel() * out.element_size()  # and the shared output buffer
+        # and the output buffer the graphs share, and their capture stream's workspace
+        graph_bytes = memory.peak() - base + out.numel() * out.element_size() + memory.stream_workspace()
         shapes.append(f"captured bucket {b} x {q} x {c}")
         del out, static
     del eager, pool

@@ -139,6 +139,7 @@ class ModelRunner:
         # (batch, query, context) -> (replay, the logits it writes: a view of one buffer all share)
         self.graphs: dict[tuple[int, int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self.graph_memory = 0  # device bytes the capture kept (its pool and the shared output)
+        self._capture_stream: Any = None  # where the graphs were warmed up and captured (_capture_all)
         self.capture_s = 0.0
         self.static_steps = self.eager_steps = 0
         if self.static:
@@ -375,6 +376,7 @@ class ModelRunner:
             self.graphs.clear()
             self.graph_memory = 0
             self.static = self.capture_graphs = False
+            self.compile, self._step = False, self._static_forward  # Info says "eager", as it is
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - started
@@ -385,29 +387,41 @@ class ModelRunner:
         return self.capture_s
 
     def _capture_all(self) -> None:
-        torch.cuda.synchronize(self.device)
-        pool = torch.cuda.graph_pool_handle()
+        """Warm every bucket up, then capture it, on a stream of this runner's own, as vLLM and
+        SGLang warm each size before its capture: a first use's lazy initialisation (a kernel's
+        load, a cuBLAS workspace) happens outside any capture. torch.cuda.graph's default stream is
+        one for the whole process, so every engine's graphs would share its cuBLAS workspace,
+        which freeing one engine's graphs can release under the others' (pytorch#193402); here
+        each runner's graphs use their own stream's."""
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            pool = torch.cuda.graph_pool_handle()
+            stream = self._capture_stream = torch.cuda.Stream()
 
-        def record(body: Callable[[], None]) -> Callable[[], None]:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                body()
-            return graph.replay
+            def record(body: Callable[[], None]) -> Callable[[], None]:
+                with torch.cuda.stream(stream):
+                    body()  # the warm-up run, outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    body()
+                return graph.replay
 
-        self._dev_in.zero_()  # every row padding: writes land in the scratch block
-        with torch.inference_mode():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                shapes = self.capture_order()
-                for shape in shapes[:1] + shapes[-1:]:  # lazy initialisation (cuBLAS handles, kernels)
-                    probe = self._step(*shape)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            vocab, dtype = probe.shape[-1], probe.dtype
-            del probe
-            before = torch.cuda.memory_reserved(self.device)
-            self._record_all(record, vocab, dtype)
-            self.graph_memory = torch.cuda.memory_reserved(self.device) - before
+            self._dev_in.zero_()  # every row padding: writes land in the scratch block
+            with torch.inference_mode():
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    probe = self._step(*self.capture_order()[-1])  # the logits' width and dtype
+                vocab, dtype = probe.shape[-1], probe.dtype
+                del probe
+                # what the warm-up freed goes back to the device first, so that the difference
+                # is what the graphs keep (capture would release it at its start, and the pool
+                # take it again: the difference then read ~0, or below)
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_reserved()
+                self._record_all(record, vocab, dtype)
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph_memory = max(torch.cuda.memory_reserved() - before, 0)
 
     def capture_order(self) -> list[tuple[int, int, int]]:
         """Every (batch, query, context) bucket, largest first."""
