@@ -10,23 +10,27 @@ replay, no host sync) are in test_runner_cuda.py and run where a GPU is.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from random_steps import assert_same_rows, step
+from random_steps import GREEDY_PROMPTS, assert_same_rows, greedy_tokens, step
 from tiny_models import tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
 from eftmesh.logit.kvcache import BlockTable
+from eftmesh.logit.placement import load_model
 from eftmesh.logit.runner import StepBatch, cache_argument
 
 SAME = 1e-5  # float32: static against eager
 N_POSITIONS = 128
 GRAPHS = GraphConfig(mode="static", max_batch=8, max_query=4, max_context=64)
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +216,23 @@ def test_a_failed_capture_runs_every_step_eagerly_and_says_so(models, tokenizer,
     runner.capture()
     assert runner.graphs == {} and runner.execution == "eager" and runner._step == runner._static_forward
     assert runner.bucket(StepBatch([BlockTable(blocks=[1], length=3)], [3], [[5]], 1)) is None  # eager
+
+
+@pytest.mark.slow
+def test_the_static_path_gives_eager_s_greedy_tokens_in_bfloat16_over_64_steps():
+    """Issue 15's bfloat16 check, on the CPU: the demo base-large in bfloat16, the static path
+    (what a capture records, run eagerly here) against the eager one, the same 64 greedy tokens
+    from each prompt, every decode step static. test_runner_cuda.py checks the captured steps
+    the same way on a GPU."""
+    model, tok, _ = load_model(str(DEMO / "base-large"), role="t", dtype="bfloat16")
+    kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0)
+    eager = ModelEngine(model, tok, graphs=GraphConfig(mode="off"), **kw)
+    static = ModelEngine(model, tok, graphs=GraphConfig(mode="static", max_batch=8, max_query=4, max_context=128), **kw)
+    for text in GREEDY_PROMPTS:
+        prompt = tok(text).input_ids
+        before = static.runner.static_steps
+        assert greedy_tokens(eager, prompt, 64) == greedy_tokens(static, prompt, 64), text
+        assert static.runner.static_steps - before >= 64
 
 
 def test_the_cache_goes_by_the_keyword_the_model_s_forward_takes(models):
