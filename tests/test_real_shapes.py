@@ -62,11 +62,14 @@ def test_the_profile_counts_only_what_runs_inside_a_step():
                 torch.ones(3).sum()
     steps = [e for e in prof.events() if e.name == bench_engine.STEP]
     assert len(steps) == 2 and all(e.time_range.end >= e.time_range.start for e in steps)
+    assert all(e.device_type == torch.autograd.DeviceType.CPU for e in steps)
 
     def ev(name: str, start: float, end: float) -> SimpleNamespace:
         return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
 
-    events = [ev(bench_engine.STEP, 0, 10), ev("cudaGraphLaunch", 1, 2), ev("cudaMemcpyAsync", 3, 4),
+    gpu_range = ev(bench_engine.STEP, 30, 45)  # the last step's range on the GPU's timeline: not a step's
+    gpu_range.device_type = torch.autograd.DeviceType.CUDA
+    events = [gpu_range, ev(bench_engine.STEP, 0, 10), ev("cudaGraphLaunch", 1, 2), ev("cudaMemcpyAsync", 3, 4),
               ev("cudaEventSynchronize", 5, 9), ev(bench_engine.STEP, 20, 30), ev("cudaGraphLaunch", 21, 22),
               ev("cudaEventSynchronize", 23, 29), ev("cudaDeviceSynchronize", 31, 40), ev("cudaLaunchKernel", 41, 42)]
     got = bench_engine.per_step(events, 2)

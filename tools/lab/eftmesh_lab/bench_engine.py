@@ -87,8 +87,11 @@ STEP = "eftmesh_lab.step"  # the profiler range around each profiled step
 def per_step(events: list[Any], steps: int) -> dict[str, Any]:
     """CPU-side launches and host syncs per step, counting only the events inside a step's
     range (STEP): the profiler's own synchronize when it stops, and the harness's, fall outside
-    every step and are not the engine's."""
-    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == STEP]
+    every step and are not the engine's. The ranges are the CPU's (on CUDA the profiler also
+    records each range on the GPU's timeline, where a step's work ends later)."""
+    cpu = torch.autograd.DeviceType.CPU
+    spans = [(e.time_range.start, e.time_range.end) for e in events
+             if e.name == STEP and getattr(e, "device_type", cpu) == cpu]
     counts: dict[str, int] = {}
     for e in events:
         if e.name in LAUNCHES + SYNCS and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans):
