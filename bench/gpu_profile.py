@@ -58,6 +58,7 @@ from transformers import AutoModelForCausalLM
 from eftmesh.logit import engine as engine_mod
 from eftmesh.logit import kvcache, placement
 from eftmesh.logit.engine import ModelEngine, ScoreItem
+from eftmesh_lab.bench_engine import STEP, in_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL = 16  # prompt tokens of each session before the decode steps
@@ -291,7 +292,7 @@ def profile_steps(out: Report, title: str, step: Callable[[], Any], device: torc
                   top: int = 25) -> dict[str, float]:
     """Profile `steps` calls of step; print the top ops and the per-step counts. Returns the counts."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()  # once outside, so nothing first-time lands in the profile
@@ -299,7 +300,8 @@ def profile_steps(out: Report, title: str, step: Callable[[], Any], device: torc
     t0 = time.perf_counter()
     with profile(activities=acts, record_shapes=False) as prof:
         for _ in range(steps):
-            step()
+            with record_function(STEP):
+                step()
         sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps  # profiled: slower than the plain timing
     events = prof.events()
@@ -318,8 +320,12 @@ def profile_steps(out: Report, title: str, step: Callable[[], Any], device: torc
         "GPU kernels+memcpys/step (device events)": kernels / steps,
         "GPU busy us/step (sum of device self times)": gpu_busy_us / steps,
     }
+    inside = in_steps(events)
     for label, pred in COUNTERS:
-        c = sum(a.count for a in avgs if pred(a.key))
+        if label.startswith("cuda"):  # the CUDA runtime's calls: a step's own (not the profiler's stop, nor sync() above)
+            c = sum(1 for e in events if pred(e.name) and inside(e))
+        else:
+            c = sum(a.count for a in avgs if pred(a.key))
         if c or device.type == "cuda" or not label.startswith(("cuda", "Memcpy")):
             counts[label + "/step"] = c / steps
     out("", f"=== profile: {title} ({steps} steps) ===")

@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,17 +85,23 @@ def decode_ms(engine: ModelEngine, n: int, steps: int, prompt: int = 16) -> floa
 STEP = "eftmesh_lab.step"  # the profiler range around each profiled step
 
 
-def per_step(events: list[Any], steps: int) -> dict[str, Any]:
-    """CPU-side launches and host syncs per step, counting only the events inside a step's
-    range (STEP): the profiler's own synchronize when it stops, and the harness's, fall outside
-    every step and are not the engine's. The ranges are the CPU's (on CUDA the profiler also
-    records each range on the GPU's timeline, where a step's work ends later)."""
+def in_steps(events: list[Any]) -> Callable[[Any], bool]:
+    """Whether an event lies inside one of the profiled steps' ranges (STEP), the CPU's ones (on
+    CUDA the profiler also records each range on the GPU's timeline, where a step's work ends
+    later): the profiler's own synchronise when it stops, and a harness's, fall outside."""
     cpu = torch.autograd.DeviceType.CPU
     spans = [(e.time_range.start, e.time_range.end) for e in events
              if e.name == STEP and getattr(e, "device_type", cpu) == cpu]
+    return lambda e: any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans)
+
+
+def per_step(events: list[Any], steps: int) -> dict[str, Any]:
+    """CPU-side launches and host syncs per step, counting only the events inside a step's
+    range (`in_steps`)."""
+    inside = in_steps(events)
     counts: dict[str, int] = {}
     for e in events:
-        if e.name in LAUNCHES + SYNCS and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans):
+        if e.name in LAUNCHES + SYNCS and inside(e):
             counts[e.name] = counts.get(e.name, 0) + 1
     launches = sum(counts.get(k, 0) for k in LAUNCHES)
     syncs = sum(counts.get(k, 0) for k in SYNCS)
