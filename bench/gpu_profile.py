@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Why is the paged-KV engine's decode step slow on a GPU? One short, self-contained run.
 
-    PYTHONPATH=services python bench/gpu_profile.py --device cuda            # bf16, report to bench/gpu-profile.txt
-    PYTHONPATH=services .venv/bin/python bench/gpu_profile.py --device cpu --out /tmp/prof.txt
+    PYTHONPATH=services:tools/lab python bench/gpu_profile.py --device cuda            # bf16, report to bench/gpu-profile.txt
+    PYTHONPATH=services:tools/lab .venv/bin/python bench/gpu_profile.py --device cpu --out /tmp/prof.txt
 
-Uses only torch, transformers and eftmesh (services/ on PYTHONPATH); no network. Sections, each
+Uses only torch, transformers, eftmesh and the lab's step ranges (eftmesh_lab.bench_engine:
+services/ and tools/lab/ on PYTHONPATH, as bench/gpu.sh sets them); no network. Sections, each
 guarded by a time budget (--budget-s, default 110 s; a section that would start past it is
 skipped) and written to the report as soon as it is done:
 
@@ -305,9 +306,10 @@ def profile_steps(out: Report, title: str, step: Callable[[], Any], device: torc
         sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps  # profiled: slower than the plain timing
     events = prof.events()
-    avgs = prof.key_averages()
+    avgs = [a for a in prof.key_averages() if a.key != STEP]  # (the steps' own ranges are no op)
     cpu_events = [e for e in events if e.device_type == DeviceType.CPU]
-    gpu_events = [e for e in events if e.device_type == DeviceType.CUDA]
+    # (not the ranges' copies on the GPU's timeline, user annotations, which span a step's work)
+    gpu_events = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     kernels = len(gpu_events) or sum(len(getattr(e, "kernels", [])) for e in cpu_events)
     aten_all = sum(1 for e in cpu_events if e.name.startswith("aten::"))
     aten_top = sum(1 for e in cpu_events if e.name.startswith("aten::")

@@ -11,6 +11,11 @@ PY=<a wrapper around this file>, every command the script runs is checked instea
 - any other module or script: its argument parser parses ARGS, then it stops before any work.
 
 Each command appends a JSON line to $GPU_SH_LOG when it starts and another when its check passed.
+$GPU_SH_FAIL names a command (e.g. eftmesh_lab.real_shapes) that exits 1 after its check, to
+rehearse the script's path past that failure.
+
+What it cannot see: anything a command does after parsing (files it reads, the values it
+checks itself), a GPU test's fixtures (collection resolves none), and the CUDA check.
 """
 
 from __future__ import annotations
@@ -31,13 +36,13 @@ def _log(**entry: Any) -> None:
 
 
 class _Count:
-    """A pytest plugin counting the tests collected."""
+    """A pytest plugin counting the tests selected (after -k)."""
 
     def __init__(self) -> None:
         self.n = 0
 
-    def pytest_collection_modifyitems(self, items: list[Any]) -> None:
-        self.n = len(items)
+    def pytest_collection_finish(self, session: Any) -> None:
+        self.n = len(session.items)
 
 
 def _parse_only(target: str) -> None:
@@ -47,7 +52,7 @@ def _parse_only(target: str) -> None:
     def parsed(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
         ns = parse(self, args, namespace)
         _log(target=target, ok=True, parsed={k: v for k, v in vars(ns).items()})
-        raise SystemExit(0)
+        raise SystemExit(1 if os.environ.get("GPU_SH_FAIL") == target else 0)
 
     argparse.ArgumentParser.parse_args = parsed  # type: ignore[method-assign]
 

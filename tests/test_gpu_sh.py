@@ -25,7 +25,8 @@ def _rehearse(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Comple
     py.chmod(0o755)
     run = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu.sh"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PY": str(py), "RESULTS_DIR": str(tmp_path / "out"), "GPU_SH_LOG": str(log), **env})
+        env={**os.environ, "PY": str(py), "RESULTS_DIR": str(tmp_path / "out"), "GPU_SH_LOG": str(log), "REAL": "1",
+             "PROFILE": "1", **env})
     lines = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     return run, lines
 
@@ -81,3 +82,16 @@ def test_the_one_step_profile_runs_whole_on_the_cpu(tmp_path):
     for row in ("engine score_batch N=1", "engine score_batch N=2", "hf-plain N=1 (base-large)",
                 "lockstep 3 models N=2", "aten ops/step (all, nested included)"):
         assert row in report, row
+
+
+def test_a_failed_real_shape_build_leaves_the_demo_family_s_runs(tmp_path):
+    """real_shapes failing (its command exits 1): the engine benchmark runs the demo model alone
+    (a missing checkpoint would fail the whole benchmark, demo figures included), and the
+    real-shape concurrency run is skipped."""
+    run, log = _rehearse(tmp_path, "--reps", "1", GPU_SH_FAIL="eftmesh_lab.real_shapes")
+    assert run.returncode == 0, run.stderr[-3000:]
+    started = [e["target"] for e in log if e.get("start")]
+    parsed = [e["parsed"] for e in log if "parsed" in e]
+    engines = [a for a in parsed if "torch_compile" in a]
+    assert engines and all(a["model"] == ["models/demo/base-large"] for a in engines)
+    assert started.count("eftmesh_lab.bench_load") == 1 and "real-shape runs are skipped" in run.stdout

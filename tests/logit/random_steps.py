@@ -84,3 +84,19 @@ def greedy_tokens(engine: ModelEngine, prompt: list[int], steps: int, session: s
         r = engine.score_batch([ScoreItem(session, len(seq) - 1, seq[-1:], 1)])[0]
     engine.release(session)
     return seq[len(prompt):]
+
+
+def forced_worst_gap(eager: ModelEngine, other: ModelEngine, prompt: list[int], steps: int) -> float:
+    """Both engines fed the same tokens (eager's greedy ones, so a near-tie cannot send them
+    apart): the largest difference of any log-probability between their rows over `steps`
+    decode steps."""
+    seq, worst = list(prompt), 0.0
+    rows = [e.score_batch([ScoreItem("forced", 0, seq, 1)])[0].rows[-1].float() for e in (eager, other)]
+    for _ in range(steps):
+        a, b = (r.log_softmax(-1) for r in rows)
+        worst = max(worst, (a - b).abs().max().item())
+        seq.append(int(rows[0].argmax()))
+        rows = [e.score_batch([ScoreItem("forced", len(seq) - 1, seq[-1:], 1)])[0].rows[-1].float() for e in (eager, other)]
+    for e in (eager, other):
+        e.release("forced")
+    return worst

@@ -145,11 +145,14 @@ class CudaMemory:
         return int(free), int(total)
 
     def stream_workspace(self) -> int:
-        """The cuBLAS (and cuBLASLt) workspace a stream's first matrix product allocates: the
-        graphs' capture stream gets its own (runner._capture_all), kept while they live. torch's
-        own figure where it has one (2.13), else 32 MiB, its largest default (Hopper's)."""
+        """The cuBLAS workspace a stream's first matrix product allocates: the graphs' capture
+        stream gets its own (runner._capture_all), which torch keeps for as long as that stream
+        and handle are in use. cuBLASLt shares it by default (one figure: the larger, should they
+        differ). torch's own figure where it has one (2.13), else 32 MiB, its largest default
+        (Hopper's)."""
         sizes = [getattr(torch.backends.cuda, f, None) for f in ("cublas_workspace_size", "cublaslt_workspace_size")]
-        return sum(int(f()) for f in sizes if f is not None) or 32 * 2**20
+        known = [int(f()) for f in sizes if f is not None]
+        return max(known) if known else 32 * 2**20
 
 
 def profile_memory(model: Any, dtype: torch.dtype, *, max_context: int, prefill_tokens: int, max_batch: int,

@@ -392,7 +392,9 @@ class ModelRunner:
         load, a cuBLAS workspace) happens outside any capture. torch.cuda.graph's default stream is
         one for the whole process, so every engine's graphs would share its cuBLAS workspace,
         which freeing one engine's graphs can release under the others' (pytorch#193402); here
-        each runner's graphs use their own stream's."""
+        each runner's graphs use their own stream's. (torch hands out streams from a pool of 32
+        per device in turn: own streams for the first 32 runners of a process, more than a
+        logit service holds.)"""
         with torch.cuda.device(self.device):
             torch.cuda.synchronize()
             pool = torch.cuda.graph_pool_handle()
