@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from random_steps import GREEDY_PROMPTS, assert_same_rows, forced_worst_gap, greedy_tokens, step
-from tiny_models import tiny_models
+from tiny_models import graph_llama, tiny_models
 from eftmesh.core.sampling import SamplingConfig
 from eftmesh.logit.engine import DraftItem, ModelEngine, ScoreItem
 from eftmesh.logit.buckets import GraphConfig, batch_buckets, bucket_for, pow2_buckets
@@ -251,24 +251,18 @@ def test_the_static_path_gives_eager_s_greedy_tokens_in_bfloat16_over_64_steps()
         assert static.runner.static_steps - before >= 64
 
 
-@pytest.mark.parametrize("kv,most", [("auto", 0.5), ("fp8", 0.5)])
-def test_the_static_path_follows_eager_in_bfloat16_on_a_random_llama(tokenizer, kv, most):
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_the_static_path_follows_eager_in_bfloat16_on_a_random_llama(tokenizer, kv):
     """The GQA Llama (random weights) in bfloat16, both paths fed the same tokens: every
-    log-probability within bfloat16's rounding of eager's over 64 decode steps (measured here:
-    0.09 with the model's own cache, 0.16 over an fp8 one; a wrong position or cache slot moves
-    them by whole units). Its greedy tokens are no check: they part at near-ties."""
-    torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256, initializer_range=0.2,
-                                         tie_word_embeddings=False)).to(torch.bfloat16).eval()
+    log-probability within 0.5 of eager's over 64 decode steps (measured here: 0.09 with the
+    model's own cache, 0.16 over an fp8 one; a wrong position or cache slot moves them by whole
+    units). Its greedy tokens are no check: they part at near-ties."""
+    model = graph_llama(len(tokenizer)).to(torch.bfloat16)
     kw = dict(model_id="t", role="t", kv_cache_tokens=4096, kv_block_size=16, session_active_s=0.0, kv_cache_dtype=kv)
     eager = ModelEngine(model, tokenizer, graphs=GraphConfig(mode="off"), **kw)
     static = ModelEngine(model, tokenizer, graphs=GraphConfig(mode="static", max_batch=8, max_query=4, max_context=128),
                          **kw)
-    assert forced_worst_gap(eager, static, [1, 2, 3, 4], 64) < most
+    assert forced_worst_gap(eager, static, [1, 2, 3, 4], 64) < 0.5
     assert static.runner.static_steps >= 64
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from random_steps import GREEDY_PROMPTS, forced_worst_gap, greedy_tokens
+from tiny_models import graph_llama
 from eftmesh.logit.engine import ModelEngine, ScoreItem
 from eftmesh.logit.buckets import GraphConfig
 from eftmesh.logit.placement import load_model
@@ -31,11 +32,7 @@ def tokenizer(tiny_family):
 
 
 def llama(vocab: int, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         initializer_range=0.2, tie_word_embeddings=False))
-    return model.to("cuda", dtype).eval()
+    return graph_llama(vocab).to("cuda", dtype)
 
 
 def engines(tokenizer, dtype: torch.dtype, graphs: GraphConfig = GRAPHS,
