@@ -90,12 +90,33 @@ def test_a_malformed_draft_item_fails_alone() -> None:
     assert list(bad) == [0] and "sampling.top_p" in str(bad[0])
 
 
-def test_the_combiner_runs_one_torch_thread_unless_told() -> None:
-    from eftmesh.combiner.server import parse_args
+def test_the_combiners_threads_size_the_kernels_pool_and_torch_keeps_one(tiny_family, monkeypatch) -> None:
+    """--threads (default auto: the CPUs the process may use, at most the cap; tests/common/
+    test_cpus.py) is how many threads the compiled kernels share each step's rows among; torch
+    keeps one intra-op thread, whatever it is (idle OpenMP threads spin: at one stream they
+    made the combiner's work per token 2-5x as long)."""
+    import torch
 
-    base = ["--upstream", "base-large=h:1", "--no-default-delta", "--tokenizer", "x"]
-    assert parse_args(base).threads == 1
-    assert parse_args([*base, "--threads", "4"]).threads == 4
+    from eftmesh.combiner.server import build, parse_args
+    from eftmesh.common import cpus
+    from eftmesh.core import fusedrows
+
+    monkeypatch.setattr(cpus, "usable_cpus", lambda: 3)
+    base = ["--upstream", "base-large=h:1", "--no-default-delta", "--tokenizer", str(tiny_family["base-small"]),
+            "--host", "127.0.0.1", "--port", "0", "--health-port", "off"]
+    assert parse_args([*base, "--threads", "1"]).threads == 1
+    cfg = parse_args(base)
+    assert cfg.threads == 3
+    pools: list[int] = []
+    monkeypatch.setattr(fusedrows, "set_threads", pools.append)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cs = build(cfg)  # (bound, not started: no upstream is reached)
+        assert pools == [3] and torch.get_num_threads() == 1
+        cs.stop(0)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("floored", [True, False])

@@ -385,6 +385,8 @@ def test_cpu_values_should_drop_gpu_requests_and_use_the_cpu_image():
         if "-logit-" in name:
             cfg = logit_args(c["args"][1:], environ={})
             assert (cfg.device, cfg.dtype, cfg.threads) == ("cpu", "float32", 1)
+        else:  # (a quarter of a core requested: one mixing thread)
+            assert parse(name, c).threads == 1, name
 
 
 def test_every_pod_should_pass_pod_security_restricted():
@@ -771,14 +773,15 @@ def test_reflection_model_path_and_request_size_should_follow_their_values():
         assert "--no-reflection" not in args and "--hide-model-path" not in args
         if name.endswith("-combiner"):
             assert "--max-request-bytes=4194304" in args
-            assert parse(name, container(d)).threads == 1  # as the pod's CPU request
+            # as the pod's CPU request, not the service's `auto` (with no CPU limit, the node's cores)
+            assert parse(name, container(d)).threads == int(container(d)["resources"]["requests"]["cpu"]) == 2
 
 
 def test_the_combiner_s_threads_and_stream_interval_should_follow_their_values():
-    [d] = [d for n, d in by_kind(render({"combiner": {"threads": 2, "streamInterval": 4}}), "Deployment").items()
+    [d] = [d for n, d in by_kind(render({"combiner": {"threads": 3, "streamInterval": 4}}), "Deployment").items()
            if n.endswith("-combiner")]
     cfg = parse("eft-combiner", container(d))
-    assert cfg.threads == 2 and cfg.scheduler.stream_interval == 4
+    assert cfg.threads == 3 and cfg.scheduler.stream_interval == 4
 
 
 def test_a_role_s_chat_template_should_reach_its_service_through_a_configmap():

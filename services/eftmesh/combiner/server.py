@@ -34,7 +34,7 @@ from eftmesh.combiner.scoring import BlockCap, ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
-from eftmesh.common import auth, loading, memory, metrics, tls, tracing
+from eftmesh.common import auth, cpus, loading, memory, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tls import ServerTLS
@@ -94,7 +94,8 @@ class CombinerConfig:
     auth_tokens_file: str | None = None
     # --tokenizer-revision: the revision of a hub id --tokenizer.
     tokenizer_revision: str | None = None
-    # torch intra-op threads of this process (--threads); None leaves torch's default.
+    # The compiled kernels' threads (--threads; torch then keeps one intra-op thread); None leaves
+    # torch's default and the kernels on the calling thread (in-process builds: tests, benchmarks).
     threads: int | None = None
     # The OpenAI-compatible HTTP API (--http-port); None: off.
     http: HttpConfig | None = None
@@ -199,14 +200,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
     p.add_argument("--workers", type=int, default=None, help="gRPC worker threads; each streaming generation holds one, so there must be more than --max-concurrent-generations for overload to be refused at once rather than queued (default: --max-concurrent-generations + 32)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256, help="in-flight RPCs before new ones get RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for in-flight generations (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for the mixing and sampling, and the threads the compiled kernels "
-                        "share each step's rows among (128k, 16 streams, k = 4: 2 threads take 0.31 -> 0.22 ms per token); "
-                        "the per-step tensors are small "
-                        "([rows, vocab]), and idle intra-op threads spin on cores the logit services may share "
-                        "(demo family on a 2-core machine, 2 threads -> 1: one stream 48 -> 62-69 tokens/s, 16 streams "
-                        "429-456 -> 483-534); raise it for very large "
-                        "vocabularies and batches on a dedicated node (default: %(default)s)"),
+    p.add_argument("--threads", type=cpus.threads_arg(cpus.MIXING_THREADS_CAP), default="auto",
+                   help="threads the compiled kernels share each step's rows among (the mix, draws, verification; "
+                        "threads that wait, not spin; torch keeps one intra-op thread); auto: the CPUs this process may "
+                        f"use (affinity, cgroup quota), at most {cpus.MIXING_THREADS_CAP} (128k vocabulary, 16 streams, "
+                        "k = 4, 2 vCPUs shared with the logit services: 1 -> 2 threads took 0.32-0.46 -> 0.21-0.25 ms "
+                        "per token; docs/configuration.md) (default: %(default)s)")
     a = p.parse_args(argv)
     try:
         deadlines = DeadlinePolicy(a.upstream_deadline_margin, a.upstream_deadline_floor, a.call_timeout,
@@ -337,8 +336,10 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
           meter_provider: MeterProvider | None = None) -> CombinerServer:
     """Build the server (bound, not started); `CombinerServer.start` connects to the upstreams."""
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        fusedrows.set_threads(cfg.threads)  # (the compiled kernels' rows: threads that wait, not spin)
+        # torch keeps one intra-op thread: idle OpenMP threads spin, and its per-step tensors are
+        # small (one stream at 128k: two made the work per token 2-5x as long, configuration.md)
+        torch.set_num_threads(1)
+        fusedrows.set_threads(cfg.threads)
     if tracer_provider is None:
         tracer_provider = tracing.make_tracer_provider("eftmesh-combiner", otlp=cfg.otlp)
     tokenizer = loading.load_tokenizer(cfg.tokenizer, cfg.tokenizer_revision, flag="--tokenizer")
@@ -440,8 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except EftMeshError as e:
         log.error("refusing to start: %s", e)
         raise SystemExit(2) from None
-    log.info("combiner listening on port %d; roles %s; default %s; %s", cs.server.port, ", ".join(cfg.upstreams),
-             cfg.defaults.composition.describe(),
+    log.info("combiner listening on port %d; roles %s; default %s; %d mixing thread(s); %s", cs.server.port,
+             ", ".join(cfg.upstreams), cfg.defaults.composition.describe(), cfg.threads or 1,
              "serving" if cs.wait_serving(0) else "NOT_SERVING until every role has a live replica")
     cs.server.signalled.wait()
     cs.stop()

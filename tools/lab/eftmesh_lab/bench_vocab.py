@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from eftmesh.combiner.scheduler import StepTimes
+from eftmesh.common import cpus
 
 ROLES = ("base-large", "base-small", "ft-small")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -372,7 +373,7 @@ class InProcessCombiner:
             scheduler=SchedulerConfig(max_batch=max(32, most), queue_timeout_s=getattr(a, "queue_timeout", 30.0),
                                       prefill_chunk=getattr(a, "prefill_chunk", SchedulerConfig.prefill_chunk)),
             max_connection_age_s=getattr(a, "max_connection_age", 300.0),
-            threads=getattr(a, "combiner_threads", None),  # (torch's, and the compiled kernels' rows)
+            threads=getattr(a, "combiner_threads", None),  # (the compiled kernels' rows)
             policy=UpstreamPolicy(deadlines=DeadlinePolicy(cap_s=getattr(a, "call_timeout", DeadlinePolicy.cap_s))),
         )
         self.reader = InMemoryMetricReader()
@@ -494,7 +495,7 @@ def machine(a: argparse.Namespace) -> dict[str, Any]:
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "device": a.device,
-            "combiner_torch_threads": torch.get_num_threads()}
+            "combiner_torch_threads": torch.get_num_threads(), "combiner_threads": a.combiner_threads}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -512,8 +513,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="the logit services' dtype; rows travel in it (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="the logit services' torch device (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per logit service (default: %(default)s)")
-    p.add_argument("--combiner-threads", type=int, default=1,
-                   help="the combiner's --threads, in this process: torch's, and the compiled kernels' rows (default: %(default)s)")
+    p.add_argument("--combiner-threads", type=cpus.threads_arg(cpus.MIXING_THREADS_CAP), default="auto",
+                   help="the combiner's --threads, in this process: the threads the compiled kernels share each "
+                        "step's rows among; auto: as the combiner's default, the CPUs this process may use, at most "
+                        f"{cpus.MIXING_THREADS_CAP} (default: %(default)s)")
     p.add_argument("--kv-cache-tokens", type=int, default=4096, help="each logit service's KV cache, in tokens (default: %(default)s)")
     p.add_argument("--build-dir", default="build", help="where the models are made and kept (default: %(default)s)")
     p.add_argument("--log-dir", default="build/bench-vocab", help="logit service logs (default: %(default)s)")
@@ -532,7 +535,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
-    torch.set_num_threads(a.combiner_threads)
+    torch.set_num_threads(1)  # (the combiner's own torch threads: `combiner.server.build`)
     build = Path(a.build_dir)
     prepare = {
         "smollm2": (lambda: prepare_smollm2(build), chat_prompts, lambda: None),
