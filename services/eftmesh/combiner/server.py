@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                    help="threads the compiled kernels share each step's rows among (the mix, draws, verification; "
                         "threads that wait, not spin; torch keeps one intra-op thread); auto: the CPUs this process may "
                         f"use (affinity, cgroup quota), at most {cpus.MIXING_THREADS_CAP} (128k vocabulary, 16 streams, "
-                        "k = 4, 2 vCPUs shared with the logit services: 1 -> 2 threads took 0.32-0.46 -> 0.21-0.25 ms "
+                        "k = 4, 2 vCPUs shared with the logit services: 1 -> 2 threads took 0.35-0.45 -> 0.23-0.28 ms "
                         "per token; docs/configuration.md) (default: %(default)s)")
     a = p.parse_args(argv)
     try:
