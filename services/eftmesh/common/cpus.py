@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-# The combiner's `--threads auto` ceiling: a step's 16-80 rows shared by more threads come in
-# shares too small for the pool's hand-off (~50 us) to pay for; only 1 against 2 threads has
-# been measured (2-vCPU machines: docs/configuration.md)
+# The combiner's `--threads auto` ceiling, a guard rather than a measured optimum (only 1 against
+# 2 threads has been measured, on 2-vCPU machines: docs/configuration.md): a step's passes are
+# memory-bound, and more threads would contend with gRPC's own and, on a shared node, other pods'
 MIXING_THREADS_CAP = 4
 
 # cgroup v2's quota file, then v1's pair (where the process's cgroup is mounted in a container)
