@@ -94,7 +94,7 @@ def test_the_combiners_threads_size_the_kernels_pool_and_torch_keeps_one(tiny_fa
     """--threads (default auto: the CPUs the process may use, at most the cap; tests/common/
     test_cpus.py) is how many threads the compiled kernels share each step's rows among; torch
     keeps one intra-op thread, whatever it is (idle OpenMP threads spin: at one stream they
-    made the combiner's work per token 2-5x as long)."""
+    made the combiner's work per token up to 6x as long)."""
     import torch
 
     from eftmesh.combiner.server import build, parse_args

@@ -337,7 +337,7 @@ def build(cfg: CombinerConfig, tracer_provider: TracerProvider | None = None,
     """Build the server (bound, not started); `CombinerServer.start` connects to the upstreams."""
     if cfg.threads:
         # torch keeps one intra-op thread: idle OpenMP threads spin, and its per-step tensors are
-        # small (one stream at 128k: two made the work per token 2-5x as long, configuration.md)
+        # small (one stream at 128k: two made the work per token up to 6x as long, configuration.md)
         torch.set_num_threads(1)
         fusedrows.set_threads(cfg.threads)
     if tracer_provider is None:
