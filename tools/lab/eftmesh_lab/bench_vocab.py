@@ -535,7 +535,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = parse_args(argv)
-    torch.set_num_threads(1)  # (the combiner's own torch threads: `combiner.server.build`)
     build = Path(a.build_dir)
     prepare = {
         "smollm2": (lambda: prepare_smollm2(build), chat_prompts, lambda: None),
