@@ -221,10 +221,22 @@ def test_draw_plain_and_verify_groups_give_what_each_generation_would_take_alone
     assert [verdicts[g].accepted for g in (gens[2], gens[6], gens[7])] == [0, 2, 1]
 
 
-def test_the_fused_mix_reads_rows_from_several_responses_in_place_with_the_same_sums():
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_the_fused_mix_reads_rows_from_several_responses_in_place_with_the_same_sums(threads):
     """A step whose rows come from more than one response per role (generations drafting and
     not in one step, answers of two calls) is mixed in runs that read each response where it
-    lies: bitwise the scores and maxima of the same rows in one tensor, and no copy."""
+    lies: bitwise the scores and maxima of the same rows in one tensor, and no copy; with
+    several threads, their shares crossing the runs' bounds."""
+    from eftmesh.core import fusedrows
+
+    fusedrows.set_threads(threads)
+    try:
+        _mix_from_several_responses()
+    finally:
+        fusedrows.set_threads(1)
+
+
+def _mix_from_several_responses():
     g = torch.Generator().manual_seed(2)
     vocab, n = 30_000, 12  # (n x vocab over MIX3_MIN_ENTRIES: the fused mix)
     whole = [torch.randn(n, vocab + 3, generator=g) for _ in range(3)]

@@ -190,10 +190,23 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
 
     out, o = _rows_at(scores, vocab)
     maxima, cb, cc = np.empty(n, np.float32), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
-    for lo, hi, ((a, x), (b, y), (c, z)) in segments:
-        by_rows(hi - lo, lambda s, e, lo=lo, a=a, x=x, b=b, y=y, c=c, z=z: fused.mix3(
-            out, o[lo + s:lo + e], a, x[s:e], b, y[s:e], cb, c, z[s:e], cc, vocab, maxima[lo + s:lo + e],
-            np.empty(16, np.float32)))
+    ends = np.array([hi for _, hi, _ in segments])
+
+    def share(s: int, e: int) -> None:
+        # the share's rows, one kernel call per segment they cross: the rows are shared among
+        # the threads once, not segment by segment (a step of generations drafting and not has a
+        # segment per run of them, and one call per segment left each thread a row or two, and
+        # the process's other Python threads a GIL hand-over per call to delay it by)
+        lanes = np.empty(16, np.float32)
+        for k in range(int(np.searchsorted(ends, s, side="right")), len(segments)):
+            lo, hi, ((a, x), (b, y), (c, z)) = segments[k]
+            if lo >= e:
+                break
+            f, t = max(s, lo), min(e, hi)
+            fused.mix3(out, o[f:t], a, x[f - lo:t - lo], b, y[f - lo:t - lo], cb, c, z[f - lo:t - lo], cc, vocab,
+                       maxima[f:t], lanes)
+
+    by_rows(n, share)
     return torch.from_numpy(maxima)
 
 
