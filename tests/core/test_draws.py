@@ -379,8 +379,11 @@ def test_a_rows_probabilities_are_bitwise_those_it_gets_alone(vocab):
                                  SamplingConfig(1.0, top_k=50, top_p=0.8)])
 def test_sample_with_probs_is_sample_rows_then_token_probs_bitwise(shape, cfg):
     """What a drafting logit service sends (each draft and its q(x)) from one scaling of the
-    rows, bitwise what sample_rows then token_probs give; a row without mass is flagged alike."""
-    from eftmesh.core.sampling import sample_with_probs, token_probs
+    rows: the tokens sample_rows draws, and their probabilities bitwise what token_probs gives,
+    or on the compiled kernels' rows (no top-k) bitwise what verification's exact test reads
+    (`token_probs_at(exact=True)`) and within float rounding of token_probs; a row without mass
+    is flagged alike."""
+    from eftmesh.core.sampling import _fusable, sample_with_probs, token_probs, token_probs_at
 
     gen = torch.Generator().manual_seed(3)
     x = shaped_rows(gen, 8, 20_000, shape)
@@ -395,5 +398,10 @@ def test_sample_with_probs_is_sample_rows_then_token_probs_bitwise(shape, cfg):
     probs, _ = token_probs(x.clone(), tokens, cfg)
     t2, ok2, p2 = sample_with_probs(x.clone(), cfg, u, overwrite=True, more=more_from(9))
     assert torch.equal(ok, ok2) and ok.tolist() == [True] * 5 + [False] + [True] * 2
-    assert torch.equal(tokens[ok], t2[ok]) and torch.equal(probs[ok], p2[ok])
-    assert (p2[ok] > 0).all()
+    assert torch.equal(tokens[ok], t2[ok]) and (p2[ok] > 0).all()
+    if _fusable(x, cfg, more_from(9)):
+        exact = token_probs_at(x, torch.arange(8), t2, cfg, exact=True)[0]
+        assert torch.equal(exact[ok], p2[ok])
+        torch.testing.assert_close(p2[ok], probs[ok], rtol=1e-5, atol=0)
+    else:
+        assert torch.equal(probs[ok], p2[ok])
