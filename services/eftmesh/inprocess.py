@@ -34,7 +34,8 @@ class LocalScorer:
         def send(cs: Sequence[DraftCall], from_zero: bool) -> list[Outcome]:
             items = [DraftItem(c.session_id, 0 if from_zero else c.start, c.tokens[0 if from_zero else c.start:], c.k,
                                c.sampling, c.seed, c.vocab_limit) for c in cs]
-            return [Outcome(r.rows, r.drafts, r.error, cached_tokens=r.cached_tokens, draft_probs=r.draft_probs)
+            return [Outcome(r.rows, r.drafts, r.error, cached_tokens=r.cached_tokens, draft_probs=r.draft_probs,
+                            draft_cuts=r.draft_cuts)
                     for r in self.engines[role].draft_batch(items)]
 
         return with_resend(calls, send)

@@ -132,6 +132,7 @@ class FakeSampler(FakeGeneration):
     gen: torch.Generator = field(default_factory=torch.Generator)
     draft_rows: torch.Tensor | None = None
     draft_probs: list[float] = field(default_factory=list)  # (the drafter's q(x); [] here: read from the rows)
+    draft_cuts: list[tuple[float, float]] = field(default_factory=list)  # (its rows' cuts; [] here: cut at a rejection)
     drafts: list[int] = field(default_factory=list)
     keeps_scores: bool = True  # (log-probabilities asked for: its rows must survive the draw)
 

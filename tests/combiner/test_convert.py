@@ -158,7 +158,8 @@ def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
     rows = torch.arange(4 * 6, dtype=torch.float32).view(4, 6)
     results = [logit_pb2.ItemResult(rows=1, cached_tokens=3),
                logit_pb2.ItemResult(code=5, message="no session s1"),  # NOT_FOUND
-               logit_pb2.ItemResult(rows=2, drafts=[7, 8], draft_probs=[0.5, 0.25]),
+               logit_pb2.ItemResult(rows=2, drafts=[7, 8], draft_probs=[0.5, 0.25], draft_cut_z=[-1.5, -0.25],
+                                    draft_cut_mass=[3.25, 1.125]),
                logit_pb2.ItemResult(code=14, message=f"{DRAINING_PREFIX} replica r"),  # UNAVAILABLE
                logit_pb2.ItemResult(rows=1)]
     resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True, results=results)
@@ -166,6 +167,7 @@ def test_a_batched_answers_items_get_their_own_rows_drafts_and_errors() -> None:
     assert torch.equal(got[0].rows, rows[0:1]) and got[0].cached_tokens == 3 and got[0].drafts == []
     assert isinstance(got[1].error, NotFound) and got[1].rows is None
     assert torch.equal(got[2].rows, rows[1:3]) and got[2].drafts == [7, 8] and got[2].draft_probs == [0.5, 0.25]
+    assert got[2].draft_cuts == [(-1.5, 3.25), (-0.25, 1.125)] and got[0].draft_cuts == []
     assert isinstance(got[3].error, ReplicaDraining)
     assert torch.equal(got[4].rows, rows[3:4])
     short = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows), floored=True,

@@ -386,6 +386,44 @@ def test_draft_probabilities_a_role_sends_amiss_are_ignored(make, monkeypatch):
     assert len(base) == 12
 
 
+
+def test_draft_cuts_a_role_sends_amiss_are_ignored(make, monkeypatch):
+    """Each sampled draft row's top-p cut comes from the draft role too (Outcome.draft_cuts,
+    which a rejection's residual reuses); a generation gets the same tokens with them, without
+    them (an older logit service), and with a wrong count or a mass not in (0, inf), which it
+    ignores and cuts the row itself."""
+    spec = SpeculationConfig("ft-small", 3, adaptive=False)
+    r = GenerationRequest(SHORT, UPSCALE, SamplingConfig(temperature=0.9, top_p=0.9), seed=7, max_new_tokens=12,
+                          ignore_eos=True, seeded=True, speculation=spec)
+    sent: list[tuple[list[int], list[tuple[float, float]]]] = []
+    seen: list[list] = []
+
+    def run(amend):
+        d, scorer, _ = make()
+        real = scorer.inner.draft_batch
+
+        def draft_batch(role, calls):
+            out = real(role, calls)
+            sent.extend((o.drafts, o.draft_cuts) for o in out)
+            return [dataclasses.replace(o, draft_cuts=amend(o.draft_cuts)) for o in out]
+
+        monkeypatch.setattr(scorer.inner, "draft_batch", draft_batch)
+        g = submit(d, r)
+        real_drafted = type(g).drafted
+        monkeypatch.setattr(type(g), "drafted", lambda self, *a: real_drafted(self, *a) or seen.append(self.draft_cuts))
+        run_out(d)
+        return outcome(g)
+
+    base = run(lambda c: c)
+    assert sent and all(len(c) == len(x) and all(m > 0 for _, m in c) for x, c in sent)  # the role sent them
+    assert seen and all(c for c in seen)  # and the generation kept them
+    nan, inf = float("nan"), float("inf")
+    for amend in (lambda c: [], lambda c: c[:-1], lambda c: [(c[0][0], 0.0)] + c[1:], lambda c: [(c[0][0], inf)] + c[1:],
+                  lambda c: [(nan, c[0][1])] + c[1:], lambda c: [(c[0][0], nan)] + c[1:]):
+        seen.clear()
+        assert run(amend) == base and seen and not any(seen)  # (ignored: cut here)
+    assert len(base) == 12
+
 def test_max_batch_caps_the_running_batch_and_the_rest_wait(make):
     reqs = [req(SHORT, 8)] + [req(p, 3 + i) for i, p in enumerate(LONG + [SHORT])]
     expected = [alone(make, r) for r in reqs]

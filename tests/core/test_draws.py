@@ -383,6 +383,10 @@ def test_sample_with_probs_is_sample_rows_then_token_probs_bitwise(shape, cfg):
     or on the compiled kernels' rows (no top-k) bitwise what verification's exact test reads
     (`token_probs_at(exact=True)`) and within float rounding of token_probs; a row without mass
     is flagged alike."""
+    import numpy as np
+
+    from eftmesh.core import fusedrows
+    from eftmesh.core.draws import LOG2E
     from eftmesh.core.sampling import _fusable, sample_with_probs, token_probs, token_probs_at
 
     gen = torch.Generator().manual_seed(3)
@@ -396,12 +400,18 @@ def test_sample_with_probs_is_sample_rows_then_token_probs_bitwise(shape, cfg):
     u = torch.rand(8, generator=gen, dtype=torch.float64)
     tokens, ok = sample_rows(x.clone(), cfg, u, more=more_from(9))
     probs, _ = token_probs(x.clone(), tokens, cfg)
-    t2, ok2, p2 = sample_with_probs(x.clone(), cfg, u, overwrite=True, more=more_from(9))
+    t2, ok2, p2, made = sample_with_probs(x.clone(), cfg, u, overwrite=True, more=more_from(9))
     assert torch.equal(ok, ok2) and ok.tolist() == [True] * 5 + [False] + [True] * 2
     assert torch.equal(tokens[ok], t2[ok]) and (p2[ok] > 0).all()
     if _fusable(x, cfg, more_from(9)):
         exact = token_probs_at(x, torch.arange(8), t2, cfg, exact=True)[0]
         assert torch.equal(exact[ok], p2[ok])
         torch.testing.assert_close(p2[ok], probs[ok], rtol=1e-5, atol=0)
+        # each row's cut, as `nucleus_cut` makes it (what a rejection's residual reuses)
+        scratch, scale = fusedrows._Scratch(x.shape[1]), np.float32(LOG2E / cfg.temperature)
+        for i in ok.nonzero().flatten().tolist() if made is not None else ():
+            row = x[i].numpy()
+            assert fusedrows.nucleus_cut(row, row.max(), scale, cfg.top_p, scratch) == (made[0][i], made[1][i])
+        assert made is None if cfg.top_p >= 1 else (made[0][5] == -np.inf and made[1][5] == 0.0)
     else:
-        assert torch.equal(probs[ok], p2[ok])
+        assert torch.equal(probs[ok], p2[ok]) and made is None

@@ -284,3 +284,47 @@ def test_adaptive_estimate_counts_only_tested_drafts():
     assert a.acceptance == pytest.approx(0.5)
     a.update(accepted=4, drafted=4)  # all 4 tested and kept
     assert a.acceptance == pytest.approx(1.0)
+
+
+def test_draft_cuts_from_the_drafter_give_the_same_tokens_and_spare_the_residual_its_cut(monkeypatch):
+    """Blocks that bring each draft row's top-p cut (what the drafting logit service sends with
+    q(x): `sample_with_probs`' cuts) get the verdicts they get without them, and a rejection's
+    residual then cuts only p's row; cuts that are not the rows' own change its token (the
+    residual reads them: this test could fail)."""
+    from eftmesh.core import fusedrows, speculative
+    from eftmesh.core.sampling import SamplingConfig, per_row_uniforms, sample_with_probs
+
+    cfg, vocab = SamplingConfig(temperature=0.7, top_p=0.9), 3_000
+    gen = torch.Generator().manual_seed(8)
+    qs, ps, drafts, probs, made = [], [], [], [], []
+    for b in range(12):
+        k = 1 + b % 4
+        q = torch.randn(k + 1, vocab, generator=gen) * 2
+        qs.append(q)
+        ps.append(q + 1.5 * torch.randn(k + 1, vocab, generator=gen))  # apart: most blocks reject a draft
+        u, more = per_row_uniforms([torch.Generator().manual_seed(50 + b)] * k)
+        d, ok, qx, cut = sample_with_probs(q[:k].clone(), cfg, u, more=more)
+        assert ok.all() and cut is not None
+        drafts.append(d.tolist())
+        probs.append(qx.tolist())
+        made.append(list(zip(cut[0].tolist(), cut[1].tolist())))
+    p_all = torch.cat(ps)
+    firsts = [sum(len(d) + 1 for d in drafts[:b]) for b in range(12)]
+
+    def verify(cuts):
+        return speculative.verify_blocks(p_all, [
+            speculative.Block(d, f, q, torch.Generator().manual_seed(400 + b), probs[b], cuts[b])
+            for b, (d, f, q) in enumerate(zip(drafts, firsts, qs))], cfg)
+
+    made_here = []
+    real = fusedrows.nucleus_cut
+    monkeypatch.setattr(fusedrows, "nucleus_cut", lambda *a: made_here.append(1) or real(*a))
+    without = verify([None] * 12)
+    cuts_without = len(made_here)
+    rejected = sum(v.accepted < len(d) for v, d in zip(without, drafts))
+    assert rejected >= 6 and cuts_without >= 2 * rejected  # each rejection: p's cut and q's (and any exact test's)
+    made_here.clear()
+    assert verify(made) == without and len(made_here) == cuts_without - rejected  # q's cut given: p's alone
+    shifted = [[(z - 0.5, m) for z, m in c] for c in made]  # another threshold, the same mass
+    wrong = verify(shifted)
+    assert [v.accepted for v in wrong] == [v.accepted for v in without] and wrong != without

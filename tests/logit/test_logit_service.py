@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from conftest import start_logit
@@ -20,6 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from eftmesh.common.serving import ServerConfig
 from eftmesh.common.tensors import from_pb
 from eftmesh.common.tokenizer import fingerprint
+from eftmesh.core import fusedrows
+from eftmesh.core.draws import LOG2E
 from eftmesh.core.sampling import SamplingConfig, token_probs
 from eftmesh.logit.engine import ModelEngine
 from eftmesh.logit.server import LogitConfig, LogitServer
@@ -455,12 +458,16 @@ def test_draft_batch_equals_the_single_draft_rpc_per_item(batch_stub, stub):
         assert list(r.drafts) == list(one.tokens)
         torch.testing.assert_close(log_softmax(got), from_pb(one.logprobs), atol=1e-5, rtol=0)
         if it.sampling.temperature == 0:
-            assert list(r.draft_probs) == []
+            assert list(r.draft_probs) == [] and list(r.draft_cut_z) == [] and list(r.draft_cut_mass) == []
         else:  # each draft's q(x) travels as a double: what token_probs gives from the rows on the wire
             cfg = SamplingConfig(it.sampling.temperature, it.sampling.top_k, it.sampling.top_p)
             want = token_probs(got[:-1], torch.tensor(list(r.drafts)), cfg)[0]
             assert len(r.draft_probs) == it.k
             torch.testing.assert_close(torch.tensor(list(r.draft_probs), dtype=torch.float64), want, rtol=1e-5, atol=0)
+            # with top-p, the cut of each draft's row: what the compiled cut gives from the rows on the wire
+            cuts = [fusedrows.nucleus_cut(row.numpy(), np.float32(row.max()), np.float32(LOG2E / cfg.temperature), cfg.top_p,
+                                          fusedrows._Scratch(VOCAB)) for row in got[:-1]] if cfg.top_p < 1 else []
+            assert list(zip(r.draft_cut_z, r.draft_cut_mass)) == cuts and (cfg.top_p == 1) == (cuts == [])
 
 
 def test_a_malformed_draft_item_fails_alone(batch_stub):

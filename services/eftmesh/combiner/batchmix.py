@@ -51,6 +51,7 @@ class Verifying(Drawable, Protocol):
     drafts: list[int]  # [k]
     draft_rows: torch.Tensor  # [k + 1, draft vocab]
     draft_probs: list[float]  # [k] each draft's q(x) from the draft role, or [] (not sent)
+    draft_cuts: list[tuple[float, float]]  # [k] each draft row's top-p cut from the draft role, or []
 
 
 Run = tuple[int, int, float, list[torch.Tensor]]  # (first row, end row, coefficient, row tensors)
@@ -289,7 +290,8 @@ def verify_groups(
     out: dict[Verifying, Verdict | NoFiniteMass] = {}
     workspace = workspace or Workspace()
     for cfg, members in groups.items():
-        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None) for g in members]
+        blocks = [Block(g.drafts, offsets[g], g.draft_rows, g.gen, g.draft_probs or None, g.draft_cuts or None)
+                  for g in members]
         out.update(zip(members, verify_blocks(scores, blocks, cfg, workspace.scratch, row_max=workspace.maxima)))
     return out
 

@@ -185,6 +185,7 @@ class Generation:
         self.drafts: list[int] = []
         self.draft_rows: torch.Tensor | None = None
         self.draft_probs: list[float] = []  # each draft's q(x), when the draft role sent them
+        self.draft_cuts: list[tuple[float, float]] = []  # and its row's top-p cut
         # This step's piece of a long prompt (chunked prefill): role -> tokens its cache holds
         # after it; None on a step that samples.
         self.piece: dict[str, int] | None = None
@@ -355,12 +356,16 @@ class Generation:
         self.piece = None
         self.progressed()
 
-    def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = ()) -> None:
+    def drafted(self, drafts: list[int], rows: torch.Tensor, probs: Sequence[float] = (),
+                cuts: Sequence[tuple[float, float]] = ()) -> None:
         """The draft role's answer for this step's block: k drafts, their k + 1 rows and, for
         sampled drafts, each one's q(x) when the role sent them (`Outcome.draft_probs`; not one
-        per draft, or one outside (0, 1]: ignored, and q(x) is read from the rows instead)."""
+        per draft, or one outside (0, 1]: ignored, and q(x) is read from the rows instead), and
+        its row's top-p cut (`Outcome.draft_cuts`; likewise unless each mass is in (0, inf))."""
         good = len(probs) == len(drafts) and all(0.0 < q <= 1.0 for q in probs)  # (NaN fails too)
-        self.drafts, self.draft_rows, self.draft_probs = drafts, rows, list(probs) if good else []
+        cut = len(cuts) == len(drafts) and all(0.0 < m < float("inf") and z == z for z, m in cuts)  # (z == z: not NaN)
+        self.drafts, self.draft_rows = drafts, rows
+        self.draft_probs, self.draft_cuts = list(probs) if good else [], list(cuts) if cut else []
 
     def prefilled(self, role: str, start: int, cached_tokens: int) -> None:
         """`role` answered a call of this generation from `start` (`Outcome.cached_tokens`).
@@ -406,7 +411,7 @@ class Generation:
         if self.k and self._gen_state is not None:
             self.gen.set_state(self._gen_state)
         self.k = 0
-        self.drafts, self.draft_rows, self.draft_probs, self.piece = [], None, [], None
+        self.drafts, self.draft_rows, self.draft_probs, self.draft_cuts, self.piece = [], None, [], [], None
 
 
 # A prompt longer than max_context * this many characters is refused before it is tokenised:

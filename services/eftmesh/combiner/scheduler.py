@@ -342,7 +342,7 @@ class Scheduler:
                 elif o.error is not None:
                     self._upstream_failed(g, o.error, r)
                 else:
-                    g.drafted(o.drafts, o.rows, o.draft_probs)
+                    g.drafted(o.drafts, o.rows, o.draft_probs, o.draft_cuts)
                     g.prefilled(r, g.cached[r], o.cached_tokens)
         return [g for g in live if g in self._running]
 

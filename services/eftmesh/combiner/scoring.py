@@ -66,6 +66,8 @@ class Outcome:
     cached_tokens: int = 0
     # DraftCall only, sampled drafts: each draft's q(x) (ItemResult.draft_probs); empty: not sent
     draft_probs: list[float] = field(default_factory=list)
+    # ... and the top-p cut of its row (threshold, kept mass: ItemResult.draft_cut_z, draft_cut_mass)
+    draft_cuts: list[tuple[float, float]] = field(default_factory=list)
 
 
 class BlockCap:

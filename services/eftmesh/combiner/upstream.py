@@ -341,7 +341,7 @@ def _outcomes(role: str, answer: rowswire.RowsAnswer) -> list[Outcome]:
             out.append(Outcome(error=err))
         elif drafts := r.drafts:  # (a score's items have no drafts, nor their probabilities)
             out.append(Outcome(rows=next(views), drafts=list(drafts), cached_tokens=r.cached_tokens,
-                               draft_probs=list(r.draft_probs)))
+                               draft_probs=list(r.draft_probs), draft_cuts=list(zip(r.draft_cut_z, r.draft_cut_mass))))
         else:
             out.append(Outcome(rows=next(views), cached_tokens=r.cached_tokens))
     return out

@@ -106,12 +106,16 @@ def _nucleus_tries(flat: np.ndarray, at: np.ndarray, vocab: int, m: np.ndarray, 
 
 
 def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
-                      exact: bool, m: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      exact: bool, m: np.ndarray | None = None,
+                      cuts: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
     x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
     temperature, one compiled pass per row: `cuts.nucleus_bounds`' interval
     (`fused.token_bounds`), or with `exact` the cut's value (`nucleus_cut`).
     m: [g] float32, the rows' maxima when the caller has them; None: taken here.
+    cuts: with `exact` and p < 1, ([g] float32, [g] float64) written with each row's
+    `nucleus_cut` (threshold, kept mass; -inf and 0 where the row has no finite mass), what a
+    rejection's residual needs of that row (`residual_draw_fused`'s q_cuts).
 
     Returns:
         ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
@@ -126,20 +130,26 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
     at, toks, s, vocab, mg = rows[good] * stride, tokens[good], np.float32(scale), x.shape[1], m[good]
     glo, ghi = np.empty(len(good)), np.empty(len(good))
+    taus, kepts = np.full(len(good), _NEG_INF), np.zeros(len(good))
+    cut = exact and p < 1.0
 
     def probs(a: int, b: int) -> None:
-        scratch = _Scratch(vocab, cut=exact and p < 1.0)
-        if exact and p < 1.0:
+        scratch = _Scratch(vocab, cut=cut)
+        if cut:
             for i in range(a, b):
                 row = flat[at[i]:at[i] + vocab]
                 tau, kept = nucleus_cut(row, mg[i], s, p, scratch)
                 v = (row[toks[i]] - mg[i]) * s
                 glo[i] = ghi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
+                taus[i], kepts[i] = tau, kept
         else:  # (p >= 1: the bounds are exact)
             fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], glo[a:b], ghi[a:b], scratch.e, scratch.sums)
 
     by_rows(len(good), probs)
     lo[good], hi[good] = glo, ghi
+    if cuts is not None and cut:
+        cuts[0][:], cuts[1][:] = _NEG_INF, 0.0
+        cuts[0][good], cuts[1][good] = taus, kepts
     return lo, hi, ok
 
 
@@ -163,7 +173,8 @@ def nucleus_cut(row: np.ndarray, m: np.float32, s: np.float32, p: float, scratch
 
 
 def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Sequence[torch.Tensor], scale: float,
-                        top_p: float, u: np.ndarray, p_max: np.ndarray | None = None) -> np.ndarray:
+                        top_p: float, u: np.ndarray, p_max: np.ndarray | None = None,
+                        q_cuts: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray:
     """The tokens speculative rejections take: row i from normalise(max(0, P_i - Q_i)), P_i p's
     row rows[i] and Q_i q's row i, each processed (temperature, then top-p without top-k:
     `nucleus_cut`), the processed rows never formed: two cuts, then one compiled pass over the
@@ -178,6 +189,9 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Seq
             tensor or a sequence of rows (read where they lie: the draft role's response).
         scale: log2(e) / temperature; top_p: top-p (>= 1: none). u: [g] float64 uniforms.
         p_max: [g] float32, p's rows' maxima when the caller has them.
+        q_cuts: per q row, its `nucleus_cut` (threshold, kept mass) when the caller has it (the
+            drafting logit service cut the row to send its draft's q(x): `ItemResult.draft_cut_z`),
+            else None: cut here. The same values either way, one cut fewer per rejection.
 
     Returns:
         [g] int64 tokens.
@@ -199,7 +213,8 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Seq
             wx = np.float32(1.0 / kx)
             t = -1
             if np.isfinite(my):
-                ty, ky = nucleus_cut(y, my, s, top_p, scratch)
+                given = None if q_cuts is None else q_cuts[i]
+                ty, ky = nucleus_cut(y, my, s, top_p, scratch) if given is None else (np.float32(given[0]), given[1])
                 t = fused.residual_draw(x, mx, tx, wx, y, my, ty, np.float32(1.0 / ky), s, u[i], scratch.e, scratch.sums)
             if t < 0:  # (Q's weight 0: P alone)
                 t = fused.residual_draw(x, mx, tx, wx, x, mx, tx, np.float32(0.0), s, u[i], scratch.e, scratch.sums)

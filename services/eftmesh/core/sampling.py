@@ -263,7 +263,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
 
 def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, overwrite: bool = False,
                       more: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[np.ndarray, np.ndarray] | None]:
     """`sample_rows`' tokens and each one's probability, from one scaling of the rows: a
     drafting logit service sends each draft's q(x). Rows the compiled kernels read
     (`_fusable`): drawn by `fusedrows.draw_fused` and the probability from the compiled cut
@@ -275,21 +275,26 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass, [rows] float64 each token's
-        probability; both meaningless where the row has no finite mass).
+        probability; both meaningless where the row has no finite mass; on the compiled
+        kernels' rows with top-p, each row's cut ([rows] float32 thresholds, [rows] float64
+        kept masses: `fusedrows.token_probs_fused`'s `cuts`, which a rejection's residual
+        reuses), else None).
     """
     assert scores.dim() == 2 and not cfg.greedy, "sample_with_probs draws sampled rows: [rows, vocab]"
     if _fusable(scores, cfg, more):  # (both only read the rows)
-        tokens, ok = draw_fused(scores, LOG2E / cfg.temperature, cfg.top_p, u, more)
-        every = torch.arange(scores.shape[0])
-        return tokens, ok, token_probs_at(scores, every, tokens, cfg, exact=True)[0]
+        scale, n = LOG2E / cfg.temperature, scores.shape[0]
+        tokens, ok = draw_fused(scores, scale, cfg.top_p, u, more)
+        cuts = (np.empty(n, np.float32), np.empty(n)) if cfg.top_p < 1.0 else None
+        probs = token_probs_fused(scores, np.arange(n), tokens.numpy(), scale, cfg.top_p, exact=True, cuts=cuts)[0]
+        return tokens, ok, torch.from_numpy(probs), cuts
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):
         e = exp2(z)  # (not over z: the probabilities read it)
         running = running_sums(e)
         tokens, ok = draw_probs(e, u, running)
-        return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e)[0]
+        return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e)[0], None
     tokens, ok, e, running = _sample_scaled(z, cfg, u, more)
-    return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e, running=running)[0]
+    return tokens, ok, _token_probs_z(z, tokens, cfg, False, e=e, running=running)[0], None
 
 
 def _fusable(scores: torch.Tensor, cfg: SamplingConfig, more: Callable[[torch.Tensor], torch.Tensor] | None) -> bool:

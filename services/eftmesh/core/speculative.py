@@ -121,6 +121,9 @@ class Block:
     # drafting logit service sends them: ItemResult.draft_probs); None: read from q. With them
     # a q row is read only at a rejection, for the residual.
     q_probs: Sequence[float] | None = None
+    # [k] draft i's row's top-p cut (threshold, kept mass: `fusedrows.nucleus_cut`), as the
+    # drafting logit service made it (ItemResult.draft_cut_z); None: cut here at a rejection
+    q_cuts: Sequence[tuple[float, float]] | None = None
 
 
 def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
@@ -242,8 +245,10 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
         q_rows = [blocks[j].q[accepted[j], :vocab] for j in rejected]  # (views: read in place)
         if fused and all(r.device.type == "cpu" for r in q_rows):  # two cuts and one pass per pair, the processed rows never formed
+            q_cuts = [None if blocks[j].q_cuts is None else blocks[j].q_cuts[accepted[j]] for j in rejected]
             tokens = torch.from_numpy(residual_draw_fused(p, at.numpy(), q_rows, LOG2E / cfg.temperature, cfg.top_p,
-                                                          last[rejected].numpy(), None if row_max is None else row_max[at].numpy()))
+                                                          last[rejected].numpy(), None if row_max is None else row_max[at].numpy(),
+                                                          q_cuts))
         else:
             target = processed_probs(p.index_select(0, at), cfg, overwrite=True)  # [g, vocab]
             tokens, ok = draw_probs(processed_probs(torch.stack(q_rows), cfg, overwrite=True).neg_().add_(target).clamp_min_(0.0),

@@ -95,7 +95,8 @@ def results_to_reply(results: Sequence[ItemResult], vocab: int, dtype: torch.dty
         else:
             n = sum(p.shape[0] for p in r.pieces)
             add(rows=n, cache_length=r.cache_length, drafts=r.drafts, cached_tokens=r.cached_tokens,
-                draft_probs=r.draft_probs)
+                draft_probs=r.draft_probs, draft_cut_z=[z for z, _ in r.draft_cuts],
+                draft_cut_mass=[m for _, m in r.draft_cuts])
             parts += [tensors.as_array(p.contiguous()) for p in r.pieces]  # (views: each piece is contiguous)
             rows += n
             dtype, vocab = r.pieces[0].dtype, r.pieces[0].shape[1]  # (the rows' own width)

@@ -361,24 +361,24 @@ class ModelEngine:
         for (limit, sampling), group in groups.items():
             rows = torch.cat([chunks[r.index][-1][-1:, :limit] for r in group]).float()  # [items, limit]
             if sampling is None:
-                (tokens, fine), probs = argmax_finite(rows), [None] * len(group)
-            else:  # process(rows)'s distribution; each draft's q(x) as verification would compute
-                # it from these rows, so the combiner reads a draft row only at a rejection
+                (tokens, fine), probs, cuts = argmax_finite(rows), [None] * len(group), [None] * len(group)
+            else:  # process(rows)'s distribution; each draft's q(x) as verification would compute it from these rows
+                # (so the combiner reads a draft row only at a rejection), and the cut it was drawn within (ItemResult)
                 u, more = per_row_uniforms([gens[r.index] for r in group])
-                tokens, fine, q = sample_with_probs(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
-                probs = q.tolist()
-            for r, token, ok, prob in zip(group, tokens.tolist(), fine.tolist(), probs):
+                tokens, fine, q, made = sample_with_probs(rows, sampling, u, overwrite=True, more=more)  # rows: cat's own copy
+                probs, cuts = q.tolist(), [None] * len(group) if made is None else list(zip(*(c.tolist() for c in made)))
+            for r, token, ok, prob, cut in zip(group, tokens.tolist(), fine.tolist(), probs, cuts):
                 if ok:
-                    self._drafted(r, results, token, prob)
+                    self._drafted(r, results[r.index], token, prob, cut)
                 else:  # a degenerate row: this item fails alone
                     results[r.index].error = InvalidArgument(
                         "the draft model's row has no finite probability mass: its logits are NaN or infinite")
 
     @staticmethod
-    def _drafted(r: Admitted, results: list[ItemResult], token: int, prob: float | None) -> None:
-        results[r.index].drafts.append(token)
-        if prob is not None:
-            results[r.index].draft_probs.append(prob)
+    def _drafted(r: Admitted, res: ItemResult, token: int, prob: float | None, cut: tuple[float, float] | None) -> None:
+        res.drafts.append(token)
+        res.draft_probs += [] if prob is None else [prob]
+        res.draft_cuts += [] if cut is None else [cut]
         r.ids, r.rows = [token], 1
 
     def _admit(self, wants: Sequence[Want | None], results: list[ItemResult]) -> list[Admitted]:

@@ -52,6 +52,9 @@ class ItemResult:
     drafts: list[int] = field(default_factory=list)
     # sampled drafts: each one's probability under the processed row it was drawn from
     draft_probs: list[float] = field(default_factory=list)
+    # and the top-p cut each was drawn within (threshold, kept mass: `fusedrows.nucleus_cut`),
+    # where the compiled kernels cut the rows; else empty
+    draft_cuts: list[tuple[float, float]] = field(default_factory=list)
     error: EftMeshError | None = None
 
     @property

@@ -156,7 +156,7 @@ class ScoreBatchRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ItemResult(_message.Message):
-    __slots__ = ("code", "message", "rows", "cache_length", "drafts", "cached_tokens", "draft_probs")
+    __slots__ = ("code", "message", "rows", "cache_length", "drafts", "cached_tokens", "draft_probs", "draft_cut_z", "draft_cut_mass")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,8 @@ class ItemResult(_message.Message):
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CUT_Z_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CUT_MASS_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     rows: int
@@ -171,7 +173,9 @@ class ItemResult(_message.Message):
     drafts: _containers.RepeatedScalarFieldContainer[int]
     cached_tokens: int
     draft_probs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., cache_length: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., draft_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+    draft_cut_z: _containers.RepeatedScalarFieldContainer[float]
+    draft_cut_mass: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., rows: _Optional[int] = ..., cache_length: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., draft_probs: _Optional[_Iterable[float]] = ..., draft_cut_z: _Optional[_Iterable[float]] = ..., draft_cut_mass: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreBatchResponse(_message.Message):
     __slots__ = ("logits", "results", "floored")
