@@ -291,10 +291,12 @@ def test_draft_cuts_from_the_drafter_give_the_same_tokens_and_spare_the_residual
     q(x): `sample_with_probs`' cuts) get the verdicts they get without them, and a rejection's
     residual then cuts only p's row; cuts that are not the rows' own change its token (the
     residual reads them: this test could fail)."""
+    import numpy as np
+
     from eftmesh.core import fusedrows, speculative
     from eftmesh.core.sampling import SamplingConfig, per_row_uniforms, sample_with_probs
 
-    cfg, vocab = SamplingConfig(temperature=0.7, top_p=0.9), 3_000
+    cfg, vocab = SamplingConfig(temperature=float(np.float32(0.7)), top_p=float(np.float32(0.9))), 3_000
     gen = torch.Generator().manual_seed(8)
     qs, ps, drafts, probs, made = [], [], [], [], []
     for b in range(12):
@@ -328,3 +330,10 @@ def test_draft_cuts_from_the_drafter_give_the_same_tokens_and_spare_the_residual
     shifted = [[(z - 0.5, m) for z, m in c] for c in made]  # another threshold, the same mass
     wrong = verify(shifted)
     assert [v.accepted for v in wrong] == [v.accepted for v in without] and wrong != without
+    # settings the wire cannot carry exactly (float32): the drafter cut its rows with other numbers
+    # (another scale for z), so its cuts are not used and the residual cuts q's rows itself
+    cfg = SamplingConfig(temperature=0.7000001, top_p=0.9)
+    assert float(np.float32(cfg.temperature)) != cfg.temperature
+    made_here.clear()
+    verify(made)
+    assert len(made_here) >= 2 * rejected

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from eftmesh.core.draws import LOG2E, draw_probs
@@ -245,7 +246,10 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
         q_rows = [blocks[j].q[accepted[j], :vocab] for j in rejected]  # (views: read in place)
         if fused and all(r.device.type == "cpu" for r in q_rows):  # two cuts and one pass per pair, the processed rows never formed
-            q_cuts = [None if blocks[j].q_cuts is None else blocks[j].q_cuts[accepted[j]] for j in rejected]
+            # (a drafter's cut is in its z, from the settings as the wire carries them, float32: used
+            # only where ours are those numbers, e.g. not a combiner default of 0.7 from a flag)
+            wire = float(np.float32(cfg.temperature)) == cfg.temperature and float(np.float32(cfg.top_p)) == cfg.top_p
+            q_cuts = [None if blocks[j].q_cuts is None or not wire else blocks[j].q_cuts[accepted[j]] for j in rejected]
             tokens = torch.from_numpy(residual_draw_fused(p, at.numpy(), q_rows, LOG2E / cfg.temperature, cfg.top_p,
                                                           last[rejected].numpy(), None if row_max is None else row_max[at].numpy(),
                                                           q_cuts))
