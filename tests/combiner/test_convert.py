@@ -119,6 +119,22 @@ def test_the_combiners_threads_size_the_kernels_pool_and_torch_keeps_one(tiny_fa
         torch.set_num_threads(before)
 
 
+def test_the_combiners_default_sampling_is_what_the_wire_carries(tiny_family) -> None:
+    """--temperature and --top-p become the float32 values a request's SamplingParams carry (and
+    a drafting logit service receives): a generation that takes the defaults verifies with the
+    numbers its drafter cut its rows with, so the drafter's cuts are reused (speculative.py)."""
+    import numpy as np
+
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--no-default-delta", "--tokenizer", str(tiny_family["base-small"]),
+            "--host", "127.0.0.1", "--port", "0", "--health-port", "off"]
+    got = parse_args([*base, "--temperature", "0.7", "--top-p", "0.95", "--top-k", "5"]).defaults.sampling
+    assert (got.temperature, got.top_p, got.top_k) == (float(np.float32(0.7)), float(np.float32(0.95)), 5)
+    assert got.temperature != 0.7 and got.top_p != 0.95  # (not float32 numbers: rounded)
+    assert parse_args(base).defaults.sampling.top_p == float(np.float32(0.95))  # (the default too)
+
+
 @pytest.mark.parametrize("floored", [True, False])
 def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
     """A ScoreBatch answer's bf16 rows (a GPU model's) become float32 as the answer is read

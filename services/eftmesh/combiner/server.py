@@ -34,7 +34,7 @@ from eftmesh.combiner.scoring import BlockCap, ModelSpec, check_compatible
 from eftmesh.combiner.deadlines import DeadlinePolicy
 from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.upstream import GrpcScorer
-from eftmesh.common import auth, cpus, loading, memory, metrics, tls, tracing
+from eftmesh.common import auth, convert, cpus, loading, memory, metrics, tls, tracing
 from eftmesh.common.errors import EftMeshError
 from eftmesh.common.serving import HEALTH_PORT_HELP, Server, ServerConfig, exit_now, health_port_arg
 from eftmesh.common.tls import ServerTLS
@@ -212,13 +212,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                                    straggler_factor=a.upstream_straggler_factor)
     except ValueError as e:
         p.error(str(e))
-    upstreams = dict(a.upstream)
-    if len(upstreams) != len(a.upstream):
+    if len(upstreams := dict(a.upstream)) != len(a.upstream):
         p.error("each role may be given once in --upstream")
     deltas = () if a.no_default_delta else tuple(a.default_delta or DEFAULT_COMPOSITION.deltas)
     try:
         composition = Composition(a.default_base, deltas)
-        sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        # float32, as the wire carries it (every request's settings are; a drafter's cut is reused only so)
+        sampling = convert.sampling_from_pb(convert.sampling_to_pb(SamplingConfig(a.temperature, a.top_k, a.top_p)), SamplingConfig())
         speculation = SpeculationDefaults(a.speculation, a.k, a.max_k, a.draft_cost_ratio)
     except ValueError as e:
         p.error(str(e))
