@@ -354,6 +354,27 @@ def test_sampled_generations_draw_the_same_tokens_batched_as_alone(make):
     assert max(len(step) for step in scorer.steps()) == len(reqs)  # they did step together
 
 
+def _drafts_amended(make, monkeypatch, r, name, amend, sent, kept=None):
+    """Run r alone with each draft role answer's `name` (an Outcome field) passed through `amend`:
+    `sent` collects (drafts, the field as the role sent it); `kept`, what the generation kept of
+    it at each block (its attribute of that name). Returns the outcome."""
+    d, scorer, _ = make()
+    real = scorer.inner.draft_batch
+
+    def draft_batch(role, calls):
+        out = real(role, calls)
+        sent.extend((o.drafts, getattr(o, name)) for o in out)
+        return [dataclasses.replace(o, **{name: amend(getattr(o, name))}) for o in out]
+
+    monkeypatch.setattr(scorer.inner, "draft_batch", draft_batch)
+    g = submit(d, r)
+    if kept is not None:
+        drafted = g.drafted
+        monkeypatch.setattr(g, "drafted", lambda *a: drafted(*a) or kept.append(getattr(g, name)))
+    run_out(d)
+    return outcome(g)
+
+
 def test_draft_probabilities_a_role_sends_amiss_are_ignored(make, monkeypatch):
     """Each sampled draft's q(x) comes from the draft role (Outcome.draft_probs); a generation
     verifies alike with them, without them (an older logit service), and with a wrong count or
@@ -362,67 +383,36 @@ def test_draft_probabilities_a_role_sends_amiss_are_ignored(make, monkeypatch):
     r = GenerationRequest(SHORT, UPSCALE, SamplingConfig(temperature=0.9, top_p=0.9), seed=5, max_new_tokens=12,
                           ignore_eos=True, seeded=True, speculation=spec)
     sent: list[tuple[list[int], list[float]]] = []
-
-    def run(amend):
-        d, scorer, _ = make()
-        real = scorer.inner.draft_batch
-
-        def draft_batch(role, calls):
-            out = real(role, calls)
-            sent.extend((o.drafts, o.draft_probs) for o in out)
-            return [dataclasses.replace(o, draft_probs=amend(o.draft_probs)) for o in out]
-
-        monkeypatch.setattr(scorer.inner, "draft_batch", draft_batch)
-        g = submit(d, r)
-        run_out(d)
-        return outcome(g)
-
-    base = run(lambda q: q)
+    base = _drafts_amended(make, monkeypatch, r, "draft_probs", lambda q: q, sent)
     assert sent and all(len(q) == len(x) and all(0 < v <= 1 for v in q) for x, q in sent)  # the role sent them
     nan = float("nan")
     for amend in (lambda q: [], lambda q: q[:-1], lambda q: [0.0] + q[1:], lambda q: [nan] + q[1:],
                   lambda q: [2.0] + q[1:]):
-        assert run(amend) == base
+        assert _drafts_amended(make, monkeypatch, r, "draft_probs", amend, []) == base
     assert len(base) == 12
-
 
 
 def test_draft_cuts_a_role_sends_amiss_are_ignored(make, monkeypatch):
     """Each sampled draft row's top-p cut comes from the draft role too (Outcome.draft_cuts,
     which a rejection's residual reuses); a generation gets the same tokens with them, without
-    them (an older logit service), and with a wrong count or a mass not in (0, inf), which it
-    ignores and cuts the row itself."""
+    them (an older logit service), and with a wrong count, a mass not in (0, inf) or a NaN
+    threshold, which it ignores (and cuts the row itself)."""
     spec = SpeculationConfig("ft-small", 3, adaptive=False)
     r = GenerationRequest(SHORT, UPSCALE, SamplingConfig(temperature=0.9, top_p=0.9), seed=7, max_new_tokens=12,
                           ignore_eos=True, seeded=True, speculation=spec)
     sent: list[tuple[list[int], list[tuple[float, float]]]] = []
-    seen: list[list] = []
-
-    def run(amend):
-        d, scorer, _ = make()
-        real = scorer.inner.draft_batch
-
-        def draft_batch(role, calls):
-            out = real(role, calls)
-            sent.extend((o.drafts, o.draft_cuts) for o in out)
-            return [dataclasses.replace(o, draft_cuts=amend(o.draft_cuts)) for o in out]
-
-        monkeypatch.setattr(scorer.inner, "draft_batch", draft_batch)
-        g = submit(d, r)
-        real_drafted = type(g).drafted
-        monkeypatch.setattr(type(g), "drafted", lambda self, *a: real_drafted(self, *a) or seen.append(self.draft_cuts))
-        run_out(d)
-        return outcome(g)
-
-    base = run(lambda c: c)
+    kept: list[list[tuple[float, float]]] = []
+    base = _drafts_amended(make, monkeypatch, r, "draft_cuts", lambda c: c, sent, kept)
     assert sent and all(len(c) == len(x) and all(m > 0 for _, m in c) for x, c in sent)  # the role sent them
-    assert seen and all(c for c in seen)  # and the generation kept them
+    assert kept and all(kept)  # and the generation kept them
     nan, inf = float("nan"), float("inf")
     for amend in (lambda c: [], lambda c: c[:-1], lambda c: [(c[0][0], 0.0)] + c[1:], lambda c: [(c[0][0], inf)] + c[1:],
                   lambda c: [(nan, c[0][1])] + c[1:], lambda c: [(c[0][0], nan)] + c[1:]):
-        seen.clear()
-        assert run(amend) == base and seen and not any(seen)  # (ignored: cut here)
+        kept.clear()
+        assert _drafts_amended(make, monkeypatch, r, "draft_cuts", amend, [], kept) == base
+        assert kept and not any(kept)  # (ignored: a rejection cuts the row itself)
     assert len(base) == 12
+
 
 def test_max_batch_caps_the_running_batch_and_the_rest_wait(make):
     reqs = [req(SHORT, 8)] + [req(p, 3 + i) for i, p in enumerate(LONG + [SHORT])]
