@@ -245,9 +245,9 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         # at a rejection the token comes from normalise(max(0, p_i - q_i))
         at = torch.tensor([blocks[j].first + accepted[j] for j in rejected])
         q_rows = [blocks[j].q[accepted[j], :vocab] for j in rejected]  # (views: read in place)
-        if fused and all(r.device.type == "cpu" for r in q_rows):  # two cuts and one pass per pair, the processed rows never formed
-            # (a drafter's cut is in its z, from the settings as the wire carries them, float32: used
-            # only where ours are those numbers, e.g. not a combiner default of 0.7 from a flag)
+        if fused and all(r.device.type == "cpu" for r in q_rows):  # cuts and one pass per pair, the processed rows never formed
+            # (q's cut where the drafter sent it: it is in the drafter's z, from the settings as the wire
+            # carries them, float32, so it is used only where ours are those numbers; a caller's 0.7 is not)
             wire = float(np.float32(cfg.temperature)) == cfg.temperature and float(np.float32(cfg.top_p)) == cfg.top_p
             q_cuts = [None if blocks[j].q_cuts is None or not wire else blocks[j].q_cuts[accepted[j]] for j in rejected]
             tokens = torch.from_numpy(residual_draw_fused(p, at.numpy(), q_rows, LOG2E / cfg.temperature, cfg.top_p,
