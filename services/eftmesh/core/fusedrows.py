@@ -177,7 +177,8 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Seq
                         q_cuts: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray:
     """The tokens speculative rejections take: row i from normalise(max(0, P_i - Q_i)), P_i p's
     row rows[i] and Q_i q's row i, each processed (temperature, then top-p without top-k:
-    `nucleus_cut`), the processed rows never formed: two cuts, then one compiled pass over the
+    `nucleus_cut`), the processed rows never formed: two cuts (Q's given, `q_cuts`, or made
+    here), then one compiled pass over the
     pair that takes the residual, its block sums and the draw (`fused.residual_draw`). Where the
     residual has no mass (P_i == Q_i in float32, or q's row has no finite mass), the token is
     drawn from P_i with the same uniform, as the torch path (`processed_probs`, `draw_probs`).

@@ -283,9 +283,11 @@ def sample_with_probs(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor
     assert scores.dim() == 2 and not cfg.greedy, "sample_with_probs draws sampled rows: [rows, vocab]"
     if _fusable(scores, cfg, more):  # (both only read the rows)
         scale, n = LOG2E / cfg.temperature, scores.shape[0]
-        tokens, ok = draw_fused(scores, scale, cfg.top_p, u, more)
+        m = scores.amax(1)  # (the rows' maxima once, for both: NaN or +inf where a row has no finite mass)
+        tokens, ok = draw_fused(scores, scale, cfg.top_p, u, more, row_max=m)
         cuts = (np.empty(n, np.float32), np.empty(n)) if cfg.top_p < 1.0 else None
-        probs = token_probs_fused(scores, np.arange(n), tokens.numpy(), scale, cfg.top_p, exact=True, cuts=cuts)[0]
+        probs = token_probs_fused(scores, np.arange(n), tokens.numpy(), scale, cfg.top_p, exact=True, m=m.numpy(),
+                                  cuts=cuts)[0]
         return tokens, ok, torch.from_numpy(probs), cuts
     z = _scaled(scores.float(), cfg.temperature, overwrite)  # ours: the draw may overwrite it
     if not _filters(cfg, z.shape[1]):

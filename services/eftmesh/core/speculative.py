@@ -135,7 +135,8 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
     interval for a flat row, which decides the test unless the uniform falls inside it, when
     that test is computed exactly) and only while the drafts before it pass; at a rejection the
     token comes from the residual max(0, p_i - q_i) (on rows the compiled kernels read, drawn
-    from two nucleus cuts and one pass over the pair, `fusedrows.residual_draw_fused`; else from
+    from two nucleus cuts, q's the drafter's where it sent it (`Block.q_cuts`), and one pass over
+    the pair, `fusedrows.residual_draw_fused`; else from
     whole processed rows), and the bonus token is drawn from p_k as a plain step's is
     (`sampling.sample_rows`).
     A block of k drafts that all pass costs 2k token probabilities and one draw; one rejected
