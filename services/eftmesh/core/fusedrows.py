@@ -134,16 +134,16 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     cut = exact and p < 1.0
 
     def probs(a: int, b: int) -> None:
-        scratch = _Scratch(vocab, cut=cut)
         if cut:
+            scratch = _Scratch(vocab)
             for i in range(a, b):
                 row = flat[at[i]:at[i] + vocab]
                 tau, kept = nucleus_cut(row, mg[i], s, p, scratch)
                 v = (row[toks[i]] - mg[i]) * s
                 glo[i] = ghi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
                 taus[i], kepts[i] = tau, kept
-        else:  # (p >= 1: the bounds are exact)
-            fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], glo[a:b], ghi[a:b], scratch.e, scratch.sums)
+        else:  # (p >= 1: the bounds are exact; no scratch: the pass writes nothing)
+            fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], glo[a:b], ghi[a:b])
 
     by_rows(len(good), probs)
     lo[good], hi[good] = glo, ghi
