@@ -443,6 +443,9 @@ def warm(*, draws_only: bool = False) -> None:
                   (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),
                                                     np.empty(vocab, np.int32), one.copy())),
                   (mass_above, lambda: mass_above(one, f, f, one, f)),
+                  # (called from Python too, `fusedrows.nucleus_cut` at top-p 1: with its callers loaded
+                  # from NUMBA_CACHE_DIR it would have no specialisation of its own yet)
+                  (exp2_scaled, lambda: exp2_scaled(one, f, f, one.copy(), np.empty(2, np.float32))),
                   (residual_draw, lambda: residual_draw(one, f, f, f, one, f, f, f, f, 0.5, one.copy(), np.empty(2, np.float32)))]
     start = time.perf_counter()
     todo = [call for kernel, call in calls if not kernel.signatures]
