@@ -85,22 +85,27 @@ def test_the_first_two_roles_written_in_one_pass_give_the_same_sums_bitwise(dtyp
         assert torch.equal(scores[o:o + m], want)
 
 
-def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch):
-    """Three float32 roles, each one run over every row (one composition, base-large's
-    coefficient 1) are mixed in one compiled pass (`fused.mix3`), bitwise the two torch passes
-    (one torch.add, then add_); rows wider than the vocabulary (padding columns) are read where
-    they lie. Any other step (a role's coefficient changes between runs) takes the torch passes."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch, dtype):
+    """Three roles, each one run over every row (one composition, base-large's coefficient 1)
+    are mixed in one compiled pass (`fused.mix3`), bitwise the two torch passes (one torch.add,
+    then add_) over the rows in float32; bfloat16 rows (a GPU model's, as the wire brings them)
+    are widened as they are read, at any size. Rows wider than the vocabulary (padding columns)
+    are read where they lie. Any other step (a role's coefficient changes between runs) takes
+    the torch passes."""
     from eftmesh.core import fused
 
     calls = []
     real = fused.mix3
+    fused.warm()
+    warmed = len(real.signatures)  # (float32 rows and bfloat16 rows)
     monkeypatch.setattr(fused, "mix3", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", 0)  # (these rows are few: torch's passes otherwise)
     g = torch.Generator().manual_seed(4)
     up = {"big": 1.0, "ft": 1.5, "small": -1.5}
     gens = [FakeGeneration(up, k) for k in (0, 2, 1, 0)]
     n = sum(x.rows_per_role() for x in gens)
-    blocks = {r: torch.randn(n, V + 2, generator=g) * 4 for r in up}
+    blocks = {r: (torch.randn(n, V + 2, generator=g) * 4).to(dtype) for r in up}
     rows, at = {}, 0
     for x in gens:
         m = x.rows_per_role()
@@ -109,20 +114,22 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
     blocks["ft"][2, 3] = float("nan")  # (a NaN row: its maximum NaN, as numpy's)
     ws = Workspace()
     scores, _ = mix_step(gens, rows, V, ws)
-    want = torch.add(blocks["big"][:, :V], blocks["ft"][:, :V], alpha=1.5).add_(blocks["small"][:, :V], alpha=-1.5)
+    wide = {r: b.float() for r, b in blocks.items()}
+    want = torch.add(wide["big"][:, :V], wide["ft"][:, :V], alpha=1.5).add_(wide["small"][:, :V], alpha=-1.5)
     assert calls == [1] and torch.equal(scores.nan_to_num(), want.nan_to_num())
     fine = torch.arange(n) != 2
     assert ws.maxima[2].isnan() and torch.equal(ws.maxima[fine], want[fine].amax(1))  # the rows' maxima, taken on the way
-    assert len(real.signatures) == 1  # the one `fused.warm` compiles
+    assert len(real.signatures) == warmed == 2  # one of the two `fused.warm` compiles: no request compiles
     gens[2].coef = {"big": 1.0, "ft": 2.0, "small": -2.0}  # two runs of ft and small: torch's passes
     scores, _ = mix_step(gens, rows, V, ws)
     assert calls == [1] and ws.maxima is None
-    mixed = torch.cat([torch.add(blocks["big"][o:o + m, :V], blocks["ft"][o:o + m, :V], alpha=c).add_(
-        blocks["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
+    mixed = torch.cat([torch.add(wide["big"][o:o + m, :V], wide["ft"][o:o + m, :V], alpha=c).add_(
+        wide["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
     assert torch.equal(scores.nan_to_num(), mixed.nan_to_num())
-    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes
+    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes (float32)
     gens[2].coef = up
-    assert torch.equal(mix_step(gens, rows, V)[0].nan_to_num(), want.nan_to_num()) and calls == [1]
+    assert torch.equal(mix_step(gens, rows, V)[0].nan_to_num(), want.nan_to_num())
+    assert calls == [1] * (1 if dtype == torch.float32 else 2)  # (bfloat16 rows: the kernel at any size)
 
 
 @dataclass(eq=False)

@@ -135,11 +135,14 @@ def test_the_combiners_default_sampling_is_what_the_wire_carries(tiny_family) ->
     assert parse_args(base).defaults.sampling.top_p == float(np.float32(0.95))  # (the default too)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("floored", [True, False])
-def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
-    """A ScoreBatch answer's bf16 rows (a GPU model's) become float32 as the answer is read
-    (upstream._outcomes, in the thread that waited for it), exactly; an older service's
-    unfloored rows are floored too, and the wire's bytes are never written."""
+def test_half_precision_rows_reach_the_mix_floored_bf16_as_sent(floored, dtype) -> None:
+    """A ScoreBatch answer's half-precision rows (a GPU model's): floored bfloat16 rows stay as
+    the wire brings them (the mix widens them as it reads them, `fused.mix3`); float16 rows,
+    and an older service's unfloored rows, become float32 as the answer is read (upstream.
+    _outcomes, in the thread that waited for it), exactly, and are floored; the wire's bytes
+    are never written."""
     import math
 
     import torch
@@ -148,14 +151,15 @@ def test_half_precision_rows_reach_the_mix_in_float32_floored(floored) -> None:
     from eftmesh.common import rowswire, tensors
     from eftmesh.core.mixing import LOGPROB_FLOOR, floor_rows_
 
-    rows = (torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 5).bfloat16()
+    rows = (torch.randn(3, 40, generator=torch.Generator().manual_seed(2)) * 5).to(getattr(torch, dtype))
     rows[1, 7] = -math.inf  # (a half-precision model's impossible token)
     resp = logit_pb2.ScoreBatchResponse(logits=tensors.to_pb(rows, rows.dtype), floored=floored,
                                         results=[logit_pb2.ItemResult(rows=2), logit_pb2.ItemResult(rows=1)])
     wire = bytes(resp.logits.data)
     got = _outcomes("ft-small", rowswire.as_answer(resp))
-    assert [o.rows.dtype for o in got] == [torch.float32] * 2 and [o.rows.shape[0] for o in got] == [2, 1]
-    want = rows.float() if floored else floor_rows_(rows.float())
+    kept = floored and dtype == "bfloat16"
+    assert [o.rows.dtype for o in got] == [rows.dtype if kept else torch.float32] * 2 and [o.rows.shape[0] for o in got] == [2, 1]
+    want = rows if kept else rows.float() if floored else floor_rows_(rows.float())
     assert torch.equal(torch.cat([o.rows for o in got]), want)
     assert bytes(resp.logits.data) == wire
     assert floored or float(got[0].rows[1, 7]) >= float(rows[1].float().amax()) + LOGPROB_FLOOR

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,3 +168,39 @@ def test_losing_a_logit_replica_mid_generation_costs_a_reprefill_not_the_request
         cs.stop(0)
         for ls in logits.values():
             ls.server.stop(0).wait()
+
+
+def test_bfloat16_rows_are_mixed_as_the_wire_brings_them(tiny_family, monkeypatch):
+    """Three logit services computing in bfloat16 send bfloat16 rows, and the combiner mixes
+    them as they came (`fused.mix3` reads their bits, uint16, and widens them exactly): with one
+    model behind every role, EFT up-scaling a + 1.0 * (a - a) is exactly a in float32, so the
+    up-scaled generation's tokens and log-probabilities equal base-only's bitwise, plain and
+    speculative (k = 4, every draft kept)."""
+    from eftmesh.core import fused
+
+    model = tiny_family["base-large"]
+    logits = {r: start_logit(model, r, dtype="bfloat16") for r in tiny_family}
+    cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
+    seen = []  # (patched once the combiner has compiled its kernels, `fused.warm`)
+    real = fused.mix3
+    monkeypatch.setattr(fused, "mix3", lambda *a: seen.append(a[2].dtype) or real(*a))
+    channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+
+    def run(composition, speculation=None):
+        r = stub.Complete(generator_pb2.CompleteRequest(prompt=PROMPT, composition=composition, sampling={"temperature": 0.0},
+                                                        max_new_tokens=16, logprobs=True, speculation=speculation))
+        return list(r.token_ids), list(r.logprobs)
+
+    try:
+        alone = run(generator_pb2.Composition(base="base-large"))
+        assert len(alone[0]) > 0
+        upscaled = run(UPSCALE)
+        drafted = run(UPSCALE, {"mode": generator_pb2.SPECULATION_MODE_FIXED, "k": 4})
+    finally:
+        channel.close()
+        cs.stop(0)
+        for ls in logits.values():
+            ls.server.stop(0).wait()
+    assert upscaled == alone and drafted == alone
+    assert seen and set(seen) == {np.dtype(np.uint16)}

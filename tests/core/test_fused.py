@@ -157,10 +157,13 @@ def test_warm_compiles_the_kernel_that_draws_use():
     call: no request compiles (a second specialisation would cost a second or so)."""
     from eftmesh.core.sampling import token_probs_at
 
+    from eftmesh.combiner import batchmix
+
     fused.warm()
     kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fused.mix3, fused.residual_draw,
                fused.exp2_scaled)
-    assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
+    warmed = [1, 1, 1, 1, 2, 1, 1]  # (mix3: float32 rows and bfloat16 rows)
+    assert [len(k.signatures) for k in kernels] == warmed
     gen = torch.Generator().manual_seed(2)
     scores = torch.empty(64 * 1_000)[:4 * 1_000].view(4, 1_000).copy_(shaped_rows(gen, 4, 1_000, "flat"))
     for cfg in (SamplingConfig(0.7), SamplingConfig(1.0, top_p=0.9)):
@@ -171,7 +174,10 @@ def test_warm_compiles_the_kernel_that_draws_use():
             token_probs_at(scores, torch.tensor([0, 2, 3]), torch.tensor([5, 9, 1]), cfg, exact=exact)
         for q in (scores[:2], scores[:2].bfloat16()):
             fusedrows.residual_draw_fused(scores, np.array([1, 3]), q, LOG2E / cfg.temperature, cfg.top_p, np.full(2, 0.5))
-    assert [len(k.signatures) for k in kernels] == [1] * len(kernels)
+    for dtype in (torch.float32, torch.bfloat16):  # a step's mix, as the wire brings the rows
+        roles = [[(0, 4, c, [torch.randn(4, 70_000, generator=gen).to(dtype)])] for c in (1.0, 0.5, -0.5)]
+        assert batchmix._mix3(torch.empty(4, 70_000), roles) is not None
+    assert [len(k.signatures) for k in kernels] == warmed
 
 
 @pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])

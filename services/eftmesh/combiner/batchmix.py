@@ -170,20 +170,24 @@ def mix_step(
     return scores, offsets
 
 
-# Below this many entries a role's rows stay in L2 between torch's two passes, and the kernel's
-# call (~15 us more than torch's two) costs more than the pass it saves: one row of 128k mixed
-# in 94 us against 80, 16 rows of 49,152 in 453 against 503 (this project's CPU).
+# Below this many entries a role's float32 rows stay in L2 between torch's two passes, and the
+# kernel's call (~15 us more than torch's two) costs more than the pass it saves: one row of 128k
+# mixed in 94 us against 80, 16 rows of 49,152 in 453 against 503 (this project's CPU). bfloat16
+# rows take the kernel at any size: torch would first widen each role's rows in a pass of its own.
 MIX3_MIN_ENTRIES = 1 << 18
 
 
 def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
-    """The usual step (three float32 roles, each one run over every row, the first with
-    coefficient 1: EFT's large + w * (ft - small) over a batch of one composition) mixed in one
-    pass (`core.fused.mix3`: bitwise the sums of the passes below), when it is large enough to
-    gain by it. Returns the rows' maxima ([n] float32), or None: not that step."""
+    """The usual step (three roles, each one run over every row, the first with coefficient 1:
+    EFT's large + w * (ft - small) over a batch of one composition; every role's rows float32,
+    or every role's bfloat16, as a GPU model sends them) mixed in one pass (`core.fused.mix3`:
+    bitwise the sums of the passes below), when it gains by it. Returns the rows' maxima ([n]
+    float32), or None: not that step."""
     n, vocab = scores.shape
-    if (n * vocab < MIX3_MIN_ENTRIES or len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles)
-            or roles[0][0][2] != 1.0):
+    if len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles) or roles[0][0][2] != 1.0:
+        return None
+    dtypes = {x.dtype for r in roles for x in r[0][3]}
+    if dtypes != {torch.bfloat16} and (dtypes != {torch.float32} or n * vocab < MIX3_MIN_ENTRIES):
         return None
     if (segments := _segments([r[0][3] for r in roles], n, vocab)) is None:
         return None
@@ -220,13 +224,13 @@ def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple
     of one response (the usual step); else one per stretch of rows whose parts share a storage
     in every role, never a copy: the rows of a step that mixes generations drafting and not, or
     answers from two calls, were a 40 MB concatenation at 80 rows of 128k (3.4 ms). None: some
-    rows are not float32 with adjacent columns (the kernel's)."""
+    rows are not float32 or bfloat16 with adjacent columns (the kernel's)."""
     views = [_adjacent(p) for p in parts]
     if all(v is not None for v in views):  # (a view's parts share its dtype and column stride)
-        if any(v.dtype != torch.float32 or v.stride(1) != 1 for v in views):
+        if any(v.dtype not in _KERNEL_DTYPES or v.stride(1) != 1 for v in views):
             return None
         return [(0, n, [_rows_at(v, vocab) for v in views])]
-    if any(x.dtype != torch.float32 or x.stride(1) != 1 for p in parts for x in p):
+    if any(x.dtype not in _KERNEL_DTYPES or x.stride(1) != 1 for p in parts for x in p):
         return None
     keys, starts, refs = [], [], []  # per role: each row's storage, start in it, and a tensor on it
     for ps in parts:
@@ -241,15 +245,27 @@ def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple
         for ks, st, ref in zip(keys, starts, refs):
             base = int(st[lo:hi].min())
             flat = ref[int(ks[lo])].as_strided((int(st[lo:hi].max()) + vocab - base,), (1,), base)
-            rows.append((flat.numpy(), st[lo:hi] - base))
+            rows.append((_kernel_array(flat), st[lo:hi] - base))
         out.append((lo, hi, rows))
     return out
 
 
 def _rows_at(x: torch.Tensor, vocab: int) -> Rows:
-    """x's rows as one flat array (`fusedrows.flat_rows`: no copy) and each row's start in it."""
+    """x's rows (float32 or bfloat16) as one flat array (`fusedrows.flat_rows`: no copy) and
+    each row's start in it."""
+    if x.dtype == torch.bfloat16:  # (its bits: numpy has no bfloat16; `fused.mix3` widens them)
+        _, flat, stride = flat_rows(x.view(torch.int16), vocab)
+        return flat.view(np.uint16), np.arange(x.shape[0], dtype=np.int64) * stride
     _, flat, stride = flat_rows(x, vocab)
     return flat, np.arange(x.shape[0], dtype=np.int64) * stride
+
+
+# The row dtypes `fused.mix3` reads (bfloat16 as its bits), and how it is handed a flat view of them.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kernel_array(flat: torch.Tensor) -> np.ndarray:
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[Run], vocab: int) -> set[tuple[int, int]]:

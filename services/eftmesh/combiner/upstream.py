@@ -311,16 +311,19 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 def _outcomes(role: str, answer: rowswire.RowsAnswer) -> list[Outcome]:
     """Per-item outcomes of a ScoreBatch / DraftBatch answer (`rowswire`: its rows where gRPC
     received them); rows sliced from its one tensor, floored (`core.mixing.floor_rows_`) as
-    everything the combiner mixes, and in float32.
+    everything the combiner mixes, in float32 or bfloat16.
 
-    Half-precision rows (a GPU model's bf16) are converted here, in the thread that waited for
-    this role's answer, while the other roles may still be computing: the mix then takes its
-    float32 path, where a float32 += bf16 add is torch's slow mixed-dtype one (a bf16 step's
-    mix took 3.4 ms over 16 rows of 128k on this CPU, a float32 one 1.8 ms)."""
+    bfloat16 rows (a GPU model's) stay as the wire brings them: the usual step's mix widens them
+    as it reads them (`fused.mix3`), and other steps' mixes through a scratch buffer
+    (`mixing.accumulate`). Widening them all here first cost 26-33 ms of torch's passes (and
+    fresh pages) per 80 rows of 128k across the three roles, and made the mix read twice the
+    bytes. float16 rows, and bfloat16 rows an older logit service sent unfloored, are widened
+    here, in the thread that waited for this role's answer (exact; a new tensor, floored in
+    place)."""
     resp = answer.message
     block = tensors.from_buffer(answer.data, resp.logits.dtype, resp.logits.shape) if resp.logits.shape else None  # [sum rows, vocab]
-    if block is not None and block.dtype in (torch.bfloat16, torch.float16):
-        block = block.float()  # (exact; a new tensor, so it may be floored in place)
+    if block is not None and (block.dtype == torch.float16 or (block.dtype == torch.bfloat16 and not resp.floored)):
+        block = block.float()
         if not resp.floored:
             floor_rows_(block)
     elif block is not None and not resp.floored:  # an older logit service: floor here (a copy: the wire's bytes are read-only)

@@ -21,14 +21,15 @@ their whole blocks with the constant trip count DRAW_BLOCK and the last, partial
 paid a vectorised loop's set-up and remainder, and a 128k row's exp2 took 150-170 us, not 55. Entries 2**-127 and
 more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 
-The others: `token_bounds` (verification's p(x) interval: the row's mass and the mass above the token in one pass),
-`nucleus_bin` and `mass_above` (the exact cut for the tests an interval leaves open, and for a
-rejection's rows), `residual_draw` (a rejection's token from max(0, p - q) over two processed
-rows, never formed as tensors), and `mix3` (the step's usual mix, three float32 roles, in one
-pass that also takes each row's maximum, which the draws then need not read the rows for).
+The others: `token_bounds` (verification's p(x) interval: the row's mass and the mass above
+the token, in one pass), `nucleus_bin` and `mass_above` (the exact cut for the tests an
+interval leaves open, and for a rejection's rows), `residual_draw` (a rejection's token from
+max(0, p - q) over two processed rows, never formed as tensors), and `mix3` (the step's usual
+mix, three float32 or bfloat16 roles, in one pass that also takes each row's maximum, which
+the draws then need not read the rows for).
 
 Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1.2 s
-for the draw, 3.6 s for all of them); services call `warm` at start so that no request pays it.
+for the draw, ~3.5 s for all of them); services call `warm` at start so that no request pays it.
 They are cached on disk only where NUMBA_CACHE_DIR is set (below).
 """
 
@@ -40,8 +41,8 @@ import time
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit, typeof, types
+from numba.extending import intrinsic, overload
 
 from eftmesh.core.draws import DRAW_BLOCK
 
@@ -80,6 +81,21 @@ def _bits_as_float(typingctx, bits):  # type: ignore[no-untyped-def]
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+def _f32(v):  # type: ignore[no-untyped-def]
+    """A row entry as float32: itself, or a bfloat16's bits (uint16) widened, exactly (bfloat16
+    is float32's upper half). Compiled only, per entry type (`_f32_typed`)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_f32, inline="always")
+def _f32_typed(v):  # type: ignore[no-untyped-def]
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if isinstance(v, types.Integer):
+        return lambda v: _bits_as_float(np.int32(v) << np.int32(16))
+    return None
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -409,21 +425,26 @@ def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes): 
     write, where the two torch passes read and wrote the scores twice (1.5 against 2.0 ms over
     16 rows of 128k on this project's CPU, the rows fresh from the wire), and the maximum the
     draw needs taken on the way, not by one more pass over the rows. `lanes`: [16] float32
-    scratch, sixteen running maxima (one would make the loop wait on each compare)."""
+    scratch, sixteen running maxima (one would make the loop wait on each compare).
+
+    The roles' rows are float32, or all three bfloat16 as their bits (uint16: a GPU model's rows
+    as the wire brings them), widened here, exactly: the same sums as widening them first, with
+    half the bytes read and no float32 copy of them made (80 rows of 128k: 7.8 ms, against 11-15
+    for the float32 mix after 26-33 ms of torch's conversions)."""
     whole = vocab - vocab % 16
     for i in range(out_at.shape[0]):
         o, x, y, z = out[out_at[i]:], a[a_at[i]:], b[b_at[i]:], c[c_at[i]:]  # (slices: indices known >= 0)
         lanes[:] = -np.inf
         for j in range(0, whole, 16):
             for k in range(16):
-                v = (x[j + k] + cb * y[j + k]) + cc * z[j + k]
+                v = (_f32(x[j + k]) + cb * _f32(y[j + k])) + cc * _f32(z[j + k])
                 o[j + k] = v
                 lanes[k] = np.maximum(lanes[k], v)
         top = np.float32(-np.inf)
         for k in range(16):
             top = np.maximum(top, lanes[k])
         for j in range(whole, vocab):
-            v = (x[j] + cb * y[j]) + cc * z[j]
+            v = (_f32(x[j]) + cb * _f32(y[j])) + cc * _f32(z[j])
             o[j] = v
             top = np.maximum(top, v)
         maxima[i] = top
@@ -431,26 +452,30 @@ def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes): 
 
 def warm(*, draws_only: bool = False) -> None:
     """Compile the kernels now, once per process, not in the first request that needs them:
-    ~1 s for the draw (what a logit service drafting on the CPU uses: `draws_only`), ~2.5 s for
-    all of them (the combiner's: mixing and verification too)."""
+    ~1 s for the draw (what a logit service drafting on the CPU uses: `draws_only`), ~3.5 s for
+    all of them (the combiner's: mixing, for float32 and bfloat16 rows, and verification; 2.9 s
+    before the bfloat16 mix)."""
     vocab = DRAW_BLOCK + 3
     one, at, f, m = np.zeros(vocab, np.float32), np.zeros(1, np.int64), np.float32(1.0), np.zeros(1, np.float32)
-    calls = [(nucleus_try, lambda: nucleus_try(one, at, vocab, m, f, 0.9, np.full(1, 0.5), np.empty(1, np.int64),
-                                               np.empty(1, np.bool_), one.copy(), np.empty(2, np.float32)))]
+    lanes, sums = np.empty(16, np.float32), np.empty(2, np.float32)
+    calls = [(nucleus_try, (one, at, vocab, m, f, 0.9, np.full(1, 0.5), np.empty(1, np.int64), np.empty(1, np.bool_),
+                            one.copy(), sums))]
     if not draws_only:
-        calls += [(mix3, lambda: mix3(one, at, one, at, one, at, f, one, at, f, vocab, m, np.empty(16, np.float32))),
-                  (token_bounds, lambda: token_bounds(one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1))),
-                  (nucleus_bin, lambda: nucleus_bin(one, f, f, 0.9, one.copy(), np.empty(2, np.float32), np.empty((4, 9)),
-                                                    np.empty(vocab, np.int32), one.copy())),
-                  (mass_above, lambda: mass_above(one, f, f, one, f)),
+        half = np.zeros(vocab, np.uint16)  # (bfloat16 rows' bits: mix3's second specialisation)
+        calls += [(mix3, (one.copy(), at, one, at, one, at, f, one, at, f, vocab, m.copy(), lanes)),
+                  (mix3, (one.copy(), at, half, at, half, at, f, half, at, f, vocab, m.copy(), lanes)),
+                  (token_bounds, (one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1))),
+                  (nucleus_bin, (one, f, f, 0.9, one.copy(), sums, np.empty((4, 9)), np.empty(vocab, np.int32), one.copy())),
+                  (mass_above, (one, f, f, one, f)),
                   # (called from Python too, `fusedrows.nucleus_cut` at top-p 1: with its callers loaded
                   # from NUMBA_CACHE_DIR it would have no specialisation of its own yet)
-                  (exp2_scaled, lambda: exp2_scaled(one, f, f, one.copy(), np.empty(2, np.float32))),
-                  (residual_draw, lambda: residual_draw(one, f, f, f, one, f, f, f, f, 0.5, one.copy(), np.empty(2, np.float32)))]
+                  (exp2_scaled, (one, f, f, one.copy(), sums)),
+                  (residual_draw, (one, f, f, f, one, f, f, f, f, 0.5, one.copy(), sums))]
     start = time.perf_counter()
-    todo = [call for kernel, call in calls if not kernel.signatures]
-    for call in todo:
-        call()
+    # (each specialisation not compiled yet in this process: its argument types not among the kernel's signatures)
+    todo = [(kernel, args) for kernel, args in calls if tuple(typeof(a) for a in args) not in kernel.signatures]
+    for kernel, args in todo:
+        kernel(*args)
     if todo:
         log.info("%d sampler kernels compiled (or loaded from NUMBA_CACHE_DIR) in %.2f s", len(todo),
                  time.perf_counter() - start)
