@@ -250,7 +250,7 @@ def _mix_from_several_responses():
     whole = [torch.randn(n, vocab + 3, generator=g) for _ in range(3)]
     coefs = (1.0, 0.75, -0.75)
     want = torch.empty(n, vocab)
-    want_max = batchmix._mix3(want, [[(0, n, c, [w])] for c, w in zip(coefs, whole)])
+    want_max, want_top = batchmix._mix3(want, [[(0, n, c, [w])] for c, w in zip(coefs, whole)])
     # role 0: one response; role 1: two responses (rows 0-4, 5-11); role 2: three, the middle
     # one holding its rows with a gap and out of order within its storage
     split1 = [whole[1][:5].clone(), whole[1][5:].clone()]
@@ -265,5 +265,48 @@ def _mix_from_several_responses():
         for (flat, _), parts in zip(rows, [r[0][3] for r in roles]):
             assert any(np.shares_memory(flat, p.numpy()) for p in parts)
     got = torch.empty(n, vocab)
-    got_max = batchmix._mix3(got, roles)
-    assert torch.equal(got, want) and torch.equal(got_max, want_max)
+    got_max, got_top = batchmix._mix3(got, roles)
+    assert torch.equal(got, want) and torch.equal(got_max, want_max) and torch.equal(got_top, want_top)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 16, 53, 1_000])
+def test_the_mix_takes_each_rows_argmax_on_the_way_as_numpy_does(monkeypatch, dtype, vocab):
+    """`argmax_step` reads the argmax the step's mix took (`fused.mix3`'s tops): numpy's, the
+    first index of the maximum, for ties within one of the kernel's sixteen lanes, across lanes
+    and in the tail past them (bfloat16 rows tie often), and for a row whose maximum is not
+    finite (a NaN, a +inf, all -inf) numpy's too, with the same finiteness flags as
+    `argmax_finite`'s pass over the rows; no pass of its own where the mix took them."""
+    from eftmesh.combiner.batchmix import argmax_step
+    from eftmesh.core import sampling
+    from eftmesh.core.sampling import argmax_finite
+
+    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", 0)
+    g = torch.Generator().manual_seed(vocab)
+    n = 12
+    up = {"big": 1.0, "ft": 1.0, "small": -1.0}
+    # coarse values (multiples of 1/4 in a small range): many exact ties of the maximum
+    blocks = {r: (torch.randint(-6, 7, (n, vocab + 3), generator=g) / 4).to(dtype) for r in up}
+    for i in (1, 3, 7):
+        blocks["ft"][i] = blocks["small"][i]  # (the mixed row is big's exactly)
+    blocks["big"][1, :] = 2.0  # every entry ties: the first
+    blocks["ft"][2, vocab - 1] = 50.0  # the maximum in the tail (or the last lane)
+    blocks["big"][3, [min(5, vocab - 1), min(21, vocab - 1)]] = 40.0  # tied twice in one lane (5 and 21)
+    blocks["big"][7, [min(9, vocab - 1), min(4, vocab - 1)]] = 40.0  # tied in two lanes
+    blocks["small"][4, 3] = float("nan")
+    blocks["big"][5, 0] = float("inf")
+    blocks["big"][6, :] = -float("inf")  # (-inf - -inf: NaN, the whole row)
+    gens = [FakeGeneration(up, 0) for _ in range(n)]
+    rows = {x: {r: blocks[r][i:i + 1] for r in up} for i, x in enumerate(gens)}
+    ws = Workspace()
+    scores, _ = mix_step(gens, rows, vocab, ws)
+    assert ws.tops is not None
+    calls = []
+    real = sampling.argmax_rows
+    monkeypatch.setattr(batchmix, "argmax_rows", lambda x: calls.append(x.shape[0]) or real(x))
+    top, finite = argmax_step(scores, ws)
+    want_top, want_finite = argmax_finite(scores)
+    assert torch.equal(top, want_top) and torch.equal(finite, want_finite)
+    assert finite.sum() == n - 3 and calls == [3]  # (numpy's argmax over the three rows without a finite maximum only)
+    ws.tops = None  # a step the kernel did not mix: one pass
+    assert all(torch.equal(a, b) for a, b in zip(argmax_step(scores, ws), (want_top, want_finite)))

@@ -319,6 +319,6 @@ def test_rows_shared_among_threads_give_the_same_results():
                 assert len(shares) == min(n, rows_n) and (len(names) > 1) == (len(shares) > 1)  # (this thread and the pool's)
             again = everything()
             flat = [(a, b) for x, y in zip(one, again) for a, b in (zip(x, y) if isinstance(x, tuple) else [(x, y)])]
-            assert len(flat) == 11 and all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in flat)
+            assert len(flat) == 12 and all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in flat)
     finally:
         fusedrows.set_threads(1)

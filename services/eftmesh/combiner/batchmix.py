@@ -23,7 +23,14 @@ import torch
 
 from eftmesh.core.fusedrows import by_rows, flat_rows
 from eftmesh.core.mixing import accumulate
-from eftmesh.core.sampling import NoFiniteMass, SamplingConfig, per_row_uniforms, sample_rows
+from eftmesh.core.sampling import (
+    NoFiniteMass,
+    SamplingConfig,
+    argmax_finite,
+    argmax_rows,
+    per_row_uniforms,
+    sample_rows,
+)
 from eftmesh.core.speculative import Block, Verdict, verify_blocks
 
 
@@ -87,14 +94,16 @@ class Workspace:
     A fresh [rows, 128k] float32 tensor is megabytes that the allocator maps anew each step,
     and first writes to new pages fault: at 80 rows (16 verifies of 4 drafts) writing a
     fresh buffer took 26 ms where writing a reused one takes 3. The scores live only within
-    one step (the scheduler's thread), so one buffer serves every step. `maxima`: the scores'
-    row maxima when the step's mix took them on the way (`fused.mix3`), else None; the fused
-    draws and verification then skip their own pass for them."""
+    one step (the scheduler's thread), so one buffer serves every step. `maxima` and `tops`:
+    the scores' row maxima and where each first lies, when the step's mix took them on the way
+    (`fused.mix3`), else None; the fused draws and verification then skip their own pass for
+    the maxima, and greedy decoding for the argmax (`argmax_step`)."""
 
     def __init__(self) -> None:
         self._buf = torch.empty(0)
         self._scratch = torch.empty(0)
         self.maxima: torch.Tensor | None = None  # [rows] float32, this step's
+        self.tops: torch.Tensor | None = None  # [rows] int64, each row's argmax, with `maxima`
 
     def take(self, rows: int, vocab_size: int) -> torch.Tensor:
         """A [rows, vocab_size] float32 view of the score buffer; its contents are garbage."""
@@ -153,7 +162,7 @@ def mix_step(
     order = sorted(runs, key=lambda r: sum(e - f for f, e, _, _ in runs[r]) != n)
     init = bool(order) and sum(e - f for f, e, _, _ in runs[order[0]]) == n
     scores = workspace.take(n, vocab_size)  # [n, vocab] float32
-    workspace.maxima = _mix3(scores, [runs[r] for r in order]) if init else None
+    workspace.maxima, workspace.tops = (_mix3(scores, [runs[r] for r in order]) if init else None) or (None, None)
     if workspace.maxima is not None:
         return scores, offsets
     if not init:
@@ -177,12 +186,13 @@ def mix_step(
 MIX3_MIN_ENTRIES = 1 << 18
 
 
-def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
+def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The usual step (three roles, each one run over every row, the first with coefficient 1:
     EFT's large + w * (ft - small) over a batch of one composition; every role's rows float32,
     or every role's bfloat16, as a GPU model sends them) mixed in one pass (`core.fused.mix3`:
     bitwise the sums of the passes below), when it gains by it. Returns the rows' maxima ([n]
-    float32), or None: not that step."""
+    float32) and where each first lies ([n] int64: the argmax, where the maximum is finite), or
+    None: not that step."""
     n, vocab = scores.shape
     if len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles) or roles[0][0][2] != 1.0:
         return None
@@ -194,7 +204,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
     from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
 
     out, o = _rows_at(scores, vocab)
-    maxima, cb, cc = np.empty(n, np.float32), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
+    maxima, tops, cb, cc = np.empty(n, np.float32), np.empty(n, np.int64), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
     ends = np.array([hi for _, hi, _ in segments])
 
     def share(s: int, e: int) -> None:
@@ -202,17 +212,17 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> torch.Tensor | None:
         # the threads once, not segment by segment (a step of generations drafting and not has a
         # segment per run of them, and one call per segment left each thread a row or two, and
         # the process's other Python threads a GIL hand-over per call to delay it by)
-        lanes = np.empty(16, np.float32)
+        lanes, at_lane = np.empty(16, np.float32), np.empty(16, np.int64)
         for k in range(int(np.searchsorted(ends, s, side="right")), len(segments)):
             lo, hi, ((a, x), (b, y), (c, z)) = segments[k]
             if lo >= e:
                 break
             f, t = max(s, lo), min(e, hi)
             fused.mix3(out, o[f:t], a, x[f - lo:t - lo], b, y[f - lo:t - lo], cb, c, z[f - lo:t - lo], cc, vocab,
-                       maxima[f:t], lanes)
+                       maxima[f:t], tops[f:t], lanes, at_lane)
 
     by_rows(n, share)
-    return torch.from_numpy(maxima)
+    return torch.from_numpy(maxima), torch.from_numpy(tops)
 
 
 Rows = tuple[np.ndarray, np.ndarray]  # (a flat float32 array, each row's start in it)
@@ -289,6 +299,20 @@ def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[R
         if at < end:
             accumulate(scores[at:end], x[at - first:], c, floored=True, init=True)
     return fused
+
+
+def argmax_step(scores: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.argmax_finite(scores)` (each row's argmax, and whether the row's maximum is
+    finite: no NaN, no +inf, some finite entry), from what the step's mix took on the way
+    (`Workspace.tops`, `maxima`) where it did: no pass over the rows. A row whose maximum is not
+    finite gets numpy's argmax (its first NaN or +inf), as `check_argmax_finite` then reads."""
+    if workspace.tops is None or workspace.maxima is None:
+        return argmax_finite(scores)
+    top, finite = workspace.tops.clone(), torch.isfinite(workspace.maxima)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        top[bad] = argmax_rows(scores.index_select(0, bad))
+    return top, finite
 
 
 def verify_groups(

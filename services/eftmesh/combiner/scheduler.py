@@ -43,14 +43,14 @@ from typing import Any, TypeVar
 import torch
 from opentelemetry import trace
 
-from eftmesh.combiner.batchmix import Workspace, draw_plain, mix_step, verify_groups
+from eftmesh.combiner.batchmix import Workspace, argmax_step, draw_plain, mix_step, verify_groups
 from eftmesh.combiner.controller import SpeculationController
 from eftmesh.combiner.decoding import Generation
 from eftmesh.combiner.prefixes import PrefixEstimate
 from eftmesh.combiner.scoring import BlockCap, Outcome, Scorer
 from eftmesh.common.errors import Cancelled, DeadlineExceeded, EftMeshError, InvalidArgument, ResourceExhausted
 from eftmesh.common.metrics import CombinerMetrics, meter
-from eftmesh.core.sampling import NoFiniteMass, argmax_finite, check_argmax_finite
+from eftmesh.core.sampling import NoFiniteMass, check_argmax_finite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -384,8 +384,8 @@ class Scheduler:
         sampling = {g: g.req.sampling for g in gens}
         verdicts = verify_groups(gens, sampling, offsets, scores, self._workspace)  # sampled blocks
         drawn = draw_plain(gens, sampling, offsets, scores, self._workspace)  # sampled plain steps' tokens
-        # every row's argmax in one vectorised pass (greedy decoding and verification need nothing else)
-        top, finite = argmax_finite(scores) if any(c.greedy for c in sampling.values()) else (None, None)  # [n]
+        # every row's argmax (greedy decoding and verification need nothing else): the mix's, or one pass
+        top, finite = argmax_step(scores, self._workspace) if any(c.greedy for c in sampling.values()) else (None, None)
         all_finite = finite is None or bool(finite.all())
         stepped = {}
         for g in gens:

@@ -416,16 +416,20 @@ def _gather_bin(row, m, scale, at, b, vals, n, lo, hi):  # type: ignore[no-untyp
 
 
 @njit(fastmath={"contract"}, nogil=True, boundscheck=False, cache=_CACHE)
-def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes):  # type: ignore[no-untyped-def]
+def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, tops, lanes, at_lane):  # type: ignore[no-untyped-def]
     """EFT's usual mix, three roles in one pass: out row i = a_i + cb * b_i + cc * c_i (float32),
-    row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts), and maxima[i] its maximum
-    (NaN where it holds a NaN: what the draws' max gives). Bitwise what torch gives role by role
-    (`batchmix.mix_step`: a + cb * b in one torch.add, then += cc * c): each add is one fused
-    multiply-add, as torch's vectorised add with alpha is. One read of each role's rows and one
-    write, where the two torch passes read and wrote the scores twice (1.5 against 2.0 ms over
-    16 rows of 128k on this project's CPU, the rows fresh from the wire), and the maximum the
-    draw needs taken on the way, not by one more pass over the rows. `lanes`: [16] float32
-    scratch, sixteen running maxima (one would make the loop wait on each compare).
+    row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts), maxima[i] its maximum (NaN
+    where it holds a NaN: what the draws' max gives) and tops[i] where it first lies (numpy's
+    argmax, the greedy token, wherever the maximum is finite). Bitwise what torch gives role by
+    role (`batchmix.mix_step`: a + cb * b in one torch.add, then += cc * c): each add is one
+    fused multiply-add, as torch's vectorised add with alpha is. One read of each role's rows
+    and one write, where the two torch passes read and wrote the scores twice (1.5 against 2.0
+    ms over 16 rows of 128k on this project's CPU, the rows fresh from the wire), and the
+    maximum the draw needs and the argmax greedy decoding needs taken on the way, not by more
+    passes over the rows (an argmax pass cost greedy steps 12-40 us per 128k row, the mix's
+    loop nothing measurable). `lanes` ([16] float32) and `at_lane` ([16] int64): scratch,
+    sixteen running maxima and where each was first reached (one would make the loop wait on
+    each compare); the first of the lanes holding the row's maximum is the argmax.
 
     The roles' rows are float32, or all three bfloat16 as their bits (uint16: a GPU model's rows
     as the wire brings them), widened here, exactly: the same sums as widening them first, with
@@ -435,19 +439,29 @@ def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, lanes): 
     for i in range(out_at.shape[0]):
         o, x, y, z = out[out_at[i]:], a[a_at[i]:], b[b_at[i]:], c[c_at[i]:]  # (slices: indices known >= 0)
         lanes[:] = -np.inf
+        for k in range(16):
+            at_lane[k] = k
         for j in range(0, whole, 16):
             for k in range(16):
                 v = (_f32(x[j + k]) + cb * _f32(y[j + k])) + cc * _f32(z[j + k])
                 o[j + k] = v
+                at_lane[k] = j + k if v > lanes[k] else at_lane[k]
                 lanes[k] = np.maximum(lanes[k], v)
         top = np.float32(-np.inf)
         for k in range(16):
             top = np.maximum(top, lanes[k])
+        t = vocab
+        for k in range(16):  # (the first index among the lanes holding the maximum)
+            if lanes[k] == top and at_lane[k] < t:
+                t = at_lane[k]
+        t = t if t < vocab else 0  # (no lane holds a NaN maximum: tops[i] is then only in range)
         for j in range(whole, vocab):
             v = (_f32(x[j]) + cb * _f32(y[j])) + cc * _f32(z[j])
             o[j] = v
+            t = j if v > top else t
             top = np.maximum(top, v)
         maxima[i] = top
+        tops[i] = t
 
 
 def warm(*, draws_only: bool = False) -> None:
@@ -462,8 +476,9 @@ def warm(*, draws_only: bool = False) -> None:
                             one.copy(), sums))]
     if not draws_only:
         half = np.zeros(vocab, np.uint16)  # (bfloat16 rows' bits: mix3's second specialisation)
-        calls += [(mix3, (one.copy(), at, one, at, one, at, f, one, at, f, vocab, m.copy(), lanes)),
-                  (mix3, (one.copy(), at, half, at, half, at, f, half, at, f, vocab, m.copy(), lanes)),
+        tops, at_lane = np.empty(1, np.int64), np.empty(16, np.int64)
+        calls += [(mix3, (one.copy(), at, one, at, one, at, f, one, at, f, vocab, m.copy(), tops, lanes, at_lane)),
+                  (mix3, (one.copy(), at, half, at, half, at, f, half, at, f, vocab, m.copy(), tops, lanes, at_lane)),
                   (token_bounds, (one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1))),
                   (nucleus_bin, (one, f, f, 0.9, one.copy(), sums, np.empty((4, 9)), np.empty(vocab, np.int32), one.copy())),
                   (mass_above, (one, f, f, one, f)),
