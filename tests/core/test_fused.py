@@ -212,6 +212,38 @@ def test_token_probabilities_read_where_the_rows_lie_bound_and_equal_token_probs
             torch.testing.assert_close(exact[fine], want[rows][fine], rtol=3e-7, atol=0)
 
 
+@pytest.mark.parametrize("shape", ["peaked", "zipf", "flat"])
+def test_a_level_narrows_the_interval_and_any_level_leaves_it_holding_the_exact_value(shape):
+    """`token_probs_at(levels=...)`: a level just below the row's own top-p boundary (what
+    verification takes from the drafter's cut of a like row, `speculative.LEVEL_BELOW` under it)
+    brings a token's lower bound within 3% of the exact value (from 5-10% below it); levels
+    anywhere (above the boundary, far below it, -inf, +inf) leave every interval holding it."""
+    from eftmesh.core.sampling import token_probs, token_probs_at
+    from eftmesh.core.speculative import LEVEL_BELOW
+
+    gen = torch.Generator().manual_seed(29)
+    x = shaped_rows(gen, 24, 6_000, shape)
+    cfg = SamplingConfig(0.8, top_p=0.9)
+    rows = torch.arange(24)
+    tokens = torch.multinomial(torch.softmax(x / 0.8, -1), 1, generator=gen).view(-1)
+    tokens = torch.where(token_probs(x.clone(), tokens, cfg)[0] > 0, tokens, x.argmax(1))  # (in the nucleus)
+    want, ok = token_probs(x.clone(), tokens, cfg)
+    assert ok.all() and (want > 0).all()
+    cuts = (np.empty(24, np.float32), np.empty(24))
+    fusedrows.token_probs_fused(x, rows.numpy(), tokens.numpy(), LOG2E / 0.8, 0.9, exact=True, cuts=cuts)
+    plain = token_probs_at(x, rows, tokens, cfg, exact=False)
+    near = token_probs_at(x, rows, tokens, cfg, exact=False, levels=cuts[0] - np.float32(LEVEL_BELOW))
+    anywhere = torch.rand(24, generator=gen).numpy().astype(np.float32) * -20
+    for lo, hi, _ in (plain, near, token_probs_at(x, rows, tokens, cfg, exact=False, levels=cuts[0] + 1),
+                      token_probs_at(x, rows, tokens, cfg, exact=False, levels=anywhere),
+                      token_probs_at(x, rows, tokens, cfg, exact=False, levels=np.full(24, np.inf, np.float32)),
+                      token_probs_at(x, rows, tokens, cfg, exact=False, levels=np.full(24, -np.inf, np.float32))):
+        assert (lo <= want * (1 + 1e-6)).all() and (want <= hi * (1 + 1e-6)).all()
+    assert torch.equal(near[1], plain[1])  # (a level bounds the nucleus mass from above: the lower bound's to narrow)
+    gap, before = (want - near[0]) / want, (want - plain[0]) / want
+    assert (near[0] >= plain[0]).all() and (gap < 0.03).all() and before.max() > 0.05, (gap.max(), before.max())
+
+
 def test_row_maxima_from_the_caller_change_nothing():
     """The step's mix takes the rows' maxima on the way (`fused.mix3`) and hands them down:
     the draws and token probabilities are those computed without them, bitwise."""

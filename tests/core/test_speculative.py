@@ -326,7 +326,8 @@ def test_draft_cuts_from_the_drafter_give_the_same_tokens_and_spare_the_residual
     rejected = sum(v.accepted < len(d) for v, d in zip(without, drafts))
     assert rejected >= 6 and cuts_without >= 2 * rejected  # each rejection: p's cut and q's (and any exact test's)
     made_here.clear()
-    assert verify(made) == without and len(made_here) == cuts_without - rejected  # q's cut given: p's alone
+    # q's cut given: p's alone (and fewer exact tests: q's boundary, as a level, narrows p's intervals)
+    assert verify(made) == without and len(made_here) <= cuts_without - rejected
     shifted = [[(z - 0.5, m) for z, m in c] for c in made]  # another threshold, the same mass
     wrong = verify(shifted)
     assert [v.accepted for v in wrong] == [v.accepted for v in without] and wrong != without

@@ -200,55 +200,72 @@ def nucleus_try(flat, starts, vocab, m, scale, p, u, tokens, accepted, e, sums):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _bounds_block(x, m, scale, v, lo, n):  # type: ignore[no-untyped-def]
-    """The float32 sums of 2 ** z over x[lo:lo + n], and of those with z > v (`token_bounds`)."""
-    acc, above = np.float32(0.0), np.float32(0.0)
+def _bounds_block(x, m, scale, v, w, lo, n):  # type: ignore[no-untyped-def]
+    """The float32 sums of 2 ** z over x[lo:lo + n], of those with z > v, and of those with
+    z >= w (`token_bounds`)."""
+    acc, above, band = np.float32(0.0), np.float32(0.0), np.float32(0.0)
     for k in range(n):
         z = (x[lo + k] - m) * scale
         e = _exp2(z)
         acc += e
         above += e if z > v else np.float32(0.0)
-    return acc, above
+        band += e if z >= w else np.float32(0.0)
+    return acc, above, band
+
+
+# How much the nucleus bound a level gives (`_bounds_row`) is loosened, and its condition
+# tightened: the sums it compares are float32 block sums, the exact cut's kept mass another
+# float32 sum of the same entries (~1e-6 apart at 128k), and the interval must hold it.
+_LEVEL_SLACK = 1.0 + 2.0 ** -14
 
 
 @njit(fastmath=_FAST, nogil=True, boundscheck=False, cache=_CACHE)
-def _bounds_row(row, m, scale, p, token):  # type: ignore[no-untyped-def]
+def _bounds_row(row, m, scale, p, token, level):  # type: ignore[no-untyped-def]
     """`token_bounds` of one row ([vocab] float32, m its finite maximum): (lo, hi)."""
     vocab = row.shape[0]
     whole = vocab // DRAW_BLOCK
     v = (row[token] - m) * scale
-    total, above = 0.0, 0.0
+    total, above, band = 0.0, 0.0, 0.0
     for b in range(whole):
-        acc, up = _bounds_block(row, m, scale, v, b * DRAW_BLOCK, DRAW_BLOCK)
+        acc, up, at = _bounds_block(row, m, scale, v, level, b * DRAW_BLOCK, DRAW_BLOCK)
         total += acc
         above += up
+        band += at
     if whole * DRAW_BLOCK < vocab:
-        acc, up = _bounds_block(row, m, scale, v, whole * DRAW_BLOCK, vocab - whole * DRAW_BLOCK)
+        acc, up, at = _bounds_block(row, m, scale, v, level, whole * DRAW_BLOCK, vocab - whole * DRAW_BLOCK)
         total += acc
         above += up
+        band += at
     et = np.exp2(np.float64(v))  # (as `sampling.token_probs` reads a token's mass)
     if p >= 1.0:
         return et / total, et / total
     if above < p * total:
-        return et / total, et / max(p * total, above + et)
+        # the nucleus mass N lies in [max(p T, above + et), T]; and where the mass at or above
+        # the level reaches p T, every entry below it has at least that much above it, so lies
+        # outside the nucleus: N <= that mass
+        cap = min(total, band * _LEVEL_SLACK) if band >= p * total * _LEVEL_SLACK else total
+        return et / cap, et / max(p * total, above + et)
     return 0.0, 0.0
 
 
 @njit(nogil=True, boundscheck=False, cache=_CACHE)
-def token_bounds(flat, starts, vocab, m, scale, p, tokens, lo, hi):  # type: ignore[no-untyped-def]
+def token_bounds(flat, starts, vocab, m, scale, p, tokens, levels, lo, hi):  # type: ignore[no-untyped-def]
     """Bounds on each row's probability of its token under top-p (without top-k) after the
     temperature: `cuts.nucleus_bounds`' interval, in one pass per row that writes nothing: the
     row's mass T (float32 block sums added in float64, as `exp2_scaled`'s) and the mass strictly
     above the token's z, summed side by side (two passes, the exp2 written and then re-read for
     the second sum, took 55 us per 128k row, this one 45). Exact (lo = hi) at p >= 1 and for a
-    token outside the nucleus (0); inside, the nucleus mass lies between max(p T, the mass at or
-    above the token) and T.
+    token outside the nucleus (0); inside, the nucleus mass N lies between max(p T, the mass at
+    or above the token) and T, and below the mass at or above the row's `level` where that
+    reaches p T (with a float32 sum's slack, `_LEVEL_SLACK`): a level just below the row's own
+    nucleus boundary makes lo the exact value (the drafter's boundary for its row, when the
+    target row is like it: `verify_blocks`); any level leaves the interval valid.
 
     Args: flat, starts, vocab, m, scale, p as `nucleus_try`'s; tokens: [g] int64, one per row;
-    lo, hi: [g] float64 out.
+    levels: [g] float32 z levels (-inf: none); lo, hi: [g] float64 out.
     """
     for i in range(starts.shape[0]):
-        lo[i], hi[i] = _bounds_row(flat[starts[i]:starts[i] + vocab], m[i], scale, p, tokens[i])
+        lo[i], hi[i] = _bounds_row(flat[starts[i]:starts[i] + vocab], m[i], scale, p, tokens[i], levels[i])
 
 
 @njit(inline="always", fastmath=_FAST_EXACT_SUB)
@@ -479,7 +496,7 @@ def warm(*, draws_only: bool = False) -> None:
         tops, at_lane = np.empty(1, np.int64), np.empty(16, np.int64)
         calls += [(mix3, (one.copy(), at, one, at, one, at, f, one, at, f, vocab, m.copy(), tops, lanes, at_lane)),
                   (mix3, (one.copy(), at, half, at, half, at, f, half, at, f, vocab, m.copy(), tops, lanes, at_lane)),
-                  (token_bounds, (one, at, vocab, m, f, 0.9, at, np.empty(1), np.empty(1))),
+                  (token_bounds, (one, at, vocab, m, f, 0.9, at, m, np.empty(1), np.empty(1))),
                   (nucleus_bin, (one, f, f, 0.9, one.copy(), sums, np.empty((4, 9)), np.empty(vocab, np.int32), one.copy())),
                   (mass_above, (one, f, f, one, f)),
                   # (called from Python too, `fusedrows.nucleus_cut` at top-p 1: with its callers loaded

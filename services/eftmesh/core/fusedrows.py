@@ -106,8 +106,8 @@ def _nucleus_tries(flat: np.ndarray, at: np.ndarray, vocab: int, m: np.ndarray, 
 
 
 def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, scale: float, p: float, *,
-                      exact: bool, m: np.ndarray | None = None,
-                      cuts: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      exact: bool, m: np.ndarray | None = None, cuts: tuple[np.ndarray, np.ndarray] | None = None,
+                      levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The probabilities of `tokens` ([g] int64) under top-p (without top-k; p >= 1: none) in
     x's `rows` ([g] int64 indices; x [n, vocab] float32 CPU scores, only read) after the
     temperature, one compiled pass per row: `cuts.nucleus_bounds`' interval
@@ -116,6 +116,8 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     cuts: with `exact` and p < 1, ([g] float32, [g] float64) written with each row's
     `nucleus_cut` (threshold, kept mass; -inf and 0 where the row has no finite mass), what a
     rejection's residual needs of that row (`residual_draw_fused`'s q_cuts).
+    levels: [g] float32 z levels that may tighten the intervals (`fused.token_bounds`: a row's
+    nucleus boundary or a guess at it; -inf or None: none); any levels leave them valid.
 
     Returns:
         ([g] float64 lower bounds, [g] float64 upper bounds (equal when exact), [g] bool: the
@@ -129,6 +131,7 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
     good = np.flatnonzero(ok)
     lo, hi = np.zeros(len(rows)), np.zeros(len(rows))
     at, toks, s, vocab, mg = rows[good] * stride, tokens[good], np.float32(scale), x.shape[1], m[good]
+    lv = np.full(len(good), _NEG_INF) if levels is None else levels[good].astype(np.float32)
     glo, ghi = np.empty(len(good)), np.empty(len(good))
     taus, kepts = np.full(len(good), _NEG_INF), np.zeros(len(good))
     cut = exact and p < 1.0
@@ -143,7 +146,7 @@ def token_probs_fused(x: torch.Tensor, rows: np.ndarray, tokens: np.ndarray, sca
                 glo[i] = ghi[i] = np.exp2(np.float64(v)) / kept if v >= tau else 0.0
                 taus[i], kepts[i] = tau, kept
         else:  # (p >= 1: the bounds are exact; no scratch: the pass writes nothing)
-            fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], glo[a:b], ghi[a:b])
+            fused.token_bounds(flat, at[a:b], vocab, mg[a:b], s, p, toks[a:b], lv[a:b], glo[a:b], ghi[a:b])
 
     by_rows(len(good), probs)
     lo[good], hi[good] = glo, ghi

@@ -314,16 +314,18 @@ def fusable_rows(scores: torch.Tensor, cfg: SamplingConfig) -> bool:
 
 
 def token_probs_at(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, cfg: SamplingConfig, *,
-                   exact: bool, row_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   exact: bool, row_max: torch.Tensor | None = None,
+                   levels: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_prob_bounds` (with `exact`, `token_probs` as an interval lo = hi) of scores'
     `rows` ([g] int64 indices) and `tokens` ([g]), read where they lie: no copy, one compiled
     pass per row (`fusedrows.token_probs_fused`); `fusable_rows` scores only. Every row's interval
     holds its exact value (an interval wherever it is in the nucleus, unless exact). row_max:
-    [n] float32, every score row's maximum when the caller has them (as `sample_rows`')."""
+    [n] float32, every score row's maximum when the caller has them (as `sample_rows`'). levels:
+    [g] float32 z levels that may narrow the intervals (`fusedrows.token_probs_fused`)."""
     assert fusable_rows(scores, cfg) and rows.shape == tokens.shape, "fusable [n, vocab] scores, [g] rows and tokens"
     m = None if row_max is None else row_max.numpy()[rows.numpy()]
     lo, hi, ok = token_probs_fused(scores, rows.numpy(), tokens.numpy(), LOG2E / cfg.temperature, cfg.top_p, exact=exact,
-                                   m=m)
+                                   m=m, levels=levels)
     return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(ok)
 
 

@@ -110,6 +110,13 @@ def verify_sampled(
 LAZY_MIN_ROWS = 16
 
 
+# How far below the drafter's top-p boundary (z, log2 units) verification puts a target row's
+# level (`fused.token_bounds`): a flat row's nucleus mass sits within float32 rounding of p T at
+# its boundary, too close for the level's bound to apply; 1/16 lower takes in the entries within
+# 4.4% of the boundary entry's mass (a flat 128k row: ~0.2% of its mass).
+LEVEL_BELOW = 2.0 ** -4
+
+
 @dataclass(frozen=True)
 class Block:
     """One generation's block in `verify_blocks`."""
@@ -188,7 +195,12 @@ def verify_blocks(p: torch.Tensor, blocks: Sequence[Block], cfg: SamplingConfig,
         x = torch.tensor([drafts[j][t] for j, t in at])
         where = torch.tensor([blocks[j].first + t for j, t in at])
         if fused and not read:  # p_t(x_t) as intervals, read where the rows lie (core/fused.py)
-            lo, hi, ok = token_probs_at(p, where, x, cfg, exact=False, row_max=row_max)
+            # (q_t's top-p boundary, where the drafter sent it, a little lower, as a level: where p_t
+            # is like q_t it lies just below p_t's own and narrows p_t(x_t)'s interval to about
+            # the exact value; any level leaves the interval valid)
+            levels = np.array([-np.inf if blocks[j].q_cuts is None else blocks[j].q_cuts[t][0] - LEVEL_BELOW
+                               for j, t in at], np.float32)
+            lo, hi, ok = token_probs_at(p, where, x, cfg, exact=False, row_max=row_max, levels=levels)
         else:
             if buf.shape[0] < g + len(read):
                 buf = take(g + len(read), vocab)
