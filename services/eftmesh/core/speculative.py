@@ -130,7 +130,8 @@ class Block:
     # a q row is read only at a rejection, for the residual.
     q_probs: Sequence[float] | None = None
     # [k] draft i's row's top-p cut (threshold, kept mass: `fusedrows.nucleus_cut`), as the
-    # drafting logit service made it (ItemResult.draft_cut_z); None: cut here at a rejection
+    # drafting logit service made it (ItemResult.draft_cut_z); None: cut here at a rejection.
+    # The thresholds also narrow p's intervals (a level LEVEL_BELOW under each: `token_bounds`)
     q_cuts: Sequence[tuple[float, float]] | None = None
 
 
