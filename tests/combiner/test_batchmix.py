@@ -90,9 +90,9 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
     """Three roles, each one run over every row (one composition, base-large's coefficient 1)
     are mixed in one compiled pass (`fused.mix3`), bitwise the two torch passes (one torch.add,
     then add_) over the rows in float32; bfloat16 rows (a GPU model's, as the wire brings them)
-    are widened as they are read, at any size. Rows wider than the vocabulary (padding columns)
-    are read where they lie. Any other step (a role's coefficient changes between runs) takes
-    the torch passes."""
+    are widened as they are read. Rows wider than the vocabulary (padding columns) are read
+    where they lie. Any other step (a role's coefficient changes between runs, or too few
+    entries to gain) takes the torch passes."""
     from eftmesh.core import fused
 
     calls = []
@@ -126,10 +126,10 @@ def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch
     mixed = torch.cat([torch.add(wide["big"][o:o + m, :V], wide["ft"][o:o + m, :V], alpha=c).add_(
         wide["small"][o:o + m, :V], alpha=-c) for o, m, c in ((0, 4, 1.5), (4, 2, 2.0), (6, 1, 1.5))])
     assert torch.equal(scores.nan_to_num(), mixed.nan_to_num())
-    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes (float32)
+    monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", n * V + 1)  # too few entries to gain: torch's passes
     gens[2].coef = up
     assert torch.equal(mix_step(gens, rows, V)[0].nan_to_num(), want.nan_to_num())
-    assert calls == [1] * (1 if dtype == torch.float32 else 2)  # (bfloat16 rows: the kernel at any size)
+    assert calls == [1]
 
 
 @dataclass(eq=False)

@@ -179,10 +179,11 @@ def mix_step(
     return scores, offsets
 
 
-# Below this many entries a role's float32 rows stay in L2 between torch's two passes, and the
-# kernel's call (~15 us more than torch's two) costs more than the pass it saves: one row of 128k
-# mixed in 94 us against 80, 16 rows of 49,152 in 453 against 503 (this project's CPU). bfloat16
-# rows take the kernel at any size: torch would first widen each role's rows in a pass of its own.
+# Below this many entries a role's rows stay in L2 between torch's passes, and the kernel's call
+# (~15 us more than torch's two) costs more than the pass it saves: float32, one row of 128k mixed
+# in 94 us against 80, 16 rows of 49,152 in 453 against 503 (this project's CPU); bfloat16 (torch
+# widening each role into the scratch buffer first), one row of 49,152 in 59 against 52, 80 rows
+# of 2,048 in 204 against 142, 32 rows of 49,152 in 1,013 against 1,157.
 MIX3_MIN_ENTRIES = 1 << 18
 
 
@@ -196,8 +197,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, t
     n, vocab = scores.shape
     if len(roles) != 3 or any(len(r) != 1 or r[0][:2] != (0, n) for r in roles) or roles[0][0][2] != 1.0:
         return None
-    dtypes = {x.dtype for r in roles for x in r[0][3]}
-    if dtypes != {torch.bfloat16} and (dtypes != {torch.float32} or n * vocab < MIX3_MIN_ENTRIES):
+    if n * vocab < MIX3_MIN_ENTRIES or len({x.dtype for r in roles for x in r[0][3]}) != 1:
         return None
     if (segments := _segments([r[0][3] for r in roles], n, vocab)) is None:
         return None
