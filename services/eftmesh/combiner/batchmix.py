@@ -225,7 +225,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, t
     return torch.from_numpy(maxima), torch.from_numpy(tops)
 
 
-Rows = tuple[np.ndarray, np.ndarray]  # (a flat float32 array, each row's start in it)
+Rows = tuple[np.ndarray, np.ndarray]  # (a flat float32 array, or uint16 for bfloat16 bits; each row's start in it)
 
 
 def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple[int, int, list[Rows]]] | None:
