@@ -88,18 +88,18 @@ def test_the_first_two_roles_written_in_one_pass_give_the_same_sums_bitwise(dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_usual_step_is_mixed_in_one_pass_bitwise_as_role_by_role(monkeypatch, dtype):
     """Three roles, each one run over every row (one composition, base-large's coefficient 1)
-    are mixed in one compiled pass (`fused.mix3`), bitwise the two torch passes (one torch.add,
+    are mixed in one compiled pass (`fusedmix.mix3`), bitwise the two torch passes (one torch.add,
     then add_) over the rows in float32; bfloat16 rows (a GPU model's, as the wire brings them)
     are widened as they are read. Rows wider than the vocabulary (padding columns) are read
     where they lie. Any other step (a role's coefficient changes between runs, or too few
     entries to gain) takes the torch passes."""
-    from eftmesh.core import fused
+    from eftmesh.core import fused, fusedmix
 
     calls = []
-    real = fused.mix3
+    real = fusedmix.mix3
     fused.warm()
     warmed = len(real.signatures)  # (float32 rows and bfloat16 rows)
-    monkeypatch.setattr(fused, "mix3", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fusedmix, "mix3", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", 0)  # (these rows are few: torch's passes otherwise)
     g = torch.Generator().manual_seed(4)
     up = {"big": 1.0, "ft": 1.5, "small": -1.5}
@@ -272,7 +272,7 @@ def _mix_from_several_responses():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [7, 16, 53, 1_000])
 def test_the_mix_takes_each_rows_argmax_on_the_way_as_numpy_does(monkeypatch, dtype, vocab):
-    """`argmax_step` reads the argmax the step's mix took (`fused.mix3`'s tops): numpy's, the
+    """`argmax_step` reads the argmax the step's mix took (`fusedmix.mix3`'s tops): numpy's, the
     first index of the maximum, for ties within one of the kernel's sixteen lanes, across lanes
     and in the tail past them (bfloat16 rows tie often), and for a row whose maximum is not
     finite (a NaN, a +inf, all -inf) numpy's too, with the same finiteness flags as

@@ -139,7 +139,7 @@ def test_the_combiners_default_sampling_is_what_the_wire_carries(tiny_family) ->
 @pytest.mark.parametrize("floored", [True, False])
 def test_half_precision_rows_reach_the_mix_floored_bf16_as_sent(floored, dtype) -> None:
     """A ScoreBatch answer's half-precision rows (a GPU model's): floored bfloat16 rows stay as
-    the wire brings them (the mix widens them as it reads them, `fused.mix3`); float16 rows,
+    the wire brings them (the mix widens them as it reads them, `fusedmix.mix3`); float16 rows,
     and an older service's unfloored rows, become float32 as the answer is read (upstream.
     _outcomes, in the thread that waited for it), exactly, and are floored; the wire's bytes
     are never written."""

@@ -172,19 +172,19 @@ def test_losing_a_logit_replica_mid_generation_costs_a_reprefill_not_the_request
 
 def test_bfloat16_rows_are_mixed_as_the_wire_brings_them(tiny_family, monkeypatch):
     """Three logit services computing in bfloat16 send bfloat16 rows, and the combiner mixes
-    them as they came (`fused.mix3` reads their bits, uint16, and widens them exactly): with one
+    them as they came (`fusedmix.mix3` reads their bits, uint16, and widens them exactly): with one
     model behind every role, EFT up-scaling a + 1.0 * (a - a) is exactly a in float32, so the
     up-scaled generation's tokens and log-probabilities equal base-only's bitwise, plain and
     speculative (k = 4, every draft kept)."""
     from eftmesh.combiner import batchmix
-    from eftmesh.core import fused
+    from eftmesh.core import fusedmix
 
     model = tiny_family["base-large"]
     logits = {r: start_logit(model, r, dtype="bfloat16") for r in tiny_family}
     cs = start_combiner(tiny_family["base-small"], {r: ls.server.port for r, ls in logits.items()})
     seen = []  # (patched once the combiner has compiled its kernels, `fused.warm`)
-    real = fused.mix3
-    monkeypatch.setattr(fused, "mix3", lambda *a: seen.append(a[2].dtype) or real(*a))
+    real = fusedmix.mix3
+    monkeypatch.setattr(fusedmix, "mix3", lambda *a: seen.append(a[2].dtype) or real(*a))
     monkeypatch.setattr(batchmix, "MIX3_MIN_ENTRIES", 0)  # (the tiny family's rows are few: torch's passes otherwise)
     channel = grpc.insecure_channel(f"127.0.0.1:{cs.server.port}")
     stub = generator_pb2_grpc.GeneratorStub(channel)

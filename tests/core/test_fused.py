@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from eftmesh.core import cuts, draws, fused, fusedrows
+from eftmesh.core import cuts, draws, fused, fusedmix, fusedrows
 from eftmesh.core.draws import DRAW_BLOCK, LOG2E, exp2, running_sums
 from eftmesh.core.sampling import SamplingConfig, _fusable, _scaled, processed_probs, sample_rows
 
@@ -160,7 +160,7 @@ def test_warm_compiles_the_kernel_that_draws_use():
     from eftmesh.combiner import batchmix
 
     fused.warm()
-    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fused.mix3, fused.residual_draw,
+    kernels = (fused.nucleus_try, fused.token_bounds, fused.nucleus_bin, fused.mass_above, fusedmix.mix3, fused.residual_draw,
                fused.exp2_scaled)
     warmed = [1, 1, 1, 1, 2, 1, 1]  # (mix3: float32 rows and bfloat16 rows)
     assert [len(k.signatures) for k in kernels] == warmed
@@ -245,7 +245,7 @@ def test_a_level_narrows_the_interval_and_any_level_leaves_it_holding_the_exact_
 
 
 def test_row_maxima_from_the_caller_change_nothing():
-    """The step's mix takes the rows' maxima on the way (`fused.mix3`) and hands them down:
+    """The step's mix takes the rows' maxima on the way (`fusedmix.mix3`) and hands them down:
     the draws and token probabilities are those computed without them, bitwise."""
     from eftmesh.core.sampling import token_probs_at
 

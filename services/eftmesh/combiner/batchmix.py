@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from eftmesh.core.fusedrows import by_rows, flat_rows
+from eftmesh.core.fusedrows import by_rows, flat_rows, kernel_array
 from eftmesh.core.mixing import accumulate
 from eftmesh.core.sampling import (
     NoFiniteMass,
@@ -96,7 +96,7 @@ class Workspace:
     fresh buffer took 26 ms where writing a reused one takes 3. The scores live only within
     one step (the scheduler's thread), so one buffer serves every step. `maxima` and `tops`:
     the scores' row maxima and where each first lies, when the step's mix took them on the way
-    (`fused.mix3`), else None; the fused draws and verification then skip their own pass for
+    (`fusedmix.mix3`), else None; the fused draws and verification then skip their own pass for
     the maxima, and greedy decoding for the argmax (`argmax_step`)."""
 
     def __init__(self) -> None:
@@ -190,7 +190,7 @@ MIX3_MIN_ENTRIES = 1 << 18
 def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The usual step (three roles, each one run over every row, the first with coefficient 1:
     EFT's large + w * (ft - small) over a batch of one composition; every role's rows float32,
-    or every role's bfloat16, as a GPU model sends them) mixed in one pass (`core.fused.mix3`:
+    or every role's bfloat16, as a GPU model sends them) mixed in one pass (`core.fusedmix.mix3`:
     bitwise the sums of the passes below), when it gains by it. Returns the rows' maxima ([n]
     float32) and where each first lies ([n] int64: the argmax, where the maximum is finite), or
     None: not that step."""
@@ -201,7 +201,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, t
         return None
     if (segments := _segments([r[0][3] for r in roles], n, vocab)) is None:
         return None
-    from eftmesh.core import fused  # (numba: compiled at the combiner's start, `fused.warm`)
+    from eftmesh.core import fusedmix  # (numba: compiled at the combiner's start, `fused.warm`)
 
     out, o = _rows_at(scores, vocab)
     maxima, tops, cb, cc = np.empty(n, np.float32), np.empty(n, np.int64), np.float32(roles[1][0][2]), np.float32(roles[2][0][2])
@@ -218,7 +218,7 @@ def _mix3(scores: torch.Tensor, roles: list[list[Run]]) -> tuple[torch.Tensor, t
             if lo >= e:
                 break
             f, t = max(s, lo), min(e, hi)
-            fused.mix3(out, o[f:t], a, x[f - lo:t - lo], b, y[f - lo:t - lo], cb, c, z[f - lo:t - lo], cc, vocab,
+            fusedmix.mix3(out, o[f:t], a, x[f - lo:t - lo], b, y[f - lo:t - lo], cb, c, z[f - lo:t - lo], cc, vocab,
                        maxima[f:t], tops[f:t], lanes, at_lane)
 
     by_rows(n, share)
@@ -255,7 +255,7 @@ def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple
         for ks, st, ref in zip(keys, starts, refs):
             base = int(st[lo:hi].min())
             flat = ref[int(ks[lo])].as_strided((int(st[lo:hi].max()) + vocab - base,), (1,), base)
-            rows.append((_kernel_array(flat), st[lo:hi] - base))
+            rows.append((kernel_array(flat), st[lo:hi] - base))
         out.append((lo, hi, rows))
     return out
 
@@ -263,19 +263,12 @@ def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple
 def _rows_at(x: torch.Tensor, vocab: int) -> Rows:
     """x's rows (float32 or bfloat16) as one flat array (`fusedrows.flat_rows`: no copy) and
     each row's start in it."""
-    if x.dtype == torch.bfloat16:  # (its bits: numpy has no bfloat16; `fused.mix3` widens them)
-        _, flat, stride = flat_rows(x.view(torch.int16), vocab)
-        return flat.view(np.uint16), np.arange(x.shape[0], dtype=np.int64) * stride
     _, flat, stride = flat_rows(x, vocab)
     return flat, np.arange(x.shape[0], dtype=np.int64) * stride
 
 
-# The row dtypes `fused.mix3` reads (bfloat16 as its bits), and how it is handed a flat view of them.
+# The row dtypes `fusedmix.mix3` reads (bfloat16 as its bits, `fusedrows.kernel_array`).
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _kernel_array(flat: torch.Tensor) -> np.ndarray:
-    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[Run], vocab: int) -> set[tuple[int, int]]:
@@ -308,9 +301,9 @@ def argmax_step(scores: torch.Tensor, workspace: Workspace) -> tuple[torch.Tenso
     finite gets numpy's argmax (its first NaN or +inf), as `check_argmax_finite` then reads."""
     if workspace.tops is None or workspace.maxima is None:
         return argmax_finite(scores)
-    top, finite = workspace.tops.clone(), torch.isfinite(workspace.maxima)
+    top, finite = workspace.tops, torch.isfinite(workspace.maxima)
     if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten()
+        top, bad = top.clone(), (~finite).nonzero().flatten()
         top[bad] = argmax_rows(scores.index_select(0, bad))
     return top, finite
 

@@ -314,7 +314,7 @@ def _outcomes(role: str, answer: rowswire.RowsAnswer) -> list[Outcome]:
     everything the combiner mixes, in float32 or bfloat16.
 
     bfloat16 rows (a GPU model's) stay as the wire brings them: the usual step's mix widens them
-    as it reads them (`fused.mix3`), and other steps' mixes through a scratch buffer
+    as it reads them (`fusedmix.mix3`), and other steps' mixes through a scratch buffer
     (`mixing.accumulate`). Widening them all here first cost 26-33 ms of torch's passes (and
     fresh pages) per 80 rows of 128k across the three roles, and made the mix read twice the
     bytes. float16 rows, and bfloat16 rows an older logit service sent unfloored, are widened

@@ -23,10 +23,9 @@ more below the row's maximum count as 0 (float32's subnormals start at 2**-126).
 
 The others: `token_bounds` (verification's p(x) interval: the row's mass and the mass above
 the token, in one pass), `nucleus_bin` and `mass_above` (the exact cut for the tests an
-interval leaves open, and for a rejection's rows), `residual_draw` (a rejection's token from
-max(0, p - q) over two processed rows, never formed as tensors), and `mix3` (the step's usual
-mix, three float32 or bfloat16 roles, in one pass that also takes each row's maximum, which
-the draws then need not read the rows for).
+interval leaves open, and for a rejection's rows), and `residual_draw` (a rejection's token from
+max(0, p - q) over two processed rows, never formed as tensors). The step's mix, whose
+row maxima the draws read, is `fusedmix.mix3`; `warm` compiles it too.
 
 Pure array code: no grpc, no transformers, no torch. The kernels compile on first use (1.2 s
 for the draw, ~3.5 s for all of them); services call `warm` at start so that no request pays it.
@@ -42,7 +41,7 @@ import time
 import numpy as np
 from llvmlite import ir
 from numba import njit, typeof, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from eftmesh.core.draws import DRAW_BLOCK
 
@@ -81,21 +80,6 @@ def _bits_as_float(typingctx, bits):  # type: ignore[no-untyped-def]
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
-
-
-def _f32(v):  # type: ignore[no-untyped-def]
-    """A row entry as float32: itself, or a bfloat16's bits (uint16) widened, exactly (bfloat16
-    is float32's upper half). Compiled only, per entry type (`_f32_typed`)."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(_f32, inline="always")
-def _f32_typed(v):  # type: ignore[no-untyped-def]
-    if isinstance(v, types.Float):
-        return lambda v: v
-    if isinstance(v, types.Integer):
-        return lambda v: _bits_as_float(np.int32(v) << np.int32(16))
-    return None
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -433,66 +417,18 @@ def _gather_bin(row, m, scale, at, b, vals, n, lo, hi):  # type: ignore[no-untyp
     return n
 
 
-@njit(fastmath={"contract"}, nogil=True, boundscheck=False, cache=_CACHE)
-def mix3(out, out_at, a, a_at, b, b_at, cb, c, c_at, cc, vocab, maxima, tops, lanes, at_lane):  # type: ignore[no-untyped-def]
-    """EFT's usual mix, three roles in one pass: out row i = a_i + cb * b_i + cc * c_i (float32),
-    row i of each at flat[at[i]:at[i] + vocab] ([n] int64 starts), maxima[i] its maximum (NaN
-    where it holds a NaN: what the draws' max gives) and tops[i] where it first lies (numpy's
-    argmax, the greedy token, wherever the maximum is finite). Bitwise what torch gives role by
-    role (`batchmix.mix_step`: a + cb * b in one torch.add, then += cc * c): each add is one
-    fused multiply-add, as torch's vectorised add with alpha is. One read of each role's rows
-    and one write, where the two torch passes read and wrote the scores twice (1.5 against 2.0
-    ms over 16 rows of 128k on this project's CPU, the rows fresh from the wire), and the
-    maximum the draw needs and the argmax greedy decoding needs taken on the way, not by more
-    passes over the rows (an argmax pass cost greedy steps 12-40 us per 128k row, the mix's
-    loop nothing measurable). `lanes` ([16] float32) and `at_lane` ([16] int64): scratch,
-    sixteen running maxima and where each was first reached (one would make the loop wait on
-    each compare); the first of the lanes holding the row's maximum is the argmax.
-
-    The roles' rows are float32, or all three bfloat16 as their bits (uint16: a GPU model's rows
-    as the wire brings them), widened here, exactly: the same sums as widening them first, with
-    half the bytes read and no float32 copy of them made (80 rows of 128k: 7.8 ms, against 11-15
-    for the float32 mix after 26-33 ms of torch's conversions)."""
-    whole = vocab - vocab % 16
-    for i in range(out_at.shape[0]):
-        o, x, y, z = out[out_at[i]:], a[a_at[i]:], b[b_at[i]:], c[c_at[i]:]  # (slices: indices known >= 0)
-        lanes[:] = -np.inf
-        for k in range(16):
-            at_lane[k] = k
-        for j in range(0, whole, 16):
-            for k in range(16):
-                v = (_f32(x[j + k]) + cb * _f32(y[j + k])) + cc * _f32(z[j + k])
-                o[j + k] = v
-                at_lane[k] = j + k if v > lanes[k] else at_lane[k]
-                lanes[k] = np.maximum(lanes[k], v)
-        top = np.float32(-np.inf)
-        for k in range(16):
-            top = np.maximum(top, lanes[k])
-        t = vocab
-        for k in range(16):  # (the first index among the lanes holding the maximum)
-            if lanes[k] == top and at_lane[k] < t:
-                t = at_lane[k]
-        t = t if t < vocab else 0  # (no lane holds a NaN maximum: tops[i] is then only in range)
-        for j in range(whole, vocab):
-            v = (_f32(x[j]) + cb * _f32(y[j])) + cc * _f32(z[j])
-            o[j] = v
-            t = j if v > top else t
-            top = np.maximum(top, v)
-        maxima[i] = top
-        tops[i] = t
-
-
 def warm(*, draws_only: bool = False) -> None:
-    """Compile the kernels now, once per process, not in the first request that needs them:
-    ~1 s for the draw (what a logit service drafting on the CPU uses: `draws_only`), ~3.5 s for
-    all of them (the combiner's: mixing, for float32 and bfloat16 rows, and verification; 2.9 s
-    before the bfloat16 mix)."""
+    """Compile the kernels now, once per process, not in the first request that needs them: ~1 s
+    for the draw (a logit service drafting on the CPU: `draws_only`), ~3.5 s for all of them (the
+    combiner's: the mix for float32 and bfloat16 rows, `fusedmix.mix3`, and verification)."""
     vocab = DRAW_BLOCK + 3
     one, at, f, m = np.zeros(vocab, np.float32), np.zeros(1, np.int64), np.float32(1.0), np.zeros(1, np.float32)
     lanes, sums = np.empty(16, np.float32), np.empty(2, np.float32)
     calls = [(nucleus_try, (one, at, vocab, m, f, 0.9, np.full(1, 0.5), np.empty(1, np.int64), np.empty(1, np.bool_),
                             one.copy(), sums))]
     if not draws_only:
+        from eftmesh.core.fusedmix import mix3
+
         half = np.zeros(vocab, np.uint16)  # (bfloat16 rows' bits: mix3's second specialisation)
         tops, at_lane = np.empty(1, np.int64), np.empty(16, np.int64)
         calls += [(mix3, (one.copy(), at, one, at, one, at, f, one, at, f, vocab, m.copy(), tops, lanes, at_lane)),

@@ -229,14 +229,20 @@ def residual_draw_fused(p: torch.Tensor, rows: np.ndarray, q: torch.Tensor | Seq
 
 
 def flat_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, np.ndarray, int]:
-    """x ([rows, >= width] float32 CPU; copied only when its columns are not adjacent), the
-    first `width` (default: all) columns of its rows as one flat array (no copy; row i at
-    i * stride), and the row stride (0: rows broadcast from one): how the compiled kernels
-    (core/fused.py) read rows where they lie."""
+    """x ([rows, >= width] float32 CPU, or bfloat16: `kernel_array`; copied only when its
+    columns are not adjacent), the first `width` (default: all) columns of its rows as one flat
+    array (no copy; row i at i * stride), and the row stride (0: rows broadcast from one): how
+    the compiled kernels (core/fused.py, core/fusedmix.py) read rows where they lie."""
     rows, vocab = x.shape[0], x.shape[1] if width is None else width
     x = x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
     stride = x.stride(0) if rows > 1 else vocab
-    return x, x.as_strided(((rows - 1) * stride + vocab,), (1,)).numpy(), stride
+    return x, kernel_array(x.as_strided(((rows - 1) * stride + vocab,), (1,))), stride
+
+
+def kernel_array(x: torch.Tensor) -> np.ndarray:
+    """x's memory as the compiled kernels read it, no copy: float32 as itself, bfloat16 as its
+    bits (uint16: numpy has no bfloat16; `fusedmix.mix3` widens them)."""
+    return x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy()
 
 
 def _row_maxima(a: np.ndarray, rows: np.ndarray) -> np.ndarray:

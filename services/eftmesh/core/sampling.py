@@ -247,7 +247,7 @@ def sample_rows(scores: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor, *, o
             of thousands is drawn from without being cut, and such a row may take more than
             one uniform; without it (None) every row takes exactly one.
         row_max: [rows] float32, each row's maximum when the caller has it (the step's mix
-            took it: `fused.mix3`), for the fused draw; None: taken here.
+            took it: `fusedmix.mix3`), for the fused draw; None: taken here.
 
     Returns:
         ([rows] int64 tokens, [rows] bool: the row has finite mass; its token is meaningless otherwise).
