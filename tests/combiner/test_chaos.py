@@ -1,8 +1,9 @@
 """Chaos with real processes: a replica of each role killed (SIGKILL) or frozen (SIGSTOP for
 20 s, and for 40 s: past the 30 s --call-timeout) in the middle of 16 concurrent greedy streams.
 
-Two replicas of every role, each a process of its own; the combiner in-process over them. Half
-the streams speculate (ft-small drafts), half do not. Per fault, the issue's bar:
+Two replicas of every role, each a process of its own; the combiner in-process over them,
+routing to the least-loaded replica (8 sessions on each). Half the streams speculate (ft-small
+drafts), half do not. Per fault, the issue's bar:
 
 - every stream completes, token-identical to a fault-free run on the same mesh;
 - no stream's longest gap between two chunks after the fault exceeds 2 s (the streams on the
@@ -34,6 +35,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import free_ports, start_combiner, wait_for
+from eftmesh.combiner.policy import UpstreamPolicy
 from eftmesh.combiner.server import CombinerServer
 from eftmesh.v1 import generator_pb2, generator_pb2_grpc, tensor_pb2
 
@@ -159,7 +161,14 @@ def chaos(tiny_family, tmp_path_factory) -> ChaosMesh:
             for i in range(len(rs)):
                 rs[i] = serving(rs[i], tiny_family[role], logs)
         targets = {role: ",".join(r.address for r in rs) for role, rs in replicas.items()}
-        cs = start_combiner(tiny_family["base-small"], dict.fromkeys(ROLES, 0), upstream_targets=targets)
+        # least-loaded routing, so that about 8 of the 16 sessions are on each replica, as the
+        # issue's bar was set: prefix-aware routing (slack 8) splits them by the hash of the
+        # replicas' addresses, here random ports, and a kill then moves 4 to 12 sessions. A CI run
+        # drew 11 on the victim for ft-small: the survivor went from 5 sessions to 16 (its drafts
+        # included), and the healthy streams ran at 2.14-2.19x, evenly, with no gap over 0.25 s:
+        # the role's lost capacity, not a hold-up, which is what the 2x bar is for
+        cs = start_combiner(tiny_family["base-small"], dict.fromkeys(ROLES, 0), upstream_targets=targets,
+                            policy=UpstreamPolicy(prefix_slack=None))
         assert cs.scorer.wait_live(60)
         address = f"127.0.0.1:{cs.server.port}"
         stream(address, PROMPTS[1], 8)  # the deadlines learn the roles' call times
@@ -224,6 +233,8 @@ def test_a_replica_that_dies_or_hangs_costs_its_streams_a_re_prefill_and_nobody_
                 os.kill(victim.proc.pid, signal.SIGCONT)
     woke = time.monotonic()
     assert 0 < len(on_victim) < len(PROMPTS), f"sessions on the {role} victim: {len(on_victim)}: the test proves nothing"
+    # least-loaded routing splits them evenly (the fixture): the survivor at most doubles its load
+    assert len(on_victim) <= len(PROMPTS) // 2 + 1, f"{len(on_victim)} of {len(PROMPTS)} sessions on the {role} victim"
     assert {p: t for p, (t, _) in got.items()} == chaos.expected
     gaps = {p: max(b - a for (a, _), (b, _) in zip(chunks, chunks[1:]) if b > frozen_at) for p, (_, chunks) in got.items()}
     assert max(gaps.values()) <= MAX_GAP_S, {p: round(g, 2) for p, g in gaps.items()}
