@@ -84,13 +84,35 @@ def test_picks_the_cap_with_the_most_expected_tokens_per_measured_second():
         c.observe(1, arm, ms / 1e3)
     assert c.snapshot() == {1: {0: 10.0, 1: 11.0, 2: 12.0}}
     assert c.choose(1, yields(TOKENS)) == 2  # 1.96 / 12 > 1.6 / 11 > 1 / 10
-    # saturated: verifies now cost k + 1 plain steps -> stop drafting
+    # saturated: verifies now cost nearly k + 1 plain steps -> stop drafting, once every cap
+    # was timed at that load (a slower step under one cap alone reads as the whole load
+    # slowing: test_a_drift_in_every_caps_step_time_does_not_move_the_choice)
     for _ in range(6):
-        c.observe(1, 2, 30e-3)
-        c.observe(1, 1, 20e-3)
-    assert c.choose(1, yields(TOKENS)) == 0
+        c.observe(1, 2, 28e-3)
+        c.observe(1, 1, 19e-3)
+        c.observe(1, 0, 10e-3)
+    assert c.choose(1, yields(TOKENS)) == 0  # 1 / 10 > 1.6 / 19 > 1.96 / 28
     # and the yields come from the generations: perfect agreement makes drafting pay again
-    assert c.choose(1, yields({0: 1.0, 1: 2.0, 2: 3.0})) == 2
+    assert c.choose(1, yields({0: 1.0, 1: 2.0, 2: 3.0})) == 2  # 3 / 28 > 2 / 19 > 1 / 10
+
+
+def test_a_drift_in_every_caps_step_time_does_not_move_the_choice():
+    # contexts grow while a batch runs, so every cap's steps get slower (here 2.2x over 60
+    # steps); cap 4 stays the best throughout (2.30 / 20 > 1.96 / 17.5 > 1.6 / 15 > 1 / 10)
+    c = SpeculationController(8, explore_every=1000)
+    ms = {0: 10.0, 1: 15.0, 2: 17.5, 4: 20.0, 8: 28.0}
+    order = []
+    for step in range(60):
+        arm = c.choose(16, yields(TOKENS), start=4)
+        order.append(arm)
+        c.observe(16, arm, ms[arm] * (1 + step / 50) / 1e3)
+    # 4, its neighbours (8, 2) and no drafting timed once each, then 4 only: a cap timed early
+    # is compared by its cost relative to the others, not by a time from shorter contexts
+    # (averaging absolute times, the controller left 4 for 2 and 0 as 4's time grew)
+    assert order[:4] == [4, 2, 8, 0]
+    assert order[4:] == [4] * 56, order
+    snap = c.snapshot()[16]  # at the level the steps have now
+    assert snap[4] == pytest.approx(20.0 * (1 + 59 / 50), rel=0.05) and snap[0] < snap[2] < snap[4] < snap[8]
 
 
 def test_explores_the_best_caps_less_recently_used_neighbour_every_explore_every_steps():

@@ -16,7 +16,7 @@ from eftmesh.combiner.scoring import BlockCap
 
 @dataclass
 class _ArmStats:
-    seconds: float = 0.0  # exponential moving average of a step's duration under this cap
+    cost: float = 0.0  # exponential moving average of a step's duration under this cap, over the bucket's level
     tries: int = 0
     last: int = -1  # step it was last used
 
@@ -33,6 +33,17 @@ class SpeculationController:
     generation's own acceptance estimate), so the choice rests on step times, which vary far
     less than one step's accepted tokens.
 
+    Step times drift while the batch runs: every generation's context grows, and a demo
+    family's step at 16 streams took 11 ms without drafting at the start of 256 tokens and 17
+    ms at the end (cap 4: 17 -> 38 ms). Averages of absolute times then compare the cap in use,
+    timed now, with caps explored a while ago at shorter contexts, which look cheaper than they
+    are: the controller kept leaving the best cap for them (40% of its steps at 16 streams in
+    one such run, and k = 4 fixed beat it by 8%). So a step's time is read as the bucket's
+    level, which every step moves (`drift`), times the cap's cost relative to it, a moving
+    average per cap measured where the cap changes from one step to the next (`observe`).
+    Only the costs' ratios decide, and a cap explored long ago keeps its ratio, not its stale
+    time.
+
     The search is local, because a step under a far-off cap can cost as much as many plain
     steps (a verify of 16 drafts for each of 16 generations runs 272 rows): a bucket never
     timed starts at the best cap of the nearest bucket that was, or, when none was, at the
@@ -47,8 +58,11 @@ class SpeculationController:
 
     cap: BlockCap | int  # the largest cap (BlockCap: the combiner's, shared; an int: fixed)
     explore_every: int = 16
-    smoothing: float = 0.3
+    smoothing: float = 0.3  # of each cap's cost over the level
+    drift: float = 0.5  # of the level: how fast it follows the step times
     _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
+    _levels: dict[int, float] = field(default_factory=dict)  # bucket -> seconds of a step at cost 1
+    _last: dict[int, int] = field(default_factory=dict)  # bucket -> the cap its last timed step ran
     _step: int = 0
 
     @property
@@ -66,10 +80,11 @@ class SpeculationController:
 
     def _best(self, b: int, expected_tokens: Callable[[int], float]) -> int | None:
         """Index in arms() of the cap with the most expected tokens per measured second in
-        bucket `b`; None when nothing was timed there."""
+        bucket `b` (per unit of its cost: the level is common to all); None when nothing was
+        timed there."""
         arms = self.arms()
-        rates = {i: expected_tokens(arm) / s.seconds for i, arm in enumerate(arms)
-                 if (s := self._stats.get((b, arm))) is not None and s.seconds > 0}
+        rates = {i: expected_tokens(arm) / s.cost for i, arm in enumerate(arms)
+                 if (s := self._stats.get((b, arm))) is not None and s.cost > 0}
         return max(rates, key=rates.__getitem__) if rates else None
 
     def choose(self, batch: int, expected_tokens: Callable[[int], float], start: int | None = None) -> int:
@@ -97,17 +112,33 @@ class SpeculationController:
         return arms[best]
 
     def observe(self, batch: int, cap: int, seconds: float) -> None:
-        """Record one step's duration under `cap`."""
+        """Record one step's duration under `cap`.
+
+        A step under the cap the bucket's step before ran moves only the level (its cost is
+        what a switch measured): one cap's steps in a row cannot tell a growing context from
+        the cap costing more, and charging the growth to the cap in use made it look worse than
+        caps timed long ago. A step under another cap is read against the level the step
+        before left, a near-simultaneous comparison, and moves that cap's cost."""
         if seconds <= 0:
             return
-        s = self._stats.setdefault((self.bucket(batch), cap), _ArmStats())
-        s.seconds = seconds if s.tries == 0 else s.seconds + self.smoothing * (seconds - s.seconds)
+        b = self.bucket(batch)
+        s = self._stats.setdefault((b, cap), _ArmStats())
+        level = self._levels.get(b)
+        if level is None:  # the bucket's first sample sets its level: this cap costs 1
+            self._levels[b], s.cost = seconds, 1.0
+        else:
+            if self._last.get(b) != cap or s.tries == 0:
+                ratio = seconds / level
+                s.cost = ratio if s.tries == 0 else s.cost + self.smoothing * (ratio - s.cost)
+            self._levels[b] = level + self.drift * (seconds / s.cost - level)
+        self._last[b] = cap
         s.tries += 1
         s.last = self._step
 
     def snapshot(self) -> dict[int, dict[int, float]]:
-        """bucket -> cap -> measured step milliseconds (for logs and benchmarks)."""
+        """bucket -> cap -> a step's milliseconds under it at the bucket's current level (for
+        logs and benchmarks)."""
         out: dict[int, dict[int, float]] = {}
         for (b, cap), s in sorted(self._stats.items()):
-            out.setdefault(b, {})[cap] = round(s.seconds * 1e3, 2)
+            out.setdefault(b, {})[cap] = round(s.cost * self._levels[b] * 1e3, 2)
         return out
