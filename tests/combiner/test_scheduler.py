@@ -106,9 +106,9 @@ def test_a_drift_in_every_caps_step_time_does_not_move_the_choice():
         arm = c.choose(16, yields(TOKENS), start=4)
         order.append(arm)
         c.observe(16, arm, ms[arm] * (1 + step / 50) / 1e3)
-    # 4, its neighbours (8, 2) and no drafting timed once each, then 4 only: a cap timed early
+    # 4, its neighbours (2, 8) and no drafting timed once each, then 4 only: a cap timed early
     # is compared by its cost relative to the others, not by a time from shorter contexts
-    # (averaging absolute times, the controller left 4 for 2 and 0 as 4's time grew)
+    # (averaging absolute times, the controller left 4 for 1 and 2 as 4's time grew)
     assert order[:4] == [4, 2, 8, 0]
     assert order[4:] == [4] * 56, order
     snap = c.snapshot()[16]  # at the level the steps have now
