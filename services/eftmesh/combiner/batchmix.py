@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from eftmesh.core.fusedrows import by_rows, flat_rows, kernel_array
+from eftmesh.core.fusedrows import KERNEL_DTYPES, by_rows, flat_rows, kernel_array
 from eftmesh.core.mixing import accumulate
 from eftmesh.core.sampling import (
     NoFiniteMass,
@@ -237,10 +237,10 @@ def _segments(parts: list[list[torch.Tensor]], n: int, vocab: int) -> list[tuple
     rows are not float32 or bfloat16 with adjacent columns (the kernel's)."""
     views = [_adjacent(p) for p in parts]
     if all(v is not None for v in views):  # (a view's parts share its dtype and column stride)
-        if any(v.dtype not in _KERNEL_DTYPES or v.stride(1) != 1 for v in views):
+        if any(v.dtype not in KERNEL_DTYPES or v.stride(1) != 1 for v in views):
             return None
         return [(0, n, [_rows_at(v, vocab) for v in views])]
-    if any(x.dtype not in _KERNEL_DTYPES or x.stride(1) != 1 for p in parts for x in p):
+    if any(x.dtype not in KERNEL_DTYPES or x.stride(1) != 1 for p in parts for x in p):
         return None
     keys, starts, refs = [], [], []  # per role: each row's storage, start in it, and a tensor on it
     for ps in parts:
@@ -265,10 +265,6 @@ def _rows_at(x: torch.Tensor, vocab: int) -> Rows:
     each row's start in it."""
     _, flat, stride = flat_rows(x, vocab)
     return flat, np.arange(x.shape[0], dtype=np.int64) * stride
-
-
-# The row dtypes `fusedmix.mix3` reads (bfloat16 as its bits, `fusedrows.kernel_array`).
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _init_fused(scores: torch.Tensor, first_role: list[Run], second_role: list[Run], vocab: int) -> set[tuple[int, int]]:

@@ -239,6 +239,11 @@ def flat_rows(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, 
     return x, kernel_array(x.as_strided(((rows - 1) * stride + vocab,), (1,))), stride
 
 
+# The row dtypes the compiled kernels read as `kernel_array` gives them (`fusedmix.mix3`:
+# both; the draws and verification: float32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def kernel_array(x: torch.Tensor) -> np.ndarray:
     """x's memory as the compiled kernels read it, no copy: float32 as itself, bfloat16 as its
     bits (uint16: numpy has no bfloat16; `fusedmix.mix3` widens them)."""
