@@ -8,6 +8,8 @@ from __future__ import annotations
 
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +18,8 @@ from eftmesh.combiner.scoring import BlockCap
 
 @dataclass
 class _ArmStats:
-    cost: float = 0.0  # exponential moving average of a step's duration under this cap, over the bucket's level
+    ratios: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # its last step times over the level
+    cost: float = 0.0  # their lower median: a step's duration under this cap, over the bucket's level
     tries: int = 0
     last: int = -1  # step it was last used
 
@@ -28,8 +31,8 @@ class SpeculationController:
 
     A block of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average; what a batched
     verify costs depends on the load, so it is measured rather than assumed: per batch-size
-    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), a moving average
-    of the step's duration. The expected yield of a cap comes from the caller (each
+    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), the step's
+    duration. The expected yield of a cap comes from the caller (each
     generation's own acceptance estimate), so the choice rests on step times, which vary far
     less than one step's accepted tokens.
 
@@ -39,10 +42,20 @@ class SpeculationController:
     timed now, with caps explored a while ago at shorter contexts, which look cheaper than they
     are: the controller kept leaving the best cap for them (40% of its steps at 16 streams in
     one such run, and k = 4 fixed beat it by 8%). So a step's time is read as the bucket's
-    level, which every step moves (`drift`), times the cap's cost relative to it, a moving
-    average per cap measured where the cap changes from one step to the next (`observe`).
+    level, which every step moves, times the cap's cost relative to it, measured per cap where
+    the cap changes from one step to the next (`observe`).
     Only the costs' ratios decide, and a cap explored long ago keeps its ratio, not its stale
     time.
+
+    One slow step must not decide either: a step that a collection pause or a busy host
+    stretched 5x (a 114 ms step among 20-25 ms ones in a bench-load run) made, averaged in, cap
+    4 look worse than cap 2 for the rest of the run, and k = 4 fixed beat the controller by
+    9-13% at 16 streams and 256 tokens. So a cap's cost is the lower median of its last three
+    samples: an outlier among them is outvoted, and of two the smaller is taken, because
+    timing noise on a shared host adds time and never removes it. The level is likewise the
+    lower median of the last three steps' times, each over its cap's cost, so one slow step
+    moves neither it nor the samples read against it next (the moving average it replaced,
+    which one 5x step raised 3x, made the next cap explored look 3x cheaper than it was).
 
     The search is local, because a step under a far-off cap can cost as much as many plain
     steps (a verify of 16 drafts for each of 16 generations runs 272 rows): a bucket never
@@ -58,10 +71,9 @@ class SpeculationController:
 
     cap: BlockCap | int  # the largest cap (BlockCap: the combiner's, shared; an int: fixed)
     explore_every: int = 16
-    smoothing: float = 0.3  # of each cap's cost over the level
-    drift: float = 0.5  # of the level: how fast it follows the step times
     _stats: dict[tuple[int, int], _ArmStats] = field(default_factory=dict)
-    _levels: dict[int, float] = field(default_factory=dict)  # bucket -> seconds of a step at cost 1
+    # bucket -> its last steps' seconds over their caps' costs; their lower median is the level
+    _levels: dict[int, deque[float]] = field(default_factory=dict)
     _last: dict[int, int] = field(default_factory=dict)  # bucket -> the cap its last timed step ran
     _step: int = 0
 
@@ -123,14 +135,13 @@ class SpeculationController:
             return
         b = self.bucket(batch)
         s = self._stats.setdefault((b, cap), _ArmStats())
-        level = self._levels.get(b)
-        if level is None:  # the bucket's first sample sets its level: this cap costs 1
-            self._levels[b], s.cost = seconds, 1.0
-        else:
-            if self._last.get(b) != cap or s.tries == 0:
-                ratio = seconds / level
-                s.cost = ratio if s.tries == 0 else s.cost + self.smoothing * (ratio - s.cost)
-            self._levels[b] = level + self.drift * (seconds / s.cost - level)
+        levels = self._levels.setdefault(b, deque(maxlen=3))
+        if not levels:  # the bucket's first sample sets its level: this cap costs 1
+            s.ratios.append(1.0)
+        elif self._last.get(b) != cap or s.tries == 0:
+            s.ratios.append(seconds / statistics.median_low(levels))
+        s.cost = statistics.median_low(s.ratios)
+        levels.append(seconds / s.cost)
         self._last[b] = cap
         s.tries += 1
         s.last = self._step
@@ -140,5 +151,5 @@ class SpeculationController:
         logs and benchmarks)."""
         out: dict[int, dict[int, float]] = {}
         for (b, cap), s in sorted(self._stats.items()):
-            out.setdefault(b, {})[cap] = round(s.cost * self._levels[b] * 1e3, 2)
+            out.setdefault(b, {})[cap] = round(s.cost * statistics.median_low(self._levels[b]) * 1e3, 2)
         return out
