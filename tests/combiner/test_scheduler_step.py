@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from eftmesh.combiner.decoding import Generation, GenerationRequest, SpeculationConfig
 from eftmesh.combiner.scoring import DraftCall, Outcome
-from eftmesh.combiner.stream import Chunk
+from eftmesh.combiner.stream import Chunk, SpeculationStats
 from eftmesh.combiner.decoder import Decoder
 from conftest import collect, points
 from fake_scorer import RecordingScorer
@@ -442,6 +442,18 @@ def test_times_count_steps_tokens_and_rows(make):
     assert sum(len(c.token_ids) for c in got) == 11 and t.steps == 9 + len(got) and t.tokens == 9 + 11
     assert t.rows == 9 + len(got) + usage.speculation.drafted  # a block of k mixes k + 1 rows
     assert usage.speculation.blocks >= 1 and t.draft_s > 0 and t.score_s > 0 and t.combine_s > 0
+    s = usage.speculation  # per position: every block drafted its first; kept drafts end at a rejection
+    assert sum(s.drafted_at) == s.drafted and sum(s.accepted_at) == s.accepted and s.drafted_at[0] == s.blocks
+    assert len(s.drafted_at) == 3 and all(a <= d for a, d in zip(s.accepted_at, s.drafted_at))
+    assert s.accepted_at == sorted(s.accepted_at, reverse=True)
+
+
+def test_speculation_stats_count_drafted_and_kept_drafts_per_position():
+    s = SpeculationStats()
+    for k, m in [(4, 4), (4, 0), (2, 1), (4, 2)]:
+        s.record(k, m)
+    assert (s.drafted, s.accepted, s.blocks) == (14, 7, 4)
+    assert s.drafted_at == [4, 4, 3, 3] and s.accepted_at == [3, 2, 1, 1]
 
 
 @pytest.mark.parametrize("kind", ["score", "draft"])

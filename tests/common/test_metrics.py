@@ -72,6 +72,15 @@ def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh)
     assert inp.value == resp.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
     (acc,) = data["eftmesh.speculation.acceptance"]
     assert acc.count >= 1 and 0 <= acc.sum <= acc.count
+    # drafts per position (vLLM's accepted tokens per position): both generations' blocks
+    at = {name: {p.attributes["eftmesh.speculation.position"]: p.value for p in data.get(name, [])}
+          for name in ("eftmesh.speculation.drafts", "eftmesh.speculation.drafts.accepted")}
+    drafted, kept = at["eftmesh.speculation.drafts"], at["eftmesh.speculation.drafts.accepted"]
+    both = [resp.speculation, chunks[-1].speculation]
+    assert sum(drafted.values()) == sum(u.drafted_tokens for u in both) > 0
+    assert sum(kept.values()) == sum(u.accepted_tokens for u in both)
+    assert {1, 2} <= set(drafted) and all(kept.get(j, 0) <= n for j, n in drafted.items())
+    assert drafted[1] == sum(u.blocks for u in both)  # every block drafts a first token
     (active,) = data["eftmesh.generations.active"]
     assert active.value == 0  # both finished
     roles = {p.attributes["eftmesh.role"] for p in data["eftmesh.upstream.duration"]}

@@ -310,10 +310,7 @@ class Generation:
         # rolls each back (the token after them, verdict.next_token, is not in any cache).
         for r in self.cached:
             self.cached[r] = n + m
-        stats = usage.speculation
-        stats.drafted += k
-        stats.accepted += m
-        stats.blocks += 1
+        usage.speculation.record(k, m)
         if self.adaptive:
             self.adaptive.update(m, k)
         self._emit(self.drafts[:m] + [verdict.next_token], scores)

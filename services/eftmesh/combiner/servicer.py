@@ -109,7 +109,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     m.tokens.add(u.prompt_tokens, {**gen_ai, "gen_ai.token.type": "input"})
                     m.tokens.add(u.completion_tokens, {**gen_ai, "gen_ai.token.type": "output"})
                     if u.speculation.drafted:
-                        m.acceptance.record(u.speculation.acceptance_rate, {"eftmesh.draft_role": req.speculation.draft_role})
+                        role = {"eftmesh.draft_role": req.speculation.draft_role}
+                        m.acceptance.record(u.speculation.acceptance_rate, role)
+                        for j, (d, a) in enumerate(zip(u.speculation.drafted_at, u.speculation.accepted_at), start=1):
+                            m.drafts.add(d, {**role, "eftmesh.speculation.position": j})
+                            m.drafts_accepted.add(a, {**role, "eftmesh.speculation.position": j})
                 yield chunk
         except BaseException as e:  # GeneratorExit too: the client went away mid-stream
             error = e

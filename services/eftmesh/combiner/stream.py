@@ -28,10 +28,24 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     blocks: int = 0
+    # per draft position j (index j - 1): blocks that drafted a j-th token, and that kept it
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    def record(self, k: int, m: int) -> None:
+        """A block of k drafts that kept the first m."""
+        self.drafted, self.accepted, self.blocks = self.drafted + k, self.accepted + m, self.blocks + 1
+        grow = k - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at += [0] * grow
+            self.accepted_at += [0] * grow
+        for j in range(k):
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += j < m
 
 
 @dataclass

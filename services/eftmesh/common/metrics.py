@@ -189,6 +189,13 @@ class CombinerMetrics:
         self.acceptance = m.create_histogram(
             "eftmesh.speculation.acceptance", unit="1",
             description="Share of drafted tokens kept, per speculative generation")
+        self.drafts = m.create_counter(
+            "eftmesh.speculation.drafts", unit="{token}",
+            description="Drafted tokens, by draft role and eftmesh.speculation.position (1 = a block's first draft)")
+        self.drafts_accepted = m.create_counter(
+            "eftmesh.speculation.drafts.accepted", unit="{token}",
+            description="Drafted tokens the target kept, by draft role and position: over eftmesh.speculation.drafts "
+                        "at the same position, the share of blocks that drafted that far and kept that far")
         self.upstream_duration = m.create_histogram(
             "eftmesh.upstream.duration", unit="s",
             description="One attempt of a call to a logit service, failed ones included (a re-sent call is "
