@@ -81,6 +81,9 @@ def test_a_generation_records_its_latencies_tokens_and_acceptance(measured_mesh)
     assert sum(kept.values()) == sum(u.accepted_tokens for u in both)
     assert {1, 2} <= set(drafted) and all(kept.get(j, 0) <= n for j, n in drafted.items())
     assert drafted[1] == sum(u.blocks for u in both)  # every block drafts a first token
+    # the Generate call's adaptive speculation: each of its steps under the cap the controller chose
+    caps = {p.attributes["eftmesh.speculation.cap"]: p.value for p in data.get("eftmesh.speculation.steps", [])}
+    assert 1 <= sum(caps.values()) <= 5 and all(isinstance(c, int) and c >= 0 for c in caps)
     (active,) = data["eftmesh.generations.active"]
     assert active.value == 0  # both finished
     roles = {p.attributes["eftmesh.role"] for p in data["eftmesh.upstream.duration"]}

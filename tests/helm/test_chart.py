@@ -615,7 +615,7 @@ def test_grafana_dashboard_should_ship_as_a_configmap_with_the_key_panels():
     for series in ('eftmesh_tokens_total{namespace=~"$namespace",gen_ai_token_type="output"}',
                    "gen_ai_server_time_to_first_token_seconds_bucket", "eftmesh_speculation_acceptance",
                    "eftmesh_batch_size", "eftmesh_logit_kv_tokens_used", "eftmesh_queue_duration_seconds_bucket",
-                   "eftmesh_speculation_drafts_accepted_total"):
+                   "eftmesh_speculation_drafts_accepted_total", "eftmesh_speculation_steps_total"):
         assert series in exprs, series
     assert "histogram_quantile(0.99" in exprs and "by (eftmesh_role)" in exprs
 

@@ -289,6 +289,7 @@ class Scheduler:
             # Nothing timed yet: begin where the generations' acceptance alone would draft.
             start = max(g.adaptive.k for g in aware if g.adaptive is not None)
             cap = self.controller.choose(len(live), lambda c: sum(g.expected_tokens(c) for g in live), start)
+            self.metrics.speculation_caps.add(1, {"eftmesh.speculation.cap": cap})
         # A step that prefills says nothing about steady-state speed: not a controller sample.
         prefilling = any(not any(g.cached.values()) or g.behind > 1 for g in live)
         for g in live:
@@ -306,8 +307,7 @@ class Scheduler:
             t3 = time.perf_counter()
             t.combine_cpu_s += time.thread_time() - c2
         t.draft_s, t.score_s, t.combine_s = t.draft_s + t1 - t0, t.score_s + t2 - t1, t.combine_s + t3 - t2
-        t.steps += 1
-        t.rows += sum(g.rows_per_role() for g in stepped)
+        t.steps, t.rows = t.steps + 1, t.rows + sum(g.rows_per_role() for g in stepped)
         tokens = sum(g.sink.usage.completion_tokens - before for g, before in stepped.items())
         t.tokens += tokens  # counted before delivery: a client that has its tokens sees them counted
         self.metrics.batch_size.record(len(live))  # and its step (bench-hop scrapes right after)

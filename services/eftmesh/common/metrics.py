@@ -196,6 +196,10 @@ class CombinerMetrics:
             "eftmesh.speculation.drafts.accepted", unit="{token}",
             description="Drafted tokens the target kept, by draft role and position: over eftmesh.speculation.drafts "
                         "at the same position, the share of blocks that drafted that far and kept that far")
+        self.speculation_caps = m.create_counter(
+            "eftmesh.speculation.steps", unit="{step}",
+            description="Scheduler steps of load-aware (adaptive) generations, by the cap on k the speculation "
+                        "controller chose (eftmesh.speculation.cap; 0 = no drafting)")
         self.upstream_duration = m.create_histogram(
             "eftmesh.upstream.duration", unit="s",
             description="One attempt of a call to a logit service, failed ones included (a re-sent call is "
