@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,24 @@ def test_a_run_of_some_systems_without_poisson_reports_the_rest_as_not_measured(
     assert "poisson (mesh-plain)" not in table and "| mesh_adaptive16_over_mesh_plain16 | - | >= 1.0 | not measured |" in table
     with pytest.raises(SystemExit, match="--systems: unknown nope; choose from lockstep, hf-generate"):
         bench_load.main(["--systems", "nope"])
+
+
+def test_sweep_counts_mesh_adaptives_steps_by_cap_over_its_repetitions_only() -> None:
+    """The combiner's counter of steps by cap also counts the warm-up and the other systems'
+    runs; the sweep keeps, per N, only what mesh-adaptive's measured repetitions added."""
+    steps = {4: 0.0}
+
+    def adaptive(prompts: Sequence[str], max_new: int) -> int:
+        steps[4] += 3.0
+        steps[0] = steps.get(0, 0.0) + 1.0
+        return max_new * len(prompts)
+
+    def plain(prompts: Sequence[str], max_new: int) -> int:
+        steps[4] += 100.0  # as if another system's steps were counted too
+        return max_new * len(prompts)
+
+    chosen: dict[int, dict[int, float]] = {}
+    runs = bench_load.sweep({"mesh-plain": plain, "mesh-adaptive": adaptive}, ["p"], [1, 2], 4, 2,
+                            lambda: dict(steps), chosen)
+    assert chosen == {1: {4: 6.0, 0: 2.0}, 2: {4: 6.0, 0: 2.0}}  # 2 repetitions each, warm-up left out
+    assert len(runs["mesh-adaptive"][2]) == 2

@@ -36,6 +36,7 @@ import random
 import shlex
 import statistics
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from typing import Any
 
 import grpc
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from eftmesh_lab.bench import workload_prompts
 from eftmesh.launcher import LocalMesh, resolve_models
@@ -364,10 +366,21 @@ def measure(label: str, fn: Runner, prompts: Sequence[str], max_new: int) -> flo
     return n / dt
 
 
+def controller_caps(metrics_port: int) -> dict[int, float]:
+    """The combiner's `eftmesh.speculation.steps`: adaptive steps so far, by the cap on k its
+    speculation controller chose."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return {int(s.labels["eftmesh_speculation_cap"]): s.value for f in families
+                if f.name == "eftmesh_speculation_steps" for s in f.samples if s.name.endswith("_total")}
+
+
 def sweep(runners: dict[str, Runner], prompts: Sequence[str], ns: Sequence[int], max_new: int,
-          reps: int) -> dict[str, dict[int, list[float]]]:
+          reps: int, caps: Callable[[], dict[int, float]] | None = None,
+          chosen: dict[int, dict[int, float]] | None = None) -> dict[str, dict[int, list[float]]]:
     """Tokens/s per system and N; a short warm-up at every N first, then repetitions that
-    alternate between systems."""
+    alternate between systems. With `caps` (the combiner's steps by the controller's cap so
+    far), `chosen` collects, per N, mesh-adaptive's steps by cap over the repetitions."""
     print("warm-up", flush=True)
     for n in ns:
         for name, fn in runners.items():
@@ -376,7 +389,12 @@ def sweep(runners: dict[str, Runner], prompts: Sequence[str], ns: Sequence[int],
     for rep in range(reps):
         for n in ns:
             for name, fn in runners.items():
+                before = caps() if caps and chosen is not None and name == "mesh-adaptive" else None
                 runs[name][n].append(measure(f"[rep {rep + 1}/{reps}] {name:13s} N={n:3d}", fn, cycle(prompts, n), max_new))
+                if before is not None:
+                    for cap, steps in caps().items():
+                        row = chosen.setdefault(n, {})
+                        row[cap] = row.get(cap, 0.0) + steps - before.get(cap, 0.0)
     return runs
 
 
@@ -445,6 +463,9 @@ def markdown(out: dict) -> str:
               f"{p['achieved_tokens_per_s']:.1f} | {p['ttft_p50_s'] * 1e3:.0f} ms | {p['ttft_p99_s'] * 1e3:.0f} ms | "
               f"{p['itl_p50_s'] * 1e3:.1f} ms | {p['itl_p99_s'] * 1e3:.1f} ms | {p['single_ttft_s'] * 1e3:.0f} ms | "
               f"{sum(p['errors'].values())} |"]
+    if caps := out.get("adaptive_caps"):
+        lines += ["", "| mesh-adaptive: steps by the controller's cap on k | share |", "|---|---|"]
+        lines += [f"| N={n} | " + ", ".join(f"k<={c}: {v:.0%}" for c, v in row.items()) + " |" for n, row in caps.items()]
     lines += ["", "| KV cache | tokens | block | bytes/token measured | theoretical | ratio |", "|---|---|---|---|---|---|"]
     for role, k in out.get("kv_cache", {}).items():
         lines.append(f"| {role} | {k['kv_cache_tokens']} | {k['block_size']} | {k['bytes_per_token']:.0f} | "
@@ -536,10 +557,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Every generation of the sweep and of the Poisson run may be in flight at once.
     combiner_args = ["--max-concurrent-generations", str(max(*ns, a.poisson_requests)), *shlex.split(a.combiner_args)]
     print(f"starting the mesh on 127.0.0.1:{a.port} (logs in build/bench-load/)", flush=True)
+    metrics_port = a.port + 100
     with LocalMesh(roles, a.port, a.threads, a.device, a.dtype, log_dir=Path("build/bench-load"), verbose=False,
-                   combiner_args=combiner_args, logit_args=shlex.split(a.logit_args)) as lm:
+                   combiner_args=combiner_args, logit_args=shlex.split(a.logit_args), metrics_port=metrics_port) as lm:
         client = MeshClient(lm.address)
-        runs = sweep({k: v for k, v in systems(family, client).items() if k in chosen}, prompts, ns, a.max_new, a.reps)
+        caps: dict[int, dict[int, float]] = {}  # N -> mesh-adaptive's steps by the controller's cap
+        runs = sweep({k: v for k, v in systems(family, client).items() if k in chosen}, prompts, ns, a.max_new, a.reps,
+                     functools.partial(controller_caps, metrics_port), caps)
         med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
         poisson = (poisson_section(client, prompts, max(med["mesh-plain"].values()), a)
                    if a.poisson_requests > 0 and "mesh-plain" in med else None)
@@ -553,6 +577,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "tokens_per_s": {name: {str(n): v for n, v in row.items()} for name, row in med.items()},
         "runs": {name: {str(n): v for n, v in row.items()} for name, row in runs.items()},
         "poisson": poisson, "kv_cache": kv, "ratios": ratios, "targets": targets,
+        # share of mesh-adaptive's measured steps under each cap on k its controller chose
+        "adaptive_caps": {str(n): {str(c): round(v / max(sum(row.values()), 1.0), 3) for c, v in sorted(row.items()) if v > 0}
+                          for n, row in sorted(caps.items())},
     }
     write(out, markdown(out), a.out, a.plot)
 
