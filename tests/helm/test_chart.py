@@ -620,6 +620,25 @@ def test_grafana_dashboard_should_ship_as_a_configmap_with_the_key_panels():
     assert "histogram_quantile(0.99" in exprs and "by (eftmesh_role)" in exprs
 
 
+def test_every_dashboard_query_should_parse_as_promql():
+    """A query Prometheus cannot parse leaves its panel empty with no error a test would see:
+    each is parsed by a PromQL parser (promql-parser, a port of Prometheus' own), with the
+    dashboard's variables as Grafana fills them in."""
+    import promql_parser
+
+    dash = json.loads((CHART / "dashboards" / "eftmesh.json").read_text())
+    queries = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+    assert len(queries) >= 10
+    for title, expr in queries:
+        filled = expr.replace("$__rate_interval", "1m").replace("$namespace", "serving")
+        try:
+            promql_parser.parse(filled)
+        except ValueError as e:
+            pytest.fail(f"panel {title!r}: {e}: {filled}")
+    with pytest.raises(ValueError, match="unclosed left parenthesis"):  # it does refuse a broken one
+        promql_parser.parse("sum by (eftmesh_role) (rate(eftmesh_tokens_total[1m])")
+
+
 def test_roles_volume_and_tracing_should_be_configurable():
     docs = render({
         "models": {"volume": {"persistentVolumeClaim": {"claimName": "ckpts"}}},
