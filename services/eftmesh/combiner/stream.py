@@ -8,6 +8,7 @@ detokeniser and the stop-string search). No threads, no network.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,10 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     blocks: int = 0
-    # per draft position j (index j - 1): blocks that drafted a j-th token, and that kept it
-    drafted_at: list[int] = field(default_factory=list)
-    accepted_at: list[int] = field(default_factory=list)
+    # blocks by drafts made (index k) and by drafts kept (index m): two counts a block, the
+    # per-position figures derived from them when asked (once, as a generation ends)
+    _of_k: list[int] = field(default_factory=list)
+    _of_m: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -39,13 +41,21 @@ class SpeculationStats:
     def record(self, k: int, m: int) -> None:
         """A block of k drafts that kept the first m."""
         self.drafted, self.accepted, self.blocks = self.drafted + k, self.accepted + m, self.blocks + 1
-        grow = k - len(self.drafted_at)
-        if grow > 0:
-            self.drafted_at += [0] * grow
-            self.accepted_at += [0] * grow
-        for j in range(k):
-            self.drafted_at[j] += 1
-            self.accepted_at[j] += j < m
+        if k >= len(self._of_k):
+            grow = [0] * (k + 1 - len(self._of_k))
+            self._of_k, self._of_m = self._of_k + grow, self._of_m + grow
+        self._of_k[k] += 1
+        self._of_m[m] += 1
+
+    @property
+    def drafted_at(self) -> list[int]:
+        """Per draft position j (index j - 1): blocks that drafted a j-th token."""
+        return list(itertools.accumulate(reversed(self._of_k[1:])))[::-1]
+
+    @property
+    def accepted_at(self) -> list[int]:
+        """Per draft position j (index j - 1): blocks that kept their j-th draft."""
+        return list(itertools.accumulate(reversed(self._of_m[1:])))[::-1]
 
 
 @dataclass
