@@ -153,17 +153,20 @@ def test_one_slow_step_does_not_move_the_choice(when: str):
             assert set(after_slow) == {0, 2, 4, 8}, (factor, after, order)
 
 
-def test_explores_the_best_caps_less_recently_used_neighbour_every_explore_every_steps():
-    c = SpeculationController(2, explore_every=5)
-    for arm, ms in [(2, 30.0), (1, 10.0), (0, 10.0)]:  # steps 1-3
-        assert c.choose(1, yields(TOKENS)) == arm
-        c.observe(1, arm, ms / 1e3)
-    assert c.choose(1, yields(TOKENS)) == 1  # step 4: exploit (1.6 / 10 ms)
-    c.observe(1, 1, 10e-3)
-    assert c.choose(1, yields(TOKENS)) == 2  # step 5: explore; of 1's neighbours, 2 (step 1) is older
-    c.observe(1, 2, 30e-3)
-    assert [c.choose(1, yields(TOKENS)) for _ in range(4)] == [1, 1, 1, 1]  # steps 6-9, unobserved
-    assert c.choose(1, yields(TOKENS)) == 0  # step 10: now 0 (step 3) is the older neighbour
+def test_explores_a_thinly_timed_neighbour_four_times_as_often_then_every_explore_every_steps():
+    c = SpeculationController(2, explore_every=8)
+    ms = {0: 10.0, 1: 10.0, 2: 30.0}  # 1 is the best (1.6 tokens in 10 ms); 0 and 2 its neighbours
+    order = []
+    for _ in range(40):
+        arm = c.choose(1, yields(TOKENS))
+        order.append(arm)
+        c.observe(1, arm, ms[arm] / 1e3)
+    # Steps 1-3 time each cap once: 2, where it starts, then 1 and 0, untried. While 0 and 2 have
+    # fewer than three samples, every 2nd step re-times the one used less recently.
+    assert order[:10] == [2, 1, 0, 2, 1, 0, 1, 2, 1, 0]
+    # From then on every 8th step, the neighbour used less recently.
+    assert [(step, arm) for step, arm in enumerate(order, start=1) if step > 10 and arm != 1] == [
+        (16, 2), (24, 0), (32, 2), (40, 0)]
 
 
 def test_explores_only_the_best_caps_neighbours():
@@ -173,12 +176,13 @@ def test_explores_only_the_best_caps_neighbours():
         assert c.choose(1, yields(TOKENS)) == arm
         c.observe(1, arm, ms[arm] / 1e3)
     explored = []
-    for _ in range(12):
+    for _ in range(30):
         arm = c.choose(1, yields(TOKENS))
         explored.append(arm)
         c.observe(1, arm, ms[arm] / 1e3)
     assert set(explored) == {0, 1, 2, 4}  # neighbours and no drafting; never the far-off 16 or 8
-    assert explored.count(2) == 8
+    # each neighbour re-timed till it has three samples (every step here), then every 3rd step
+    assert explored[6:] == [2, 2, 4, 2, 2, 1, 2, 2, 0] * 2 + [2, 2, 4, 2, 2, 1]
 
 
 def test_statistics_are_kept_per_batch_size_bucket():

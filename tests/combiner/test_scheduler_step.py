@@ -456,6 +456,27 @@ def test_speculation_stats_count_drafted_and_kept_drafts_per_position():
     assert s.drafted_at == [4, 4, 3, 3] and s.accepted_at == [3, 2, 1, 1]
 
 
+def test_every_block_feeds_its_drafters_shape_and_a_generations_yield_reads_it(make):
+    """The controller weighs caps by what blocks of each k yield (AcceptanceShape): the shape of
+    the generation's draft role, shared by every generation it drafts for, fed each block."""
+    d, _, _ = make()
+    spec = SpeculationConfig("ft-small", 4, adaptive=True)
+    g = submit(d, GenerationRequest(SHORT, UPSCALE, GREEDY, seed=0, max_new_tokens=24, ignore_eos=True, speculation=spec))
+    shape = d.scheduler.controller.shape("ft-small")
+    assert g.shape is shape and d.scheduler.controller.shape("base-small") is not shape
+    fresh = shape.rates(1)[0]
+    run_out(d)
+    s = chunks(g)[-1].usage.speculation
+    assert s.blocks >= 2
+    # c_1: the blocks' first drafts, shrunk toward the prior by 8 pseudo-tests (little forgotten in so few)
+    assert shape.rates(1)[0] == pytest.approx((s.first_kept + 8 * fresh) / (s.blocks + 8), rel=0.01)
+    assert s.first_kept == s.accepted_at[0]
+    g.sink.usage.completion_tokens = 0  # as if it had its whole length still to go
+    for cap in (1, 2, 4):
+        assert g.expected_tokens(cap) == shape.expected_tokens(cap, s.blocks, s.first_kept)
+    assert g.expected_tokens(0) == 1.0
+
+
 @pytest.mark.parametrize("kind", ["score", "draft"])
 def test_a_preempted_generation_resumes_with_the_same_output_sampled_speculation_included(make, kind):
     """RESOURCE_EXHAUSTED for one item (a verify at base-large, or a draft at ft-small): the

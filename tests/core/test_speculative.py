@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
 
 from eftmesh.core.speculative import (
+    AcceptanceShape,
     AdaptiveBlockSize,
     expected_tokens_per_block,
     ideal_speedup,
@@ -338,3 +340,80 @@ def test_draft_cuts_from_the_drafter_give_the_same_tokens_and_spare_the_residual
     made_here.clear()
     verify(made)
     assert len(made_here) >= 2 * rejected
+
+
+# --- AcceptanceShape: what a block of k yields, pooled over a drafter's blocks ---------------
+
+# The demo family's conditional pass rates at k = 4 and 16 streams (speculative.py): the first
+# draft is the gate, the rest mostly follow.
+GATE = [0.48, 0.87, 0.94, 0.82]
+
+
+def blocks_from(rates: list[float], k: int, n: int, seed: int = 0) -> list[int]:
+    """`n` blocks of k drafts, draft j passing with rates[j] once those before it have: each
+    block's kept drafts."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        m = 0
+        while m < k and rng.random() < rates[m]:
+            m += 1
+        out.append(m)
+    return out
+
+
+def test_the_shape_recovers_each_positions_pass_rate_and_each_ks_yield():
+    shape = AcceptanceShape(horizon=1e9)  # no forgetting: an estimate over every block
+    kept = blocks_from(GATE, 4, 20_000)
+    for m in kept:
+        shape.update(m, 4)
+    assert shape.rates(4) == pytest.approx(GATE, abs=0.02)
+    for k in range(1, 5):
+        observed = 1 + sum(min(m, k) for m in kept) / len(kept)  # a block of k keeps min(m, k)
+        assert shape.expected_tokens(k) == pytest.approx(observed, rel=0.02)
+
+
+def test_on_gated_acceptance_the_one_rate_formula_misjudges_small_blocks_and_the_shape_does_not():
+    kept = blocks_from(GATE, 4, 20_000, seed=1)
+    one_rate = sum(kept) / sum(min(m + 1, 4) for m in kept)  # kept over tested drafts: about 0.70
+    shape = AcceptanceShape(horizon=1e9)
+    for m in kept:
+        shape.update(m, 4)
+    one = 1 + sum(min(m, 1) for m in kept) / len(kept)
+    assert expected_tokens_per_block(one_rate, 1) > 1.1 * one  # overstates a block of 1 by over a tenth
+    assert shape.expected_tokens(1) == pytest.approx(one, rel=0.02)
+
+
+def test_a_position_never_reached_takes_its_neighbours_rate_and_a_fresh_shape_its_prior():
+    fresh = AcceptanceShape(initial=0.7)
+    assert fresh.rates(3) == pytest.approx([0.7] * 3)
+    assert fresh.expected_tokens(2) == pytest.approx(1 + 0.7 + 0.7**2)
+    assert fresh.expected_tokens(0) == 1.0
+    shape = AcceptanceShape()
+    for m in blocks_from([0.5, 0.9], 2, 500):
+        shape.update(m, 2)
+    c = shape.rates(5)
+    assert c[2:] == pytest.approx([c[1]] * 3)
+
+
+def test_a_position_rarely_reached_keeps_what_it_saw_while_the_first_moves_on():
+    shape = AcceptanceShape(horizon=64)
+    for m in blocks_from([0.9, 0.9, 0.3], 3, 2_000):
+        shape.update(m, 3)
+    third = shape.rates(3)[2]
+    for _ in range(2_000):  # blocks of 1 that all fail: only the first position is tested
+        shape.update(0, 1)
+    c = shape.rates(3)
+    assert c[0] < 0.15 and c[1] > 0.8  # forgotten per test of a position, not per block
+    assert c[2] == pytest.approx(third, abs=0.05)
+
+
+def test_a_generations_own_first_drafts_set_its_level():
+    shape = AcceptanceShape()
+    for m in blocks_from(GATE, 4, 2_000):
+        shape.update(m, 4)
+    pool = shape.expected_tokens(4)
+    assert shape.expected_tokens(4, blocks=0, first_kept=0) == pool  # a new generation: the pool's
+    agrees, refuses = shape.expected_tokens(4, 40, 40), shape.expected_tokens(4, 40, 0)
+    assert refuses < pool < agrees
+    assert refuses == pytest.approx(1.0, abs=0.35) and agrees > 3.0

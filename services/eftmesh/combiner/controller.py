@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eftmesh.combiner.scoring import BlockCap
+from eftmesh.core.speculative import AcceptanceShape
 
 
 @dataclass
@@ -29,12 +30,13 @@ class SpeculationController:
     """Chooses the cap on k for load-aware generations: the cap whose steps deliver the most
     expected tokens per second, from what it measures.
 
-    A block of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average; what a batched
-    verify costs depends on the load, so it is measured rather than assumed: per batch-size
-    bucket (powers of two) and per cap (0 = no drafting, 1, 2, 4, ..., max_k), the step's
-    duration. The expected yield of a cap comes from the caller (each
-    generation's own acceptance estimate), so the choice rests on step times, which vary far
-    less than one step's accepted tokens.
+    What a block of k drafts yields is estimated from acceptance (`AcceptanceShape`, one per
+    draft role, pooling every block it drafted: `shape`); what a batched verify costs depends on
+    the load, so it is measured rather than assumed: per batch-size bucket (powers of two) and
+    per cap (0 = no drafting, 1, 2, 4, ..., max_k), the step's duration. The expected yield of
+    a cap comes from the caller (each generation's, by its drafter's shape and its own first
+    drafts), so the choice rests on step times, which vary far less than one step's accepted
+    tokens.
 
     Step times drift while the batch runs: every generation's context grows, and a demo
     family's step at 16 streams took 11 ms without drafting at the start of 256 tokens and 17
@@ -64,7 +66,8 @@ class SpeculationController:
     `AdaptiveBlockSize`; max_k without one); after that only the best cap's
     two neighbours and no drafting (the cheapest step to time) are tried, each once as soon as
     the best cap moves next to it, then every `explore_every` steps the least recently used of
-    them again, so the choice follows the load. Light load: drafting wins (a step's fixed costs
+    them again (every quarter of that while one has fewer than three samples), so the choice
+    follows the load. Light load: drafting wins (a step's fixed costs
     dominate); on a saturated device a verify of k drafts costs about k + 1 plain steps and the
     cap walks down, to 0.
     """
@@ -76,10 +79,16 @@ class SpeculationController:
     _levels: dict[int, deque[float]] = field(default_factory=dict)
     _last: dict[int, int] = field(default_factory=dict)  # bucket -> the cap its last timed step ran
     _step: int = 0
+    _shapes: dict[str, AcceptanceShape] = field(default_factory=dict)  # draft role -> its blocks' shape
 
     @property
     def max_k(self) -> int:
         return self.cap.value if isinstance(self.cap, BlockCap) else self.cap
+
+    def shape(self, draft_role: str) -> AcceptanceShape:
+        """How acceptance runs along the blocks `draft_role` drafts, pooled over its
+        generations; each one adds its blocks there and bends its expected tokens by it."""
+        return self._shapes.setdefault(draft_role, AcceptanceShape())
 
     def arms(self) -> list[int]:
         top = self.max_k
@@ -118,9 +127,13 @@ class SpeculationController:
         untried = [i for i in near if stats[i] is None]
         if untried:
             return arms[untried[0]]
-        if near and self._step % self.explore_every == 0:
-            # A cap timed once under other conditions is never left standing on one noisy sample.
-            return arms[min(near, key=lambda i: stats[i].last)]
+        # A cap timed once under other conditions is never left standing on one noisy sample;
+        # one with fewer than three (whose lower median one slow step still sets) is re-timed
+        # four times as often: at one stream one early slow sample kept cap 8, the fastest, off
+        # for a whole run (318 tokens/s under cap 4 against 368 under 8).
+        thin = [i for i in near if len(stats[i].ratios) < 3]
+        if near and self._step % (max(1, self.explore_every // 4) if thin else self.explore_every) == 0:
+            return arms[min(thin or near, key=lambda i: stats[i].last)]
         return arms[best]
 
     def observe(self, batch: int, cap: int, seconds: float) -> None:

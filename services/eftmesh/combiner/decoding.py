@@ -46,7 +46,7 @@ from eftmesh.core.sampling import (
     per_row_uniforms,
     sample_rows,
 )
-from eftmesh.core.speculative import AdaptiveBlockSize, Verdict, accept_greedy, expected_tokens_per_block, verify_sampled
+from eftmesh.core.speculative import AcceptanceShape, AdaptiveBlockSize, Verdict, accept_greedy, expected_tokens_per_block, verify_sampled
 
 
 # Limits on what a request may list (INVALID_ARGUMENT beyond them). Stop strings are short
@@ -165,6 +165,7 @@ class Generation:
             usage.speculation.draft_role = spec.draft_role
         self.sink = TokenSink(tokenizer, () if req.ignore_eos else stop_ids, req.stop, req.max_new_tokens, room, usage)
         self.adaptive = AdaptiveBlockSize(spec.k, spec.cost_ratio) if spec and spec.adaptive else None
+        self.shape: AcceptanceShape | None = None  # its drafter's, pooled (the scheduler's controller sets it)
         self.deadline = deadline
         self.is_cancelled = is_cancelled
         self.cancelled = False  # set by the consumer when it stops reading
@@ -227,13 +228,14 @@ class Generation:
         return max(0, min(want, left - 1, self.ctx - len(self.ids)))
 
     def expected_tokens(self, cap: int | None = None) -> float:
-        """Tokens its next step yields on average under `cap`: one for a plain step, else
-        (1 - a^(k+1)) / (1 - a) with a its own acceptance estimate."""
+        """Tokens its next step yields on average under `cap` (a plain step: one), by its
+        drafter's blocks and its own first drafts (`AcceptanceShape`), else (1 - a^(k+1)) / (1 - a)."""
         k = self.next_k(cap)
         if k == 0:
             return 1.0
-        a = self.adaptive.acceptance if self.adaptive else 0.7
-        return expected_tokens_per_block(a, k)
+        if self.shape is not None:
+            return self.shape.expected_tokens(k, (st := self.sink.usage.speculation).blocks, st.first_kept)
+        return expected_tokens_per_block(self.adaptive.acceptance if self.adaptive else 0.7, k)
 
     def draft_call(self, k: int, vocab_size: int) -> DraftCall:
         """The draft role's share of a block of k (draws the draft seed from this request's generator)."""
@@ -311,8 +313,9 @@ class Generation:
         for r in self.cached:
             self.cached[r] = n + m
         usage.speculation.record(k, m)
-        if self.adaptive:
-            self.adaptive.update(m, k)
+        for estimate in (self.adaptive, self.shape):
+            if estimate is not None:
+                estimate.update(m, k)
         self._emit(self.drafts[:m] + [verdict.next_token], scores)
 
     def _emit(self, tokens: list[int], scores: torch.Tensor) -> None:

@@ -24,8 +24,8 @@ caches are released, it goes back to the front of the queue and re-prefills when
 waiting longer than `queue_timeout_s` fails it with RESOURCE_EXHAUSTED.
 
 Speculation under load: a verify of k drafts costs k + 1 rows per generation (on a saturated
-device nearly k + 1 plain steps) for (1 - a^(k+1)) / (1 - a) tokens; `SpeculationController`
-times steps under each cap on k and keeps the fastest in expected tokens per second.
+device nearly k + 1 plain steps); `SpeculationController` times steps under each cap on k and
+keeps the one with the most expected tokens per second (controller.py).
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ class StepTimes:
     draft_s: float = 0.0  # waiting for DraftBatch answers
     score_s: float = 0.0  # waiting for ScoreBatch answers
     combine_s: float = 0.0  # the combiner's own work: mixing, processing, sampling, verifying
-    # the same phase in CPU seconds of the scheduler's thread (time.thread_time): what the work
-    # costs, whatever else the machine runs
-    combine_cpu_s: float = 0.0
+    combine_cpu_s: float = 0.0  # the same in the thread's CPU seconds: its cost, whatever else runs
 
 
 class Scheduler:
@@ -131,6 +129,7 @@ class Scheduler:
     def submit(self, g: Generation) -> None:
         g.span_context = trace.get_current_span().get_span_context()
         g.enqueued = self.clock()
+        g.shape = self.controller.shape(g.req.speculation.draft_role) if g.req.speculation else None
         with self._cv:
             self._waiting.append(g)
             self._cv.notify()

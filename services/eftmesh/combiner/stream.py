@@ -48,6 +48,11 @@ class SpeculationStats:
         self._of_m[m] += 1
 
     @property
+    def first_kept(self) -> int:
+        """Blocks that kept their first draft."""
+        return self.blocks - (self._of_m[0] if self._of_m else 0)
+
+    @property
     def drafted_at(self) -> list[int]:
         """Per draft position j (index j - 1): blocks that drafted a j-th token."""
         return list(itertools.accumulate(reversed(self._of_k[1:])))[::-1]
