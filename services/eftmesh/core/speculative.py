@@ -368,7 +368,6 @@ class AdaptiveBlockSize:
         return self.k
 
 
-
 class AcceptanceShape:
     """What a block of k drafts yields, from every block a drafter's generations verified: per
     position j, c_j, the chance draft j passes once those before it have.
