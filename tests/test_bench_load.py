@@ -133,3 +133,33 @@ def test_sweep_counts_mesh_adaptives_steps_by_cap_over_its_repetitions_only() ->
                             lambda: dict(steps), chosen)
     assert chosen == {1: {4: 6.0, 0: 2.0}, 2: {4: 6.0, 0: 2.0}}  # 2 repetitions each, warm-up left out
     assert len(runs["mesh-adaptive"][2]) == 2
+
+
+class RecordingStub:
+    """A fake Generator stub: keeps the requests, answers with as many tokens as asked."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def Complete(self, req, timeout=None):  # noqa: N802 (the RPC's name)
+        self.requests.append(req)
+        return type("Answer", (), {"token_ids": [1] * req.max_new_tokens})()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sampled_mesh_requests_carry_no_seed_and_greedy_ones_do(temperature: float) -> None:
+    client = bench_load.MeshClient("127.0.0.1:1", temperature, top_p=0.9)  # a fake stub below: never dialled
+    client.stub = RecordingStub()
+    assert client.complete("p", 3, seed=7, speculation={}) == 3
+    (req,) = client.stub.requests
+    client.close()
+    if temperature:
+        assert not req.HasField("seed") and req.sampling.temperature == pytest.approx(0.8)
+        assert req.sampling.top_p == pytest.approx(0.9)
+    else:
+        assert req.HasField("seed") and req.seed == 7 and req.sampling.temperature == 0.0
+
+
+def test_a_sampled_run_refuses_the_greedy_reference_loops() -> None:
+    with pytest.raises(SystemExit, match="lockstep decode greedily"):
+        bench_load.main(["--temperature", "0.7", "--systems", "lockstep,mesh-plain", "--out", "", "--plot", ""])

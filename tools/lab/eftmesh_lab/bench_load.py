@@ -236,13 +236,17 @@ class Trace:
 class MeshClient:
     """Complete and Generate calls into the benchmark mesh, from as many threads as wanted."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """`temperature` 0: greedy, seeded. Above 0 (with `top_p`) a request carries no seed, as
+        a client that wants any sample sends, so adaptive speculation's k follows the load."""
+        self.sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {"temperature": 0.0}
+        self.seeded = temperature <= 0
         self.channel = grpc.insecure_channel(address)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
 
     def complete(self, prompt: str, max_new: int, seed: int, speculation: dict) -> int:
         r = self.stub.Complete(generator_pb2.CompleteRequest(
-            prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new,
+            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new,
             ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
@@ -252,7 +256,7 @@ class MeshClient:
         `chunks`: where to append (time to first token, the gaps between token-carrying chunks,
         their number), seconds."""
         req = generator_pb2.GenerateRequest(
-            prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new,
+            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new,
             ignore_eos=True, speculation=speculation)
         start, times, tokens = time.perf_counter(), [], 0
         for c in self.stub.Generate(req, timeout=900):
@@ -280,7 +284,7 @@ class MeshClient:
         time.sleep(max(0.0, start_at - time.perf_counter()))
         trace, last = Trace(), start_at
         req = generator_pb2.GenerateRequest(
-            prompt=prompt, sampling={"temperature": 0.0}, seed=seed, max_new_tokens=max_new, ignore_eos=True,
+            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new, ignore_eos=True,
             speculation={"mode": generator_pb2.SPECULATION_MODE_OFF})
         try:
             for chunk in self.stub.Generate(req, timeout=900):
@@ -524,6 +528,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "out are 'not measured'")
     p.add_argument("--poisson-min", type=int, default=16, help="fewest new tokens of a Poisson request (default: %(default)s)")
     p.add_argument("--poisson-max", type=int, default=128, help="most new tokens of a Poisson request (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="mesh requests' temperature; above 0 they are sampled with --top-p and carry no seed (the "
+                        "path where adaptive speculation follows the load), and only mesh systems may run (default: greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="mesh requests' top-p when --temperature > 0 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson schedule (default: %(default)s)")
     p.add_argument("--port", type=int, default=50250, help="first port of the benchmark mesh (default: %(default)s)")
     p.add_argument("--combiner-args", default="", help="extra combiner flags, one shell-quoted string (default: none)")
@@ -540,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown or not chosen:
         raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    if a.temperature > 0 and (greedy_only := [x for x in chosen if not x.startswith("mesh-")]):
+        raise SystemExit(f"--systems: {', '.join(greedy_only)} decode greedily; with --temperature > 0 choose mesh systems")
     models = Path(a.models)
     if a.model:
         # One real model in every role: EFT reduces to the model itself, and the mesh's figures
@@ -560,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics_port = a.port + 100
     with LocalMesh(roles, a.port, a.threads, a.device, a.dtype, log_dir=Path("build/bench-load"), verbose=False,
                    combiner_args=combiner_args, logit_args=shlex.split(a.logit_args), metrics_port=metrics_port) as lm:
-        client = MeshClient(lm.address)
+        client = MeshClient(lm.address, a.temperature, a.top_p)
         caps: dict[int, dict[int, float]] = {}  # N -> mesh-adaptive's steps by the controller's cap
         runs = sweep({k: v for k, v in systems(family, client).items() if k in chosen}, prompts, ns, a.max_new, a.reps,
                      functools.partial(controller_caps, metrics_port), caps)
