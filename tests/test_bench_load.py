@@ -163,3 +163,18 @@ def test_sampled_mesh_requests_carry_no_seed_and_greedy_ones_do(temperature: flo
 def test_a_sampled_run_refuses_the_greedy_reference_loops() -> None:
     with pytest.raises(SystemExit, match="lockstep decode greedily"):
         bench_load.main(["--temperature", "0.7", "--systems", "lockstep,mesh-plain", "--out", "", "--plot", ""])
+
+
+def test_each_stream_sends_its_prompt_requests_per_stream_times_with_its_own_seeds() -> None:
+    client = bench_load.MeshClient("127.0.0.1:1")  # a fake stub below: never dialled
+    client.stub = RecordingStub()
+    assert client.round(["a", "b", "c"], 4, speculation={}, per_stream=2) == 3 * 2 * 4
+    reqs = client.stub.requests
+    client.close()
+    assert sorted(r.prompt for r in reqs) == ["a", "a", "b", "b", "c", "c"]
+    assert sorted(r.seed for r in reqs) == list(range(6))  # stream i's j-th request: seed i + 3 j
+
+
+def test_requests_per_stream_below_one_is_refused() -> None:
+    with pytest.raises(SystemExit, match="--requests-per-stream must be >= 1"):
+        bench_load.main(["--requests-per-stream", "0", "--out", "", "--plot", ""])

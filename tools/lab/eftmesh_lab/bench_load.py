@@ -268,14 +268,19 @@ class MeshClient:
         return tokens
 
     def round(self, prompts: Sequence[str], max_new: int | Sequence[int], speculation: dict, stream: bool = False,
-              chunks: list[tuple[float, list[float], int]] | None = None) -> int:
+              chunks: list[tuple[float, list[float], int]] | None = None, per_stream: int = 1) -> int:
         """All prompts sent at once, one client thread each (`max_new`: for all, or one per
         prompt; `stream`: streaming Generate calls, timed into `chunks` as `generate` says,
-        else Complete); completion tokens of the round."""
+        else Complete), each thread sending its prompt `per_stream` times back to back;
+        completion tokens of the round."""
         news = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
         call = functools.partial(self.generate, chunks=chunks) if stream else self.complete
+
+        def one_stream(i: int, prompt: str, new: int) -> int:
+            return sum(call(prompt, new, i + j * len(prompts), speculation) for j in range(per_stream))
+
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            futs = [pool.submit(call, p, m, i, speculation) for i, (p, m) in enumerate(zip(prompts, news))]
+            futs = [pool.submit(one_stream, i, p, m) for i, (p, m) in enumerate(zip(prompts, news))]
             return sum(f.result() for f in futs)
 
     def stream(self, prompt: str, max_new: int, seed: int, start_at: float) -> Trace:
@@ -346,17 +351,19 @@ Runner = Callable[[Sequence[str], int], int]  # (prompts, max_new) -> new tokens
 SYSTEMS = ("lockstep", "hf-generate", *MODES)
 
 
-def systems(family: Family, client: MeshClient) -> dict[str, Runner]:
+def systems(family: Family, client: MeshClient, per_stream: int = 1) -> dict[str, Runner]:
+    """Each system's runner; a round sends every prompt `per_stream` times (the loops in
+    process: that many rounds in a row; the mesh: each stream's requests back to back)."""
     def lockstep(prompts: Sequence[str], max_new: int) -> int:
-        return sum(len(t) for t in lockstep_generate(family, prompts, max_new))
+        return sum(len(t) for _ in range(per_stream) for t in lockstep_generate(family, prompts, max_new))
 
     def hf(prompts: Sequence[str], max_new: int) -> int:
-        n = hf_generate(family, prompts, max_new)
+        n = sum(hf_generate(family, prompts, max_new) for _ in range(per_stream))
         _sync(family.device)
         return n
 
     def mesh(speculation: dict) -> Runner:
-        return lambda prompts, max_new: client.round(prompts, max_new, speculation)
+        return lambda prompts, max_new: client.round(prompts, max_new, speculation, per_stream=per_stream)
 
     return {"lockstep": lockstep, "hf-generate": hf, **{name: mesh(m) for name, m in MODES.items()}}
 
@@ -528,6 +535,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "out are 'not measured'")
     p.add_argument("--poisson-min", type=int, default=16, help="fewest new tokens of a Poisson request (default: %(default)s)")
     p.add_argument("--poisson-max", type=int, default=128, help="most new tokens of a Poisson request (default: %(default)s)")
+    p.add_argument("--requests-per-stream", type=int, default=1, metavar="K",
+                   help="each of the N streams sends K requests back to back: a closed loop with N in flight, as a "
+                        "load tester with a concurrency limit runs one (ghz -c). Streams that finish apart (speculative "
+                        "ones) are re-admitted apart, each admission a prefill step of its own (default: %(default)s, "
+                        "one round)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="mesh requests' temperature; above 0 they are sampled with --top-p and carry no seed (the "
                         "path where adaptive speculation follows the load), and only mesh systems may run (default: greedy)")
@@ -548,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown or not chosen:
         raise SystemExit(f"--systems: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    if a.requests_per_stream < 1:
+        raise SystemExit(f"--requests-per-stream must be >= 1, got {a.requests_per_stream}")
     if a.temperature > 0 and (greedy_only := [x for x in chosen if not x.startswith("mesh-")]):
         raise SystemExit(f"--systems: {', '.join(greedy_only)} decode greedily; with --temperature > 0 choose mesh systems")
     models = Path(a.models)
@@ -572,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    combiner_args=combiner_args, logit_args=shlex.split(a.logit_args), metrics_port=metrics_port) as lm:
         client = MeshClient(lm.address, a.temperature, a.top_p)
         caps: dict[int, dict[int, float]] = {}  # N -> mesh-adaptive's steps by the controller's cap
-        runs = sweep({k: v for k, v in systems(family, client).items() if k in chosen}, prompts, ns, a.max_new, a.reps,
+        runners = {k: v for k, v in systems(family, client, a.requests_per_stream).items() if k in chosen}
+        runs = sweep(runners, prompts, ns, a.max_new, a.reps,
                      functools.partial(controller_caps, metrics_port), caps)
         med = {name: {n: statistics.median(v) for n, v in row.items()} for name, row in runs.items()}
         poisson = (poisson_section(client, prompts, max(med["mesh-plain"].values()), a)
