@@ -241,6 +241,14 @@ def test_chunked_prefill_is_on_at_2048_tokens_and_a_negative_chunk_is_refused(ca
     assert "--prefill-chunk must be >= 0 (0: off), got -1" in capsys.readouterr().err
 
 
+def test_prefill_first_is_on_by_default_and_no_prefill_first_turns_it_off():
+    from eftmesh.combiner.server import parse_args
+
+    base = ["--upstream", "base-large=h:1", "--tokenizer", "x", "--no-default-delta"]
+    assert parse_args(base, environ={}).scheduler.prefill_first is True
+    assert parse_args([*base, "--no-prefill-first"], environ={}).scheduler.prefill_first is False
+
+
 def test_the_stream_interval_is_one_token_by_default_and_zero_is_refused(capsys):
     from eftmesh.combiner.server import parse_args
 

@@ -196,6 +196,20 @@ def test_one_long_prompt_joins_per_step_within_the_prefill_budget_and_prefills_r
     assert sizes[1:5] == [1, 3, 1, 4]
 
 
+def test_without_prefill_first_a_newcomer_prefills_beside_the_running_batch_with_the_same_output(make):
+    expected = [alone(make, r) for r in [req(SHORT, 12)] + [req(p, 6) for p in LONG]]
+    d, scorer, _ = make(SchedulerConfig(prefill_tokens=8, prefill_first=False))
+    gens = [submit(d, req(SHORT, 12))]
+    assert d.scheduler.step()
+    gens += [submit(d, req(p, 6)) for p in LONG]
+    run_out(d)
+    assert [outcome(g) for g in gens] == expected
+    assert scorer.prefills()[:5] == [[10], [27], [21], [24], []]  # admitted as before, one a step
+    # every newcomer joins the running batch's step: no step runs a newcomer alone
+    sizes = [len(calls) for kind, role, calls in scorer.calls if kind == "score" and role == "base-large"]
+    assert sizes[1:5] == [2, 3, 4, 4]
+
+
 def test_a_full_kv_cache_parks_a_generation_until_its_back_off_and_its_output_is_unchanged(make):
     expected = alone(make, req(LONG[0], 8))
     d, scorer, clock = make()

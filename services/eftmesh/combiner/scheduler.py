@@ -63,6 +63,7 @@ class SchedulerConfig:
     max_batch: int = 32  # generations stepped together; more wait in the queue
     prefill_tokens: int = 512  # prompt tokens admitted per step (the first admission always goes)
     prefill_chunk: int = 2048  # a longer prompt runs in pieces, one per step (chunked prefill); 0: off
+    prefill_first: bool = True  # a step that admits runs the newcomers alone; False: beside the batch's step
     queue_timeout_s: float = 30.0  # longest wait for a batch slot or KV cache room
     stream_interval: int = 1  # a streaming consumer's tokens go this many at a time (its first and last at once)
 
@@ -172,12 +173,12 @@ class Scheduler:
         self._rejoin_held()
         with self._cv:
             joined = self._admit()
-        # Prefill first (as vLLM's scheduler does): a step that admits runs the newcomers alone,
-        # so their first token waits for their own prefill only, not for the running batch's
-        # decode too (which loses no more than if the prefill had shared its step). Never twice
+        # Prefill first (vLLM V0's and TGI's policy): a step that admits runs the newcomers alone,
+        # so their first token waits for their own prefill only, not for the batch's decode too;
+        # the batch waits a step (`prefill_first=False`: beside it, as vLLM V1 does). Never twice
         # in a row, so arrivals cannot starve the running batch; never for newcomers that only
         # send a piece of a long prompt (no first token to hurry: the piece joins the batch).
-        hurried = any(not g.in_pieces(self.config.prefill_chunk) for g in joined)
+        hurried = self.config.prefill_first and any(not g.in_pieces(self.config.prefill_chunk) for g in joined)
         prefill_only = hurried and not self._last_prefill_only and len(joined) < len(self._running)
         self._last_prefill_only = prefill_only
         batch = joined if prefill_only else list(self._running)

@@ -5,9 +5,8 @@ gRPC health NOT_SERVING and waits for its upstreams with no deadline (by default
 it still waits for; requests meanwhile fail UNAVAILABLE at once, naming the missing roles. Each
 upstream, once it answers, must share the combiner's tokenizer (fingerprint) and cover its
 vocabulary: a mismatch is a refusal to start (exit code 2), naming the models that differ and
-what differs. The largest k (--max-k) is capped to the smallest --max-k of the
-upstreams, with a warning, so that no request fails for a limit of the logit services.
-Health turns SERVING once every role has a live replica, NOT_SERVING while one role has none.
+what differs. --max-k is capped to the upstreams' smallest, with a warning, so that no request
+fails for a limit of the logit services. Health is SERVING while every role has a live replica.
 """
 
 from __future__ import annotations
@@ -153,6 +152,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                         "in pieces of this many tokens, one per step, beside the running generations' decode steps, so "
                         "it delays them by a piece per step instead of by its whole prefill (chunked prefill, vLLM's and "
                         "SGLang's default; the same output); 0: every prompt in one step (default: %(default)s)")
+    p.add_argument("--no-prefill-first", dest="prefill_first", action="store_false", help="run a newcomer's prefill beside the running generations' decode step (vLLM V1's policy) instead of in a step of its own before it (vLLM V0's, TGI's): the running streams never wait a step for an arrival (smoother inter-token latency; speculative streams, which finish apart, lose fewer steps), and the newcomer's first token waits for the batch's step too (longer TTFT). Measured in docs/benchmarks.md (default: prefill first on)")
     p.add_argument("--stream-interval", type=int, default=1, metavar="TOKENS",
                    help="a streaming generation's tokens go out this many at a time (the first and the last at once); "
                         "each message costs the combiner ~0.15-0.2 ms of CPU, so at many concurrent streams a larger "
@@ -263,7 +263,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: dict[str, str] | None
                               prefix_slack=None if a.prefix_routing_slack < 0 else a.prefix_routing_slack),
         max_concurrent_generations=a.max_concurrent_generations,
         scheduler=SchedulerConfig(max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk,
-                                  queue_timeout_s=a.queue_timeout, stream_interval=a.stream_interval),
+                                  queue_timeout_s=a.queue_timeout, stream_interval=a.stream_interval, prefill_first=a.prefill_first),
         otlp=tracing.otlp_requested(env),
         otlp_metrics=metrics.otlp_requested(env),
         metrics_port=a.metrics_port,
