@@ -46,7 +46,7 @@ from eftmesh.core.sampling import (
     per_row_uniforms,
     sample_rows,
 )
-from eftmesh.core.speculative import AcceptanceShape, AdaptiveBlockSize, Verdict, accept_greedy, expected_tokens_per_block, verify_sampled
+from eftmesh.core.speculative import AcceptanceShape, AdaptiveBlockSize, Verdict, accept_greedy, verify_sampled
 
 
 # Limits on what a request may list (INVALID_ARGUMENT beyond them). Stop strings are short
@@ -165,7 +165,8 @@ class Generation:
             usage.speculation.draft_role = spec.draft_role
         self.sink = TokenSink(tokenizer, () if req.ignore_eos else stop_ids, req.stop, req.max_new_tokens, room, usage)
         self.adaptive = AdaptiveBlockSize(spec.k, spec.cost_ratio) if spec and spec.adaptive else None
-        self.shape: AcceptanceShape | None = None  # its drafter's, pooled (the scheduler's controller sets it)
+        # what its blocks yield: its own until the scheduler gives it its drafter's, pooled
+        self.shape = AcceptanceShape() if spec else None
         self.deadline = deadline
         self.is_cancelled = is_cancelled
         self.cancelled = False  # set by the consumer when it stops reading
@@ -229,13 +230,11 @@ class Generation:
 
     def expected_tokens(self, cap: int | None = None) -> float:
         """Tokens its next step yields on average under `cap` (a plain step: one), by its
-        drafter's blocks and its own first drafts (`AcceptanceShape`), else (1 - a^(k+1)) / (1 - a)."""
+        drafter's blocks and its own first drafts (`AcceptanceShape`)."""
         k = self.next_k(cap)
-        if k == 0:
+        if k == 0 or self.shape is None:  # (no shape: no speculation, so k is 0)
             return 1.0
-        if self.shape is not None:
-            return self.shape.expected_tokens(k, (st := self.sink.usage.speculation).blocks, st.first_kept)
-        return expected_tokens_per_block(self.adaptive.acceptance if self.adaptive else 0.7, k)
+        return self.shape.expected_tokens(k, (st := self.sink.usage.speculation).blocks, st.first_kept)
 
     def draft_call(self, k: int, vocab_size: int) -> DraftCall:
         """The draft role's share of a block of k (draws the draft seed from this request's generator)."""

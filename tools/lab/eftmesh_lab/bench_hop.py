@@ -33,14 +33,13 @@ import os
 import shlex
 import statistics
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from eftmesh_lab.bench import workload_prompts
-from eftmesh_lab.bench_load import MODES, ROLES, MeshClient, cycle, machine
+from eftmesh_lab.bench_load import MODES, ROLES, MeshClient, cycle, machine, metrics_page
 from eftmesh.launcher import LocalMesh, resolve_models
 
 # (metric family, what it becomes); Prometheus names of the OpenTelemetry instruments
@@ -120,8 +119,7 @@ def medians(rounds: Sequence[dict]) -> dict:
 def scrape(ports: Sequence[int]) -> Sums:
     out: Sums = {}
     for port in ports:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            out.update(parse(r.read().decode()))
+        out.update(parse(metrics_page(port)))
     return out
 
 

@@ -244,9 +244,13 @@ class MeshClient:
         self.channel = grpc.insecure_channel(address)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
 
+    def _drawn(self, seed: int) -> dict:
+        """A request's sampling and seed fields."""
+        return {"sampling": self.sampling, "seed": seed if self.seeded else None}
+
     def complete(self, prompt: str, max_new: int, seed: int, speculation: dict) -> int:
         r = self.stub.Complete(generator_pb2.CompleteRequest(
-            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new,
+            prompt=prompt, **self._drawn(seed), max_new_tokens=max_new,
             ignore_eos=True, speculation=speculation), timeout=900)
         return len(r.token_ids)
 
@@ -256,7 +260,7 @@ class MeshClient:
         `chunks`: where to append (time to first token, the gaps between token-carrying chunks,
         their number), seconds."""
         req = generator_pb2.GenerateRequest(
-            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new,
+            prompt=prompt, **self._drawn(seed), max_new_tokens=max_new,
             ignore_eos=True, speculation=speculation)
         start, times, tokens = time.perf_counter(), [], 0
         for c in self.stub.Generate(req, timeout=900):
@@ -289,7 +293,7 @@ class MeshClient:
         time.sleep(max(0.0, start_at - time.perf_counter()))
         trace, last = Trace(), start_at
         req = generator_pb2.GenerateRequest(
-            prompt=prompt, sampling=self.sampling, seed=seed if self.seeded else None, max_new_tokens=max_new, ignore_eos=True,
+            prompt=prompt, **self._drawn(seed), max_new_tokens=max_new, ignore_eos=True,
             speculation={"mode": generator_pb2.SPECULATION_MODE_OFF})
         try:
             for chunk in self.stub.Generate(req, timeout=900):
@@ -380,10 +384,15 @@ def measure(label: str, fn: Runner, prompts: Sequence[str], max_new: int) -> flo
 def controller_caps(metrics_port: int) -> dict[int, float]:
     """The combiner's `eftmesh.speculation.steps`: adaptive steps so far, by the cap on k its
     speculation controller chose."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        families = text_string_to_metric_families(r.read().decode())
-        return {int(s.labels["eftmesh_speculation_cap"]): s.value for f in families
-                if f.name == "eftmesh_speculation_steps" for s in f.samples if s.name.endswith("_total")}
+    families = text_string_to_metric_families(metrics_page(metrics_port))
+    return {int(s.labels["eftmesh_speculation_cap"]): s.value for f in families
+            if f.name == "eftmesh_speculation_steps" for s in f.samples if s.name.endswith("_total")}
+
+
+def metrics_page(port: int) -> str:
+    """A mesh process's Prometheus /metrics page (its --metrics-port on loopback)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 def sweep(runners: dict[str, Runner], prompts: Sequence[str], ns: Sequence[int], max_new: int,
