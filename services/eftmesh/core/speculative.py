@@ -387,10 +387,13 @@ class AcceptanceShape:
     weight 1 - 1/`horizon` per test of that position (a position rarely reached keeps what it
     saw instead of fading), and c_j is shrunk toward c_(j-1) by `prior` pseudo-tests (c_1
     toward `initial`), so a position never reached takes its neighbour's rate. A generation
-    brings its own first-draft rate over all its blocks, shrunk toward the pool's c_1 by `prior`
+    brings its own first-draft rate over all its blocks, shrunk toward `initial` by `prior`
     pseudo-blocks (assumed: generations differ most at the gate, and the later drafts follow
-    alike). Only the controller reads it, so it moves which cap is drafted, never what a
-    seeded request draws.
+    alike). Not toward the pool's c_1: generations of other compositions share a drafter, and
+    where the pool's c_1 made no drafting the best cap a new generation never drafted, so never
+    showed its own rate (tiny models, 7% acceptance: adaptive generations of 16 tokens kept no
+    block). Only the controller reads it, so it moves which cap is drafted, never what a seeded
+    request draws.
     """
 
     def __init__(self, horizon: float = 512.0, prior: float = 8.0, initial: float = 0.7) -> None:
@@ -400,7 +403,6 @@ class AcceptanceShape:
         self._passed: list[float] = []  # per position, forgotten per test of it
         self._tested: list[float] = []
         self._tails: list[float] | None = None  # per k: 1 + sum_(j=2..k) prod_(i=2..j) c_i
-        self._c1 = initial
 
     def update(self, accepted: int, drafted: int) -> None:
         """A block of `drafted` drafts kept the first `accepted`."""
@@ -434,6 +436,5 @@ class AcceptanceShape:
             for c in rates[1:]:
                 reach *= c
                 self._tails.append(self._tails[-1] + reach)
-            self._c1 = rates[0]
-        first = (first_kept + self.prior * self._c1) / (blocks + self.prior)
+        first = (first_kept + self.prior * self.initial) / (blocks + self.prior)
         return 1.0 + first * self._tails[k]
